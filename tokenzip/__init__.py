@@ -1,0 +1,21 @@
+"""tokenzip: training-free token compression for multimodal LLMs.
+
+    import tokenzip as tz
+    with tz.get("visionzip", retain=0.25)(model):
+        out = model.generate(**inputs)
+"""
+
+from __future__ import annotations
+
+from .adapters import supported_models
+from .base import Compressor, MethodInfo
+from .budget import Budget
+from .methods import *  # noqa: F401,F403  (method classes)
+from .methods import METHODS
+from .output import CompressOutput, ItemStats, ModalityStats
+from .registry import get, method_class, methods
+
+__version__ = "0.1.0"
+
+__all__ = ["Budget", "CompressOutput", "Compressor", "ItemStats", "METHODS", "MethodInfo", "ModalityStats", "get",
+           "method_class", "methods", "supported_models"] + [cls.__name__ for cls in METHODS]

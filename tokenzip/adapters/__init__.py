@@ -1,0 +1,29 @@
+"""Model adapters, looked up by the model's class."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Adapter, Item
+from .llava import LlavaAdapter
+
+ADAPTERS: list[type[Adapter]] = [
+    LlavaAdapter,
+]
+
+
+def supported_models() -> list[str]:
+    return [name for cls in ADAPTERS for name in cls.model_classes]
+
+
+def adapter_for(model: torch.nn.Module) -> Adapter:
+    """The adapter for ``model``; a TypeError naming the supported classes otherwise."""
+    names = {c.__name__ for c in type(model).__mro__}
+    for cls in ADAPTERS:
+        if names & set(cls.model_classes):
+            return cls(model)
+    raise TypeError(f"tokenzip does not support {type(model).__name__}; supported models: "
+                    f"{', '.join(supported_models())}")
+
+
+__all__ = ["ADAPTERS", "Adapter", "Item", "adapter_for", "supported_models"]

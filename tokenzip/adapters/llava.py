@@ -1,0 +1,129 @@
+"""LLaVA-1.5 (``LlavaForConditionalGeneration``): CLIP tower with CLS, features from a chosen layer (default -2),
+MLP projector, one run of ``image_token_id`` placeholders per image.
+
+Compression acts on the vision tower's selected features (the space VisionZip/PruMerge/ToMe work in), before the
+projector; the projector then maps only the kept/merged tokens. The shortened prompt and the precomputed features
+go to the stock model through ``mm_encoder_outputs`` (no patching of model internals)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from ..output import CompressOutput
+from .base import Adapter, Item, pad_id_for, shrink_sequences, text_signals
+from .probe import probe
+from .vision import has_cls_token, signal_layer
+
+
+def require_input_ids(kwargs: dict[str, Any]) -> torch.Tensor:
+    ids = kwargs.get("input_ids")
+    if ids is None:
+        raise ValueError("tokenzip needs input_ids (not inputs_embeds) to locate the media placeholder tokens")
+    return ids
+
+
+def placeholder_keep_mask(input_ids: torch.Tensor, token_id: int, per_sample_counts: list[list[tuple[int, int]]]
+                          ) -> torch.Tensor:
+    """Keep mask over the sequence: text is kept; of item j's ``n`` placeholders (consecutive in placeholder order)
+    only the first ``k`` are kept. ``per_sample_counts[b]`` lists ``(n, k)`` per item of sample ``b``."""
+    keep = input_ids != token_id
+    for b, counts in enumerate(per_sample_counts):
+        pos = (input_ids[b] == token_id).nonzero().flatten()
+        start = 0
+        for n, k in counts:
+            keep[b, pos[start: start + k]] = True
+            start += n
+    return keep
+
+
+def items_per_sample(input_ids: torch.Tensor, token_id: int, sizes: list[int], what: str = "image") -> list[int]:
+    """Which sample each item belongs to, from the placeholder counts; a clear error when they do not add up."""
+    counts = (input_ids == token_id).sum(dim=1).tolist()
+    owner: list[int] = []
+    it = 0
+    for b, c in enumerate(counts):
+        while c > 0:
+            if it >= len(sizes) or sizes[it] > c:
+                break
+            c -= sizes[it]
+            owner.append(b)
+            it += 1
+        if c != 0:
+            break
+    if it != len(sizes) or len(owner) != len(sizes) or sum(counts) != sum(sizes):
+        raise ValueError(
+            f"the {what}s do not match the prompt: {len(sizes)} {what}(s) give {sum(sizes)} tokens "
+            f"({sizes[:4]}{'...' if len(sizes) > 4 else ''}) but input_ids hold {sum(counts)} {what} placeholder "
+            f"tokens per sample {counts}; build inputs with the model's processor")
+    return owner
+
+
+class LlavaAdapter(Adapter):
+    model_classes = ("LlavaForConditionalGeneration",)
+    modalities = ("image",)
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__(model)
+        self.core = model.model
+        self.image_token_id = int(model.config.image_token_id)
+
+    def has_media(self, kwargs: dict[str, Any]) -> bool:
+        return kwargs.get("pixel_values") is not None
+
+    def batch_size(self, kwargs: dict[str, Any]) -> int:
+        return require_input_ids(kwargs).shape[0]
+
+    def _feature_args(self, kwargs: dict[str, Any]) -> tuple[Any, str]:
+        cfg = self.model.config
+        layer = kwargs.get("vision_feature_layer")
+        strategy = kwargs.get("vision_feature_select_strategy")
+        return (cfg.vision_feature_layer if layer is None else layer,
+                cfg.vision_feature_select_strategy if strategy is None else strategy)
+
+    @torch.no_grad()
+    def encode(self, kwargs: dict[str, Any], needs: frozenset[str]) -> list[Item]:
+        input_ids = require_input_ids(kwargs)
+        pixel_values = kwargs["pixel_values"]
+        tower = self.core.vision_tower
+        layer, strategy = self._feature_args(kwargs)
+        cls = has_cls_token(tower)
+        with probe(signal_layer(tower, layer), needs, 0 if cls else None) as p:
+            out = tower(pixel_values.to(tower.dtype), output_hidden_states=True, return_dict=True)
+        if isinstance(layer, int):
+            feats = out.hidden_states[layer]
+        else:
+            feats = torch.cat([out.hidden_states[i] for i in layer], dim=-1)
+        drop = 1 if strategy == "default" else 0
+        feats = feats[:, drop:]
+        n = feats.shape[1]
+        owner = items_per_sample(input_ids, self.image_token_id, [n] * feats.shape[0])
+        side = math.isqrt(n - (1 if cls and not drop else 0))
+        grid = [(side, side)] if not (cls and not drop) else [(1, 1), (side, side)]
+        items = []
+        for i in range(feats.shape[0]):
+            sig: dict[str, torch.Tensor] = {name: t[i, drop:] for name, t in p.results.items()}
+            if "projected" in needs:
+                sig["projected"] = self.core.multi_modal_projector(feats[i])
+            if "text" in needs:
+                sig.update(text_signals(self.core.get_input_embeddings(), input_ids, kwargs.get("attention_mask"),
+                                        {self.image_token_id}, owner[i]))
+            items.append(Item("image", owner[i], feats[i], grid, sig))
+        return items
+
+    def rebuild(self, kwargs: dict[str, Any], items: list[Item], outputs: list[CompressOutput]) -> dict[str, Any]:
+        input_ids = kwargs["input_ids"]
+        counts: list[list[tuple[int, int]]] = [[] for _ in range(input_ids.shape[0])]
+        feats = []
+        for item, out in zip(items, outputs):
+            counts[item.sample].append((item.tokens.shape[0], out.tokens.shape[1]))
+            feats.append(self.core.multi_modal_projector(out.tokens[0]))
+        keep = placeholder_keep_mask(input_ids, self.image_token_id, counts)
+        new = shrink_sequences(kwargs, keep, pad_id_for(self.model.config, {self.image_token_id}))
+        new.pop("pixel_values", None)
+        new.pop("image_sizes", None)
+        new["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=tuple(feats))}
+        return new

@@ -1,0 +1,42 @@
+"""Helpers for ViT-style vision towers (CLIP, SigLIP, DINOv2): where the layers are, whether there is a CLS token."""
+
+from __future__ import annotations
+
+import torch
+
+
+def encoder_layers(tower: torch.nn.Module) -> torch.nn.ModuleList:
+    for path in ("vision_model.encoder.layers", "encoder.layers", "encoder.layer", "vision_model.encoder.layer"):
+        mod = tower
+        try:
+            for part in path.split("."):
+                mod = getattr(mod, part)
+        except AttributeError:
+            continue
+        if isinstance(mod, torch.nn.ModuleList):
+            return mod
+    raise TypeError(f"cannot find the encoder layers of {type(tower).__name__}")
+
+
+def attention_module(layer: torch.nn.Module) -> torch.nn.Module:
+    for name in ("self_attn", "attention"):
+        mod = getattr(layer, name, None)
+        if mod is not None and hasattr(mod, "q_proj") and hasattr(mod, "k_proj"):
+            return mod
+    raise TypeError(f"cannot find a q_proj/k_proj attention module in {type(layer).__name__}")
+
+
+def has_cls_token(tower: torch.nn.Module) -> bool:
+    emb = getattr(getattr(tower, "vision_model", tower), "embeddings", None)
+    return emb is not None and (hasattr(emb, "class_embedding") or hasattr(emb, "cls_token"))
+
+
+def signal_layer(tower: torch.nn.Module, feature_layer: int | list[int]) -> torch.nn.Module:
+    """The attention module of the layer whose output is ``hidden_states[feature_layer]`` (the last one if several):
+    VisionZip/PruMerge read attention where the LLM's features are taken."""
+    layers = encoder_layers(tower)
+    fl = feature_layer if isinstance(feature_layer, int) else list(feature_layer)[-1]
+    idx = fl % (len(layers) + 1) - 1
+    if idx < 0:
+        raise ValueError(f"feature layer {feature_layer} is the embedding output; no attention to read there")
+    return attention_module(layers[idx])

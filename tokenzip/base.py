@@ -1,0 +1,116 @@
+"""The compressor base class: one small dataclass per method (kvpress style)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from . import ops
+from .budget import Budget
+from .output import CompressOutput, ModalityStats
+
+if TYPE_CHECKING:
+    from .patch import Patch
+
+FAMILIES = ("input", "transformation", "similarity", "attention", "query")
+STAGES = ("input", "encoder", "pre_llm", "llm")
+MODALITIES = ("image", "video", "audio")
+
+# Signals an adapter can hand to a method (all per item; batched as [B, ...] by `compress`):
+#   cls_attention  [B, N]     attention the CLS token pays each token at the signal layer, mean over heads; for
+#                             encoders without CLS, the mean attention each token receives from all tokens
+#   keys           [B, N, d]  that layer's keys, mean over heads (ToMe's similarity metric)
+#   projected      [B, N, D]  the tokens mapped into the LLM's embedding space (for text-guided methods)
+#   text           [B, T, D]  the prompt's text-token embeddings in the LLM's input space, with
+#   text_mask      [B, T]     True at real text tokens
+SIGNALS = ("cls_attention", "keys", "projected", "text", "text_mask")
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    name: str
+    family: str
+    modalities: tuple[str, ...]
+    stage: str
+    query_aware: bool
+    reference: str
+
+
+@dataclass
+class Compressor:
+    """Base of every method. Subclasses set ``info``, ``requires`` and implement ``_compress``.
+
+    Budget: exactly one of ``retain`` (0 < r <= 1: keep ``max(1, round(r * N))`` tokens of each item) or
+    ``tokens`` (keep ``min(k, N)``), see :class:`tokenzip.Budget`.
+    """
+
+    retain: float | None = None
+    tokens: int | None = None
+
+    info: ClassVar[MethodInfo]
+    requires: ClassVar[tuple[str, ...]] = ()
+    # signals the method can use when present but does not need
+    optional: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        self.budget = Budget(retain=self.retain, tokens=self.tokens)
+        self.last_stats: list[dict[str, ModalityStats]] = []
+
+    # ---- tensor level -------------------------------------------------------------------------------------------
+    def compress(self, tokens: torch.Tensor, *, grid: Any = None, k: int | None = None,
+                 **signals: torch.Tensor) -> CompressOutput:
+        """Compress ``tokens`` ``[B, N, D]`` to ``[B, k, D]``; ``k`` defaults to the budget for ``N``.
+
+        ``grid`` gives the token layout: ``(h, w)`` or a list of such grids tiling the ``N`` tokens in order
+        (default: square if ``N`` is a perfect square, else 1-D). ``signals`` are the tensors named in ``requires``.
+        """
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3:
+            raise TypeError(f"tokens must be a [B, N, D] tensor, got {getattr(tokens, 'shape', type(tokens))}")
+        if not tokens.is_floating_point():
+            raise TypeError(f"tokens must be floating point, got {tokens.dtype}")
+        b, n, _ = tokens.shape
+        if n < 1:
+            raise ValueError("tokens has no tokens (N == 0)")
+        if k is None:
+            k = self.budget.count(n)
+        elif not 1 <= k <= n:
+            raise ValueError(f"k must be in [1, {n}], got {k}")
+        missing = [s for s in self.requires if s not in signals]
+        if missing:
+            raise ValueError(f"{self.info.name} needs signals {missing}; pass them as keyword arguments")
+        unknown = [s for s in signals if s not in SIGNALS]
+        if unknown:
+            raise ValueError(f"unknown signals {unknown}; known: {list(SIGNALS)}")
+        for name, sig in signals.items():
+            if sig.shape[0] != b:
+                raise ValueError(f"signal {name} has batch {sig.shape[0]}, tokens have {b}")
+            if name in ("cls_attention", "keys", "projected") and sig.shape[1] != n:
+                raise ValueError(f"signal {name} has {sig.shape[1]} tokens, tokens have {n}")
+        layout = ops.as_layout(grid, n)
+        if k >= n:
+            idx = torch.arange(n, device=tokens.device).expand(b, -1)
+            return ops.select(tokens, idx)
+        out = self._compress(tokens, k, layout, signals)
+        if out.tokens.shape[:2] != (b, k):
+            raise RuntimeError(f"{self.info.name} returned {tuple(out.tokens.shape[:2])}, expected {(b, k)}")
+        return out
+
+    def _compress(self, tokens: torch.Tensor, k: int, layout: ops.Layout,
+                  signals: dict[str, torch.Tensor]) -> CompressOutput:
+        raise NotImplementedError
+
+    # ---- model level --------------------------------------------------------------------------------------------
+    def __call__(self, model: torch.nn.Module) -> "Patch":
+        """A context manager that compresses ``model``'s forward() and generate() while it is open."""
+        from .patch import Patch
+
+        return Patch(self, model)
+
+    def apply(self, model: torch.nn.Module) -> "Patch":
+        """Patch ``model`` now; call ``.remove()`` on the returned handle to undo."""
+        return self(model).install()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.budget})"

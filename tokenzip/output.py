@@ -1,0 +1,74 @@
+"""What a compressor returns, and the per-call statistics it records."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class CompressOutput:
+    """Result of compressing ``[B, N, D]`` tokens to ``[B, k, D]``.
+
+    tokens: ``[B, k, D]`` compressed tokens, ordered by ``index`` (so spatial/temporal order is kept).
+    source: ``[B, N]`` long, the output slot each input token went to (``-1``: dropped). A pure selection maps each
+        kept token to its own slot; a merge maps every member of a group to the group's slot.
+    index:  ``[B, k]`` long, ascending: the input position that represents each output token (the kept token, or
+        the group's first member). Used for ordering and, inside the LLM, for position ids.
+    """
+
+    tokens: torch.Tensor
+    source: torch.Tensor
+    index: torch.Tensor
+
+    @property
+    def kept(self) -> torch.Tensor:
+        """Alias of ``index``: the source position of each output token."""
+        return self.index
+
+    def groups(self, b: int = 0) -> list[list[int]]:
+        """Members of each output token of sample ``b`` (a one-element list for a plain selection)."""
+        k = self.tokens.shape[1]
+        members: list[list[int]] = [[] for _ in range(k)]
+        for pos, slot in enumerate(self.source[b].tolist()):
+            if slot >= 0:
+                members[slot].append(pos)
+        return members
+
+
+@dataclass
+class ItemStats:
+    """One compressed item (an image, a video, an audio clip)."""
+
+    modality: str
+    tokens_in: int
+    tokens_out: int
+    source: torch.Tensor  # [N] output slot of each input token, -1 dropped
+    index: torch.Tensor  # [k] representative input position of each output token
+    grid: list[tuple[int, int]] | None = None
+
+
+@dataclass
+class ModalityStats:
+    tokens_in: int = 0
+    tokens_out: int = 0
+    items: list[ItemStats] = field(default_factory=list)
+
+    @property
+    def kept(self) -> list[torch.Tensor]:
+        return [it.index for it in self.items]
+
+
+def summarize(items_per_sample: list[list[ItemStats]]) -> list[dict[str, ModalityStats]]:
+    """Group item stats into ``[sample][modality] -> ModalityStats``."""
+    out: list[dict[str, ModalityStats]] = []
+    for items in items_per_sample:
+        per_mod: dict[str, ModalityStats] = {}
+        for it in items:
+            ms = per_mod.setdefault(it.modality, ModalityStats())
+            ms.tokens_in += it.tokens_in
+            ms.tokens_out += it.tokens_out
+            ms.items.append(it)
+        out.append(per_mod)
+    return out

@@ -1,0 +1,126 @@
+"""Installs a compressor on a model instance: wraps forward() and generate(), restores them on exit."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+import torch
+
+from .adapters import adapter_for
+from .base import Compressor
+from .output import CompressOutput, ItemStats, summarize
+
+
+class Patch:
+    """Handle returned by ``compressor(model)`` (a context manager) and ``compressor.apply(model)``."""
+
+    def __init__(self, compressor: Compressor, model: torch.nn.Module):
+        self.compressor = compressor
+        self.model = model
+        self.adapter = adapter_for(model)  # TypeError for unsupported models, before anything is touched
+        stage = compressor.info.stage
+        if stage not in self.adapter.stages:
+            raise TypeError(
+                f"{compressor.info.name} works at stage {stage!r}; {type(self.adapter).__name__} supports "
+                f"{list(self.adapter.stages)}")
+        mods = set(compressor.info.modalities) & set(self.adapter.modalities)
+        if not mods:
+            raise TypeError(f"{compressor.info.name} compresses {list(compressor.info.modalities)}; "
+                            f"{type(model).__name__} has {list(self.adapter.modalities)}")
+        self.installed = False
+
+    # ---- install / remove ---------------------------------------------------------------------------------------
+    def install(self) -> "Patch":
+        if self.installed:
+            return self
+        if getattr(self.model, "_tokenzip_patch", None) is not None:
+            raise RuntimeError("this model is already compressed by tokenzip; exit that context first "
+                               "(use tz.compose(a, b) to combine methods)")
+        model = self.model
+        orig_forward, orig_generate = model.forward, model.generate
+        fwd_sig = inspect.signature(orig_forward)
+        gen_sig = inspect.signature(orig_generate)
+
+        @functools.wraps(orig_forward)
+        def forward(*args: Any, **kwargs: Any):
+            kwargs = _as_kwargs(fwd_sig, args, kwargs)
+            return orig_forward(**self.prepare(kwargs))
+
+        @functools.wraps(orig_generate)
+        def generate(*args: Any, **kwargs: Any):
+            kwargs = _as_kwargs(gen_sig, args, kwargs)
+            if kwargs.get("input_ids") is None and isinstance(kwargs.get("inputs"), torch.Tensor):
+                kwargs["input_ids"] = kwargs.pop("inputs")
+            original_ids = kwargs.get("input_ids")
+            new_kwargs = self.prepare(kwargs)
+            out = orig_generate(**new_kwargs)
+            return _restore_prompt(out, original_ids, new_kwargs.get("input_ids"))
+
+        model.forward = forward
+        model.generate = generate
+        model._tokenzip_patch = self
+        self.installed = True
+        return self
+
+    def remove(self) -> None:
+        if not self.installed:
+            return
+        for name in ("forward", "generate", "_tokenzip_patch"):
+            self.model.__dict__.pop(name, None)
+        self.installed = False
+
+    def __enter__(self) -> "Patch":
+        return self.install()
+
+    def __exit__(self, *exc: Any) -> bool:
+        self.remove()
+        return False
+
+    # ---- the work -----------------------------------------------------------------------------------------------
+    def prepare(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Compress the media in one call's keyword arguments; returns the arguments for the original method."""
+        if not self.adapter.has_media(kwargs):
+            return kwargs
+        c = self.compressor
+        needs = frozenset(c.requires) | frozenset(c.optional)
+        items = self.adapter.encode(kwargs, needs)
+        outputs: list[CompressOutput] = []
+        per_sample: list[list[ItemStats]] = [[] for _ in range(self.adapter.batch_size(kwargs))]
+        for item in items:
+            signals = {name: sig.unsqueeze(0) for name, sig in item.signals.items() if name in needs}
+            out = c.compress(item.tokens.unsqueeze(0), grid=item.grid, **signals)
+            outputs.append(out)
+            per_sample[item.sample].append(ItemStats(
+                modality=item.modality, tokens_in=item.tokens_in, tokens_out=out.tokens.shape[1],
+                source=out.source[0], index=out.index[0], grid=item.grid))
+        c.last_stats = summarize(per_sample)
+        return self.adapter.rebuild(kwargs, items, outputs)
+
+
+def _as_kwargs(sig: inspect.Signature, args: tuple, kwargs: dict) -> dict:
+    if not args:
+        return dict(kwargs)
+    bound = sig.bind_partial(*args, **kwargs)
+    out = dict(bound.arguments)
+    extra = out.pop("kwargs", None) or out.pop("model_kwargs", None)
+    if extra:
+        out.update(extra)
+    return out
+
+
+def _restore_prompt(out: Any, original: torch.Tensor | None, short: torch.Tensor | None) -> Any:
+    """generate() ran on the shortened prompt; give the caller back their own prompt in front of the new tokens,
+    so ``out[:, inputs.input_ids.shape[1]:]`` still slices off the answer."""
+    if original is None or short is None or original is short:
+        return out
+    seq = out if isinstance(out, torch.Tensor) else getattr(out, "sequences", None)
+    if seq is None:
+        return out
+    reps = seq.shape[0] // original.shape[0]
+    full = torch.cat([original.repeat_interleave(reps, dim=0).to(seq.device), seq[:, short.shape[1]:]], dim=1)
+    if isinstance(out, torch.Tensor):
+        return full
+    out.sequences = full
+    return out
