@@ -1,0 +1,300 @@
+"""Qwen2-VL and Qwen2.5-VL (``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``).
+
+Both models share one layout: a ViT over 14-px patches (a Conv3d patch embed over ``temporal_patch_size`` frames),
+axial 2-D rotary embeddings, blocks with one fused ``qkv`` projection, and a ``PatchMerger`` that concatenates each
+2x2 group of neighbouring patches (the patches are laid out group-major: four consecutive patches form one group)
+and maps the group with an MLP into the LLM's embedding space. Qwen2.5-VL adds window attention: the patches are
+re-ordered group-wise into windows (``window_index``) before the blocks, every block except
+``vision_config.fullatt_block_indexes`` attends only within its window, and the merger's output is put back in
+raster order at the end. One image of ``grid_thw = (t, h, w)`` patches gives ``t * h * w / 4`` LLM tokens and
+``t * h * w / 4`` image placeholders in ``input_ids``.
+
+Design:
+
+* **Items** are images (``pixel_values`` + ``image_grid_thw``); videos are passed through uncompressed (their
+  features are computed here and handed over with the images, since the model refuses raw pixels together with
+  precomputed features). **Tokens** are the merger's output (the LLM-space tokens the model would scatter into the
+  placeholders), so a method compresses exactly what reaches the LLM; ``projected`` is these tokens too.
+  **Layout**: one row-major grid ``(h/2, w/2)`` per image (per frame when ``t > 1``).
+* **cls_attention** (there is no CLS token): the attention each token *receives* in the LAST vision block, averaged
+  over heads and over all patch queries of its image. It is recomputed from that block's own fused ``qkv``
+  projection and the rotary embedding the block is given (the model's own ``apply_rotary_pos_emb_vision``), on the
+  block's own attention segments (``cu_seqlens``): for Qwen2.5-VL these are the windows when the last block is
+  windowed (``depth - 1`` not in ``fullatt_block_indexes``) and the whole image otherwise — the released
+  checkpoints use full attention in the last block. A query outside a token's window gives it zero attention, and
+  the mean is taken over all queries of the image, so tokens in small edge windows are not inflated. No eager
+  attention runs: the model keeps its attention kernel; the rows are recomputed in float32, chunked over queries.
+  The four patches of each 2x2 merge group are averaged to give the merged token's score (and the window order of
+  Qwen2.5-VL is undone exactly as the model undoes it for the merger's output).
+* **keys**: the last block's keys before the rotary embedding (the content part; rotated keys would make the
+  similarity depend on the relative position of the two patches), averaged over heads, then over each 2x2 group.
+* **text**: the prompt's text-token embeddings (image/video placeholders and padding excluded).
+* **Positions**: the kept tokens keep their original 3-D M-RoPE positions. The full position ids are computed on
+  the original sequence with the model's own ``get_rope_index`` (or taken from the caller's ``position_ids``), and
+  the columns of the kept tokens are kept: a kept or merged token takes the position of its representative input
+  token (``CompressOutput.index``), and the text after an image keeps its original positions (no renumbering, so
+  the prompt's positions are those the uncompressed model would use). The result is passed as explicit
+  ``position_ids`` of shape ``[4, B, L']`` (row 0: contiguous text positions, used only to build the causal mask;
+  rows 1-3: temporal/height/width), which is the format ``generate()`` itself builds for Qwen-VL: on later decoding
+  steps ``generate()`` extends every row by ``last + 1``, so decoding continues exactly where the uncompressed model
+  would. ``model.model.rope_deltas`` is set to ``max position + 1 - kept length`` per sample (the model's own
+  definition), so a manual decoding loop that passes ``past_key_values`` without ``position_ids`` also continues at
+  the right positions. ``image_grid_thw``/``video_grid_thw`` are dropped from the rebuilt call (positions are
+  explicit and the features precomputed), ``mm_token_type_ids`` is shortened with ``input_ids``.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.vision_utils import get_vision_window_index
+
+from ..llm.adapter import LLMAccess, placeholder_items
+from ..output import CompressOutput
+from .base import Adapter, Item, pad_id_for, padding_side, shrink_sequences, text_signals
+from .llava import items_per_sample, placeholder_keep_mask, require_input_ids
+
+
+class _LastBlockProbe:
+    """Forward pre-hook on the last vision block's attention: captures its input, segments and rotary embedding and
+    computes per-patch ``cls_attention`` (attention received, summed over heads and queries) and pre-rotary ``keys``
+    (mean over heads), in the order the block sees the patches."""
+
+    def __init__(self, attn: torch.nn.Module, needs: frozenset[str], chunk: int = 1024):
+        self.attn = attn
+        self.needs = needs
+        self.chunk = chunk
+        self.calls = 0
+        self.received: torch.Tensor | None = None
+        self.keys: torch.Tensor | None = None
+
+    def hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        self.calls += 1
+        x = args[0] if args else kwargs["hidden_states"]
+        cu = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
+        cos, sin = kwargs.get("position_embeddings", args[2] if len(args) > 2 else None)
+        with torch.no_grad():
+            n = x.shape[0]
+            h = int(module.num_heads)
+            q, k, _ = module.qkv(x).reshape(n, 3, h, -1).permute(1, 0, 2, 3).unbind(0)  # [N, H, d]
+            if "keys" in self.needs:
+                self.keys = k.float().mean(dim=1)
+            if "cls_attention" in self.needs:
+                rotary = sys.modules[type(module).__module__].apply_rotary_pos_emb_vision
+                q, k = rotary(q, k, cos, sin)
+                q = q.float().transpose(0, 1)  # [H, N, d]
+                k = k.float().transpose(0, 1)
+                scale = float(module.scaling)
+                received = torch.zeros(n, dtype=torch.float32, device=x.device)
+                bounds = cu.tolist()
+                for s, e in zip(bounds[:-1], bounds[1:]):  # the block's own attention segments
+                    ks = k[:, s:e]
+                    for c in range(s, e, self.chunk):
+                        att = torch.softmax(q[:, c: min(c + self.chunk, e)] @ ks.transpose(-1, -2) * scale, dim=-1)
+                        received[s:e] += att.sum(dim=(0, 1))
+                self.received = received / h
+
+
+class Qwen2VLAdapter(LLMAccess, Adapter):
+    model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+    modalities = ("image",)
+    stages = ("pre_llm", "llm")
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__(model)
+        self.core = model.model
+        self.visual = self.core.visual
+        cfg = model.config
+        self.image_token_id = int(cfg.image_token_id)
+        self.video_token_id = int(cfg.video_token_id)
+        self.merge = int(cfg.vision_config.spatial_merge_size)
+
+    # ---- queries ------------------------------------------------------------------------------------------------
+    def has_media(self, kwargs: dict[str, Any]) -> bool:
+        return kwargs.get("pixel_values") is not None
+
+    def batch_size(self, kwargs: dict[str, Any]) -> int:
+        return require_input_ids(kwargs).shape[0]
+
+    def _grid(self, kwargs: dict[str, Any]) -> torch.Tensor:
+        grid = kwargs.get("image_grid_thw")
+        if grid is None:
+            raise ValueError("image_grid_thw is required with pixel_values for Qwen-VL models; build the inputs "
+                             "with the model's processor")
+        grid = torch.as_tensor(grid)
+        if grid.dim() != 2 or grid.shape[1] != 3:
+            raise ValueError(f"image_grid_thw must have shape [num_images, 3], got {tuple(grid.shape)}")
+        if bool(((grid[:, 1:] % self.merge) != 0).any()):
+            raise ValueError(f"image_grid_thw heights/widths must be multiples of spatial_merge_size={self.merge}, "
+                             f"got {grid.tolist()}")
+        return grid
+
+    def _window_index(self, grid: torch.Tensor) -> torch.Tensor | None:
+        """Qwen2.5-VL's group order inside the blocks (None for Qwen2-VL, which keeps raster group order)."""
+        if not hasattr(self.visual, "fullatt_block_indexes"):
+            return None
+        index, _ = get_vision_window_index(grid, spatial_merge_size=self.merge, window_size=self.visual.window_size,
+                                           patch_size=self.visual.patch_size)
+        return index.to(grid.device)
+
+    # ---- encode -------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, kwargs: dict[str, Any], needs: frozenset[str]) -> list[Item]:
+        input_ids = require_input_ids(kwargs)
+        cache = kwargs.get("past_key_values")
+        if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
+            raise ValueError("tokenzip compresses images at prefill only: pixel_values came with a non-empty "
+                             "past_key_values (a continued conversation); start from an empty cache")
+        pixel_values = kwargs["pixel_values"]
+        grid = self._grid(kwargs)
+        unit = self.merge * self.merge
+        sizes = [int(s) for s in (grid.prod(-1) // unit).tolist()]
+        owner = items_per_sample(input_ids, self.image_token_id, sizes)
+        if int(grid.prod(-1).sum()) != pixel_values.shape[0]:
+            raise ValueError(f"pixel_values has {pixel_values.shape[0]} patches but image_grid_thw {grid.tolist()} "
+                             f"needs {int(grid.prod(-1).sum())}")
+        p = _LastBlockProbe(self.visual.blocks[-1].attn, needs)
+        handle = p.attn.register_forward_pre_hook(p.hook, with_kwargs=True) if {"cls_attention", "keys"} & needs \
+            else None
+        try:
+            out = self.core.get_image_features(pixel_values, grid.to(pixel_values.device), return_dict=True)
+        finally:
+            if handle is not None:
+                handle.remove()
+        feats = out.pooler_output
+        if handle is not None and p.calls != 1:
+            raise RuntimeError(f"expected one call of the last vision block, saw {p.calls}")
+
+        # per-patch signals (block order) -> per merged token (raster order), as the model does for the merger
+        order = self._window_index(grid)
+        restore = None if order is None else torch.argsort(order)
+        grouped: dict[str, torch.Tensor] = {}
+        for name, t in (("cls_attention", p.received), ("keys", p.keys)):
+            if t is None:
+                continue
+            g = t.reshape(t.shape[0] // unit, unit, *t.shape[1:]).mean(dim=1)
+            grouped[name] = g if restore is None else g[restore.to(g.device)]
+        if "cls_attention" in grouped:  # mean over all patch queries of each image
+            per_image = grid.prod(-1).cpu().repeat_interleave(torch.tensor(sizes))
+            n_patches = per_image.to(grouped["cls_attention"])
+            grouped["cls_attention"] = grouped["cls_attention"] / n_patches
+
+        items = []
+        start = 0
+        for i, (t, h, w) in enumerate(grid.tolist()):
+            n = sizes[i]
+            sig = {name: s[start: start + n] for name, s in grouped.items()}
+            if "projected" in needs:
+                sig["projected"] = feats[i]
+            if "text" in needs:
+                sig.update(text_signals(self.core.get_input_embeddings(), input_ids, kwargs.get("attention_mask"),
+                                        {self.image_token_id, self.video_token_id}, owner[i]))
+            layout = [(h // self.merge, w // self.merge)] * t
+            items.append(Item("image", owner[i], feats[i], layout, sig))
+            start += n
+        return items
+
+    # ---- rebuild ------------------------------------------------------------------------------------------------
+    def _original_positions(self, kwargs: dict[str, Any]) -> torch.Tensor:
+        """``[P, B, L]`` position ids of the uncompressed call (P = 1 for 2-D ids, 3 or 4 for M-RoPE ids)."""
+        pos = kwargs.get("position_ids")
+        input_ids = kwargs["input_ids"]
+        if isinstance(pos, torch.Tensor):
+            if pos.dim() == 2 and pos.shape == input_ids.shape:
+                return pos.unsqueeze(0)
+            if pos.dim() == 3 and pos.shape[0] in (3, 4) and pos.shape[1:] == input_ids.shape:
+                return pos
+            raise ValueError(f"position_ids must be [B, L], [3, B, L] or [4, B, L] for input_ids of shape "
+                             f"{tuple(input_ids.shape)}, got {tuple(pos.shape)}")
+        if kwargs.get("mm_token_type_ids") is None:
+            raise ValueError("mm_token_type_ids is required with pixel_values/image_grid_thw for Qwen-VL models (the "
+                             "3-D M-RoPE positions need it); the model's processor returns it with input_ids")
+        extra = {}
+        if kwargs.get("second_per_grid_ts") is not None:
+            extra["second_per_grid_ts"] = kwargs["second_per_grid_ts"]
+        mask = kwargs.get("attention_mask")
+        rope, _ = self.core.get_rope_index(input_ids, kwargs["mm_token_type_ids"],
+                                           image_grid_thw=kwargs.get("image_grid_thw"),
+                                           video_grid_thw=kwargs.get("video_grid_thw"),
+                                           attention_mask=mask, **extra)
+        real = torch.ones_like(input_ids) if mask is None else mask
+        text = (real.long().cumsum(-1) - 1).masked_fill(real == 0, 0).to(rope.dtype)
+        return torch.cat([text.unsqueeze(0), rope], dim=0)
+
+    def rebuild(self, kwargs: dict[str, Any], items: list[Item], outputs: list[CompressOutput]) -> dict[str, Any]:
+        input_ids = kwargs["input_ids"]
+        b, length = input_ids.shape
+        positions = self._original_positions(kwargs)
+        counts: list[list[tuple[int, int]]] = [[] for _ in range(b)]
+        for item, out in zip(items, outputs):
+            counts[item.sample].append((item.tokens.shape[0], out.tokens.shape[1]))
+        keep = placeholder_keep_mask(input_ids, self.image_token_id, counts)
+
+        # the column each kept sequence slot takes its position from: text keeps its own; the j-th kept placeholder
+        # of an image takes the column of the image's placeholder at the output's representative index
+        src = torch.arange(length, device=input_ids.device).expand(b, -1).clone()
+        per_sample: list[list[torch.Tensor]] = [[] for _ in range(b)]
+        for item, out in zip(items, outputs):
+            per_sample[item.sample].append(out.index[0])
+        for i in range(b):
+            cols = (input_ids[i] == self.image_token_id).nonzero().flatten()
+            start = 0
+            for (n, k), index in zip(counts[i], per_sample[i]):
+                src[i, cols[start: start + k]] = cols[start + index.to(cols.device)]
+                start += n
+        kept_pos = torch.gather(positions, 2, src.to(positions.device).unsqueeze(0).expand(positions.shape[0], -1, -1))
+
+        call = {key: v for key, v in kwargs.items() if key != "position_ids"}
+        new = shrink_sequences(call, keep, pad_id_for(self.model.config, {self.image_token_id, self.video_token_id}))
+        mask = kwargs.get("attention_mask")
+        valid = keep & (torch.ones_like(keep) if mask is None else mask.bool())
+        new_pos = _pack(kept_pos, valid, padding_side(mask), new["input_ids"].shape[1])
+        new_mask = new["attention_mask"]
+        if positions.shape[0] == 4:  # row 0 only builds the causal mask: contiguous over the new sequence
+            new_pos[0] = (new_mask.long().cumsum(-1) - 1).masked_fill(new_mask == 0, 0).to(new_pos.dtype)
+        rope_rows = new_pos[-3:] if new_pos.shape[0] >= 3 else new_pos
+        top = rope_rows.masked_fill(new_mask.to(rope_rows.device).unsqueeze(0) == 0, 0).amax(dim=(0, 2))
+        self.core.rope_deltas = (top + 1 - new_mask.sum(-1).to(top.device)).unsqueeze(1)
+        new["position_ids"] = new_pos[0] if positions.shape[0] == 1 else new_pos
+
+        feats = tuple(out.tokens[0] for out in outputs)
+        encoded = {"image": BaseModelOutputWithPooling(pooler_output=feats)}
+        if kwargs.get("pixel_values_videos") is not None:
+            encoded["video"] = self.core.get_video_features(kwargs["pixel_values_videos"], kwargs["video_grid_thw"],
+                                                            return_dict=True)
+        for key in ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw", "second_per_grid_ts"):
+            new.pop(key, None)
+        new["mm_encoder_outputs"] = encoded
+        return new
+
+    # ---- stage "llm" (tokenzip.llm): each image's placeholder run; kept tokens keep their 3-D M-RoPE positions --
+    def llm_items(self, kwargs: dict[str, Any]) -> list:
+        input_ids = require_input_ids(kwargs)
+        pre = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+        if pre is not None:  # after a pre-LLM method (tz.compose)
+            sizes, grids = [int(t.shape[0]) for t in pre.pooler_output], None
+        elif kwargs.get("pixel_values") is not None:
+            grid, m = self._grid(kwargs), self.merge
+            sizes = [int(t * h * w) // (m * m) for t, h, w in grid.tolist()]
+            grids = [[(h // m, w // m)] * t for t, h, w in grid.tolist()]
+        else:
+            return []
+        owners = items_per_sample(input_ids, self.image_token_id, sizes)
+        return placeholder_items(input_ids, self.image_token_id, sizes, owners, "image", grids)
+
+
+def _pack(t: torch.Tensor, keep: torch.Tensor, side: str, width: int) -> torch.Tensor:
+    """Keep ``t[..., i, keep[i]]`` for each row ``i`` of a ``[P, B, L]`` tensor, padded with 0 to ``width`` on
+    ``side`` (the same packing as :func:`shrink_sequences`)."""
+    p, b, _ = t.shape
+    out = torch.zeros(p, b, width, dtype=t.dtype, device=t.device)
+    for i in range(b):
+        row = t[:, i, keep[i].to(t.device)]
+        if side == "left":
+            out[:, i, width - row.shape[1]:] = row
+        else:
+            out[:, i, : row.shape[1]] = row
+    return out
