@@ -1,0 +1,63 @@
+"""What an adapter adds to support stage ``"llm"``: a mixin with generic accessors for the decoder, and a helper
+that turns runs of placeholder tokens into :class:`LLMItem` s. An adapter mixes ``LLMAccess`` in, adds ``"llm"`` to
+``stages`` and implements ``llm_items`` (usually one call to :func:`placeholder_items`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .hooks import LLMItem
+
+
+class LLMAccess:
+    model: torch.nn.Module
+
+    def llm_model(self) -> torch.nn.Module:
+        """The decoder stack (``LlamaModel`` / ``Qwen2Model`` / ``Qwen2VLTextModel`` ...): has ``layers`` and
+        ``norm`` and receives ``inputs_embeds``, the 2-D ``attention_mask`` and ``past_key_values``."""
+        for path in ("model.language_model", "language_model", "model"):
+            mod: Any = self.model
+            try:
+                for part in path.split("."):
+                    mod = getattr(mod, part)
+            except AttributeError:
+                continue
+            if isinstance(getattr(mod, "layers", None), torch.nn.ModuleList) and hasattr(mod, "norm"):
+                return mod
+        raise TypeError(f"cannot find the decoder layers of {type(self.model).__name__}")
+
+    def llm_layers(self) -> torch.nn.ModuleList:
+        return self.llm_model().layers
+
+    def llm_norm(self) -> torch.nn.Module:
+        return self.llm_model().norm
+
+    def llm_attention(self, layer: torch.nn.Module) -> torch.nn.Module:
+        attn = getattr(layer, "self_attn", None)
+        if attn is None or not hasattr(attn, "q_proj") or not hasattr(attn, "k_proj"):
+            raise TypeError(f"cannot find a q_proj/k_proj self-attention in {type(layer).__name__}")
+        return attn
+
+    def llm_attn_implementation(self) -> str:
+        return str(self.llm_model().config._attn_implementation)
+
+    def llm_items(self, kwargs: dict[str, Any]) -> list[LLMItem]:
+        """The visual items of this call's sequence (in sequence order), or [] when the call has no media."""
+        raise NotImplementedError
+
+
+def placeholder_items(input_ids: torch.Tensor, token_id: int, sizes: list[int], owners: list[int],
+                      modality: str = "image", grids: list[Any] | None = None) -> list[LLMItem]:
+    """Item ``j`` (of sample ``owners[j]``) is the next ``sizes[j]`` placeholders ``token_id`` of its sample."""
+    items: list[LLMItem] = []
+    cursor = [0] * input_ids.shape[0]
+    where = [(input_ids[b] == token_id).nonzero().flatten() for b in range(input_ids.shape[0])]
+    for j, (n, b) in enumerate(zip(sizes, owners)):
+        pos = where[b][cursor[b]: cursor[b] + n]
+        if pos.numel() != n:
+            raise ValueError(f"{modality} {j} needs {n} placeholder tokens in sample {b}, found {pos.numel()}")
+        cursor[b] += n
+        items.append(LLMItem(modality, b, pos, None if grids is None else grids[j]))
+    return items

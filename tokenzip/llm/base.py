@@ -1,0 +1,78 @@
+"""Base class of the methods that compress visual tokens inside the LLM (stage ``"llm"``)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..base import Compressor
+
+
+def geometric_counts(n: int, k: int, stages: int) -> list[int]:
+    """Counts after each of ``stages`` stages going from ``n`` to exactly ``k`` with a constant keep ratio
+    ``lambda = (k / n) ** (1 / stages)`` (rounded half up, non-increasing, last == k)."""
+    if stages < 1:
+        raise ValueError(f"stages must be >= 1, got {stages}")
+    if k >= n:
+        return [n] * stages
+    if k <= 0:
+        lam = 0.5
+        out = [max(1, math.floor(n * lam ** (s + 1) + 0.5)) for s in range(stages - 1)]
+        return out + [0]
+    lam = (k / n) ** (1.0 / stages)
+    out, prev = [], n
+    for s in range(1, stages):
+        c = min(prev, max(k, math.floor(n * lam ** s + 0.5)))
+        out.append(c)
+        prev = c
+    return out + [k]
+
+
+def stage_layers(fractions: tuple[float, ...], num_layers: int) -> list[int]:
+    """Decoder-layer indices for stages placed at the given fractions of the depth, distinct, in [1, L - 1]."""
+    out: list[int] = []
+    for f in fractions:
+        layer = min(num_layers - 1, max(1, math.floor(f * num_layers + 0.5)))
+        if layer not in out:
+            out.append(layer)
+    return sorted(out)
+
+
+@dataclass
+class LLMCompressor(Compressor):
+    """A method that prunes/merges an item's visual hidden states between decoder layers.
+
+    ``schedule(n, num_layers)`` lists the stages as ``(layer, count)``: *before* decoder layer ``layer`` (0-based;
+    layers ``< layer`` have run on the longer sequence) the item keeps ``count`` of the tokens it still has. Counts
+    are non-increasing; the last one is what the budget gives (``budget.count(n)`` unless a method documents
+    otherwise). At each stage ``_compress`` receives the item's remaining hidden states ``[1, m, D]`` (input of
+    ``layer``) and the signals it asks for, computed from the attention of layer ``layer - 1``:
+
+    - ``last_attention`` ``[1, m]``: attention the last real token pays each remaining token, mean over heads;
+    - ``text_attention`` ``[1, T, m]``: the same for every real text token after the item (``T`` rows);
+    - ``text`` ``[1, T, D]`` / ``text_mask`` ``[1, T]``: those text tokens' hidden states (input of ``layer``).
+    """
+
+    def schedule(self, n: int, num_layers: int) -> list[tuple[int, int]]:
+        raise NotImplementedError
+
+    def signals_needed(self) -> frozenset[str]:
+        """The signals the LLM stage must compute for this configuration (default: ``requires`` + ``optional``).
+        Text-row attention costs ``[B, H, T, W]``: configurations that do not use it should leave it out."""
+        return frozenset(self.requires) | frozenset(self.optional)
+
+    def adapt(self, k: int, m: int, final: int, signals: dict) -> int:
+        """The count for a non-final stage, given the planned ``k``, the ``m`` tokens left and the ``final`` count;
+        methods with input-dependent (adaptive) ratios override it. The result is clamped to ``[final, m]``."""
+        return k
+
+    def final_count(self, n: int, num_layers: int) -> int:
+        """Tokens the item keeps after the last stage (what the budget promises)."""
+        return self.budget.count(n)
+
+    def check_layer(self, layer: int, num_layers: int, name: str = "layer") -> int:
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise TypeError(f"{name} must be an int, got {type(layer).__name__}")
+        if not 1 <= layer <= num_layers - 1:
+            raise ValueError(f"{name} must be in [1, {num_layers - 1}] for a {num_layers}-layer LLM, got {layer}")
+        return layer

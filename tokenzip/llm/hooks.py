@@ -1,0 +1,420 @@
+"""The thin hook layer that runs an :class:`LLMCompressor` inside a stock decoder-only LLM.
+
+At prefill, before stage layer ``l`` (a forward pre-hook on decoder layer ``l``), every item keeps a subset of its
+visual hidden states (or merged ones) and layers ``>= l`` run on the shortened sequence: the hook replaces
+``hidden_states``, ``attention_mask`` (an explicit 4-D causal + padding mask for the shortened layout),
+``position_embeddings`` (cos/sin gathered at the kept slots: **kept tokens keep their original positions**, M-RoPE
+included) and ``position_ids``. The scores come from a pre-hook on layer ``l - 1``'s attention module that
+recomputes only the needed attention rows (:func:`tokenzip.llm.scores.attention_rows`), so the model keeps
+running SDPA. A pre-hook on the final norm writes the short sequence back into a full-length one (a dropped
+token carries the hidden state it had when it was dropped), so logits keep the caller's sequence length.
+
+The ``DynamicCache`` then holds full-length K/V for layers ``< l`` and shortened K/V for later layers; the state
+needed to decode (each stage's key-validity row) is attached to the cache object. On later calls with that cache
+(decoding steps, or a new user turn continuing it) the pre-hook of each shortened layer replaces the model's mask
+(built for the full length) by one matching that layer's cache. Positions of new tokens are the model's own
+(computed from the full-length layer-0 cache / the caller's mask), i.e. as if nothing had been dropped.
+
+Multi-turn: a later ``generate()`` that continues the returned cache (the whole dialogue as ``input_ids`` and its
+2-D mask, ``past_key_values=`` the cache, no new media) keeps what the first prefill kept: the selection was made
+once, for the first question, and the dropped visual tokens stay out of layers ``>= l`` for every later turn; the
+new turn's tokens go into every layer. Media in a call that continues a cache are refused (ValueError), as are beam
+search (the cache would be reordered), static/sliding caches and flash-attention (no explicit 4-D mask).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..output import ItemStats, summarize
+from . import layout as L
+from .scores import attention_rows
+
+ATTENTION_SIGNALS = ("last_attention", "text_attention")
+STATE_ATTR = "_tokenzip_llm_state"
+
+
+@dataclass
+class LLMItem:
+    """One item's visual tokens in the LLM input sequence."""
+
+    modality: str
+    sample: int
+    positions: torch.Tensor  # [n] ascending sequence positions
+    grid: Any = None
+
+
+@dataclass
+class CacheState:
+    """Attached to a cache that holds shortened layers: what decoding needs to build their masks."""
+
+    owner: Any  # the runner that made it
+    prefill_len: int
+    groups: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (first layer, key valid [B, W])
+
+    def group_of(self, layer: int) -> int | None:
+        g = None
+        for i, (start, _) in enumerate(self.groups):
+            if start <= layer:
+                g = i
+        return g
+
+
+class _Track:
+    """One item during a prefill run."""
+
+    def __init__(self, item: LLMItem, plan: list[tuple[int, int]]):
+        self.item = item
+        self.n = int(item.positions.numel())
+        self.plan = dict(plan)
+        self.slots: torch.Tensor | None = None  # current slot indices
+        self.source = torch.arange(self.n)  # original token -> current local index (-1 dropped)
+        self.index = torch.arange(self.n)  # current local index -> representative original token
+        self.stages: list[tuple[int, int]] = []
+
+
+class _Run:
+    def __init__(self, tracks: list[_Track], attn2d: torch.Tensor, stage_at: list[int]):
+        self.tracks = tracks
+        self.layout = L.full_layout(attn2d)
+        self.prefill_len = attn2d.shape[1]
+        self.stage_at = stage_at
+        self.signals: dict[int, dict] = {}
+        self.full: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None
+        self.pe_src: Any = None
+        self.pe: Any = None
+        self.state: CacheState | None = None
+        self.changed = False
+
+
+class LLMRunner:
+    """Installs the hooks for one compressor on one model (through its adapter)."""
+
+    def __init__(self, compressor: Any, adapter: Any):
+        self.c = compressor
+        self.adapter = adapter
+        self.lm = adapter.llm_model()
+        self.layers = adapter.llm_layers()
+        self.norm = adapter.llm_norm()
+        self.impl = adapter.llm_attn_implementation()
+        if self.impl not in ("sdpa", "eager"):
+            raise ValueError(f"LLM-stage compression needs attn_implementation 'sdpa' or 'eager' (an explicit 4-D "
+                             f"mask per layer); the model uses {self.impl!r}")
+        kinds = set(getattr(self.lm.config, "layer_types", None) or ["full_attention"])
+        if kinds != {"full_attention"}:
+            raise ValueError(f"LLM-stage compression supports full-attention decoders only; this one has layer "
+                             f"types {sorted(kinds)}")
+        self.needs = compressor.signals_needed()
+        self.handles: list[Any] = []
+        self.pending: list[LLMItem] | None = None
+        self.run: _Run | None = None
+        self.step: tuple[CacheState, dict[int, torch.Tensor]] | None = None
+
+    # ---- install / remove ---------------------------------------------------------------------------------------
+    def install(self) -> None:
+        self.handles.append(self.lm.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
+        self.handles.append(self.lm.register_forward_hook(self._lm_post, always_call=True))
+        for i, layer in enumerate(self.layers):
+            self.handles.append(layer.register_forward_pre_hook(self._layer_pre(i), with_kwargs=True))
+            attn = self.adapter.llm_attention(layer)
+            self.handles.append(attn.register_forward_pre_hook(self._attn_pre(i), with_kwargs=True))
+        self.handles.append(self.norm.register_forward_pre_hook(self._norm_pre))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        self.pending = None
+        self.run = None
+        self.step = None
+
+    # ---- language-model level -----------------------------------------------------------------------------------
+    def _lm_pre(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        self.run, self.step = None, None
+        items, self.pending = self.pending, None
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            embeds = args[0] if args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point() else None
+        ids = kwargs.get("input_ids")
+        ref = embeds if embeds is not None else ids
+        if ref is None:
+            return
+        b, q = ref.shape[0], ref.shape[1]
+        past = kwargs.get("past_key_values")
+        past_len = int(past.get_seq_length()) if past is not None else 0
+        mask = kwargs.get("attention_mask")
+        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
+            raise ValueError("LLM-stage compression needs a 2-D attention_mask (or none); got a prepared mask")
+        if mask is None:
+            mask = torch.ones(b, past_len + q, dtype=torch.long, device=ref.device)
+        if items:
+            if past_len > 0:
+                raise ValueError("LLM-stage compression: media in a call that continues a cache is not supported; "
+                                 "start a new cache for new images")
+            self._start_prefill(items, mask, past)
+        elif past is not None and past_len > 0:
+            state = getattr(past, STATE_ATTR, None)
+            if state is not None:
+                if state.owner is not self:
+                    raise RuntimeError("this cache was shortened by another tokenzip compressor; continue it inside "
+                                       "the same `with` block")
+                self._start_step(state, mask, past, q)
+
+    def _lm_post(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        run, self.run, self.step = self.run, None, None
+        if run is not None:
+            self._record(run)
+
+    def _start_prefill(self, items: list[LLMItem], mask: torch.Tensor, past: Any) -> None:
+        num_layers = len(self.layers)
+        tracks = [_Track(it, self.c.schedule(int(it.positions.numel()), num_layers)) for it in items]
+        for t in tracks:
+            prev = t.n
+            for layer, count in sorted(t.plan.items()):
+                if not 1 <= layer <= num_layers - 1 or not 0 <= count <= prev:
+                    raise RuntimeError(f"{self.c.info.name}: bad schedule {sorted(t.plan.items())} for {t.n} tokens")
+                prev = count
+            t.plan = {layer: c for layer, c in t.plan.items() if c < t.n}  # stages that change nothing: skip
+        stage_at = sorted({layer for t in tracks for layer in t.plan})
+        run = _Run(tracks, mask.bool(), stage_at)
+        for t in tracks:
+            t.slots = t.item.positions.to(mask.device).long()
+            if not bool(mask[t.item.sample, t.slots].all()):
+                raise ValueError("visual tokens fall on masked (padding) positions of attention_mask")
+        if past is not None and stage_at:
+            _require_dynamic(past)
+        self.run = run
+        if not stage_at:  # identity: nothing to hook
+            self._record(run)
+            self.run = None
+
+    def _start_step(self, state: CacheState, mask: torch.Tensor, past: Any, q: int) -> None:
+        masks: dict[int, torch.Tensor] = {}
+        tail = mask[:, state.prefill_len:].bool()
+        dtype = self._dtype()
+        layers = getattr(past, "layers", None)
+        for g, (start, valid) in enumerate(state.groups):
+            if valid.shape[0] != mask.shape[0]:
+                raise ValueError("LLM-stage compression: the batch changed since prefill (beam search or cache "
+                                 "reordering is not supported)")
+            expected = valid.shape[1] + tail.shape[1] - q
+            if layers is not None and start < len(layers) and int(layers[start].get_seq_length()) != expected:
+                raise RuntimeError(f"LLM-stage compression: layer {start} caches {layers[start].get_seq_length()} "
+                                   f"tokens, expected {expected}; the cache was cropped or edited since prefill")
+            key_valid = torch.cat([valid, tail], dim=1)
+            masks[g] = L.to_implementation(L.step_mask(key_valid, q), self.impl, dtype)
+        self.step = (state, masks)
+
+    def _dtype(self) -> torch.dtype:
+        return next(self.lm.parameters()).dtype
+
+    # ---- layer level --------------------------------------------------------------------------------------------
+    def _attn_pre(self, i: int):
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            run = self.run
+            if run is None or (i + 1) not in run.stage_at or not (self.needs & set(ATTENTION_SIGNALS)):
+                return
+            x = args[0] if args else kwargs["hidden_states"]
+            pe = kwargs.get("position_embeddings")
+            if pe is None:
+                raise RuntimeError("the attention module got no position_embeddings; cannot recompute its scores")
+            with torch.no_grad():
+                run.signals[i + 1] = self._scores(run, module, x, pe)
+            return
+        return hook
+
+    def _layer_pre(self, i: int):
+        def hook(module: torch.nn.Module, args: tuple, kwargs: dict):
+            if self.step is not None:
+                state, masks = self.step
+                g = state.group_of(i)
+                if g is None:
+                    return None
+                kwargs = dict(kwargs)
+                kwargs["attention_mask"] = masks[g]
+                return args, kwargs
+            run = self.run
+            if run is None:
+                return None
+            h = args[0] if args else kwargs["hidden_states"]
+            if run.full is None:
+                run.full = h.detach().clone()
+            if i in run.stage_at:  # no torch.no_grad here: kept tokens stay differentiable (losses with labels)
+                h = self._apply_stage(run, i, h, kwargs.get("past_key_values"))
+                run.changed = True
+            if not run.changed:
+                return None
+            kwargs = dict(kwargs)
+            if args:
+                args = (h,) + tuple(args[1:])
+            else:
+                kwargs["hidden_states"] = h
+            kwargs["attention_mask"] = run.mask
+            pe = kwargs.get("position_embeddings")
+            if pe is not None:
+                if pe is not run.pe_src:
+                    run.pe_src = pe
+                    run.pe = tuple(L.gather_seq(t, run.layout.pos) for t in pe)
+                kwargs["position_embeddings"] = run.pe
+            pid = kwargs.get("position_ids")
+            if isinstance(pid, torch.Tensor) and pid.shape[-1] == run.prefill_len:
+                kwargs["position_ids"] = _gather_last(pid, run.layout.pos)
+            return args, kwargs
+        return hook
+
+    def _norm_pre(self, module: torch.nn.Module, args: tuple):
+        run = self.run
+        if run is None or not run.changed:
+            return None
+        h = args[0]
+        full = run.full.to(h.dtype).clone()
+        lay = run.layout
+        for b in range(h.shape[0]):
+            real = ~lay.filler[b]
+            full[b, lay.pos[b, real]] = h[b, real]
+        return (full,) + tuple(args[1:])
+
+    # ---- the work -----------------------------------------------------------------------------------------------
+    def _rows(self, run: _Run) -> tuple[torch.Tensor, list[int], list[torch.Tensor]]:
+        """Query rows per sample: the last real slot and (if needed) every real text slot."""
+        lay = run.layout
+        visual = torch.zeros_like(lay.valid)
+        for t in run.tracks:
+            visual[t.item.sample, t.slots] = True
+        want_text = "text_attention" in self.needs or "text" in self.needs
+        rows, last, text = [], [], []
+        for b in range(lay.valid.shape[0]):
+            real = lay.valid[b].nonzero().flatten()
+            lst = int(real[-1]) if real.numel() else lay.width - 1
+            txt = (lay.valid[b] & ~visual[b]).nonzero().flatten() if want_text else real[:0]
+            r = torch.unique(torch.cat([txt, torch.tensor([lst], device=txt.device)]))
+            rows.append(r)
+            last.append(int((r == lst).nonzero()[0, 0]))
+            text.append(txt)
+        width = max(r.numel() for r in rows)
+        out = torch.full((len(rows), width), -1, dtype=torch.long, device=lay.pos.device)
+        for b, r in enumerate(rows):
+            out[b, : r.numel()] = r
+        return out, last, text
+
+    def _scores(self, run: _Run, attn: torch.nn.Module, x: torch.Tensor, pe: Any) -> dict:
+        rows, last, text = self._rows(run)
+        probs = attention_rows(attn, x, pe, run.layout.valid, rows).mean(dim=1)  # [B, R, W]
+        return {"rows": rows, "last": last, "text": text, "probs": probs}
+
+    def _item_signals(self, run: _Run, layer: int, t: _Track, h: torch.Tensor) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        b = t.item.sample
+        sc = run.signals.get(layer)
+        if sc is not None:
+            probs = sc["probs"][b][:, t.slots]  # [R, m]
+            if "last_attention" in self.needs:
+                out["last_attention"] = probs[sc["last"][b]].unsqueeze(0)
+            after = sc["text"][b][sc["text"][b] > t.slots.max()] if t.slots.numel() else sc["text"][b][:0]
+            if "text_attention" in self.needs:
+                rows = sc["rows"][b]
+                sel = torch.isin(rows, after)
+                out["text_attention"] = probs[sel].unsqueeze(0)
+            if "text" in self.needs or "text_mask" in self.needs:
+                out["text"] = h[b, after].unsqueeze(0)
+                out["text_mask"] = torch.ones(1, after.numel(), dtype=torch.bool, device=h.device)
+        elif "text" in self.needs:
+            lay = run.layout
+            visual = torch.zeros_like(lay.valid[b])
+            for o in run.tracks:
+                if o.item.sample == b:
+                    visual[o.slots] = True
+            after = (lay.valid[b] & ~visual).nonzero().flatten()
+            after = after[after > t.slots.max()] if t.slots.numel() else after[:0]
+            out["text"] = h[b, after].unsqueeze(0)
+            out["text_mask"] = torch.ones(1, after.numel(), dtype=torch.bool, device=h.device)
+        return {k: v for k, v in out.items() if k in self.needs}
+
+    def _apply_stage(self, run: _Run, layer: int, h: torch.Tensor, past: Any) -> torch.Tensor:
+        lay = run.layout
+        # remember every slot's hidden state: dropped tokens carry it to the output
+        for b in range(h.shape[0]):
+            real = ~lay.filler[b]
+            run.full[b, lay.pos[b, real]] = h[b, real].detach()
+        drop = torch.zeros_like(lay.valid)
+        results = []
+        for t in run.tracks:
+            k = t.plan.get(layer)
+            m = int(t.slots.numel())
+            if k is None or k >= m:
+                results.append(None)
+                continue
+            b = t.item.sample
+            if k == 0:
+                out_tokens = h.new_zeros(1, 0, h.shape[-1])
+                src = torch.full((m,), -1, dtype=torch.long)
+                idx = torch.zeros(0, dtype=torch.long)
+            else:
+                signals = self._item_signals(run, layer, t, h)
+                final = min(t.plan.values())
+                if layer != max(t.plan):
+                    k = max(final, min(m, int(self.c.adapt(k, m, final, signals))))
+                    if k >= m:
+                        results.append(None)
+                        continue
+                out = self.c.compress(h[b, t.slots].unsqueeze(0), k=k, grid=t.item.grid if m == t.n else None,
+                                      **signals)
+                out_tokens, src, idx = out.tokens, out.source[0].cpu(), out.index[0].cpu()
+            drop[b, t.slots] = True
+            drop[b, t.slots[idx.to(t.slots.device)]] = False
+            results.append((out_tokens, src, idx))
+            t.source = L.compose_source(t.source, src)
+            t.index = t.index[idx]
+            t.stages.append((layer, k))
+        new, gather = L.shorten(lay, drop)
+        h_new = L.gather_seq(h, gather)
+        new_of_old = torch.full_like(lay.pos, -1)
+        for b in range(h.shape[0]):
+            real = ~new.filler[b]
+            new_of_old[b, gather[b, real]] = torch.arange(new.width, device=h.device)[real]
+        for t, res in zip(run.tracks, results):
+            b = t.item.sample
+            if res is None:
+                t.slots = new_of_old[b, t.slots]
+                continue
+            out_tokens, _, idx = res
+            t.slots = new_of_old[b, t.slots[idx.to(t.slots.device)]]
+            if t.slots.numel():
+                h_new[b, t.slots] = out_tokens[0].to(h_new.dtype)
+        run.layout = new
+        run.mask = L.to_implementation(L.prefill_mask(new.valid), self.impl, h.dtype)
+        run.pe_src, run.pe = None, None
+        if past is not None:
+            if run.state is None:
+                run.state = CacheState(self, run.prefill_len)
+                setattr(past, STATE_ATTR, run.state)
+            run.state.groups.append((layer, new.valid.clone()))
+        return h_new
+
+    def _record(self, run: _Run) -> None:
+        per_sample: list[list[ItemStats]] = [[] for _ in range(run.layout.pos.shape[0])]
+        for t in run.tracks:
+            per_sample[t.item.sample].append(ItemStats(
+                modality=t.item.modality, tokens_in=t.n, tokens_out=int(t.index.numel()),
+                source=t.source.clone(), index=t.index.clone(), grid=t.item.grid, stages=list(t.stages)))
+        self.c.last_stats = summarize(per_sample)
+
+
+def _gather_last(pid: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Gather position ids ``[..., B or 1, L]`` (2-D or M-RoPE 3-D) at ``pos`` ``[B, W]`` along the last dim."""
+    lead = pid.shape[:-2]
+    p = pid.expand(*lead, pos.shape[0], pid.shape[-1])
+    return torch.gather(p, -1, pos.expand(*lead, *pos.shape))
+
+
+def _require_dynamic(past: Any) -> None:
+    layers = getattr(past, "layers", None)
+    if layers is None:
+        return
+    bad = {type(layer).__name__ for layer in layers if type(layer).__name__ != "DynamicLayer"}
+    if bad:
+        raise ValueError(f"LLM-stage compression needs a DynamicCache with full-attention layers; got {sorted(bad)}")

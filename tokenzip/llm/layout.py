@@ -1,0 +1,91 @@
+"""Pure functions for shortening a padded batch inside the LLM. Nothing here knows about models.
+
+A *layout* describes the sequence a group of decoder layers runs on: ``pos`` ``[B, W]`` the original sequence
+position each slot holds (ascending along a row), ``valid`` ``[B, W]`` whether the slot is a real key (not padding
+and not a filler slot), and ``filler`` ``[B, W]`` slots that exist only to pad ragged rows to a common width (they
+sit at the left of a row, like left padding). Every non-visual position (text, padding) stays; visual positions
+stay only while they are kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Layout:
+    pos: torch.Tensor  # [B, W] long, original positions (fillers: 0)
+    valid: torch.Tensor  # [B, W] bool, real keys
+    filler: torch.Tensor  # [B, W] bool
+
+    @property
+    def width(self) -> int:
+        return self.pos.shape[1]
+
+
+def full_layout(attention_mask: torch.Tensor) -> Layout:
+    b, length = attention_mask.shape
+    pos = torch.arange(length, device=attention_mask.device).expand(b, -1).clone()
+    return Layout(pos, attention_mask.bool().clone(), torch.zeros(b, length, dtype=torch.bool,
+                                                                  device=attention_mask.device))
+
+
+def shorten(layout: Layout, drop: torch.Tensor) -> tuple[Layout, torch.Tensor]:
+    """Remove the slots where ``drop`` ``[B, W]`` is True (and old fillers). Rows are re-padded to a common width
+    with filler slots on the left. Returns the new layout and ``gather`` ``[B, W']``: the old slot of each new slot
+    (fillers point at slot 0)."""
+    b = drop.shape[0]
+    keep = ~drop & ~layout.filler
+    counts = keep.sum(dim=1)
+    width = int(counts.max())
+    gather = torch.zeros(b, width, dtype=torch.long, device=drop.device)
+    filler = torch.ones(b, width, dtype=torch.bool, device=drop.device)
+    for i in range(b):
+        idx = keep[i].nonzero().flatten()
+        gather[i, width - idx.numel():] = idx
+        filler[i, width - idx.numel():] = False
+    pos = torch.gather(layout.pos, 1, gather).masked_fill(filler, 0)
+    valid = torch.gather(layout.valid, 1, gather) & ~filler
+    return Layout(pos, valid, filler), gather
+
+
+def gather_seq(x: torch.Tensor, gather: torch.Tensor) -> torch.Tensor:
+    """``x[b, gather[b, j]]`` along dim 1 for ``x`` ``[B or 1, L, ...]``."""
+    x = x.expand(gather.shape[0], *x.shape[1:])
+    idx = gather.view(*gather.shape, *([1] * (x.dim() - 2))).expand(*gather.shape, *x.shape[2:])
+    return torch.gather(x, 1, idx)
+
+
+def prefill_mask(valid: torch.Tensor) -> torch.Tensor:
+    """Boolean ``[B, 1, W, W]`` (True = attend): causal in slot order over valid keys. A query row with no valid
+    key (padding / filler) attends to itself only, so no row is empty (no NaN) and real rows never see it."""
+    w = valid.shape[1]
+    ar = torch.arange(w, device=valid.device)
+    allowed = valid[:, None, :] & (ar[None, None, :] <= ar[None, :, None])
+    allowed |= torch.eye(w, dtype=torch.bool, device=valid.device)[None] & ~valid[:, :, None]
+    return allowed[:, None]
+
+
+def step_mask(key_valid: torch.Tensor, q_len: int) -> torch.Tensor:
+    """Boolean ``[B, 1, T, K]`` for ``T = q_len`` new tokens appended after ``K - T`` cached slots."""
+    kv = key_valid.shape[1]
+    ar = torch.arange(kv, device=key_valid.device)
+    qpos = (kv - q_len) + torch.arange(q_len, device=key_valid.device)
+    allowed = key_valid[:, None, :] & (ar[None, None, :] <= qpos[None, :, None])
+    own = ar[None, None, :] == qpos[None, :, None]
+    allowed |= own & ~key_valid[:, kv - q_len:][:, :, None]
+    return allowed[:, None]
+
+
+def to_implementation(mask: torch.Tensor, implementation: str, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask in the format the attention implementation expects (eager: additive float)."""
+    if implementation == "eager":
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    return mask
+
+
+def compose_source(src1: torch.Tensor, src2: torch.Tensor) -> torch.Tensor:
+    """Chain two ``source`` maps: ``[N] -> slot in [0, M)`` then ``[M] -> slot in [0, K)`` (``-1`` = dropped)."""
+    return torch.where(src1 >= 0, src2[src1.clamp(min=0)], torch.full_like(src1, -1))
