@@ -1,0 +1,175 @@
+"""The command line (methods / show / run / demo), on the tiny random LLaVA so it stays fast."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import tokenzip as tz
+from tokenzip import cli, demo, viz
+from tokenzip.testing import IMAGE_TOKEN, tiny_llava
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class TinyProcessor:
+    """Stand-in for a LlavaProcessor of the tiny test LLaVA: 32 px images, mean/std 0.5, one id per character."""
+
+    image_token = "<image>"
+
+    class image_processor:  # mirrors processor.image_processor
+        image_mean = (0.5, 0.5, 0.5)
+        image_std = (0.5, 0.5, 0.5)
+
+    def __init__(self, model):
+        vc = model.config.vision_config
+        self.size = vc.image_size
+        self.n = (vc.image_size // vc.patch_size) ** 2
+
+    def __call__(self, images, text, return_tensors="pt"):
+        img = images.convert("RGB").resize((self.size, self.size))
+        px = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        px = (px - 0.5) / 0.5
+        words = text.replace(self.image_token, "")
+        ids = [1] + [IMAGE_TOKEN] * self.n + [3 + (ord(ch) % 90) for ch in words]
+        t = torch.tensor([ids])
+        return {"input_ids": t, "attention_mask": torch.ones_like(t), "pixel_values": px.unsqueeze(0)}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(str(int(i)) for i in ids)
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    model = tiny_llava()
+    proc = TinyProcessor(model)
+    monkeypatch.setattr(cli, "load_model", lambda name: (model, proc))
+    return model, proc
+
+
+@pytest.fixture
+def image_file(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "img.png"
+    Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_methods_table_lists_every_method(capsys):
+    assert cli.main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split()[:3] == ["name", "family", "modalities"]
+    for info in tz.methods():
+        assert info.name in out and info.reference[:30] in out
+    assert cli.main(["methods", "--markdown"]) == 0
+    assert capsys.readouterr().out.startswith("| name")
+
+
+def test_show_writes_png(tiny, image_file, tmp_path, capsys):
+    out = tmp_path / "o" / "show.png"
+    assert cli.main(["show", str(image_file), "--method", "avgpool", "--retain", "0.25", "-o", str(out)]) == 0
+    assert "4/16" in capsys.readouterr().out
+    with Image.open(out) as im:
+        assert im.size[0] > 100 and im.size[1] > 100
+    out2 = tmp_path / "tokens.png"
+    assert cli.main(["show", str(image_file), "--method", "random", "--tokens", "3", "-o", str(out2)]) == 0
+    assert out2.is_file()
+
+
+def test_compress_items_matches_inside_the_model(tiny, image_file):
+    """The demo encodes once for many methods; each must get what it gets inside model.generate."""
+    model, proc = tiny
+    inputs = cli.build_inputs(proc, Image.open(image_file), "what is it")
+    names = [n for n in ("visionzip", "tome", "cls_topk", "random") if n in {m.name for m in tz.methods()}]
+    many = cli.compress_items(model, [tz.get(n, retain=0.3) for n in names], inputs)
+    for name, stats in zip(names, many):
+        one = cli.compress_only(model, tz.get(name, retain=0.3), inputs)
+        assert torch.equal(one.source, stats.source) and torch.equal(one.index, stats.index), name
+
+
+def test_run_prints_tokens_and_ttft(tiny, image_file, capsys):
+    args = ["run", "--model", "x", "--method", "avgpool", "--retain", "0.5", "--image", str(image_file),
+            "--prompt", "hi", "--max-new-tokens", "2"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "time to first token" in out and "answer (no compression)" in out
+    base, comp = [line.split() for line in out.splitlines() if line.startswith(("none", "avgpool"))]
+    # prompt: 1 + 16 image tokens + "\nhi" (3) = 20; avgpool keeps 8 of 16 -> 12
+    assert (base[1], base[2]) == ("20", "16") and (comp[2], comp[3]) == ("12", "8")
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["show", "IMG", "--method", "tome"], "one of the arguments --retain --tokens is required"),
+    (["show", "IMG", "--method", "tome", "--retain", "0.5", "--tokens", "3"], "not allowed with"),
+    (["show", "IMG", "--method", "tome", "--retain", "1.5"], "must be in (0, 1]"),
+    (["show", "IMG", "--method", "tome", "--tokens", "0"], "must be >= 1"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_arguments_exit_2(argv, words, image_file, capsys):
+    argv = [str(image_file) if a == "IMG" else a for a in argv]
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    assert words in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["show", "IMG", "--method", "tomee", "--retain", "0.5"], "did you mean tome"),
+    (["show", "missing.png", "--method", "tome", "--retain", "0.5"], "image not found"),
+    (["show", "skimage:nope", "--method", "tome", "--retain", "0.5"], "unknown scikit-image sample"),
+    (["show", "IMG", "--method", "tome", "--retain", "0.5", "-o", "x.txt"], "must end in .png"),
+    (["run", "--model", "no-such-model", "--method", "tome", "--retain", "0.5", "--image", "IMG"],
+     "unknown zoo model"),
+    (["demo", "--steps", "bogus"], "unknown step"),
+])
+def test_bad_values_exit_2_with_one_line(argv, words, image_file, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = [str(image_file) if a == "IMG" else a for a in argv]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_python_m_tokenzip_no_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "tokenzip", "show", str(tmp_path / "nothing.png"), "--method",
+                        "avgpool", "--retain", "0.5"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       check=False)
+    assert r.returncode == 2 and "image not found" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_demo_steps_hook_and_quick_run(tiny, tmp_path, monkeypatch):
+    model, proc = tiny
+    monkeypatch.setattr(demo, "SAMPLE_IMAGES", ("astronaut",))
+    monkeypatch.setattr(demo.DemoContext, "model", lambda self, name: (model, proc))
+    calls = []
+    monkeypatch.setattr(demo, "DEMO_STEPS", demo.DEMO_STEPS + [("extra", lambda ctx: calls.append(ctx.out))])
+    lines = []
+    assert demo.run_demo(tmp_path / "d", quick=True, log=lines.append) == 0
+    assert calls == [tmp_path / "d"]
+    assert (tmp_path / "d" / "astronaut_retain0.25.png").is_file()
+    timing = (tmp_path / "d" / "timing.md").read_text()
+    assert "| none" in timing and "| 16 " in timing  # 16 image tokens, uncompressed
+    assert demo.run_demo(tmp_path / "e", steps="extra", log=lines.append) == 0 and len(calls) == 2
+
+
+def test_overlay_marks_kept_merged_dropped():
+    from tokenzip.output import ItemStats
+
+    # 2x2 grid: token 0 kept alone, tokens 1+2 merged, token 3 dropped
+    stats = ItemStats("image", 4, 2, source=torch.tensor([0, 1, 1, -1]), index=torch.tensor([0, 1]),
+                      grid=[(2, 2)])
+    img = Image.new("RGB", (40, 40), (200, 200, 200))
+    pic = np.asarray(viz.overlay(img, stats, size=40, outline=False)).astype(int)
+    kept, merged, dropped = pic[4, 4], pic[4, 24], pic[34, 34]  # off-centre: the group centre has a dot
+    assert (kept == 200).all()  # untouched
+    assert dropped.max() < 100  # dimmed
+    assert np.abs(merged - 200).max() > 20 and (pic[34, 4] == merged).all()  # both members share one colour
+    assert "1 kept, 1 merged groups, 1 dropped" in viz.legend_text(stats)
+    with pytest.raises(ValueError, match="does not tile"):
+        viz.overlay(img, stats, grid=(3, 3))
+    with pytest.raises(TypeError, match="ItemStats"):
+        viz.overlay(img, "nope")

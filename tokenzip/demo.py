@@ -1,0 +1,177 @@
+"""The offline demo behind ``tokenzip demo`` / ``make demo``.
+
+The demo is a list of named steps, :data:`DEMO_STEPS`; each step takes a :class:`DemoContext` (output folder, prompt,
+a model cache, a logger) and writes its files there. To add one (e.g. an audio demo), append
+``("audio-...", my_step)`` to ``DEMO_STEPS``; ``tokenzip demo --steps NAME`` runs a subset.
+
+Image steps use the ``dinov2-llava`` zoo model: real DINOv2-S/14 encoder and SmolLM2-135M-Instruct, with an
+untrained projector (so we show token selections and timings, not answers).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SAMPLE_IMAGES = ("astronaut", "coffee", "chelsea", "rocket")
+OVERLAY_RETAINS = (0.25, 0.1)
+TIMING_METHODS = ("avgpool", "tome", "divprune", "visionzip", "cls_topk")
+TIMING_RETAINS = (0.25, 0.1)
+DEMO_MODEL = "dinov2-llava"
+
+
+@dataclass
+class DemoContext:
+    out: Path
+    prompt: str | None = None
+    quick: bool = False
+    log: Callable[[str], None] = print
+    files: list[Path] = field(default_factory=list)
+    _models: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+
+    def model(self, name: str) -> tuple[Any, Any]:
+        """``(model, processor)`` from the zoo, loaded once per demo run."""
+        if name not in self._models:
+            from . import zoo
+
+            t = time.perf_counter()
+            self._models[name] = zoo.load(name)
+            self.log(f"loaded {name} in {time.perf_counter() - t:.1f} s (cache: {zoo.cache_dir()})")
+        return self._models[name]
+
+    def wrote(self, path: Path) -> None:
+        self.files.append(path)
+
+
+DemoStep = Callable[[DemoContext], None]
+
+
+def image_methods(prompt: str | None) -> list[str]:
+    """Registered pre-LLM image methods; query-aware ones only when a prompt is given."""
+    import tokenzip as tz
+
+    return [m.name for m in tz.methods() if m.stage == "pre_llm" and "image" in m.modalities
+            and (prompt is not None or not m.query_aware)]
+
+
+def sample_image(name: str):
+    from .cli import load_image
+
+    return load_image(f"skimage:{name}")
+
+
+def image_overlays(ctx: DemoContext) -> None:
+    """For each sample image and budget: one PNG with every image method's kept / merged / dropped patches."""
+    from tqdm.auto import tqdm
+
+    import tokenzip as tz
+
+    from .cli import DEFAULT_PROMPT, build_inputs, compress_items, model_view
+    from .viz import compare
+
+    model, processor = ctx.model(DEMO_MODEL)
+    names = image_methods(ctx.prompt)
+    images = SAMPLE_IMAGES[:1] if ctx.quick else SAMPLE_IMAGES
+    retains = OVERLAY_RETAINS[:1] if ctx.quick else OVERLAY_RETAINS
+    ctx.log(f"overlays: {len(names)} methods ({', '.join(names)}) x {len(images)} images x retain "
+            f"{', '.join(f'{r:g}' for r in retains)}")
+    bar = tqdm(total=len(images) * len(retains) * len(names), desc="overlays", unit="method", leave=False)
+    for img_name in images:
+        inputs = build_inputs(processor, sample_image(img_name), ctx.prompt or DEFAULT_PROMPT)
+        seen = model_view(processor, inputs["pixel_values"][0])
+        # one encoder pass per image; every (retain, method) gets the signals it would get inside generate()
+        results = compress_items(model, [tz.get(n, retain=r) for r in retains for n in names], inputs)
+        for i, retain in enumerate(retains):
+            chunk = results[i * len(names): (i + 1) * len(names)]
+            panels = [(f"{name} ({st.tokens_out}/{st.tokens_in})", st) for name, st in zip(names, chunk)]
+            bar.update(len(names))
+            path = ctx.out / f"{img_name}_retain{retain:g}.png"
+            compare(seen, panels, ncols=min(6, len(panels) + 1),
+                    title=f"{img_name}: DINOv2-S/14 patch tokens, retain={retain:g} "
+                          f"(bright+outline: kept, colour: merged group, dark: dropped)").save(path)
+            ctx.wrote(path)
+    bar.close()
+
+
+def image_timing(ctx: DemoContext) -> None:
+    """Time to first token and LLM prefill length, no compression vs a few methods, on dinov2-llava."""
+    import tokenzip as tz
+
+    from .cli import DEFAULT_PROMPT, build_inputs, format_table, timed_generate
+
+    model, processor = ctx.model(DEMO_MODEL)
+    inputs = build_inputs(processor, sample_image("astronaut"), ctx.prompt or DEFAULT_PROMPT)
+    known = {m.name for m in tz.methods()}
+    methods = [m for m in TIMING_METHODS if m in known]
+    repeats = 1 if ctx.quick else 3
+    configs: list[tuple[str, float, Any]] = [("none", 1.0, None)] + [
+        (name, retain, tz.get(name, retain=retain))
+        for retain in (TIMING_RETAINS[:1] if ctx.quick else TIMING_RETAINS) for name in methods]
+    timed_generate(model, inputs, None)  # warm-up (allocator, kernels)
+    # rounds over all settings, so a burst of load from other processes hits every setting alike; keep the best
+    runs: list[list[dict[str, Any]]] = [[] for _ in configs]
+    for _ in range(repeats):
+        for i, (_, _, c) in enumerate(configs):
+            runs[i].append(timed_generate(model, inputs, c))
+    best = [{**rs[-1], "ttft": min(r["ttft"] for r in rs), "cpu": min(r["cpu"] for r in rs)} for rs in runs]
+    n_img = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    base, cpu = best[0]["ttft"], best[0]["cpu"]
+    rows = []
+    for (name, retain, c), r in zip(configs, best):
+        img_out = n_img if c is None else sum(s.tokens_out for per in c.last_stats for s in per.values())
+        rows.append((name, f"{retain:g}", img_out, r["prefill"], f"{r['ttft']:.3f}", f"{base / r['ttft']:.2f}x",
+                     f"{r['cpu']:.3f}", f"{cpu / r['cpu']:.2f}x"))
+    headers = ("compression", "retain", "image tokens", "LLM prefill tokens", "time to first token (s)",
+               "speed-up", "CPU time to first token (s)", "CPU speed-up")
+    ctx.log("\n" + format_table(headers, rows))
+    path = ctx.out / "timing.md"
+    path.write_text(
+        "# Time to first token, dinov2-llava (DINOv2-S/14 + SmolLM2-135M-Instruct, fp32, CPU)\n\n"
+        f"One 224 x 224 image (skimage astronaut, {n_img} image tokens) and the prompt "
+        f"{(ctx.prompt or DEFAULT_PROMPT)!r}; greedy generate(max_new_tokens=1); best of {repeats} round(s) over all "
+        f"settings after a warm-up (the machine may be shared). Time to first token includes the vision encoder, the compression method and the LLM prefill; "
+        "CPU time is this process's CPU seconds over all threads up to the first token (steadier than wall time "
+        "when other processes share the machine). "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs visible.\n\n"
+        + format_table(headers, rows, markdown=True)
+        + "\n\nThe projector is untrained, so answers are not meaningful; the token counts and timings are those of "
+          "the real-sized encoder and LLM.\n")
+    ctx.wrote(path)
+
+
+# name -> step; append entries here (e.g. an audio demo) to extend `tokenzip demo`
+DEMO_STEPS: list[tuple[str, DemoStep]] = [
+    ("image-overlays", image_overlays),
+    ("image-timing", image_timing),
+    ("audio-whisper", lambda ctx: __import__("tokenzip.audio_eval", fromlist=["demo_step"]).demo_step(ctx)),
+]
+
+
+def run_demo(out: Path, prompt: str | None = None, steps: str | None = None, quick: bool = False,
+             log: Callable[[str], None] = print) -> int:
+    known = [name for name, _ in DEMO_STEPS]
+    chosen = known if not steps else [s.strip() for s in steps.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in known]
+    if unknown or not chosen:
+        raise ValueError(f"--steps: unknown step(s) {unknown or chosen} (known: {', '.join(known)})")
+    out.mkdir(parents=True, exist_ok=True)
+    ctx = DemoContext(out=out, prompt=prompt, quick=quick, log=log)
+    t0 = time.perf_counter()
+    for name, step in DEMO_STEPS:
+        if name in chosen:
+            t = time.perf_counter()
+            log(f"== {name}")
+            step(ctx)
+            log(f"== {name} done in {time.perf_counter() - t:.1f} s")
+    log(f"\nwrote {len(ctx.files)} files to {out}/ in {time.perf_counter() - t0:.1f} s:")
+    for f in ctx.files:
+        log(f"  {f}")
+    return 0
