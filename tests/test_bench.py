@@ -1,0 +1,272 @@
+"""tokenzip bench: metrics from a fake clock, the oracle path, FLOP formula, torchrun == one process.
+
+No timing assertions: every time below comes from an injected fake clock."""
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pytest
+import torch
+
+import tokenzip.adapters.probe as probe_mod
+from tokenzip.base import MethodInfo
+from tokenzip.bench import TIMING_FIELDS, BenchConfig, build, run_bench
+from tokenzip.bench.instrument import Clock
+from tokenzip.bench.runner import call
+from tokenzip.methods.random_prune import RandomPrune
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# fake seconds: encoder pass, signal probe, compression, projector call, LLM per input token
+ENC, SIG, COMP, PROJ, PER_TOKEN = 3.0, 0.25, 0.5, 0.0625, 0.01
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self):
+        return self.t
+
+    def advance(self, dt):
+        self.t += dt
+
+
+@dataclass
+class SlowScored(RandomPrune):
+    """Random selection that asks for an attention signal and takes COMP fake seconds."""
+
+    info: ClassVar[MethodInfo] = MethodInfo(name="slow_scored", family="input", modalities=("image",),
+                                            stage="pre_llm", query_aware=False, reference="test double")
+    requires: ClassVar[tuple[str, ...]] = ("cls_attention",)
+    clock: ClassVar[FakeClock | None] = None
+
+    def _compress(self, tokens, k, layout, signals):
+        self.clock.advance(COMP)
+        return super()._compress(tokens, k, layout, signals)
+
+
+def _slow_model(clock):
+    built = build("tiny")
+    tower = built.model.model.vision_tower
+    lm = built.model.model.language_model
+    enc_fwd, lm_fwd = tower.forward, lm.forward
+
+    def tower_forward(*a, **kw):
+        clock.advance(ENC)
+        return enc_fwd(*a, **kw)
+
+    def lm_forward(*a, **kw):
+        x = kw.get("inputs_embeds")
+        clock.advance(PER_TOKEN * x.shape[1])
+        return lm_forward_orig(*a, **kw)
+
+    lm_forward_orig = lm_fwd
+    tower.forward = tower_forward
+    lm.forward = lm_forward
+    proj = built.model.model.multi_modal_projector
+    proj_fwd = proj.forward
+
+    def proj_forward(*a, **kw):
+        clock.advance(PROJ)
+        return proj_fwd(*a, **kw)
+
+    proj.forward = proj_forward
+    return built
+
+
+def _tiny_llm_flops(n):
+    # tokenzip.testing.tiny_llava: 3 Llama layers, width 32, 4 heads x 8, 2 KV heads, MLP 64, vocab 128
+    p = 32 * 32 + 32 * 16 + 32 * 16 + 32 * 32 + 3 * 32 * 64
+    return 3 * (2 * p * n + 2 * n * (n + 1) * 32) + 2 * 32 * 128
+
+
+def test_metrics_from_fake_clock(tmp_path, monkeypatch):
+    clock = FakeClock()
+    SlowScored.clock = clock
+    orig_signals = probe_mod.attention_signals
+
+    def slow_signals(*a, **kw):
+        clock.advance(SIG)
+        return orig_signals(*a, **kw)
+
+    monkeypatch.setattr(probe_mod, "attention_signals", slow_signals)
+    built = _slow_model(clock)
+    text = int((built.inputs["input_ids"] != 100).sum())
+    n_img = int((built.inputs["input_ids"] == 100).sum())
+    cfg = BenchConfig(model="tiny", methods=[SlowScored], retain=[0.5, 0.25], out=str(tmp_path), repeats=2,
+                      warmup=1, new_tokens=3, quality="none", progress=False, clock=clock)
+    res = run_bench(cfg, built=built)
+    rows = {(r["kind"], r["retain"]): r for r in res["rows"]}
+    none = rows[("none", 1.0)]
+    full_len = text + n_img
+    assert none["encoder_s"] == pytest.approx(ENC)
+    assert none["compress_s"] == 0
+    assert none["prefill_s"] == pytest.approx(PER_TOKEN * full_len)
+    assert none["ttft_s"] == pytest.approx(ENC + PROJ + PER_TOKEN * full_len)
+    assert none["other_s"] == pytest.approx(PROJ)  # the stock path's projector
+    assert none["decode_s_per_token"] == pytest.approx(PER_TOKEN)
+    assert none["speedup"] == pytest.approx(1.0)
+    assert none["llm_flops"] == pytest.approx(_tiny_llm_flops(full_len))
+    p = none["prefill_s"] / none["ttft_s"]
+    for r in (0.5, 0.25):
+        k = max(1, int(r * n_img + 0.5))
+        m, o = rows[("method", r)], rows[("oracle", r)]
+        assert (m["tokens_in"], m["tokens_out"]) == (n_img, k)
+        assert m["llm_seq_len"] == o["llm_seq_len"] == text + k
+        assert m["encoder_s"] == pytest.approx(ENC)  # the signal probe is not encoder time ...
+        assert m["compress_s"] == pytest.approx(SIG + COMP)  # ... it is compression time (the projector is not)
+        assert m["prefill_s"] == pytest.approx(PER_TOKEN * (text + k))
+        assert m["other_s"] == pytest.approx(PROJ)
+        assert m["ttft_s"] == pytest.approx(ENC + SIG + COMP + PROJ + PER_TOKEN * (text + k))
+        assert m["decode_s_per_token"] == pytest.approx(PER_TOKEN)
+        assert o["compress_s"] == 0 and o["encoder_s"] == pytest.approx(ENC)
+        assert o["ttft_s"] == pytest.approx(ENC + PROJ + PER_TOKEN * (text + k))
+        assert o["prefill_s"] == pytest.approx(PER_TOKEN * (text + k))
+        assert m["overhead_vs_oracle"] == pytest.approx(m["ttft_s"] / o["ttft_s"])
+        assert m["speedup"] == pytest.approx(none["ttft_s"] / m["ttft_s"])
+        assert m["oracle_speedup"] == pytest.approx(none["ttft_s"] / o["ttft_s"])
+        assert m["llm_flops"] == pytest.approx(_tiny_llm_flops(text + k))
+        assert m["encoder_flops"] == none["encoder_flops"] > 0
+        s = _tiny_llm_flops(full_len) / _tiny_llm_flops(text + k)
+        assert m["llm_flop_speedup"] == pytest.approx(s)
+        assert m["flop_speedup"] == pytest.approx(none["flops"] / m["flops"])
+        assert m["amdahl_bound"] == pytest.approx(1 / ((1 - p) + p / s))
+    for row in res["rows"]:
+        for key in ("method", "retain", "ttft_s", "encoder_s", "compress_s", "prefill_s", "decode_s_per_token",
+                    "peak_mem_bytes", "tokens_in", "tokens_out", "flops", "overhead_vs_oracle", "speedup"):
+            assert key in row
+        assert {"torch", "transformers", "device", "threads", "dtype", "attn_implementation"} <= set(row["env"])
+    assert (tmp_path / "results.jsonl").exists() and (tmp_path / "report.md").exists()
+    assert (tmp_path / "speedup_vs_retain.png").exists()
+    assert "overhead vs oracle" in (tmp_path / "report.md").read_text()
+
+
+def test_oracle_feeds_exactly_the_kept_tokens():
+    built = build("tiny")
+    model, inputs = built.model, built.inputs
+    comp = RandomPrune(retain=0.25, seed=3)
+    tm = call(model, inputs, clock=Clock(), new_tokens=1, compressor=comp, capture=True, record=True)
+    to = call(model, tm.captured, clock=Clock(), new_tokens=1, record=True)
+    assert "pixel_values" not in tm.captured and "mm_encoder_outputs" in tm.captured
+    assert len(to.encoder_passes) == 0  # the oracle does not run the encoder (its TTFT adds it separately)
+    m_emb, o_emb = tm.llm_calls[0]["inputs_embeds"], to.llm_calls[0]["inputs_embeds"]
+    assert torch.equal(m_emb, o_emb)
+    # independently: the image positions hold the stock model's projected features at the kept indices
+    kept = comp.last_stats[0]["image"].items[0].index
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel_values=inputs["pixel_values"])
+    feats = getattr(feats, "pooler_output", feats)
+    feats = feats[0] if isinstance(feats, (list, tuple)) else feats.reshape(-1, feats.shape[-1])
+    ids = tm.captured["input_ids"][0]
+    img_pos = (ids == model.config.image_token_id).nonzero().flatten()
+    assert len(img_pos) == comp.budget.count(feats.shape[0]) == len(kept)
+    torch.testing.assert_close(o_emb[0, img_pos], feats[kept], rtol=1e-5, atol=1e-5)
+    text_pos = (ids != model.config.image_token_id).nonzero().flatten()
+    emb = model.get_input_embeddings()(ids[text_pos])
+    torch.testing.assert_close(o_emb[0, text_pos], emb)
+    # and the uncompressed call feeds every token
+    tn = call(model, inputs, clock=Clock(), new_tokens=1, record=True)
+    assert tn.llm_calls[0]["length"] == inputs["input_ids"].shape[1]
+
+
+def test_bad_config_is_rejected():
+    with pytest.raises(ValueError, match="retain"):
+        BenchConfig(retain=[0.0]).validate()
+    with pytest.raises(ValueError, match="repeats"):
+        BenchConfig(repeats=0).validate()
+    with pytest.raises(ValueError, match="preset"):
+        build("no-such-preset")
+
+
+def _rows(path):
+    with open(os.path.join(path, "results.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    out = []
+    for r in rows:
+        r = {k: v for k, v in r.items() if k not in TIMING_FIELDS and k not in ("env",)}
+        out.append(r)
+    return out
+
+
+def test_torchrun_two_processes_equal_one(tmp_path):
+    args = ["--model", "tiny", "--methods", "random,avgpool", "--retain", "0.5,0.25", "--repeats", "1",
+            "--warmup", "0", "--new-tokens", "2", "--quality", "none", "--no-progress", "--threads", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    one = tmp_path / "one"
+    two = tmp_path / "two"
+    subprocess.run([sys.executable, "-m", "tokenzip.bench", *args, "--out", str(one)], check=True, cwd=ROOT,
+                   env=env, timeout=300)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    "-m", "tokenzip.bench", *args, "--out", str(two)], check=True, cwd=ROOT, env=env, timeout=300)
+    r1, r2 = _rows(one), _rows(two)
+    assert len(r1) == 1 + 2 * 2 * 2
+    assert r1 == r2
+    with open(two / "results.jsonl") as f:
+        full = [json.loads(line) for line in f]
+    assert {r["measured_on_rank"] for r in full} == {0, 1}
+    assert all(r["env"]["world_size"] == 2 for r in full)
+    for name in ("report.md", "speedup_vs_retain.png"):
+        assert (two / name).exists()
+
+
+def test_fidelity_pipeline_on_a_tiny_encoder():
+    """The DINOv2 fidelity path end to end on a random tiny Dinov2 (the real weights are exercised by the bench)."""
+    import numpy as np
+    from transformers import Dinov2Config, Dinov2Model
+    from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPil
+
+    from tokenzip.bench.fidelity import fidelity_metrics, run_fidelity
+
+    torch.manual_seed(0)
+    model = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, image_size=56, patch_size=14)).eval()
+    proc = BitImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+    rng = np.random.default_rng(0)
+    images = [(f"noise{i}", rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for i in range(4)]
+    rows = run_fidelity(["random", "visionzip", "trim"], [1.0, 0.5], model=model, processor=proc, images=images)
+    done = {(r["method"], r["retain"]): r for r in rows if "skipped" not in r}
+    assert done[("random", 1.0)]["cosine"] == pytest.approx(1.0, abs=1e-6)  # retain 1 keeps every token
+    assert done[("random", 1.0)]["nn_agreement"] == 1.0 and done[("random", 1.0)]["self_retrieval"] == 1.0
+    assert done[("visionzip", 0.5)]["tokens_out"] == 8 and done[("visionzip", 0.5)]["tokens_in"] == 16
+    assert any(r.get("method") == "trim" and "skipped" in r for r in rows)
+    # the metrics themselves
+    full = torch.eye(3)
+    m = fidelity_metrics(full, full.clone())
+    assert m == {"cosine": pytest.approx(1.0), "cosine_min": pytest.approx(1.0), "nn_agreement": 1.0,
+                 "self_retrieval": 1.0}
+    m = fidelity_metrics(full, full[[1, 0, 2]])
+    assert m["self_retrieval"] == pytest.approx(1 / 3) and m["cosine_min"] == pytest.approx(0.0)
+
+
+def test_local_checkpoint_directory(tmp_path):
+    """``--model PATH``: any local HF checkpoint folder (no processor here: inputs are built from its config)."""
+    tiny = build("tiny")
+    tiny.model.save_pretrained(tmp_path / "ckpt")
+    built = build(str(tmp_path / "ckpt"))
+    assert type(built.model).__name__ == "LlavaForConditionalGeneration"
+    assert int((built.inputs["input_ids"] == tiny.model.config.image_token_id).sum()) == 16
+    res = run_bench(BenchConfig(model=str(tmp_path / "ckpt"), methods=["random"], retain=[0.5], repeats=1,
+                                warmup=0, new_tokens=2, quality="none", progress=False, out=str(tmp_path / "out")),
+                    built=built)
+    kinds = [(r["kind"], r["method"], r["tokens_out"]) for r in res["rows"]]
+    assert kinds == [("none", "none", 16), ("method", "random", 8), ("oracle", "random", 8)]
+
+
+@pytest.mark.parametrize("case", [c for c, v in __import__("tokenzip.testing", fromlist=["CASES"]).CASES.items()
+                                  if "image" in v.modalities])
+def test_oracle_matches_method_inputs_for_every_image_case(case):
+    """For every registered image adapter, the oracle call's LLM gets the very inputs the method's call got."""
+    preset = "tiny" if case == "llava" else f"tiny-{case}"
+    built = build(preset)
+    comp = RandomPrune(retain=0.5)
+    tm = call(built.model, built.inputs, clock=Clock(), new_tokens=1, compressor=comp, capture=True, record=True)
+    to = call(built.model, tm.captured, clock=Clock(), new_tokens=1, record=True)
+    assert not to.encoder_passes
+    m_emb, o_emb = tm.llm_calls[0]["inputs_embeds"], to.llm_calls[0]["inputs_embeds"]
+    assert m_emb.shape == o_emb.shape and m_emb.shape[1] < built.inputs["input_ids"].shape[1]
+    torch.testing.assert_close(m_emb, o_emb, rtol=0, atol=0)

@@ -1,0 +1,117 @@
+"""``tokenzip bench`` command line (``tokenzip.cli`` adds it with ``add_parser(subparsers)``)."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from typing import Any
+
+DEFAULT_RETAIN = "0.5,0.25,0.1"
+DESCRIPTION = (
+    "Measure compression methods against the uncompressed SDPA model and their oracle (the kept tokens fed "
+    "directly): time to first token split into encoder / compression / LLM prefill, decode time per token, peak "
+    "memory, analytic FLOPs, speed-up, overhead vs oracle, FLOP-ideal and Amdahl bounds; DINOv2-S/14 feature "
+    "fidelity on real images; optional VQA accuracy from a local task file. Writes OUT/results.jsonl, OUT/report.md "
+    "and PNG plots. Under `torchrun --nproc_per_node N -m tokenzip bench ...` the points are shared between ranks.")
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        vals = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--retain must be comma-separated fractions in (0, 1], got {text!r}")
+    if not vals or any(not 0.0 < v <= 1.0 for v in vals):
+        raise argparse.ArgumentTypeError(f"--retain values must be in (0, 1], got {text!r}")
+    return vals
+
+
+def _layers(text: str) -> Any:
+    if text == "full":
+        return "full"
+    try:
+        v, t = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--layers must be 'full' or VISION,TEXT counts, got {text!r}")
+    return (v, t)
+
+
+def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--model", "--preset", dest="model", default="tiny",
+                   help="preset (tiny, llava-1.5-7b, llava-ov-0.5b, qwen2-vl-2b, tiny-<case>: random weights), "
+                        "zoo model (dinov2-llava: real weights) or a local HF checkpoint directory (default: tiny)")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated method names (default: every registered method the model supports)")
+    p.add_argument("--retain", type=_floats, default=_floats(DEFAULT_RETAIN),
+                   help=f"comma-separated budgets (default: {DEFAULT_RETAIN})")
+    p.add_argument("--out", default="bench_out", help="output directory (default: bench_out)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per point, median reported (default: 3)")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="discarded uncompressed runs per process before measuring (default: 1)")
+    p.add_argument("--point-warmup", type=int, default=0,
+                   help="discarded (method, oracle) pairs before each point's repeats (default: 0)")
+    p.add_argument("--new-tokens", type=int, default=3,
+                   help="tokens generated per method run; decode time per token is measured over them (default: 3)")
+    p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2", "flex_attention"],
+                   help="attention implementation of the model (default: sdpa)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: the cores of this machine shared between local ranks)")
+    p.add_argument("--layers", type=_layers, default=None,
+                   help="real presets: 'full' (published depth) or VISION,TEXT layer counts (default: preset's)")
+    p.add_argument("--quality", default="auto", choices=["auto", "dinov2", "none"],
+                   help="DINOv2-S/14 feature fidelity on real images (auto: when its weights are installed and "
+                        "the model is not a tiny preset)")
+    p.add_argument("--quality-images", type=int, default=24,
+                   help="real images for the fidelity metrics (default: 24)")
+    p.add_argument("--task", default=None,
+                   help="local VQA task file (JSONL/Parquet, see tokenzip/bench/tasks.py); needs a model with a "
+                        "processor (a local checkpoint, dinov2-llava, or tiny for smoke tests)")
+    p.add_argument("--task-limit", type=int, default=None, help="evaluate only the first N task records")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("bench", help="measure speed, memory, FLOPs and quality of methods vs no compression",
+                              description=DESCRIPTION)
+    configure(p)
+    p.set_defaults(func=main)
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    from .runner import BenchConfig, run_bench
+
+    cfg = BenchConfig(
+        model=args.model, methods=[m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None,
+        retain=args.retain, out=args.out, repeats=args.repeats, warmup=args.warmup,
+        point_warmup=args.point_warmup, new_tokens=args.new_tokens,
+        attn=args.attn, dtype=args.dtype, device=args.device, threads=args.threads, layers=args.layers,
+        seed=args.seed, quality=args.quality, quality_images=args.quality_images, task=args.task,
+        task_limit=args.task_limit, progress=not args.no_progress,
+        command=getattr(args, "command_line", None) or _command_line())
+    result = run_bench(cfg)
+    if "elapsed_s" in result:
+        print(f"wrote {args.out}/results.jsonl, {args.out}/report.md and plots "
+              f"({len(result['rows'])} rows, {result['elapsed_s']:.0f} s)")
+    return 0
+
+
+def _command_line() -> str:
+    argv = sys.argv[1:]
+    if argv[:1] == ["bench"]:
+        argv = argv[1:]
+    return "tokenzip bench " + " ".join(shlex.quote(a) for a in argv)
+
+
+def run(argv: list[str] | None = None) -> int:
+    p = configure(argparse.ArgumentParser(prog="tokenzip bench", description=DESCRIPTION))
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "bench":
+        argv = argv[1:]
+    args = p.parse_args(argv)
+    args.command_line = "tokenzip bench " + " ".join(shlex.quote(a) for a in argv)
+    return main(args)

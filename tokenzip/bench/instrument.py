@@ -1,0 +1,380 @@
+"""Timers around the stages of one generate() call: vision encoder, compression, LLM prefill, decode steps.
+
+Nothing is patched inside transformers: forward hooks on the vision tower and on the language model, a wrapper on
+the compressor instance and on the Patch's ``prepare`` (the instance attributes, removed afterwards), a wrapper on
+the adapters' signal probes (``attention_signals`` wherever an adapter module uses it, and the ``hook`` of any
+adapter class named ``*Probe``: the method's scoring signals are compression cost, not encoder cost), and a
+generation streamer that stamps every new token. Time comes from a :class:`Clock`: ``time.perf_counter`` on CPU,
+CUDA events on GPU, or any callable (tests inject a fake clock).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+# ---- where the stages live -----------------------------------------------------------------------------------------
+@dataclass
+class Roles:
+    vision: torch.nn.Module | None
+    llm: torch.nn.Module | None
+    projector: torch.nn.Module | None
+
+
+def _attr(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def find_roles(model: torch.nn.Module) -> Roles:
+    """The vision encoder, the language model and the projector of a HF multimodal model (by attribute name)."""
+    def first(paths: tuple[str, ...]) -> torch.nn.Module | None:
+        for p in paths:
+            m = _attr(model, p)
+            if isinstance(m, torch.nn.Module):
+                return m
+        return None
+
+    return Roles(vision=first(("model.vision_tower", "model.visual", "vision_tower", "visual", "model.vision_model")),
+                 llm=first(("model.language_model", "language_model", "model.text_model")),
+                 projector=first(("model.multi_modal_projector", "multi_modal_projector")))
+
+
+# ---- clocks --------------------------------------------------------------------------------------------------------
+class Clock:
+    """Stamps points in time; ``between(a, b)`` is seconds. CPU: ``perf_counter`` (or an injected callable)."""
+
+    def __init__(self, fn: Callable[[], float] | None = None):
+        self.fn = fn or time.perf_counter
+
+    def stamp(self) -> Any:
+        return self.fn()
+
+    def between(self, a: Any, b: Any) -> float:
+        return float(b - a)
+
+    def sync(self) -> None:
+        pass
+
+
+class CudaClock(Clock):
+    """CUDA events recorded on the current stream; resolved after a synchronize."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    def stamp(self) -> Any:
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+
+    def between(self, a: Any, b: Any) -> float:
+        return a.elapsed_time(b) / 1000.0
+
+    def sync(self) -> None:
+        torch.cuda.synchronize()
+
+
+def clock_for(device: str | torch.device) -> Clock:
+    return CudaClock() if torch.device(device).type == "cuda" else Clock()
+
+
+# ---- peak memory ---------------------------------------------------------------------------------------------------
+class PeakMemory:
+    """Peak memory of one call above the memory in use when it started.
+
+    GPU: ``torch.cuda.max_memory_allocated`` after a reset. CPU (Linux): the process's peak resident set (VmHWM),
+    reset through ``/proc/self/clear_refs``; elsewhere a psutil sampler thread, else ``ru_maxrss``."""
+
+    def __init__(self, device: str | torch.device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.before = 0
+        self.peak = 0
+
+    @staticmethod
+    def _status(key: str) -> int | None:
+        try:
+            with open("/proc/self/status") as f:
+                m = re.search(rf"^{key}:\s+(\d+) kB", f.read(), re.MULTILINE)
+            return int(m.group(1)) * 1024 if m else None
+        except OSError:
+            return None
+
+    def __enter__(self) -> PeakMemory:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.before = torch.cuda.memory_allocated()
+            return self
+        self._hwm = False
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self._hwm = self._status("VmHWM") is not None
+        except OSError:
+            pass
+        self.before = self._status("VmRSS") or 0
+        self._sampler = None
+        if not self._hwm:
+            self._sampler = _Sampler()
+            self._sampler.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak = max(0, torch.cuda.max_memory_allocated() - self.before)
+        elif self._hwm:
+            self.peak = max(0, (self._status("VmHWM") or 0) - self.before)
+        else:
+            self.peak = max(0, self._sampler.stop() - self.before)
+
+
+class _Sampler:
+    def __init__(self) -> None:
+        import threading
+
+        self.stop_ev = threading.Event()
+        self.value = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            import psutil
+
+            proc = psutil.Process()
+            while not self.stop_ev.is_set():
+                self.value = max(self.value, proc.memory_info().rss)
+                self.stop_ev.wait(0.005)
+        except ImportError:
+            import resource
+
+            self.value = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> int:
+        self.stop_ev.set()
+        self.thread.join()
+        return self.value
+
+
+# ---- one instrumented call -----------------------------------------------------------------------------------------
+@dataclass
+class Trace:
+    """Raw stamps of one call, turned into stage durations by :meth:`stages`."""
+
+    clock: Clock
+    start: Any = None
+    end: Any = None
+    token_stamps: list[Any] = field(default_factory=list)
+    spans: dict[str, list[tuple[Any, Any]]] = field(default_factory=dict)
+    llm_calls: list[dict[str, Any]] = field(default_factory=list)  # per LLM forward: input length
+    encoder_passes: list[int] = field(default_factory=list)  # tokens of each sequence entering the encoder
+    captured: dict[str, Any] | None = None  # the arguments Patch.prepare handed to the stock model
+    peak_mem: int = 0
+
+    def add(self, name: str, a: Any, b: Any) -> None:
+        self.spans.setdefault(name, []).append((a, b))
+
+    def total(self, name: str) -> float:
+        return sum(self.clock.between(a, b) for a, b in self.spans.get(name, []))
+
+    def stages(self) -> dict[str, float]:
+        """ttft = encoder + compress + prefill + other. ``encoder`` excludes the method's signal probes (they are
+        compression cost); ``compress`` is everything the Patch adds before the LLM (signals, scoring, selection,
+        merging, rebuilding the prompt) plus, for LLM-stage methods, the method's
+        ``compress`` calls inside the prefill (their attention-score recomputation stays in ``prefill``); ``other``
+        is what remains (the projector, on either path, and
+        embedding merge of the stock path, generate()'s own bookkeeping, the first token's sampling)."""
+        c = self.clock
+        ttft = c.between(self.start, self.token_stamps[0]) if self.token_stamps else c.between(self.start, self.end)
+        tower = self.total("encoder")
+        signals = self.total("signals")
+        prepare = self.total("prepare")
+        llm = self.spans.get("llm", [])
+        prefill = c.between(*llm[0]) if llm else 0.0
+        encoder = tower - signals
+        compress = (prepare - tower + signals) if prepare else 0.0
+        # stage "llm": the method's own calls inside the prefill are compression; the rest is prefill
+        in_llm = self.total("llm_compress")
+        compress += in_llm
+        prefill -= in_llm
+        # the projector is model work on both paths (stock: on every token, in ``other``; compressed: on the kept
+        # tokens, inside the Patch): keep it out of the compression cost
+        projector = self.total("projector")
+        in_prepare = sum(c.between(a, b) for a, b in self.spans.get("projector", [])
+                         if any(c.between(pa, a) >= 0 and c.between(b, pb) >= 0
+                                for pa, pb in self.spans.get("prepare", [])))
+        compress -= in_prepare
+        n_new = len(self.token_stamps)
+        decode = (c.between(self.token_stamps[0], self.token_stamps[-1]) / (n_new - 1)) if n_new > 1 else 0.0
+        return {"ttft_s": ttft, "encoder_s": encoder, "compress_s": compress, "prefill_s": prefill,
+                "other_s": ttft - encoder - compress - prefill, "projector_s": projector,
+                "decode_s_per_token": decode, "total_s": c.between(self.start, self.end)}
+
+
+class TokenStamps:
+    """A generate() streamer: the first ``put`` is the prompt, every later one a new token."""
+
+    def __init__(self, trace: Trace):
+        self.trace = trace
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.trace.token_stamps.append(self.trace.clock.stamp())
+
+    def end(self) -> None:
+        pass
+
+
+def _span_hooks(module: torch.nn.Module, trace: Trace, name: str, on_call: Callable | None = None):
+    state: list[Any] = []
+
+    def pre(mod, args, kwargs):
+        state.append(trace.clock.stamp())
+        if on_call is not None:
+            on_call(args, kwargs)
+
+    def post(mod, args, kwargs, out):
+        trace.add(name, state.pop(), trace.clock.stamp())
+
+    h1 = module.register_forward_pre_hook(pre, with_kwargs=True, prepend=True)
+    h2 = module.register_forward_hook(post, with_kwargs=True, prepend=True)
+    return h1, h2
+
+
+@contextmanager
+def _timed_attr(obj: Any, attr: str, trace: Trace, name: str, capture: bool = False) -> Iterator[None]:
+    """Time every call of ``obj.attr`` (an instance attribute shadowing the method, removed on exit)."""
+    orig = getattr(obj, attr)
+    had = attr in vars(obj)
+
+    def wrapped(*args: Any, **kwargs: Any):
+        a = trace.clock.stamp()
+        out = orig(*args, **kwargs)
+        b = trace.clock.stamp()
+        if capture and args and out is args[0]:
+            return out  # Patch.prepare on a call without media (a decode step): nothing was compressed
+        trace.add(name, a, b)
+        if capture and trace.captured is None:
+            trace.captured = out
+        return out
+
+    setattr(obj, attr, wrapped)
+    try:
+        yield
+    finally:
+        if had:
+            setattr(obj, attr, orig)
+        else:
+            delattr(obj, attr)
+
+
+@contextmanager
+def _timed_signals(trace: Trace) -> Iterator[None]:
+    """Time the adapters' attention-signal probes, wherever an adapter module imported ``attention_signals``."""
+    from ..adapters import probe as probe_mod
+
+    orig = probe_mod.attention_signals
+
+    def wrapped(*args: Any, **kwargs: Any):
+        a = trace.clock.stamp()
+        out = orig(*args, **kwargs)
+        trace.add("signals", a, trace.clock.stamp())
+        return out
+
+    adapter_mods = [mod for name, mod in list(sys.modules.items())
+                    if name.startswith("tokenzip.adapters") and mod is not None]
+    patched = [mod for mod in adapter_mods if getattr(mod, "attention_signals", None) is orig]
+    # adapter-private probes (a class named ``*Probe`` with a ``hook`` method, e.g. Qwen2-VL's rotary-aware one)
+    probes = [cls for mod in adapter_mods for name, cls in list(vars(mod).items())
+              if isinstance(cls, type) and name.endswith("Probe") and cls.__module__ == mod.__name__
+              and callable(vars(cls).get("hook"))]
+
+    def timed_hook(fn):
+        def hook(self, *args: Any, **kwargs: Any):
+            a = trace.clock.stamp()
+            out = fn(self, *args, **kwargs)
+            trace.add("signals", a, trace.clock.stamp())
+            return out
+        return hook
+
+    saved = [(cls, vars(cls)["hook"]) for cls in probes]
+    for mod in patched:
+        mod.attention_signals = wrapped
+    for cls, fn in saved:
+        cls.hook = timed_hook(fn)
+    try:
+        yield
+    finally:
+        for mod in patched:
+            mod.attention_signals = orig
+        for cls, fn in saved:
+            cls.hook = fn
+
+
+@contextmanager
+def instrument(model: torch.nn.Module, trace: Trace, patch: Any = None, capture: bool = False,
+               record_llm_inputs: bool = False) -> Iterator[Trace]:
+    """Install every timer for one call; ``patch`` is the tokenzip Patch (already installed) when compressing."""
+    roles = find_roles(model)
+    handles = []
+
+    def llm_call(args, kwargs):
+        emb = kwargs.get("inputs_embeds")
+        ids = kwargs.get("input_ids")
+        ref = emb if emb is not None else ids
+        info: dict[str, Any] = {"length": int(ref.shape[1]) if ref is not None else None}
+        if record_llm_inputs:
+            info["inputs_embeds"] = None if emb is None else emb.detach().clone()
+            mask = kwargs.get("attention_mask")
+            info["attention_mask"] = mask.clone() if isinstance(mask, torch.Tensor) else mask
+        trace.llm_calls.append(info)
+
+    def first_layer(mod, args, kwargs):
+        x = args[0] if args else kwargs.get("hidden_states")
+        if isinstance(x, torch.Tensor):
+            trace.encoder_passes += [int(x.shape[-2])] * (int(x.shape[0]) if x.dim() == 3 else 1)
+
+    with ExitStack() as stack:
+        if roles.vision is not None:
+            handles += _span_hooks(roles.vision, trace, "encoder")
+            from .presets import _layers
+
+            layers = _layers(roles.vision)
+            if layers is not None and len(layers):
+                handles.append(layers[0].register_forward_pre_hook(first_layer, with_kwargs=True))
+        if roles.llm is not None:
+            handles += _span_hooks(roles.llm, trace, "llm", llm_call)
+        if roles.projector is not None:
+            handles += _span_hooks(roles.projector, trace, "projector")
+        if patch is not None:
+            stack.enter_context(_timed_attr(patch, "prepare", trace, "prepare", capture=capture))
+            pre = getattr(patch, "pre", patch.compressor)
+            if pre is not None:
+                stack.enter_context(_timed_attr(pre, "compress", trace, "compress_core"))
+            llm_c = getattr(patch, "llm_compressor", None)
+            if llm_c is not None:  # stage "llm": compression runs inside the LLM's prefill
+                stack.enter_context(_timed_attr(llm_c, "compress", trace, "llm_compress"))
+            stack.enter_context(_timed_signals(trace))
+        try:
+            yield trace
+        finally:
+            for h in handles:
+                h.remove()

@@ -1,0 +1,437 @@
+"""Benchmark presets: real published architectures built offline with random weights, plus ``tiny`` ones.
+
+Every real preset keeps the published widths, head counts, vocabularies, image resolution and therefore the exact
+token counts of the checkpoint it names; only the NUMBER OF LAYERS of the vision encoder and of the LLM is cut (by
+default) so that a CPU sweep fits in minutes and in RAM (LLaVA-1.5-7B in fp32 is 28 GB). Every row records the built
+and the published layer counts, and the report gives full-depth estimates that scale the measured encoder and LLM
+times per layer (all layers of one stack have the same shape, so their cost is the same). ``--layers full`` builds
+the published depth.
+
+Config values are the published ``config.json`` of (Hugging Face hub repos):
+  - ``llava-hf/llava-1.5-7b-hf``: CLIP ViT-L/14-336 (24 layers, width 1024, MLP 4096, 16 heads, 336 px, patch 14)
+    + Vicuna-7B (Llama: 32 layers, width 4096, MLP 11008, 32 heads, vocab 32064), image token 32000, features from
+    layer -2 without CLS ("default"), 2-layer GELU projector.
+  - ``llava-hf/llava-onevision-qwen2-0.5b-ov-hf``: SigLIP-so400m-patch14-384 (26 of its 27 layers are kept by the
+    checkpoint, width 1152, MLP 4304, 16 heads) + Qwen2-0.5B (24 layers, width 896, MLP 4864, 14 heads, 2 KV heads,
+    vocab 152000, tied embeddings, rope theta 1e6), image token 151646, "full" features of the last layer,
+    anyres_max_9 with 384-px pinpoints up to 2304.
+  - ``Qwen/Qwen2-VL-2B-Instruct``: Qwen2-VL ViT (32 layers, width 1280, MLP ratio 4, 16 heads, patch 14,
+    2x2 merge, temporal patch 2) + Qwen2-1.5B-sized LLM (28 layers, width 1536, MLP 8960, 12 heads, 2 KV heads,
+    vocab 151936, tied, M-RoPE sections 16/24/24, theta 1e6), image/vision-start/end tokens 151655/151652/151653.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+TEXT_BEFORE = 24  # prompt text tokens around the image: a short chat-style question
+TEXT_AFTER = 16
+
+
+@dataclass
+class Built:
+    """A ready model, its inputs, and the facts the report needs."""
+
+    model: torch.nn.Module
+    inputs: dict[str, Any]
+    preset: str
+    layers_built: dict[str, int]
+    layers_full: dict[str, int]
+    source: str = ""
+    notes: str = ""
+    processor: Any = None  # a processor when one exists (checkpoints; the tiny LLaVA gets a word-level one)
+
+    @property
+    def scale(self) -> dict[str, float]:
+        """Per-stack factor from the built depth to the published depth."""
+        return {k: self.layers_full[k] / self.layers_built[k] for k in self.layers_built if self.layers_built[k]}
+
+
+@dataclass
+class Preset:
+    name: str
+    source: str
+    make_config: Callable[[], Any]  # published (full-depth) config
+    model_class: str
+    vision_depth: str  # attribute path of the encoder's depth in the config
+    text_default: int  # default built depth of the LLM
+    vision_default: int  # default built depth of the encoder
+    make_inputs: Callable[[torch.nn.Module], dict[str, Any]]
+    notes: str = ""
+    tiny: bool = False
+    build_tiny: Callable[[str], torch.nn.Module] | None = field(default=None, repr=False)
+
+
+# ---- media -----------------------------------------------------------------------------------------------------
+def sample_image(size: tuple[int, int] | None = None) -> np.ndarray:
+    """A real photograph (scikit-image's ``astronaut``, 512x512 RGB), optionally resized to ``(h, w)``."""
+    import skimage.data
+    from PIL import Image
+
+    img = skimage.data.astronaut()
+    if size is not None:
+        img = np.asarray(Image.fromarray(img).resize((size[1], size[0]), Image.BICUBIC))
+    return img
+
+
+def _processor(name: str, **kw: Any):
+    """An image processor built from published preprocessing values (PIL backend: no torchvision needed)."""
+    import transformers
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    cls = getattr(transformers, name + "Pil", None) or getattr(transformers, name)
+    return cls(**kw)
+
+
+def _text_ids(n: int, vocab: int, seed: int, avoid: set[int]) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, min(vocab, 30000), (n * 2,), generator=g).tolist()
+    return [i for i in ids if i not in avoid][:n]
+
+
+# ---- LLaVA-1.5-7B --------------------------------------------------------------------------------------------------
+def llava15_7b_config():
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu",
+                              layer_norm_eps=1e-5)
+    text = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                       rms_norm_eps=1e-5, pad_token_id=32001, bos_token_id=1, eos_token_id=2, hidden_act="silu")
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=32000, pad_token_id=32001,
+                       projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default")
+
+
+def llava_inputs_from_image(model: torch.nn.Module, image: np.ndarray | None = None, seed: int = 0) -> dict[str, Any]:
+    """One real image + a text prompt for any ``LlavaForConditionalGeneration`` config (CLIP preprocessing)."""
+    cfg = model.config
+    vc = cfg.vision_config
+    size = int(vc.image_size)
+    proc = _processor("CLIPImageProcessor", size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                      image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711])
+    pixels = proc(images=sample_image() if image is None else image, return_tensors="pt")["pixel_values"]
+    n = (size // int(vc.patch_size)) ** 2 + (0 if cfg.vision_feature_select_strategy == "default" else 1)
+    tok = int(cfg.image_token_id)
+    vocab = int(cfg.text_config.vocab_size)
+    ids = [1] + _text_ids(TEXT_BEFORE, vocab, seed, {tok}) + [tok] * n + _text_ids(TEXT_AFTER, vocab, seed + 1, {tok})
+    ids_t = torch.tensor([ids])
+    return {"input_ids": ids_t, "attention_mask": torch.ones_like(ids_t), "pixel_values": pixels}
+
+
+# ---- LLaVA-OneVision-0.5B ------------------------------------------------------------------------------------------
+OV_PINPOINTS = [[h, w] for h in range(384, 2305, 384) for w in range(384, 2305, 384)]
+
+
+def llava_ov_05b_config():
+    from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
+                                image_size=384, patch_size=14, vision_use_head=False, layer_norm_eps=1e-6)
+    text = Qwen2Config(vocab_size=152000, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                       num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                       rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645,
+                       rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+    return LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_index=151646,
+                                video_token_index=151647, vision_feature_layer=-1,
+                                vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",
+                                image_grid_pinpoints=OV_PINPOINTS, tie_word_embeddings=True)
+
+
+def llava_ov_inputs(model: torch.nn.Module, image: np.ndarray | None = None, seed: int = 0) -> dict[str, Any]:
+    """A 384x384 photo: LLaVA-OneVision's base view + one anyres crop (729 + 729 + 27 newline tokens = 1485)."""
+    cfg = model.config
+    size = int(cfg.vision_config.image_size)
+    proc = _processor("LlavaOnevisionImageProcessor", image_grid_pinpoints=cfg.image_grid_pinpoints,
+                      size={"height": size, "width": size})
+    img = sample_image((size, size)) if image is None else image
+    enc = proc(images=img, return_tensors="pt")
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel_values=enc["pixel_values"], image_sizes=enc["image_sizes"],
+                                               vision_feature_layer=cfg.vision_feature_layer,
+                                               vision_feature_select_strategy=cfg.vision_feature_select_strategy)
+    feats = getattr(feats, "pooler_output", feats)
+    n = sum(int(f.shape[0]) for f in feats)
+    tok = int(cfg.image_token_id)
+    vocab = int(cfg.text_config.vocab_size)
+    ids = _text_ids(TEXT_BEFORE, vocab, seed, {tok}) + [tok] * n + _text_ids(TEXT_AFTER, vocab, seed + 1, {tok})
+    ids_t = torch.tensor([ids])
+    return {"input_ids": ids_t, "attention_mask": torch.ones_like(ids_t), "pixel_values": enc["pixel_values"],
+            "image_sizes": enc["image_sizes"]}
+
+
+# ---- Qwen2-VL-2B ---------------------------------------------------------------------------------------------------
+def qwen2_vl_2b_config():
+    from transformers import Qwen2VLConfig
+
+    vision = {"depth": 32, "embed_dim": 1280, "hidden_size": 1536, "hidden_act": "quick_gelu", "mlp_ratio": 4,
+              "num_heads": 16, "in_channels": 3, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}
+    text = {"vocab_size": 151936, "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
+            "num_attention_heads": 12, "num_key_value_heads": 2, "max_position_embeddings": 32768,
+            "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "bos_token_id": 151643, "eos_token_id": 151645,
+            "max_window_layers": 28, "use_sliding_window": False,
+            "rope_parameters": {"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1000000.0}}
+    return Qwen2VLConfig(vision_config=vision, text_config=text, image_token_id=151655, video_token_id=151656,
+                         vision_start_token_id=151652, vision_end_token_id=151653, tie_word_embeddings=True)
+
+
+QWEN_SIDE = 448  # px: 32x32 patches of 14 px -> 256 LLM tokens after the 2x2 merge
+
+
+def qwen2_vl_inputs(model: torch.nn.Module, image: np.ndarray | None = None, seed: int = 0) -> dict[str, Any]:
+    """A 448x448 photo: 1024 ViT patches, 256 LLM tokens; with ``mm_token_type_ids`` for M-RoPE."""
+    cfg = model.config
+    px = QWEN_SIDE * QWEN_SIDE
+    proc = _processor("Qwen2VLImageProcessor", min_pixels=px, max_pixels=px,
+                      image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711])
+    img = sample_image((QWEN_SIDE, QWEN_SIDE)) if image is None else image
+    enc = proc(images=img, return_tensors="pt")
+    thw = enc["image_grid_thw"]
+    merge = int(cfg.vision_config.spatial_merge_size)
+    n = int(thw.prod(-1).sum()) // (merge * merge)
+    tok, start, end = int(cfg.image_token_id), int(cfg.vision_start_token_id), int(cfg.vision_end_token_id)
+    vocab = int(cfg.text_config.vocab_size)
+    avoid = {tok, start, end, int(cfg.video_token_id)}
+    ids = (_text_ids(TEXT_BEFORE, vocab, seed, avoid) + [start] + [tok] * n + [end]
+           + _text_ids(TEXT_AFTER, vocab, seed + 1, avoid))
+    ids_t = torch.tensor([ids])
+    return {"input_ids": ids_t, "attention_mask": torch.ones_like(ids_t), "pixel_values": enc["pixel_values"],
+            "image_grid_thw": thw, "mm_token_type_ids": (ids_t == tok).long()}
+
+
+# ---- registry ------------------------------------------------------------------------------------------------------
+def _tiny_presets() -> dict[str, Preset]:
+    from ..testing import CASES, Sample
+
+    out = {}
+    for name, case in CASES.items():
+        def make_inputs(model: torch.nn.Module, case=case) -> dict[str, Any]:
+            return case.make_inputs(model, [Sample([1, 5, 6, 7, 8], 1, [9, 10, 11, 12], seed=1)])
+
+        key = "tiny" if name == "llava" else f"tiny-{name}"
+        out[key] = Preset(key, f"tokenzip.testing.CASES[{name!r}] (random tiny config)", lambda: None, "",
+                          "", 0, 0, make_inputs, tiny=True, build_tiny=case.build,
+                          notes="smoke-test size; timings mean nothing")
+    return out
+
+
+REAL_PRESETS: dict[str, Preset] = {
+    "llava-1.5-7b": Preset(
+        "llava-1.5-7b", "llava-hf/llava-1.5-7b-hf config.json", llava15_7b_config, "LlavaForConditionalGeneration",
+        "vision_config.num_hidden_layers", text_default=1, vision_default=3,
+        make_inputs=llava_inputs_from_image,
+        notes="one 336-px image = 576 visual tokens; 7B in fp32 (28 GB) does not fit 24 GB RAM, so by default "
+              "1 of 32 Llama layers and 3 of 24 CLIP layers are built"),
+    "llava-ov-0.5b": Preset(
+        "llava-ov-0.5b", "llava-hf/llava-onevision-qwen2-0.5b-ov-hf config.json", llava_ov_05b_config,
+        "LlavaOnevisionForConditionalGeneration", "vision_config.num_hidden_layers", text_default=2,
+        vision_default=2, make_inputs=llava_ov_inputs,
+        notes="one 384x384 image = base view + 1 anyres crop = 1485 visual tokens; by default 2 of 24 Qwen2 layers "
+              "and 2 of 26 SigLIP layers are built"),
+    "qwen2-vl-2b": Preset(
+        "qwen2-vl-2b", "Qwen/Qwen2-VL-2B-Instruct config.json", qwen2_vl_2b_config, "Qwen2VLForConditionalGeneration",
+        "vision_config.depth", text_default=2, vision_default=2, make_inputs=qwen2_vl_inputs,
+        notes="one 448x448 image = 1024 ViT patches = 256 visual tokens; by default 2 of 28 LLM layers and 2 of "
+              "32 ViT layers are built"),
+}
+
+
+def presets() -> dict[str, Preset]:
+    return {**_tiny_presets(), **REAL_PRESETS}
+
+
+def _get_path(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _set_path(obj: Any, path: str, value: Any) -> None:
+    parts = path.split(".")
+    for part in parts[:-1]:
+        obj = getattr(obj, part)
+    setattr(obj, parts[-1], value)
+
+
+def _dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"dtype must be one of {sorted(table)}, got {dtype!r}")
+    return table[dtype]
+
+
+def _count_layers(model: torch.nn.Module) -> dict[str, int]:
+    from .instrument import find_roles
+
+    roles = find_roles(model)
+    out = {}
+    for key, mod in (("vision", roles.vision), ("text", roles.llm)):
+        layers = _layers(mod) if mod is not None else None
+        if layers is not None:
+            out[key] = len(layers)
+    return out
+
+
+def _layers(mod: torch.nn.Module) -> torch.nn.ModuleList | None:
+    for path in ("layers", "blocks", "encoder.layers", "encoder.layer", "vision_model.encoder.layers"):
+        obj = mod
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            continue
+        if isinstance(obj, torch.nn.ModuleList):
+            return obj
+    return None
+
+
+def build(name_or_path: str, *, attn: str = "sdpa", dtype: str | torch.dtype = "float32", device: str = "cpu",
+          layers: str | tuple[int, int] | None = None, seed: int = 0) -> Built:
+    """Build a preset (random weights, seeded) or load a local HF checkpoint directory, plus its benchmark inputs.
+
+    ``layers``: ``None`` = the preset's default depth, ``"full"`` = published depth, or ``(vision, text)`` counts.
+    """
+    if not isinstance(name_or_path, str) or not name_or_path:
+        raise TypeError("model must be a preset name or a local checkpoint directory")
+    if attn not in ("sdpa", "eager", "flash_attention_2", "flex_attention"):
+        raise ValueError(f"attn must be sdpa, eager, flash_attention_2 or flex_attention, got {attn!r}")
+    torch_dtype = _dtype(dtype)
+    table = presets()
+    if name_or_path in table:
+        p = table[name_or_path]
+        if p.tiny:
+            torch.manual_seed(seed)
+            model = p.build_tiny(attn).to(device=device, dtype=torch_dtype)
+            counts = _count_layers(model)
+            proc = None
+            if type(model).__name__ == "LlavaForConditionalGeneration":
+                from .tasks import tiny_processor
+
+                proc = tiny_processor(model)
+            return Built(model, _to(p.make_inputs(model), device, torch_dtype), p.name, counts, dict(counts),
+                         p.source, p.notes, proc)
+        cfg = p.make_config()
+        vpath = p.vision_depth
+        full = {"vision": int(_get_path(cfg, vpath)), "text": int(cfg.text_config.num_hidden_layers)}
+        if layers is None:
+            want = {"vision": p.vision_default, "text": p.text_default}
+        elif layers == "full":
+            want = dict(full)
+        else:
+            if len(layers) != 2 or any(int(v) < 1 for v in layers):
+                raise ValueError(f"layers must be 'full' or (vision, text) counts >= 1, got {layers!r}")
+            want = {"vision": min(int(layers[0]), full["vision"]), "text": min(int(layers[1]), full["text"])}
+        cfg = copy.deepcopy(cfg)
+        _set_path(cfg, vpath, want["vision"])
+        cfg.text_config.num_hidden_layers = want["text"]
+        if getattr(cfg.text_config, "layer_types", None) is not None:
+            cfg.text_config.layer_types = cfg.text_config.layer_types[: want["text"]]
+        import transformers
+
+        cls = getattr(transformers, p.model_class)
+        torch.manual_seed(seed)
+        with torch.device(device):
+            model = cls._from_config(cfg, attn_implementation=attn, dtype=torch_dtype)
+        model.eval()
+        inputs = _to(p.make_inputs(model), device, torch_dtype)
+        return Built(model, inputs, p.name, want, full, p.source, p.notes)
+    if name_or_path in _zoo_models():
+        return _load_zoo(name_or_path, attn=attn, dtype=torch_dtype, device=device)
+    if os.path.isdir(name_or_path):
+        return _load_checkpoint(name_or_path, attn=attn, dtype=torch_dtype, device=device, seed=seed)
+    raise ValueError(f"model {name_or_path!r} is neither a preset ({', '.join(sorted(table))}), a zoo model "
+                     f"({', '.join(ZOO_MODELS)}) nor a local checkpoint directory")
+
+
+ZOO_MODELS = ("dinov2-llava",)  # zoo entries that are full image-text models (real weights, offline)
+
+
+def _zoo_models() -> tuple[str, ...]:
+    try:
+        from .. import zoo
+    except ImportError:
+        return ()
+    return tuple(n for n in ZOO_MODELS if n in zoo.REGISTRY)
+
+
+def _load_zoo(name: str, *, attn: str, dtype: torch.dtype, device: str) -> Built:
+    """A real-weights model of ``tokenzip.zoo`` with its processor; inputs: one real photo and a prompt."""
+    from .. import zoo
+
+    model, proc = zoo.load(name, dtype=dtype)
+    if attn != "sdpa":
+        model.set_attn_implementation(attn)
+    model = model.to(device).eval()
+    inputs = processor_inputs(proc, sample_image(), "Describe the image in detail.")
+    counts = _count_layers(model)
+    return Built(model, _to(inputs, device, dtype), name, counts, dict(counts), f"tokenzip.zoo.load({name!r})",
+                 "real weights, offline (see tokenzip/zoo); full depth", proc)
+
+
+def _load_checkpoint(path: str, *, attn: str, dtype: torch.dtype, device: str, seed: int) -> Built:
+    """Any local HF image-text checkpoint (``from_pretrained(local_files_only=True)``); inputs from its processor
+    when it has one, else built from the config for the architectures we know."""
+    import transformers
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(path, local_files_only=True)
+    arch = (getattr(cfg, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None:
+        cls = transformers.AutoModelForImageTextToText
+    model = cls.from_pretrained(path, local_files_only=True, attn_implementation=attn, dtype=dtype).to(device).eval()
+    inputs = None
+    proc = None
+    try:
+        proc = transformers.AutoProcessor.from_pretrained(path, local_files_only=True)
+        inputs = processor_inputs(proc, sample_image(), "Describe the image.")
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        inputs = None
+    if inputs is None:
+        maker = {"llava": llava_inputs_from_image, "llava_onevision": llava_ov_inputs,
+                 "qwen2_vl": qwen2_vl_inputs}.get(cfg.model_type)
+        if maker is None:
+            raise ValueError(f"{path} has no processor and its model_type {cfg.model_type!r} is not one the bench "
+                             "can build inputs for (llava, llava_onevision, qwen2_vl)")
+        inputs = maker(model, seed=seed)
+    counts = _count_layers(model)
+    return Built(model, _to(dict(inputs), device, dtype), os.path.basename(os.path.normpath(path)), counts,
+                 dict(counts), f"local checkpoint {path}", "weights loaded from the checkpoint", proc)
+
+
+def processor_inputs(proc: Any, image: Any, text: str, video: Any = None) -> dict[str, Any]:
+    """Model inputs from a processor for one image (or video) and a user prompt, through the chat template when
+    the processor has one."""
+    media = {"type": "video"} if video is not None else {"type": "image"}
+    prompt = text
+    if getattr(proc, "chat_template", None):
+        conv = [{"role": "user", "content": [media, {"type": "text", "text": text}]}]
+        prompt = proc.apply_chat_template(conv, add_generation_prompt=True)
+    elif video is None and "<image>" not in text:
+        prompt = "<image>\n" + text
+    kw: dict[str, Any] = {"text": prompt, "return_tensors": "pt"}
+    if video is not None:
+        kw["videos"] = video
+    else:
+        kw["images"] = image
+    return dict(proc(**kw))
+
+
+def _to(inputs: dict[str, Any], device: str, dtype: torch.dtype) -> dict[str, Any]:
+    out = {}
+    for k, v in inputs.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+        out[k] = v
+    return out
