@@ -1,0 +1,250 @@
+"""Audio methods (atome, attn_topk, vad_prune), the Whisper adapter on a tiny random config, audio input rules and
+the audio benchmark helpers. The invariant suite covers every audio method x the "whisper" case on top of this."""
+
+import numpy as np
+import pytest
+import torch
+
+import tokenzip as tz
+from tokenzip.adapters.whisper import energy_speech, silero_speech
+from tokenzip.methods.atome import adjacent_groups
+from tokenzip.testing import CASES, default_samples
+from tokenzip.zoo.whisper import features, prepare_audio
+
+from conftest import built
+
+
+def _runs(*lengths, d=8, seed=0):
+    """Tokens made of runs of identical vectors (one random direction per run)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for n in lengths:
+        v = torch.randn(d, generator=g)
+        rows += [v] * n
+    return torch.stack(rows).unsqueeze(0)
+
+
+# ---- atome --------------------------------------------------------------------------------------------------------
+def test_atome_merges_identical_neighbours_first():
+    x = _runs(3, 2, 4, 1)
+    out = tz.get("atome", tokens=4).compress(x)
+    assert out.groups(0) == [[0, 1, 2], [3, 4], [5, 6, 7, 8], [9]]
+    torch.testing.assert_close(out.tokens[0], x[0, [0, 3, 5, 9]])
+
+
+@pytest.mark.parametrize("k", [1, 2, 7, 19])
+def test_atome_groups_are_contiguous_and_exact(k):
+    x = torch.randn(1, 20, 6, generator=torch.Generator().manual_seed(k))
+    out = tz.get("atome", tokens=k).compress(x)
+    assert out.tokens.shape[1] == k
+    src = out.source[0]
+    assert bool((src >= 0).all()) and bool((src[1:] - src[:-1] >= 0).all())  # contiguous runs, in order
+    for slot, members in enumerate(out.groups(0)):
+        torch.testing.assert_close(out.tokens[0, slot], x[0, members].mean(0))
+
+
+def test_adjacent_groups_respects_barriers_while_it_can():
+    x = torch.ones(6, 4)  # all identical: only the barrier decides
+    allowed = torch.tensor([True, True, False, True, True])
+    g = adjacent_groups(x, 2, allowed=allowed)
+    assert g.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_atome_rejects_bad_step():
+    with pytest.raises(ValueError, match="step"):
+        tz.get("atome", retain=0.5, step=0.9)
+
+
+# ---- attn_topk ----------------------------------------------------------------------------------------------------
+def test_attn_topk_keeps_most_attended_in_order():
+    x = torch.randn(1, 10, 4)
+    att = torch.tensor([[0.0, 9, 1, 8, 0, 0, 7, 0, 0, 0]])
+    out = tz.get("attn_topk", tokens=3).compress(x, cls_attention=att)
+    assert out.index[0].tolist() == [1, 3, 6]
+
+
+def test_attn_topk_segments_spread_the_budget():
+    att = torch.zeros(1, 12)
+    att[0, :6] = torch.arange(6, 0, -1).float() + 10  # all the attention in the first half
+    out = tz.get("attn_topk", tokens=4, segments=2).compress(torch.randn(1, 12, 4), cls_attention=att)
+    kept = out.index[0].tolist()
+    assert sum(i < 6 for i in kept) == 2 and sum(i >= 6 for i in kept) == 2
+    with pytest.raises(ValueError, match="segments"):
+        tz.get("attn_topk", retain=0.5, segments=0)
+
+
+# ---- vad_prune ----------------------------------------------------------------------------------------------------
+def test_vad_prune_spends_budget_on_speech_and_keeps_a_silence_token():
+    x = torch.randn(1, 20, 4)
+    speech = torch.zeros(1, 20)
+    speech[0, 5:15] = 0.9  # 10 speech frames
+    out = tz.get("vad_prune", tokens=6, silence=0.34, reduce="select").compress(x, speech=speech)
+    groups = out.groups(0)
+    silence = [g for g in groups if not 5 <= g[0] < 15]
+    # round(0.34 * 6) = 2 tokens for non-speech, one per pause (a pause token never spans two pauses)
+    assert silence == [list(range(5)), list(range(15, 20))]
+    speech_tokens = [g for g in groups if g not in silence]
+    assert len(speech_tokens) == 4 and all(len(g) == 1 and 5 <= g[0] < 15 for g in speech_tokens)
+    one = tz.get("vad_prune", tokens=6, silence=0.1).compress(x, speech=speech)
+    assert sum(1 for g in one.groups(0) if not 5 <= g[0] < 15) == 1  # at least one token, the longer pause
+
+
+@pytest.mark.parametrize("reduce", ["merge", "pool", "select"])
+def test_vad_prune_keeps_all_speech_when_budget_allows(reduce):
+    x = torch.randn(1, 20, 4)
+    speech = torch.zeros(1, 20)
+    speech[0, [2, 3, 10]] = 0.8
+    out = tz.get("vad_prune", tokens=8, reduce=reduce).compress(x, speech=speech)
+    singles = [g[0] for g in out.groups(0) if len(g) == 1]
+    assert {2, 3, 10} <= set(singles) | {g[0] for g in out.groups(0)}
+    for pos in (2, 3, 10):  # each speech frame is its own output token, unchanged
+        slot = int(out.source[0, pos])
+        torch.testing.assert_close(out.tokens[0, slot], x[0, pos])
+    assert out.tokens.shape[1] == 8
+
+
+def test_vad_prune_without_speech_treats_everything_as_speech():
+    x = torch.randn(1, 12, 4)
+    out = tz.get("vad_prune", tokens=4, reduce="pool").compress(x, speech=torch.zeros(1, 12))
+    assert out.groups(0) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
+
+
+def test_vad_prune_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="threshold"):
+        tz.get("vad_prune", retain=0.5, threshold=1.5)
+    with pytest.raises(ValueError, match="reduce"):
+        tz.get("vad_prune", retain=0.5, reduce="magic")
+    with pytest.raises(ValueError, match="needs signals"):
+        tz.get("vad_prune", retain=0.5).compress(torch.randn(1, 8, 4))
+
+
+@pytest.mark.parametrize("name", ["random", "avgpool", "tome", "divprune", "dpc_knn"])
+def test_generic_methods_work_on_1d_audio_layouts(name):
+    if name not in {m.name for m in tz.methods()}:
+        pytest.skip(f"{name} is not registered in this tree")
+    x = torch.randn(2, 50, 8)
+    out = tz.get(name, tokens=7).compress(x, grid=[(1, 50)])
+    assert out.tokens.shape == (2, 7, 8)
+    assert bool((out.index[:, 1:] > out.index[:, :-1]).all())  # temporal order preserved
+
+
+# ---- Whisper adapter (tiny random config) -------------------------------------------------------------------------
+def _decoder_lengths(model, fn):
+    seen = []
+    h = model.model.decoder.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["encoder_hidden_states"].shape[1]), with_kwargs=True)
+    try:
+        out = fn()
+    finally:
+        h.remove()
+    return out, seen
+
+
+@pytest.mark.parametrize("name", ["vad_prune", "atome", "attn_topk", "avgpool"])
+def test_whisper_generate_batch_reads_compressed_frames(name):
+    model = built("whisper")
+    inputs = CASES["whisper"].make_inputs(model, default_samples())
+    c = tz.get(name, retain=0.25)
+    with c(model):
+        out, seen = _decoder_lengths(model, lambda: model.generate(input_features=inputs["input_features"],
+                                                                   max_new_tokens=4, do_sample=False))
+    assert out.shape[0] == 3
+    assert set(seen) == {c.budget.count(40)}  # every decoding step reads the 10 kept frames
+    assert [s["audio"].tokens_out for s in c.last_stats] == [10, 10, 10]
+
+
+def test_whisper_raw_audio_is_consumed_and_checked():
+    model = built("whisper")
+    feats = CASES["whisper"].make_inputs(model, default_samples()[:2])["input_features"]
+    waves = [np.zeros(16000, dtype=np.float32), np.zeros(8000, dtype=np.float32)]
+    c = tz.get("vad_prune", retain=0.5)
+    with c(model):
+        model.generate(input_features=feats, raw_audio=waves, max_new_tokens=2, do_sample=False)
+        with pytest.raises(ValueError, match="raw_audio"):
+            model.generate(input_features=feats, raw_audio=waves[:1], max_new_tokens=2)
+    assert c.last_stats[0]["audio"].tokens_out == 20
+
+
+def test_whisper_adapter_refuses_image_methods():
+    with pytest.raises(TypeError, match="audio"):
+        tz.get("visionzip", retain=0.5)(built("whisper"))
+
+
+def test_energy_speech_marks_quiet_tail_and_padding():
+    feats = torch.full((16, 80), 0.8)
+    feats[:, 60:] = -0.5  # quiet tail (Whisper pads with the floor value)
+    p = energy_speech(feats, 40)
+    assert bool((p[:30] > 0.5).all()) and bool((p[30:] < 0.05).all())
+
+
+def test_silero_speech_zero_past_the_audio():
+    p = silero_speech(np.zeros(16000, dtype=np.float32), 100)
+    if p is None:
+        pytest.skip("silero-vad is not installed (energy fallback in use)")
+    assert p.shape == (100,) and bool((p[50:] == 0).all()) and float(p.max()) < 0.5  # silence is not speech
+    with pytest.raises(ValueError, match="raw_audio"):
+        silero_speech(np.array([np.nan] * 100, dtype=np.float32), 10)
+
+
+# ---- audio input rules --------------------------------------------------------------------------------------------
+def test_prepare_audio_conversions():
+    mono = prepare_audio(np.ones(1600, dtype=np.float32) * 0.5, 16000)
+    assert mono.shape == (1600,) and mono.dtype == np.float32
+    stereo = np.stack([np.ones(1600), np.zeros(1600)])  # [channels, samples]
+    np.testing.assert_allclose(prepare_audio(stereo, 16000), 0.5)
+    np.testing.assert_allclose(prepare_audio(stereo.T, 16000), 0.5)  # [samples, channels]
+    assert prepare_audio(np.zeros(44100), 44100).shape == (16000,)  # resampled
+    pcm = prepare_audio(np.full(10, 32767, dtype=np.int16), 16000)
+    np.testing.assert_allclose(pcm, 1.0)
+
+
+@pytest.mark.parametrize("wave,sr,match", [
+    (np.zeros(0), 16000, "empty"),
+    (np.array([0.0, np.nan]), 16000, "NaN"),
+    (np.array([0.0, np.inf]), 16000, "NaN"),
+    (np.zeros((2, 3, 4)), 16000, "dimensions"),
+    (np.zeros((20, 30)), 16000, "channels"),
+    (np.zeros(10), 0, "sampling_rate"),
+    (np.zeros(10), 16000.5, "sampling_rate"),
+])
+def test_prepare_audio_rejects_bad_input(wave, sr, match):
+    with pytest.raises(ValueError, match=match):
+        prepare_audio(wave, sr)
+
+
+def test_features_reject_long_audio():
+    class P:  # never called: the length check comes first
+        pass
+    with pytest.raises(ValueError, match="30 s"):
+        features(P(), [np.zeros(16000 * 31, dtype=np.float32)])
+
+
+# ---- benchmark helpers --------------------------------------------------------------------------------------------
+def test_pack_windows_and_wer():
+    from tokenzip.audio_eval import Clip, pack_windows, wer
+
+    clips = [Clip(f"c{i}", np.ones(16000 * 8, dtype=np.float32), f"word{i}") for i in range(7)]
+    wins = pack_windows(clips)
+    assert [round(w.seconds, 1) for w in wins] == [24.4, 24.4]  # 3 clips + 2 gaps each; a 1-clip rest is dropped
+    assert wins[0].text == "word0 word1 word2"
+    assert wer(["Mr. Smith went home."], ["mister smith went home"]) == 0.0
+    assert wer(["a b c d"], ["a x c d"]) == 0.25
+
+
+def test_whisper_proportional_attention_lives_inside_the_patch():
+    model = built("whisper")
+    feats = CASES["whisper"].make_inputs(model, default_samples())["input_features"]
+    layers = model.model.decoder.layers
+
+    def hooks():
+        return sum(len(layer.encoder_attn._forward_pre_hooks) for layer in layers)
+
+    before = hooks()
+    with tz.get("avgpool", retain=0.25)(model) as patch:  # merges 4 frames per token
+        model.generate(input_features=feats, max_new_tokens=2, do_sample=False)
+        assert hooks() == before + len(layers)
+        torch.testing.assert_close(patch.adapter._bias.exp().sum(1), torch.full((3,), 40.0))
+    assert hooks() == before
+    with tz.get("random", retain=0.25)(model) as patch:  # a pure selection: nothing to rebalance
+        model.generate(input_features=feats, max_new_tokens=2, do_sample=False)
+        assert hooks() == before and patch.adapter._bias is None
