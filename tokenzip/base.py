@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -25,7 +25,12 @@ MODALITIES = ("image", "video", "audio")
 #   projected      [B, N, D]  the tokens mapped into the LLM's embedding space (for text-guided methods)
 #   text           [B, T, D]  the prompt's text-token embeddings in the LLM's input space, with
 #   text_mask      [B, T]     True at real text tokens
-SIGNALS = ("cls_attention", "keys", "projected", "text", "text_mask")
+#   speech         [B, N]     probability in [0, 1] that each (audio) token's frame holds speech (VAD)
+# LLM stage (tokenzip.llm; from the attention of the decoder layer before the pruning layer):
+#   last_attention [B, N]     attention the last real token pays each visual token, mean over heads
+#   text_attention [B, T, N]  the same for each real text token after the item (T rows, matching `text`, which at
+#                             this stage holds those text tokens' hidden states at the pruning layer)
+SIGNALS = ("cls_attention", "keys", "projected", "text", "text_mask", "speech", "last_attention", "text_attention")
 
 
 @dataclass(frozen=True)
@@ -86,7 +91,7 @@ class Compressor:
         for name, sig in signals.items():
             if sig.shape[0] != b:
                 raise ValueError(f"signal {name} has batch {sig.shape[0]}, tokens have {b}")
-            if name in ("cls_attention", "keys", "projected") and sig.shape[1] != n:
+            if name in ("cls_attention", "keys", "projected", "speech") and sig.shape[1] != n:
                 raise ValueError(f"signal {name} has {sig.shape[1]} tokens, tokens have {n}")
         layout = ops.as_layout(grid, n)
         if k >= n:

@@ -47,6 +47,8 @@ class ItemStats:
     source: torch.Tensor  # [N] output slot of each input token, -1 dropped
     index: torch.Tensor  # [k] representative input position of each output token
     grid: list[tuple[int, int]] | None = None
+    # LLM stage: ``(layer, count)`` per stage that shortened this item (count kept from that decoder layer on)
+    stages: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass

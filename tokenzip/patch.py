@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from . import ops
 from .adapters import adapter_for
 from .base import Compressor
 from .output import CompressOutput, ItemStats, summarize
@@ -20,15 +21,25 @@ class Patch:
         self.compressor = compressor
         self.model = model
         self.adapter = adapter_for(model)  # TypeError for unsupported models, before anything is touched
-        stage = compressor.info.stage
-        if stage not in self.adapter.stages:
-            raise TypeError(
-                f"{compressor.info.name} works at stage {stage!r}; {type(self.adapter).__name__} supports "
-                f"{list(self.adapter.stages)}")
-        mods = set(compressor.info.modalities) & set(self.adapter.modalities)
-        if not mods:
-            raise TypeError(f"{compressor.info.name} compresses {list(compressor.info.modalities)}; "
-                            f"{type(model).__name__} has {list(self.adapter.modalities)}")
+        # a compressor, or a tz.compose(pre_llm, llm) pipeline (``parts``): at most one pre-LLM and one LLM stage
+        parts = tuple(getattr(compressor, "parts", (compressor,)))
+        for part in parts:
+            stage = part.info.stage
+            if stage not in self.adapter.stages:
+                raise TypeError(
+                    f"{part.info.name} works at stage {stage!r}; {type(self.adapter).__name__} supports "
+                    f"{list(self.adapter.stages)}")
+            mods = set(part.info.modalities) & set(self.adapter.modalities)
+            if not mods:
+                raise TypeError(f"{part.info.name} compresses {list(part.info.modalities)}; "
+                                f"{type(model).__name__} has {list(self.adapter.modalities)}")
+        self.pre = next((p for p in parts if p.info.stage != "llm"), None)
+        self.llm_compressor = next((p for p in parts if p.info.stage == "llm"), None)
+        self.llm = None  # the LLM-stage hook runner while installed
+        if self.llm_compressor is not None:
+            from .llm.hooks import LLMRunner
+
+            LLMRunner(self.llm_compressor, self.adapter)  # validates (attention implementation ...) before install
         self.installed = False
 
     # ---- install / remove ---------------------------------------------------------------------------------------
@@ -46,7 +57,14 @@ class Patch:
         @functools.wraps(orig_forward)
         def forward(*args: Any, **kwargs: Any):
             kwargs = _as_kwargs(fwd_sig, args, kwargs)
-            return orig_forward(**self.prepare(kwargs))
+            kwargs = self.prepare(kwargs)
+            if self.llm is None:
+                return orig_forward(**kwargs)
+            self.llm.pending = self.adapter.llm_items(kwargs) or None  # consumed by the LLM's prefill
+            try:
+                return orig_forward(**kwargs)
+            finally:
+                self.llm.pending = None
 
         @functools.wraps(orig_generate)
         def generate(*args: Any, **kwargs: Any):
@@ -54,10 +72,21 @@ class Patch:
             if kwargs.get("input_ids") is None and isinstance(kwargs.get("inputs"), torch.Tensor):
                 kwargs["input_ids"] = kwargs.pop("inputs")
             original_ids = kwargs.get("input_ids")
+            if self.llm is not None:
+                beams = kwargs.get("num_beams") or getattr(kwargs.get("generation_config"), "num_beams", None) \
+                    or getattr(getattr(model, "generation_config", None), "num_beams", 1) or 1
+                if int(beams) > 1:
+                    raise ValueError(f"LLM-stage compression does not support beam search (num_beams={beams}): "
+                                     "the shortened layers' cache cannot be reordered")
             new_kwargs = self.prepare(kwargs)
             out = orig_generate(**new_kwargs)
             return _restore_prompt(out, original_ids, new_kwargs.get("input_ids"))
 
+        if self.llm_compressor is not None:
+            from .llm.hooks import LLMRunner
+
+            self.llm = LLMRunner(self.llm_compressor, self.adapter)
+            self.llm.install()
         model.forward = forward
         model.generate = generate
         model._tokenzip_patch = self
@@ -67,8 +96,14 @@ class Patch:
     def remove(self) -> None:
         if not self.installed:
             return
+        if self.llm is not None:
+            self.llm.remove()
+            self.llm = None
         for name in ("forward", "generate", "_tokenzip_patch"):
             self.model.__dict__.pop(name, None)
+        close = getattr(self.adapter, "close", None)  # adapters that hook model modules (e.g. Whisper) undo it here
+        if close is not None:
+            close()
         self.installed = False
 
     def __enter__(self) -> "Patch":
@@ -81,16 +116,20 @@ class Patch:
     # ---- the work -----------------------------------------------------------------------------------------------
     def prepare(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Compress the media in one call's keyword arguments; returns the arguments for the original method."""
-        if not self.adapter.has_media(kwargs):
+        c = self.pre
+        if c is None or not self.adapter.has_media(kwargs):
             return kwargs
-        c = self.compressor
         needs = frozenset(c.requires) | frozenset(c.optional)
         items = self.adapter.encode(kwargs, needs)
         outputs: list[CompressOutput] = []
         per_sample: list[list[ItemStats]] = [[] for _ in range(self.adapter.batch_size(kwargs))]
         for item in items:
-            signals = {name: sig.unsqueeze(0) for name, sig in item.signals.items() if name in needs}
-            out = c.compress(item.tokens.unsqueeze(0), grid=item.grid, **signals)
+            tokens = item.tokens.unsqueeze(0)
+            if item.modality in c.info.modalities:
+                signals = {name: sig.unsqueeze(0) for name, sig in item.signals.items() if name in needs}
+                out = c.compress(tokens, grid=item.grid, **signals)
+            else:  # e.g. an audio clip next to images: a method only compresses the modalities it names
+                out = ops.select(tokens, torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0))
             outputs.append(out)
             per_sample[item.sample].append(ItemStats(
                 modality=item.modality, tokens_in=item.tokens_in, tokens_out=out.tokens.shape[1],

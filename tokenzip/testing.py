@@ -41,6 +41,17 @@ class Case:
     language_model: Callable[[torch.nn.Module], torch.nn.Module]  # the module whose input length we check
     modalities: tuple[str, ...] = ("image",)
     stages: tuple[str, ...] = ("pre_llm",)
+    # (model, inputs) -> the position_ids the stock model should get for ``inputs`` (e.g. Qwen-VL's 3-D M-RoPE ids);
+    # None: left-padded 1-D positions ``cumsum(attention_mask) - 1``
+    position_ids: Callable[[torch.nn.Module, dict[str, Any]], torch.Tensor] | None = None
+    # Encoder-decoder models (Whisper), all None for decoder-only LLMs. ``position_ids`` may return a dict of keyword
+    # arguments instead (e.g. ``decoder_position_ids``). lm_tokens: the language model's forward kwargs -> a [B, L]
+    # mask of the media/text tokens it reads (default: its attention_mask); input_tokens: inputs -> [B] uncompressed
+    # count (default: attention_mask.sum(1)); generate_inputs: inputs -> generate() arguments (default: inputs, whose
+    # input_ids must then prefix the output).
+    lm_tokens: Callable[[dict[str, Any]], torch.Tensor] | None = None
+    input_tokens: Callable[[dict[str, Any]], torch.Tensor] | None = None
+    generate_inputs: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
 
 def left_pad(rows: list[list[int]], pad: int = PAD) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,5 +97,281 @@ def llava_inputs(model: torch.nn.Module, samples: list[Sample]) -> dict[str, Any
 
 
 CASES: dict[str, Case] = {
-    "llava": Case("llava", tiny_llava, llava_inputs, lambda m: m.model.language_model),
+    "llava": Case("llava", tiny_llava, llava_inputs, lambda m: m.model.language_model, stages=("pre_llm", "llm")),
+    "llava_onevision": Case("llava_onevision", lambda attn: tiny_llava_onevision(attn), lambda m, s:
+                            llava_onevision_inputs(m, s), lambda m: m.model.language_model,
+                            stages=("pre_llm", "llm")),
+    "qwen2_vl": Case("qwen2_vl", lambda attn: tiny_qwen2_vl(attn), lambda m, s: qwen_vl_inputs(m, s),
+                     lambda m: m.model.language_model, position_ids=lambda m, i: qwen_vl_positions(m, i),
+                     stages=("pre_llm", "llm")),
+    "qwen2_5_vl": Case("qwen2_5_vl", lambda attn: tiny_qwen2_5_vl(attn), lambda m, s: qwen_vl_inputs(m, s),
+                       lambda m: m.model.language_model, position_ids=lambda m, i: qwen_vl_positions(m, i),
+                       stages=("pre_llm", "llm")),
+    "whisper": Case("whisper", lambda attn: tiny_whisper(attn), lambda m, s: whisper_inputs(m, s),
+                    lambda m: m.model.decoder, modalities=("audio",),
+                    position_ids=lambda m, i: whisper_positions(i),
+                    lm_tokens=lambda kw: torch.ones(kw["encoder_hidden_states"].shape[:2], dtype=torch.long),
+                    input_tokens=lambda i: torch.full((i["input_features"].shape[0],),
+                                                      i["input_features"].shape[-1] // 2),
+                    generate_inputs=lambda i: {"input_features": i["input_features"]}),
 }
+
+
+# ---- LLaVA-OneVision ---------------------------------------------------------------------------------------------
+ONEVISION_VIDEO_TOKEN = 101
+ONEVISION_PINPOINTS = [[56, 112], [112, 56], [112, 112]]
+# (height, width) of the test images; 112x84 exercises the unpadding of the crop grid
+ONEVISION_SIZES = [(56, 112), (112, 112), (112, 56), (112, 84)]
+
+
+def tiny_llava_onevision(attn_implementation: str = "sdpa", seed: int = 0, **config: Any) -> torch.nn.Module:
+    """SigLIP (56-px crops of 4x4 patches, no CLS) + Qwen2, AnyRes pinpoints up to 112x112, random weights.
+    ``config`` overrides LlavaOnevisionConfig fields (e.g. ``vision_aspect_ratio``)."""
+    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config,
+                              SiglipVisionConfig)
+
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                image_size=56, patch_size=14, vision_use_head=False)
+    text = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
+    kw: dict[str, Any] = dict(image_token_index=IMAGE_TOKEN, video_token_index=ONEVISION_VIDEO_TOKEN,
+                              image_grid_pinpoints=ONEVISION_PINPOINTS, pad_token_id=PAD)
+    kw.update(config)
+    cfg = LlavaOnevisionConfig(vision_config=vision, text_config=text, **kw)
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration._from_config(cfg, attn_implementation=attn_implementation)
+    return model.eval()
+
+
+def onevision_images(samples: list[Sample]) -> list[list[Any]]:
+    """Random RGB PIL images per sample; image ``j`` of a sample with seed ``s`` has size
+    ``ONEVISION_SIZES[(s + j) % 4]``, so sizes (and token counts) differ across samples."""
+    from PIL import Image
+
+    out = []
+    for s in samples:
+        g = torch.Generator().manual_seed(s.seed)
+        imgs = []
+        for j in range(s.n_items):
+            h, w = ONEVISION_SIZES[(s.seed + j) % len(ONEVISION_SIZES)]
+            imgs.append(Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy()))
+        out.append(imgs)
+    return out
+
+
+def onevision_image_processor(model: torch.nn.Module):
+    """The real (PIL-backend) LLaVA-OneVision image processor, sized for ``model``."""
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil)
+
+    side = model.config.vision_config.image_size
+    return LlavaOnevisionImageProcessorPil(size={"height": side, "width": side},
+                                           image_grid_pinpoints=model.config.image_grid_pinpoints)
+
+
+def llava_onevision_inputs(model: torch.nn.Module, samples: list[Sample], *,
+                           batch_num_images: bool = True) -> dict[str, Any]:
+    """A left-padded batch as LlavaOnevisionProcessor would build it: real image-processor outputs (5-D
+    ``pixel_values``, ``image_sizes``, ``batch_num_images``; samples with several images are not tiled, as in the
+    processor), and as many placeholders per image as the model's own ``get_image_features`` returns features.
+    ``batch_num_images=False`` leaves it out, so that every image is tiled (the model's single-image default)."""
+    px = onevision_image_processor(model)(onevision_images(samples), return_tensors="pt")
+    nums = px["batch_num_images"] if batch_num_images else None
+    with torch.no_grad():
+        feats = model.model.get_image_features(px["pixel_values"], px["image_sizes"], batch_num_images=nums,
+                                               return_dict=True).pooler_output
+    counts = iter(int(f.shape[0]) for f in feats)
+    rows = []
+    for s in samples:
+        placeholders = [IMAGE_TOKEN] * sum(next(counts) for _ in range(s.n_items))
+        rows.append(s.before + placeholders + s.after)
+    ids, mask = left_pad(rows)
+    out = {"input_ids": ids, "attention_mask": mask, "pixel_values": px["pixel_values"],
+           "image_sizes": px["image_sizes"]}
+    if batch_num_images:
+        out["batch_num_images"] = px["batch_num_images"]
+    return out
+
+
+# ---- Qwen2-VL / Qwen2.5-VL ---------------------------------------------------------------------------------------
+QWEN_VIDEO_TOKEN, QWEN_VISION_START, QWEN_VISION_END = 101, 102, 103
+# (h, w) patch grids of the test images (multiples of the 2x2 merge): 12, 4, 12, 8, 9 LLM tokens
+QWEN_GRIDS = [(6, 8), (4, 4), (8, 6), (4, 8), (6, 6)]
+
+
+def _qwen_vl_text_config() -> dict[str, Any]:
+    # head_dim 8: the M-RoPE sections (t, h, w) must sum to head_dim / 2; initializer_range 0.1 (not 0.02) so that
+    # attention is far from uniform and a wrong position changes the logits visibly
+    return dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=512, pad_token_id=PAD, bos_token_id=1, eos_token_id=2,
+                initializer_range=0.1,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]})
+
+
+def _qwen_vl_token_ids() -> dict[str, int]:
+    return dict(image_token_id=IMAGE_TOKEN, video_token_id=QWEN_VIDEO_TOKEN, vision_start_token_id=QWEN_VISION_START,
+                vision_end_token_id=QWEN_VISION_END)
+
+
+def tiny_qwen2_vl(attn_implementation: str = "sdpa", seed: int = 0) -> torch.nn.Module:
+    """Qwen2-VL: 2-block ViT (4-px patches, 2x2 merger) + 2-layer M-RoPE LLM, random weights."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    vision = dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2, patch_size=4,
+                  temporal_patch_size=2, spatial_merge_size=2)
+    cfg = Qwen2VLConfig(vision_config=vision, text_config=_qwen_vl_text_config(), **_qwen_vl_token_ids())
+    torch.manual_seed(seed)
+    return Qwen2VLForConditionalGeneration._from_config(cfg, attn_implementation=attn_implementation).eval()
+
+
+def tiny_qwen2_5_vl(attn_implementation: str = "sdpa", seed: int = 0, **vision_config: Any) -> torch.nn.Module:
+    """Qwen2.5-VL: 3-block ViT with window attention (windows of 2x2 merged tokens; block 1 full attention, the LAST
+    block windowed, to exercise the windowed signal path) + 2-layer M-RoPE LLM, random weights."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    vision: dict[str, Any] = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=4,
+                                  temporal_patch_size=2, spatial_merge_size=2, window_size=16, out_hidden_size=32,
+                                  fullatt_block_indexes=[1])
+    vision.update(vision_config)
+    cfg = Qwen2_5_VLConfig(vision_config=vision, text_config=_qwen_vl_text_config(), **_qwen_vl_token_ids())
+    torch.manual_seed(seed)
+    return Qwen2_5_VLForConditionalGeneration._from_config(cfg, attn_implementation=attn_implementation).eval()
+
+
+def qwen_vl_inputs(model: torch.nn.Module, samples: list[Sample]) -> dict[str, Any]:
+    """A left-padded batch as the Qwen-VL processor builds it: flattened patches ``[sum(t*h*w), C*T*P*P]``,
+    ``image_grid_thw``, ``<vision_start> <image>*(t*h*w/4) <vision_end>`` per image and ``mm_token_type_ids`` (1 at
+    image placeholders). Image ``j`` of a sample with seed ``s`` has grid ``QWEN_GRIDS[(s + j) % 5]``."""
+    v = model.config.vision_config
+    unit = v.spatial_merge_size ** 2
+    patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
+    rows, pixels, grids = [], [], []
+    for s in samples:
+        g = torch.Generator().manual_seed(s.seed)
+        row = list(s.before)
+        for j in range(s.n_items):
+            h, w = QWEN_GRIDS[(s.seed + j) % len(QWEN_GRIDS)]
+            grids.append([1, h, w])
+            pixels.append(torch.randn(h * w, patch_dim, generator=g))
+            row += [QWEN_VISION_START] + [IMAGE_TOKEN] * (h * w // unit) + [QWEN_VISION_END]
+        rows.append(row + s.after)
+    ids, mask = left_pad(rows)
+    return {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": (ids == IMAGE_TOKEN).int(),
+            "pixel_values": torch.cat(pixels), "image_grid_thw": torch.tensor(grids, dtype=torch.long)}
+
+
+def qwen_vl_positions(model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+    """``[4, B, L]`` position ids as ``generate()`` builds them for Qwen-VL: row 0 the 1-D text positions (for the
+    causal mask), rows 1-3 the model's own 3-D M-RoPE positions (``get_rope_index``)."""
+    mask = inputs["attention_mask"]
+    rope, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                         image_grid_thw=inputs["image_grid_thw"], attention_mask=mask)
+    text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0).to(rope.dtype)
+    return torch.cat([text.unsqueeze(0), rope], dim=0)
+
+
+# ---- Whisper -------------------------------------------------------------------------------------------------------
+WHISPER_START = 3  # decoder_start_token_id of the tiny config
+WHISPER_FRAMES = 40  # encoder frames (max_source_positions); input features are twice as long
+
+
+def tiny_whisper(attn_implementation: str = "sdpa", seed: int = 0) -> torch.nn.Module:
+    """Whisper with 16 mel bins, 40 encoder frames, 2+2 layers of width 32, random weights, short-form generation."""
+    from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration
+
+    cfg = WhisperConfig(vocab_size=VOCAB, num_mel_bins=16, d_model=32, encoder_layers=2, decoder_layers=2,
+                        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                        max_source_positions=WHISPER_FRAMES, max_target_positions=64, pad_token_id=PAD,
+                        bos_token_id=1, eos_token_id=2, decoder_start_token_id=WHISPER_START, suppress_tokens=None,
+                        begin_suppress_tokens=None)
+    torch.manual_seed(seed)
+    model = WhisperForConditionalGeneration._from_config(cfg, attn_implementation=attn_implementation)
+    model.generation_config = GenerationConfig(decoder_start_token_id=WHISPER_START, bos_token_id=1, eos_token_id=2,
+                                               pad_token_id=PAD, no_timestamps_token_id=4, is_multilingual=False)
+    return model.eval()
+
+
+def whisper_inputs(model: torch.nn.Module, samples: list[Sample]) -> dict[str, Any]:
+    """One clip per sample: random log-mel-like features whose tail is a quiet stretch (so VAD methods see both
+    speech and silence), and the sample's text as a left-padded decoder prompt after the start token."""
+    mel = model.config.num_mel_bins
+    frames = 2 * model.config.max_source_positions
+    feats, rows = [], []
+    for s in samples:
+        g = torch.Generator().manual_seed(s.seed)
+        f = torch.randn(mel, frames, generator=g) * 0.3 + 0.5
+        quiet = frames // 4 + 2 * s.seed  # a different silent tail per sample
+        f[:, frames - quiet:] = -0.5
+        feats.append(f)
+        rows.append([WHISPER_START] + s.before + s.after)
+    ids, mask = left_pad(rows)
+    return {"input_features": torch.stack(feats), "decoder_input_ids": ids, "decoder_attention_mask": mask}
+
+
+def whisper_positions(inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
+    mask = inputs["decoder_attention_mask"]
+    return {"decoder_position_ids": (mask.long().cumsum(-1) - 1).clamp(min=0)}
+
+
+# ---- Qwen2-Audio ---------------------------------------------------------------------------------------------------
+QWEN_AUDIO_TOKEN = 102
+QWEN_AUDIO_BOS, QWEN_AUDIO_EOS = 103, 104
+QWEN_AUDIO_FRAMES = 40  # encoder frames (max_source_positions): 80 mel frames, at most 20 tokens per clip
+# valid mel frames of the test clips (cycled): 80, 50, 64, 36, 44 mel frames give 20, 12, 16, 9, 11 audio tokens
+QWEN_AUDIO_LENGTHS = [36, 80, 50, 64, 44]
+
+
+def tiny_qwen2_audio(attn_implementation: str = "sdpa", seed: int = 0) -> torch.nn.Module:
+    """Qwen2-Audio: 16 mel bins, 40 encoder frames (2 layers, width 32), stride-2 pooling, Qwen2 (3 layers, width
+    32), random weights."""
+    from transformers import (
+        Qwen2AudioConfig,
+        Qwen2AudioEncoderConfig,
+        Qwen2AudioForConditionalGeneration,
+        Qwen2Config,
+    )
+
+    audio = Qwen2AudioEncoderConfig(num_mel_bins=16, d_model=32, encoder_layers=2, encoder_attention_heads=4,
+                                    encoder_ffn_dim=64, max_source_positions=QWEN_AUDIO_FRAMES)
+    text = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
+    cfg = Qwen2AudioConfig(audio_config=audio, text_config=text, audio_token_index=QWEN_AUDIO_TOKEN)
+    torch.manual_seed(seed)
+    model = Qwen2AudioForConditionalGeneration._from_config(cfg, attn_implementation=attn_implementation)
+    return model.eval()
+
+
+def qwen2_audio_clip_tokens(mel_frames: int) -> int:
+    return ((mel_frames - 1) // 2 + 1 - 2) // 2 + 1
+
+
+def qwen2_audio_inputs(model: torch.nn.Module, samples: list[Sample]) -> dict[str, Any]:
+    """Per clip: random log-mel-like features of a length from ``QWEN_AUDIO_LENGTHS`` (so token counts differ
+    across clips) with a quiet stretch at the end of the valid part, padded to the 30 s window; the prompt holds
+    ``<bos> AUDIO * n <eos>`` per clip, as the processor expands it. Left-padded batch."""
+    mel = model.config.audio_config.num_mel_bins
+    frames = 2 * model.config.audio_config.max_source_positions
+    rows, feats, fmasks = [], [], []
+    for s in samples:
+        row = list(s.before)
+        for j in range(s.n_items):
+            g = torch.Generator().manual_seed(100 * s.seed + j)
+            length = QWEN_AUDIO_LENGTHS[(s.seed + j) % len(QWEN_AUDIO_LENGTHS)]
+            f = torch.full((mel, frames), -0.5)
+            f[:, :length] = torch.randn(mel, length, generator=g) * 0.3 + 0.5
+            f[:, length - length // 4: length] = -0.4  # quiet tail
+            m = torch.zeros(frames, dtype=torch.long)
+            m[:length] = 1
+            feats.append(f)
+            fmasks.append(m)
+            row += [QWEN_AUDIO_BOS] + [QWEN_AUDIO_TOKEN] * qwen2_audio_clip_tokens(length) + [QWEN_AUDIO_EOS]
+        rows.append(row + s.after)
+    ids, mask = left_pad(rows)
+    return {"input_ids": ids, "attention_mask": mask, "input_features": torch.stack(feats),
+            "feature_attention_mask": torch.stack(fmasks)}
+
+
+CASES["qwen2_audio"] = Case("qwen2_audio", lambda attn: tiny_qwen2_audio(attn), lambda m, s: qwen2_audio_inputs(m, s),
+                            lambda m: m.model.language_model, modalities=("audio",), stages=("pre_llm", "llm"))

@@ -6,9 +6,17 @@ import torch
 
 from .base import Adapter, Item
 from .llava import LlavaAdapter
+from .llava_onevision import LlavaOnevisionAdapter
+from .qwen2_audio import Qwen2AudioAdapter
+from .qwen2_vl import Qwen2VLAdapter
+from .whisper import WhisperAdapter
 
 ADAPTERS: list[type[Adapter]] = [
     LlavaAdapter,
+    LlavaOnevisionAdapter,
+    Qwen2VLAdapter,
+    WhisperAdapter,
+    Qwen2AudioAdapter,
 ]
 
 

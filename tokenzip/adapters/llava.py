@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from ..llm.adapter import LLMAccess, placeholder_items
 from ..output import CompressOutput
 from .base import Adapter, Item, pad_id_for, shrink_sequences, text_signals
 from .probe import probe
@@ -62,9 +63,12 @@ def items_per_sample(input_ids: torch.Tensor, token_id: int, sizes: list[int], w
     return owner
 
 
-class LlavaAdapter(Adapter):
-    model_classes = ("LlavaForConditionalGeneration",)
+class LlavaFamily(LLMAccess, Adapter):
+    """What LLaVA-1.5 and LLaVA-OneVision share: ``pixel_values`` media, one placeholder token per image feature,
+    and the feature layer / select strategy taken from the call or the config."""
+
     modalities = ("image",)
+    stages = ("pre_llm", "llm")
 
     def __init__(self, model: torch.nn.Module):
         super().__init__(model)
@@ -83,6 +87,10 @@ class LlavaAdapter(Adapter):
         strategy = kwargs.get("vision_feature_select_strategy")
         return (cfg.vision_feature_layer if layer is None else layer,
                 cfg.vision_feature_select_strategy if strategy is None else strategy)
+
+
+class LlavaAdapter(LlavaFamily):
+    model_classes = ("LlavaForConditionalGeneration",)
 
     @torch.no_grad()
     def encode(self, kwargs: dict[str, Any], needs: frozenset[str]) -> list[Item]:
@@ -127,3 +135,26 @@ class LlavaAdapter(Adapter):
         new.pop("image_sizes", None)
         new["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=tuple(feats))}
         return new
+
+    # ---- stage "llm" --------------------------------------------------------------------------------------------
+    def llm_items(self, kwargs: dict[str, Any]) -> list:
+        """Each image's placeholder run in the LLM sequence: from ``pixel_values`` (one run of the tower's feature
+        count per image) or, after a pre-LLM method (``tz.compose``), from the precomputed features' lengths."""
+        input_ids = require_input_ids(kwargs)
+        pre = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+        if pre is not None:
+            sizes = [int(t.shape[0]) for t in pre.pooler_output]
+        elif kwargs.get("pixel_values") is not None:
+            pv = kwargs["pixel_values"]
+            vcfg = self.model.config.vision_config
+            side = int(pv.shape[-1]) // int(vcfg.patch_size)
+            _, strategy = self._feature_args(kwargs)
+            sizes = [side * side + (0 if strategy == "default" else 1)] * int(pv.shape[0])
+        else:
+            return []
+        owners = items_per_sample(input_ids, self.image_token_id, sizes)
+        grids = []
+        for n in sizes:
+            side = math.isqrt(n)
+            grids.append([(side, side)] if side * side == n else None)
+        return placeholder_items(input_ids, self.image_token_id, sizes, owners, "image", grids)

@@ -3,12 +3,48 @@
 from __future__ import annotations
 
 from ..base import Compressor
+from .atome import AToMe
+from .attn_topk import AttnTopK
 from .avg_pool import AvgPool
+from .bilinear import Bilinear
+from .cls_topk import ClsTopK
+from .divprune import DivPrune
+from .dpc_knn import DpcKnn
+from .fastv import FastV
+from .prumerge_plus import PruMergePlus
+from .pyramiddrop import PyramidDrop
 from .random_prune import RandomPrune
+from .sparsevlm import SparseVLM
+from .speechprune import SpeechPrune
+from .tome import ToMe
+from .vad_prune import VadPrune
+from .trim import Trim
+from .visionzip import VisionZip
+from .vispruner import VisPruner
+from .vtw import VTW
+from .zipvl import ZipVL
 
 METHODS: list[type[Compressor]] = [
     RandomPrune,
     AvgPool,
+    Bilinear,
+    ToMe,
+    DivPrune,
+    DpcKnn,
+    ClsTopK,
+    PruMergePlus,
+    VisionZip,
+    VisPruner,
+    Trim,
+    AToMe,
+    AttnTopK,
+    VadPrune,
+    SpeechPrune,
+    FastV,
+    PyramidDrop,
+    VTW,
+    SparseVLM,
+    ZipVL,
 ]
 
 __all__ = ["METHODS"] + [cls.__name__ for cls in METHODS]
