@@ -17,16 +17,9 @@ from tokenzip.testing import (
     qwen2_audio_clip_tokens,
 )
 
+from test_llm_stage import _logits  # the same stock forward with mask-derived positions
+
 CASE = "qwen2_audio"
-
-
-def _positions(mask):
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def _logits(model, inputs):
-    with torch.no_grad():
-        return model(**inputs, position_ids=_positions(inputs["attention_mask"])).logits
 
 
 def _inputs(model, samples=None):

@@ -88,6 +88,17 @@ class LlavaFamily(LLMAccess, Adapter):
         return (cfg.vision_feature_layer if layer is None else layer,
                 cfg.vision_feature_select_strategy if strategy is None else strategy)
 
+    def _shorten_prompt(self, kwargs: dict[str, Any], items: list[Item], outputs: list[CompressOutput],
+                        avoid: set[int]) -> dict[str, Any]:
+        """The call's sequence tensors with each image keeping only its first ``k`` placeholders (``avoid``: token
+        ids the padding must not use)."""
+        input_ids = kwargs["input_ids"]
+        counts: list[list[tuple[int, int]]] = [[] for _ in range(input_ids.shape[0])]
+        for item, out in zip(items, outputs):
+            counts[item.sample].append((item.tokens.shape[0], out.tokens.shape[1]))
+        keep = placeholder_keep_mask(input_ids, self.image_token_id, counts)
+        return shrink_sequences(kwargs, keep, pad_id_for(self.model.config, avoid))
+
 
 class LlavaAdapter(LlavaFamily):
     model_classes = ("LlavaForConditionalGeneration",)
@@ -123,14 +134,8 @@ class LlavaAdapter(LlavaFamily):
         return items
 
     def rebuild(self, kwargs: dict[str, Any], items: list[Item], outputs: list[CompressOutput]) -> dict[str, Any]:
-        input_ids = kwargs["input_ids"]
-        counts: list[list[tuple[int, int]]] = [[] for _ in range(input_ids.shape[0])]
-        feats = []
-        for item, out in zip(items, outputs):
-            counts[item.sample].append((item.tokens.shape[0], out.tokens.shape[1]))
-            feats.append(self.core.multi_modal_projector(out.tokens[0]))
-        keep = placeholder_keep_mask(input_ids, self.image_token_id, counts)
-        new = shrink_sequences(kwargs, keep, pad_id_for(self.model.config, {self.image_token_id}))
+        feats = [self.core.multi_modal_projector(out.tokens[0]) for out in outputs]
+        new = self._shorten_prompt(kwargs, items, outputs, {self.image_token_id})
         new.pop("pixel_values", None)
         new.pop("image_sizes", None)
         new["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=tuple(feats))}

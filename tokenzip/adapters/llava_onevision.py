@@ -50,8 +50,8 @@ from transformers.models.llava_onevision.modeling_llava_onevision import image_s
 
 from ..llm.adapter import placeholder_items
 from ..output import CompressOutput
-from .base import Item, pad_id_for, shrink_sequences, text_signals
-from .llava import LlavaFamily, items_per_sample, placeholder_keep_mask, require_input_ids
+from .base import Item, text_signals
+from .llava import LlavaFamily, items_per_sample, require_input_ids
 from .probe import probe
 from .vision import has_cls_token, signal_layer
 
@@ -193,14 +193,8 @@ class LlavaOnevisionAdapter(LlavaFamily):
         return [(side, side), (rows, width1)]
 
     def rebuild(self, kwargs: dict[str, Any], items: list[Item], outputs: list[CompressOutput]) -> dict[str, Any]:
-        input_ids = kwargs["input_ids"]
-        counts: list[list[tuple[int, int]]] = [[] for _ in range(input_ids.shape[0])]
-        feats = []
-        for item, out in zip(items, outputs):
-            counts[item.sample].append((item.tokens.shape[0], out.tokens.shape[1]))
-            feats.append(out.tokens[0])
-        keep = placeholder_keep_mask(input_ids, self.image_token_id, counts)
-        new = shrink_sequences(kwargs, keep, pad_id_for(self.model.config, self.media_token_ids))
+        feats = [out.tokens[0] for out in outputs]
+        new = self._shorten_prompt(kwargs, items, outputs, self.media_token_ids)
         for key in ("pixel_values", "image_sizes", "batch_num_images"):
             new.pop(key, None)
         encoded: dict[str, Any] = {"image": BaseModelOutputWithPooling(pooler_output=tuple(feats))}
