@@ -401,13 +401,14 @@ def _case_forward(case, model, inputs):
         return model(**inputs, position_ids=pos).logits
 
 
-def _dropped(c, inputs, image_token):
+def _dropped(c, inputs, image_token, modality="image"):
+    """[B, L] True at the placeholder positions of media tokens the method dropped (from ``c.last_stats``)."""
     ids = inputs["input_ids"]
     dropped = torch.zeros_like(ids, dtype=torch.bool)
     for b, stats in enumerate(c.last_stats):
         where = (ids[b] == image_token).nonzero().flatten()
         start = 0
-        for it in stats["image"].items:
+        for it in stats[modality].items:
             pos = where[start: start + it.tokens_in]
             dropped[b, pos[it.source < 0]] = True
             start += it.tokens_in

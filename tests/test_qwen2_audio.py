@@ -17,7 +17,7 @@ from tokenzip.testing import (
     qwen2_audio_clip_tokens,
 )
 
-from test_llm_stage import _logits  # the same stock forward with mask-derived positions
+from test_llm_stage import _dropped as _dropped_at, _logits  # the same stock forward with mask-derived positions
 
 CASE = "qwen2_audio"
 
@@ -232,16 +232,7 @@ def test_speechprune_rejects_bad_arguments(kw):
 
 
 def _dropped(c, inputs):
-    ids = inputs["input_ids"]
-    dropped = torch.zeros_like(ids, dtype=torch.bool)
-    for b, stats in enumerate(c.last_stats):
-        where = (ids[b] == QWEN_AUDIO_TOKEN).nonzero().flatten()
-        start = 0
-        for it in stats["audio"].items:
-            pos = where[start: start + it.tokens_in]
-            dropped[b, pos[it.source < 0]] = True
-            start += it.tokens_in
-    return dropped
+    return _dropped_at(c, inputs, QWEN_AUDIO_TOKEN, "audio")
 
 
 def test_speechprune_equals_the_masking_oracle():

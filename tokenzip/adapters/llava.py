@@ -8,7 +8,7 @@ go to the stock model through ``mm_encoder_outputs`` (no patching of model inter
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -39,6 +39,22 @@ def placeholder_keep_mask(input_ids: torch.Tensor, token_id: int, per_sample_cou
             keep[b, pos[start: start + k]] = True
             start += n
     return keep
+
+
+def image_llm_items(kwargs: dict[str, Any], token_id: int,
+                    plan: Callable[[], tuple[list[int], list[Any] | None]]) -> list:
+    """Each image's placeholder run in the LLM sequence (stage "llm"): after a pre-LLM method (``tz.compose``) the
+    precomputed features' lengths, else the adapter's ``plan()`` of per-image token counts and grids."""
+    input_ids = require_input_ids(kwargs)
+    pre = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+    if pre is not None:
+        sizes, grids = [int(t.shape[0]) for t in pre.pooler_output], None
+    elif kwargs.get("pixel_values") is not None:
+        sizes, grids = plan()
+    else:
+        return []
+    owners = items_per_sample(input_ids, token_id, sizes)
+    return placeholder_items(input_ids, token_id, sizes, owners, "image", grids)
 
 
 def items_per_sample(input_ids: torch.Tensor, token_id: int, sizes: list[int], what: str = "image") -> list[int]:
@@ -144,22 +160,17 @@ class LlavaAdapter(LlavaFamily):
     # ---- stage "llm" --------------------------------------------------------------------------------------------
     def llm_items(self, kwargs: dict[str, Any]) -> list:
         """Each image's placeholder run in the LLM sequence: from ``pixel_values`` (one run of the tower's feature
-        count per image) or, after a pre-LLM method (``tz.compose``), from the precomputed features' lengths."""
-        input_ids = require_input_ids(kwargs)
-        pre = (kwargs.get("mm_encoder_outputs") or {}).get("image")
-        if pre is not None:
-            sizes = [int(t.shape[0]) for t in pre.pooler_output]
-        elif kwargs.get("pixel_values") is not None:
+        count per image) or, after a pre-LLM method (``tz.compose``), from the precomputed features' lengths; a run
+        whose length is a square gets that square grid."""
+        def plan() -> tuple[list[int], None]:
             pv = kwargs["pixel_values"]
-            vcfg = self.model.config.vision_config
-            side = int(pv.shape[-1]) // int(vcfg.patch_size)
+            side = int(pv.shape[-1]) // int(self.model.config.vision_config.patch_size)
             _, strategy = self._feature_args(kwargs)
-            sizes = [side * side + (0 if strategy == "default" else 1)] * int(pv.shape[0])
-        else:
-            return []
-        owners = items_per_sample(input_ids, self.image_token_id, sizes)
-        grids = []
-        for n in sizes:
+            return [side * side + (0 if strategy == "default" else 1)] * int(pv.shape[0]), None
+
+        items = image_llm_items(kwargs, self.image_token_id, plan)
+        for it in items:
+            n = int(it.positions.numel())
             side = math.isqrt(n)
-            grids.append([(side, side)] if side * side == n else None)
-        return placeholder_items(input_ids, self.image_token_id, sizes, owners, "image", grids)
+            it.grid = [(side, side)] if side * side == n else None
+        return items

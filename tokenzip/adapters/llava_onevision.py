@@ -48,10 +48,9 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
-from ..llm.adapter import placeholder_items
 from ..output import CompressOutput
 from .base import Item, text_signals
-from .llava import LlavaFamily, items_per_sample, require_input_ids
+from .llava import LlavaFamily, image_llm_items, items_per_sample, require_input_ids
 from .probe import probe
 from .vision import has_cls_token, signal_layer
 
@@ -211,16 +210,10 @@ class LlavaOnevisionAdapter(LlavaFamily):
 
     # ---- stage "llm" (tokenzip.llm): each image's placeholder run (newline tokens included), planned without the tower
     def llm_items(self, kwargs: dict[str, Any]) -> list:
-        input_ids = require_input_ids(kwargs)
-        pre = (kwargs.get("mm_encoder_outputs") or {}).get("image")
-        if pre is not None:  # after a pre-LLM method (tz.compose)
-            sizes, grids = [int(t.shape[0]) for t in pre.pooler_output], None
-        elif kwargs.get("pixel_values") is not None:
+        def plan() -> tuple[list[int], list]:
             _, strategy = self._feature_args(kwargs)
             _, marks, grids = self.plan(kwargs["pixel_values"], kwargs.get("image_sizes"),
                                         kwargs.get("batch_num_images"), strategy)
-            sizes = [int(m.shape[0]) for m in marks]
-        else:
-            return []
-        owners = items_per_sample(input_ids, self.image_token_id, sizes)
-        return placeholder_items(input_ids, self.image_token_id, sizes, owners, "image", grids)
+            return [int(m.shape[0]) for m in marks], grids
+
+        return image_llm_items(kwargs, self.image_token_id, plan)

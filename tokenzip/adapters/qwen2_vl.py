@@ -52,10 +52,10 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.vision_utils import get_vision_window_index
 
-from ..llm.adapter import LLMAccess, placeholder_items
+from ..llm.adapter import LLMAccess
 from ..output import CompressOutput
 from .base import Adapter, Item, pad_id_for, padding_side, shrink_sequences, text_signals
-from .llava import items_per_sample, placeholder_keep_mask, require_input_ids
+from .llava import image_llm_items, items_per_sample, placeholder_keep_mask, require_input_ids
 
 
 class _LastBlockProbe:
@@ -272,18 +272,12 @@ class Qwen2VLAdapter(LLMAccess, Adapter):
 
     # ---- stage "llm" (tokenzip.llm): each image's placeholder run; kept tokens keep their 3-D M-RoPE positions --
     def llm_items(self, kwargs: dict[str, Any]) -> list:
-        input_ids = require_input_ids(kwargs)
-        pre = (kwargs.get("mm_encoder_outputs") or {}).get("image")
-        if pre is not None:  # after a pre-LLM method (tz.compose)
-            sizes, grids = [int(t.shape[0]) for t in pre.pooler_output], None
-        elif kwargs.get("pixel_values") is not None:
+        def plan() -> tuple[list[int], list]:
             grid, m = self._grid(kwargs), self.merge
-            sizes = [int(t * h * w) // (m * m) for t, h, w in grid.tolist()]
-            grids = [[(h // m, w // m)] * t for t, h, w in grid.tolist()]
-        else:
-            return []
-        owners = items_per_sample(input_ids, self.image_token_id, sizes)
-        return placeholder_items(input_ids, self.image_token_id, sizes, owners, "image", grids)
+            return ([int(t * h * w) // (m * m) for t, h, w in grid.tolist()],
+                    [[(h // m, w // m)] * t for t, h, w in grid.tolist()])
+
+        return image_llm_items(kwargs, self.image_token_id, plan)
 
 
 def _pack(t: torch.Tensor, keep: torch.Tensor, side: str, width: int) -> torch.Tensor:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 
 
-def encoder_layers(tower: torch.nn.Module) -> torch.nn.ModuleList:
-    for path in ("vision_model.encoder.layers", "encoder.layers", "encoder.layer", "vision_model.encoder.layer"):
-        mod = tower
+def find_module_list(root: torch.nn.Module, paths: tuple[str, ...]) -> torch.nn.ModuleList | None:
+    """The first of the dotted attribute ``paths`` under ``root`` that is a ModuleList, or None."""
+    for path in paths:
+        mod = root
         try:
             for part in path.split("."):
                 mod = getattr(mod, part)
@@ -15,7 +16,15 @@ def encoder_layers(tower: torch.nn.Module) -> torch.nn.ModuleList:
             continue
         if isinstance(mod, torch.nn.ModuleList):
             return mod
-    raise TypeError(f"cannot find the encoder layers of {type(tower).__name__}")
+    return None
+
+
+def encoder_layers(tower: torch.nn.Module) -> torch.nn.ModuleList:
+    layers = find_module_list(tower, ("vision_model.encoder.layers", "encoder.layers", "encoder.layer",
+                                      "vision_model.encoder.layer"))
+    if layers is None:
+        raise TypeError(f"cannot find the encoder layers of {type(tower).__name__}")
+    return layers
 
 
 def attention_module(layer: torch.nn.Module) -> torch.nn.Module:

@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..adapters.vision import find_module_list
+
 TEXT_BEFORE = 24  # prompt text tokens around the image: a short chat-style question
 TEXT_AFTER = 16
 
@@ -284,16 +286,7 @@ def _count_layers(model: torch.nn.Module) -> dict[str, int]:
 
 
 def _layers(mod: torch.nn.Module) -> torch.nn.ModuleList | None:
-    for path in ("layers", "blocks", "encoder.layers", "encoder.layer", "vision_model.encoder.layers"):
-        obj = mod
-        try:
-            for part in path.split("."):
-                obj = getattr(obj, part)
-        except AttributeError:
-            continue
-        if isinstance(obj, torch.nn.ModuleList):
-            return obj
-    return None
+    return find_module_list(mod, ("layers", "blocks", "encoder.layers", "encoder.layer", "vision_model.encoder.layers"))
 
 
 def build(name_or_path: str, *, attn: str = "sdpa", dtype: str | torch.dtype = "float32", device: str = "cpu",
