@@ -231,20 +231,114 @@ def test_pack_windows_and_wer():
     assert wer(["a b c d"], ["a x c d"]) == 0.25
 
 
+def _cross_attention_masks(model):
+    """Records the additive mask each decoder cross-attention receives (after tokenzip's own pre-hooks)."""
+    seen = []
+    handles = [layer.encoder_attn.register_forward_hook(
+        lambda m, a, kw, out: seen.append((kw["key_value_states"].shape[1], kw.get("attention_mask"))),
+        with_kwargs=True) for layer in model.model.decoder.layers]
+    return seen, handles
+
+
 def test_whisper_proportional_attention_lives_inside_the_patch():
     model = built("whisper")
     feats = CASES["whisper"].make_inputs(model, default_samples())["input_features"]
-    layers = model.model.decoder.layers
+    before = {id(h) for layer in model.model.decoder.layers for h in layer.encoder_attn._forward_pre_hooks.values()}
+    seen, handles = _cross_attention_masks(model)
+    try:
+        with tz.get("avgpool", retain=0.25)(model):  # merges 4 frames per token: log(4) on every key
+            model.generate(input_features=feats, max_new_tokens=2, do_sample=False)
+        assert seen and all(n == 10 and mask is not None for n, mask in seen)
+        torch.testing.assert_close(seen[0][1].exp().sum(-1).flatten(), torch.full((3,), 40.0))
+        seen.clear()
+        with tz.get("random", retain=0.25)(model):  # a pure selection: nothing to rebalance
+            model.generate(input_features=feats, max_new_tokens=2, do_sample=False)
+        assert seen and all(n == 10 and mask is None for n, mask in seen)
+        seen.clear()
+        model.generate(input_features=feats, max_new_tokens=2, do_sample=False)  # outside: untouched
+        assert seen and all(n == 40 and mask is None for n, mask in seen)
+    finally:
+        for h in handles:
+            h.remove()
+    after = {id(h) for layer in model.model.decoder.layers for h in layer.encoder_attn._forward_pre_hooks.values()}
+    assert after == before
 
-    def hooks():
-        return sum(len(layer.encoder_attn._forward_pre_hooks) for layer in layers)
 
-    before = hooks()
-    with tz.get("avgpool", retain=0.25)(model) as patch:  # merges 4 frames per token
-        model.generate(input_features=feats, max_new_tokens=2, do_sample=False)
-        assert hooks() == before + len(layers)
-        torch.testing.assert_close(patch.adapter._bias.exp().sum(1), torch.full((3,), 40.0))
-    assert hooks() == before
-    with tz.get("random", retain=0.25)(model) as patch:  # a pure selection: nothing to rebalance
-        model.generate(input_features=feats, max_new_tokens=2, do_sample=False)
-        assert hooks() == before and patch.adapter._bias is None
+@pytest.mark.parametrize("method", [tz.get("avgpool", retain=0.25), tz.InEncoder(tz.AToMe(retain=0.25), layer=1)])
+def test_whisper_temperature_fallback_reads_compressed_frames(method):
+    """Whisper's own temperature fallback re-runs generate() on the rows that failed its thresholds: every decoder
+    pass must still read the compressed frames of the right rows, with their proportional attention."""
+    model = built("whisper")
+    feats = CASES["whisper"].make_inputs(model, default_samples())["input_features"]
+    seen, handles = _cross_attention_masks(model)
+    encoder_calls = []
+    handles.append(model.model.encoder.register_forward_hook(lambda m, a, out: encoder_calls.append(1)))
+    try:
+        torch.manual_seed(0)
+        with method(model):
+            out = model.generate(input_features=feats, max_new_tokens=6, temperature=(0.0, 0.5, 1.0),
+                                 compression_ratio_threshold=1.0, logprob_threshold=0.0, do_sample=False)
+    finally:
+        for h in handles:
+            h.remove()
+    assert out.shape[0] == 3
+    assert len(encoder_calls) > 1  # thresholds no random model meets: the fallback re-ran generate()
+    assert all(n == 10 for n, _ in seen)
+    assert all(torch.allclose(mask.exp().sum(-1), torch.full_like(mask[..., 0], 40.0)) for _, mask in seen)
+
+
+def test_in_encoder_runs_the_layers_after_the_cut_on_the_kept_tokens():
+    model = built("whisper")
+    inputs = CASES["whisper"].make_inputs(model, default_samples())
+    lengths = []
+    h = model.model.encoder.layers[1].register_forward_pre_hook(lambda m, a: lengths.append(a[0].shape[1]))
+    try:
+        c = tz.InEncoder(tz.AToMe(retain=0.25), layer=1)
+        with c(model):
+            model(**inputs)
+    finally:
+        h.remove()
+    assert lengths == [10]
+    assert c.last_stats[0]["audio"].tokens_in == 40 and c.last_stats[0]["audio"].tokens_out == 10
+
+
+def test_in_encoder_rejects_bad_arguments():
+    model = built("whisper")
+    with pytest.raises(TypeError, match="method must be a configured"):
+        tz.InEncoder(tz.AToMe, layer=1)
+    with pytest.raises(ValueError, match="only pre-LLM methods"):
+        tz.InEncoder(tz.get("speechprune", retain=0.5), layer=1)
+    with pytest.raises(ValueError, match="layer must be an int >= 1"):
+        tz.InEncoder(tz.AToMe(retain=0.5), layer=0)
+    with pytest.raises(ValueError, match=r"layer must be an int in \[1, 1\]"):
+        tz.InEncoder(tz.AToMe(retain=0.5), layer=2)(model)
+    with pytest.raises(TypeError, match="stage 'encoder'"):
+        tz.InEncoder(tz.AToMe(retain=0.5), layer=1)(built("qwen2_audio"))
+
+
+def test_whisper_rejects_long_form_features():
+    model = built("whisper")
+    feats = torch.zeros(1, 16, 160)
+    with pytest.raises(ValueError, match="long-form audio is not supported"):
+        with tz.get("avgpool", retain=0.5)(model):
+            model.generate(input_features=feats, max_new_tokens=2)
+
+
+def test_whisper_encoder_hands_each_row_its_own_compressed_frames():
+    """Rows are matched by value, so a re-run on a subset or a permutation (the temperature fallback) gets the
+    right rows and their proportional-attention bias; features that are not rows of the call raise."""
+    model = built("whisper")
+    feats = CASES["whisper"].make_inputs(model, default_samples())["input_features"]
+    patch = tz.get("atome", retain=0.25).apply(model)
+    try:
+        patch.prepare({"input_features": feats})
+        _, hidden, bias = patch.adapter._pending
+        out = model.model.encoder(feats[[2, 0]]).last_hidden_state
+        torch.testing.assert_close(out, hidden[[2, 0]], atol=0, rtol=0)
+        torch.testing.assert_close(patch.adapter._bias, bias[[2, 0]], atol=0, rtol=0)
+        with pytest.raises(RuntimeError, match="not rows of the call"):
+            model.model.encoder(feats[:1] + 1)
+        patch.adapter.release()
+        assert model.model.encoder(feats[:1]).last_hidden_state.shape[1] == 40  # outside a call: untouched
+    finally:
+        patch.remove()

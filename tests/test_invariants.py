@@ -42,6 +42,8 @@ def _hooks(model):
 def _no_hooks(model, before):
     assert _hooks(model) <= before, f"hooks left behind: {_hooks(model) - before}"
     assert "forward" not in model.__dict__ and "generate" not in model.__dict__
+    patched = [name for name, m in model.named_modules() if "forward" in m.__dict__]
+    assert not patched, f"forward() still replaced on {patched}"
     assert getattr(model, "_tokenzip_patch", None) is None
 
 

@@ -11,6 +11,7 @@ from .adapters import supported_models
 from .base import Compressor, MethodInfo
 from .budget import Budget
 from .compose import Composed, compose
+from .encoder_stage import InEncoder
 from .methods import *  # noqa: F401,F403  (method classes)
 from .methods import METHODS
 from .output import CompressOutput, ItemStats, ModalityStats
@@ -18,5 +19,5 @@ from .registry import get, method_class, methods
 
 __version__ = "0.1.0"
 
-__all__ = ["Budget", "Composed", "CompressOutput", "Compressor", "ItemStats", "METHODS", "MethodInfo",
+__all__ = ["Budget", "Composed", "CompressOutput", "Compressor", "InEncoder", "ItemStats", "METHODS", "MethodInfo",
            "ModalityStats", "compose", "get", "method_class", "methods", "supported_models"] + [cls.__name__ for cls in METHODS]

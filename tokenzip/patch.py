@@ -34,6 +34,8 @@ class Patch:
                 raise TypeError(f"{part.info.name} compresses {list(part.info.modalities)}; "
                                 f"{type(model).__name__} has {list(self.adapter.modalities)}")
         self.pre = next((p for p in parts if p.info.stage != "llm"), None)
+        if self.pre is not None and self.pre.info.stage == "encoder":
+            self.adapter.set_encoder_layer(self.pre.layer)  # ValueError naming the valid layers
         self.llm_compressor = next((p for p in parts if p.info.stage == "llm"), None)
         self.llm = None  # the LLM-stage hook runner while installed
         if self.llm_compressor is not None:
@@ -41,6 +43,7 @@ class Patch:
 
             LLMRunner(self.llm_compressor, self.adapter)  # validates (attention implementation ...) before install
         self.installed = False
+        self._depth = 0  # nesting of patched calls in progress
 
     # ---- install / remove ---------------------------------------------------------------------------------------
     def install(self) -> "Patch":
@@ -57,14 +60,17 @@ class Patch:
         @functools.wraps(orig_forward)
         def forward(*args: Any, **kwargs: Any):
             kwargs = _as_kwargs(fwd_sig, args, kwargs)
-            kwargs = self.prepare(kwargs)
-            if self.llm is None:
-                return orig_forward(**kwargs)
-            self.llm.pending = self.adapter.llm_items(kwargs) or None  # consumed by the LLM's prefill
+            self._depth += 1
             try:
+                kwargs = self.prepare(kwargs)
+                if self.llm is None:
+                    return orig_forward(**kwargs)
+                self.llm.pending = self.adapter.llm_items(kwargs) or None  # consumed by the LLM's prefill
                 return orig_forward(**kwargs)
             finally:
-                self.llm.pending = None
+                if self.llm is not None:
+                    self.llm.pending = None
+                self._leave()
 
         @functools.wraps(orig_generate)
         def generate(*args: Any, **kwargs: Any):
@@ -78,8 +84,12 @@ class Patch:
                 if int(beams) > 1:
                     raise ValueError(f"LLM-stage compression does not support beam search (num_beams={beams}): "
                                      "the shortened layers' cache cannot be reordered")
-            new_kwargs = self.prepare(kwargs)
-            out = orig_generate(**new_kwargs)
+            self._depth += 1
+            try:
+                new_kwargs = self.prepare(kwargs)
+                out = orig_generate(**new_kwargs)
+            finally:
+                self._leave()
             return _restore_prompt(out, original_ids, new_kwargs.get("input_ids"))
 
         if self.llm_compressor is not None:
@@ -92,6 +102,13 @@ class Patch:
         model._tokenzip_patch = self
         self.installed = True
         return self
+
+    def _leave(self) -> None:
+        """End of a patched call: per-call adapter state goes once the outermost call (generate() calls the patched
+        forward() at every step) returns."""
+        self._depth -= 1
+        if self._depth == 0:
+            self.adapter.release()
 
     def remove(self) -> None:
         if not self.installed:

@@ -108,7 +108,7 @@ CASES: dict[str, Case] = {
                        lambda m: m.model.language_model, position_ids=lambda m, i: qwen_vl_positions(m, i),
                        stages=("pre_llm", "llm")),
     "whisper": Case("whisper", lambda attn: tiny_whisper(attn), lambda m, s: whisper_inputs(m, s),
-                    lambda m: m.model.decoder, modalities=("audio",),
+                    lambda m: m.model.decoder, modalities=("audio",), stages=("pre_llm", "encoder"),
                     position_ids=lambda m, i: whisper_positions(i),
                     lm_tokens=lambda kw: torch.ones(kw["encoder_hidden_states"].shape[:2], dtype=torch.long),
                     input_tokens=lambda i: torch.full((i["input_features"].shape[0],),

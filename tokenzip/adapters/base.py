@@ -51,6 +51,14 @@ class Adapter(ABC):
     def encode(self, kwargs: dict[str, Any], needs: frozenset[str]) -> list[Item]:
         """Run the encoder and return the items in sequence order, with the requested signals."""
 
+    def set_encoder_layer(self, layer: int) -> None:
+        """Stage "encoder": compress between encoder layers ``layer - 1`` and ``layer`` (adapters that list the
+        stage implement this)."""
+        raise TypeError(f"{type(self).__name__} has no encoder stage")
+
+    def release(self) -> None:
+        """Called after every patched forward()/generate() call, also after an exception: drop per-call state."""
+
     @abstractmethod
     def rebuild(self, kwargs: dict[str, Any], items: list[Item], outputs: list[CompressOutput]) -> dict[str, Any]:
         """Arguments for the original forward()/generate() that feed the compressed tokens to the LLM."""
