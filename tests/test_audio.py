@@ -342,3 +342,25 @@ def test_whisper_encoder_hands_each_row_its_own_compressed_frames():
         assert model.model.encoder(feats[:1]).last_hidden_state.shape[1] == 40  # outside a call: untouched
     finally:
         patch.remove()
+
+
+def test_audio_eval_method_specs():
+    from tokenzip.audio_eval import audio_methods, make_method
+
+    c = make_method("atome@encoder2", 0.25)
+    assert isinstance(c, tz.InEncoder) and c.layer == 2 and c.budget.retain == 0.25
+    assert isinstance(make_method("avgpool", 0.5), tz.AvgPool)
+    with pytest.raises(ValueError, match="NAME@encoderL"):
+        make_method("atome@decoder1", 0.5)
+    assert "vad_prune" in audio_methods() and "atome@encoder2" in audio_methods()
+
+
+def test_bench_routes_whisper_to_the_wer_sweep(monkeypatch, tmp_path):
+    import tokenzip.audio_eval as audio_eval
+    from tokenzip.bench.cli import run
+
+    calls = []
+    monkeypatch.setattr(audio_eval, "run", lambda *a, **k: calls.append(a))
+    assert run(["bench", "--model", "whisper-tiny.en", "--methods", "avgpool,atome@encoder1", "--retain", "0.5,0.1",
+                "--out", str(tmp_path)]) == 0
+    assert calls == [(tmp_path, ["avgpool", "atome@encoder1"], [0.5, 0.1], ["filled", "padded"])]

@@ -35,7 +35,9 @@ import torch
 from .zoo.whisper import SAMPLING_RATE, features, load_audio
 
 LIBRIVOX = Path("/usr/share/pocketsphinx/test/data/librivox")
-DEFAULT_RETAINS = (0.5, 0.25, 1 / 6, 0.1)
+DEFAULT_RETAINS = (0.5, 0.25, 1 / 6, 1 / 8, 0.1)
+# the encoder stage (tz.InEncoder) measured by default, cut after 2 of Whisper tiny's 4 encoder layers
+ENCODER_STAGE = ("avgpool@encoder2", "atome@encoder2")
 GAP_SECONDS = 0.2
 WINDOW_FILL = 29.5
 
@@ -49,7 +51,26 @@ ESPEAK_SENTENCES = (
     "Our train was delayed because a tree had fallen across the track.",
     "She painted the kitchen door a bright shade of yellow.",
     "Every morning the baker opens his shop at exactly six o'clock.",
+    "The library closes early on Sundays during the summer months.",
+    "He forgot his umbrella on the bus and walked home in the rain.",
+    "Fresh bread and cheese were waiting on the wooden table.",
+    "The old clock in the hallway stopped at a quarter past nine.",
+    "Two red kites flew high above the green hills all afternoon.",
+    "My neighbour grows tomatoes, beans and peppers in her garden.",
+    "The pilot announced that we would land twenty minutes early.",
+    "A gentle breeze carried the smell of pine through the valley.",
+    "The students listened carefully while the teacher explained the rules.",
+    "Dark clouds gathered over the mountains before the first snow.",
+    "He counted the coins twice and found that one was missing.",
+    "The river was too deep to cross without a proper boat.",
+    "We planted three apple trees behind the house last spring.",
+    "The museum opened a new exhibition about ancient ships.",
+    "Her brother fixed the broken chair with glue and a few nails.",
+    "The market was crowded with people buying flowers and fruit.",
 )
+# espeak-ng voice and speed (words per minute) per group of eight sentences, so windows differ in speaking rate
+# (en-us at 140-160 wpm only: uncompressed, Whisper tiny.en mishears espeak-ng's en-gb voices and 180 wpm, 14-19% WER)
+ESPEAK_VOICES = (("en-us", 160), ("en-us", 140), ("en-us", 150))
 
 
 @dataclass
@@ -81,7 +102,7 @@ def librivox_clips(root: Path = LIBRIVOX) -> list[Clip]:
 
 
 def espeak_clip(text: str, voice: str = "en-us", speed: int = 160) -> Clip:
-    """Synthesise ``text`` with espeak-ng (16 kHz mono after resampling)."""
+    """Synthesise ``text`` with espeak-ng (16 kHz mono after resampling); ``speed`` in words per minute."""
     exe = shutil.which("espeak-ng")
     if exe is None:
         raise FileNotFoundError("espeak-ng not found: install the Debian package espeak-ng")
@@ -90,13 +111,14 @@ def espeak_clip(text: str, voice: str = "en-us", speed: int = 160) -> Clip:
         subprocess.run([exe, "-v", voice, "-s", str(speed), "-w", str(out), text], check=True,
                        capture_output=True)
         wave = load_audio(out)
-    return Clip(f"espeak:{text[:24]}", wave, text)
+    return Clip(f"espeak-{voice}:{text[:24]}", wave, text)
 
 
 def speech_clips(use_espeak: bool = True) -> list[Clip]:
     clips = librivox_clips()
     if use_espeak and shutil.which("espeak-ng"):
-        clips += [espeak_clip(t) for t in ESPEAK_SENTENCES]
+        clips += [espeak_clip(t, *ESPEAK_VOICES[(i // 8) % len(ESPEAK_VOICES)])
+                  for i, t in enumerate(ESPEAK_SENTENCES)]
     return clips
 
 
@@ -156,17 +178,33 @@ def transcribe(model: torch.nn.Module, processor: Any, clips: list[Clip], compre
 
 
 def audio_methods() -> list[str]:
-    """Registered methods that can run on the Whisper adapter (audio modality, pre-LLM stage)."""
+    """Registered methods that can run on the Whisper adapter (audio modality, pre-LLM stage), then the encoder-stage
+    variants of ``ENCODER_STAGE``."""
     import tokenzip as tz
 
-    return [m.name for m in tz.methods() if "audio" in m.modalities and m.stage == "pre_llm"]
+    return [m.name for m in tz.methods() if "audio" in m.modalities and m.stage == "pre_llm"] + list(ENCODER_STAGE)
+
+
+def make_method(spec: str, retain: float, **params: Any) -> Any:
+    """``"atome"`` -> ``tz.get("atome", retain=...)``; ``"atome@encoder2"`` -> the same inside the encoder, cut
+    after 2 layers (``tz.InEncoder``)."""
+    import tokenzip as tz
+
+    name, _, where = spec.partition("@")
+    method = tz.get(name, retain=retain, **params)
+    if not where:
+        return method
+    if not where.startswith("encoder") or not where[len("encoder"):].isdigit():
+        raise ValueError(f"method {spec!r}: write NAME or NAME@encoderL (L = encoder layers before the cut)")
+    return tz.InEncoder(method, layer=int(where[len("encoder"):]))
 
 
 def run(out_dir: Path, methods: list[str], retains: list[float], settings: list[str],
         use_espeak: bool = True, variants: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-    import tokenzip as tz
     from tokenzip import zoo
 
+    for name in methods:  # fail before loading anything
+        make_method(name, 0.5)
     model, processor = zoo.load("whisper-tiny.en")
     clips = speech_clips(use_espeak)
     data = {"filled": pack_windows(clips), "padded": librivox_clips()}
@@ -182,17 +220,19 @@ def run(out_dir: Path, methods: list[str], retains: list[float], settings: list[
         hyps, secs, _ = transcribe(model, processor, windows)
         base = {"setting": setting, "method": "none", "retain": 1.0, "tokens": model.config.max_source_positions,
                 "wer": wer(refs, hyps), "seconds": secs, "windows": len(windows),
-                "audio_seconds": sum(w.seconds for w in windows)}
+                "audio_seconds": sum(w.seconds for w in windows), "window_names": [w.name for w in windows],
+                "window_wer": [wer([t], [h]) for t, h in zip(refs, hyps)]}
         rows.append(base)
         jsonl.write(json.dumps(base) + "\n")
         print(f"[{setting}] uncompressed WER {base['wer']:.3f} ({len(windows)} windows, "
               f"{base['audio_seconds']:.1f} s audio, {secs:.1f} s)", flush=True)
         for label, name, params in runs:
             for r in retains:
-                c = tz.get(name, retain=r, **params)
+                c = make_method(name, r, **params)
                 hyps, secs, tokens = transcribe(model, processor, windows, c)
                 row = {"setting": setting, "method": label, "retain": r, "tokens": tokens,
-                       "wer": wer(refs, hyps), "seconds": secs, "windows": len(windows)}
+                       "wer": wer(refs, hyps), "seconds": secs, "windows": len(windows),
+                       "window_wer": [wer([t], [h]) for t, h in zip(refs, hyps)]}
                 rows.append(row)
                 jsonl.write(json.dumps(row) + "\n")
                 jsonl.flush()

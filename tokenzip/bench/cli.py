@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from pathlib import Path
 from typing import Any
 
 DEFAULT_RETAIN = "0.5,0.25,0.1"
@@ -39,11 +40,12 @@ def _layers(text: str) -> Any:
 def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--model", "--preset", dest="model", default="tiny",
                    help="preset (tiny, llava-1.5-7b, llava-ov-0.5b, qwen2-vl-2b, tiny-<case>: random weights), "
-                        "zoo model (dinov2-llava: real weights) or a local HF checkpoint directory (default: tiny)")
+                        "zoo model (dinov2-llava: real weights; whisper-tiny.en: WER and decode time vs retain on "
+                        "real speech, see tokenzip.audio_eval) or a local HF checkpoint directory (default: tiny)")
     p.add_argument("--methods", default=None,
                    help="comma-separated method names (default: every registered method the model supports)")
-    p.add_argument("--retain", type=_floats, default=_floats(DEFAULT_RETAIN),
-                   help=f"comma-separated budgets (default: {DEFAULT_RETAIN})")
+    p.add_argument("--retain", type=_floats, default=None,
+                   help=f"comma-separated budgets (default: {DEFAULT_RETAIN}; whisper-tiny.en: 0.5,0.25,1/6,1/8,0.1)")
     p.add_argument("--out", default="bench_out", help="output directory (default: bench_out)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per point, median reported (default: 3)")
     p.add_argument("--warmup", type=int, default=1,
@@ -83,8 +85,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.model == "whisper-tiny.en":  # an encoder-decoder ASR model: quality is WER on real speech
+        return _audio(args)
     from .runner import BenchConfig, run_bench
 
+    if args.retain is None:
+        args.retain = _floats(DEFAULT_RETAIN)
     cfg = BenchConfig(
         model=args.model, methods=[m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None,
         retain=args.retain, out=args.out, repeats=args.repeats, warmup=args.warmup,
@@ -97,6 +103,21 @@ def main(args: argparse.Namespace) -> int:
     if "elapsed_s" in result:
         print(f"wrote {args.out}/results.jsonl, {args.out}/report.md and plots "
               f"({len(result['rows'])} rows, {result['elapsed_s']:.0f} s)")
+    return 0
+
+
+def _audio(args: argparse.Namespace) -> int:
+    """``--model whisper-tiny.en``: the WER / decode-time sweep of :mod:`tokenzip.audio_eval` (speech-filled and
+    padded 30 s windows), written to OUT as audio_wer.jsonl, audio_wer.md and audio_wer.png."""
+    import torch
+
+    from ..audio_eval import DEFAULT_RETAINS, audio_methods, run
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else audio_methods()
+    run(Path(args.out), methods, list(args.retain or DEFAULT_RETAINS), ["filled", "padded"])
+    print(f"wrote {args.out}/audio_wer.jsonl, {args.out}/audio_wer.md and {args.out}/audio_wer.png")
     return 0
 
 
