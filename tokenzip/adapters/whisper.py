@@ -254,12 +254,11 @@ class WhisperAdapter(Adapter):
                 hidden = self.encoder(x, return_dict=True).last_hidden_state
         else:  # the input of layer `cut`: the signals come from layer `cut - 1`, which made it
             hidden = self._embed(x)
-            for i, layer in enumerate(self.encoder.layers[: self.cut]):
-                if i == self.cut - 1:
-                    with probe(layer.self_attn, needs, None) as p:
-                        hidden = _layer_out(layer(hidden, None))
-                else:
-                    hidden = _layer_out(layer(hidden, None))
+            *before, last = self.encoder.layers[: self.cut]
+            for layer in before:
+                hidden = _layer_out(layer(hidden, None))
+            with probe(last.self_attn, needs, None) as p:
+                hidden = _layer_out(last(hidden, None))
         n = hidden.shape[1]
         items = []
         for i in range(b):
@@ -284,8 +283,7 @@ class WhisperAdapter(Adapter):
                 hidden = _layer_out(layer(hidden, mask))
             hidden = self.encoder.layer_norm(hidden)
         self._install()
-        self._pending = (kwargs["input_features"], hidden, bias)
-        self._bias = bias
+        self._pending = (kwargs["input_features"], hidden, bias)  # the encoder substitution hands these out
         new = dict(kwargs)
         for key in ("attention_mask", RAW_AUDIO):  # Whisper only uses the feature mask for SpecAugment/long-form
             new.pop(key, None)
