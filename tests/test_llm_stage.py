@@ -415,6 +415,20 @@ def _dropped(c, inputs, image_token, modality="image"):
     return dropped
 
 
+def assert_equals_mask_oracle(model, lm, layer, dropped, inputs, out, gen, forward):
+    """``out`` (logits at kept real positions) and ``gen`` (4 greedy tokens) of the compressed run equal the stock
+    model's with the ``dropped`` positions hidden as keys from ``layer`` on (``forward()`` gives its logits)."""
+    oracle = _MaskOracle(model, lm, layer, dropped)
+    try:
+        ref = forward()
+        ref_gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    finally:
+        oracle.remove()
+    keep = inputs["attention_mask"].bool() & ~dropped
+    torch.testing.assert_close(out[keep], ref[keep], atol=2e-5, rtol=1e-4)
+    assert torch.equal(gen, ref_gen)
+
+
 @pytest.mark.parametrize("case", LLM_CASES)
 def test_masking_oracle_logits_and_generation_all_adapters(case):
     model = built(case)
@@ -427,15 +441,7 @@ def test_masking_oracle_logits_and_generation_all_adapters(case):
         gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     dropped = _dropped(c, inputs, model.config.image_token_id)
     assert int(dropped.sum()) == sum(it.tokens_in - it.tokens_out for s in c.last_stats for it in s["image"].items)
-    oracle = _MaskOracle(model, lm, layer, dropped)
-    try:
-        ref = _case_forward(case, model, inputs)
-        ref_gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    finally:
-        oracle.remove()
-    keep = inputs["attention_mask"].bool() & ~dropped
-    torch.testing.assert_close(out[keep], ref[keep], atol=2e-5, rtol=1e-4)
-    assert torch.equal(gen, ref_gen)
+    assert_equals_mask_oracle(model, lm, layer, dropped, inputs, out, gen, lambda: _case_forward(case, model, inputs))
 
 
 def test_eager_and_sdpa_generate_the_same_with_shortened_cache():

@@ -18,6 +18,7 @@ from tokenzip.testing import (
 )
 
 from test_llm_stage import _dropped as _dropped_at, _logits  # the same stock forward with mask-derived positions
+from test_llm_stage import assert_equals_mask_oracle
 
 CASE = "qwen2_audio"
 
@@ -238,8 +239,6 @@ def _dropped(c, inputs):
 def test_speechprune_equals_the_masking_oracle():
     """Inside the LLM: logits at kept positions and greedy generation == the stock model with the dropped audio
     tokens hidden as keys from layer 1 on (the oracle of tests/test_llm_stage.py)."""
-    from test_llm_stage import _MaskOracle
-
     model = built(CASE)
     inputs = _inputs(model)
     c = SpeechPrune(retain=0.3)
@@ -249,15 +248,8 @@ def test_speechprune_equals_the_masking_oracle():
     dropped = _dropped(c, inputs)
     n_in = [it.tokens_in for s in c.last_stats for it in s["audio"].items]
     assert int(dropped.sum()) == sum(n - max(1, round(0.3 * n)) for n in n_in)
-    oracle = _MaskOracle(model, model.model.language_model, 1, dropped)
-    try:
-        ref = _logits(model, inputs)
-        ref_gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    finally:
-        oracle.remove()
-    keep = inputs["attention_mask"].bool() & ~dropped
-    torch.testing.assert_close(out[keep], ref[keep], atol=2e-5, rtol=1e-4)
-    assert torch.equal(gen, ref_gen)
+    assert_equals_mask_oracle(model, model.model.language_model, 1, dropped, inputs, out, gen,
+                              lambda: _logits(model, inputs))
 
 
 def test_compose_pre_llm_then_speechprune():
