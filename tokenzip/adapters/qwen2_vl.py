@@ -38,7 +38,7 @@ Design:
   rows 1-3: temporal/height/width), which is the format ``generate()`` itself builds for Qwen-VL: on later decoding
   steps ``generate()`` extends every row by ``last + 1``, so decoding continues exactly where the uncompressed model
   would. ``model.model.rope_deltas`` is set to ``max position + 1 - kept length`` per sample (the model's own
-  definition), so a manual decoding loop that passes ``past_key_values`` without ``position_ids`` also continues at
+  definition), so a manual decoding loop that passes the cache without ``position_ids`` also continues at
   the right positions. ``image_grid_thw``/``video_grid_thw`` are dropped from the rebuilt call (positions are
   explicit and the features precomputed), ``mm_token_type_ids`` is shortened with ``input_ids``.
 """
@@ -52,6 +52,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.vision_utils import get_vision_window_index
 
+from ..compat import cache_from
 from ..llm.adapter import LLMAccess
 from ..output import CompressOutput
 from .base import Adapter, Item, pad_id_for, padding_side, shrink_sequences, text_signals
@@ -144,10 +145,10 @@ class Qwen2VLAdapter(LLMAccess, Adapter):
     @torch.no_grad()
     def encode(self, kwargs: dict[str, Any], needs: frozenset[str]) -> list[Item]:
         input_ids = require_input_ids(kwargs)
-        cache = kwargs.get("past_key_values")
+        cache = cache_from(kwargs)
         if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
             raise ValueError("tokenzip compresses images at prefill only: pixel_values came with a non-empty "
-                             "past_key_values (a continued conversation); start from an empty cache")
+                             "cache (a continued conversation); start from an empty cache")
         pixel_values = kwargs["pixel_values"]
         grid = self._grid(kwargs)
         unit = self.merge * self.merge

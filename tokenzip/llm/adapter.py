@@ -16,7 +16,8 @@ class LLMAccess:
 
     def llm_model(self) -> torch.nn.Module:
         """The decoder stack (``LlamaModel`` / ``Qwen2Model`` / ``Qwen2VLTextModel`` ...): has ``layers`` and
-        ``norm`` and receives ``inputs_embeds``, the 2-D ``attention_mask`` and ``past_key_values``."""
+        ``norm`` and receives ``inputs_embeds``, the 2-D ``attention_mask`` and the cache (see
+        :mod:`tokenzip.compat`)."""
         for path in ("model.language_model", "language_model", "model"):
             mod: Any = self.model
             try:

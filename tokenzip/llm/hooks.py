@@ -16,10 +16,11 @@ needed to decode (each stage's key-validity row) is attached to the cache object
 (computed from the full-length layer-0 cache / the caller's mask), i.e. as if nothing had been dropped.
 
 Multi-turn: a later ``generate()`` that continues the returned cache (the whole dialogue as ``input_ids`` and its
-2-D mask, ``past_key_values=`` the cache, no new media) keeps what the first prefill kept: the selection was made
-once, for the first question, and the dropped visual tokens stay out of layers ``>= l`` for every later turn; the
-new turn's tokens go into every layer. Media in a call that continues a cache are refused (ValueError), as are beam
-search (the cache would be reordered), static/sliding caches and flash-attention (no explicit 4-D mask).
+2-D mask, the cache as ``cache=``, or ``past_key_values=`` before transformers 5.24, no new media) keeps what the
+first prefill kept: the selection was made once, for the first question, and the dropped visual tokens stay out of
+layers ``>= l`` for every later turn; the new turn's tokens go into every layer. Media in a call that continues a
+cache are refused (ValueError), as are beam search (the cache would be reordered), static/sliding caches and
+flash-attention (no explicit 4-D mask). Hooks find the cache under either name (:mod:`tokenzip.compat`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 
 import torch
 
+from ..compat import cache_from
 from ..output import ItemStats, summarize
 from . import layout as L
 from .scores import attention_rows
@@ -144,7 +146,7 @@ class LLMRunner:
         if ref is None:
             return
         b, q = ref.shape[0], ref.shape[1]
-        past = kwargs.get("past_key_values")
+        past = cache_from(kwargs)
         past_len = int(past.get_seq_length()) if past is not None else 0
         mask = kwargs.get("attention_mask")
         if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
@@ -244,7 +246,7 @@ class LLMRunner:
             if run.full is None:
                 run.full = h.detach().clone()
             if i in run.stage_at:  # no torch.no_grad here: kept tokens stay differentiable (losses with labels)
-                h = self._apply_stage(run, i, h, kwargs.get("past_key_values"))
+                h = self._apply_stage(run, i, h, cache_from(kwargs))
                 run.changed = True
             if not run.changed:
                 return None
