@@ -39,8 +39,12 @@ $(OLDEST)/.tokenzip-installed: pyproject.toml Makefile
 	$(call make_venv,$(OLDEST),transformers==$(TF_OLDEST))
 	touch $@
 
-test: $(STAMP)
+# lint first (ruff, < 1 s), then the whole suite
+test: $(STAMP) lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+lint: $(STAMP)
+	$(BIN)/python -m ruff check tokenzip tests
 
 # the same suite against the lowest transformers the range declares, in its own virtualenv
 test-oldest: $(OLDEST)/.tokenzip-installed

@@ -14,9 +14,17 @@ from tokenzip import ops
 from tokenzip.adapters import adapter_for
 from tokenzip.adapters.llava_onevision import LlavaOnevisionAdapter
 from tokenzip.base import Compressor, MethodInfo
-from tokenzip.testing import (IMAGE_TOKEN, ONEVISION_VIDEO_TOKEN, Sample, default_samples, left_pad,
-                              llava_onevision_inputs, onevision_image_processor, onevision_images,
-                              tiny_llava_onevision)
+from tokenzip.testing import (
+    IMAGE_TOKEN,
+    ONEVISION_VIDEO_TOKEN,
+    Sample,
+    default_samples,
+    left_pad,
+    llava_onevision_inputs,
+    onevision_image_processor,
+    onevision_images,
+    tiny_llava_onevision,
+)
 
 from conftest import built
 
@@ -329,10 +337,13 @@ def test_real_geometry_processor_counts():
     """SigLIP-384/14 crops (27x27 patches, odd side) and the default pinpoints with anyres_max_9, narrow towers: the
     processor's placeholder count equals the model's feature count, the layout tiles it, retain=1 is exact."""
     from PIL import Image
-    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config
-    from transformers import SiglipVisionConfig
-    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
-        LlavaOnevisionImageProcessorPil)
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
     vision = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                                 image_size=384, patch_size=14, vision_use_head=False)

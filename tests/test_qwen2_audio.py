@@ -2,7 +2,8 @@
 
 import pytest
 import torch
-from conftest import built
+from test_llm_stage import _dropped as _dropped_at  # the same stock forward with mask-derived positions
+from test_llm_stage import _logits, assert_equals_mask_oracle
 
 import tokenzip as tz
 from tokenzip.adapters import adapter_for
@@ -17,8 +18,7 @@ from tokenzip.testing import (
     qwen2_audio_clip_tokens,
 )
 
-from test_llm_stage import _dropped as _dropped_at, _logits  # the same stock forward with mask-derived positions
-from test_llm_stage import assert_equals_mask_oracle
+from conftest import built
 
 CASE = "qwen2_audio"
 

@@ -20,4 +20,5 @@ from .registry import get, method_class, methods
 __version__ = "0.1.0"
 
 __all__ = ["Budget", "Composed", "CompressOutput", "Compressor", "InEncoder", "ItemStats", "METHODS", "MethodInfo",
-           "ModalityStats", "compose", "get", "method_class", "methods", "supported_models"] + [cls.__name__ for cls in METHODS]
+           "ModalityStats", "compose", "get", "method_class", "methods", "supported_models"] + [
+    cls.__name__ for cls in METHODS]

@@ -127,8 +127,12 @@ ONEVISION_SIZES = [(56, 112), (112, 112), (112, 56), (112, 84)]
 def tiny_llava_onevision(attn_implementation: str = "sdpa", seed: int = 0, **config: Any) -> torch.nn.Module:
     """SigLIP (56-px crops of 4x4 patches, no CLS) + Qwen2, AnyRes pinpoints up to 112x112, random weights.
     ``config`` overrides LlavaOnevisionConfig fields (e.g. ``vision_aspect_ratio``)."""
-    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config,
-                              SiglipVisionConfig)
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
 
     vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                                 image_size=56, patch_size=14, vision_use_head=False)
@@ -162,8 +166,7 @@ def onevision_images(samples: list[Sample]) -> list[list[Any]]:
 
 def onevision_image_processor(model: torch.nn.Module):
     """The real (PIL-backend) LLaVA-OneVision image processor, sized for ``model``."""
-    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
-        LlavaOnevisionImageProcessorPil)
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
     side = model.config.vision_config.image_size
     return LlavaOnevisionImageProcessorPil(size={"height": side, "width": side},

@@ -10,9 +10,9 @@ Per transformer layer with ``P`` weights in its linear layers (attention q/k/v/o
 Encoder FLOPs = sum over encoder passes (one per image / crop) of ``L_enc * (2 P_enc n + 4 n^2 d_enc)``.
 LLM prefill FLOPs = ``L_llm * (2 P_llm n + 2 n (n+1) d_llm) + 2 * d_model * V`` (the LM head, for the one position
 ``generate`` computes logits for). For methods that prune inside the LLM, each layer uses its own sequence length
-from the method's schedule (the full prompt before the pruning layer, the kept tokens after it). Left out (each well under 1% at these sizes): norms, activations, softmax, rotary
-embeddings, the patch embedding and the projector. ``P`` is counted from the built model's own first layer, so the
-formula follows whatever architecture is loaded.
+from the method's schedule (the full prompt before the pruning layer, the kept tokens after it). Left out (each well
+under 1% at these sizes): norms, activations, softmax, rotary embeddings, the patch embedding and the projector. ``P``
+is counted from the built model's own first layer, so the formula follows whatever architecture is loaded.
 """
 
 from __future__ import annotations

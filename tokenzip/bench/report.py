@@ -27,9 +27,10 @@ DEFINITIONS = """\
   the uncompressed model's encoder time (the encoder still has to run for pre-LLM methods) plus the method call's
   projector time on the kept tokens. For methods that prune inside the LLM the oracle feeds their final kept tokens
   from the input (`oracle_kind = kept-at-input`), a bound they cannot reach by design.
-- `overhead_vs_oracle = TTFT(method) / TTFT(oracle)`; `speedup = TTFT(none) / TTFT(row)`, where TTFT(none) is the uncompressed model re-measured in every repeat
-  of the same point, interleaved with the method (a shared machine's speed drifts during a sweep);
-  `flop_speedup = FLOPs(none) / FLOPs(row)` (encoder + LLM); `llm_flop_speedup` is the LLM part alone;
+- `overhead_vs_oracle = TTFT(method) / TTFT(oracle)`; `speedup = TTFT(none) / TTFT(row)`, where TTFT(none) is the
+  uncompressed model re-measured in every repeat of the same point, interleaved with the method (a shared machine's
+  speed drifts during a sweep); `flop_speedup = FLOPs(none) / FLOPs(row)` (encoder + LLM); `llm_flop_speedup` is the LLM
+  part alone;
   `amdahl_bound = 1 / ((1 - p) + p / llm_flop_speedup)` with `p = prefill_s / ttft_s` of the uncompressed model —
   the best TTFT speed-up if the LLM prefill shrank exactly with its FLOPs and nothing else changed;
   `amdahl_limit = 1 / (1 - p)` (the prefill removed entirely).
@@ -169,7 +170,8 @@ def plot_speedup(rows: list[dict[str, Any]], path: str, title: str) -> None:
             flo[r["retain"]] = r["flop_speedup"]
     xs = sorted(orc)
     if xs:
-        ax.plot(xs, [sorted(orc[x])[len(orc[x]) // 2] for x in xs], "k--", lw=2, label="oracle (kept tokens fed directly)")
+        ax.plot(xs, [sorted(orc[x])[len(orc[x]) // 2] for x in xs], "k--", lw=2,
+                label="oracle (kept tokens fed directly)")
         ax.plot(xs, [amd[x] for x in xs], "k:", lw=2, label="Amdahl bound")
         ax.plot(xs, [flo[x] for x in xs], color="gray", ls="-.", lw=1.5, label="FLOP-ideal (encoder + LLM)")
     ax.axhline(1.0, color="red", lw=1, label="no compression (SDPA)")
@@ -303,8 +305,8 @@ def render(result: dict[str, Any], has_quality_plot: bool = False, has_pareto: b
               f"Environment: torch {env['torch']}, transformers {env['transformers']}, tokenzip {env['tokenzip']}, "
               f"device {env['device']} ({env['device_name']}), {env['threads']} threads, dtype {env['dtype']}, "
               f"attention `{env['attn_implementation']}`, {env['world_size']} process(es); "
-              f"{env['repeats']} repeats after {env['warmup']} warm-up run(s) per process and {env['point_warmup']} per "
-              f"point, {env['new_tokens']} new tokens; "
+              f"{env['repeats']} repeats after {env['warmup']} warm-up run(s) per process and "
+              f"{env['point_warmup']} per point, {env['new_tokens']} new tokens; "
               f"layers built {env['layers_built']} of {env['layers_full']}; timing sweep took "
               f"{result.get('elapsed_s', 0):.0f} s, quality and accuracy {result.get('quality_elapsed_s', 0):.0f} s.",
               "", "## Measured", "", main_table(rows), ""]

@@ -43,8 +43,9 @@ BASELINE_FIELDS = ("ttft_s", "encoder_s", "compress_s", "prefill_s", "other_s")
 
 # Columns that are measurements of time or memory (everything else must be identical across runs and ranks).
 TIMING_FIELDS = ("ttft_s", "encoder_s", "compress_s", "prefill_s", "other_s", "decode_s_per_token", "total_s",
-                 "llm_ttft_s", "projector_s", "peak_mem_bytes", "overhead_vs_oracle", "speedup", "oracle_speedup", "amdahl_bound",
-                 "amdahl_limit", "amdahl_bound_full", "ttft_full_est_s", "speedup_full_est", "overhead_full_est",
+                 "llm_ttft_s", "projector_s", "peak_mem_bytes", "overhead_vs_oracle", "speedup", "oracle_speedup",
+                 "amdahl_bound", "amdahl_limit", "amdahl_bound_full", "ttft_full_est_s", "speedup_full_est",
+                 "overhead_full_est",
                  "timings", "measured_on_rank", "baseline")
 GENERATION_KEYS = ("streamer", "max_new_tokens", "min_new_tokens", "do_sample", "pad_token_id", "eos_token_id",
                    "use_cache", "return_dict_in_generate", "output_scores", "generation_config", "num_beams")

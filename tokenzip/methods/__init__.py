@@ -17,8 +17,8 @@ from .random_prune import RandomPrune
 from .sparsevlm import SparseVLM
 from .speechprune import SpeechPrune
 from .tome import ToMe
-from .vad_prune import VadPrune
 from .trim import Trim
+from .vad_prune import VadPrune
 from .visionzip import VisionZip
 from .vispruner import VisPruner
 from .vtw import VTW

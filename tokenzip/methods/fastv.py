@@ -18,11 +18,12 @@ class FastV(LLMCompressor):
     """FastV ("An Image is Worth 1/2 Tokens After Layer 2: Plug-and-Play Inference Acceleration for Large
     Vision-Language Models", Chen et al., arXiv:2403.06764).
 
-    Layers ``< layer`` (default 2, the paper's K; ``None`` = 2 clamped to ``L - 1`` for LLMs of fewer layers) run on the full sequence; before decoder layer ``layer`` each
-    item keeps its top-``k`` visual tokens ranked by the attention they receive in layer ``layer - 1`` (the last
-    full layer, i.e. the paper's "attention map of layer K" in 1-based counting), and the rest of the LLM runs on
-    the kept tokens. ``score="last"`` (default, as in the official implementation) ranks by the last token's
-    attention row, mean over heads; ``score="text"`` by the mean over the rows of the text tokens after the item.
+    Layers ``< layer`` (default 2, the paper's K; ``None`` = 2 clamped to ``L - 1`` for LLMs of fewer layers) run on the
+    full sequence; before decoder layer ``layer`` each item keeps its top-``k`` visual tokens ranked by the attention
+    they receive in layer ``layer - 1`` (the last full layer, i.e. the paper's "attention map of layer K" in 1-based
+    counting), and the rest of the LLM runs on the kept tokens. ``score="last"`` (default, as in the official
+    implementation) ranks by the last token's attention row, mean over heads; ``score="text"`` by the mean over the rows
+    of the text tokens after the item.
 
     Departures: the budget is per item (``retain``/``tokens`` of each image), where the paper drops R% of all image
     tokens of the prompt; kept tokens keep their original position ids (as the official code does); ties go to the
