@@ -115,3 +115,20 @@ def test_last_stats_per_sample_per_modality():
     s1 = c.last_stats[1]["image"]
     assert len(s1.items) == 2 and s1.tokens_in == 32 and s1.tokens_out == 8
     assert s1.kept[0].shape == (4,)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_adapter_parts_are_the_models_own_modules(case):
+    """The adapter is the one source of model structure: every part it names is a submodule of the model."""
+    from tokenzip.adapters import adapter_for
+
+    model = built(case)
+    parts = adapter_for(model).parts()
+    own = {id(m) for m in model.modules()}
+    for name in ("encoder", "encoder_layers", "language_model", "decoder_layers", "final_norm", "embed"):
+        assert id(getattr(parts, name)) in own, name
+    assert parts.projector is None or id(parts.projector) in own
+    assert len(parts.encoder_layers) >= 1 and len(parts.decoder_layers) >= 1
+    assert all(id(layer) in {id(m) for m in parts.language_model.modules()} for layer in parts.decoder_layers)
+    ids = set(parts.media_token_ids.values())
+    assert all(isinstance(v, int) for v in ids)

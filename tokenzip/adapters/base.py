@@ -13,6 +13,31 @@ from ..ops import Layout
 from ..output import CompressOutput
 
 
+@dataclass(frozen=True)
+class ModelParts:
+    """Where the parts of one model live. The adapter is the one source of model structure: the LLM stage, the
+    bench, the CLI and the presets ask ``adapter.parts()`` instead of guessing attribute paths.
+
+    encoder:        the media encoder whose forward is "encoder time" (vision tower, audio encoder)
+    encoder_layers: its transformer blocks, in order
+    projector:      the module that maps encoder features into the LLM's space (None: none, or inside ``encoder``)
+    language_model: the decoder stack that reads the media tokens (has ``decoder_layers`` and ``final_norm``)
+    decoder_layers: its blocks, in order
+    final_norm:     its last norm (the LLM stage writes the full-length sequence back before it)
+    embed:          the input embedding of the token ids
+    media_token_ids: modality -> placeholder token id in ``input_ids`` (empty for encoder-decoders like Whisper)
+    """
+
+    encoder: torch.nn.Module
+    encoder_layers: torch.nn.ModuleList
+    projector: torch.nn.Module | None
+    language_model: torch.nn.Module
+    decoder_layers: torch.nn.ModuleList
+    final_norm: torch.nn.Module
+    embed: torch.nn.Module
+    media_token_ids: dict[str, int] = field(default_factory=dict)
+
+
 @dataclass
 class Item:
     """One image / video / audio clip of one sample, as the method sees it."""
@@ -38,6 +63,10 @@ class Adapter(ABC):
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
+
+    @abstractmethod
+    def parts(self) -> ModelParts:
+        """Where this model keeps its encoder, projector, language model, layers, norm and embedding."""
 
     @abstractmethod
     def has_media(self, kwargs: dict[str, Any]) -> bool:

@@ -15,9 +15,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..llm.adapter import LLMAccess, placeholder_items
 from ..output import CompressOutput
-from .base import Adapter, Item, pad_id_for, shrink_sequences, text_signals
+from .base import Adapter, Item, ModelParts, pad_id_for, shrink_sequences, text_signals
 from .probe import probe
-from .vision import has_cls_token, signal_layer
+from .vision import encoder_layers, has_cls_token, signal_layer
 
 
 def require_input_ids(kwargs: dict[str, Any]) -> torch.Tensor:
@@ -90,6 +90,17 @@ class LlavaFamily(LLMAccess, Adapter):
         super().__init__(model)
         self.core = model.model
         self.image_token_id = int(model.config.image_token_id)
+
+    def parts(self) -> ModelParts:
+        core = self.core
+        lm = core.language_model
+        return ModelParts(encoder=core.vision_tower, encoder_layers=encoder_layers(core.vision_tower),
+                          projector=core.multi_modal_projector, language_model=lm, decoder_layers=lm.layers,
+                          final_norm=lm.norm, embed=core.get_input_embeddings(),
+                          media_token_ids=self.media_tokens())
+
+    def media_tokens(self) -> dict[str, int]:
+        return {"image": self.image_token_id}
 
     def has_media(self, kwargs: dict[str, Any]) -> bool:
         return kwargs.get("pixel_values") is not None

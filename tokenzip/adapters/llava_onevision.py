@@ -65,6 +65,10 @@ class LlavaOnevisionAdapter(LlavaFamily):
         video = getattr(model.config, "video_token_id", None)
         self.media_token_ids = {self.image_token_id} | ({int(video)} if video is not None else set())
 
+    def media_tokens(self) -> dict[str, int]:
+        video = getattr(self.model.config, "video_token_id", None)
+        return {"image": self.image_token_id, **({"video": int(video)} if video is not None else {})}
+
     # ---- crop bookkeeping (the model's own rule, see LlavaOnevisionModel.get_image_features) -------------------------
     def crops_per_image(self, pixel_values: torch.Tensor, image_sizes: Any, batch_num_images: Any) -> list[int]:
         """How many vision-tower crops each image has (base view included), validating the media arguments."""

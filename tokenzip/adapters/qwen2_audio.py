@@ -42,7 +42,7 @@ import torch
 
 from ..llm.adapter import LLMAccess, placeholder_items
 from ..output import CompressOutput
-from .base import Adapter, Item, pad_id_for, shrink_sequences, text_signals
+from .base import Adapter, Item, ModelParts, pad_id_for, shrink_sequences, text_signals
 from .llava import items_per_sample, placeholder_keep_mask, require_input_ids
 from .probe import attention_signals
 from .whisper import RAW_AUDIO, energy_speech, raw_waveforms, silero_speech
@@ -61,6 +61,14 @@ class Qwen2AudioAdapter(LLMAccess, Adapter):
         self.core = model.model
         self.audio_token_id = int(model.config.audio_token_id)
         self._short: tuple[torch.Tensor, list[int], list[int]] | None = None  # last rebuild's shortened prompt
+
+    def parts(self) -> ModelParts:
+        core = self.core
+        lm = core.language_model
+        return ModelParts(encoder=core.audio_tower, encoder_layers=core.audio_tower.layers,
+                          projector=core.multi_modal_projector, language_model=lm, decoder_layers=lm.layers,
+                          final_norm=lm.norm, embed=core.get_input_embeddings(),
+                          media_token_ids={"audio": self.audio_token_id})
 
     def has_media(self, kwargs: dict[str, Any]) -> bool:
         return kwargs.get("input_features") is not None

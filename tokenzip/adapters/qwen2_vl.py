@@ -55,7 +55,7 @@ from transformers.vision_utils import get_vision_window_index
 from ..compat import cache_from
 from ..llm.adapter import LLMAccess
 from ..output import CompressOutput
-from .base import Adapter, Item, pad_id_for, padding_side, shrink_sequences, text_signals
+from .base import Adapter, Item, ModelParts, pad_id_for, padding_side, shrink_sequences, text_signals
 from .llava import image_llm_items, items_per_sample, placeholder_keep_mask, require_input_ids
 
 
@@ -114,6 +114,13 @@ class Qwen2VLAdapter(LLMAccess, Adapter):
         self.merge = int(cfg.vision_config.spatial_merge_size)
 
     # ---- queries ------------------------------------------------------------------------------------------------
+    def parts(self) -> ModelParts:
+        lm = self.core.language_model
+        return ModelParts(encoder=self.visual, encoder_layers=self.visual.blocks, projector=self.visual.merger,
+                          language_model=lm, decoder_layers=lm.layers, final_norm=lm.norm,
+                          embed=self.core.get_input_embeddings(),
+                          media_token_ids={"image": self.image_token_id, "video": self.video_token_id})
+
     def has_media(self, kwargs: dict[str, Any]) -> bool:
         return kwargs.get("pixel_values") is not None
 

@@ -46,7 +46,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutput
 
 from ..output import CompressOutput
-from .base import Adapter, Item
+from .base import Adapter, Item, ModelParts
 from .probe import probe
 
 SAMPLING_RATE = 16000
@@ -217,6 +217,12 @@ class WhisperAdapter(Adapter):
         self._handles = []
         self.encoder.__dict__.pop("forward", None)
         self.release()
+
+    def parts(self) -> ModelParts:
+        decoder = self.model.model.decoder
+        return ModelParts(encoder=self.encoder, encoder_layers=self.encoder.layers, projector=None,
+                          language_model=decoder, decoder_layers=decoder.layers, final_norm=decoder.layer_norm,
+                          embed=decoder.embed_tokens)
 
     def has_media(self, kwargs: dict[str, Any]) -> bool:
         return kwargs.get("input_features") is not None

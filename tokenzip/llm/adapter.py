@@ -15,25 +15,15 @@ class LLMAccess:
     model: torch.nn.Module
 
     def llm_model(self) -> torch.nn.Module:
-        """The decoder stack (``LlamaModel`` / ``Qwen2Model`` / ``Qwen2VLTextModel`` ...): has ``layers`` and
-        ``norm`` and receives ``inputs_embeds``, the 2-D ``attention_mask`` and the cache (see
-        :mod:`tokenzip.compat`)."""
-        for path in ("model.language_model", "language_model", "model"):
-            mod: Any = self.model
-            try:
-                for part in path.split("."):
-                    mod = getattr(mod, part)
-            except AttributeError:
-                continue
-            if isinstance(getattr(mod, "layers", None), torch.nn.ModuleList) and hasattr(mod, "norm"):
-                return mod
-        raise TypeError(f"cannot find the decoder layers of {type(self.model).__name__}")
+        """The decoder stack (``LlamaModel`` / ``Qwen2Model`` / ``Qwen2VLTextModel`` ...): receives
+        ``inputs_embeds``, the 2-D ``attention_mask`` and the cache (see :mod:`tokenzip.compat`)."""
+        return self.parts().language_model
 
     def llm_layers(self) -> torch.nn.ModuleList:
-        return self.llm_model().layers
+        return self.parts().decoder_layers
 
     def llm_norm(self) -> torch.nn.Module:
-        return self.llm_model().norm
+        return self.parts().final_norm
 
     def llm_attention(self, layer: torch.nn.Module) -> torch.nn.Module:
         attn = getattr(layer, "self_attn", None)
