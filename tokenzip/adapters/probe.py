@@ -8,6 +8,8 @@ from typing import Iterator
 
 import torch
 
+from .. import timing
+
 
 class AttentionProbe:
     def __init__(self, attn: torch.nn.Module, needs: frozenset[str], cls_index: int | None):
@@ -31,6 +33,12 @@ def _heads(module: torch.nn.Module) -> tuple[int, int, float]:
 
 def attention_signals(module: torch.nn.Module, x: torch.Tensor, needs: frozenset[str],
                       cls_index: int | None, chunk: int = 1024) -> dict[str, torch.Tensor]:
+    with timing.span("signals"):
+        return _attention_signals(module, x, needs, cls_index, chunk)
+
+
+def _attention_signals(module: torch.nn.Module, x: torch.Tensor, needs: frozenset[str],
+                       cls_index: int | None, chunk: int) -> dict[str, torch.Tensor]:
     """``cls_attention`` [B, N] and ``keys`` [B, N, head_dim] of a q_proj/k_proj attention module on input ``x``.
 
     With a CLS token, ``cls_attention`` is the CLS row of the softmax attention (mean over heads). Without one it is

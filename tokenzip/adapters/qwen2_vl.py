@@ -52,6 +52,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.vision_utils import get_vision_window_index
 
+from .. import timing
 from ..compat import cache_from
 from ..llm.adapter import LLMAccess
 from ..output import CompressOutput
@@ -77,7 +78,7 @@ class _LastBlockProbe:
         x = args[0] if args else kwargs["hidden_states"]
         cu = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
         cos, sin = kwargs.get("position_embeddings", args[2] if len(args) > 2 else None)
-        with torch.no_grad():
+        with torch.no_grad(), timing.span("signals"):
             n = x.shape[0]
             h = int(module.num_heads)
             q, k, _ = module.qkv(x).reshape(n, 3, h, -1).permute(1, 0, 2, 3).unbind(0)  # [N, H, d]
