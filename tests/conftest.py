@@ -42,3 +42,23 @@ def method_case_pairs():
 @pytest.fixture
 def model_factory():
     return built
+
+
+def synthetic_signals(b: int, n: int, width: int, seed: int = 0, t: int = 5) -> dict[str, torch.Tensor]:
+    """Every declared signal (tokenzip/signals.py) for ``b`` items of ``n`` tokens, built from its axes and kind:
+    a new signal is covered by declaring it. ``D`` (LLM space) is ``width``, the tokens' own width, as at the LLM
+    stage; ``T`` text tokens; any other free axis is 4 wide."""
+    from tokenzip.signals import SIGNALS
+
+    g = torch.Generator().manual_seed(seed)
+    sizes = {"B": b, "N": n, "T": t, "D": width}
+    out = {}
+    for name, sig in SIGNALS.items():
+        shape = [sizes.get(dim, 4) for dim in sig.dims]
+        if sig.kind == "mask":
+            out[name] = torch.ones(shape, dtype=torch.bool)
+        elif sig.kind == "probability":
+            out[name] = torch.rand(shape, generator=g).softmax(-1)
+        else:
+            out[name] = torch.randn(shape, generator=g)
+    return out

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from . import ops
+from . import signals as signal_table
 from .budget import Budget
 from .output import CompressOutput, ModalityStats
 
@@ -18,19 +19,8 @@ FAMILIES = ("input", "transformation", "similarity", "attention", "query")
 STAGES = ("input", "encoder", "pre_llm", "llm")
 MODALITIES = ("image", "video", "audio")
 
-# Signals an adapter can hand to a method (all per item; batched as [B, ...] by `compress`):
-#   cls_attention  [B, N]     attention the CLS token pays each token at the signal layer, mean over heads; for
-#                             encoders without CLS, the mean attention each token receives from all tokens
-#   keys           [B, N, d]  that layer's keys, mean over heads (ToMe's similarity metric)
-#   projected      [B, N, D]  the tokens mapped into the LLM's embedding space (for text-guided methods)
-#   text           [B, T, D]  the prompt's text-token embeddings in the LLM's input space, with
-#   text_mask      [B, T]     True at real text tokens
-#   speech         [B, N]     probability in [0, 1] that each (audio) token's frame holds speech (VAD)
-# LLM stage (tokenzip.llm; from the attention of the decoder layer before the pruning layer):
-#   last_attention [B, N]     attention the last real token pays each visual token, mean over heads
-#   text_attention [B, T, N]  the same for each real text token after the item (T rows, matching `text`, which at
-#                             this stage holds those text tokens' hidden states at the pruning layer)
-SIGNALS = ("cls_attention", "keys", "projected", "text", "text_mask", "speech", "last_attention", "text_attention")
+# every signal a method may ask for is declared once, in tokenzip/signals.py (name, axes, kind, meaning)
+SIGNALS = signal_table.SIGNALS
 
 
 @dataclass(frozen=True)
@@ -89,10 +79,7 @@ class Compressor:
         if unknown:
             raise ValueError(f"unknown signals {unknown}; known: {list(SIGNALS)}")
         for name, sig in signals.items():
-            if sig.shape[0] != b:
-                raise ValueError(f"signal {name} has batch {sig.shape[0]}, tokens have {b}")
-            if name in ("cls_attention", "keys", "projected", "speech") and sig.shape[1] != n:
-                raise ValueError(f"signal {name} has {sig.shape[1]} tokens, tokens have {n}")
+            SIGNALS[name].check(sig, b, n)
         layout = ops.as_layout(grid, n)
         if k >= n:
             idx = torch.arange(n, device=tokens.device).expand(b, -1)

@@ -11,6 +11,7 @@ import torch
 from . import ops
 from .adapters import adapter_for
 from .base import Compressor
+from .llm.hooks import PRODUCED_SIGNALS, LLMRunner
 from .output import CompressOutput, ItemStats, summarize
 
 
@@ -33,14 +34,17 @@ class Patch:
             if not mods:
                 raise TypeError(f"{part.info.name} compresses {list(part.info.modalities)}; "
                                 f"{type(model).__name__} has {list(self.adapter.modalities)}")
+            produced = PRODUCED_SIGNALS if stage == "llm" else self.adapter.signals
+            missing = sorted(set(part.requires) - produced)
+            if missing:
+                raise TypeError(f"{part.info.name} requires signals {missing}, which {type(self.adapter).__name__} "
+                                f"cannot produce at stage {stage!r} (it produces {sorted(produced)})")
         self.pre = next((p for p in parts if p.info.stage != "llm"), None)
         if self.pre is not None and self.pre.info.stage == "encoder":
             self.adapter.set_encoder_layer(self.pre.layer)  # ValueError naming the valid layers
         self.llm_compressor = next((p for p in parts if p.info.stage == "llm"), None)
         self.llm = None  # the LLM-stage hook runner while installed
         if self.llm_compressor is not None:
-            from .llm.hooks import LLMRunner
-
             LLMRunner(self.llm_compressor, self.adapter)  # validates (attention implementation ...) before install
         self.installed = False
         self._depth = 0  # nesting of patched calls in progress
@@ -93,8 +97,6 @@ class Patch:
             return _restore_prompt(out, original_ids, new_kwargs.get("input_ids"))
 
         if self.llm_compressor is not None:
-            from .llm.hooks import LLMRunner
-
             self.llm = LLMRunner(self.llm_compressor, self.adapter)
             self.llm.install()
         model.forward = forward

@@ -60,6 +60,9 @@ class Adapter(ABC):
     model_classes: ClassVar[tuple[str, ...]] = ()
     modalities: ClassVar[tuple[str, ...]] = ("image",)
     stages: ClassVar[tuple[str, ...]] = ("pre_llm",)
+    # the signals (tokenzip/signals.py) ``encode`` can compute for a method before the LLM (and, with stage
+    # "encoder", between encoder layers); installing a method that requires another one is a TypeError
+    signals: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, model: torch.nn.Module):
         self.model = model

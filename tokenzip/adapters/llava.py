@@ -85,6 +85,7 @@ class LlavaFamily(LLMAccess, Adapter):
 
     modalities = ("image",)
     stages = ("pre_llm", "llm")
+    signals = frozenset({"cls_attention", "keys", "projected", "text", "text_mask"})
 
     def __init__(self, model: torch.nn.Module):
         super().__init__(model)

@@ -55,6 +55,7 @@ class Qwen2AudioAdapter(LLMAccess, Adapter):
     model_classes = ("Qwen2AudioForConditionalGeneration",)
     modalities = ("audio",)
     stages = ("pre_llm", "llm")
+    signals = frozenset({"cls_attention", "keys", "projected", "text", "text_mask", "speech"})
 
     def __init__(self, model: torch.nn.Module):
         super().__init__(model)

@@ -104,6 +104,7 @@ class Qwen2VLAdapter(LLMAccess, Adapter):
     model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
     modalities = ("image",)
     stages = ("pre_llm", "llm")
+    signals = frozenset({"cls_attention", "keys", "projected", "text", "text_mask"})
 
     def __init__(self, model: torch.nn.Module):
         super().__init__(model)

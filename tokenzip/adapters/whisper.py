@@ -130,6 +130,7 @@ class WhisperAdapter(Adapter):
     model_classes = ("WhisperForConditionalGeneration",)
     modalities = ("audio",)
     stages = ("pre_llm", "encoder")
+    signals = frozenset({"cls_attention", "keys", "speech"})
     # ToMe's proportional attention in the decoder's cross-attention (and, for the encoder stage, in the encoder
     # layers after the cut): see the module docstring
     proportional_attention: bool = True

@@ -36,6 +36,8 @@ from . import layout as L
 from .scores import attention_rows
 
 ATTENTION_SIGNALS = ("last_attention", "text_attention")
+# what the runner hands to an LLM-stage method (tokenzip/signals.py); ``text`` holds hidden states at this stage
+PRODUCED_SIGNALS = frozenset({*ATTENTION_SIGNALS, "text", "text_mask"})
 STATE_ATTR = "_tokenzip_llm_state"
 
 
