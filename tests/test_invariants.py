@@ -4,6 +4,7 @@
 import pytest
 import torch
 
+from tokenzip.adapters import adapter_for
 from tokenzip.testing import CASES, default_samples
 
 from conftest import built, method_case_pairs
@@ -67,7 +68,7 @@ def test_llm_sees_exact_budget(method, case, budget):
     inputs = CASES[case].make_inputs(model, default_samples())
     c = method(**budget)
     seen = []
-    lm = CASES[case].language_model(model)
+    lm = adapter_for(model).parts().language_model
     lm_tokens = CASES[case].lm_tokens or (lambda kw: kw["attention_mask"].clone())
     h = lm.register_forward_pre_hook(lambda m, a, kw: seen.append(lm_tokens(kw)), with_kwargs=True)
     try:
@@ -82,15 +83,13 @@ def test_llm_sees_exact_budget(method, case, budget):
             for it in ms.items:
                 assert it.tokens_out == c.budget.count(it.tokens_in)
                 removed += it.tokens_in - it.tokens_out
-        mask = seen[0] if seen[0].dim() == 2 else None
-        if mask is not None:
-            assert int(mask[b].sum()) == int(real_in[b]) - removed
+        assert seen[0].dim() == 2, f"the language model's tokens must be a [B, L] mask, got {tuple(seen[0].shape)}"
+        assert int(seen[0][b].sum()) == int(real_in[b]) - removed
 
 
 def _valid_keys_of_last_row(mask):
     """Keys the last query row may attend to, per sample, from a decoder layer's 4-D mask (bool or additive)."""
-    if mask is None:
-        return None
+    assert mask is not None, "the layer got no attention mask: the kept count cannot be checked"
     row = mask[:, 0, -1]
     return (row if row.dtype == torch.bool else row == 0).sum(-1)
 
@@ -101,7 +100,7 @@ def _llm_stage_sees_exact_budget(method, case, budget):
     model = built(case)
     inputs = CASES[case].make_inputs(model, default_samples())
     c = method(**budget)
-    layers = CASES[case].language_model(model).layers
+    layers = adapter_for(model).parts().decoder_layers
     seen = {}
     # on the attention modules: they get what the decoder layers received after tokenzip's own layer hooks
     hooks = [layer.self_attn.register_forward_pre_hook(
@@ -131,8 +130,7 @@ def _llm_stage_sees_exact_budget(method, case, budget):
             removed = sum(it.tokens_in - min([k for layer, k in it.stages if layer <= i], default=it.tokens_in)
                           for it in items)
             count = _valid_keys_of_last_row(seen[i])
-            if count is not None:
-                assert int(count[b]) == int(real_in[b]) - removed, f"layer {i}, sample {b}"
+            assert int(count[b]) == int(real_in[b]) - removed, f"layer {i}, sample {b}"
 
 
 # Not for stage "llm": there the kept set depends on the query (the last token), so an uncached generate(), which

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import tokenzip as tz
+from tokenzip.adapters import adapter_for
 from tokenzip.compat import cache_from, cache_kwarg, output_cache
 from tokenzip.llm.base import geometric_counts
 from tokenzip.llm.scores import attention_rows
@@ -19,7 +20,7 @@ from tokenzip.methods.vtw import VTW
 from tokenzip.methods.zipvl import ZipVL
 from tokenzip.testing import CASES, IMAGE_TOKEN, default_samples
 
-from conftest import built
+from conftest import built, method_case_pairs
 
 CASE = "llava"
 
@@ -167,7 +168,7 @@ def test_scores_equal_eager_attention_weights(case):
     inputs = CASES[case].make_inputs(sdpa, default_samples())
     k = 1
     cap = {}
-    attn = CASES[case].language_model(sdpa).layers[k].self_attn
+    attn = adapter_for(sdpa).parts().decoder_layers[k].self_attn
     h = attn.register_forward_pre_hook(lambda m, a, kw: cap.update(x=kw["hidden_states"],
                                                                    pe=kw["position_embeddings"]), with_kwargs=True)
     try:
@@ -352,18 +353,20 @@ def test_compose_pre_llm_then_llm():
 # own row is then irrelevant). So the stock model with such masks, full-length KV cache and the model's own
 # positions (M-RoPE included) is a reference for every adapter: logits at kept positions and greedy decoding.
 
-# image cases (the test runs FastV); audio LLM-stage cases have their own oracle test (tests/test_qwen2_audio.py)
-LLM_CASES = [name for name, case in CASES.items() if "llm" in case.stages and "image" in case.modalities]
-
-
 class _MaskOracle:
-    def __init__(self, model, lm, layer, dropped):
-        self.layer, self.dropped, self.mask2d = layer, dropped, None
+    """The stock model with the compressed run's selection imposed at prefill: at each stage layer the merged
+    groups' first positions get the mean of their members' hidden states (``ops.merge``'s plain mean), and from that
+    layer on every dropped (or merged-away) position is hidden as a key. Decoding steps keep the masks."""
+
+    def __init__(self, model, lm, plan, prompt_len):
+        self.plan, self.prompt_len, self.mask2d = plan, prompt_len, None
+        layers = adapter_for(model).parts().decoder_layers
         self.handles = [lm.register_forward_pre_hook(self._lm, with_kwargs=True)]
         self.handles += [lay.register_forward_pre_hook(self._layer(i), with_kwargs=True)
-                         for i, lay in enumerate(lm.layers)]
+                         for i, lay in enumerate(layers)]
         self.dtype = next(model.parameters()).dtype
         self.impl = lm.config._attn_implementation
+        self.first = min(plan)
 
     def _lm(self, m, args, kwargs):
         e = kwargs["inputs_embeds"]
@@ -373,13 +376,30 @@ class _MaskOracle:
         self.mask2d = torch.ones(e.shape[0], p + e.shape[1], dtype=torch.bool) if mask is None else mask.bool()
         self.q = e.shape[1]
 
+    def _dropped_before(self, i):
+        drop = torch.zeros_like(self.mask2d)
+        for layer, entries in self.plan.items():
+            if layer <= i:
+                for b, _, dropped in entries:
+                    drop[b, dropped] = True
+        return drop
+
     def _layer(self, i):
         def hook(m, args, kwargs):
-            if i < self.layer:
+            if i < self.first:
                 return None
+            kwargs = dict(kwargs)
+            if i in self.plan and self.q == self.prompt_len:  # prefill: merged groups become their mean
+                h = (args[0] if args else kwargs["hidden_states"]).clone()
+                for b, groups, _ in self.plan[i]:
+                    for g in groups:
+                        h[b, g[0]] = h[b, g].mean(0)
+                if args:
+                    args = (h,) + tuple(args[1:])
+                else:
+                    kwargs["hidden_states"] = h
             kv = self.mask2d.shape[1]
-            drop = torch.zeros_like(self.mask2d)
-            drop[:, : self.dropped.shape[1]] = self.dropped
+            drop = self._dropped_before(i)
             qpos = kv - self.q + torch.arange(self.q)
             causal = torch.arange(kv)[None, None] <= qpos[None, :, None]
             allowed = self.mask2d[:, None, :] & ~drop[:, None, :] & causal
@@ -387,7 +407,6 @@ class _MaskOracle:
             mask = allowed[:, None]
             if self.impl == "eager":
                 mask = torch.zeros(mask.shape, dtype=self.dtype).masked_fill(~mask, torch.finfo(self.dtype).min)
-            kwargs = dict(kwargs)
             kwargs["attention_mask"] = mask
             return args, kwargs
         return hook
@@ -404,47 +423,63 @@ def _case_forward(case, model, inputs):
         return model(**inputs, position_ids=pos).logits
 
 
-def _dropped(c, inputs, image_token, modality="image"):
-    """[B, L] True at the placeholder positions of media tokens the method dropped (from ``c.last_stats``)."""
+def stage_plan(c, inputs, media_token_ids):
+    """``{layer: [(sample, groups, dropped)]}`` from ``c.last_stats``: per stage of each item, the groups of original
+    sequence positions that form its output tokens (first member = where the token sits) and the positions it
+    removes (dropped, or merged into an earlier member)."""
     ids = inputs["input_ids"]
-    dropped = torch.zeros_like(ids, dtype=torch.bool)
+    plan = {}
     for b, stats in enumerate(c.last_stats):
-        where = (ids[b] == image_token).nonzero().flatten()
-        start = 0
-        for it in stats[modality].items:
-            pos = where[start: start + it.tokens_in]
-            dropped[b, pos[it.source < 0]] = True
-            start += it.tokens_in
-    return dropped
+        cursor = dict.fromkeys(stats, 0)
+        for modality, ms in stats.items():
+            where = (ids[b] == media_token_ids[modality]).nonzero().flatten().tolist()
+            for it in ms.items:
+                alive = where[cursor[modality]: cursor[modality] + it.tokens_in]
+                cursor[modality] += it.tokens_in
+                for (layer, k), src in zip(it.stages, it.stage_sources):
+                    groups = [[] for _ in range(k)]
+                    for pos, slot in zip(alive, src.tolist()):
+                        if slot >= 0:
+                            groups[slot].append(pos)
+                    reps = [g[0] for g in groups]
+                    plan.setdefault(layer, []).append((b, groups, sorted(set(alive) - set(reps))))
+                    alive = reps
+    return plan
 
 
-def assert_equals_mask_oracle(model, lm, layer, dropped, inputs, out, gen, forward):
+def assert_equals_mask_oracle(model, c, inputs, out, gen, forward):
     """``out`` (logits at kept real positions) and ``gen`` (4 greedy tokens) of the compressed run equal the stock
-    model's with the ``dropped`` positions hidden as keys from ``layer`` on (``forward()`` gives its logits)."""
-    oracle = _MaskOracle(model, lm, layer, dropped)
+    model's with the run's own selection imposed by :class:`_MaskOracle` (``forward()`` gives its logits)."""
+    parts = adapter_for(model).parts()
+    plan = stage_plan(c, inputs, parts.media_token_ids)
+    removed = sum(len(d) for entries in plan.values() for _, _, d in entries)
+    assert removed == sum(it.tokens_in - it.tokens_out for s in c.last_stats for ms in s.values() for it in ms.items)
+    assert removed > 0, "the method removed nothing: the oracle would compare the model with itself"
+    oracle = _MaskOracle(model, parts.language_model, plan, inputs["input_ids"].shape[1])
     try:
         ref = forward()
         ref_gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     finally:
         oracle.remove()
-    keep = inputs["attention_mask"].bool() & ~dropped
+    keep = inputs["attention_mask"].bool() & ~oracle._dropped_before(len(parts.decoder_layers))[:, : ref.shape[1]]
     torch.testing.assert_close(out[keep], ref[keep], atol=2e-5, rtol=1e-4)
     assert torch.equal(gen, ref_gen)
 
 
-@pytest.mark.parametrize("case", LLM_CASES)
-def test_masking_oracle_logits_and_generation_all_adapters(case):
+LLM_PAIRS = [p for p in method_case_pairs() if p.values[0].info.stage == "llm"]
+
+
+@pytest.mark.parametrize("method,case", LLM_PAIRS)
+def test_equals_the_masking_oracle_logits_and_generation(method, case):
+    """Every registered LLM-stage method on every adapter with an LLM stage (a left-padded batch of 3): logits at
+    kept positions and greedy generation == the stock model with the selection imposed by masks."""
     model = built(case)
-    inputs = CASES[case].make_inputs(model, default_samples())  # left-padded batch of 3
-    lm = CASES[case].language_model(model)
-    layer = 1
-    c = FastV(retain=0.3, layer=layer)
+    inputs = CASES[case].make_inputs(model, default_samples())
+    c = method(retain=0.3)
     with c(model):
         out = _case_forward(case, model, inputs)
         gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    dropped = _dropped(c, inputs, model.config.image_token_id)
-    assert int(dropped.sum()) == sum(it.tokens_in - it.tokens_out for s in c.last_stats for it in s["image"].items)
-    assert_equals_mask_oracle(model, lm, layer, dropped, inputs, out, gen, lambda: _case_forward(case, model, inputs))
+    assert_equals_mask_oracle(model, c, inputs, out, gen, lambda: _case_forward(case, model, inputs))
 
 
 def test_eager_and_sdpa_generate_the_same_with_shortened_cache():

@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-from test_llm_stage import _dropped as _dropped_at  # the same stock forward with mask-derived positions
-from test_llm_stage import _logits, assert_equals_mask_oracle
+from test_llm_stage import _logits  # the same stock forward with mask-derived positions
 
 import tokenzip as tz
 from tokenzip.adapters import adapter_for
@@ -232,24 +231,8 @@ def test_speechprune_rejects_bad_arguments(kw):
         SpeechPrune(retain=0.5, **kw)
 
 
-def _dropped(c, inputs):
-    return _dropped_at(c, inputs, QWEN_AUDIO_TOKEN, "audio")
-
-
-def test_speechprune_equals_the_masking_oracle():
-    """Inside the LLM: logits at kept positions and greedy generation == the stock model with the dropped audio
-    tokens hidden as keys from layer 1 on (the oracle of tests/test_llm_stage.py)."""
-    model = built(CASE)
-    inputs = _inputs(model)
-    c = SpeechPrune(retain=0.3)
-    with c(model):
-        out = _logits(model, inputs)
-        gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    dropped = _dropped(c, inputs)
-    n_in = [it.tokens_in for s in c.last_stats for it in s["audio"].items]
-    assert int(dropped.sum()) == sum(n - max(1, round(0.3 * n)) for n in n_in)
-    assert_equals_mask_oracle(model, model.model.language_model, 1, dropped, inputs, out, gen,
-                              lambda: _logits(model, inputs))
+# SpeechPrune against the masking oracle: tests/test_llm_stage.py::test_equals_the_masking_oracle_logits_and_generation
+# (parametrised over every LLM-stage method x every adapter with an LLM stage, Qwen2-Audio included)
 
 
 def test_compose_pre_llm_then_speechprune():

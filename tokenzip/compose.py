@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from .base import Compressor, MethodInfo
-from .llm.layout import compose_source
+from .llm.slots import compose_source
 from .output import ItemStats, ModalityStats, summarize
 
 

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .layout import Layout
+
 
 @dataclass
 class CompressOutput:
@@ -46,9 +48,11 @@ class ItemStats:
     tokens_out: int
     source: torch.Tensor  # [N] output slot of each input token, -1 dropped
     index: torch.Tensor  # [k] representative input position of each output token
-    grid: list[tuple[int, int]] | None = None
-    # LLM stage: ``(layer, count)`` per stage that shortened this item (count kept from that decoder layer on)
+    grid: Layout | None = None  # the item's layout (tokenzip/layout.py)
+    # LLM stage: ``(layer, count)`` per stage that shortened this item (count kept from that decoder layer on), and
+    # for each stage its own ``source`` over the tokens that entered it (output slot, -1 dropped; merges share one)
     stages: list[tuple[int, int]] = field(default_factory=list)
+    stage_sources: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass

@@ -35,20 +35,28 @@ def default_samples() -> list[Sample]:
 
 @dataclass
 class Case:
+    """One model adapter's test case: a tiny random-weight config of the real class and inputs for it.
+
+    Always needed: ``build`` and ``make_inputs``, plus ``modalities``/``stages`` (the adapter's, read at collection
+    time so no model is built to parametrise). The language model whose input the invariants check comes from the
+    adapter (``adapter_for(model).parts().language_model``). The hooks below are needed only when the defaults do
+    not describe the model:
+
+    - ``position_ids``: the model does not use left-padded 1-D positions ``cumsum(attention_mask) - 1`` (Qwen-VL's
+      3-D M-RoPE ids), or is an encoder-decoder (then it returns a dict, e.g. ``decoder_position_ids``).
+    - ``lm_tokens``: the language model does not read the media through its ``attention_mask`` (Whisper's decoder
+      reads them as ``encoder_hidden_states``): its forward kwargs -> a ``[B, L]`` mask of what it reads.
+    - ``input_tokens``: the uncompressed count is not ``attention_mask.sum(1)`` (Whisper: encoder frames).
+    - ``generate_inputs``: ``generate()`` takes other arguments than the forward inputs (Whisper: only
+      ``input_features``); by default the inputs' ``input_ids`` must prefix the output.
+    """
+
     name: str
     build: Callable[[str], torch.nn.Module]  # attn_implementation -> model (eval, seeded)
     make_inputs: Callable[[torch.nn.Module, list[Sample]], dict[str, Any]]  # left-padded batch
-    language_model: Callable[[torch.nn.Module], torch.nn.Module]  # the module whose input length we check
     modalities: tuple[str, ...] = ("image",)
     stages: tuple[str, ...] = ("pre_llm",)
-    # (model, inputs) -> the position_ids the stock model should get for ``inputs`` (e.g. Qwen-VL's 3-D M-RoPE ids);
-    # None: left-padded 1-D positions ``cumsum(attention_mask) - 1``
-    position_ids: Callable[[torch.nn.Module, dict[str, Any]], torch.Tensor] | None = None
-    # Encoder-decoder models (Whisper), all None for decoder-only LLMs. ``position_ids`` may return a dict of keyword
-    # arguments instead (e.g. ``decoder_position_ids``). lm_tokens: the language model's forward kwargs -> a [B, L]
-    # mask of the media/text tokens it reads (default: its attention_mask); input_tokens: inputs -> [B] uncompressed
-    # count (default: attention_mask.sum(1)); generate_inputs: inputs -> generate() arguments (default: inputs, whose
-    # input_ids must then prefix the output).
+    position_ids: Callable[[torch.nn.Module, dict[str, Any]], Any] | None = None
     lm_tokens: Callable[[dict[str, Any]], torch.Tensor] | None = None
     input_tokens: Callable[[dict[str, Any]], torch.Tensor] | None = None
     generate_inputs: Callable[[dict[str, Any]], dict[str, Any]] | None = None
@@ -96,25 +104,6 @@ def llava_inputs(model: torch.nn.Module, samples: list[Sample]) -> dict[str, Any
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.cat(pixels)}
 
 
-CASES: dict[str, Case] = {
-    "llava": Case("llava", tiny_llava, llava_inputs, lambda m: m.model.language_model, stages=("pre_llm", "llm")),
-    "llava_onevision": Case("llava_onevision", lambda attn: tiny_llava_onevision(attn), lambda m, s:
-                            llava_onevision_inputs(m, s), lambda m: m.model.language_model,
-                            stages=("pre_llm", "llm")),
-    "qwen2_vl": Case("qwen2_vl", lambda attn: tiny_qwen2_vl(attn), lambda m, s: qwen_vl_inputs(m, s),
-                     lambda m: m.model.language_model, position_ids=lambda m, i: qwen_vl_positions(m, i),
-                     stages=("pre_llm", "llm")),
-    "qwen2_5_vl": Case("qwen2_5_vl", lambda attn: tiny_qwen2_5_vl(attn), lambda m, s: qwen_vl_inputs(m, s),
-                       lambda m: m.model.language_model, position_ids=lambda m, i: qwen_vl_positions(m, i),
-                       stages=("pre_llm", "llm")),
-    "whisper": Case("whisper", lambda attn: tiny_whisper(attn), lambda m, s: whisper_inputs(m, s),
-                    lambda m: m.model.decoder, modalities=("audio",), stages=("pre_llm", "encoder"),
-                    position_ids=lambda m, i: whisper_positions(i),
-                    lm_tokens=lambda kw: torch.ones(kw["encoder_hidden_states"].shape[:2], dtype=torch.long),
-                    input_tokens=lambda i: torch.full((i["input_features"].shape[0],),
-                                                      i["input_features"].shape[-1] // 2),
-                    generate_inputs=lambda i: {"input_features": i["input_features"]}),
-}
 
 
 # ---- LLaVA-OneVision ---------------------------------------------------------------------------------------------
@@ -376,5 +365,24 @@ def qwen2_audio_inputs(model: torch.nn.Module, samples: list[Sample]) -> dict[st
             "feature_attention_mask": torch.stack(fmasks)}
 
 
-CASES["qwen2_audio"] = Case("qwen2_audio", lambda attn: tiny_qwen2_audio(attn), lambda m, s: qwen2_audio_inputs(m, s),
-                            lambda m: m.model.language_model, modalities=("audio",), stages=("pre_llm", "llm"))
+# ---- the registry of test cases: one entry per model adapter (the invariant suite runs every method on each) -----
+CASES: dict[str, Case] = {
+    "llava": Case("llava", tiny_llava, llava_inputs, stages=("pre_llm", "llm")),
+    "llava_onevision": Case("llava_onevision", lambda attn: tiny_llava_onevision(attn), lambda m, s:
+                            llava_onevision_inputs(m, s), stages=("pre_llm", "llm")),
+    "qwen2_vl": Case("qwen2_vl", lambda attn: tiny_qwen2_vl(attn), lambda m, s: qwen_vl_inputs(m, s),
+                     position_ids=lambda m, i: qwen_vl_positions(m, i),
+                     stages=("pre_llm", "llm")),
+    "qwen2_5_vl": Case("qwen2_5_vl", lambda attn: tiny_qwen2_5_vl(attn), lambda m, s: qwen_vl_inputs(m, s),
+                       position_ids=lambda m, i: qwen_vl_positions(m, i),
+                       stages=("pre_llm", "llm")),
+    "whisper": Case("whisper", lambda attn: tiny_whisper(attn), lambda m, s: whisper_inputs(m, s),
+                    modalities=("audio",), stages=("pre_llm", "encoder"),
+                    position_ids=lambda m, i: whisper_positions(i),
+                    lm_tokens=lambda kw: torch.ones(kw["encoder_hidden_states"].shape[:2], dtype=torch.long),
+                    input_tokens=lambda i: torch.full((i["input_features"].shape[0],),
+                                                      i["input_features"].shape[-1] // 2),
+                    generate_inputs=lambda i: {"input_features": i["input_features"]}),
+    "qwen2_audio": Case("qwen2_audio", lambda attn: tiny_qwen2_audio(attn), lambda m, s: qwen2_audio_inputs(m, s),
+                        modalities=("audio",), stages=("pre_llm", "llm")),
+}

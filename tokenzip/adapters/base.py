@@ -45,7 +45,7 @@ class Item:
     modality: str
     sample: int  # batch row the item belongs to
     tokens: torch.Tensor  # [N, D] in the space the method compresses
-    grid: Layout  # row-major grids tiling the N tokens
+    grid: Layout  # how the N tokens tile space and time (tokenzip/layout.py)
     signals: dict[str, torch.Tensor] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # adapter-private bookkeeping
 

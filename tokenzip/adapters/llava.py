@@ -13,6 +13,7 @@ from typing import Any, Callable
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from .. import layout as L
 from ..llm.adapter import LLMAccess, placeholder_items
 from ..output import CompressOutput
 from .base import Adapter, Item, ModelParts, pad_id_for, shrink_sequences, text_signals
@@ -149,7 +150,8 @@ class LlavaAdapter(LlavaFamily):
         n = feats.shape[1]
         owner = items_per_sample(input_ids, self.image_token_id, [n] * feats.shape[0])
         side = math.isqrt(n - (1 if cls and not drop else 0))
-        grid = [(side, side)] if not (cls and not drop) else [(1, 1), (side, side)]
+        grid = L.grid(side, side) if not (cls and not drop) else L.Layout([L.Segment("cls", 1, 1, 1),
+                                                                         L.Segment("image", 1, side, side)])
         items = []
         for i in range(feats.shape[0]):
             sig: dict[str, torch.Tensor] = {name: t[i, drop:] for name, t in p.results.items()}

@@ -48,6 +48,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
+from .. import layout as L
 from ..output import CompressOutput
 from .base import Item, text_signals
 from .llava import LlavaFamily, image_llm_items, items_per_sample, require_input_ids
@@ -178,22 +179,24 @@ class LlavaOnevisionAdapter(LlavaFamily):
             out.append(d)
         return out
 
-    def _layout(self, newline: torch.Tensor, crops: int) -> list[tuple[int, int]]:
-        """``[(h, w), (H, W + 1)]`` for a tiled image, ``[(h, w), (1, 1)]`` for an untiled one (see module doc)."""
+    def _layout(self, newline: torch.Tensor, crops: int) -> L.Layout:
+        """Base view + crop grid with its newline column (``[(h, w), (H, W + 1)]``) for a tiled image, base view +
+        one newline marker (``[(h, w), (1, 1)]``) for an untiled one (see module doc)."""
         n = newline.shape[0]
         pos = newline.nonzero().flatten().tolist()
         if crops <= 1:
             if pos != [n - 1]:
                 raise RuntimeError(f"expected one trailing newline marker, found {pos[:6]}")  # adapter bug
             side = math.isqrt(n - 1)
-            return [(side, side) if side * side == n - 1 else (1, n - 1), (1, 1)]
+            h, w = (side, side) if side * side == n - 1 else (1, n - 1)
+            return L.Layout([L.Segment("base", 1, h, w), L.Segment("newline", 1, 1, 1)])
         vc = self.model.config.vision_config
         side = vc.image_size // vc.patch_size  # the model checks the base view is side x side when tiling
         rows = len(pos)
         width1 = (n - side * side) // max(rows, 1)
         if rows == 0 or pos != [side * side + (r + 1) * width1 - 1 for r in range(rows)]:
             raise RuntimeError(f"unexpected newline positions {pos[:6]}... for {n} tokens")  # adapter bug
-        return [(side, side), (rows, width1)]
+        return L.Layout([L.Segment("base", 1, side, side), L.Segment("crops", 1, rows, width1, newline=True)])
 
     def rebuild(self, kwargs: dict[str, Any], items: list[Item], outputs: list[CompressOutput]) -> dict[str, Any]:
         feats = [out.tokens[0] for out in outputs]

@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from .. import layout as L
 from ..llm.adapter import LLMAccess, placeholder_items
 from ..output import CompressOutput
 from .base import Adapter, Item, ModelParts, pad_id_for, shrink_sequences, text_signals
@@ -150,7 +151,7 @@ class Qwen2AudioAdapter(LLMAccess, Adapter):
                 if speech is None:
                     speech = energy_speech(feats[i, :, : MEL_PER_TOKEN * n], n)
                 sig["speech"] = speech.to(hidden.device)
-            items.append(Item("audio", owner[i], tokens, [(1, n)], sig))
+            items.append(Item("audio", owner[i], tokens, L.audio(n), sig))
         return items
 
     def rebuild(self, kwargs: dict[str, Any], items: list[Item], outputs: list[CompressOutput]) -> dict[str, Any]:

@@ -52,6 +52,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.vision_utils import get_vision_window_index
 
+from .. import layout as L
 from .. import timing
 from ..compat import cache_from
 from ..llm.adapter import LLMAccess
@@ -202,7 +203,7 @@ class Qwen2VLAdapter(LLMAccess, Adapter):
             if "text" in needs:
                 sig.update(text_signals(self.core.get_input_embeddings(), input_ids, kwargs.get("attention_mask"),
                                         {self.image_token_id, self.video_token_id}, owner[i]))
-            layout = [(h // self.merge, w // self.merge)] * t
+            layout = L.Layout([L.Segment("image" if t == 1 else "frames", t, h // self.merge, w // self.merge)])
             items.append(Item("image", owner[i], feats[i], layout, sig))
             start += n
         return items

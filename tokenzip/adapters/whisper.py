@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from transformers.modeling_outputs import BaseModelOutput
 
+from .. import layout as L
 from ..output import CompressOutput
 from .base import Adapter, Item, ModelParts
 from .probe import probe
@@ -273,7 +274,7 @@ class WhisperAdapter(Adapter):
             if "speech" in needs:
                 speech = silero_speech(raw[i], n) if raw is not None else None
                 sig["speech"] = (speech if speech is not None else energy_speech(feats[i], n)).to(hidden.device)
-            items.append(Item("audio", i, hidden[i], [(1, n)], sig))
+            items.append(Item("audio", i, hidden[i], L.audio(n), sig))
         return items
 
     @torch.no_grad()

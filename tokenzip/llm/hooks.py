@@ -31,8 +31,9 @@ from typing import Any
 import torch
 
 from ..compat import cache_from
+from ..layout import Layout
 from ..output import ItemStats, summarize
-from . import layout as L
+from . import slots as S
 from .scores import attention_rows
 
 ATTENTION_SIGNALS = ("last_attention", "text_attention")
@@ -48,7 +49,7 @@ class LLMItem:
     modality: str
     sample: int
     positions: torch.Tensor  # [n] ascending sequence positions
-    grid: Any = None
+    grid: Layout | None = None  # the item's layout (tokenzip/layout.py)
 
 
 @dataclass
@@ -78,12 +79,13 @@ class _Track:
         self.source = torch.arange(self.n)  # original token -> current local index (-1 dropped)
         self.index = torch.arange(self.n)  # current local index -> representative original token
         self.stages: list[tuple[int, int]] = []
+        self.stage_sources: list[torch.Tensor] = []
 
 
 class _Run:
     def __init__(self, tracks: list[_Track], attn2d: torch.Tensor, stage_at: list[int]):
         self.tracks = tracks
-        self.layout = L.full_layout(attn2d)
+        self.slots = S.full_slots(attn2d)
         self.prefill_len = attn2d.shape[1]
         self.stage_at = stage_at
         self.signals: dict[int, dict] = {}
@@ -210,7 +212,7 @@ class LLMRunner:
                 raise RuntimeError(f"LLM-stage compression: layer {start} caches {layers[start].get_seq_length()} "
                                    f"tokens, expected {expected}; the cache was cropped or edited since prefill")
             key_valid = torch.cat([valid, tail], dim=1)
-            masks[g] = L.to_implementation(L.step_mask(key_valid, q), self.impl, dtype)
+            masks[g] = S.to_implementation(S.step_mask(key_valid, q), self.impl, dtype)
         self.step = (state, masks)
 
     def _dtype(self) -> torch.dtype:
@@ -262,11 +264,11 @@ class LLMRunner:
             if pe is not None:
                 if pe is not run.pe_src:
                     run.pe_src = pe
-                    run.pe = tuple(L.gather_seq(t, run.layout.pos) for t in pe)
+                    run.pe = tuple(S.gather_seq(t, run.slots.pos) for t in pe)
                 kwargs["position_embeddings"] = run.pe
             pid = kwargs.get("position_ids")
             if isinstance(pid, torch.Tensor) and pid.shape[-1] == run.prefill_len:
-                kwargs["position_ids"] = _gather_last(pid, run.layout.pos)
+                kwargs["position_ids"] = _gather_last(pid, run.slots.pos)
             return args, kwargs
         return hook
 
@@ -276,7 +278,7 @@ class LLMRunner:
             return None
         h = args[0]
         full = run.full.to(h.dtype).clone()
-        lay = run.layout
+        lay = run.slots
         for b in range(h.shape[0]):
             real = ~lay.filler[b]
             full[b, lay.pos[b, real]] = h[b, real]
@@ -285,7 +287,7 @@ class LLMRunner:
     # ---- the work -----------------------------------------------------------------------------------------------
     def _rows(self, run: _Run) -> tuple[torch.Tensor, list[int], list[torch.Tensor]]:
         """Query rows per sample: the last real slot and (if needed) every real text slot."""
-        lay = run.layout
+        lay = run.slots
         visual = torch.zeros_like(lay.valid)
         for t in run.tracks:
             visual[t.item.sample, t.slots] = True
@@ -307,7 +309,7 @@ class LLMRunner:
 
     def _scores(self, run: _Run, attn: torch.nn.Module, x: torch.Tensor, pe: Any) -> dict:
         rows, last, text = self._rows(run)
-        probs = attention_rows(attn, x, pe, run.layout.valid, rows).mean(dim=1)  # [B, R, W]
+        probs = attention_rows(attn, x, pe, run.slots.valid, rows).mean(dim=1)  # [B, R, W]
         return {"rows": rows, "last": last, "text": text, "probs": probs}
 
     def _item_signals(self, run: _Run, layer: int, t: _Track, h: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -327,7 +329,7 @@ class LLMRunner:
                 out["text"] = h[b, after].unsqueeze(0)
                 out["text_mask"] = torch.ones(1, after.numel(), dtype=torch.bool, device=h.device)
         elif "text" in self.needs:
-            lay = run.layout
+            lay = run.slots
             visual = torch.zeros_like(lay.valid[b])
             for o in run.tracks:
                 if o.item.sample == b:
@@ -339,7 +341,7 @@ class LLMRunner:
         return {k: v for k, v in out.items() if k in self.needs}
 
     def _apply_stage(self, run: _Run, layer: int, h: torch.Tensor, past: Any) -> torch.Tensor:
-        lay = run.layout
+        lay = run.slots
         # remember every slot's hidden state: dropped tokens carry it to the output
         for b in range(h.shape[0]):
             real = ~lay.filler[b]
@@ -371,11 +373,12 @@ class LLMRunner:
             drop[b, t.slots] = True
             drop[b, t.slots[idx.to(t.slots.device)]] = False
             results.append((out_tokens, src, idx))
-            t.source = L.compose_source(t.source, src)
+            t.source = S.compose_source(t.source, src)
             t.index = t.index[idx]
             t.stages.append((layer, k))
-        new, gather = L.shorten(lay, drop)
-        h_new = L.gather_seq(h, gather)
+            t.stage_sources.append(src.clone())
+        new, gather = S.shorten(lay, drop)
+        h_new = S.gather_seq(h, gather)
         new_of_old = torch.full_like(lay.pos, -1)
         for b in range(h.shape[0]):
             real = ~new.filler[b]
@@ -389,8 +392,8 @@ class LLMRunner:
             t.slots = new_of_old[b, t.slots[idx.to(t.slots.device)]]
             if t.slots.numel():
                 h_new[b, t.slots] = out_tokens[0].to(h_new.dtype)
-        run.layout = new
-        run.mask = L.to_implementation(L.prefill_mask(new.valid), self.impl, h.dtype)
+        run.slots = new
+        run.mask = S.to_implementation(S.prefill_mask(new.valid), self.impl, h.dtype)
         run.pe_src, run.pe = None, None
         if past is not None:
             if run.state is None:
@@ -400,11 +403,12 @@ class LLMRunner:
         return h_new
 
     def _record(self, run: _Run) -> None:
-        per_sample: list[list[ItemStats]] = [[] for _ in range(run.layout.pos.shape[0])]
+        per_sample: list[list[ItemStats]] = [[] for _ in range(run.slots.pos.shape[0])]
         for t in run.tracks:
             per_sample[t.item.sample].append(ItemStats(
                 modality=t.item.modality, tokens_in=t.n, tokens_out=int(t.index.numel()),
-                source=t.source.clone(), index=t.index.clone(), grid=t.item.grid, stages=list(t.stages)))
+                source=t.source.clone(), index=t.index.clone(), grid=t.item.grid, stages=list(t.stages),
+                stage_sources=list(t.stage_sources)))
         self.c.last_stats = summarize(per_sample)
 
 

@@ -1,6 +1,7 @@
 """Pure functions for shortening a padded batch inside the LLM. Nothing here knows about models.
 
-A *layout* describes the sequence a group of decoder layers runs on: ``pos`` ``[B, W]`` the original sequence
+A :class:`Slots` describes the sequence a group of decoder layers runs on (not to be confused with an item's
+`tokenzip.layout.Layout`, how one item's tokens tile space and time): ``pos`` ``[B, W]`` the original sequence
 position each slot holds (ascending along a row), ``valid`` ``[B, W]`` whether the slot is a real key (not padding
 and not a filler slot), and ``filler`` ``[B, W]`` slots that exist only to pad ragged rows to a common width (they
 sit at the left of a row, like left padding). Every non-visual position (text, padding) stays; visual positions
@@ -15,7 +16,7 @@ import torch
 
 
 @dataclass
-class Layout:
+class Slots:
     pos: torch.Tensor  # [B, W] long, original positions (fillers: 0)
     valid: torch.Tensor  # [B, W] bool, real keys
     filler: torch.Tensor  # [B, W] bool
@@ -25,19 +26,19 @@ class Layout:
         return self.pos.shape[1]
 
 
-def full_layout(attention_mask: torch.Tensor) -> Layout:
+def full_slots(attention_mask: torch.Tensor) -> Slots:
     b, length = attention_mask.shape
     pos = torch.arange(length, device=attention_mask.device).expand(b, -1).clone()
-    return Layout(pos, attention_mask.bool().clone(), torch.zeros(b, length, dtype=torch.bool,
+    return Slots(pos, attention_mask.bool().clone(), torch.zeros(b, length, dtype=torch.bool,
                                                                   device=attention_mask.device))
 
 
-def shorten(layout: Layout, drop: torch.Tensor) -> tuple[Layout, torch.Tensor]:
+def shorten(slots: Slots, drop: torch.Tensor) -> tuple[Slots, torch.Tensor]:
     """Remove the slots where ``drop`` ``[B, W]`` is True (and old fillers). Rows are re-padded to a common width
-    with filler slots on the left. Returns the new layout and ``gather`` ``[B, W']``: the old slot of each new slot
+    with filler slots on the left. Returns the new slots and ``gather`` ``[B, W']``: the old slot of each new slot
     (fillers point at slot 0)."""
     b = drop.shape[0]
-    keep = ~drop & ~layout.filler
+    keep = ~drop & ~slots.filler
     counts = keep.sum(dim=1)
     width = int(counts.max())
     gather = torch.zeros(b, width, dtype=torch.long, device=drop.device)
@@ -46,9 +47,9 @@ def shorten(layout: Layout, drop: torch.Tensor) -> tuple[Layout, torch.Tensor]:
         idx = keep[i].nonzero().flatten()
         gather[i, width - idx.numel():] = idx
         filler[i, width - idx.numel():] = False
-    pos = torch.gather(layout.pos, 1, gather).masked_fill(filler, 0)
-    valid = torch.gather(layout.valid, 1, gather) & ~filler
-    return Layout(pos, valid, filler), gather
+    pos = torch.gather(slots.pos, 1, gather).masked_fill(filler, 0)
+    valid = torch.gather(slots.valid, 1, gather) & ~filler
+    return Slots(pos, valid, filler), gather
 
 
 def gather_seq(x: torch.Tensor, gather: torch.Tensor) -> torch.Tensor:
