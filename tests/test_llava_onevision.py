@@ -130,7 +130,11 @@ def test_layout_and_newline_markers():
     items = adapter_for(model).encode(inputs, ALL)
     # sample 0: 112x112 tiled (2x2 crops -> 8x8 + newline column); sample 1: two images, not tiled (multi-image);
     # sample 2: 112x84 tiled and unpadded to 8x6 + newline column
-    assert [it.grid for it in items] == [[(4, 4), (8, 9)], [(4, 4), (1, 1)], [(4, 4), (1, 1)], [(4, 4), (8, 7)]]
+    assert [list(it.grid) for it in items] == [[(4, 4), (8, 9)], [(4, 4), (1, 1)], [(4, 4), (1, 1)], [(4, 4), (8, 7)]]
+    assert [[s.kind for s in it.grid.segments] for it in items] == [["base", "crops"], ["base", "newline"],
+                                                                     ["base", "newline"], ["base", "crops"]]
+    for it in items:  # the layout's newline markers are the adapter's
+        assert it.grid.newline_mask() == it.extra["newline"].tolist()
     assert [it.sample for it in items] == [0, 1, 1, 2]
     newline = model.model.image_newline
     for it in items:
@@ -187,7 +191,7 @@ def test_signals_match_brute_force_eager(squeeze, squeezed):
         torch.testing.assert_close(it.signals["cls_attention"], a[:, 0], atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(it.signals["keys"], k, atol=1e-5, rtol=1e-5)
     if squeeze:  # 112x112 in 2x2 crops of 4x4 -> 8x8, down-scaled by 2 -> 4x4 + newline column
-        assert items[0].grid == [(4, 4), (4, 5)]
+        assert list(items[0].grid) == [(4, 4), (4, 5)]
 
 
 def test_vision_tower_runs_once_per_call():
@@ -364,7 +368,7 @@ def test_real_geometry_processor_counts():
     assert [it.tokens_in for it in items] == (inputs["input_ids"] == IMAGE_TOKEN).sum(1).tolist()
     # 480x640 -> 768x768 pinpoint, 2x2 crops, 54x54 patches, unpadded to 40 rows (7 cut top and bottom);
     # 1000x333 -> 1152x384, 3x1 crops, 81x27 patches, nothing to cut ((27 - 26) // 2 == 0)
-    assert [it.grid for it in items] == [[(27, 27), (40, 55)], [(27, 27), (81, 28)]]
+    assert [list(it.grid) for it in items] == [[(27, 27), (40, 55)], [(27, 27), (81, 28)]]
     for it in items:
         (bh, bw), (gh, gw) = it.grid
         assert (bh, bw) == (27, 27) and int(it.extra["newline"].sum()) == gh

@@ -168,7 +168,7 @@ def test_attention_signal_matches_eager_attention(case):
         assert item.signals["keys"].shape == (item.tokens.shape[0], visual.blocks[-1].attn.head_dim)
         assert torch.equal(item.signals["projected"], item.tokens)
     for item, (t, h, w) in zip(items, grid.tolist()):
-        assert item.grid == [(h // 2, w // 2)] * t
+        assert list(item.grid) == [(h // 2, w // 2)] * t
 
 
 @pytest.mark.parametrize("case", QWEN)

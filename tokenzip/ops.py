@@ -8,25 +8,12 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from . import layout as layout_mod
 from .output import CompressOutput
 
-Layout = list[tuple[int, int]]
-
-
-def as_layout(grid: tuple[int, int] | Sequence[tuple[int, int]] | None, n: int) -> Layout:
-    """Normalise a token layout to a list of row-major ``(h, w)`` grids that tile the ``n`` tokens in order.
-
-    ``None`` means a square grid when ``n`` is a perfect square, else a 1-D sequence ``[(1, n)]``.
-    """
-    if grid is None:
-        side = math.isqrt(n)
-        return [(side, side)] if side * side == n else [(1, n)]
-    if len(grid) == 2 and all(isinstance(v, int) for v in grid):
-        grid = [tuple(grid)]  # type: ignore[list-item]
-    layout = [(int(h), int(w)) for h, w in grid]  # type: ignore[misc]
-    if any(h < 1 or w < 1 for h, w in layout) or sum(h * w for h, w in layout) != n:
-        raise ValueError(f"grid {layout} does not tile {n} tokens (need sum of h*w == {n})")
-    return layout
+# the item layout (segments with a time axis; iterates as per-frame (h, w) grids): tokenzip/layout.py
+Layout = layout_mod.Layout
+as_layout = layout_mod.as_layout
 
 
 def stable_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
