@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 from ..base import Compressor
+from ..scorer import ScorerCompressor
 
 
 def geometric_counts(n: int, k: int, stages: int) -> list[int]:
@@ -76,3 +77,9 @@ class LLMCompressor(Compressor):
         if not 1 <= layer <= num_layers - 1:
             raise ValueError(f"{name} must be in [1, {num_layers - 1}] for a {num_layers}-layer LLM, got {layer}")
         return layer
+
+
+@dataclass
+class LLMScorer(ScorerCompressor, LLMCompressor):
+    """An LLM-stage method that ranks an item's remaining visual tokens and keeps the top ``count`` at each stage:
+    it implements ``score_tokens`` (and ``schedule``); the stable top-k and the selection are the base's."""

@@ -9,12 +9,11 @@ import torch
 
 from .. import ops
 from ..base import MethodInfo
-from ..llm.base import LLMCompressor
-from ..output import CompressOutput
+from ..llm.base import LLMScorer
 
 
 @dataclass
-class FastV(LLMCompressor):
+class FastV(LLMScorer):
     """FastV ("An Image is Worth 1/2 Tokens After Layer 2: Plug-and-Play Inference Acceleration for Large
     Vision-Language Models", Chen et al., arXiv:2403.06764).
 
@@ -53,9 +52,8 @@ class FastV(LLMCompressor):
         layer = min(2, num_layers - 1) if self.layer is None else self.layer
         return [(self.check_layer(layer, num_layers), self.budget.count(n))]
 
-    def _compress(self, tokens: torch.Tensor, k: int, layout: ops.Layout,
-                  signals: dict[str, torch.Tensor]) -> CompressOutput:
-        return ops.select(tokens, ops.stable_topk(received_attention(signals, self.score), k))
+    def score_tokens(self, tokens: torch.Tensor, layout: ops.Layout, signals: dict[str, torch.Tensor]) -> torch.Tensor:
+        return received_attention(signals, self.score)
 
 
 def received_attention(signals: dict[str, torch.Tensor], score: str) -> torch.Tensor:

@@ -9,13 +9,12 @@ import torch
 
 from .. import ops
 from ..base import MethodInfo
-from ..llm.base import LLMCompressor, geometric_counts
-from ..output import CompressOutput
+from ..llm.base import LLMScorer, geometric_counts
 from .fastv import received_attention
 
 
 @dataclass
-class ZipVL(LLMCompressor):
+class ZipVL(LLMScorer):
     """Progressive, layer-wise pruning after ZipVL ("ZipVL: Efficient Large Vision-Language Models with Dynamic
     Token Sparsification", Wang et al., arXiv:2410.08584).
 
@@ -71,6 +70,5 @@ class ZipVL(LLMCompressor):
         need = int((share < self.tau).sum()) + 1  # fewest tokens reaching tau of the mass
         return min(k, max(final, need))
 
-    def _compress(self, tokens: torch.Tensor, k: int, layout: ops.Layout,
-                  signals: dict[str, torch.Tensor]) -> CompressOutput:
-        return ops.select(tokens, ops.stable_topk(received_attention(signals, "text"), k))
+    def score_tokens(self, tokens: torch.Tensor, layout: ops.Layout, signals: dict[str, torch.Tensor]) -> torch.Tensor:
+        return received_attention(signals, "text")
