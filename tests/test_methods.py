@@ -39,10 +39,17 @@ def test_synthetic_signals_cover_every_signal():
 _TO_HIDDEN = torch.randn(6, D, generator=torch.Generator().manual_seed(99))
 
 
-def wanted(method, sig):
+def declared(method, only_required=False):
+    """The signals a configured method declares (a class stands for its default configuration; FastV's needs
+    depend on its ``score`` field, so they are read from an instance)."""
+    c = method(retain=1.0) if isinstance(method, type) else method
+    return set(c.requires) if only_required else set(c.requires) | set(c.optional)
+
+
+def wanted(method, sig, only_required=False):
     """The signals the method declares (required + optional), as the patch hands them over. At the LLM stage
     ``text`` holds hidden states of the tokens' own width, so it is mapped (row-wise) to ``D`` there."""
-    names = set(method.requires) | set(method.optional)
+    names = declared(method, only_required)
     out = {k: v for k, v in sig.items() if k in names}
     if method.info.stage == "llm" and "text" in out:
         out["text"] = out["text"] @ _TO_HIDDEN
@@ -99,7 +106,7 @@ def test_budget_from_retain_and_identity(method):
 def test_batch_rows_are_independent(method):
     n, grid = 16, [(2, 2), (3, 4)]
     tokens, sig = signals(3, n, seed=7, t=6)
-    names = set(method.requires) | set(method.optional)
+    names = declared(method)
     if "text_mask" in names:  # padded prompts in the batch (only a method that sees the mask can ignore padding)
         sig["text_mask"][1, 4:] = False
         sig["text_mask"][2, 2:] = False
@@ -131,10 +138,42 @@ def test_deterministic_with_ties(method):
 @pytest.mark.parametrize("method", tz.METHODS, ids=lambda m: m.info.name)
 def test_missing_required_signal_is_a_clear_error(method):
     tokens, sig = signals(1, 9)
-    for name in method.requires:
+    for name in declared(method, only_required=True):
         partial = {k: v for k, v in wanted(method, sig).items() if k != name}
         with pytest.raises(ValueError, match=name):
             method(tokens=3).compress(tokens, **partial)
+
+
+# every configuration whose needs differ: requires is what the configured instance truly needs
+CONFIGS = [pytest.param(m, {}, id=m.info.name) for m in tz.METHODS] + [
+    pytest.param(tz.FastV, {"score": "text"}, id="fastv-text")]
+
+
+@pytest.mark.parametrize("method,kwargs", CONFIGS)
+def test_required_signals_suffice(method, kwargs):
+    """The required signals alone run the method, with and without text after the item."""
+    for t in (5, 0):
+        tokens, sig = signals(2, 16, seed=t, t=t)
+        c = method(tokens=4, **kwargs)
+        check_output(c.compress(tokens, **wanted(c, sig, only_required=True)), tokens, 4)
+
+
+@pytest.mark.parametrize("score,needs", [("last", {"last_attention"}), ("text", {"last_attention", "text_attention"})])
+def test_fastv_declares_what_its_score_needs(score, needs):
+    c = tz.FastV(retain=0.5, score=score)
+    assert set(c.requires) == needs and not c.optional and c.signals_needed() == needs
+    tokens, sig = signals(1, 9)
+    for name in needs:
+        partial = {k: v for k, v in sig.items() if k in needs - {name}}
+        with pytest.raises(ValueError, match=f"fastv needs signals \\['{name}'\\]"):
+            c.compress(tokens, **partial)
+
+
+def test_llm_stage_computes_exactly_the_declared_signals():
+    for m in tz.METHODS:
+        if m.info.stage == "llm":
+            c = m(retain=0.5)
+            assert c.signals_needed() == frozenset(c.requires) | frozenset(c.optional), m.info.name
 
 
 MINE = {"bilinear", "tome", "divprune", "dpc_knn", "cls_topk", "prumerge_plus", "visionzip", "vispruner", "trim"}

@@ -58,8 +58,9 @@ class LLMCompressor(Compressor):
         raise NotImplementedError
 
     def signals_needed(self) -> frozenset[str]:
-        """The signals the LLM stage must compute for this configuration (default: ``requires`` + ``optional``).
-        Text-row attention costs ``[B, H, T, W]``: configurations that do not use it should leave it out."""
+        """The signals the LLM stage must compute for this configuration: ``requires`` + ``optional`` of this
+        instance (a method whose needs depend on a field, like FastV's ``score``, makes ``requires`` a property).
+        Text-row attention costs ``[B, H, T, W]``: configurations that do not use it must not declare it."""
         return frozenset(self.requires) | frozenset(self.optional)
 
     def adapt(self, k: int, m: int, final: int, signals: dict) -> int:

@@ -40,8 +40,8 @@ class ZipVL(LLMScorer):
     info: ClassVar[MethodInfo] = MethodInfo(
         name="zipvl", family="attention", modalities=("image", "video"), stage="llm", query_aware=True,
         reference="Wang et al., ZipVL, arXiv:2410.08584 (adaptive ratio); progressive pruning variant")
-    requires: ClassVar[tuple[str, ...]] = ("last_attention",)
-    optional: ClassVar[tuple[str, ...]] = ("text_attention",)
+    # the text rows rank the tokens; the last token's row ranks an item no text token follows
+    requires: ClassVar[tuple[str, ...]] = ("last_attention", "text_attention")
 
     def __post_init__(self) -> None:
         super().__post_init__()
