@@ -1,6 +1,7 @@
 """Tensor-level tests of every registered method (no model): exact budget, a consistent CompressOutput, batch
 independence, determinism, plus one check of each method's own algorithm."""
 
+import importlib
 import math
 
 import pytest
@@ -193,6 +194,7 @@ def test_method_infos():
 
 @pytest.mark.parametrize("name,kwargs", [
     ("visionzip", {"contextual_ratio": 1.0}), ("visionzip", {"contextual_ratio": -0.1}),
+    ("visionzip", {"contextual": "max"}), ("sparsevlm", {"neighbors": 0}),
     ("vispruner", {"important_ratio": 1.5}), ("prumerge_plus", {"knn": 0}), ("dpc_knn", {"neighbors": 0}),
 ])
 def test_bad_parameters(name, kwargs):
@@ -333,13 +335,37 @@ def test_visionzip_dominant_and_contextual_counts():
     assert all([d] in groups for d in dominant)
     contextual = [g for g in groups if g not in [[d] for d in dominant]]
     assert len(contextual) == n_ctx and sum(len(g) for g in contextual) == n - len(dominant)
+    rest = sorted(set(range(n)) - set(dominant))
+    targets = {rest[(i * len(rest)) // n_ctx] for i in range(n_ctx)}
+    mean = tz.get("visionzip", tokens=k, contextual="mean").compress(tokens, **wanted(tz.VisionZip, sig))
+    assert torch.equal(mean.source, out.source) and torch.equal(mean.index, out.index)
     for slot, g in enumerate(groups):
-        torch.testing.assert_close(out.tokens[0, slot], tokens[0, g].mean(0))
+        torch.testing.assert_close(mean.tokens[0, slot], tokens[0, g].mean(0))
+        if g in contextual:  # default: the target plus the mean of the tokens that joined it
+            (t,) = targets & set(g)
+            others = [m for m in g if m != t]
+            expect = tokens[0, t] + (tokens[0, others].mean(0) if others else 0)
+            torch.testing.assert_close(out.tokens[0, slot], expect)
+        else:
+            assert torch.equal(out.tokens[0, slot], tokens[0, g[0]])
     # at least one dominant token even at k=1, and a ratio of 0 keeps only dominant tokens
     assert tz.get("visionzip", tokens=1, contextual_ratio=0.9).compress(
         tokens, **wanted(tz.VisionZip, sig)).index[0].tolist() == [int(sig["cls_attention"][0].argmax())]
     only = tz.get("visionzip", tokens=5, contextual_ratio=0.0).compress(tokens, **wanted(tz.VisionZip, sig))
     assert only.index[0].tolist() == sorted(torch.topk(sig["cls_attention"][0], 5).indices.tolist())
+
+
+@pytest.mark.parametrize("contextual,expect", [("sum", [[9.0], [5.0]]), ("mean", [[9.0], [3.25]])])
+def test_visionzip_contextual_token_by_hand(contextual, expect):
+    """5 tokens, k = 2 at ratio 0.5: token 0 is dominant; of the rest (1, 2, 3, 4) the first is the one target and
+    2, 3, 4 join it. Reference code: target + mean(joined) = 1 + (2 + 5 + 5) / 3 = 5; the option averages all
+    four: (1 + 2 + 5 + 5) / 4 = 3.25."""
+    tokens = torch.tensor([[[9.0], [1.0], [2.0], [5.0], [5.0]]])
+    attn = torch.tensor([[0.6, 0.1, 0.1, 0.1, 0.1]])
+    out = tz.get("visionzip", tokens=2, contextual_ratio=0.5, contextual=contextual).compress(tokens,
+                                                                                            cls_attention=attn)
+    assert out.groups(0) == [[0], [1, 2, 3, 4]]
+    assert out.tokens[0].tolist() == expect
 
 
 def test_vispruner_keeps_important_then_drops_duplicates():
@@ -377,3 +403,22 @@ def test_trim_keeps_the_tokens_closest_to_the_text():
     with pytest.raises(ValueError, match="text"):
         tz.get("trim", tokens=2).compress(tokens, projected=proj, text=torch.randn(1, 3, 5),
                                           text_mask=torch.ones(1, 3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("neighbors,expect", [(None, 3), (5, 5)])
+def test_sparsevlm_density_counts_as_many_neighbours_as_clusters(monkeypatch, neighbors, expect):
+    """N = 20, k = 8, recycle 0.375: c = round(3.0) = 3 recycled slots, 5 keep their tokens, 15 are deleted and the
+    top floor(0.3 * 15) + 1 = 5 of them are clustered. The reference code's density counts c = 3 neighbours."""
+    sparsevlm = importlib.import_module("tokenzip.methods.sparsevlm")  # tz.methods is the registry function
+    calls = []
+
+    def spy(x, k, n_neighbors):
+        calls.append((x.shape[0], k, n_neighbors))
+        return dpc_knn_centres(x, k, n_neighbors)
+
+    dpc_knn_centres = sparsevlm.dpc_knn_centres
+    monkeypatch.setattr(sparsevlm, "dpc_knn_centres", spy)
+    tokens, sig = signals(1, 20, seed=13)
+    c = tz.SparseVLM(tokens=8, recycle=0.375, neighbors=neighbors)
+    check_output(c.compress(tokens, **wanted(c, sig)), tokens, 8)
+    assert calls == [(5, 3, expect)]
