@@ -24,7 +24,7 @@ class ClsTopK(ScorerCompressor):
     """
 
     info: ClassVar[MethodInfo] = MethodInfo(
-        name="cls_topk", family="attention", modalities=("image", "video"), stage="pre_llm", query_aware=False,
+        name="cls_topk", family="attention", modalities=("image",), stage="pre_llm", query_aware=False,
         reference="FasterVLM: [CLS] Attention is All You Need for Training-Free Visual Token Pruning, "
                   "arXiv:2412.01818 (v1)")
     requires: ClassVar[tuple[str, ...]] = ("cls_attention",)

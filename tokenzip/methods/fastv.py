@@ -34,7 +34,7 @@ class FastV(LLMScorer):
     score: str = "last"
 
     info: ClassVar[MethodInfo] = MethodInfo(
-        name="fastv", family="attention", modalities=("image", "video"), stage="llm", query_aware=True,
+        name="fastv", family="attention", modalities=("image",), stage="llm", query_aware=True,
         reference="Chen et al., An Image is Worth 1/2 Tokens After Layer 2, arXiv:2403.06764")
 
     def __post_init__(self) -> None:

@@ -33,7 +33,7 @@ class PyramidDrop(LLMScorer):
     layers: tuple[int, ...] | None = None
 
     info: ClassVar[MethodInfo] = MethodInfo(
-        name="pyramiddrop", family="attention", modalities=("image", "video"), stage="llm", query_aware=True,
+        name="pyramiddrop", family="attention", modalities=("image",), stage="llm", query_aware=True,
         reference="Xing et al., PyramidDrop, arXiv:2410.17247")
     requires: ClassVar[tuple[str, ...]] = ("last_attention",)
 

@@ -52,7 +52,7 @@ class SparseVLM(LLMCompressor):
     neighbors: int | None = None
 
     info: ClassVar[MethodInfo] = MethodInfo(
-        name="sparsevlm", family="query", modalities=("image", "video"), stage="llm", query_aware=True,
+        name="sparsevlm", family="query", modalities=("image",), stage="llm", query_aware=True,
         reference="Zhang et al., SparseVLM, arXiv:2410.04417")
     requires: ClassVar[tuple[str, ...]] = ("last_attention", "text_attention", "text")
 

@@ -75,7 +75,7 @@ class VisionZip(Compressor):
     contextual_ratio: float = 10 / 64
     contextual: str = "sum"
     info: ClassVar[MethodInfo] = MethodInfo(
-        name="visionzip", family="attention", modalities=("image", "video"), stage="pre_llm", query_aware=False,
+        name="visionzip", family="attention", modalities=("image",), stage="pre_llm", query_aware=False,
         reference="VisionZip: Longer is Better but Not Necessary in Vision Language Models, arXiv:2412.04467")
     requires: ClassVar[tuple[str, ...]] = ("cls_attention",)
     optional: ClassVar[tuple[str, ...]] = ("keys",)

@@ -38,7 +38,7 @@ class ZipVL(LLMScorer):
     layers: tuple[int, ...] | None = None
 
     info: ClassVar[MethodInfo] = MethodInfo(
-        name="zipvl", family="attention", modalities=("image", "video"), stage="llm", query_aware=True,
+        name="zipvl", family="attention", modalities=("image",), stage="llm", query_aware=True,
         reference="Wang et al., ZipVL, arXiv:2410.08584 (adaptive ratio); progressive pruning variant")
     # the text rows rank the tokens; the last token's row ranks an item no text token follows
     requires: ClassVar[tuple[str, ...]] = ("last_attention", "text_attention")
