@@ -1,6 +1,7 @@
 """Tensor-level tests of every registered method (no model): exact budget, a consistent CompressOutput, batch
 independence, determinism, plus one check of each method's own algorithm."""
 
+import importlib
 import math
 
 import pytest
@@ -39,10 +40,17 @@ def test_synthetic_signals_cover_every_signal():
 _TO_HIDDEN = torch.randn(6, D, generator=torch.Generator().manual_seed(99))
 
 
-def wanted(method, sig):
+def declared(method, only_required=False):
+    """The signals a configured method declares (a class stands for its default configuration; FastV's needs
+    depend on its ``score`` field, so they are read from an instance)."""
+    c = method(retain=1.0) if isinstance(method, type) else method
+    return set(c.requires) if only_required else set(c.requires) | set(c.optional)
+
+
+def wanted(method, sig, only_required=False):
     """The signals the method declares (required + optional), as the patch hands them over. At the LLM stage
     ``text`` holds hidden states of the tokens' own width, so it is mapped (row-wise) to ``D`` there."""
-    names = set(method.requires) | set(method.optional)
+    names = declared(method, only_required)
     out = {k: v for k, v in sig.items() if k in names}
     if method.info.stage == "llm" and "text" in out:
         out["text"] = out["text"] @ _TO_HIDDEN
@@ -99,7 +107,7 @@ def test_budget_from_retain_and_identity(method):
 def test_batch_rows_are_independent(method):
     n, grid = 16, [(2, 2), (3, 4)]
     tokens, sig = signals(3, n, seed=7, t=6)
-    names = set(method.requires) | set(method.optional)
+    names = declared(method)
     if "text_mask" in names:  # padded prompts in the batch (only a method that sees the mask can ignore padding)
         sig["text_mask"][1, 4:] = False
         sig["text_mask"][2, 2:] = False
@@ -131,10 +139,42 @@ def test_deterministic_with_ties(method):
 @pytest.mark.parametrize("method", tz.METHODS, ids=lambda m: m.info.name)
 def test_missing_required_signal_is_a_clear_error(method):
     tokens, sig = signals(1, 9)
-    for name in method.requires:
+    for name in declared(method, only_required=True):
         partial = {k: v for k, v in wanted(method, sig).items() if k != name}
         with pytest.raises(ValueError, match=name):
             method(tokens=3).compress(tokens, **partial)
+
+
+# every configuration whose needs differ: requires is what the configured instance truly needs
+CONFIGS = [pytest.param(m, {}, id=m.info.name) for m in tz.METHODS] + [
+    pytest.param(tz.FastV, {"score": "text"}, id="fastv-text")]
+
+
+@pytest.mark.parametrize("method,kwargs", CONFIGS)
+def test_required_signals_suffice(method, kwargs):
+    """The required signals alone run the method, with and without text after the item."""
+    for t in (5, 0):
+        tokens, sig = signals(2, 16, seed=t, t=t)
+        c = method(tokens=4, **kwargs)
+        check_output(c.compress(tokens, **wanted(c, sig, only_required=True)), tokens, 4)
+
+
+@pytest.mark.parametrize("score,needs", [("last", {"last_attention"}), ("text", {"last_attention", "text_attention"})])
+def test_fastv_declares_what_its_score_needs(score, needs):
+    c = tz.FastV(retain=0.5, score=score)
+    assert set(c.requires) == needs and not c.optional and c.signals_needed() == needs
+    tokens, sig = signals(1, 9)
+    for name in needs:
+        partial = {k: v for k, v in sig.items() if k in needs - {name}}
+        with pytest.raises(ValueError, match=f"fastv needs signals \\['{name}'\\]"):
+            c.compress(tokens, **partial)
+
+
+def test_llm_stage_computes_exactly_the_declared_signals():
+    for m in tz.METHODS:
+        if m.info.stage == "llm":
+            c = m(retain=0.5)
+            assert c.signals_needed() == frozenset(c.requires) | frozenset(c.optional), m.info.name
 
 
 MINE = {"bilinear", "tome", "divprune", "dpc_knn", "cls_topk", "prumerge_plus", "visionzip", "vispruner", "trim"}
@@ -146,14 +186,24 @@ def test_method_infos():
         assert m.info.family != "query" or m.info.query_aware
         assert "arXiv:" in m.info.reference and "arXiv:" in (m.__doc__ or "")
         if m.info.name in MINE:
-            assert m.info.stage == "pre_llm" and {"image", "video"} <= set(m.info.modalities)
+            assert m.info.stage == "pre_llm" and "image" in m.info.modalities
             assert m.info.query_aware == (m.info.family == "query")
             # methods that work on any 1-D sequence also serve audio
             assert ("audio" in m.info.modalities) == (m.info.family in ("transformation", "similarity"))
 
 
+def test_methods_claim_only_modalities_an_adapter_compresses():
+    from tokenzip.adapters import ADAPTERS
+
+    compressed = {m for a in ADAPTERS for m in a.modalities}
+    assert "video" not in compressed, "video is compressed now: declare it on the methods that handle it"
+    for m in tz.METHODS:
+        assert set(m.info.modalities) <= compressed, m.info.name
+
+
 @pytest.mark.parametrize("name,kwargs", [
     ("visionzip", {"contextual_ratio": 1.0}), ("visionzip", {"contextual_ratio": -0.1}),
+    ("visionzip", {"contextual": "max"}), ("sparsevlm", {"neighbors": 0}),
     ("vispruner", {"important_ratio": 1.5}), ("prumerge_plus", {"knn": 0}), ("dpc_knn", {"neighbors": 0}),
 ])
 def test_bad_parameters(name, kwargs):
@@ -294,13 +344,37 @@ def test_visionzip_dominant_and_contextual_counts():
     assert all([d] in groups for d in dominant)
     contextual = [g for g in groups if g not in [[d] for d in dominant]]
     assert len(contextual) == n_ctx and sum(len(g) for g in contextual) == n - len(dominant)
+    rest = sorted(set(range(n)) - set(dominant))
+    targets = {rest[(i * len(rest)) // n_ctx] for i in range(n_ctx)}
+    mean = tz.get("visionzip", tokens=k, contextual="mean").compress(tokens, **wanted(tz.VisionZip, sig))
+    assert torch.equal(mean.source, out.source) and torch.equal(mean.index, out.index)
     for slot, g in enumerate(groups):
-        torch.testing.assert_close(out.tokens[0, slot], tokens[0, g].mean(0))
+        torch.testing.assert_close(mean.tokens[0, slot], tokens[0, g].mean(0))
+        if g in contextual:  # default: the target plus the mean of the tokens that joined it
+            (t,) = targets & set(g)
+            others = [m for m in g if m != t]
+            expect = tokens[0, t] + (tokens[0, others].mean(0) if others else 0)
+            torch.testing.assert_close(out.tokens[0, slot], expect)
+        else:
+            assert torch.equal(out.tokens[0, slot], tokens[0, g[0]])
     # at least one dominant token even at k=1, and a ratio of 0 keeps only dominant tokens
     assert tz.get("visionzip", tokens=1, contextual_ratio=0.9).compress(
         tokens, **wanted(tz.VisionZip, sig)).index[0].tolist() == [int(sig["cls_attention"][0].argmax())]
     only = tz.get("visionzip", tokens=5, contextual_ratio=0.0).compress(tokens, **wanted(tz.VisionZip, sig))
     assert only.index[0].tolist() == sorted(torch.topk(sig["cls_attention"][0], 5).indices.tolist())
+
+
+@pytest.mark.parametrize("contextual,expect", [("sum", [[9.0], [5.0]]), ("mean", [[9.0], [3.25]])])
+def test_visionzip_contextual_token_by_hand(contextual, expect):
+    """5 tokens, k = 2 at ratio 0.5: token 0 is dominant; of the rest (1, 2, 3, 4) the first is the one target and
+    2, 3, 4 join it. Reference code: target + mean(joined) = 1 + (2 + 5 + 5) / 3 = 5; the option averages all
+    four: (1 + 2 + 5 + 5) / 4 = 3.25."""
+    tokens = torch.tensor([[[9.0], [1.0], [2.0], [5.0], [5.0]]])
+    attn = torch.tensor([[0.6, 0.1, 0.1, 0.1, 0.1]])
+    out = tz.get("visionzip", tokens=2, contextual_ratio=0.5, contextual=contextual).compress(tokens,
+                                                                                            cls_attention=attn)
+    assert out.groups(0) == [[0], [1, 2, 3, 4]]
+    assert out.tokens[0].tolist() == expect
 
 
 def test_vispruner_keeps_important_then_drops_duplicates():
@@ -338,3 +412,22 @@ def test_trim_keeps_the_tokens_closest_to_the_text():
     with pytest.raises(ValueError, match="text"):
         tz.get("trim", tokens=2).compress(tokens, projected=proj, text=torch.randn(1, 3, 5),
                                           text_mask=torch.ones(1, 3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("neighbors,expect", [(None, 3), (5, 5)])
+def test_sparsevlm_density_counts_as_many_neighbours_as_clusters(monkeypatch, neighbors, expect):
+    """N = 20, k = 8, recycle 0.375: c = round(3.0) = 3 recycled slots, 5 keep their tokens, 15 are deleted and the
+    top floor(0.3 * 15) + 1 = 5 of them are clustered. The reference code's density counts c = 3 neighbours."""
+    sparsevlm = importlib.import_module("tokenzip.methods.sparsevlm")  # tz.methods is the registry function
+    calls = []
+
+    def spy(x, k, n_neighbors):
+        calls.append((x.shape[0], k, n_neighbors))
+        return dpc_knn_centres(x, k, n_neighbors)
+
+    dpc_knn_centres = sparsevlm.dpc_knn_centres
+    monkeypatch.setattr(sparsevlm, "dpc_knn_centres", spy)
+    tokens, sig = signals(1, 20, seed=13)
+    c = tz.SparseVLM(tokens=8, recycle=0.375, neighbors=neighbors)
+    check_output(c.compress(tokens, **wanted(c, sig)), tokens, 8)
+    assert calls == [(5, 3, expect)]

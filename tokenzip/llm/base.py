@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 from ..base import Compressor
+from ..scorer import ScorerCompressor
 
 
 def geometric_counts(n: int, k: int, stages: int) -> list[int]:
@@ -57,8 +58,9 @@ class LLMCompressor(Compressor):
         raise NotImplementedError
 
     def signals_needed(self) -> frozenset[str]:
-        """The signals the LLM stage must compute for this configuration (default: ``requires`` + ``optional``).
-        Text-row attention costs ``[B, H, T, W]``: configurations that do not use it should leave it out."""
+        """The signals the LLM stage must compute for this configuration: ``requires`` + ``optional`` of this
+        instance (a method whose needs depend on a field, like FastV's ``score``, makes ``requires`` a property).
+        Text-row attention costs ``[B, H, T, W]``: configurations that do not use it must not declare it."""
         return frozenset(self.requires) | frozenset(self.optional)
 
     def adapt(self, k: int, m: int, final: int, signals: dict) -> int:
@@ -76,3 +78,9 @@ class LLMCompressor(Compressor):
         if not 1 <= layer <= num_layers - 1:
             raise ValueError(f"{name} must be in [1, {num_layers - 1}] for a {num_layers}-layer LLM, got {layer}")
         return layer
+
+
+@dataclass
+class LLMScorer(ScorerCompressor, LLMCompressor):
+    """An LLM-stage method that ranks an item's remaining visual tokens and keeps the top ``count`` at each stage:
+    it implements ``score_tokens`` (and ``schedule``); the stable top-k and the selection are the base's."""

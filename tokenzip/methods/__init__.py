@@ -24,6 +24,8 @@ from .vispruner import VisPruner
 from .vtw import VTW
 from .zipvl import ZipVL
 
+# A method's `info.modalities` names only what an adapter can hand it: no adapter compresses video yet (LLaVA-OneVision
+# and Qwen2-VL pass videos through uncompressed), so no method declares "video" until one does.
 METHODS: list[type[Compressor]] = [
     RandomPrune,
     AvgPool,

@@ -8,12 +8,12 @@ from typing import ClassVar
 import torch
 
 from .. import ops
-from ..base import Compressor, MethodInfo
-from ..output import CompressOutput
+from ..base import MethodInfo
+from ..scorer import ScorerCompressor
 
 
 @dataclass
-class AttnTopK(Compressor):
+class AttnTopK(ScorerCompressor):
     """Keep the ``k`` tokens that receive the most attention in the audio encoder, in temporal order.
 
     Top-K selection as applied to Whisper-style audio encoders in "Segmentwise Pruning in Audio-Language Models"
@@ -37,12 +37,14 @@ class AttnTopK(Compressor):
         if isinstance(self.segments, bool) or not isinstance(self.segments, int) or self.segments < 1:
             raise ValueError(f"segments must be an int >= 1, got {self.segments!r}")
 
-    def _compress(self, tokens: torch.Tensor, k: int, layout: ops.Layout,
-                  signals: dict[str, torch.Tensor]) -> CompressOutput:
-        scores = signals["cls_attention"].float()
-        n = tokens.shape[1]
+    def score_tokens(self, tokens: torch.Tensor, layout: ops.Layout, signals: dict[str, torch.Tensor]) -> torch.Tensor:
+        return signals["cls_attention"].float()
+
+    def keep(self, scores: torch.Tensor, k: int) -> torch.Tensor:
+        # Segmentwise Top-K: each of the S time segments keeps its share of k (S = 1: plain top-k)
+        n = scores.shape[1]
         s = min(self.segments, n)
         bounds = [((i * n) // s, ((i + 1) * n) // s) for i in range(s)]
         alloc = ops.split_budget([b - a for a, b in bounds], k)
         parts = [a + ops.stable_topk(scores[:, a:b], kk) for (a, b), kk in zip(bounds, alloc) if kk > 0]
-        return ops.select(tokens, torch.cat(parts, dim=1))
+        return torch.cat(parts, dim=1)

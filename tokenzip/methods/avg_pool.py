@@ -24,7 +24,7 @@ class AvgPool(Compressor):
     """
 
     info: ClassVar[MethodInfo] = MethodInfo(
-        name="avgpool", family="transformation", modalities=("image", "video", "audio"), stage="pre_llm",
+        name="avgpool", family="transformation", modalities=("image", "audio"), stage="pre_llm",
         query_aware=False, reference="LLaVA-OneVision, arXiv:2408.03326 (spatial pooling); Qwen2-Audio, "
                                      "arXiv:2407.10759 (temporal pooling)")
 

@@ -29,7 +29,7 @@ class Bilinear(Compressor):
     """
 
     info: ClassVar[MethodInfo] = MethodInfo(
-        name="bilinear", family="transformation", modalities=("image", "video", "audio"), stage="pre_llm",
+        name="bilinear", family="transformation", modalities=("image", "audio"), stage="pre_llm",
         query_aware=False, reference="LLaVA-OneVision: Easy Visual Task Transfer, arXiv:2408.03326 (bilinear "
                                      "interpolation of the feature grid)")
 

@@ -8,12 +8,12 @@ from typing import ClassVar
 import torch
 
 from .. import ops
-from ..base import Compressor, MethodInfo
-from ..output import CompressOutput
+from ..base import MethodInfo
+from ..scorer import ScorerCompressor
 
 
 @dataclass
-class ClsTopK(Compressor):
+class ClsTopK(ScorerCompressor):
     """Keep the ``k`` tokens the [CLS] token attends to most, in their original order.
 
     FasterVLM ("[CLS] Attention is All You Need for Training-Free Visual Token Pruning: Make VLM Inference Faster",
@@ -24,11 +24,10 @@ class ClsTopK(Compressor):
     """
 
     info: ClassVar[MethodInfo] = MethodInfo(
-        name="cls_topk", family="attention", modalities=("image", "video"), stage="pre_llm", query_aware=False,
+        name="cls_topk", family="attention", modalities=("image",), stage="pre_llm", query_aware=False,
         reference="FasterVLM: [CLS] Attention is All You Need for Training-Free Visual Token Pruning, "
                   "arXiv:2412.01818 (v1)")
     requires: ClassVar[tuple[str, ...]] = ("cls_attention",)
 
-    def _compress(self, tokens: torch.Tensor, k: int, layout: ops.Layout,
-                  signals: dict[str, torch.Tensor]) -> CompressOutput:
-        return ops.select(tokens, ops.stable_topk(signals["cls_attention"].float(), k))
+    def score_tokens(self, tokens: torch.Tensor, layout: ops.Layout, signals: dict[str, torch.Tensor]) -> torch.Tensor:
+        return signals["cls_attention"].float()

@@ -53,7 +53,7 @@ class DivPrune(Compressor):
     """
 
     info: ClassVar[MethodInfo] = MethodInfo(
-        name="divprune", family="similarity", modalities=("image", "video", "audio"), stage="pre_llm",
+        name="divprune", family="similarity", modalities=("image", "audio"), stage="pre_llm",
         query_aware=False, reference="DivPrune: Diversity-based Visual Token Pruning for Large Multimodal Models, "
                                      "arXiv:2503.02175")
     optional: ClassVar[tuple[str, ...]] = ("projected",)

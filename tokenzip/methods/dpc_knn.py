@@ -46,7 +46,7 @@ class DpcKnn(Compressor):
 
     neighbors: int = 5
     info: ClassVar[MethodInfo] = MethodInfo(
-        name="dpc_knn", family="similarity", modalities=("image", "video", "audio"), stage="pre_llm",
+        name="dpc_knn", family="similarity", modalities=("image", "audio"), stage="pre_llm",
         query_aware=False, reference="DPC-KNN clustering as in Chat-UniVi, arXiv:2311.08046, and TCFormer, "
                                      "arXiv:2204.08680")
 

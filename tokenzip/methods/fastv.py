@@ -9,12 +9,11 @@ import torch
 
 from .. import ops
 from ..base import MethodInfo
-from ..llm.base import LLMCompressor
-from ..output import CompressOutput
+from ..llm.base import LLMScorer
 
 
 @dataclass
-class FastV(LLMCompressor):
+class FastV(LLMScorer):
     """FastV ("An Image is Worth 1/2 Tokens After Layer 2: Plug-and-Play Inference Acceleration for Large
     Vision-Language Models", Chen et al., arXiv:2403.06764).
 
@@ -23,7 +22,8 @@ class FastV(LLMCompressor):
     they receive in layer ``layer - 1`` (the last full layer, i.e. the paper's "attention map of layer K" in 1-based
     counting), and the rest of the LLM runs on the kept tokens. ``score="last"`` (default, as in the official
     implementation) ranks by the last token's attention row, mean over heads; ``score="text"`` by the mean over the rows
-    of the text tokens after the item.
+    of the text tokens after the item. Signals: ``score="last"`` requires ``last_attention``; ``score="text"``
+    requires ``text_attention`` and ``last_attention`` (the ranking for an item no text token follows).
 
     Departures: the budget is per item (``retain``/``tokens`` of each image), where the paper drops R% of all image
     tokens of the prompt; kept tokens keep their original position ids (as the official code does); ties go to the
@@ -34,9 +34,8 @@ class FastV(LLMCompressor):
     score: str = "last"
 
     info: ClassVar[MethodInfo] = MethodInfo(
-        name="fastv", family="attention", modalities=("image", "video"), stage="llm", query_aware=True,
+        name="fastv", family="attention", modalities=("image",), stage="llm", query_aware=True,
         reference="Chen et al., An Image is Worth 1/2 Tokens After Layer 2, arXiv:2403.06764")
-    optional: ClassVar[tuple[str, ...]] = ("last_attention", "text_attention")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -46,16 +45,16 @@ class FastV(LLMCompressor):
                                        or self.layer < 1):
             raise ValueError(f"layer must be an int >= 1, got {self.layer!r}")
 
-    def signals_needed(self) -> frozenset[str]:
-        return frozenset({"last_attention", "text_attention"} if self.score == "text" else {"last_attention"})
+    @property
+    def requires(self) -> tuple[str, ...]:  # type: ignore[override]  # depends on `score`
+        return ("last_attention", "text_attention") if self.score == "text" else ("last_attention",)
 
     def schedule(self, n: int, num_layers: int) -> list[tuple[int, int]]:
         layer = min(2, num_layers - 1) if self.layer is None else self.layer
         return [(self.check_layer(layer, num_layers), self.budget.count(n))]
 
-    def _compress(self, tokens: torch.Tensor, k: int, layout: ops.Layout,
-                  signals: dict[str, torch.Tensor]) -> CompressOutput:
-        return ops.select(tokens, ops.stable_topk(received_attention(signals, self.score), k))
+    def score_tokens(self, tokens: torch.Tensor, layout: ops.Layout, signals: dict[str, torch.Tensor]) -> torch.Tensor:
+        return received_attention(signals, self.score)
 
 
 def received_attention(signals: dict[str, torch.Tensor], score: str) -> torch.Tensor:

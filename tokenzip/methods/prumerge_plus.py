@@ -42,7 +42,7 @@ class PruMergePlus(Compressor):
 
     knn: int = 32
     info: ClassVar[MethodInfo] = MethodInfo(
-        name="prumerge_plus", family="attention", modalities=("image", "video"), stage="pre_llm",
+        name="prumerge_plus", family="attention", modalities=("image",), stage="pre_llm",
         query_aware=False, reference="LLaVA-PruMerge: Adaptive Token Reduction for Efficient Large Multimodal "
                                      "Models (PruMerge+), arXiv:2403.15388")
     requires: ClassVar[tuple[str, ...]] = ("cls_attention",)

@@ -9,12 +9,11 @@ import torch
 
 from .. import ops
 from ..base import MethodInfo
-from ..llm.base import LLMCompressor, geometric_counts, stage_layers
-from ..output import CompressOutput
+from ..llm.base import LLMScorer, geometric_counts, stage_layers
 
 
 @dataclass
-class PyramidDrop(LLMCompressor):
+class PyramidDrop(LLMScorer):
     """PyramidDrop ("PyramidDrop: Accelerating Your Large Vision-Language Models via Pyramid Visual Redundancy
     Reduction", Xing et al., arXiv:2410.17247).
 
@@ -34,7 +33,7 @@ class PyramidDrop(LLMCompressor):
     layers: tuple[int, ...] | None = None
 
     info: ClassVar[MethodInfo] = MethodInfo(
-        name="pyramiddrop", family="attention", modalities=("image", "video"), stage="llm", query_aware=True,
+        name="pyramiddrop", family="attention", modalities=("image",), stage="llm", query_aware=True,
         reference="Xing et al., PyramidDrop, arXiv:2410.17247")
     requires: ClassVar[tuple[str, ...]] = ("last_attention",)
 
@@ -56,6 +55,5 @@ class PyramidDrop(LLMCompressor):
         layers = self.boundaries(num_layers)
         return list(zip(layers, geometric_counts(n, self.budget.count(n), len(layers))))
 
-    def _compress(self, tokens: torch.Tensor, k: int, layout: ops.Layout,
-                  signals: dict[str, torch.Tensor]) -> CompressOutput:
-        return ops.select(tokens, ops.stable_topk(signals["last_attention"], k))
+    def score_tokens(self, tokens: torch.Tensor, layout: ops.Layout, signals: dict[str, torch.Tensor]) -> torch.Tensor:
+        return signals["last_attention"]

@@ -32,6 +32,10 @@ class SparseVLM(LLMCompressor):
        clusters, each merged (mean) into one token placed at its earliest member's position; the other ``k - c``
        slots keep the top-scored tokens. ``c`` follows the official rule ``candidates // 10 + 1`` (with the
        deleted count taken as ``N - k``), or ``round(recycle * k)`` when ``recycle`` is given; always ``k - c >= 1``.
+       The clustering's local density counts the ``neighbors`` nearest candidates (the token itself included): by
+       default (``None``) as many as there are clusters, ``c``, as the official code does (Gumpest/SparseVLMs,
+       ``cluster_and_merge`` in ``llava/model/language_model/utils.py`` L188 at 26a5f48); ``neighbors=5`` is
+       tokenzip's earlier fixed count (DPC-KNN's usual 5, as in ``dpc_knn``).
 
     Budget: ``retain``/``tokens`` is the count after the LAST sparsification layer; earlier layers keep a
     geometric share (as PyramidDrop here; the official LLaVA schedule for 192 tokens is 300/200/110 + recycled).
@@ -45,10 +49,10 @@ class SparseVLM(LLMCompressor):
     layers: tuple[int, ...] | None = None
     tau: float = 0.3
     recycle: float | None = None
-    neighbors: int = 5
+    neighbors: int | None = None
 
     info: ClassVar[MethodInfo] = MethodInfo(
-        name="sparsevlm", family="query", modalities=("image", "video"), stage="llm", query_aware=True,
+        name="sparsevlm", family="query", modalities=("image",), stage="llm", query_aware=True,
         reference="Zhang et al., SparseVLM, arXiv:2410.04417")
     requires: ClassVar[tuple[str, ...]] = ("last_attention", "text_attention", "text")
 
@@ -60,8 +64,10 @@ class SparseVLM(LLMCompressor):
             raise ValueError(f"tau must be in (0, 1], got {self.tau!r}")
         if self.recycle is not None and not 0.0 <= float(self.recycle) < 1.0:
             raise ValueError(f"recycle must be in [0, 1), got {self.recycle!r}")
-        if isinstance(self.neighbors, bool) or not isinstance(self.neighbors, int) or self.neighbors < 1:
-            raise ValueError(f"neighbors must be an int >= 1, got {self.neighbors!r}")
+        if self.neighbors is not None and (isinstance(self.neighbors, bool) or not isinstance(self.neighbors, int)
+                                           or self.neighbors < 1):
+            raise ValueError(f"neighbors must be None (the number of clusters) or an int >= 1, got "
+                             f"{self.neighbors!r}")
         if self.layers is not None:
             self.layers = tuple(self.layers)
             if not self.layers or list(self.layers) != sorted(set(self.layers)):
@@ -104,7 +110,7 @@ class SparseVLM(LLMCompressor):
             assign[i, kept] = torch.arange(keep, device=tokens.device)
             if c > 0:
                 pool = order[i, keep: keep + cand]
-                centres, dist = dpc_knn_centres(tokens[i, pool], c, self.neighbors)
+                centres, dist = dpc_knn_centres(tokens[i, pool], c, c if self.neighbors is None else self.neighbors)
                 nearest = dist[:, centres].argmin(dim=1)
                 nearest[centres] = torch.arange(c, device=tokens.device)
                 assign[i, pool] = keep + nearest

@@ -45,7 +45,9 @@ class SpeechPrune(LLMCompressor):
         name="speechprune", family="query", modalities=("audio",), stage="llm", query_aware=True,
         reference="Lin et al., SpeechPrune: Context-aware Token Pruning for Speech Information Retrieval, "
                   "arXiv:2412.12009")
-    requires: ClassVar[tuple[str, ...]] = ("last_attention", "text_attention", "text", "text_mask")
+    # text_mask: without it every text row counts as real
+    requires: ClassVar[tuple[str, ...]] = ("last_attention", "text_attention", "text")
+    optional: ClassVar[tuple[str, ...]] = ("text_mask",)
 
     def __post_init__(self) -> None:
         super().__post_init__()

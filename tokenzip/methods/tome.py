@@ -30,7 +30,7 @@ class ToMe(Compressor):
     """
 
     info: ClassVar[MethodInfo] = MethodInfo(
-        name="tome", family="similarity", modalities=("image", "video", "audio"), stage="pre_llm",
+        name="tome", family="similarity", modalities=("image", "audio"), stage="pre_llm",
         query_aware=False, reference="ToMe: Token Merging: Your ViT But Faster, arXiv:2210.09461")
     optional: ClassVar[tuple[str, ...]] = ("keys",)
 

@@ -38,7 +38,7 @@ class Trim(Compressor):
     """
 
     info: ClassVar[MethodInfo] = MethodInfo(
-        name="trim", family="query", modalities=("image", "video"), stage="pre_llm", query_aware=True,
+        name="trim", family="query", modalities=("image",), stage="pre_llm", query_aware=True,
         reference="TRIM: Less is More: A Simple yet Effective Token Reduction Method for Efficient Multi-modal "
                   "LLMs, arXiv:2409.10994")
     requires: ClassVar[tuple[str, ...]] = ("projected", "text", "text_mask")

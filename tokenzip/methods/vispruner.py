@@ -52,7 +52,7 @@ class VisPruner(Compressor):
 
     important_ratio: float = 0.5
     info: ClassVar[MethodInfo] = MethodInfo(
-        name="vispruner", family="attention", modalities=("image", "video"), stage="pre_llm", query_aware=False,
+        name="vispruner", family="attention", modalities=("image",), stage="pre_llm", query_aware=False,
         reference="VisPruner: Beyond Text-Visual Attention: Exploiting Visual Cues for Effective Token Pruning in "
                   "VLMs, arXiv:2412.01818 (v2+)")
     requires: ClassVar[tuple[str, ...]] = ("cls_attention",)

@@ -34,7 +34,7 @@ class VTW(LLMCompressor):
     layer: int | None = None
 
     info: ClassVar[MethodInfo] = MethodInfo(
-        name="vtw", family="input", modalities=("image", "video"), stage="llm", query_aware=False,
+        name="vtw", family="input", modalities=("image",), stage="llm", query_aware=False,
         reference="Lin et al., Visual Tokens Withdrawal, arXiv:2405.13800")
 
     def __post_init__(self) -> None:

@@ -9,13 +9,12 @@ import torch
 
 from .. import ops
 from ..base import MethodInfo
-from ..llm.base import LLMCompressor, geometric_counts
-from ..output import CompressOutput
+from ..llm.base import LLMScorer, geometric_counts
 from .fastv import received_attention
 
 
 @dataclass
-class ZipVL(LLMCompressor):
+class ZipVL(LLMScorer):
     """Progressive, layer-wise pruning after ZipVL ("ZipVL: Efficient Large Vision-Language Models with Dynamic
     Token Sparsification", Wang et al., arXiv:2410.08584).
 
@@ -39,10 +38,10 @@ class ZipVL(LLMCompressor):
     layers: tuple[int, ...] | None = None
 
     info: ClassVar[MethodInfo] = MethodInfo(
-        name="zipvl", family="attention", modalities=("image", "video"), stage="llm", query_aware=True,
+        name="zipvl", family="attention", modalities=("image",), stage="llm", query_aware=True,
         reference="Wang et al., ZipVL, arXiv:2410.08584 (adaptive ratio); progressive pruning variant")
-    requires: ClassVar[tuple[str, ...]] = ("last_attention",)
-    optional: ClassVar[tuple[str, ...]] = ("text_attention",)
+    # the text rows rank the tokens; the last token's row ranks an item no text token follows
+    requires: ClassVar[tuple[str, ...]] = ("last_attention", "text_attention")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -71,6 +70,5 @@ class ZipVL(LLMCompressor):
         need = int((share < self.tau).sum()) + 1  # fewest tokens reaching tau of the mass
         return min(k, max(final, need))
 
-    def _compress(self, tokens: torch.Tensor, k: int, layout: ops.Layout,
-                  signals: dict[str, torch.Tensor]) -> CompressOutput:
-        return ops.select(tokens, ops.stable_topk(received_attention(signals, "text"), k))
+    def score_tokens(self, tokens: torch.Tensor, layout: ops.Layout, signals: dict[str, torch.Tensor]) -> torch.Tensor:
+        return received_attention(signals, "text")
