@@ -10,31 +10,23 @@ import torch
 import tokenzip as tz
 from tokenzip import ops
 
+from conftest import synthetic_signals
+
 torch.set_num_threads(1)
 
 D = 8
 
 
 def signals(b: int, n: int, seed: int = 0, t: int = 5) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Random tokens and every signal a method may ask for."""
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.randn(b, n, D, generator=g)
-    return tokens, {
-        "cls_attention": torch.rand(b, n, generator=g).softmax(-1),
-        "keys": torch.randn(b, n, 4, generator=g),
-        "projected": torch.randn(b, n, 6, generator=g),
-        "text": torch.randn(b, t, 6, generator=g),
-        "text_mask": torch.ones(b, t, dtype=torch.bool),
-        "speech": torch.rand(b, n, generator=g),
-        "last_attention": torch.rand(b, n, generator=g).softmax(-1),
-        "text_attention": torch.rand(b, t, n, generator=g).softmax(-1),
-    }
+    """Random tokens and every declared signal (built from tokenzip/signals.py; LLM-space width 6)."""
+    tokens = torch.randn(b, n, D, generator=torch.Generator().manual_seed(seed))
+    return tokens, synthetic_signals(b, n, 6, seed=seed + 1, t=t)
 
 
 def test_synthetic_signals_cover_every_signal():
     from tokenzip.base import SIGNALS
 
-    assert set(signals(1, 4)[1]) == set(SIGNALS), "add the new signal to signals() above"
+    assert set(signals(1, 4)[1]) == set(SIGNALS)
 
 
 _TO_HIDDEN = torch.randn(6, D, generator=torch.Generator().manual_seed(99))

@@ -45,8 +45,10 @@ class Compressor:
     tokens: int | None = None
 
     info: ClassVar[MethodInfo]
+    # signals (tokenzip/signals.py) the method cannot run without; a method whose needs depend on its fields
+    # declares ``requires`` as a property (FastV), so always read it from a configured instance
     requires: ClassVar[tuple[str, ...]] = ()
-    # signals the method can use when present but does not need
+    # signals the method can use when present but does not need (it must run without them)
     optional: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
