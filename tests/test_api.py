@@ -132,3 +132,18 @@ def test_adapter_parts_are_the_models_own_modules(case):
     assert all(id(layer) in {id(m) for m in parts.language_model.modules()} for layer in parts.decoder_layers)
     ids = set(parts.media_token_ids.values())
     assert all(isinstance(v, int) for v in ids)
+
+
+def test_last_stats_reflect_the_latest_call():
+    """A call without media leaves no stale stats of the previous call behind; generate() keeps its prefill's."""
+    model = built("llava")
+    inputs = CASES["llava"].make_inputs(model, default_samples())
+    c = tz.get("avgpool", retain=0.5)
+    with c(model), torch.no_grad():
+        model(**inputs)
+        assert len(c.last_stats) == 3
+        text_only = {"input_ids": torch.tensor([[1, 5, 6]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+        model(**text_only)
+        assert c.last_stats == []
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        assert len(c.last_stats) == 3 and c.last_stats[0]["image"].tokens_out > 0

@@ -160,9 +160,10 @@ def test_whisper_raw_audio_is_consumed_and_checked():
     c = tz.get("vad_prune", retain=0.5)
     with c(model):
         model.generate(input_features=feats, raw_audio=waves, max_new_tokens=2, do_sample=False)
+        assert c.last_stats[0]["audio"].tokens_out == 20
         with pytest.raises(ValueError, match="raw_audio"):
             model.generate(input_features=feats, raw_audio=waves[:1], max_new_tokens=2)
-    assert c.last_stats[0]["audio"].tokens_out == 20
+    assert c.last_stats == []  # the latest call failed: no stats of an earlier call are left behind
 
 
 def test_whisper_adapter_refuses_image_methods():

@@ -64,7 +64,7 @@ class Patch:
         @functools.wraps(orig_forward)
         def forward(*args: Any, **kwargs: Any):
             kwargs = _as_kwargs(fwd_sig, args, kwargs)
-            self._depth += 1
+            self._enter()
             try:
                 kwargs = self.prepare(kwargs)
                 if self.llm is None:
@@ -88,7 +88,7 @@ class Patch:
                 if int(beams) > 1:
                     raise ValueError(f"LLM-stage compression does not support beam search (num_beams={beams}): "
                                      "the shortened layers' cache cannot be reordered")
-            self._depth += 1
+            self._enter()
             try:
                 new_kwargs = self.prepare(kwargs)
                 out = orig_generate(**new_kwargs)
@@ -99,11 +99,21 @@ class Patch:
         if self.llm_compressor is not None:
             self.llm = LLMRunner(self.llm_compressor, self.adapter)
             self.llm.install()
+        self.adapter.install()
         model.forward = forward
         model.generate = generate
         model._tokenzip_patch = self
         self.installed = True
         return self
+
+    def _enter(self) -> None:
+        """Start of a patched call: an outermost call starts with empty ``last_stats`` (a call without media must
+        not leave the previous call's stats behind); generate()'s inner forward() calls keep the prefill's."""
+        if self._depth == 0:
+            for part in (self.pre, self.llm_compressor):  # a tz.compose pipeline's stats are its parts'
+                if part is not None:
+                    part.last_stats = []
+        self._depth += 1
 
     def _leave(self) -> None:
         """End of a patched call: per-call adapter state goes once the outermost call (generate() calls the patched
@@ -120,9 +130,7 @@ class Patch:
             self.llm = None
         for name in ("forward", "generate", "_tokenzip_patch"):
             self.model.__dict__.pop(name, None)
-        close = getattr(self.adapter, "close", None)  # adapters that hook model modules (e.g. Whisper) undo it here
-        if close is not None:
-            close()
+        self.adapter.close()
         self.installed = False
 
     def __enter__(self) -> "Patch":

@@ -88,8 +88,19 @@ class Adapter(ABC):
         stage implement this)."""
         raise TypeError(f"{type(self).__name__} has no encoder stage")
 
+    # ---- lifecycle (the patch calls these; all run also after an exception) ------------------------------------
+    # install() once when the patch is installed -> for each outermost patched call: encode()/rebuild(), then
+    # release() -> close() once when the patch is removed. An adapter that hooks model modules does it in install()
+    # (or lazily in rebuild()) and undoes all of it in close(), so the model is exactly restored.
+    def install(self) -> None:
+        """The patch is being installed (nothing has run yet)."""
+
     def release(self) -> None:
-        """Called after every patched forward()/generate() call, also after an exception: drop per-call state."""
+        """Called after every outermost patched forward()/generate() call, also after an exception: drop per-call
+        state."""
+
+    def close(self) -> None:
+        """The patch is being removed: undo every hook or substitution this adapter made on the model."""
 
     @abstractmethod
     def rebuild(self, kwargs: dict[str, Any], items: list[Item], outputs: list[CompressOutput]) -> dict[str, Any]:
