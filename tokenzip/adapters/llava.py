@@ -8,76 +8,26 @@ go to the stock model through ``mm_encoder_outputs`` (no patching of model inter
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .. import layout as L
-from ..llm.adapter import LLMAccess, placeholder_items
+from ..llm.adapter import LLMAccess
 from ..output import CompressOutput
-from .base import Adapter, Item, ModelParts, pad_id_for, shrink_sequences, text_signals
+from .base import Adapter, Item, ModelParts
+from .placeholders import (
+    image_llm_items,
+    items_per_sample,
+    pad_id_for,
+    placeholder_keep_mask,
+    require_input_ids,
+    shrink_sequences,
+    text_signals,
+)
 from .probe import probe
 from .vision import encoder_layers, has_cls_token, signal_layer
-
-
-def require_input_ids(kwargs: dict[str, Any]) -> torch.Tensor:
-    ids = kwargs.get("input_ids")
-    if ids is None:
-        raise ValueError("tokenzip needs input_ids (not inputs_embeds) to locate the media placeholder tokens")
-    return ids
-
-
-def placeholder_keep_mask(input_ids: torch.Tensor, token_id: int, per_sample_counts: list[list[tuple[int, int]]]
-                          ) -> torch.Tensor:
-    """Keep mask over the sequence: text is kept; of item j's ``n`` placeholders (consecutive in placeholder order)
-    only the first ``k`` are kept. ``per_sample_counts[b]`` lists ``(n, k)`` per item of sample ``b``."""
-    keep = input_ids != token_id
-    for b, counts in enumerate(per_sample_counts):
-        pos = (input_ids[b] == token_id).nonzero().flatten()
-        start = 0
-        for n, k in counts:
-            keep[b, pos[start: start + k]] = True
-            start += n
-    return keep
-
-
-def image_llm_items(kwargs: dict[str, Any], token_id: int,
-                    plan: Callable[[], tuple[list[int], list[Any] | None]]) -> list:
-    """Each image's placeholder run in the LLM sequence (stage "llm"): after a pre-LLM method (``tz.compose``) the
-    precomputed features' lengths, else the adapter's ``plan()`` of per-image token counts and grids."""
-    input_ids = require_input_ids(kwargs)
-    pre = (kwargs.get("mm_encoder_outputs") or {}).get("image")
-    if pre is not None:
-        sizes, grids = [int(t.shape[0]) for t in pre.pooler_output], None
-    elif kwargs.get("pixel_values") is not None:
-        sizes, grids = plan()
-    else:
-        return []
-    owners = items_per_sample(input_ids, token_id, sizes)
-    return placeholder_items(input_ids, token_id, sizes, owners, "image", grids)
-
-
-def items_per_sample(input_ids: torch.Tensor, token_id: int, sizes: list[int], what: str = "image") -> list[int]:
-    """Which sample each item belongs to, from the placeholder counts; a clear error when they do not add up."""
-    counts = (input_ids == token_id).sum(dim=1).tolist()
-    owner: list[int] = []
-    it = 0
-    for b, c in enumerate(counts):
-        while c > 0:
-            if it >= len(sizes) or sizes[it] > c:
-                break
-            c -= sizes[it]
-            owner.append(b)
-            it += 1
-        if c != 0:
-            break
-    if it != len(sizes) or len(owner) != len(sizes) or sum(counts) != sum(sizes):
-        raise ValueError(
-            f"the {what}s do not match the prompt: {len(sizes)} {what}(s) give {sum(sizes)} tokens "
-            f"({sizes[:4]}{'...' if len(sizes) > 4 else ''}) but input_ids hold {sum(counts)} {what} placeholder "
-            f"tokens per sample {counts}; build inputs with the model's processor")
-    return owner
 
 
 class LlavaFamily(LLMAccess, Adapter):

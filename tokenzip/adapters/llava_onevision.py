@@ -50,8 +50,9 @@ from transformers.models.llava_onevision.modeling_llava_onevision import image_s
 
 from .. import layout as L
 from ..output import CompressOutput
-from .base import Item, text_signals
-from .llava import LlavaFamily, image_llm_items, items_per_sample, require_input_ids
+from .base import Item
+from .llava import LlavaFamily
+from .placeholders import image_llm_items, items_per_sample, require_input_ids, text_signals
 from .probe import probe
 from .vision import has_cls_token, signal_layer
 

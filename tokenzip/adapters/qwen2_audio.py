@@ -43,8 +43,15 @@ import torch
 from .. import layout as L
 from ..llm.adapter import LLMAccess, placeholder_items
 from ..output import CompressOutput
-from .base import Adapter, Item, ModelParts, pad_id_for, shrink_sequences, text_signals
-from .llava import items_per_sample, placeholder_keep_mask, require_input_ids
+from .base import Adapter, Item, ModelParts
+from .placeholders import (
+    items_per_sample,
+    pad_id_for,
+    placeholder_keep_mask,
+    require_input_ids,
+    shrink_sequences,
+    text_signals,
+)
 from .probe import attention_signals
 from .whisper import RAW_AUDIO, energy_speech, raw_waveforms, silero_speech
 

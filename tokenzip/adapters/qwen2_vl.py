@@ -57,8 +57,18 @@ from .. import timing
 from ..compat import cache_from
 from ..llm.adapter import LLMAccess
 from ..output import CompressOutput
-from .base import Adapter, Item, ModelParts, pad_id_for, padding_side, shrink_sequences, text_signals
-from .llava import image_llm_items, items_per_sample, placeholder_keep_mask, require_input_ids
+from . import positions as P
+from .base import Adapter, Item, ModelParts
+from .placeholders import (
+    image_llm_items,
+    items_per_sample,
+    pad_id_for,
+    padding_side,
+    placeholder_keep_mask,
+    require_input_ids,
+    shrink_sequences,
+    text_signals,
+)
 
 
 class _LastBlockProbe:
@@ -143,6 +153,10 @@ class Qwen2VLAdapter(LLMAccess, Adapter):
                              f"got {grid.tolist()}")
         return grid
 
+    def _layout(self, t: int, h: int, w: int) -> L.Layout:
+        """The merger output of a ``t x h x w`` patch grid: ``t`` temporal grids of ``(h/2) x (w/2)`` tokens."""
+        return L.Layout([L.Segment("image" if t == 1 else "frames", t, h // self.merge, w // self.merge)])
+
     def _window_index(self, grid: torch.Tensor) -> torch.Tensor | None:
         """Qwen2.5-VL's group order inside the blocks (None for Qwen2-VL, which keeps raster group order)."""
         if not hasattr(self.visual, "fullatt_block_indexes"):
@@ -203,7 +217,7 @@ class Qwen2VLAdapter(LLMAccess, Adapter):
             if "text" in needs:
                 sig.update(text_signals(self.core.get_input_embeddings(), input_ids, kwargs.get("attention_mask"),
                                         {self.image_token_id, self.video_token_id}, owner[i]))
-            layout = L.Layout([L.Segment("image" if t == 1 else "frames", t, h // self.merge, w // self.merge)])
+            layout = self._layout(t, h, w)
             items.append(Item("image", owner[i], feats[i], layout, sig))
             start += n
         return items
@@ -232,8 +246,7 @@ class Qwen2VLAdapter(LLMAccess, Adapter):
                                            video_grid_thw=kwargs.get("video_grid_thw"),
                                            attention_mask=mask, **extra)
         real = torch.ones_like(input_ids) if mask is None else mask
-        text = (real.long().cumsum(-1) - 1).masked_fill(real == 0, 0).to(rope.dtype)
-        return torch.cat([text.unsqueeze(0), rope], dim=0)
+        return torch.cat([P.text_row(real, rope.dtype).unsqueeze(0), rope], dim=0)
 
     def rebuild(self, kwargs: dict[str, Any], items: list[Item], outputs: list[CompressOutput]) -> dict[str, Any]:
         input_ids = kwargs["input_ids"]
@@ -244,31 +257,20 @@ class Qwen2VLAdapter(LLMAccess, Adapter):
             counts[item.sample].append((item.tokens.shape[0], out.tokens.shape[1]))
         keep = placeholder_keep_mask(input_ids, self.image_token_id, counts)
 
-        # the column each kept sequence slot takes its position from: text keeps its own; the j-th kept placeholder
-        # of an image takes the column of the image's placeholder at the output's representative index
-        src = torch.arange(length, device=input_ids.device).expand(b, -1).clone()
-        per_sample: list[list[torch.Tensor]] = [[] for _ in range(b)]
+        indices: list[list[torch.Tensor]] = [[] for _ in range(b)]
         for item, out in zip(items, outputs):
-            per_sample[item.sample].append(out.index[0])
-        for i in range(b):
-            cols = (input_ids[i] == self.image_token_id).nonzero().flatten()
-            start = 0
-            for (n, k), index in zip(counts[i], per_sample[i]):
-                src[i, cols[start: start + k]] = cols[start + index.to(cols.device)]
-                start += n
-        kept_pos = torch.gather(positions, 2, src.to(positions.device).unsqueeze(0).expand(positions.shape[0], -1, -1))
+            indices[item.sample].append(out.index[0])
+        kept_pos = P.gather_columns(positions, P.kept_columns(input_ids, self.image_token_id, counts, indices))
 
         call = {key: v for key, v in kwargs.items() if key != "position_ids"}
         new = shrink_sequences(call, keep, pad_id_for(self.model.config, {self.image_token_id, self.video_token_id}))
         mask = kwargs.get("attention_mask")
         valid = keep & (torch.ones_like(keep) if mask is None else mask.bool())
-        new_pos = _pack(kept_pos, valid, padding_side(mask), new["input_ids"].shape[1])
+        new_pos = P.pack(kept_pos, valid, padding_side(mask), new["input_ids"].shape[1])
         new_mask = new["attention_mask"]
         if positions.shape[0] == 4:  # row 0 only builds the causal mask: contiguous over the new sequence
-            new_pos[0] = (new_mask.long().cumsum(-1) - 1).masked_fill(new_mask == 0, 0).to(new_pos.dtype)
-        rope_rows = new_pos[-3:] if new_pos.shape[0] >= 3 else new_pos
-        top = rope_rows.masked_fill(new_mask.to(rope_rows.device).unsqueeze(0) == 0, 0).amax(dim=(0, 2))
-        self.core.rope_deltas = (top + 1 - new_mask.sum(-1).to(top.device)).unsqueeze(1)
+            new_pos[0] = P.text_row(new_mask, new_pos.dtype)
+        self.core.rope_deltas = P.rope_deltas(new_pos[-3:] if new_pos.shape[0] >= 3 else new_pos, new_mask)
         new["position_ids"] = new_pos[0] if positions.shape[0] == 1 else new_pos
 
         feats = tuple(out.tokens[0] for out in outputs)
@@ -286,20 +288,7 @@ class Qwen2VLAdapter(LLMAccess, Adapter):
         def plan() -> tuple[list[int], list]:
             grid, m = self._grid(kwargs), self.merge
             return ([int(t * h * w) // (m * m) for t, h, w in grid.tolist()],
-                    [[(h // m, w // m)] * t for t, h, w in grid.tolist()])
+                    [self._layout(t, h, w) for t, h, w in grid.tolist()])
 
         return image_llm_items(kwargs, self.image_token_id, plan)
 
-
-def _pack(t: torch.Tensor, keep: torch.Tensor, side: str, width: int) -> torch.Tensor:
-    """Keep ``t[..., i, keep[i]]`` for each row ``i`` of a ``[P, B, L]`` tensor, padded with 0 to ``width`` on
-    ``side`` (the same packing as :func:`shrink_sequences`)."""
-    p, b, _ = t.shape
-    out = torch.zeros(p, b, width, dtype=t.dtype, device=t.device)
-    for i in range(b):
-        row = t[:, i, keep[i].to(t.device)]
-        if side == "left":
-            out[:, i, width - row.shape[1]:] = row
-        else:
-            out[:, i, : row.shape[1]] = row
-    return out
