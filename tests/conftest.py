@@ -15,8 +15,12 @@ def built(case: str, attn: str = "sdpa") -> torch.nn.Module:
 
 
 def compatible(method_cls, case) -> bool:
+    """Whether the case's adapter takes the method: its stage, a shared modality, and every required signal."""
     info = method_cls.info
-    return info.stage in case.stages and bool(set(info.modalities) & set(case.modalities))
+    stage = "pre_llm" if info.stage == "encoder" else info.stage
+    needs = set(method_cls(retain=1.0).requires)  # a configured instance: requirements may depend on fields
+    return (info.stage in case.stages and bool(set(info.modalities) & set(case.modalities))
+            and needs <= case.produces(stage))
 
 
 class InEncoderEntry:

@@ -10,6 +10,10 @@ from typing import Any, Callable
 
 import torch
 
+from .adapters import LlavaAdapter, LlavaOnevisionAdapter, Qwen2AudioAdapter, Qwen2VLAdapter, WhisperAdapter
+from .adapters.base import Adapter
+from .llm.hooks import PRODUCED_SIGNALS
+
 IMAGE_TOKEN = 100
 PAD = 0
 VOCAB = 128
@@ -37,10 +41,11 @@ def default_samples() -> list[Sample]:
 class Case:
     """One model adapter's test case: a tiny random-weight config of the real class and inputs for it.
 
-    Always needed: ``build`` and ``make_inputs``, plus ``modalities``/``stages`` (the adapter's, read at collection
-    time so no model is built to parametrise). The language model whose input the invariants check comes from the
-    adapter (``adapter_for(model).parts().language_model``). The hooks below are needed only when the defaults do
-    not describe the model:
+    Always needed: ``build``, ``make_inputs`` and ``adapter`` (the adapter class the model gets: its ``modalities``,
+    ``stages`` and ``signals`` decide, at collection time and without building a model, which methods the invariant
+    suite runs on the case). The language model whose input the invariants check comes from the adapter
+    (``adapter_for(model).parts().language_model``). The hooks below are needed only when the defaults do not
+    describe the model:
 
     - ``position_ids``: the model does not use left-padded 1-D positions ``cumsum(attention_mask) - 1`` (Qwen-VL's
       3-D M-RoPE ids), or is an encoder-decoder (then it returns a dict, e.g. ``decoder_position_ids``).
@@ -54,12 +59,23 @@ class Case:
     name: str
     build: Callable[[str], torch.nn.Module]  # attn_implementation -> model (eval, seeded)
     make_inputs: Callable[[torch.nn.Module, list[Sample]], dict[str, Any]]  # left-padded batch
-    modalities: tuple[str, ...] = ("image",)
-    stages: tuple[str, ...] = ("pre_llm",)
+    adapter: type[Adapter]
     position_ids: Callable[[torch.nn.Module, dict[str, Any]], Any] | None = None
     lm_tokens: Callable[[dict[str, Any]], torch.Tensor] | None = None
     input_tokens: Callable[[dict[str, Any]], torch.Tensor] | None = None
     generate_inputs: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return self.adapter.modalities
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        return self.adapter.stages
+
+    def produces(self, stage: str) -> frozenset[str]:
+        """The signals a method at ``stage`` can get on this case's model."""
+        return PRODUCED_SIGNALS if stage == "llm" else self.adapter.signals
 
 
 def left_pad(rows: list[list[int]], pad: int = PAD) -> tuple[torch.Tensor, torch.Tensor]:
@@ -367,22 +383,20 @@ def qwen2_audio_inputs(model: torch.nn.Module, samples: list[Sample]) -> dict[st
 
 # ---- the registry of test cases: one entry per model adapter (the invariant suite runs every method on each) -----
 CASES: dict[str, Case] = {
-    "llava": Case("llava", tiny_llava, llava_inputs, stages=("pre_llm", "llm")),
+    "llava": Case("llava", tiny_llava, llava_inputs, LlavaAdapter),
     "llava_onevision": Case("llava_onevision", lambda attn: tiny_llava_onevision(attn), lambda m, s:
-                            llava_onevision_inputs(m, s), stages=("pre_llm", "llm")),
-    "qwen2_vl": Case("qwen2_vl", lambda attn: tiny_qwen2_vl(attn), lambda m, s: qwen_vl_inputs(m, s),
-                     position_ids=lambda m, i: qwen_vl_positions(m, i),
-                     stages=("pre_llm", "llm")),
+                            llava_onevision_inputs(m, s), LlavaOnevisionAdapter),
+    "qwen2_vl": Case("qwen2_vl", lambda attn: tiny_qwen2_vl(attn), lambda m, s: qwen_vl_inputs(m, s), Qwen2VLAdapter,
+                     position_ids=lambda m, i: qwen_vl_positions(m, i)),
     "qwen2_5_vl": Case("qwen2_5_vl", lambda attn: tiny_qwen2_5_vl(attn), lambda m, s: qwen_vl_inputs(m, s),
-                       position_ids=lambda m, i: qwen_vl_positions(m, i),
-                       stages=("pre_llm", "llm")),
-    "whisper": Case("whisper", lambda attn: tiny_whisper(attn), lambda m, s: whisper_inputs(m, s),
-                    modalities=("audio",), stages=("pre_llm", "encoder"),
+                       Qwen2VLAdapter,
+                       position_ids=lambda m, i: qwen_vl_positions(m, i)),
+    "whisper": Case("whisper", lambda attn: tiny_whisper(attn), lambda m, s: whisper_inputs(m, s), WhisperAdapter,
                     position_ids=lambda m, i: whisper_positions(i),
                     lm_tokens=lambda kw: torch.ones(kw["encoder_hidden_states"].shape[:2], dtype=torch.long),
                     input_tokens=lambda i: torch.full((i["input_features"].shape[0],),
                                                       i["input_features"].shape[-1] // 2),
                     generate_inputs=lambda i: {"input_features": i["input_features"]}),
     "qwen2_audio": Case("qwen2_audio", lambda attn: tiny_qwen2_audio(attn), lambda m, s: qwen2_audio_inputs(m, s),
-                        modalities=("audio",), stages=("pre_llm", "llm")),
+                        Qwen2AudioAdapter),
 }

@@ -34,4 +34,5 @@ def adapter_for(model: torch.nn.Module) -> Adapter:
                     f"{', '.join(supported_models())}")
 
 
-__all__ = ["ADAPTERS", "Adapter", "Item", "adapter_for", "supported_models"]
+__all__ = ["ADAPTERS", "Adapter", "Item", "LlavaAdapter", "LlavaOnevisionAdapter", "Qwen2AudioAdapter",
+           "Qwen2VLAdapter", "WhisperAdapter", "adapter_for", "supported_models"]
