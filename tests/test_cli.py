@@ -134,6 +134,10 @@ def test_missing_optional_dependency_names_the_extra(monkeypatch, tmp_path, caps
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert cli.main(["show", "skimage:astronaut", "--method", "tome", "--retain", "0.5"]) == 2
     assert 'pip install "tokenzip[bench]"' in capsys.readouterr().err
+    from tokenzip.bench.cli import run as bench_module_main  # python -m tokenzip.bench (torchrun)
+
+    assert bench_module_main(["--model", "qwen2-vl-2b", "--quality", "none", "--out", str(tmp_path)]) == 2
+    assert 'pip install "tokenzip[bench]"' in capsys.readouterr().err
 
 
 def test_python_m_tokenzip_no_traceback(tmp_path):

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..deps import MissingDependency
+
 DEFAULT_RETAIN = "0.5,0.25,0.1"
 DESCRIPTION = (
     "Measure compression methods against the uncompressed SDPA model and their oracle (the kept tokens fed "
@@ -136,4 +138,8 @@ def run(argv: list[str] | None = None) -> int:
         argv = argv[1:]
     args = p.parse_args(argv)
     args.command_line = "tokenzip bench " + " ".join(shlex.quote(a) for a in argv)
-    return main(args)
+    try:
+        return main(args)
+    except MissingDependency as e:  # `python -m tokenzip.bench` / torchrun: the same one line as `tokenzip bench`
+        print(f"tokenzip bench: error: {e}", file=sys.stderr)
+        return 2
