@@ -222,7 +222,7 @@ def test_features_reject_long_audio():
 
 # ---- benchmark helpers --------------------------------------------------------------------------------------------
 def test_pack_windows_and_wer():
-    from tokenzip.audio_eval import Clip, pack_windows, wer
+    from tokenzip.bench.audio import Clip, pack_windows, wer
 
     clips = [Clip(f"c{i}", np.ones(16000 * 8, dtype=np.float32), f"word{i}") for i in range(7)]
     wins = pack_windows(clips)
@@ -346,7 +346,7 @@ def test_whisper_encoder_hands_each_row_its_own_compressed_frames():
 
 
 def test_audio_eval_method_specs():
-    from tokenzip.audio_eval import audio_methods, make_method
+    from tokenzip.bench.audio import audio_methods, make_method
 
     c = make_method("atome@encoder2", 0.25)
     assert isinstance(c, tz.InEncoder) and c.layer == 2 and c.budget.retain == 0.25
@@ -357,7 +357,7 @@ def test_audio_eval_method_specs():
 
 
 def test_bench_routes_whisper_to_the_wer_sweep(monkeypatch, tmp_path):
-    import tokenzip.audio_eval as audio_eval
+    import tokenzip.bench.audio as audio_eval
     from tokenzip.bench.cli import run
 
     calls = []

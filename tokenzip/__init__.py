@@ -19,6 +19,18 @@ from .registry import get, method_class, methods
 
 __version__ = "0.1.0"
 
+# imported on first use (``tokenzip.zoo.load(...)``, ``tokenzip.preview.kept_items(...)``) so ``import tokenzip``
+# stays light
+_LAZY_MODULES = ("zoo", "preview", "data")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_MODULES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = ["Budget", "Composed", "CompressOutput", "Compressor", "InEncoder", "ItemStats", "METHODS", "MethodInfo",
            "ModalityStats", "compose", "get", "method_class", "methods", "supported_models"] + [
     cls.__name__ for cls in METHODS]

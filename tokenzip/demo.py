@@ -62,7 +62,7 @@ def image_methods(prompt: str | None) -> list[str]:
 
 
 def sample_image(name: str):
-    from .cli import load_image
+    from .data import load_image
 
     return load_image(f"skimage:{name}")
 
@@ -73,7 +73,8 @@ def image_overlays(ctx: DemoContext) -> None:
 
     import tokenzip as tz
 
-    from .cli import DEFAULT_PROMPT, build_inputs, compress_items, model_view
+    from .bench.inputs import DEFAULT_PROMPT, encoder_view, processor_inputs
+    from .preview import kept_items
     from .viz import compare
 
     model, processor = ctx.model(DEMO_MODEL)
@@ -84,13 +85,13 @@ def image_overlays(ctx: DemoContext) -> None:
             f"{', '.join(f'{r:g}' for r in retains)}")
     bar = tqdm(total=len(images) * len(retains) * len(names), desc="overlays", unit="method", leave=False)
     for img_name in images:
-        inputs = build_inputs(processor, sample_image(img_name), ctx.prompt or DEFAULT_PROMPT)
-        seen = model_view(processor, inputs["pixel_values"][0])
-        # one encoder pass per image; every (retain, method) gets the signals it would get inside generate()
-        results = compress_items(model, [tz.get(n, retain=r) for r in retains for n in names], inputs)
+        inputs = processor_inputs(processor, sample_image(img_name), ctx.prompt or DEFAULT_PROMPT)
+        seen = encoder_view(processor, inputs["pixel_values"][0])
+        # one encoder pass per image; every (retain, method) keeps what it keeps inside generate()
+        results = kept_items([tz.get(n, retain=r) for r in retains for n in names], model, inputs)
         for i, retain in enumerate(retains):
             chunk = results[i * len(names): (i + 1) * len(names)]
-            panels = [(f"{name} ({st.tokens_out}/{st.tokens_in})", st) for name, st in zip(names, chunk)]
+            panels = [(f"{name} ({st[0].tokens_out}/{st[0].tokens_in})", st[0]) for name, st in zip(names, chunk)]
             bar.update(len(names))
             path = ctx.out / f"{img_name}_retain{retain:g}.png"
             compare(seen, panels, ncols=min(6, len(panels) + 1),
@@ -104,10 +105,13 @@ def image_timing(ctx: DemoContext) -> None:
     """Time to first token and LLM prefill length, no compression vs a few methods, on dinov2-llava."""
     import tokenzip as tz
 
-    from .cli import DEFAULT_PROMPT, build_inputs, format_table, timed_generate
+    from .adapters import adapter_for
+    from .bench.first_token import best_of, timed_generate
+    from .bench.inputs import DEFAULT_PROMPT, processor_inputs
+    from .bench.report import format_table
 
     model, processor = ctx.model(DEMO_MODEL)
-    inputs = build_inputs(processor, sample_image("astronaut"), ctx.prompt or DEFAULT_PROMPT)
+    inputs = processor_inputs(processor, sample_image("astronaut"), ctx.prompt or DEFAULT_PROMPT)
     known = {m.name for m in tz.methods()}
     methods = [m for m in TIMING_METHODS if m in known]
     repeats = 1 if ctx.quick else 3
@@ -120,8 +124,9 @@ def image_timing(ctx: DemoContext) -> None:
     for _ in range(repeats):
         for i, (_, _, c) in enumerate(configs):
             runs[i].append(timed_generate(model, inputs, c))
-    best = [{**rs[-1], "ttft": min(r["ttft"] for r in rs), "cpu": min(r["cpu"] for r in rs)} for rs in runs]
-    n_img = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    best = [best_of(rs) for rs in runs]
+    image_token = adapter_for(model).parts().media_token_ids["image"]
+    n_img = int((inputs["input_ids"] == image_token).sum())
     base, cpu = best[0]["ttft"], best[0]["cpu"]
     rows = []
     for (name, retain, c), r in zip(configs, best):
@@ -148,11 +153,18 @@ def image_timing(ctx: DemoContext) -> None:
     ctx.wrote(path)
 
 
+def audio_whisper(ctx: DemoContext) -> None:
+    """Whisper tiny.en on real speech, full vs compressed audio tokens (see :mod:`tokenzip.bench.audio`)."""
+    from .bench.audio import demo_step
+
+    demo_step(ctx)
+
+
 # name -> step; append entries here (e.g. an audio demo) to extend `tokenzip demo`
 DEMO_STEPS: list[tuple[str, DemoStep]] = [
     ("image-overlays", image_overlays),
     ("image-timing", image_timing),
-    ("audio-whisper", lambda ctx: __import__("tokenzip.audio_eval", fromlist=["demo_step"]).demo_step(ctx)),
+    ("audio-whisper", audio_whisper),
 ]
 
 

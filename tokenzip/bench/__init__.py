@@ -4,11 +4,18 @@
     run_bench(BenchConfig(model="llava-ov-0.5b", methods=["visionzip", "random"], retain=[0.5, 0.25, 0.1],
                           out="bench_out"))
 
-See ``runner`` (what is measured), ``presets`` (real architectures offline), ``fidelity`` (DINOv2 quality),
-``tasks`` (VQA accuracy from local files) and ``dist`` (torchrun).
+Modules, top-down: ``cli`` (the command) -> ``sweep`` (methods x budgets, ranks, outputs) -> ``measure`` (one point:
+method, oracle and interleaved baseline calls) -> ``instrument`` (stage timers of one call) and ``flops``;
+``derive`` (columns comparing rows), ``env`` (software/hardware), ``report`` (tables, plots, report.md),
+``config`` (BenchConfig). Inputs and models: ``presets`` (real architectures offline), ``inputs`` (processor
+inputs), ``first_token`` (time to first token of a plain generate, for the CLI and the demo). Quality: ``fidelity``
+(DINOv2 features), ``tasks`` (VQA accuracy from local files), ``audio`` (Whisper WER on real speech). ``dist``:
+torchrun.
 """
 
+from .config import TIMING_FIELDS, BenchConfig
+from .derive import finalize
 from .presets import Built, build, presets
-from .runner import TIMING_FIELDS, BenchConfig, finalize, run_bench
+from .sweep import run_bench
 
 __all__ = ["TIMING_FIELDS", "BenchConfig", "Built", "build", "finalize", "presets", "run_bench"]

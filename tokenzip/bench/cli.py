@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..deps import MissingDependency
+
 DEFAULT_RETAIN = "0.5,0.25,0.1"
 DESCRIPTION = (
     "Measure compression methods against the uncompressed SDPA model and their oracle (the kept tokens fed "
@@ -41,7 +43,7 @@ def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--model", "--preset", dest="model", default="tiny",
                    help="preset (tiny, llava-1.5-7b, llava-ov-0.5b, qwen2-vl-2b, tiny-<case>: random weights), "
                         "zoo model (dinov2-llava: real weights; whisper-tiny.en: WER and decode time vs retain on "
-                        "real speech, see tokenzip.audio_eval) or a local HF checkpoint directory (default: tiny)")
+                        "real speech, see tokenzip/bench/audio.py) or a local HF checkpoint directory (default: tiny)")
     p.add_argument("--methods", default=None,
                    help="comma-separated method names (default: every registered method the model supports)")
     p.add_argument("--retain", type=_floats, default=None,
@@ -87,7 +89,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     if args.model == "whisper-tiny.en":  # an encoder-decoder ASR model: quality is WER on real speech
         return _audio(args)
-    from .runner import BenchConfig, run_bench
+    from .config import BenchConfig
+    from .sweep import run_bench
 
     if args.retain is None:
         args.retain = _floats(DEFAULT_RETAIN)
@@ -107,11 +110,11 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _audio(args: argparse.Namespace) -> int:
-    """``--model whisper-tiny.en``: the WER / decode-time sweep of :mod:`tokenzip.audio_eval` (speech-filled and
+    """``--model whisper-tiny.en``: the WER / decode-time sweep of :mod:`tokenzip.bench.audio` (speech-filled and
     padded 30 s windows), written to OUT as audio_wer.jsonl, audio_wer.md and audio_wer.png."""
     import torch
 
-    from ..audio_eval import DEFAULT_RETAINS, audio_methods, run
+    from .audio import DEFAULT_RETAINS, audio_methods, run
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -135,4 +138,8 @@ def run(argv: list[str] | None = None) -> int:
         argv = argv[1:]
     args = p.parse_args(argv)
     args.command_line = "tokenzip bench " + " ".join(shlex.quote(a) for a in argv)
-    return main(args)
+    try:
+        return main(args)
+    except MissingDependency as e:  # `python -m tokenzip.bench` / torchrun: the same one line as `tokenzip bench`
+        print(f"tokenzip bench: error: {e}", file=sys.stderr)
+        return 2

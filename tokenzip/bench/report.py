@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from typing import Any
 
 FLOP_FORMULA = """\
@@ -60,6 +61,17 @@ def _gflops(v: float) -> str:
 
 def _mb(v: float) -> str:
     return f"{v / 2**20:,.0f}"
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], markdown: bool = False) -> str:
+    """A column-aligned plain-text table (``markdown``: a Markdown one), for terminals and ``.md`` files."""
+    cells = [[str(c) for c in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    if markdown:
+        lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells]
+        return "\n".join([lines[0], "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + lines[1:])
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths)] + lines[1:])
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:

@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..deps import require
+
 SHORT = "Answer the question using a single word or phrase."
 LETTER = "Answer with the option's letter from the given choices directly."
 PROMPTS: dict[str, str] = {
@@ -81,10 +83,7 @@ def _raw_records(path: str) -> list[dict[str, Any]]:
                     raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from e
         return out
     if path.endswith(".parquet"):
-        try:
-            import pyarrow.parquet as pq
-        except ImportError as e:
-            raise ImportError("reading Parquet task files needs pyarrow (pip install pyarrow)") from e
+        pq = require("pyarrow.parquet")
         return pq.read_table(path).to_pylist()
     raise ValueError(f"task file must end in .jsonl or .parquet, got {path!r}")
 
@@ -219,7 +218,7 @@ def load_image(path: str):
 
 def load_video(path: str, num_frames: int = 8) -> np.ndarray:
     """``num_frames`` frames spread evenly over the clip, ``[T, H, W, 3]`` uint8 (PyAV)."""
-    import av
+    av = require("av")
 
     with av.open(path) as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
@@ -237,7 +236,7 @@ def _decode(processor: Any, ids: torch.Tensor) -> str:
 
 def predict(model: torch.nn.Module, processor: Any, rec: Record, *, compressor: Any = None, new_tokens: int = 16,
             num_frames: int = 8) -> str:
-    from .presets import processor_inputs
+    from .inputs import processor_inputs
 
     if rec.video is not None:
         inputs = processor_inputs(processor, None, prompt_for(rec), video=load_video(rec.video, num_frames))
@@ -283,45 +282,3 @@ def run_task_sweep(built: Any, path: str, methods: Sequence[tuple[str, type]], r
                        new_tokens=new_tokens)
         rows.append({"method": name, "retain": r, "task": os.path.basename(path), **res})
     return rows
-
-
-# ---- a processor for the tiny preset (smoke tests of the whole pipeline) -------------------------------------------
-def tiny_processor(model: torch.nn.Module, words: Sequence[str] = ()) -> Any:
-    """A word-level tokenizer + CLIP image processor matching ``tokenzip.testing.tiny_llava``'s config
-    (vocabulary 128, ``<image>`` = its image token id). For smoke tests only: the model's weights are random."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlavaProcessor, PreTrainedTokenizerFast
-
-    from .presets import _processor
-
-    cfg = model.config
-    vocab_size = int(cfg.text_config.vocab_size)
-    image_id = int(cfg.image_token_id)
-    specials = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-    base = list(dict.fromkeys([w.lower() for w in words] + list(LETTERS) + [str(i) for i in range(10)] + list(
-        ".,:?!()'") + ["answer", "the", "question", "using", "a", "single", "word", "or", "phrase", "with",
-                      "option's", "letter", "from", "given", "choices", "directly", "what", "is", "yes", "no",
-                      "color", "of", "in", "image", "\n"]))
-    vocab = dict(specials)
-    nxt = len(specials)
-    for w in base:
-        while nxt == image_id:
-            nxt += 1
-        if nxt >= vocab_size:
-            break
-        if w not in vocab:
-            vocab[w] = nxt
-            nxt += 1
-    vocab["<image>"] = image_id
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
-                                  eos_token="</s>", additional_special_tokens=["<image>"])
-    tok.image_token = "<image>"
-    tok.image_token_id = image_id
-    size = int(cfg.vision_config.image_size)
-    image_proc = _processor("CLIPImageProcessor", size={"shortest_edge": size},
-                            crop_size={"height": size, "width": size})
-    return LlavaProcessor(image_processor=image_proc, tokenizer=tok, patch_size=int(cfg.vision_config.patch_size),
-                          vision_feature_select_strategy=cfg.vision_feature_select_strategy, image_token="<image>",
-                          num_additional_image_tokens=1)

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..deps import optional_imports
+
 
 def _lazy(target: str) -> Callable[..., tuple[Any, Any]]:
     """A loader that imports ``"pkg.module:function"`` on first call."""
@@ -69,7 +71,8 @@ def load(name: str, **kw) -> tuple[Any, Any]:
         close = difflib.get_close_matches(key, list(REGISTRY), n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ValueError(f"unknown zoo model {name!r}{hint} (known: {', '.join(names())})")
-    return REGISTRY[key](**kw)
+    with optional_imports():  # e.g. the DINOv2 conversion's ``import onnx``: name the extra that installs it
+        return REGISTRY[key](**kw)
 
 
 __all__ = ["REGISTRY", "cache_dir", "entry_dir", "load", "names"]

@@ -1,10 +1,11 @@
 """Word error rate and decode time vs retain for every audio method, on Whisper tiny.en with real speech.
 
-    python -m tokenzip.audio_eval --out audio_out            # full sweep: JSONL + PNG + Markdown table
-    python -m tokenzip.audio_eval --methods avgpool,vad_prune --retains 0.5,0.1
+    tokenzip bench --model whisper-tiny.en --out audio_out                          # JSONL + PNG + Markdown table
+    tokenzip bench --model whisper-tiny.en --methods avgpool,vad_prune --retain 0.5,0.1
 
-Data (offline, Debian packages): the five LibriVox clips of ``pocketsphinx-testdata`` (read speech with reference
-transcripts) and, when ``espeak-ng`` is installed, sentences synthesised from known text.
+Data (offline, Debian packages, located by :mod:`tokenzip.data`): the five LibriVox clips of
+``pocketsphinx-testdata`` (read speech with reference transcripts) and, when ``espeak-ng`` is installed, sentences
+synthesised from known text.
 
 Two settings, reported separately:
 - ``filled``: clips concatenated (0.2 s gaps) into windows of up to ~30 s, so the 1,500 encoder frames are almost
@@ -19,9 +20,7 @@ for the whole batch; it is noisy on a shared CPU. Greedy decoding, short-form (<
 
 from __future__ import annotations
 
-import argparse
 import json
-import shutil
 import subprocess
 import tempfile
 import time
@@ -32,9 +31,10 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from .zoo.whisper import SAMPLING_RATE, features, load_audio
+from .. import data
+from ..deps import require
+from ..zoo.whisper import SAMPLING_RATE, features, load_audio
 
-LIBRIVOX = Path("/usr/share/pocketsphinx/test/data/librivox")
 DEFAULT_RETAINS = (0.5, 0.25, 1 / 6, 1 / 8, 0.1)
 # the encoder stage (tz.InEncoder) measured by default, cut after 2 of Whisper tiny's 4 encoder layers
 ENCODER_STAGE = ("avgpool@encoder2", "atome@encoder2")
@@ -84,12 +84,11 @@ class Clip:
         return self.wave.shape[0] / SAMPLING_RATE
 
 
-def librivox_clips(root: Path = LIBRIVOX) -> list[Clip]:
-    """The five LibriVox clips with their transcripts; FileNotFoundError with the install hint when missing."""
+def librivox_clips(root: Path | None = None) -> list[Clip]:
+    """The five LibriVox clips with their transcripts (``root``: default :func:`tokenzip.data.librivox_dir`);
+    :class:`tokenzip.data.DataMissing` (a FileNotFoundError) with the install hint when missing."""
+    root = data.librivox_dir() if root is None else root
     trans = root / "transcription"
-    if not trans.exists():
-        raise FileNotFoundError(f"{trans} not found: install the Debian package pocketsphinx-testdata "
-                                "(apt-get install pocketsphinx-testdata)")
     clips = []
     for line in trans.read_text().splitlines():
         if "(" not in line:
@@ -103,9 +102,7 @@ def librivox_clips(root: Path = LIBRIVOX) -> list[Clip]:
 
 def espeak_clip(text: str, voice: str = "en-us", speed: int = 160) -> Clip:
     """Synthesise ``text`` with espeak-ng (16 kHz mono after resampling); ``speed`` in words per minute."""
-    exe = shutil.which("espeak-ng")
-    if exe is None:
-        raise FileNotFoundError("espeak-ng not found: install the Debian package espeak-ng")
+    exe = data.espeak_ng()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "s.wav"
         subprocess.run([exe, "-v", voice, "-s", str(speed), "-w", str(out), text], check=True,
@@ -116,7 +113,7 @@ def espeak_clip(text: str, voice: str = "en-us", speed: int = 160) -> Clip:
 
 def speech_clips(use_espeak: bool = True) -> list[Clip]:
     clips = librivox_clips()
-    if use_espeak and shutil.which("espeak-ng"):
+    if use_espeak and data.has_espeak_ng():
         clips += [espeak_clip(t, *ESPEAK_VOICES[(i // 8) % len(ESPEAK_VOICES)])
                   for i, t in enumerate(ESPEAK_SENTENCES)]
     return clips
@@ -152,7 +149,7 @@ def normalize(text: str) -> str:
 
 
 def wer(refs: list[str], hyps: list[str]) -> float:
-    import jiwer
+    jiwer = require("jiwer")
 
     r, h = [normalize(t) for t in refs], [normalize(t) for t in hyps]
     return float(jiwer.wer(r, h))
@@ -201,13 +198,13 @@ def make_method(spec: str, retain: float, **params: Any) -> Any:
 
 def run(out_dir: Path, methods: list[str], retains: list[float], settings: list[str],
         use_espeak: bool = True, variants: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-    from tokenzip import zoo
+    from .. import zoo
 
     for name in methods:  # fail before loading anything
         make_method(name, 0.5)
     model, processor = zoo.load("whisper-tiny.en")
     clips = speech_clips(use_espeak)
-    data = {"filled": pack_windows(clips), "padded": librivox_clips()}
+    by_setting = {"filled": pack_windows(clips), "padded": librivox_clips()}
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     jsonl = (out_dir / "audio_wer.jsonl").open("w")
@@ -215,7 +212,7 @@ def run(out_dir: Path, methods: list[str], retains: list[float], settings: list[
     runs += [(label, spec["method"], {k: v for k, v in spec.items() if k != "method"})
              for label, spec in (variants or {}).items()]
     for setting in settings:
-        windows = data[setting]
+        windows = by_setting[setting]
         refs = [w.text for w in windows]
         hyps, secs, _ = transcribe(model, processor, windows)
         base = {"setting": setting, "method": "none", "retain": 1.0, "tokens": model.config.max_source_positions,
@@ -293,32 +290,6 @@ def markdown(rows: list[dict[str, Any]]) -> str:
                 cells.append(f"{100 * hit[0]['wer']:.1f}% ({hit[0]['seconds']:.1f} s)" if hit else "-")
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, default=Path("audio_out"))
-    p.add_argument("--methods", default="all", help="comma-separated method names, or 'all' audio methods")
-    p.add_argument("--retains", default=",".join(f"{r:.4g}" for r in DEFAULT_RETAINS))
-    p.add_argument("--settings", default="filled,padded")
-    p.add_argument("--no-espeak", action="store_true", help="LibriVox clips only")
-    p.add_argument("--threads", type=int, default=2)
-    a = p.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    methods = audio_methods() if a.methods == "all" else [m.strip() for m in a.methods.split(",") if m.strip()]
-    retains = [float(r) for r in a.retains.split(",")]
-    for r in retains:
-        if not 0 < r <= 1:
-            raise ValueError(f"--retains must be fractions in (0, 1], got {r}")
-    settings = [s.strip() for s in a.settings.split(",")]
-    for s in settings:
-        if s not in ("filled", "padded"):
-            raise ValueError(f"--settings must be filled and/or padded, got {s!r}")
-    run(a.out, methods, retains, settings, use_espeak=not a.no_espeak)
-
-
-if __name__ == "__main__":
-    main()
 
 
 # ---- demo step (tokenzip demo / make demo) ------------------------------------------------------------------------

@@ -1,0 +1,61 @@
+"""What one sweep is configured with, and which row columns are measurements of time or memory."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from ..base import Compressor
+
+# the uncompressed measurement interleaved with each point
+BASELINE_FIELDS = ("ttft_s", "encoder_s", "compress_s", "prefill_s", "other_s")
+
+# Columns that are measurements of time or memory (everything else must be identical across runs and ranks).
+TIMING_FIELDS = ("ttft_s", "encoder_s", "compress_s", "prefill_s", "other_s", "decode_s_per_token", "total_s",
+                 "llm_ttft_s", "projector_s", "peak_mem_bytes", "overhead_vs_oracle", "speedup", "oracle_speedup",
+                 "amdahl_bound", "amdahl_limit", "amdahl_bound_full", "ttft_full_est_s", "speedup_full_est",
+                 "overhead_full_est",
+                 "timings", "measured_on_rank", "baseline")
+GENERATION_KEYS = ("streamer", "max_new_tokens", "min_new_tokens", "do_sample", "pad_token_id", "eos_token_id",
+                   "use_cache", "return_dict_in_generate", "output_scores", "generation_config", "num_beams")
+
+
+@dataclass
+class BenchConfig:
+    model: str = "tiny"
+    methods: Sequence[str | type[Compressor]] | None = None  # None: every registered method the model supports
+    retain: Sequence[float] = (0.5, 0.25, 0.1)
+    out: str = "bench_out"
+    repeats: int = 3
+    warmup: int = 1  # discarded uncompressed runs per process before anything is measured
+    point_warmup: int = 0  # discarded (method, oracle) pairs per point
+    new_tokens: int = 3
+    attn: str = "sdpa"
+    dtype: str = "float32"
+    device: str = "cpu"
+    threads: int | None = None
+    layers: str | tuple[int, int] | None = None
+    seed: int = 0
+    quality: str = "auto"  # "dinov2": DINOv2 feature fidelity; "none"; "auto": dinov2 when its weights load,
+    # except for tiny presets (smoke tests)
+    quality_images: int = 24
+    task: str | None = None  # a local VQA task file (JSONL/Parquet), needs a checkpoint with a processor
+    task_limit: int | None = None
+    progress: bool = True
+    command: str = ""
+    clock: Callable[[], float] | None = field(default=None, repr=False)  # inject a fake clock (tests)
+
+    def validate(self) -> None:
+        if not self.retain:
+            raise ValueError("retain must list at least one fraction in (0, 1]")
+        for r in self.retain:
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 < float(r) <= 1.0:
+                raise ValueError(f"retain values must be in (0, 1], got {r!r}")
+        for name, lo in (("repeats", 1), ("warmup", 0), ("point_warmup", 0), ("new_tokens", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ValueError(f"threads must be an int >= 1, got {self.threads!r}")
+        if self.quality not in ("auto", "dinov2", "none"):
+            raise ValueError(f"quality must be auto, dinov2 or none, got {self.quality!r}")

