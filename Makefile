@@ -26,7 +26,7 @@ define make_venv
 	test -f /usr/share/pocketsphinx/test/data/librivox/transcription && command -v espeak-ng >/dev/null || \
 		apt-get install -y -q pocketsphinx-testdata espeak-ng >/dev/null 2>&1 || \
 		{ apt-get update -q >/dev/null 2>&1 && apt-get install -y -q pocketsphinx-testdata espeak-ng >/dev/null 2>&1; } || \
-		echo "warning: could not apt-get install pocketsphinx-testdata espeak-ng; the real-speech tests will skip"
+		echo "warning: could not apt-get install pocketsphinx-testdata espeak-ng; the real-speech tests will fail under CI=true (skip otherwise)"
 	$(1)/bin/python -c "import transformers as t; print('transformers', t.__version__, 'in $(1)')"
 endef
 
