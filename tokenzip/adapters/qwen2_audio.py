@@ -30,7 +30,7 @@ each pooled token averages; ``keys``: that layer's keys (mean over heads), avera
 ``projected``: the projector's output; ``text``/``text_mask``: the sample's text-token embeddings; ``speech``:
 Silero VAD's speech probability per 40 ms token when the call carries the clips' 16 kHz waveforms as
 ``raw_audio=[wave, ...]`` (one per clip, a tokenzip-only keyword consumed here, as for Whisper), else the
-energy-based score of the Whisper adapter (:func:`tokenzip.adapters.whisper.energy_speech`), each pooled token
+energy-based score (:func:`tokenzip.adapters.speech.energy_speech`), each pooled token
 covering 4 mel frames.
 """
 
@@ -45,7 +45,7 @@ from ..output import CompressOutput
 from .base import Adapter, Item, ModelParts, pad_id_for, shrink_sequences, text_signals
 from .llava import items_per_sample, placeholder_keep_mask, require_input_ids
 from .probe import attention_signals
-from .whisper import RAW_AUDIO, energy_speech, raw_waveforms, silero_speech
+from .speech import RAW_AUDIO, energy_speech, raw_waveforms, silero_speech
 
 MEL_PER_TOKEN = 4  # conv2 stride 2 x average pooling stride 2
 SAMPLES_PER_TOKEN = 640  # 4 mel frames x hop 160 at 16 kHz: 40 ms per audio token
