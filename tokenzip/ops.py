@@ -173,7 +173,8 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, protect_first: bool = 
     if r == 0:  # nothing to merge (also N < 2): identity closures
         return (lambda x, mode="sum": x), (lambda y: y)
     m = F.normalize(metric.float(), dim=-1)
-    scores = m[:, a_pos] @ m[:, b_pos].transpose(-1, -2)  # [B, |A|, |B|]
+    # [B, |A|, |B|], one 2-D product per row (a batched matmul rounds differently, which moves exact ties)
+    scores = torch.stack([row[a_pos] @ row[b_pos].T for row in m])
     if protect_first:
         scores[:, 0, :] = -math.inf
     best, partner = scores.max(dim=-1)  # ties: the earliest B token
