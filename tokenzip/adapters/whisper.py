@@ -2,8 +2,10 @@
 (stage ``pre_llm``), or its hidden states between two encoder layers (stage ``encoder``, ``tz.InEncoder``).
 
 One item per batch row: the encoder's ``N = max_source_positions`` frames (1,500 for a 30 s window, 20 ms each),
-layout ``[(1, N)]``. The adapter runs the encoder itself (up to the cut for the encoder stage, then the remaining
-layers on the compressed frames), the method compresses each row, and while the patched call runs the encoder's
+layout ``[(1, N)]``. The adapter runs the encoder itself — for the encoder stage on the generic encoder runner
+(:mod:`tokenzip.encoder`; :meth:`WhisperAdapter.encoder_spec` only says where Whisper keeps its convolution stem,
+positions, layers and final norm): up to the cut (or through every cut of a schedule), then the remaining layers on
+the compressed frames — the method compresses each row, and while the patched call runs the encoder's
 ``forward`` is substituted: called on the call's own ``input_features`` rows it returns their compressed frames
 (rows matched by value). So the original ``forward()``/``generate()`` get the caller's ``input_features`` unchanged
 and all of Whisper's own generate() logic runs as usual — including the temperature fallback
