@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tokenzip as tz
-from tokenzip.adapters.whisper import energy_speech, silero_speech
+from tokenzip.adapters.speech import energy_speech, silero_speech
 from tokenzip.methods.atome import adjacent_groups
 from tokenzip.testing import CASES, default_samples
 from tokenzip.zoo.whisper import features, prepare_audio

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -133,3 +133,102 @@ def cosine_similarity_matrix(x: torch.Tensor, y: torch.Tensor | None = None) -> 
     xn = F.normalize(x.float(), dim=-1)
     yn = xn if y is None else F.normalize(y.float(), dim=-1)
     return xn @ yn.transpose(-1, -2)
+
+
+# ---- ToMe-shaped merging primitives (Bolya et al., "Token Merging: Your ViT But Faster", arXiv:2210.09461) -------
+MergeFn = Callable[..., torch.Tensor]
+
+
+def bipartite_soft_matching(metric: torch.Tensor, r: int, protect_first: bool = False) -> tuple[MergeFn, MergeFn]:
+    """One round of ToMe's bipartite soft matching on ``metric`` ``[B, N, C]``: ``(merge, unmerge)`` closures.
+
+    Tokens alternate into sets A (even positions) and B (odd); each A token links to its most similar B token
+    (cosine similarity; ties: the earliest B token) and the ``r`` strongest links merge (ties: the earliest A token).
+    ``protect_first`` never merges token 0 (a CLS token). ``r`` is clipped to what A can give.
+
+    ``merge(x, mode="sum")`` maps ``x`` ``[B, N, ...]`` to ``[B, N - r, ...]``: the survivors (unmerged A tokens and
+    all B tokens) in their input order, each B token combined with the A tokens merged into it by ``mode`` ``"sum"``
+    or ``"mean"`` (unweighted; see :func:`merge_wavg` for ToMe's size-weighted average). ``unmerge(y)`` maps
+    ``[B, N - r, ...]`` back to ``[B, N, ...]``: every input position gets its survivor's row (exactly its own row
+    for tokens that were not merged).
+    """
+    b, n, _ = metric.shape
+    dev = metric.device
+    a_pos = torch.arange(0, n, 2, device=dev)
+    b_pos = torch.arange(1, n, 2, device=dev)
+    r = max(0, min(int(r), a_pos.shape[0] - (1 if protect_first else 0))) if b_pos.shape[0] else 0
+    if r == 0:  # nothing to merge (also N < 2): identity closures
+        return (lambda x, mode="sum": x), (lambda y: y)
+    m = F.normalize(metric.float(), dim=-1)
+    # [B, |A|, |B|], one 2-D product per row (a batched matmul rounds differently, which moves exact ties)
+    scores = torch.stack([row[a_pos] @ row[b_pos].T for row in m])
+    if protect_first:
+        scores[:, 0, :] = -math.inf
+    best, partner = scores.max(dim=-1)  # ties: the earliest B token
+    merged = torch.sort(best, dim=-1, descending=True, stable=True).indices[:, :r]  # ties: the earliest A token
+    dest = torch.arange(n, device=dev).expand(b, -1).clone()  # input position -> surviving position
+    dest.scatter_(1, a_pos[merged], b_pos[torch.gather(partner, 1, merged)])
+    alive = torch.ones(b, n, dtype=torch.bool, device=dev)
+    alive.scatter_(1, a_pos[merged], False)
+    keep = torch.sort(torch.where(alive, torch.arange(n, device=dev), n), dim=-1).values[:, : n - r]  # [B, N - r]
+    slot_of = torch.full((b, n + 1), -1, dtype=torch.long, device=dev)
+    slot_of.scatter_(1, keep, torch.arange(n - r, device=dev).expand(b, -1))
+    slot = torch.gather(slot_of, 1, dest)  # [B, N] input position -> output slot
+
+    def _expand(index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return index.view(*index.shape, *([1] * (x.dim() - 2))).expand(*index.shape, *x.shape[2:])
+
+    def merge(x: torch.Tensor, mode: str = "sum") -> torch.Tensor:
+        if mode not in ("sum", "mean"):
+            raise ValueError(f"mode must be 'sum' or 'mean', got {mode!r}")
+        out = torch.zeros(b, n - r, *x.shape[2:], dtype=x.dtype, device=x.device)
+        out.scatter_add_(1, _expand(slot, x), x)
+        if mode == "mean":
+            count = torch.zeros(b, n - r, dtype=x.dtype, device=x.device).scatter_add_(
+                1, slot, torch.ones(b, n, dtype=x.dtype, device=x.device))
+            out = out / count.view(*count.shape, *([1] * (x.dim() - 2)))
+        return out
+
+    def unmerge(y: torch.Tensor) -> torch.Tensor:
+        return torch.gather(y, 1, _expand(slot, y))
+
+    return merge, unmerge
+
+
+def merge_wavg(merge: MergeFn, x: torch.Tensor, size: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """ToMe's size-weighted merge: ``x`` ``[B, N, C]`` and ``size`` ``[B, N]`` (input tokens per token, default 1)
+    -> the merged tokens (size-weighted means) and their sizes."""
+    if size is None:
+        size = torch.ones(x.shape[:2], dtype=x.dtype, device=x.device)
+    total = merge(x * size.unsqueeze(-1).to(x.dtype), "sum")
+    size = merge(size, "sum")
+    return total / size.unsqueeze(-1).to(total.dtype), size
+
+
+def merge_source(unmerge: MergeFn, source: torch.Tensor, count: int) -> torch.Tensor:
+    """Source tracking across one merge: ``source`` ``[B, N0]`` (each original token's current slot, -1: dropped)
+    -> its slot after the merge that has ``count`` outputs and the given ``unmerge``."""
+    slots = torch.arange(count, device=source.device).expand(source.shape[0], -1)
+    return compose_source(source, unmerge(slots))
+
+
+def compose_source(source: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """Chain two assignments: ``source`` ``[B, N0]`` (original token -> slot, -1 dropped) and ``step`` ``[B, N1]``
+    (slot -> next slot, -1 dropped) -> original token -> next slot."""
+    nxt = torch.gather(step, 1, source.clamp(min=0))
+    return torch.where(source >= 0, nxt, torch.full_like(nxt, -1))
+
+
+def merged_size(source: torch.Tensor, count: int, size: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, count]`` sizes after an assignment ``source`` ``[B, N]`` (slot of each token, -1: dropped) of tokens of
+    ``size`` ``[B, N]`` (default 1 each): how many input tokens each output stands for."""
+    valid = (source >= 0).float()
+    weights = valid if size is None else size.float() * valid
+    out = torch.zeros(source.shape[0], count, device=source.device)
+    return out.scatter_add_(1, source.clamp(min=0), weights)
+
+
+def size_bias(size: torch.Tensor) -> torch.Tensor:
+    """ToMe's proportional attention as an additive attention mask: ``log(size)`` ``[B, n]`` -> ``[B, 1, 1, n]``,
+    added to every query's logits over the keys (SDPA takes it as ``attn_mask``). Sizes below 1 count as 1."""
+    return size.float().clamp(min=1).log()[:, None, None, :]

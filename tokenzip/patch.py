@@ -41,7 +41,8 @@ class Patch:
                                 f"cannot produce at stage {stage!r} (it produces {sorted(produced)})")
         self.pre = next((p for p in parts if p.info.stage != "llm"), None)
         if self.pre is not None and self.pre.info.stage == "encoder":
-            self.adapter.set_encoder_layer(self.pre.layer)  # ValueError naming the valid layers
+            # ValueError naming the valid layers; a schedule of cuts also needs the step for the earlier cuts
+            self.adapter.set_encoder_layer(self.pre.layer, step=self.pre.step)
         self.llm_compressor = next((p for p in parts if p.info.stage == "llm"), None)
         self.llm = None  # the LLM-stage hook runner while installed
         if self.llm_compressor is not None:
@@ -154,7 +155,7 @@ class Patch:
             tokens = item.tokens.unsqueeze(0)
             if item.modality in c.info.modalities:
                 signals = {name: sig.unsqueeze(0) for name, sig in item.signals.items() if name in needs}
-                out = c.compress(tokens, grid=item.grid, **signals)
+                out = c.compress(tokens, grid=item.grid, k=item.extra.get("k"), **signals)  # k: set by a schedule
             else:  # e.g. an audio clip next to images: a method only compresses the modalities it names
                 out = ops.select(tokens, torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0))
             outputs.append(out)

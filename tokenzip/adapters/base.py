@@ -83,9 +83,10 @@ class Adapter(ABC):
     def encode(self, kwargs: dict[str, Any], needs: frozenset[str]) -> list[Item]:
         """Run the encoder and return the items in sequence order, with the requested signals."""
 
-    def set_encoder_layer(self, layer: int) -> None:
-        """Stage "encoder": compress between encoder layers ``layer - 1`` and ``layer`` (adapters that list the
-        stage implement this)."""
+    def set_encoder_layer(self, layer: int | tuple[int, ...], step: Any = None) -> None:
+        """Stage "encoder": compress between encoder layers ``layer - 1`` and ``layer``, or after each layer count of
+        a tuple using ``step`` (``tokenzip.encoder.CompressStep``) at the earlier cuts (adapters that list the stage
+        implement this)."""
         raise TypeError(f"{type(self).__name__} has no encoder stage")
 
     # ---- lifecycle (the patch calls these; all run also after an exception) ------------------------------------

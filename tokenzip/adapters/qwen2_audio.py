@@ -30,7 +30,7 @@ each pooled token averages; ``keys``: that layer's keys (mean over heads), avera
 ``projected``: the projector's output; ``text``/``text_mask``: the sample's text-token embeddings; ``speech``:
 Silero VAD's speech probability per 40 ms token when the call carries the clips' 16 kHz waveforms as
 ``raw_audio=[wave, ...]`` (one per clip, a tokenzip-only keyword consumed here, as for Whisper), else the
-energy-based score of the Whisper adapter (:func:`tokenzip.adapters.whisper.energy_speech`), each pooled token
+energy-based score (:func:`tokenzip.adapters.speech.energy_speech`), each pooled token
 covering 4 mel frames.
 """
 
@@ -53,7 +53,7 @@ from .placeholders import (
     text_signals,
 )
 from .probe import attention_signals
-from .whisper import RAW_AUDIO, energy_speech, raw_waveforms, silero_speech
+from .speech import RAW_AUDIO, energy_speech, raw_waveforms, silero_speech
 
 MEL_PER_TOKEN = 4  # conv2 stride 2 x average pooling stride 2
 SAMPLES_PER_TOKEN = 640  # 4 mel frames x hop 160 at 16 kHz: 40 ms per audio token
@@ -204,4 +204,4 @@ class Qwen2AudioAdapter(LLMAccess, Adapter):
             input_ids, sizes, owners = short
             if ids is not None and not torch.equal(ids, input_ids):
                 return []
-        return placeholder_items(input_ids, self.audio_token_id, sizes, owners, "audio", [[(1, n)] for n in sizes])
+        return placeholder_items(input_ids, self.audio_token_id, sizes, owners, "audio", [L.audio(n) for n in sizes])

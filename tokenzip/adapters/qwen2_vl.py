@@ -45,7 +45,6 @@ Design:
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import torch
@@ -53,11 +52,11 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.vision_utils import get_vision_window_index
 
 from .. import layout as L
-from .. import timing
 from ..compat import cache_from
 from ..llm.adapter import LLMAccess
 from ..output import CompressOutput
 from . import positions as P
+from .attention import block_signals
 from .base import Adapter, Item, ModelParts
 from .placeholders import (
     image_llm_items,
@@ -73,8 +72,9 @@ from .placeholders import (
 
 class _LastBlockProbe:
     """Forward pre-hook on the last vision block's attention: captures its input, segments and rotary embedding and
-    computes per-patch ``cls_attention`` (attention received, summed over heads and queries) and pre-rotary ``keys``
-    (mean over heads), in the order the block sees the patches."""
+    computes per-patch ``cls_attention`` (attention received, summed over the queries of its segment, mean over
+    heads) and pre-rotary ``keys`` (mean over heads), in the order the block sees the patches
+    (:func:`tokenzip.adapters.attention.block_signals`)."""
 
     def __init__(self, attn: torch.nn.Module, needs: frozenset[str], chunk: int = 1024):
         self.attn = attn
@@ -88,27 +88,11 @@ class _LastBlockProbe:
         self.calls += 1
         x = args[0] if args else kwargs["hidden_states"]
         cu = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
-        cos, sin = kwargs.get("position_embeddings", args[2] if len(args) > 2 else None)
-        with torch.no_grad(), timing.span("signals"):
-            n = x.shape[0]
-            h = int(module.num_heads)
-            q, k, _ = module.qkv(x).reshape(n, 3, h, -1).permute(1, 0, 2, 3).unbind(0)  # [N, H, d]
-            if "keys" in self.needs:
-                self.keys = k.float().mean(dim=1)
-            if "cls_attention" in self.needs:
-                rotary = sys.modules[type(module).__module__].apply_rotary_pos_emb_vision
-                q, k = rotary(q, k, cos, sin)
-                q = q.float().transpose(0, 1)  # [H, N, d]
-                k = k.float().transpose(0, 1)
-                scale = float(module.scaling)
-                received = torch.zeros(n, dtype=torch.float32, device=x.device)
-                bounds = cu.tolist()
-                for s, e in zip(bounds[:-1], bounds[1:]):  # the block's own attention segments
-                    ks = k[:, s:e]
-                    for c in range(s, e, self.chunk):
-                        att = torch.softmax(q[:, c: min(c + self.chunk, e)] @ ks.transpose(-1, -2) * scale, dim=-1)
-                        received[s:e] += att.sum(dim=(0, 1))
-                self.received = received / h
+        pe = kwargs.get("position_embeddings", args[2] if len(args) > 2 else None)
+        with torch.no_grad():
+            out = block_signals(module, x, self.needs, pe, cu.tolist(), self.chunk)
+        self.keys = out.get("keys")
+        self.received = out.get("cls_attention")
 
 
 class Qwen2VLAdapter(LLMAccess, Adapter):

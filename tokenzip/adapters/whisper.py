@@ -2,8 +2,10 @@
 (stage ``pre_llm``), or its hidden states between two encoder layers (stage ``encoder``, ``tz.InEncoder``).
 
 One item per batch row: the encoder's ``N = max_source_positions`` frames (1,500 for a 30 s window, 20 ms each),
-layout ``[(1, N)]``. The adapter runs the encoder itself (up to the cut for the encoder stage, then the remaining
-layers on the compressed frames), the method compresses each row, and while the patched call runs the encoder's
+layout ``[(1, N)]``. The adapter runs the encoder itself — for the encoder stage on the generic encoder runner
+(:mod:`tokenzip.encoder`; :meth:`WhisperAdapter.encoder_spec` only says where Whisper keeps its convolution stem,
+positions, layers and final norm): up to the cut (or through every cut of a schedule), then the remaining layers on
+the compressed frames — the method compresses each row, and while the patched call runs the encoder's
 ``forward`` is substituted: called on the call's own ``input_features`` rows it returns their compressed frames
 (rows matched by value). So the original ``forward()``/``generate()`` get the caller's ``input_features`` unchanged
 and all of Whisper's own generate() logic runs as usual — including the temperature fallback
@@ -38,93 +40,17 @@ passed to the model); otherwise, or when ``silero-vad`` is not installed, from t
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
-import numpy as np
 import torch
 from transformers.modeling_outputs import BaseModelOutput
 
 from .. import layout as L
+from ..encoder import EncoderRunner, EncoderSpec, MergedTokens, schedule_counts
 from ..output import CompressOutput
 from .base import Adapter, Item, ModelParts
 from .probe import probe
-
-SAMPLING_RATE = 16000
-RAW_AUDIO = "raw_audio"
-
-
-@functools.lru_cache(maxsize=1)
-def _silero() -> Any:
-    """The Silero VAD model (ONNX through onnxruntime, ~40x faster on CPU than its TorchScript twin, which is the
-    second choice), or ``None`` when the package is missing (importing it sets torch's thread count to 1; we restore
-    it)."""
-    threads = torch.get_num_threads()
-    try:
-        from silero_vad import load_silero_vad
-    except Exception:  # missing package: energy fallback
-        torch.set_num_threads(threads)
-        return None
-    try:
-        for onnx in (True, False):
-            try:
-                return load_silero_vad(onnx=onnx)
-            except Exception:
-                continue
-        return None
-    finally:
-        torch.set_num_threads(threads)
-
-
-def silero_speech(wave: Any, n_frames: int, frame_samples: int = 320) -> torch.Tensor | None:
-    """Silero's speech probability for each of ``n_frames`` encoder frames (``frame_samples`` samples each) of a
-    16 kHz mono waveform; frames past the end of the audio (padding) get 0. ``None`` when Silero is unavailable."""
-    model = _silero()
-    if model is None:
-        return None
-    x = torch.as_tensor(np.asarray(wave, dtype=np.float32)).flatten()
-    if x.numel() == 0 or not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{RAW_AUDIO}: every waveform must be non-empty and finite")
-    with torch.no_grad():
-        probs = model.audio_forward(x.unsqueeze(0), SAMPLING_RATE)[0].float()  # one per 512 samples (32 ms)
-    model.reset_states()
-    centers = torch.arange(n_frames, dtype=torch.float64) * frame_samples + frame_samples / 2
-    chunk = (centers // 512).long().clamp(max=probs.numel() - 1)
-    out = probs[chunk]
-    out[centers >= x.numel()] = 0.0
-    return out
-
-
-def energy_speech(features: torch.Tensor, n_frames: int, margin: float = 0.5, width: float = 0.12) -> torch.Tensor:
-    """Energy-based speech score in [0, 1] per encoder frame from Whisper log-mel ``features`` ``[mel, T]``.
-
-    Whisper's features are ``(max(log10 mel, peak - 8) + 4) / 4``, so 0.5 unit is 20 dB. A frame's level is the
-    mean over mel bins of its (two) feature frames; the score is a sigmoid centred ``margin`` units (20 dB) below
-    the clip's loud level (95th percentile), i.e. frames more than ~20 dB under the speech level count as silence.
-    Padding sits at the floor and scores ~0.
-    """
-    level = features.float().mean(dim=0)  # [T]
-    per = level.shape[0] // n_frames
-    level = level[: per * n_frames].view(n_frames, per).mean(dim=1)
-    loud = torch.quantile(level, 0.95)
-    return torch.sigmoid((level - (loud - margin)) / width)
-
-
-def raw_waveforms(kwargs: dict[str, Any], count: int, unit: str) -> list[Any] | None:
-    """The tokenzip-only ``raw_audio=`` argument (16 kHz mono waveforms for the VAD signal), validated: one 1-D
-    waveform per ``unit`` (``count`` of them), or None when the call does not pass it."""
-    raw = kwargs.get(RAW_AUDIO)
-    if raw is None:
-        return None
-    if isinstance(raw, torch.Tensor) and raw.dim() == 1:
-        raw = [raw]
-    if len(raw) != count:
-        raise ValueError(f"{RAW_AUDIO} must hold one 16 kHz mono waveform per {unit} ({count}), got {len(raw)}")
-    for i, w in enumerate(raw):
-        if np.asarray(w).ndim != 1:
-            raise ValueError(f"{RAW_AUDIO}[{i}] must be a 1-D 16 kHz mono waveform, got shape "
-                             f"{np.asarray(w).shape}")
-    return list(raw)
+from .speech import RAW_AUDIO, energy_speech, raw_waveforms, silero_speech
 
 
 class WhisperAdapter(Adapter):
@@ -139,18 +65,30 @@ class WhisperAdapter(Adapter):
     def __init__(self, model: torch.nn.Module):
         super().__init__(model)
         self.encoder = model.model.encoder
-        self.cut: int | None = None  # encoder stage: compress the input of encoder layer `cut`; None: the output
+        self.runner: EncoderRunner | None = None  # encoder stage: where to cut; None: compress the output
+        self.step: Any = None  # encoder stage with a schedule: compresses at the cuts before the last one
         self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None  # features, out, bias
+        self._state: MergedTokens | None = None  # encoder stage: the tokens at the last cut, from encode()
         self._bias: torch.Tensor | None = None  # [b, k] log group sizes of the rows the decoder is reading
         self._handles: list[Any] = []
 
-    def set_encoder_layer(self, layer: int) -> None:
-        """Encoder stage: compress the hidden states between encoder layers ``layer - 1`` and ``layer``."""
-        n = len(self.encoder.layers)
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer <= n - 1:
-            raise ValueError(f"layer must be an int in [1, {n - 1}] for this Whisper encoder ({n} layers; compress "
-                             f"its output with the method itself), got {layer!r}")
-        self.cut = layer
+    def encoder_spec(self) -> EncoderSpec:
+        """Where things are in Whisper's encoder, for the generic encoder runner."""
+        return EncoderSpec(embed=self._embed, layers=self.encoder.layers, run_layer=_run_layer,
+                           final_norm=self.encoder.layer_norm, attention=_self_attention)
+
+    def set_encoder_layer(self, layer: int | tuple[int, ...], step: Any = None) -> None:
+        """Encoder stage: compress the hidden states between encoder layers ``layer - 1`` and ``layer``, or after
+        each layer count of an increasing tuple (a schedule; ``step`` compresses at the cuts before the last)."""
+        runner = EncoderRunner(self.encoder_spec(), layer)  # ValueError naming the valid layers
+        if len(runner.cuts) > 1 and step is None:
+            raise ValueError("a schedule of encoder cuts needs a compression step for the intermediate cuts")
+        self.runner, self.step = runner, step
+
+    @property
+    def cut(self) -> int | None:
+        """The (last) cut of the encoder stage, None when compressing the encoder's output."""
+        return None if self.runner is None else self.runner.cuts[-1]
 
     # ---- proportional attention ---------------------------------------------------------------------------------
     def _cross_attention_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -170,7 +108,10 @@ class WhisperAdapter(Adapter):
             src = out.source[0]
             k = out.tokens.shape[1]
             sizes.append(torch.zeros(k, device=src.device).scatter_add_(0, src.clamp(min=0), (src >= 0).float()))
-        size = torch.stack(sizes).clamp(min=1)
+        return self._bias_of_sizes(torch.stack(sizes))
+
+    def _bias_of_sizes(self, size: torch.Tensor) -> torch.Tensor | None:
+        size = size.clamp(min=1)
         if not self.proportional_attention or not bool((size > 1).any()):
             return None
         return size.log()
@@ -210,6 +151,7 @@ class WhisperAdapter(Adapter):
     def release(self) -> None:
         """The compressed call is over: the encoder computes from scratch again (called by the patch)."""
         self._pending = None
+        self._state = None
         self._bias = None
 
     def close(self) -> None:
@@ -257,24 +199,56 @@ class WhisperAdapter(Adapter):
         b = feats.shape[0]
         raw = self._raw_audio(kwargs, b)
         x = feats.to(self.encoder.conv1.weight.dtype)
-        if self.cut is None:  # the output: the signals come from the last layer, which made the tokens
+        speech = self._speech(feats, raw, needs)
+        if self.runner is None:  # the output: the signals come from the last layer, which made the tokens
             with probe(self.encoder.layers[-1].self_attn, needs, None) as p:
                 hidden = self.encoder(x, return_dict=True).last_hidden_state
-        else:  # the input of layer `cut`: the signals come from layer `cut - 1`, which made it
-            hidden = self._embed(x)
-            *before, last = self.encoder.layers[: self.cut]
-            for layer in before:
-                hidden = _layer_out(layer(hidden, None))
-            with probe(last.self_attn, needs, None) as p:
-                hidden = _layer_out(last(hidden, None))
+            return self._items(hidden, p.results, speech, hidden.shape[1])
+        runner = self.runner
+        state = MergedTokens.start(runner.embed(x))
+        start, counts = 0, None
+        for j, cut in enumerate(runner.cuts):  # the signals at a cut come from layer `cut - 1`, which made them
+            mask = state.attention_bias() if self.proportional_attention else None
+            hidden = runner.run(state.hidden, start, cut - 1, mask)
+            with probe(runner.span_attention(cut), needs, None) as p:
+                hidden = runner.run(hidden, cut - 1, cut, mask)
+            state = MergedTokens(hidden, state.size, state.source)
+            if j == len(runner.cuts) - 1:
+                break
+            n = state.source.shape[1]
+            counts = counts or schedule_counts(n, self.step.count(n), len(runner.cuts))
+            items = self._items(hidden, p.results, _per_token(speech, state), n)
+            state = state.after([self.step(it.tokens.unsqueeze(0), counts[j], it.grid,
+                                           {name: t.unsqueeze(0) for name, t in it.signals.items()})
+                                 for it in items])
+            start = cut
+        self._state = state
+        items = self._items(state.hidden, p.results, _per_token(speech, state), state.source.shape[1])
+        if counts is not None:  # a schedule: the last cut reaches the budget of the encoder's frames
+            for it in items:
+                it.extra["k"] = counts[-1]
+        return items
+
+    def _speech(self, feats: torch.Tensor, raw: list[Any] | None, needs: frozenset[str]) -> list[torch.Tensor] | None:
+        """Per encoder frame speech probability of each row (Silero on ``raw_audio``, else the log-mel energy)."""
+        if "speech" not in needs:
+            return None
+        n = self.model.config.max_source_positions
+        out = []
+        for i in range(feats.shape[0]):
+            speech = silero_speech(raw[i], n) if raw is not None else None
+            out.append(speech if speech is not None else energy_speech(feats[i], n))
+        return out
+
+    def _items(self, hidden: torch.Tensor, attention: dict[str, torch.Tensor], speech: list[torch.Tensor] | None,
+               n_in: int) -> list[Item]:
         n = hidden.shape[1]
         items = []
-        for i in range(b):
-            sig = {name: t[i] for name, t in p.results.items()}
-            if "speech" in needs:
-                speech = silero_speech(raw[i], n) if raw is not None else None
-                sig["speech"] = (speech if speech is not None else energy_speech(feats[i], n)).to(hidden.device)
-            items.append(Item("audio", i, hidden[i], L.audio(n), sig))
+        for i in range(hidden.shape[0]):
+            sig = {name: t[i] for name, t in attention.items()}
+            if speech is not None:
+                sig["speech"] = speech[i].to(hidden.device)
+            items.append(Item("audio", i, hidden[i], L.audio(n), sig, extra={"tokens_in": n_in}))
         return items
 
     @torch.no_grad()
@@ -283,13 +257,13 @@ class WhisperAdapter(Adapter):
         if len(counts) != 1:
             raise RuntimeError(f"Whisper's decoder cannot mask encoder frames, but rows were compressed to different "
                                f"counts {sorted(counts)}")
-        hidden = torch.cat([out.tokens for out in outputs], dim=0)
-        bias = self._bias_of(outputs)
-        if self.cut is not None:  # the rest of the encoder runs on the compressed frames
-            mask = None if bias is None else _add_bias(None, bias, hidden)
-            for layer in self.encoder.layers[self.cut:]:
-                hidden = _layer_out(layer(hidden, mask))
-            hidden = self.encoder.layer_norm(hidden)
+        if self.runner is None:
+            hidden = torch.cat([out.tokens for out in outputs], dim=0)
+            bias = self._bias_of(outputs)
+        else:  # the rest of the encoder runs on the compressed frames, with proportional attention
+            state = (self._state or MergedTokens.start(torch.stack([it.tokens for it in items]))).after(outputs)
+            hidden = self.runner.finish(state, proportional=self.proportional_attention)
+            bias = self._bias_of_sizes(state.size)
         self._install()
         self._pending = (kwargs["input_features"], hidden, bias)  # the encoder substitution hands these out
         new = dict(kwargs)
@@ -298,8 +272,29 @@ class WhisperAdapter(Adapter):
         return new
 
 
-def _layer_out(out: Any) -> torch.Tensor:
+def _run_layer(layer: torch.nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """One WhisperEncoderLayer; ``mask`` is added to its self-attention logits (SDPA and eager alike)."""
+    out = layer(hidden, mask)
     return out[0] if isinstance(out, tuple) else out
+
+
+def _self_attention(layer: torch.nn.Module) -> torch.nn.Module:
+    return layer.self_attn
+
+
+def _per_token(frames: list[torch.Tensor] | None, state: MergedTokens) -> list[torch.Tensor] | None:
+    """A per-frame signal (speech) as the mean over the frames each current token stands for."""
+    if frames is None:
+        return None
+    if state.hidden.shape[1] == state.source.shape[1] and bool((state.size == 1).all()):
+        return frames
+    out = []
+    for i, f in enumerate(frames):
+        src = state.source[i].to(f.device)
+        total = torch.zeros(state.hidden.shape[1], device=f.device).index_add_(
+            0, src.clamp(min=0), torch.where(src >= 0, f.float(), 0.0))
+        out.append(total / state.size[i].to(f.device).clamp(min=1))
+    return out
 
 
 def _add_bias(mask: torch.Tensor | None, bias: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from .. import ops
 from ..base import Compressor, MethodInfo
@@ -49,30 +48,18 @@ class ToMe(Compressor):
         n = metric.shape[0]
         dev = metric.device
         group = torch.arange(n, device=dev)  # input token -> current slot
-        msum = metric.clone()
+        msum = metric.clone()  # per slot: the sum of its members' metric rows (size-weighted mean * size)
         size = torch.ones(n, device=dev)
         while msum.shape[0] > k:
             cur = msum.shape[0]
             r = min(cur - k, cur // 2)
-            a = torch.arange(0, cur, 2, device=dev)
-            bb = torch.arange(1, cur, 2, device=dev)
-            m = F.normalize(msum / size.unsqueeze(-1), dim=-1)
-            scores = m[a] @ m[bb].T
-            best, partner = scores.max(dim=-1)  # ties: the earliest B token
-            merged = torch.sort(best, descending=True, stable=True).indices[:r]  # ties: the earliest A token
-            dest = torch.arange(cur, device=dev)
-            dest[a[merged]] = bb[partner[merged]]
-            msum = torch.zeros_like(msum).index_add_(0, dest, msum)
-            size = torch.zeros_like(size).index_add_(0, dest, size)
-            alive = torch.ones(cur, dtype=torch.bool, device=dev)
-            alive[a[merged]] = False
+            merge, unmerge = ops.bipartite_soft_matching((msum / size.unsqueeze(-1)).unsqueeze(0), r)
+            slot = ops.merge_source(unmerge, group.unsqueeze(0), cur - r)[0]  # input token -> merged slot
             # slots stay ordered by their first input position: a B slot absorbing an earlier A slot moves up
-            first = torch.full((cur,), n, dtype=torch.long, device=dev)
-            first = first.scatter_reduce(0, dest[group], torch.arange(n, device=dev), reduce="amin")
-            survivors = alive.nonzero().flatten()
-            survivors = survivors[torch.sort(first[survivors], stable=True).indices]
-            new_slot = torch.full((cur,), -1, dtype=torch.long, device=dev)
-            new_slot[survivors] = torch.arange(survivors.shape[0], device=dev)
-            group = new_slot[dest[group]]
-            msum, size = msum[survivors], size[survivors]
+            first = torch.full((cur - r,), n, dtype=torch.long, device=dev)
+            first = first.scatter_reduce(0, slot, torch.arange(n, device=dev), reduce="amin")
+            order = torch.sort(first, stable=True).indices
+            group = torch.argsort(order)[slot]
+            msum = merge(msum.unsqueeze(0))[0][order]
+            size = merge(size.unsqueeze(0))[0][order]
         return group

@@ -1,0 +1,157 @@
+"""Run any transformer encoder's layers with token compression between them (stage ``"encoder"``).
+
+An adapter describes its encoder once (:class:`EncoderSpec`); the runner knows nothing else about the model. It runs
+the layers up to a cut, hands the hidden states to a compression step, and runs the next layers on the kept/merged
+tokens, carrying each token's ``size`` (how many input tokens it stands for) and ``source`` (which output slot each
+input token went to, ToMe's source tracking) across cuts. Layers after a merge get ToMe's proportional attention
+("Token Merging: Your ViT But Faster", Bolya et al., arXiv:2210.09461): ``log(size)`` of each key is added to the
+attention logits, passed to the layer as an additive float mask ``[B, 1, 1, n]`` — the form SDPA takes, so the
+model keeps its attention kernel.
+
+One cut (``cuts=(L,)``) compresses between layers ``L - 1`` and ``L``. A schedule (``cuts=(l1, l2, ...)``, increasing)
+compresses after each listed layer count, ToMe/AuroraCap style; the counts to reach come from
+:func:`schedule_counts` (a constant keep ratio from ``N`` to the budget, exactly the budget at the last cut).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .. import ops
+from ..output import CompressOutput
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """What an adapter tells the runner about its encoder.
+
+    embed:      model input -> the first layer's input hidden states ``[B, N, D]``
+    layers:     the transformer layers, in order
+    run_layer:  ``(layer, hidden, mask)`` -> the layer's output hidden states; ``mask`` is None or an additive float
+                attention mask ``[B, 1, 1, n]`` (proportional attention) the layer must add to its logits
+    final_norm: applied after the last layer (None: none)
+    attention:  layer -> the module whose input and q/k projections give that layer's attention signals
+    """
+
+    embed: Callable[[torch.Tensor], torch.Tensor]
+    layers: Sequence[torch.nn.Module]
+    run_layer: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor | None], torch.Tensor]
+    final_norm: torch.nn.Module | None = None
+    attention: Callable[[torch.nn.Module], torch.nn.Module] = lambda layer: layer.self_attn
+
+
+@dataclass(frozen=True)
+class CompressStep:
+    """The compression a schedule applies at its cuts before the last (the last goes through the patch as usual):
+    ``compress(tokens [1, n, D], k, layout, signals) -> CompressOutput`` and ``count(n)``, the budget for ``n``
+    input tokens (the count the encoder's output must have)."""
+
+    compress: Callable[[torch.Tensor, int, ops.Layout, dict[str, torch.Tensor]], CompressOutput]
+    count: Callable[[int], int]
+
+    def __call__(self, tokens: torch.Tensor, k: int, layout: ops.Layout,
+                 signals: dict[str, torch.Tensor]) -> CompressOutput:
+        return self.compress(tokens, k, layout, signals)
+
+
+def check_cuts(cuts: int | Sequence[int], num_layers: int) -> tuple[int, ...]:
+    """``cuts`` as an increasing tuple of layer counts in ``[1, num_layers - 1]`` (a ValueError names the range)."""
+    seq = (cuts,) if isinstance(cuts, int) and not isinstance(cuts, bool) else cuts
+    ok = isinstance(seq, (tuple, list)) and len(seq) > 0 and all(
+        isinstance(c, int) and not isinstance(c, bool) and 1 <= c <= num_layers - 1 for c in seq)
+    if not ok or list(seq) != sorted(set(seq)):
+        raise ValueError(f"layer must be an int in [1, {num_layers - 1}] or an increasing sequence of such ints for "
+                         f"this encoder ({num_layers} layers; compress its output with the method itself), got "
+                         f"{cuts!r}")
+    return tuple(seq)
+
+
+def schedule_counts(n: int, k: int, cuts: int) -> list[int]:
+    """Token counts after each of ``cuts`` compression steps going from ``n`` to exactly ``k`` with a constant keep
+    ratio ``(k / n) ** (1 / cuts)`` (rounded half up, non-increasing, never below ``k``, last == ``k``)."""
+    if cuts < 1:
+        raise ValueError(f"cuts must be >= 1, got {cuts}")
+    if k >= n:
+        return [n] * cuts
+    ratio = (k / n) ** (1.0 / cuts)
+    out, prev = [], n
+    for s in range(1, cuts):
+        prev = min(prev, max(k, math.floor(n * ratio ** s + 0.5)))
+        out.append(prev)
+    return out + [k]
+
+
+@dataclass
+class MergedTokens:
+    """Hidden states ``[B, n, D]`` between encoder layers, with ``size`` ``[B, n]`` (input tokens per token, float)
+    and ``source`` ``[B, N]`` (each input token's slot, -1 when dropped)."""
+
+    hidden: torch.Tensor
+    size: torch.Tensor
+    source: torch.Tensor
+
+    @classmethod
+    def start(cls, hidden: torch.Tensor) -> "MergedTokens":
+        b, n, _ = hidden.shape
+        return cls(hidden, torch.ones(b, n, device=hidden.device),
+                   torch.arange(n, device=hidden.device).expand(b, -1).clone())
+
+    def after(self, outputs: Sequence[CompressOutput]) -> "MergedTokens":
+        """The state after one compression step (one ``[1, k, D]`` output per batch row, equal ``k``). A group of
+        more than one token that already carries sizes is re-averaged with them (ToMe's ``merge_wavg``), so a token
+        standing for ``s`` inputs counts ``s`` times; groups of one keep the method's token."""
+        counts = {out.tokens.shape[1] for out in outputs}
+        if len(counts) != 1:
+            raise RuntimeError(f"encoder rows were compressed to different counts {sorted(counts)}")
+        hidden = torch.cat([out.tokens for out in outputs], dim=0)
+        step = torch.cat([out.source for out in outputs], dim=0)  # [B, n] current slot -> new slot
+        size = ops.merged_size(step, hidden.shape[1], self.size)
+        if bool((self.size != 1).any()):
+            members = ops.merged_size(step, hidden.shape[1])
+            wavg = ops.merge(self.hidden, step, hidden.shape[1], weights=self.size).tokens
+            # ops.merge orders groups by first member; put them back in the method's slot order
+            first = torch.full(hidden.shape[:2], step.shape[1], dtype=torch.long, device=step.device)
+            first = first.scatter_reduce(1, step.clamp(min=0), torch.where(
+                step >= 0, torch.arange(step.shape[1], device=step.device), step.shape[1]), reduce="amin")
+            rank = torch.argsort(torch.argsort(first, dim=-1), dim=-1)
+            wavg = torch.gather(wavg, 1, rank.unsqueeze(-1).expand_as(wavg))
+            hidden = torch.where((members > 1).unsqueeze(-1), wavg.to(hidden.dtype), hidden)
+        return MergedTokens(hidden, size, ops.compose_source(self.source, step))
+
+    def attention_bias(self) -> torch.Tensor | None:
+        """``[B, 1, 1, n]`` additive mask ``log(size)`` (proportional attention), None when every size is 1."""
+        if not bool((self.size != 1).any()):
+            return None
+        return ops.size_bias(self.size).to(self.hidden.dtype)
+
+
+class EncoderRunner:
+    """Runs the layers of an :class:`EncoderSpec` in spans, between cuts."""
+
+    def __init__(self, spec: EncoderSpec, cuts: int | Sequence[int]):
+        self.spec = spec
+        self.cuts = check_cuts(cuts, len(spec.layers))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.spec.embed(x)
+
+    def span_attention(self, stop: int) -> torch.nn.Module:
+        """The attention module of layer ``stop - 1``: the one that made the tokens a cut after ``stop`` sees."""
+        return self.spec.attention(self.spec.layers[stop - 1])
+
+    def run(self, hidden: torch.Tensor, start: int, stop: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Layers ``start`` ... ``stop - 1`` on ``hidden`` with the additive attention ``mask`` (or None)."""
+        for layer in self.spec.layers[start:stop]:
+            hidden = self.spec.run_layer(layer, hidden, mask)
+        return hidden
+
+    def finish(self, state: MergedTokens, proportional: bool = True) -> torch.Tensor:
+        """The layers after the last cut (with proportional attention unless ``proportional`` is False) and the
+        final norm."""
+        mask = state.attention_bias() if proportional else None
+        hidden = self.run(state.hidden, self.cuts[-1], len(self.spec.layers), mask)
+        return hidden if self.spec.final_norm is None else self.spec.final_norm(hidden)
