@@ -55,6 +55,12 @@ class Compressor:
         self.budget = Budget(retain=self.retain, tokens=self.tokens)
         self.last_stats: list[dict[str, ModalityStats]] = []
 
+    def signals_needed(self) -> frozenset[str]:
+        """The signals to compute for this configured instance: ``requires`` + ``optional``. The one place that
+        says it (the patch, the LLM stage, the preview and the bench all ask here). Signals cost time (LLM stage:
+        text-row attention is ``[B, H, T, W]``), so a configuration that does not use one must not declare it."""
+        return frozenset(self.requires) | frozenset(self.optional)
+
     # ---- tensor level -------------------------------------------------------------------------------------------
     def compress(self, tokens: torch.Tensor, *, grid: Any = None, k: int | None = None,
                  **signals: torch.Tensor) -> CompressOutput:

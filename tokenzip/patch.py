@@ -147,7 +147,7 @@ class Patch:
         c = self.pre
         if c is None or not self.adapter.has_media(kwargs):
             return kwargs
-        needs = frozenset(c.requires) | frozenset(c.optional)
+        needs = c.signals_needed()
         items = self.adapter.encode(kwargs, needs)
         outputs: list[CompressOutput] = []
         per_sample: list[list[ItemStats]] = [[] for _ in range(self.adapter.batch_size(kwargs))]

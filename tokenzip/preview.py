@@ -65,7 +65,7 @@ def kept_items(compressor: Compressor | Composed | Sequence[Compressor | Compose
         with torch.no_grad():
             if shared:
                 adapter = shared[0].adapter
-                needs = frozenset().union(*(set(p.pre.requires) | set(p.pre.optional) for p in shared))
+                needs = frozenset().union(*(p.pre.signals_needed() for p in shared))
                 encoded = _EncodedOnce(adapter, adapter.encode(dict(inputs), needs))
                 for p in shared:
                     p.adapter = encoded

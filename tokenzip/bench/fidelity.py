@@ -185,9 +185,9 @@ def run_fidelity(names: Sequence[str] | None, retains: Sequence[float], *, n_ima
 
         mine = tqdm(mine, desc="dinov2 fidelity", unit="method")
     for cls in mine:
-        needs = set(cls.requires) | set(cls.optional)
         for r in retains:
             comp = cls(retain=float(r))
+            needs = comp.signals_needed()
             pooled = []
             for i in range(tokens.shape[0]):  # one image at a time, as the adapters call methods
                 sig = {k: v[i: i + 1] for k, v in signals.items() if k in needs}

@@ -57,12 +57,6 @@ class LLMCompressor(Compressor):
     def schedule(self, n: int, num_layers: int) -> list[tuple[int, int]]:
         raise NotImplementedError
 
-    def signals_needed(self) -> frozenset[str]:
-        """The signals the LLM stage must compute for this configuration: ``requires`` + ``optional`` of this
-        instance (a method whose needs depend on a field, like FastV's ``score``, makes ``requires`` a property).
-        Text-row attention costs ``[B, H, T, W]``: configurations that do not use it must not declare it."""
-        return frozenset(self.requires) | frozenset(self.optional)
-
     def adapt(self, k: int, m: int, final: int, signals: dict) -> int:
         """The count for a non-final stage, given the planned ``k``, the ``m`` tokens left and the ``final`` count;
         methods with input-dependent (adaptive) ratios override it. The result is clamped to ``[final, m]``."""
