@@ -6,7 +6,7 @@ from test_llm_stage import _logits  # the same stock forward with mask-derived p
 
 import tokenzip as tz
 from tokenzip.adapters import adapter_for
-from tokenzip.adapters.whisper import energy_speech
+from tokenzip.adapters.speech import energy_speech
 from tokenzip.methods.speechprune import SpeechPrune
 from tokenzip.testing import (
     CASES,
@@ -176,7 +176,7 @@ def test_raw_audio_gives_silero_speech_and_is_consumed():
     """``raw_audio`` (one 16 kHz waveform per clip) -> Silero VAD per 40 ms token; never reaches the model."""
     import numpy as np
 
-    from tokenzip.adapters.whisper import silero_speech
+    from tokenzip.adapters.speech import silero_speech
 
     model = built(CASE)
     inputs = _inputs(model)

@@ -11,8 +11,6 @@ import torch
 
 from .attention import attention_signals
 
-__all__ = ["AttentionProbe", "attention_signals", "probe"]
-
 
 class AttentionProbe:
     def __init__(self, attn: torch.nn.Module, needs: frozenset[str], cls_index: int | None):
@@ -23,7 +21,7 @@ class AttentionProbe:
 
     def _hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         x = args[0] if args else kwargs["hidden_states"]
-        with torch.no_grad():  # looked up here at call time, so a benchmark can time it (bench.instrument)
+        with torch.no_grad():  # attention_signals marks its work with timing.span("signals")
             self.results.update(attention_signals(module, x, self.needs, self.cls_index))
 
 

@@ -43,6 +43,7 @@ import torch
 from .. import layout as L
 from ..llm.adapter import LLMAccess, placeholder_items
 from ..output import CompressOutput
+from .attention import attention_signals
 from .base import Adapter, Item, ModelParts
 from .placeholders import (
     items_per_sample,
@@ -52,7 +53,6 @@ from .placeholders import (
     shrink_sequences,
     text_signals,
 )
-from .probe import attention_signals
 from .speech import RAW_AUDIO, energy_speech, raw_waveforms, silero_speech
 
 MEL_PER_TOKEN = 4  # conv2 stride 2 x average pooling stride 2

