@@ -17,10 +17,9 @@ def built(case: str, attn: str = "sdpa") -> torch.nn.Module:
 def compatible(method_cls, case) -> bool:
     """Whether the case's adapter takes the method: its stage, a shared modality, and every required signal."""
     info = method_cls.info
-    stage = "pre_llm" if info.stage == "encoder" else info.stage
     needs = set(method_cls(retain=1.0).requires)  # a configured instance: requirements may depend on fields
     return (info.stage in case.stages and bool(set(info.modalities) & set(case.modalities))
-            and needs <= case.produces(stage))
+            and needs <= case.produces(info.stage))
 
 
 class InEncoderEntry:
@@ -34,8 +33,8 @@ class InEncoderEntry:
         return tz.InEncoder(self.cls(**budget), layer=self.layer)
 
 
-# every pre-LLM method that can compress audio, also inside the (2-layer) tiny encoders, cut after layer 1
-ENCODER_STAGE = [InEncoderEntry(m) for m in tz.METHODS if m.info.stage == "pre_llm" and "audio" in m.info.modalities]
+# every pre-LLM method, also inside the encoder of every adapter with stage "encoder", cut after layer 1
+ENCODER_STAGE = [InEncoderEntry(m) for m in tz.METHODS if m.info.stage == "pre_llm"]
 
 
 def method_case_pairs():

@@ -11,7 +11,7 @@ import torch
 from . import ops
 from .adapters import adapter_for
 from .base import Compressor
-from .llm.hooks import PRODUCED_SIGNALS, LLMRunner
+from .llm.hooks import LLMRunner
 from .output import CompressOutput, ItemStats, summarize
 
 
@@ -34,7 +34,7 @@ class Patch:
             if not mods:
                 raise TypeError(f"{part.info.name} compresses {list(part.info.modalities)}; "
                                 f"{type(model).__name__} has {list(self.adapter.modalities)}")
-            produced = PRODUCED_SIGNALS if stage == "llm" else self.adapter.signals
+            produced = self.adapter.produces(stage)
             missing = sorted(set(part.requires) - produced)
             if missing:
                 raise TypeError(f"{part.info.name} requires signals {missing}, which {type(self.adapter).__name__} "

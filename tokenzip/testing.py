@@ -12,7 +12,6 @@ import torch
 
 from .adapters import LlavaAdapter, LlavaOnevisionAdapter, Qwen2AudioAdapter, Qwen2VLAdapter, WhisperAdapter
 from .adapters.base import Adapter
-from .llm.hooks import PRODUCED_SIGNALS
 
 IMAGE_TOKEN = 100
 PAD = 0
@@ -75,7 +74,7 @@ class Case:
 
     def produces(self, stage: str) -> frozenset[str]:
         """The signals a method at ``stage`` can get on this case's model."""
-        return PRODUCED_SIGNALS if stage == "llm" else self.adapter.signals
+        return self.adapter.produces(stage)
 
 
 def left_pad(rows: list[list[int]], pad: int = PAD) -> tuple[torch.Tensor, torch.Tensor]:

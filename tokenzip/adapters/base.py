@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..llm.hooks import PRODUCED_SIGNALS
 from ..ops import Layout
 from ..output import CompressOutput
 
@@ -63,6 +64,17 @@ class Adapter(ABC):
     # the signals (tokenzip/signals.py) ``encode`` can compute for a method before the LLM (and, with stage
     # "encoder", between encoder layers); installing a method that requires another one is a TypeError
     signals: ClassVar[frozenset[str]] = frozenset()
+    # what ``encode`` can compute between encoder layers (stage "encoder"), when that differs from ``signals``
+    encoder_signals: ClassVar[frozenset[str] | None] = None
+
+    @classmethod
+    def produces(cls, stage: str) -> frozenset[str]:
+        """The signals a method at ``stage`` can get on this model (stage "llm": the LLM stage's own)."""
+        if stage == "llm":
+            return PRODUCED_SIGNALS
+        if stage == "encoder" and cls.encoder_signals is not None:
+            return cls.encoder_signals
+        return cls.signals
 
     def __init__(self, model: torch.nn.Module):
         self.model = model

@@ -14,6 +14,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .. import layout as L
+from ..encoder import EncoderRunner, EncoderSpec, MergedTokens
 from ..llm.adapter import LLMAccess
 from ..output import CompressOutput
 from .base import Adapter, Item, ModelParts
@@ -27,7 +28,13 @@ from .placeholders import (
     text_signals,
 )
 from .probe import probe
-from .vision import encoder_layers, has_cls_token, signal_layer
+from .vision import attention_module, encoder_layers, has_cls_token, signal_layer
+
+
+def _run_vit_layer(layer: torch.nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """One ViT block (CLIP / DINOv2 layer); ``mask`` is added to its self-attention logits (SDPA and eager alike)."""
+    out = layer(hidden, mask)
+    return out[0] if isinstance(out, tuple) else out
 
 
 class LlavaFamily(LLMAccess, Adapter):
@@ -80,7 +87,72 @@ class LlavaFamily(LLMAccess, Adapter):
 
 
 class LlavaAdapter(LlavaFamily):
+    """LLaVA-1.5. Stage "encoder" (``tz.InEncoder(method, layer=L)``): the vision tower's embedding and layers
+    ``0..L-1`` run, the method compresses the patch tokens that leave layer ``L-1`` (signals from that layer's
+    attention; the [CLS] token is not a candidate: it stays, as the attention hub ViT layers rely on), and the layers
+    from ``L`` up to the one whose output the LLM reads (``vision_feature_layer``, -2 by default) run on [CLS] + the
+    kept/merged tokens with proportional attention (``log`` size as an additive mask, SDPA-safe). Layers after the
+    feature layer are not run at all (their output is never read). Supported for a single integer feature layer
+    with the "default" select strategy (the [CLS] token is not a feature) on towers with a [CLS] token; a budget
+    counts the tokens that reach the LLM, as before. ``projected`` is not available inside the encoder (the
+    projector expects feature-layer tokens), so methods that require it are refused at that stage."""
+
     model_classes = ("LlavaForConditionalGeneration",)
+    stages = ("pre_llm", "encoder", "llm")
+    encoder_signals = frozenset({"cls_attention", "keys", "text", "text_mask"})
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__(model)
+        self.runner: EncoderRunner | None = None
+        self._cls: torch.Tensor | None = None  # [B, 1, D] the [CLS] hidden state at the cut, per call
+
+    # ---- stage "encoder" ----------------------------------------------------------------------------------------
+    def set_encoder_layer(self, layer: int | tuple[int, ...], step: Any = None) -> None:
+        cfg = self.model.config
+        tower = self.core.vision_tower
+        if not isinstance(layer, int) or isinstance(layer, bool):
+            raise ValueError(f"LLaVA's encoder stage takes one cut, layer=<int>; got {layer!r} (schedules are "
+                             f"supported on Whisper)")
+        if not isinstance(cfg.vision_feature_layer, int) or cfg.vision_feature_select_strategy != "default":
+            raise ValueError("LLaVA's encoder stage needs one integer vision_feature_layer and the 'default' select "
+                             f"strategy; this config has {cfg.vision_feature_layer!r} / "
+                             f"{cfg.vision_feature_select_strategy!r}")
+        if not has_cls_token(tower):
+            raise ValueError(f"LLaVA's encoder stage needs a vision tower with a [CLS] token; "
+                             f"{type(tower).__name__} has none")
+        self.runner = EncoderRunner(self._tower_spec(), layer)  # ValueError naming the valid cuts
+
+    def _tower_spec(self) -> EncoderSpec:
+        """The tower up to the layer whose output the LLM reads (later layers are never read)."""
+        tower = self.core.vision_tower
+        layers = encoder_layers(tower)
+        depth = self.model.config.vision_feature_layer % (len(layers) + 1)
+        pre_norm = getattr(tower, "pre_layrnorm", None)  # CLIP normalises the embeddings; DINOv2 does not
+
+        def embed(pixel_values: torch.Tensor) -> torch.Tensor:
+            hidden = tower.embeddings(pixel_values.to(tower.dtype))
+            return hidden if pre_norm is None else pre_norm(hidden)
+
+        return EncoderSpec(embed=embed, layers=layers[:depth], run_layer=_run_vit_layer, final_norm=None,
+                           attention=attention_module)
+
+    @torch.no_grad()
+    def _encode_to_cut(self, kwargs: dict[str, Any], needs: frozenset[str]) -> tuple[torch.Tensor, dict]:
+        layer, strategy = self._feature_args(kwargs)
+        cfg = self.model.config
+        if (layer, strategy) != (cfg.vision_feature_layer, cfg.vision_feature_select_strategy):
+            raise ValueError("the encoder stage was set up for the config's vision_feature_layer/select_strategy; "
+                             "a call cannot override them")
+        runner = self.runner
+        cut = runner.cuts[0]
+        hidden = runner.run(runner.embed(kwargs["pixel_values"]), 0, cut - 1)
+        with probe(runner.span_attention(cut), needs, 0) as p:
+            hidden = runner.run(hidden, cut - 1, cut)
+        self._cls = hidden[:, :1]
+        return hidden, p.results
+
+    def release(self) -> None:
+        self._cls = None
 
     @torch.no_grad()
     def encode(self, kwargs: dict[str, Any], needs: frozenset[str]) -> list[Item]:
@@ -89,12 +161,16 @@ class LlavaAdapter(LlavaFamily):
         tower = self.core.vision_tower
         layer, strategy = self._feature_args(kwargs)
         cls = has_cls_token(tower)
-        with probe(signal_layer(tower, layer), needs, 0 if cls else None) as p:
-            out = tower(pixel_values.to(tower.dtype), output_hidden_states=True, return_dict=True)
-        if isinstance(layer, int):
-            feats = out.hidden_states[layer]
+        if self.runner is not None:
+            feats, results = self._encode_to_cut(kwargs, needs)
         else:
-            feats = torch.cat([out.hidden_states[i] for i in layer], dim=-1)
+            with probe(signal_layer(tower, layer), needs, 0 if cls else None) as p:
+                out = tower(pixel_values.to(tower.dtype), output_hidden_states=True, return_dict=True)
+            if isinstance(layer, int):
+                feats = out.hidden_states[layer]
+            else:
+                feats = torch.cat([out.hidden_states[i] for i in layer], dim=-1)
+            results = p.results
         drop = 1 if strategy == "default" else 0
         feats = feats[:, drop:]
         n = feats.shape[1]
@@ -104,7 +180,7 @@ class LlavaAdapter(LlavaFamily):
                                                                          L.Segment("image", 1, side, side)])
         items = []
         for i in range(feats.shape[0]):
-            sig: dict[str, torch.Tensor] = {name: t[i, drop:] for name, t in p.results.items()}
+            sig: dict[str, torch.Tensor] = {name: t[i, drop:] for name, t in results.items()}
             if "projected" in needs:
                 sig["projected"] = self.core.multi_modal_projector(feats[i])
             if "text" in needs:
@@ -114,12 +190,29 @@ class LlavaAdapter(LlavaFamily):
         return items
 
     def rebuild(self, kwargs: dict[str, Any], items: list[Item], outputs: list[CompressOutput]) -> dict[str, Any]:
-        feats = [self.core.multi_modal_projector(out.tokens[0]) for out in outputs]
+        if self.runner is None:
+            feats = [self.core.multi_modal_projector(out.tokens[0]) for out in outputs]
+        else:
+            feats = list(self.core.multi_modal_projector(self._finish_tower(items, outputs)))
         new = self._shorten_prompt(kwargs, items, outputs, {self.image_token_id})
         new.pop("pixel_values", None)
         new.pop("image_sizes", None)
         new["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=tuple(feats))}
         return new
+
+    @torch.no_grad()
+    def _finish_tower(self, items: list[Item], outputs: list[CompressOutput]) -> torch.Tensor:
+        """The layers after the cut on [CLS] + each image's compressed tokens (equal counts: one budget for every
+        image of the tower's fixed size), up to the feature layer; returns the features without [CLS]."""
+        patches = MergedTokens.start(torch.stack([it.tokens for it in items])).after(outputs)
+        cls = self._cls
+        b = cls.shape[0]
+        ones = torch.ones(b, 1, dtype=patches.size.dtype, device=patches.size.device)
+        zero = torch.zeros(b, 1, dtype=patches.source.dtype, device=patches.source.device)
+        state = MergedTokens(torch.cat([cls.to(patches.hidden.dtype), patches.hidden], dim=1),
+                             torch.cat([ones, patches.size], dim=1),
+                             torch.cat([zero, torch.where(patches.source >= 0, patches.source + 1, -1)], dim=1))
+        return self.runner.finish(state)[:, 1:]
 
     # ---- stage "llm" --------------------------------------------------------------------------------------------
     def llm_items(self, kwargs: dict[str, Any]) -> list:
@@ -136,5 +229,5 @@ class LlavaAdapter(LlavaFamily):
         for it in items:
             n = int(it.positions.numel())
             side = math.isqrt(n)
-            it.grid = [(side, side)] if side * side == n else None
+            it.grid = L.grid(side, side) if side * side == n else None
         return items
