@@ -121,12 +121,10 @@ def test_load_caches_and_reloads(tmp_path, monkeypatch):
                           / torch.tensor(zd.IMAGENET_STD), atol=1e-3)
 
 
-def test_llava_adapter_finds_dinov2_layers_and_cls():
-    """A LLaVA with the real DINOv2 tower (tiny random LLM): the adapter reads CLS attention from DINOv2's own
-    q/k projections at the feature layer, and compressed generation reaches the LLM with the exact budget."""
+@functools.lru_cache(maxsize=1)
+def _dinov2_llava_tiny_llm():
+    """A LLaVA with the real DINOv2 tower and a tiny random LLM, and one image's inputs."""
     from transformers import LlamaConfig, LlavaForConditionalGeneration
-
-    from tokenzip.adapters.vision import has_cls_token, signal_layer
 
     text = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
@@ -134,12 +132,21 @@ def test_llava_adapter_finds_dinov2_layers_and_cls():
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration._from_config(cfg).eval()
     model.model.vision_tower.load_state_dict(_converted().state_dict(), strict=True)
-    tower = model.model.vision_tower
-    assert has_cls_token(tower)
-    assert signal_layer(tower, -2) is tower.encoder.layer[10].attention
     ids = torch.tensor([[1, 5] + [63] * 256 + [6, 7]])
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
               "pixel_values": torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(2))}
+    return model, inputs
+
+
+def test_llava_adapter_finds_dinov2_layers_and_cls():
+    """A LLaVA with the real DINOv2 tower (tiny random LLM): the adapter reads CLS attention from DINOv2's own
+    q/k projections at the feature layer, and compressed generation reaches the LLM with the exact budget."""
+    from tokenzip.adapters.vision import has_cls_token, signal_layer
+
+    model, inputs = _dinov2_llava_tiny_llm()
+    tower = model.model.vision_tower
+    assert has_cls_token(tower)
+    assert signal_layer(tower, -2) is tower.encoder.layer[10].attention
     seen = []
     hook = model.model.language_model.register_forward_pre_hook(
         lambda m, a, k: seen.append(k["inputs_embeds"].shape[1]), with_kwargs=True)
@@ -149,6 +156,27 @@ def test_llava_adapter_finds_dinov2_layers_and_cls():
     hook.remove()
     assert seen == [4 + 64]
     assert c.last_stats[0]["image"].tokens_in == 256 and c.last_stats[0]["image"].tokens_out == 64
+
+
+def test_encoder_stage_inside_the_real_dinov2_tower():
+    """tz.InEncoder on the real DINOv2-S/14 tower: retain=1 is exact; at retain 0.25 the tower's layers after the
+    cut and the LLM see the budget ([CLS] + 64 patches in the tower, 64 image tokens in the LLM)."""
+    model, inputs = _dinov2_llava_tiny_llm()
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    with tz.InEncoder(tz.get("tome", retain=1.0), layer=6)(model), torch.no_grad():
+        assert torch.equal(model(**inputs).logits, ref)
+    seen = []
+    hook = model.model.vision_tower.encoder.layer[6].register_forward_pre_hook(
+        lambda m, a: seen.append(a[0].shape[1]))
+    c = tz.InEncoder(tz.get("tome", retain=0.25), layer=6)
+    try:
+        with c(model), torch.no_grad():
+            out = model(**inputs)
+    finally:
+        hook.remove()
+    assert seen == [1 + 64] and out.logits.shape[1] == 4 + 64
+    assert (c.last_stats[0]["image"].tokens_in, c.last_stats[0]["image"].tokens_out) == (256, 64)
 
 
 def test_zoo_is_reachable_lazily_from_import_tokenzip():
