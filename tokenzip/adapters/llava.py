@@ -31,12 +31,6 @@ from .probe import probe
 from .vision import attention_module, encoder_layers, has_cls_token, signal_layer
 
 
-def _run_vit_layer(layer: torch.nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """One ViT block (CLIP / DINOv2 layer); ``mask`` is added to its self-attention logits (SDPA and eager alike)."""
-    out = layer(hidden, mask)
-    return out[0] if isinstance(out, tuple) else out
-
-
 class LlavaFamily(LLMAccess, Adapter):
     """What LLaVA-1.5 and LLaVA-OneVision share: ``pixel_values`` media, one placeholder token per image feature,
     and the feature layer / select strategy taken from the call or the config."""
@@ -133,8 +127,7 @@ class LlavaAdapter(LlavaFamily):
             hidden = tower.embeddings(pixel_values.to(tower.dtype))
             return hidden if pre_norm is None else pre_norm(hidden)
 
-        return EncoderSpec(embed=embed, layers=layers[:depth], run_layer=_run_vit_layer, final_norm=None,
-                           attention=attention_module)
+        return EncoderSpec(embed=embed, layers=layers[:depth], final_norm=None, attention=attention_module)
 
     @torch.no_grad()
     def _encode_to_cut(self, kwargs: dict[str, Any], needs: frozenset[str]) -> tuple[torch.Tensor, dict]:

@@ -74,7 +74,7 @@ class WhisperAdapter(Adapter):
 
     def encoder_spec(self) -> EncoderSpec:
         """Where things are in Whisper's encoder, for the generic encoder runner."""
-        return EncoderSpec(embed=self._embed, layers=self.encoder.layers, run_layer=_run_layer,
+        return EncoderSpec(embed=self._embed, layers=self.encoder.layers,
                            final_norm=self.encoder.layer_norm, attention=_self_attention)
 
     def set_encoder_layer(self, layer: int | tuple[int, ...], step: Any = None) -> None:
@@ -271,11 +271,6 @@ class WhisperAdapter(Adapter):
             new.pop(key, None)
         return new
 
-
-def _run_layer(layer: torch.nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """One WhisperEncoderLayer; ``mask`` is added to its self-attention logits (SDPA and eager alike)."""
-    out = layer(hidden, mask)
-    return out[0] if isinstance(out, tuple) else out
 
 
 def _self_attention(layer: torch.nn.Module) -> torch.nn.Module:

@@ -25,6 +25,13 @@ from .. import ops
 from ..output import CompressOutput
 
 
+def call_layer(layer: torch.nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The usual transformers encoder layer call, ``layer(hidden_states, attention_mask)``: Whisper, CLIP, SigLIP
+    and DINOv2 layers add ``mask`` to their self-attention logits (SDPA and eager alike); some return a tuple."""
+    out = layer(hidden, mask)
+    return out[0] if isinstance(out, tuple) else out
+
+
 @dataclass(frozen=True)
 class EncoderSpec:
     """What an adapter tells the runner about its encoder.
@@ -39,7 +46,7 @@ class EncoderSpec:
 
     embed: Callable[[torch.Tensor], torch.Tensor]
     layers: Sequence[torch.nn.Module]
-    run_layer: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor | None], torch.Tensor]
+    run_layer: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor | None], torch.Tensor] = call_layer
     final_norm: torch.nn.Module | None = None
     attention: Callable[[torch.nn.Module], torch.nn.Module] = lambda layer: layer.self_attn
 
