@@ -58,12 +58,6 @@ def declare(name: str, dims: tuple[str, ...], kind: str, meaning: str) -> Signal
     return sig
 
 
-def get(name: str) -> Signal:
-    if name not in SIGNALS:
-        raise ValueError(f"unknown signal {name!r}; declared: {sorted(SIGNALS)}")
-    return SIGNALS[name]
-
-
 # ---- produced by adapters, before the LLM: from the encoder, the projector and the prompt ---------------------------
 declare("cls_attention", ("B", "N"), "probability",
         "attention the CLS token pays each token at the signal layer, mean over heads; for encoders without CLS, the "

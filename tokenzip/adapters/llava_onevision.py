@@ -64,8 +64,7 @@ class LlavaOnevisionAdapter(LlavaFamily):
 
     def __init__(self, model: torch.nn.Module):
         super().__init__(model)
-        video = getattr(model.config, "video_token_id", None)
-        self.media_token_ids = {self.image_token_id} | ({int(video)} if video is not None else set())
+        self.media_token_ids = set(self.media_tokens().values())  # placeholders the prompt shortening must keep
 
     def media_tokens(self) -> dict[str, int]:
         video = getattr(self.model.config, "video_token_id", None)
