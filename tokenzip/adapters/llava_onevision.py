@@ -31,9 +31,8 @@ tokens themselves (already in LLM space); ``text`` / ``text_mask`` are the promp
 The vision tower runs once per call: the probe records the signals during the same ``get_image_features`` pass that
 produces the features. The shortened prompt (each image keeps its first ``k`` placeholders) and the compressed
 features go to the stock model through ``mm_encoder_outputs`` (no patching of model internals). With ``k == N`` for
-every image the LLM receives exactly the original features. Videos in the same call are encoded exactly as the model
-would (``get_video_features``) and passed through uncompressed, since ``forward`` refuses raw pixels next to
-``mm_encoder_outputs``.
+every image the LLM receives exactly the original features. Videos (``pixel_values_videos``) are items of modality
+``"video"``: see adapters/onevision_video.py (a mixin; images and clips of one call are compressed together).
 
 Like the stock ``forward`` (transformers 5.23), image features use ``config.vision_aspect_ratio``; a
 ``vision_aspect_ratio`` call argument is ignored by the model, and so it is here, so that ``retain=1`` is lossless.
@@ -52,6 +51,7 @@ from .. import layout as L
 from ..output import CompressOutput
 from .base import Item
 from .llava import LlavaFamily
+from .onevision_video import OnevisionVideo
 from .placeholders import image_llm_items, items_per_sample, require_input_ids, text_signals
 from .probe import probe
 from .vision import has_cls_token, signal_layer
@@ -59,8 +59,9 @@ from .vision import has_cls_token, signal_layer
 ATTENTION_SIGNALS = ("cls_attention", "keys")
 
 
-class LlavaOnevisionAdapter(LlavaFamily):
+class LlavaOnevisionAdapter(OnevisionVideo, LlavaFamily):
     model_classes = ("LlavaOnevisionForConditionalGeneration",)
+    modalities = ("image", "video")  # videos: adapters/onevision_video.py
 
     def __init__(self, model: torch.nn.Module):
         super().__init__(model)
@@ -102,6 +103,8 @@ class LlavaOnevisionAdapter(LlavaFamily):
 
     @torch.no_grad()
     def encode(self, kwargs: dict[str, Any], needs: frozenset[str]) -> list[Item]:
+        if kwargs.get("pixel_values_videos") is not None:  # clips (and images next to them): onevision_video.py
+            return self.encode_media(kwargs, needs)
         input_ids = require_input_ids(kwargs)
         if kwargs.get("mm_encoder_outputs"):
             raise ValueError("pass either pixel_values or mm_encoder_outputs, not both (the model refuses both)")
@@ -199,20 +202,13 @@ class LlavaOnevisionAdapter(LlavaFamily):
         return L.Layout([L.Segment("base", 1, side, side), L.Segment("crops", 1, rows, width1, newline=True)])
 
     def rebuild(self, kwargs: dict[str, Any], items: list[Item], outputs: list[CompressOutput]) -> dict[str, Any]:
+        if any(item.modality == "video" for item in items):  # clips (and images next to them): onevision_video.py
+            return self.rebuild_media(kwargs, items, outputs)
         feats = [out.tokens[0] for out in outputs]
         new = self._shorten_prompt(kwargs, items, outputs, self.media_token_ids)
         for key in ("pixel_values", "image_sizes", "batch_num_images"):
             new.pop(key, None)
-        encoded: dict[str, Any] = {"image": BaseModelOutputWithPooling(pooler_output=tuple(feats))}
-        videos = new.pop("pixel_values_videos", None)
-        if videos is not None:  # forward refuses raw video pixels next to mm_encoder_outputs: encode them as it would
-            layer, strategy = self._feature_args(kwargs)
-            with torch.no_grad():
-                encoded["video"] = self.core.get_video_features(videos, vision_feature_layer=layer,
-                                                                vision_feature_select_strategy=strategy,
-                                                                return_dict=True)
-            new.pop("image_sizes_videos", None)
-        new["mm_encoder_outputs"] = encoded
+        new["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=tuple(feats))}
         return new
 
     # ---- stage "llm" (tokenzip.llm): each image's placeholder run (newline tokens included), planned without the tower

@@ -135,3 +135,24 @@ def pad_id_for(config: Any, avoid: set[int]) -> int:
         if isinstance(pid, int) and pid >= 0 and pid not in avoid:
             return pid
     return next(i for i in range(len(avoid) + 1) if i not in avoid)
+
+
+def item_starts(input_ids: torch.Tensor, token_id: int, sizes: list[int], owners: list[int]) -> list[int]:
+    """The sequence position of each item's first placeholder (item ``j``: the next ``sizes[j]`` placeholders
+    ``token_id`` of sample ``owners[j]``), to put the items of several modalities in sequence order."""
+    where = [(input_ids[b] == token_id).nonzero().flatten() for b in range(input_ids.shape[0])]
+    cursor = [0] * input_ids.shape[0]
+    starts = []
+    for n, b in zip(sizes, owners):
+        starts.append(int(where[b][cursor[b]]))
+        cursor[b] += n
+    return starts
+
+
+def multi_keep_mask(input_ids: torch.Tensor, counts: dict[int, list[list[tuple[int, int]]]]) -> torch.Tensor:
+    """:func:`placeholder_keep_mask` for several placeholder tokens at once (``counts``: token id -> per-sample
+    ``(n, k)`` of its items): text is kept, each item keeps its first ``k`` placeholders."""
+    keep = torch.ones_like(input_ids, dtype=torch.bool)
+    for token_id, per_sample in counts.items():
+        keep &= placeholder_keep_mask(input_ids, token_id, per_sample)
+    return keep

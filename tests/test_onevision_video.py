@@ -1,0 +1,280 @@
+"""LLaVA-OneVision video items (tokenzip/adapters/onevision_video.py): counts and layout against the model, signals
+against a brute-force eager computation, the rebuilt call against a hand-built one, images and clips in one prompt,
+generate(), bad input, and the invariant suite on the "llava_onevision_video" case with test-only video methods
+(until registered methods name "video", nothing else exercises the case)."""
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pytest
+import test_invariants as inv
+import torch
+from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+import tokenzip as tz
+from tokenzip import ops
+from tokenzip.adapters import adapter_for
+from tokenzip.base import Compressor, MethodInfo
+from tokenzip.methods import ToMe
+from tokenzip.testing import (
+    CASES,
+    IMAGE_TOKEN,
+    ONEVISION_FRAMES,
+    ONEVISION_VIDEO_TOKEN,
+    Sample,
+    default_samples,
+    left_pad,
+    llava_onevision_inputs,
+    llava_onevision_video_inputs,
+)
+from tokenzip.video import onevision_video_pixels, onevision_video_processor, onevision_video_tokens, synthetic_clip
+
+from conftest import built, compatible
+
+CASE = "llava_onevision_video"
+ALL = frozenset({"cls_attention", "keys", "projected", "text", "text_mask"})
+
+
+@dataclass
+class VideoTopAttention(Compressor):
+    """Test-only: keep the k tokens with the highest cls_attention (asks for every signal the adapter makes)."""
+
+    info: ClassVar[MethodInfo] = MethodInfo(name="test-video-top-attention", family="attention",
+                                            modalities=("video",), stage="pre_llm", query_aware=False,
+                                            reference="test")
+    requires: ClassVar[tuple[str, ...]] = ("cls_attention", "keys", "projected", "text", "text_mask")
+
+    def _compress(self, tokens, k, layout, signals):
+        assert layout.num_frames == ONEVISION_FRAMES and layout.segments[-1].kind == "newline"
+        assert torch.equal(signals["projected"], tokens)
+        return ops.select(tokens, ops.stable_topk(signals["cls_attention"], k))
+
+
+@dataclass
+class VideoToMe(ToMe):
+    """Test-only: ToMe (merging, with keys) declared for video."""
+
+    info: ClassVar[MethodInfo] = dataclasses.replace(ToMe.info, name="test-video-tome", modalities=("video",))
+
+
+@dataclass
+class KeepFirst(Compressor):
+    """Test-only: keep each item's first k tokens (a known kept set for the hand-built oracle)."""
+
+    info: ClassVar[MethodInfo] = MethodInfo(name="test-keep-first", family="input", modalities=("image", "video"),
+                                            stage="pre_llm", query_aware=False, reference="test")
+
+    def _compress(self, tokens, k, layout, signals):
+        return ops.select(tokens, torch.arange(k).expand(tokens.shape[0], -1))
+
+
+LOCAL = [VideoTopAttention, VideoToMe]
+
+
+def _positions(mask):
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs, position_ids=_positions(inputs["attention_mask"])).logits
+
+
+# ---- the case is paired with video methods only ------------------------------------------------------------------
+def test_video_case_takes_video_methods_only():
+    video, image = CASES[CASE], CASES["llava_onevision"]
+    assert video.modalities == ("video",) and image.modalities == ("image",)
+    assert video.stages == ("pre_llm",)
+    for m in LOCAL:
+        assert compatible(m, video) and not compatible(m, image)
+    for m in tz.METHODS:  # every registered method is paired with the video case exactly when it names "video"
+        assert compatible(m, video) == ("video" in m.info.modalities and m.info.stage == "pre_llm"
+                                        and set(m(retain=1.0).requires) <= video.produces("pre_llm"))
+
+
+# ---- the invariant suite, on the test-only video methods ---------------------------------------------------------
+@pytest.mark.parametrize("method", LOCAL, ids=lambda m: m.info.name)
+@pytest.mark.parametrize("check", ["test_retain_one_is_lossless", "test_cached_generation_equals_uncached",
+                                   "test_padded_batch_equals_singles", "test_sdpa_and_eager_choose_the_same_tokens",
+                                   "test_model_restored_after_exit_and_exception", "test_selection_is_deterministic"])
+def test_invariants_on_video(check, method):
+    getattr(inv, check)(method, CASE)
+
+
+@pytest.mark.parametrize("method", LOCAL, ids=lambda m: m.info.name)
+@pytest.mark.parametrize("budget", [{"retain": 0.3}, {"tokens": 3}])
+def test_exact_budget_on_video(method, budget):
+    inv.test_llm_sees_exact_budget(method, CASE, budget)
+
+
+# ---- counts and layout -------------------------------------------------------------------------------------------
+def test_items_counts_and_layout_are_the_models():
+    model = built(CASE)
+    inputs = llava_onevision_video_inputs(model, default_samples())
+    items = adapter_for(model).encode(inputs, ALL)
+    assert [it.sample for it in items] == [0, 1, 1, 2] and {it.modality for it in items} == {"video"}
+    with torch.no_grad():
+        ref = model.model.get_video_features(inputs["pixel_values_videos"], return_dict=True).pooler_output
+    n = ONEVISION_FRAMES * 2 * 2 + 1  # 56 px / 14 px patches: 4x4, pooled to 2x2 per frame, + one newline
+    assert ref.shape[1] == n == onevision_video_tokens(model.config, ONEVISION_FRAMES)
+    for it, f in zip(items, ref):
+        torch.testing.assert_close(it.tokens, f, atol=0, rtol=0)
+        assert [(s.kind, s.t, s.h, s.w) for s in it.grid.segments] == [("frames", ONEVISION_FRAMES, 2, 2),
+                                                                       ("newline", 1, 1, 1)]
+        assert it.grid.n == n and it.extra["newline"].tolist() == [False] * (n - 1) + [True]
+        assert torch.equal(it.tokens[-1], model.model.image_newline)
+
+
+def test_placeholder_count_at_384_px():
+    """A real-size SigLIP grid (384 px, 14 px patches: 27x27) gives 196 tokens per frame + 1, as the processor
+    counts (``T * 14 * 14 + 1``)."""
+    vision = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=384, patch_size=14, vision_use_head=False)
+    text = Qwen2Config(vocab_size=128, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=1)
+    cfg = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
+                               video_token_index=ONEVISION_VIDEO_TOKEN)
+    model = LlavaOnevisionForConditionalGeneration._from_config(cfg).eval()
+    with torch.no_grad():
+        out = model.model.get_video_features(torch.randn(1, 2, 3, 384, 384), vision_feature_layer=-1,
+                                             vision_feature_select_strategy="full", return_dict=True)
+    assert out.pooler_output.shape[1] == 2 * 196 + 1 == onevision_video_tokens(model.config, 2)
+
+
+# ---- signals -------------------------------------------------------------------------------------------------------
+def test_signals_match_brute_force_eager():
+    """cls_attention / keys: eager attention weights at the feature layer per frame (mean over heads and queries),
+    averaged over each 2x2 block of patches (what bilinear 4 -> 2 pooling is), frames in order, 0 for the
+    newline."""
+    model, eager = built(CASE), built(CASE, "eager")
+    inputs = llava_onevision_video_inputs(model, default_samples())
+    items = adapter_for(model).encode(inputs, ALL)
+    px = inputs["pixel_values_videos"].flatten(0, 1)
+    tower = eager.model.vision_tower
+    got = {}
+    h = tower.encoder.layers[-1].self_attn.k_proj.register_forward_hook(lambda m, a, o: got.setdefault("k", o))
+    try:
+        with torch.no_grad():
+            out = tower(px, output_attentions=True, return_dict=True)
+    finally:
+        h.remove()
+    att = out.attentions[-1]  # [V*T, heads, 16, 16]: vision_feature_layer -1
+    received = att.mean(dim=(1, 2))
+    keys = got["k"].view(*got["k"].shape[:2], att.shape[1], -1).mean(dim=2)
+
+    def pool(x):  # [V*T, 16, C] on a 4x4 grid -> [V, T*4, C]: the mean of each 2x2 block
+        g = x.view(x.shape[0], 2, 2, 2, 2, -1).mean(dim=(2, 4))
+        return g.reshape(len(items), -1, x.shape[-1])
+
+    ref_att, ref_keys = pool(received[..., None])[..., 0], pool(keys)
+    for i, it in enumerate(items):
+        torch.testing.assert_close(it.signals["cls_attention"][:-1], ref_att[i], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(it.signals["keys"][:-1], ref_keys[i], atol=1e-5, rtol=1e-5)
+        assert it.signals["cls_attention"][-1] == 0 and torch.all(it.signals["keys"][-1] == 0)
+        assert it.signals["text"].shape[0] == int(it.signals["text_mask"].sum())
+
+
+# ---- the rebuilt call ----------------------------------------------------------------------------------------------
+def test_rebuilt_call_equals_hand_built_features():
+    """Keeping each clip's first k tokens gives the logits of the stock model fed by hand: the first k placeholders
+    of each clip and its first k features."""
+    model = built(CASE)
+    samples = default_samples()
+    inputs = llava_onevision_video_inputs(model, samples)
+    c = KeepFirst(tokens=5)
+    with c(model):
+        got = _logits(model, inputs)
+    with torch.no_grad():
+        feats = model.model.get_video_features(inputs["pixel_values_videos"], return_dict=True).pooler_output
+    rows = [s.before + [ONEVISION_VIDEO_TOKEN] * (5 * s.n_items) + s.after for s in samples]
+    ids, mask = left_pad(rows)
+    pre = BaseModelOutputWithPooling(pooler_output=feats[:, :5])
+    ref = _logits(model, {"input_ids": ids, "attention_mask": mask, "mm_encoder_outputs": {"video": pre}})
+    assert got.shape == ref.shape
+    for b in range(len(samples)):
+        real = mask[b].bool()
+        torch.testing.assert_close(got[b][real], ref[b][real], atol=1e-5, rtol=1e-5)
+
+
+def _mixed_inputs(model):
+    """Images (the image case's builder) and clips in one prompt per sample: image placeholders, then text, then
+    video placeholders (sample 1 has two images and two clips)."""
+    samples = default_samples()
+    imgs = llava_onevision_inputs(model, samples)
+    vids = llava_onevision_video_inputs(model, samples)
+    rows = []
+    for b, s in enumerate(samples):
+        im = imgs["input_ids"][b][imgs["attention_mask"][b].bool()].tolist()
+        vi = vids["input_ids"][b][vids["attention_mask"][b].bool()].tolist()
+        image_part = [t for t in im if t == IMAGE_TOKEN]
+        video_part = [t for t in vi if t == ONEVISION_VIDEO_TOKEN]
+        rows.append(s.before + image_part + [30, 31] + video_part + s.after)
+    ids, mask = left_pad(rows)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": imgs["pixel_values"],
+            "image_sizes": imgs["image_sizes"], "batch_num_images": imgs["batch_num_images"],
+            "pixel_values_videos": vids["pixel_values_videos"]}
+
+
+@pytest.mark.parametrize("method", [VideoTopAttention, tz.RandomPrune, KeepFirst],
+                         ids=["video-only", "image-only", "both"])
+def test_images_and_clips_in_one_prompt(method):
+    model = built(CASE)
+    inputs = _mixed_inputs(model)
+    ref = _logits(model, inputs)
+    with method(retain=1.0)(model):
+        torch.testing.assert_close(_logits(model, inputs), ref, atol=1e-5, rtol=1e-5)
+    c = method(retain=0.3)
+    with c(model):
+        _logits(model, inputs)
+    items = adapter_for(model).encode(inputs, frozenset())
+    # sequence order within each sample: images (placeholders first), then clips
+    assert [(it.sample, it.modality) for it in items] == [(0, "image"), (0, "video"), (1, "image"), (1, "image"),
+                                                          (1, "video"), (1, "video"), (2, "image"), (2, "video")]
+    stats = [it for s in c.last_stats for ms in s.values() for it in ms.items]
+    assert len(stats) == len(items)
+    for st, it in zip(stats, items):
+        assert st.modality == it.modality and st.tokens_in == it.tokens.shape[0]
+        compressed = it.modality in method.info.modalities
+        assert st.tokens_out == (c.budget.count(st.tokens_in) if compressed else st.tokens_in)
+
+
+def test_generate_with_clips_returns_the_callers_prompt():
+    model = built(CASE)
+    inputs = llava_onevision_video_inputs(model, default_samples())
+    with VideoTopAttention(retain=0.3)(model):
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert torch.equal(out[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 4
+
+
+# ---- bad input -----------------------------------------------------------------------------------------------------
+def test_bad_video_input_is_a_clear_error():
+    model = built(CASE)
+    inputs = llava_onevision_video_inputs(model, default_samples())
+    c = VideoTopAttention(retain=0.5)
+    with c(model):
+        with pytest.raises(ValueError, match=r"pixel_values_videos must be a \[clips, frames, 3, 56, 56\]"):
+            _logits(model, {**inputs, "pixel_values_videos": inputs["pixel_values_videos"][:, :, :, :28]})
+        short = {**inputs, "input_ids": inputs["input_ids"].clone()}
+        short["input_ids"][0, -7] = 5  # one video placeholder of sample 0 too few
+        with pytest.raises(ValueError, match="the videos do not match the prompt"):
+            _logits(model, short)
+        with pytest.raises(ValueError, match="not both"):
+            _logits(model, {**inputs, "mm_encoder_outputs": {"video": BaseModelOutputWithPooling()}})
+
+
+def test_clips_of_different_lengths_are_refused_with_the_reason():
+    clips = [synthetic_clip(4, 32, 32).frames, synthetic_clip(5, 32, 32).frames]
+    with pytest.raises(ValueError, match="same number of frames"):
+        onevision_video_pixels(clips, onevision_video_processor(56))
+
+
+def test_model_restored_after_video_call():
+    model = built(CASE)
+    inputs = llava_onevision_video_inputs(model, [Sample([1, 5], 1, [6], seed=4)])
+    ref = _logits(model, inputs)
+    with VideoToMe(retain=0.3)(model):
+        _logits(model, inputs)
+    torch.testing.assert_close(_logits(model, inputs), ref, atol=0, rtol=0)

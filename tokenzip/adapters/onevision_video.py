@@ -1,0 +1,194 @@
+"""LLaVA-OneVision video items: what :class:`~tokenzip.adapters.llava_onevision.LlavaOnevisionAdapter` adds for
+``pixel_values_videos`` (a mixin; the image path stays in ``llava_onevision.py``).
+
+What is compressed. Each clip's LLM-space features exactly as the stock model feeds them to the LLM: the output of
+``model.model.get_video_features`` — SigLIP per frame, the projector, ``apply_pooling`` (bilinear down-scaling of
+the ``side x side`` patch grid to ``ceil(side / 2)`` per axis: 27 -> 14, 196 tokens per frame at 384 px), the frames
+concatenated, and ONE ``image_newline`` token closing the clip. A clip's budget ``N = T * g * g + 1`` counts that
+newline: it is one token of the item like the image newlines, so a method may keep, drop or merge it (the model has
+no rule that needs it). Layout: ``[frames(T, g, g), newline(1, 1, 1)]`` (``Item.extra["newline"]`` masks it).
+
+Signals (as for images). SigLIP has no CLS token: ``cls_attention`` is the attention each patch receives (mean over
+queries and heads) at the vision feature layer, recomputed from that layer's q/k for every frame by the probe during
+the same ``get_video_features`` pass; ``keys`` are that layer's keys (mean over heads). Both live on the
+``side x side`` patch grid of each frame, so they are pooled to the ``g x g`` token grid by the model's own
+``apply_pooling`` (the signals ride as channels: the same bilinear interpolation the features get); the newline
+token gets ``cls_attention`` 0 and zero keys. ``projected`` is the tokens themselves; ``text`` / ``text_mask`` the
+prompt's text embeddings (image and video placeholders excluded).
+
+Rebuild. Every clip keeps its first ``k`` ``<video>`` placeholders; the compressed features go to the stock model as
+``mm_encoder_outputs["video"]`` — a 3-D ``pooler_output`` ``[1, sum k, D]`` filled row-major over the placeholders,
+which is how ``forward`` scatters it (``flatten(0, 1)``) — next to ``mm_encoder_outputs["image"]`` for the images of
+the same call. Items come in sequence order (sample, then position), images and clips mixed.
+
+Batches. ``pixel_values_videos`` is one ``[V, T, 3, S, S]`` tensor: every clip of a call has the same ``T`` (the
+model cannot take clips of different lengths in one call); a sample may hold zero, one or several clips.
+
+Not supported: stage ``"encoder"`` on videos (a clear ValueError) and video items at stage ``"llm"`` (``llm_items``
+lists the images only, so LLM-stage methods leave videos untouched).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from .. import layout as L
+from ..output import CompressOutput
+from .base import Item
+from .placeholders import (
+    item_starts,
+    items_per_sample,
+    multi_keep_mask,
+    pad_id_for,
+    require_input_ids,
+    shrink_sequences,
+    text_signals,
+)
+from .probe import probe
+from .vision import has_cls_token, signal_layer
+
+VIDEO_SIGNALS = ("cls_attention", "keys")
+
+
+class OnevisionVideo:
+    """Mixin: LLaVA-OneVision video items (module doc). Expects the LLaVA family's ``model``, ``core``,
+    ``image_token_id``, ``media_token_ids`` and ``_feature_args``."""
+
+    model: torch.nn.Module
+    core: torch.nn.Module
+    image_token_id: int
+    media_token_ids: set[int]
+
+    @property
+    def video_token_id(self) -> int:
+        vid = getattr(self.model.config, "video_token_id", None)
+        if vid is None:
+            raise ValueError("this LLaVA-OneVision config has no video_token_id")
+        return int(vid)
+
+    def has_media(self, kwargs: dict[str, Any]) -> bool:
+        return kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None
+
+    def video_grid(self) -> int:
+        """Pooled tokens per frame side: ``ceil(side / 2)`` of the ``side x side`` patch grid (``apply_pooling``)."""
+        vc = self.model.config.vision_config
+        return math.ceil(vc.image_size // vc.patch_size / 2)
+
+    def video_layout(self, frames: int) -> L.Layout:
+        g = self.video_grid()
+        return L.Layout([L.Segment("frames", frames, g, g), L.Segment("newline", 1, 1, 1)])
+
+    def check_videos(self, videos: Any) -> tuple[int, int]:
+        """``(clips, frames)`` of ``pixel_values_videos``, or a ValueError naming the expected shape."""
+        side = self.model.config.vision_config.image_size
+        if not isinstance(videos, torch.Tensor) or videos.dim() != 5 or videos.shape[2] != 3 \
+                or tuple(videos.shape[-2:]) != (side, side) or videos.shape[1] < 1:
+            raise ValueError(f"pixel_values_videos must be a [clips, frames, 3, {side}, {side}] tensor (every clip "
+                             f"with the same number of frames), got {tuple(getattr(videos, 'shape', ()))}; build it "
+                             f"with tokenzip.video.onevision_video_pixels")
+        return int(videos.shape[0]), int(videos.shape[1])
+
+    # ---- encode -------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_media(self, kwargs: dict[str, Any], needs: frozenset[str]) -> list[Item]:
+        """Image items (the adapter's own image path) and video items, in sequence order."""
+        if kwargs.get("mm_encoder_outputs"):
+            raise ValueError("pass either pixel_values/pixel_values_videos or mm_encoder_outputs, not both (the model "
+                             "refuses both)")
+        if getattr(self, "runner", None) is not None:
+            raise ValueError("LLaVA-OneVision videos are compressed before the LLM only: stage 'encoder' "
+                             "(tz.InEncoder) supports images")
+        input_ids = require_input_ids(kwargs)
+        images: list[Item] = []
+        if kwargs.get("pixel_values") is not None:
+            images = self.encode({**kwargs, "pixel_values_videos": None}, needs)  # type: ignore[attr-defined]
+        videos = self.encode_videos(kwargs, needs)
+        starts = [*self._starts(input_ids, self.image_token_id, images),
+                  *self._starts(input_ids, self.video_token_id, videos)]
+        order = sorted(range(len(starts)), key=lambda i: starts[i])
+        both = images + videos
+        return [both[i] for i in order]
+
+    @staticmethod
+    def _starts(input_ids: torch.Tensor, token_id: int, items: list[Item]) -> list[tuple[int, int]]:
+        pos = item_starts(input_ids, token_id, [it.tokens.shape[0] for it in items], [it.sample for it in items])
+        return [(it.sample, p) for it, p in zip(items, pos)]
+
+    def encode_videos(self, kwargs: dict[str, Any], needs: frozenset[str]) -> list[Item]:
+        input_ids = require_input_ids(kwargs)
+        videos = kwargs["pixel_values_videos"]
+        clips, frames = self.check_videos(videos)
+        layout = self.video_layout(frames)
+        n = layout.n
+        owner = items_per_sample(input_ids, self.video_token_id, [n] * clips, "video")  # before the tower
+        layer, strategy = self._feature_args(kwargs)  # type: ignore[attr-defined]
+        tower = self.core.vision_tower
+        cls = has_cls_token(tower)
+        with probe(signal_layer(tower, layer), frozenset(needs) & frozenset(VIDEO_SIGNALS), 0 if cls else None) as p:
+            out = self.core.get_video_features(videos, vision_feature_layer=layer,
+                                               vision_feature_select_strategy=strategy, return_dict=True)
+        feats = out.pooler_output
+        if tuple(feats.shape[:2]) != (clips, n):  # adapter bug, not user input
+            raise RuntimeError(f"planned {clips} clips of {n} tokens, the model gave {tuple(feats.shape[:2])}")
+        drop = 1 if strategy == "default" else 0
+        signals = self._pool_signals({name: t[:, drop:] for name, t in p.results.items()}, clips, frames)
+        newline = torch.tensor(layout.newline_mask(), device=feats.device)
+        items = []
+        for i in range(clips):
+            f = feats[i]
+            sig = {name: t[i].to(f.device) for name, t in signals.items()}
+            if "projected" in needs:
+                sig["projected"] = f
+            if "text" in needs or "text_mask" in needs:
+                sig.update(text_signals(self.core.get_input_embeddings(), input_ids, kwargs.get("attention_mask"),
+                                        self.media_token_ids, owner[i]))
+            items.append(Item("video", owner[i], f, layout, sig, extra={"newline": newline, "frames": frames}))
+        return items
+
+    def _pool_signals(self, results: dict[str, torch.Tensor], clips: int, frames: int) -> dict[str, torch.Tensor]:
+        """The probe's per-frame ``cls_attention`` ``[V*T, P]`` / ``keys`` ``[V*T, P, d]`` pooled to the token grid by
+        the model's own ``apply_pooling`` (signals as channels), frames concatenated, a zero row for the newline:
+        ``[V, N]`` / ``[V, N, d]``."""
+        names = [name for name in VIDEO_SIGNALS if name in results]
+        if not names:
+            return {}
+        chans = [results[name].float().unsqueeze(-1) if name == "cls_attention" else results[name].float()
+                 for name in names]
+        pooled = self.core.apply_pooling(torch.cat(chans, dim=-1))  # [V*T, g*g, C]
+        pooled = pooled.reshape(clips, -1, pooled.shape[-1])
+        pooled = torch.cat([pooled, pooled.new_zeros(clips, 1, pooled.shape[-1])], dim=1)
+        out, start = {}, 0
+        for name, c in zip(names, chans):
+            width = c.shape[-1]
+            out[name] = pooled[..., start] if name == "cls_attention" else pooled[..., start: start + width]
+            start += width
+        return out
+
+    # ---- rebuild ------------------------------------------------------------------------------------------------
+    def rebuild_media(self, kwargs: dict[str, Any], items: list[Item], outputs: list[CompressOutput]
+                      ) -> dict[str, Any]:
+        """Shorten every image's and clip's placeholder run to its kept count and feed the compressed features
+        through ``mm_encoder_outputs`` (module doc)."""
+        input_ids = kwargs["input_ids"]
+        b = input_ids.shape[0]
+        token = {"image": self.image_token_id, "video": self.video_token_id}
+        counts: dict[int, list[list[tuple[int, int]]]] = {t: [[] for _ in range(b)] for t in token.values()}
+        for item, out in zip(items, outputs):
+            counts[token[item.modality]][item.sample].append((item.tokens.shape[0], out.tokens.shape[1]))
+        keep = multi_keep_mask(input_ids, counts)
+        new = shrink_sequences(kwargs, keep, pad_id_for(self.model.config, self.media_token_ids))
+        for key in ("pixel_values", "image_sizes", "batch_num_images", "pixel_values_videos", "image_sizes_videos"):
+            new.pop(key, None)
+        images = [out.tokens[0] for item, out in zip(items, outputs) if item.modality == "image"]
+        clips = [out.tokens[0] for item, out in zip(items, outputs) if item.modality == "video"]
+        encoded: dict[str, Any] = {}
+        if images:
+            encoded["image"] = BaseModelOutputWithPooling(pooler_output=tuple(images))
+        if clips:  # one row, filled row-major over the placeholders (clips may keep different counts)
+            encoded["video"] = BaseModelOutputWithPooling(pooler_output=torch.cat(clips).unsqueeze(0))
+        new["mm_encoder_outputs"] = encoded
+        return new

@@ -1,0 +1,338 @@
+"""Video input: frames from real files (PyAV), synthetic clips with a known ground truth, and LLaVA-OneVision video
+inputs built without torchvision.
+
+- :func:`read_video` decodes ``num_frames`` frames spread uniformly over a clip, or the frames shown at a target
+  ``fps``, as ``uint8 [T, H, W, 3]`` with their presentation timestamps in seconds (PyAV: ``tokenzip[video]`` or
+  ``[bench]``).
+- :func:`synthetic_clip` draws a clip whose events are known exactly: a square that appears for exactly two frames
+  (``flash``), a square that moves left to right (``mover``) and a square that changes colour half-way
+  (``chameleon``), each with its per-frame pixel mask; :func:`event_tokens` maps a mask to a model's token grid.
+- :func:`onevision_video_pixels` / :func:`onevision_video_inputs` build ``pixel_values_videos`` and the prompt
+  (``T * ceil(side / 2) ** 2 + 1`` ``<video>`` placeholders per clip) for ``LlavaOnevisionForConditionalGeneration``.
+
+Why not the processor: every transformers video processor is built on torchvision, which cannot be installed next to
+a CPU-only torch here. :func:`onevision_video_pixels` computes what ``LlavaOnevisionVideoProcessor`` computes on a
+CPU, step by step, reading the processor's own settings (size, resample, rescale factor, mean, std; a checkpoint's
+``video_preprocessor_config.json`` loads into a ``LlavaOnevisionVideoProcessor`` without torchvision, only its
+``__call__`` needs it): torchvision's ``resize`` of a ``uint8`` tensor with bicubic (or bilinear) interpolation on a
+CPU is ``torch.nn.functional.interpolate(..., antialias=True)`` on the ``uint8`` tensor itself (torchvision 0.28
+``resize_image``: the native ``uint8`` kernel), followed by the fused rescale + normalise ``(x - 255 mean) / (255
+std)`` in float32. Differences, documented: on a GPU torchvision resizes in float32 and rounds, which differs from
+the CPU result by a few grey levels at sharp edges; the processor's optional frame sampling (``do_sample_frames``,
+off by default) is :func:`read_video`'s job here; the image processor (``LlavaOnevisionImageProcessorPil``, PIL
+bicubic) differs from the video processor by up to 2 grey levels on about 0.4 % of the pixels, so it is not used.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .deps import require
+
+
+# ---- decoding ------------------------------------------------------------------------------------------------------
+@dataclass
+class Video:
+    """Decoded frames of one clip."""
+
+    frames: np.ndarray  # [T, H, W, 3] uint8 RGB
+    timestamps: np.ndarray  # [T] float64: presentation time of each frame, seconds from the stream's start
+    fps: float  # the stream's average frame rate
+    duration: float  # seconds
+    indices: np.ndarray  # [T] int64: index of each frame among the stream's decoded frames
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.frames.shape[0])
+
+
+def read_video(path: str | Path, *, num_frames: int | None = None, fps: float | None = None) -> Video:
+    """Decode a clip with PyAV: ``num_frames`` frames spread uniformly over it (the first and the last included, as
+    LLaVA-OneVision's ``np.linspace(0, total - 1, num_frames)``), or, with ``fps``, the frame on screen at every
+    ``1 / fps`` seconds from the start (a frame shown at several of those times is returned once, so ``fps`` above
+    the clip's own rate gives every frame). Exactly one of the two. Frames are decoded in one pass and only the
+    chosen ones are converted to RGB."""
+    if (num_frames is None) == (fps is None):
+        raise ValueError("give exactly one of num_frames (frames spread over the clip) or fps (frames per second)")
+    if num_frames is not None and (not isinstance(num_frames, int) or isinstance(num_frames, bool) or num_frames < 1):
+        raise ValueError(f"num_frames must be an integer >= 1, got {num_frames!r}")
+    if fps is not None and (not isinstance(fps, (int, float)) or isinstance(fps, bool) or not fps > 0
+                            or not math.isfinite(fps)):
+        raise ValueError(f"fps must be a finite number > 0, got {fps!r}")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"video not found: {path}")
+    av = require("av")
+    try:
+        container = av.open(str(path))
+    except av.error.FFmpegError as e:  # not a media file
+        raise ValueError(f"cannot read video {path}: {e}") from e
+    with container:
+        if not container.streams.video:
+            raise ValueError(f"{path} has no video stream")
+        stream = container.streams.video[0]
+        rate = float(stream.average_rate) if stream.average_rate else 0.0
+        base = stream.time_base
+        start = stream.start_time or 0
+        if stream.duration is not None:
+            duration = float((stream.duration) * base)
+        elif container.duration is not None:
+            duration = container.duration / 1e6
+        else:
+            duration = 0.0
+        if num_frames is not None:
+            total = stream.frames or sum(1 for p in container.demux(stream) if p.size)  # no count in the header
+            if total == 0:
+                raise ValueError(f"{path} has no video frames")
+            container.seek(0)
+            wanted = np.unique(np.linspace(0, total - 1, num=min(num_frames, total)).round().astype(np.int64))
+            frames, times, indices = _pick_by_index(container, stream, wanted, base, start)
+        else:
+            frames, times, indices = _pick_by_time(container, stream, float(fps), duration, base, start)
+    if not frames:
+        raise ValueError(f"no video frames decoded from {path}")
+    return Video(np.stack(frames), np.asarray(times, dtype=np.float64), rate, duration,
+                 np.asarray(indices, dtype=np.int64))
+
+
+def _seconds(frame: Any, base: Any, start: int) -> float:
+    pts = frame.pts if frame.pts is not None else 0
+    return float((pts - start) * base)
+
+
+def _pick_by_index(container: Any, stream: Any, wanted: np.ndarray, base: Any, start: int
+                   ) -> tuple[list[np.ndarray], list[float], list[int]]:
+    frames, times, indices = [], [], []
+    want = set(wanted.tolist())
+    last = int(wanted.max())
+    for i, frame in enumerate(container.decode(stream)):
+        if i in want:
+            frames.append(frame.to_ndarray(format="rgb24"))
+            times.append(_seconds(frame, base, start))
+            indices.append(i)
+        if i >= last:
+            break
+    return frames, times, indices
+
+
+def _pick_by_time(container: Any, stream: Any, fps: float, duration: float, base: Any, start: int
+                  ) -> tuple[list[np.ndarray], list[float], list[int]]:
+    """For each target time ``j / fps`` (``< duration``): the last frame whose timestamp is ``<=`` it (the frame on
+    screen then), each frame at most once."""
+    targets = np.arange(0.0, max(duration, 1e-9), 1.0 / fps)
+    frames, times, indices = [], [], []
+    prev: tuple[int, Any, float] | None = None  # the previous decoded frame, kept undecoded to RGB until chosen
+    ti = 0
+
+    def choose(entry: tuple[int, Any, float]) -> None:
+        if not indices or indices[-1] != entry[0]:
+            frames.append(entry[1].to_ndarray(format="rgb24"))
+            times.append(entry[2])
+            indices.append(entry[0])
+
+    for i, frame in enumerate(container.decode(stream)):
+        t = _seconds(frame, base, start)
+        while ti < len(targets) and targets[ti] < t:  # frame i starts after target ti: the previous one was on screen
+            choose(prev if prev is not None else (i, frame, t))
+            ti += 1
+        if ti >= len(targets):
+            break
+        prev = (i, frame, t)
+    if prev is not None and ti < len(targets):  # targets after the last frame's start: it stays on screen
+        choose(prev)
+    return frames, times, indices
+
+
+# ---- synthetic clips with a ground truth ---------------------------------------------------------------------------
+@dataclass
+class SyntheticClip:
+    """A clip whose events are known exactly. ``masks[name]`` is ``bool [T, H, W]``: where object ``name`` is.
+
+    - ``flash``: a white square visible in exactly two consecutive frames (``flash_frames``), nowhere else;
+    - ``mover``: a red square moving left to right, one step per frame;
+    - ``chameleon``: a square at a fixed place, blue before ``change_frame`` and yellow from it on.
+    """
+
+    frames: np.ndarray  # [T, H, W, 3] uint8
+    timestamps: np.ndarray  # [T] seconds
+    masks: dict[str, np.ndarray] = field(default_factory=dict)
+    flash_frames: tuple[int, int] = (0, 1)
+    change_frame: int = 0
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.frames.shape[0])
+
+
+def synthetic_clip(num_frames: int = 8, height: int = 64, width: int = 64, *, fps: float = 2.0,
+                   seed: int = 0) -> SyntheticClip:
+    """A background (a smooth colour gradient with a little fixed noise, from ``seed``) and three square objects
+    (see :class:`SyntheticClip`), each a quarter of the frame height on a side, in separate thirds of the frame so
+    they never overlap. ``seed`` moves the background and the flash's frames."""
+    if not isinstance(num_frames, int) or num_frames < 3:
+        raise ValueError(f"num_frames must be an integer >= 3 (the flash needs two frames), got {num_frames!r}")
+    if height < 16 or width < 16:
+        raise ValueError(f"height and width must be >= 16, got {height}x{width}")
+    if not fps > 0:
+        raise ValueError(f"fps must be > 0, got {fps!r}")
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float64)
+    base = rng.uniform(40, 120, size=3)
+    slope = rng.uniform(-40, 40, size=(2, 3))
+    background = (base + slope[0] * yy[..., None] / height + slope[1] * xx[..., None] / width
+                  + rng.normal(0, 3, size=(height, width, 3)))
+    background = np.clip(background, 0, 255).astype(np.uint8)
+    frames = np.repeat(background[None], num_frames, axis=0)
+    side = max(2, height // 4)
+    band = height // 3  # the objects live in the top, middle and bottom thirds
+    masks = {name: np.zeros((num_frames, height, width), dtype=bool) for name in ("flash", "mover", "chameleon")}
+
+    first = int(rng.integers(1, num_frames - 1))  # the flash: frames first, first + 1 (never frame 0)
+    fy, fx = (band - side) // 2, width - side - width // 8
+    masks["flash"][first: first + 2, fy: fy + side, fx: fx + side] = True
+
+    my = band + (band - side) // 2
+    travel = width - side
+    for t in range(num_frames):
+        mx = round(t * travel / (num_frames - 1))
+        masks["mover"][t, my: my + side, mx: mx + side] = True
+
+    change = num_frames // 2
+    cy, cx = 2 * band + (height - 2 * band - side) // 2, (width - side) // 2
+    masks["chameleon"][:, cy: cy + side, cx: cx + side] = True
+
+    frames[masks["flash"]] = (255, 255, 255)
+    frames[masks["mover"]] = (220, 30, 30)
+    blue = masks["chameleon"].copy()
+    blue[change:] = False
+    frames[blue] = (30, 60, 220)
+    frames[masks["chameleon"] & ~blue] = (240, 220, 40)
+    times = np.arange(num_frames, dtype=np.float64) / fps
+    return SyntheticClip(frames, times, masks, (first, first + 1), change)
+
+
+def event_tokens(mask: np.ndarray, grid_h: int, grid_w: int) -> np.ndarray:
+    """``bool [T, grid_h, grid_w]``: the tokens of a ``grid_h x grid_w`` grid per frame whose cell holds any pixel of
+    ``mask`` ``[T, H, W]`` (the frame is resized to the grid's whole extent, as LLaVA-OneVision's square resize
+    does: token ``(i, j)`` covers rows ``[i H / grid_h, (i + 1) H / grid_h)`` and the same for columns)."""
+    if mask.ndim != 3:
+        raise ValueError(f"mask must be [T, H, W], got shape {mask.shape}")
+    t, h, w = mask.shape
+    rows = [(math.floor(i * h / grid_h), math.ceil((i + 1) * h / grid_h)) for i in range(grid_h)]
+    cols = [(math.floor(j * w / grid_w), math.ceil((j + 1) * w / grid_w)) for j in range(grid_w)]
+    out = np.zeros((t, grid_h, grid_w), dtype=bool)
+    for i, (r0, r1) in enumerate(rows):
+        for j, (c0, c1) in enumerate(cols):
+            out[:, i, j] = mask[:, r0:r1, c0:c1].any(axis=(1, 2))
+    return out
+
+
+# ---- LLaVA-OneVision video inputs ----------------------------------------------------------------------------------
+VIDEO_TOKEN = "<video>"
+
+
+def onevision_video_processor(side: int | None = None) -> Any:
+    """A ``LlavaOnevisionVideoProcessor`` with its defaults (384 px, bicubic, CLIP mean/std), resized to ``side``
+    pixels when given (tiny test models). Only its settings are used (see module doc)."""
+    from transformers.models.llava_onevision.video_processing_llava_onevision import LlavaOnevisionVideoProcessor
+
+    kw = {} if side is None else {"size": {"height": side, "width": side}}
+    return LlavaOnevisionVideoProcessor(**kw)
+
+
+def onevision_video_pixels(videos: Sequence[np.ndarray | torch.Tensor], video_processor: Any = None) -> torch.Tensor:
+    """``pixel_values_videos`` ``float32 [V, T, 3, S, S]`` for ``V`` clips of ``uint8 [T, H, W, 3]`` frames, equal to
+    ``LlavaOnevisionVideoProcessor(...)(videos)`` on a CPU (module doc). ``video_processor``: its settings (default:
+    the class defaults, 384 px). All clips need the same ``T``: the model takes one tensor for the whole batch."""
+    proc = video_processor if video_processor is not None else onevision_video_processor()
+    if not videos:
+        raise ValueError("videos is empty: give at least one clip of uint8 [T, H, W, 3] frames")
+    clips = []
+    for i, v in enumerate(videos):
+        t = torch.as_tensor(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
+        if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[-1] != 3 or t.dtype != torch.uint8:
+            raise ValueError(f"videos[{i}] must be uint8 [T, H, W, 3] RGB frames, got "
+                             f"{getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}")
+        clips.append(t)
+    lengths = sorted({int(c.shape[0]) for c in clips})
+    if len(lengths) > 1:
+        raise ValueError(f"all clips need the same number of frames (LLaVA-OneVision takes one pixel_values_videos "
+                         f"tensor), got {lengths}; sample them with read_video(num_frames=...)")
+    size = proc.size
+    height, width = (size["height"], size["width"]) if "height" in size else (size.height, size.width)
+    mode = {2: "bilinear", 3: "bicubic"}.get(int(proc.resample))
+    if mode is None:
+        raise ValueError(f"video_processor.resample {proc.resample!r} is not supported (bicubic or bilinear)")
+    mean = torch.tensor(proc.image_mean) * (1.0 / proc.rescale_factor)  # the processor's fused rescale + normalise
+    std = torch.tensor(proc.image_std) * (1.0 / proc.rescale_factor)
+    out = []
+    for c in clips:
+        x = c.permute(0, 3, 1, 2).contiguous()
+        if tuple(x.shape[-2:]) != (height, width):  # torchvision returns the input unchanged at the target size
+            x = torch.nn.functional.interpolate(x, size=[height, width], mode=mode, align_corners=False,
+                                                antialias=True)
+        out.append(x.to(torch.float32).sub_(mean[:, None, None]).div_(std[:, None, None]))
+    return torch.stack(out)
+
+
+def onevision_frame_tokens(config: Any) -> int:
+    """LLM tokens per frame of a LLaVA-OneVision video: the SigLIP patch grid ``side x side`` bilinearly pooled to
+    ``ceil(side / 2)`` on each axis (``apply_pooling``): 196 at 384 px / 14 px patches."""
+    vc = config.vision_config
+    return math.ceil(vc.image_size // vc.patch_size / 2) ** 2
+
+
+def onevision_video_tokens(config: Any, num_frames: int) -> int:
+    """``<video>`` placeholders of one clip: ``num_frames`` frames of pooled tokens + one ``image_newline``."""
+    return num_frames * onevision_frame_tokens(config) + 1
+
+
+def expand_video_tokens(text: str, counts: Sequence[int], video_token: str = VIDEO_TOKEN) -> str:
+    """``text`` with its ``i``-th ``video_token`` repeated ``counts[i]`` times (what the processor does)."""
+    parts = text.split(video_token)
+    if len(parts) - 1 != len(counts):
+        raise ValueError(f"the text holds {len(parts) - 1} {video_token} marker(s) for {len(counts)} clip(s)")
+    out = parts[0]
+    for n, rest in zip(counts, parts[1:]):
+        out += video_token * int(n) + rest
+    return out
+
+
+def onevision_video_inputs(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str],
+                           videos: Sequence[np.ndarray | torch.Tensor], video_processor: Any = None
+                           ) -> dict[str, torch.Tensor]:
+    """A left-padded batch for ``LlavaOnevisionForConditionalGeneration``: ``texts`` (already chat-formatted) hold
+    one ``<video>`` per clip; ``videos`` are the clips in the order of those markers over the batch. Returns
+    ``input_ids``, ``attention_mask`` and ``pixel_values_videos``. The model's video features are not run: the count
+    per clip is :func:`onevision_video_tokens`, which the tests check against ``get_video_features``."""
+    if isinstance(texts, str):
+        raise TypeError("texts must be a list of prompts (one per sample), got a str")
+    pixels = onevision_video_pixels(videos, video_processor)
+    per_clip = onevision_video_tokens(model.config, int(pixels.shape[1]))
+    token = getattr(tokenizer, "video_token", None) or VIDEO_TOKEN
+    counts = [t.count(token) for t in texts]
+    if sum(counts) != len(videos):
+        raise ValueError(f"the texts hold {sum(counts)} {token} marker(s) ({counts} per sample) for "
+                         f"{len(videos)} clip(s)")
+    expanded = [expand_video_tokens(t, [per_clip] * c, token) for t, c in zip(texts, counts)]
+    side = getattr(tokenizer, "padding_side", None)
+    try:
+        if side is not None:
+            tokenizer.padding_side = "left"
+        enc = tokenizer(expanded, return_tensors="pt", padding=True)
+    finally:
+        if side is not None:
+            tokenizer.padding_side = side
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "pixel_values_videos": pixels}
+
+
+__all__ = ["SyntheticClip", "VIDEO_TOKEN", "Video", "event_tokens", "expand_video_tokens", "onevision_frame_tokens",
+           "onevision_video_inputs", "onevision_video_pixels", "onevision_video_processor", "onevision_video_tokens",
+           "read_video", "synthetic_clip"]
