@@ -7,6 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import pytest
 import test_invariants as inv
 import torch
@@ -278,3 +279,47 @@ def test_model_restored_after_video_call():
     with VideoToMe(retain=0.3)(model):
         _logits(model, inputs)
     torch.testing.assert_close(_logits(model, inputs), ref, atol=0, rtol=0)
+
+
+# ---- contact sheet -------------------------------------------------------------------------------------------------
+def test_frame_overlays_dim_dropped_and_colour_groups_across_frames():
+    from tokenzip.contact_sheet import contact_sheet, frame_overlays
+    from tokenzip.output import ItemStats
+
+    model = built(CASE)
+    layout = adapter_for(model).video_layout(3)  # 3 frames of 2x2 + newline: 13 tokens
+    frames = synthetic_clip(3, 32, 32, seed=5).frames
+    # frame 0: token 0 kept alone, 1 dropped, 2 and 3 merged with frame 1's tokens 6, 7 (slot 1); frame 2 dropped
+    source = torch.tensor([0, -1, 1, 1, 2, 3, 1, -1, -1, -1, -1, -1, 4])
+    stats = ItemStats("video", 13, 5, source, torch.tensor([0, 2, 4, 5, 12]), layout)
+    tinted, colour = frame_overlays(frames, stats, dim=0.5, tint=0.5)
+    x = frames.astype(np.float32) / 255
+    np.testing.assert_allclose(tinted[0, :16, :16], x[0, :16, :16])  # kept as itself: unchanged
+    np.testing.assert_allclose(tinted[0, :16, 16:], 0.5 * x[0, :16, 16:])  # dropped: dimmed
+    np.testing.assert_allclose(tinted[2], 0.5 * x[2], rtol=1e-6)
+    assert set(colour) == {1}  # the one merged group, one colour on both frames it covers
+    import matplotlib
+
+    c = np.asarray(matplotlib.colormaps["tab10"].colors[colour[1]], dtype=np.float32)
+    np.testing.assert_allclose(tinted[0, 16:, :], 0.5 * x[0, 16:, :] + 0.5 * c, rtol=1e-6)
+    np.testing.assert_allclose(tinted[1, 16:, :16], 0.5 * x[1, 16:, :16] + 0.5 * c, rtol=1e-6)  # token 6
+    np.testing.assert_allclose(tinted[1, 16:, 16:], 0.5 * x[1, 16:, 16:], rtol=1e-6)  # token 7 dropped
+    pic = contact_sheet(frames, stats, timestamps=[0.0, 0.5, 1.0], ncols=3)
+    assert pic.size[0] > pic.size[1] > 0
+    with pytest.raises(ValueError, match="2 frames, frames holds 3|has 3 frames, frames holds 2"):
+        frame_overlays(frames[:2], stats)
+
+
+def test_video_contact_sheet_runs_a_method_on_a_real_clip():
+    import test_video_io as io
+
+    from tokenzip.contact_sheet import video_contact_sheet
+
+    path = io._clip("carphone_pristine")
+    model = built(CASE)
+    pic, stats = video_contact_sheet(VideoToMe(retain=0.3), model, io._tokenizer(), path, num_frames=4,
+                                     video_processor=onevision_video_processor(56))
+    assert stats.modality == "video" and stats.tokens_in == 4 * 4 + 1 and stats.tokens_out == 5
+    assert pic.size[0] > 0
+    with pytest.raises(TypeError, match="not video"):
+        video_contact_sheet(tz.RandomPrune(retain=0.3), model, io._tokenizer(), path, num_frames=4)
