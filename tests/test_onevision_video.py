@@ -118,11 +118,11 @@ def test_items_counts_and_layout_are_the_models():
     assert [it.sample for it in items] == [0, 1, 1, 2] and {it.modality for it in items} == {"video"}
     with torch.no_grad():
         ref = model.model.get_video_features(inputs["pixel_values_videos"], return_dict=True).pooler_output
-    n = ONEVISION_FRAMES * 2 * 2 + 1  # 56 px / 14 px patches: 4x4, pooled to 2x2 per frame, + one newline
+    n = ONEVISION_FRAMES * 4 * 4 + 1  # 98 px / 14 px patches: 7x7, pooled to 4x4 per frame, + one newline
     assert ref.shape[1] == n == onevision_video_tokens(model.config, ONEVISION_FRAMES)
     for it, f in zip(items, ref):
         torch.testing.assert_close(it.tokens, f, atol=0, rtol=0)
-        assert [(s.kind, s.t, s.h, s.w) for s in it.grid.segments] == [("frames", ONEVISION_FRAMES, 2, 2),
+        assert [(s.kind, s.t, s.h, s.w) for s in it.grid.segments] == [("frames", ONEVISION_FRAMES, 4, 4),
                                                                        ("newline", 1, 1, 1)]
         assert it.grid.n == n and it.extra["newline"].tolist() == [False] * (n - 1) + [True]
         assert torch.equal(it.tokens[-1], model.model.image_newline)
@@ -147,8 +147,8 @@ def test_placeholder_count_at_384_px():
 # ---- signals -------------------------------------------------------------------------------------------------------
 def test_signals_match_brute_force_eager():
     """cls_attention / keys: eager attention weights at the feature layer per frame (mean over heads and queries),
-    averaged over each 2x2 block of patches (what bilinear 4 -> 2 pooling is), frames in order, 0 for the
-    newline."""
+    interpolated from the 7x7 patch grid to 4x4 with explicit bilinear weights (half-pixel centres, clamped at the
+    border, as the model's ``apply_pooling``), frames in order, 0 for the newline."""
     model, eager = built(CASE), built(CASE, "eager")
     inputs = llava_onevision_video_inputs(model, default_samples())
     items = adapter_for(model).encode(inputs, ALL)
@@ -165,9 +165,17 @@ def test_signals_match_brute_force_eager():
     received = att.mean(dim=(1, 2))
     keys = got["k"].view(*got["k"].shape[:2], att.shape[1], -1).mean(dim=2)
 
-    def pool(x):  # [V*T, 16, C] on a 4x4 grid -> [V, T*4, C]: the mean of each 2x2 block
-        g = x.view(x.shape[0], 2, 2, 2, 2, -1).mean(dim=(2, 4))
-        return g.reshape(len(items), -1, x.shape[-1])
+    weights = torch.zeros(4, 7, dtype=torch.float64)  # output row i <- input rows, 7 -> 4
+    for i in range(4):
+        src = max((i + 0.5) * 7 / 4 - 0.5, 0.0)
+        lo = int(src)
+        hi = min(lo + 1, 6)
+        weights[i, lo] += 1 - (src - lo)
+        weights[i, hi] += src - lo
+
+    def pool(x):  # [V*T, 49, C] on a 7x7 grid -> [V, T*16, C]
+        g = torch.einsum("ia,jb,fabc->fijc", weights, weights, x.double().view(x.shape[0], 7, 7, -1))
+        return g.reshape(len(items), -1, x.shape[-1]).float()
 
     ref_att, ref_keys = pool(received[..., None])[..., 0], pool(keys)
     for i, it in enumerate(items):
@@ -221,7 +229,7 @@ def _mixed_inputs(model):
 @pytest.mark.parametrize("method", [VideoTopAttention, tz.RandomPrune, KeepFirst],
                          ids=["video-only", "image-only", "both"])
 def test_images_and_clips_in_one_prompt(method):
-    model = built(CASE)
+    model = built("llava_onevision")  # the image case's model (56-px crops) takes its clips too
     inputs = _mixed_inputs(model)
     ref = _logits(model, inputs)
     with method(retain=1.0)(model):
@@ -256,7 +264,7 @@ def test_bad_video_input_is_a_clear_error():
     inputs = llava_onevision_video_inputs(model, default_samples())
     c = VideoTopAttention(retain=0.5)
     with c(model):
-        with pytest.raises(ValueError, match=r"pixel_values_videos must be a \[clips, frames, 3, 56, 56\]"):
+        with pytest.raises(ValueError, match=r"pixel_values_videos must be a \[clips, frames, 3, 98, 98\]"):
             _logits(model, {**inputs, "pixel_values_videos": inputs["pixel_values_videos"][:, :, :, :28]})
         short = {**inputs, "input_ids": inputs["input_ids"].clone()}
         short["input_ids"][0, -7] = 5  # one video placeholder of sample 0 too few
@@ -286,7 +294,7 @@ def test_frame_overlays_dim_dropped_and_colour_groups_across_frames():
     from tokenzip.contact_sheet import contact_sheet, frame_overlays
     from tokenzip.output import ItemStats
 
-    model = built(CASE)
+    model = built("llava_onevision")  # 56-px frames: 2x2 tokens each
     layout = adapter_for(model).video_layout(3)  # 3 frames of 2x2 + newline: 13 tokens
     frames = synthetic_clip(3, 32, 32, seed=5).frames
     # frame 0: token 0 kept alone, 1 dropped, 2 and 3 merged with frame 1's tokens 6, 7 (slot 1); frame 2 dropped
@@ -317,9 +325,11 @@ def test_video_contact_sheet_runs_a_method_on_a_real_clip():
 
     path = io._clip("carphone_pristine")
     model = built(CASE)
-    pic, stats = video_contact_sheet(VideoToMe(retain=0.3), model, io._tokenizer(), path, num_frames=4,
-                                     video_processor=onevision_video_processor(56))
-    assert stats.modality == "video" and stats.tokens_in == 4 * 4 + 1 and stats.tokens_out == 5
+    method = VideoToMe(retain=0.3)
+    pic, stats = video_contact_sheet(method, model, io._tokenizer(), path, num_frames=4,
+                                     video_processor=onevision_video_processor(98))
+    assert stats.modality == "video" and stats.tokens_in == 4 * 16 + 1
+    assert stats.tokens_out == method.budget.count(65)
     assert pic.size[0] > 0
     with pytest.raises(TypeError, match="not video"):
         video_contact_sheet(tz.RandomPrune(retain=0.3), model, io._tokenizer(), path, num_frames=4)

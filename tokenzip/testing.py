@@ -208,7 +208,29 @@ def llava_onevision_inputs(model: torch.nn.Module, samples: list[Sample], *,
     return out
 
 
-ONEVISION_FRAMES = 6  # frames per test clip: 6 x (2 x 2) pooled tokens + 1 newline = 25 tokens on the tiny model
+ONEVISION_FRAMES = 6  # frames per test clip: 6 x (4 x 4) pooled tokens + 1 newline = 97 tokens on the tiny model
+ONEVISION_FRAME_SIZE = 98  # 7 x 7 patches of 14 px, pooled to 4 x 4: an odd grid, like 384 px (27 x 27 -> 14 x 14)
+
+
+def tiny_llava_onevision_video(attn_implementation: str = "sdpa", seed: int = 0) -> torch.nn.Module:
+    """The video case's model: as :func:`tiny_llava_onevision`, with 98-px SigLIP frames (7 x 7 patches, pooled by
+    the model to 4 x 4 tokens per frame)."""
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                image_size=ONEVISION_FRAME_SIZE, patch_size=14, vision_use_head=False)
+    text = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
+    cfg = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
+                               video_token_index=ONEVISION_VIDEO_TOKEN, pad_token_id=PAD)
+    torch.manual_seed(seed)
+    return LlavaOnevisionForConditionalGeneration._from_config(cfg, attn_implementation=attn_implementation).eval()
 
 
 def llava_onevision_video_inputs(model: torch.nn.Module, samples: list[Sample], *,
@@ -425,7 +447,7 @@ CASES: dict[str, Case] = {
     "qwen2_audio": Case("qwen2_audio", lambda attn: tiny_qwen2_audio(attn), lambda m, s: qwen2_audio_inputs(m, s),
                         Qwen2AudioAdapter),
     # clips only, before the LLM (adapters/onevision_video.py); every clip of a batch has ONEVISION_FRAMES frames
-    "llava_onevision_video": Case("llava_onevision_video", lambda attn: tiny_llava_onevision(attn),
+    "llava_onevision_video": Case("llava_onevision_video", lambda attn: tiny_llava_onevision_video(attn),
                                   lambda m, s: llava_onevision_video_inputs(m, s), LlavaOnevisionAdapter,
                                   media=("video",), only_stages=("pre_llm",)),
 }
