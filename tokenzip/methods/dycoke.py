@@ -22,8 +22,9 @@ class DyCoke(Compressor):
     ``f2`` is compared with ``f1`` and ``f4`` with ``f3`` (adjacent pairs), and ``f3`` with ``f1`` (the group's
     first): each compared frame keeps the tokens *least* similar (cosine) to the token at the same position of its
     reference frame, and drops the rest, which the reference already shows. Similarities are taken between the
-    frames' full token sets, before any pruning. This is pure dropping: "merging" in the paper means the dropped
-    token is represented by its kept counterpart in the reference frame.
+    frames' full token sets, before any pruning. Though the paper calls the stage merging, it drops: a dropped
+    token's content is left to its counterpart in the reference frame. ``window`` (default 4, the paper's) sets the
+    group length; in longer groups odd offsets compare with the frame before them, even ones with the first.
 
     Budget: the paper prunes a fixed share ``p`` of every compared frame. Here the first frames of the groups are
     kept whole and the rest of ``k`` is shared by the compared frames in proportion to their size
@@ -34,10 +35,11 @@ class DyCoke(Compressor):
     previous frame's starts a new group. LLaVA-OneVision's trailing newline token is kept while ``k`` leaves a
     token for the frames. Uses no signals; ties go to the earlier token.
 
-    Departures of the authors' code from the paper, not reproduced: it ranks some frames with the similarities of
-    the previous pair (off by one), leaves the last group of frames unpruned, and returns the kept tokens of a
-    frame in score order instead of their spatial order. The decode-time KV-cache pruning (the paper's second
-    stage) is not part of this pre-LLM method.
+    Departures of the authors' code (``dycole_ttm`` in ``llava/model/llava_arch.py``) from the paper, not
+    reproduced: it ranks each pair's second frame with the similarities of the previous pair (off by one; the first
+    pair uses the last pair's), leaves the third frame of the last group of four unpruned against the first, and
+    returns a frame's kept tokens in score order instead of their spatial order. The decode-time KV-cache pruning
+    (the paper's second stage) is not part of this pre-LLM method.
     """
 
     window: int = 4
