@@ -318,3 +318,25 @@ def test_split_weighted_is_exact_capped_and_floored():
     for k in range(1, 30):
         alloc = ops.split_weighted([5, 9, 1, 14], [0.3, 2.0, 7.0, 1.0], k)
         assert sum(alloc) == min(k, 29) and all(0 <= a <= s for a, s in zip(alloc, [5, 9, 1, 14]))
+
+
+def test_per_frame_runs_through_the_patch_on_anyres_images():
+    """On a real (tiny) LLaVA-OneVision, an AnyRes image's base view and crop grid are the frames: retain=1 is
+    lossless and every item meets its budget exactly."""
+    from tokenzip.testing import CASES, default_samples
+
+    from conftest import built
+
+    model = built("llava_onevision")
+    inputs = CASES["llava_onevision"].make_inputs(model, default_samples())
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        with tz.PerFrame(tz.ToMe(retain=1.0))(model):
+            same = model(**inputs).logits
+        c = tz.PerFrame(tz.ToMe(retain=0.3))
+        with c(model):
+            model(**inputs)
+    assert (same - ref).abs().max().item() <= 1e-4
+    items = [it for stats in c.last_stats for ms in stats.values() for it in ms.items]
+    assert items and all(it.tokens_out == c.budget.count(it.tokens_in) for it in items)
+    assert any(len(it.grid.segments) > 1 for it in items), "an AnyRes item with several frames was compressed"
