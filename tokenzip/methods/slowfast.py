@@ -18,9 +18,10 @@ class SlowFast(Compressor):
     """Two-pathway pooling of a clip's frames ("SlowFast-LLaVA: A Strong Training-Free Baseline for Video Large
     Language Models", Xu et al., arXiv:2407.15841).
 
-    The slow pathway takes ``slow_frames`` frames spread uniformly over the clip and keeps many tokens of each;
-    the fast pathway pools every other frame hard (the paper: ``4x4`` tokens per frame, a 6x down-sampling, against
-    e.g. ``12x24`` for a slow frame). Both pathways pool each frame with adaptive average pooling.
+    The slow pathway takes ``slow_frames`` frames (default 8, our choice) spread uniformly over the clip (the
+    centres of equal temporal bins) and keeps many tokens of each; the fast pathway pools every other frame hard
+    (the paper: ``4x4`` tokens per frame, a 6x down-sampling, against e.g. ``12x24`` for a slow frame). Both
+    pathways pool each frame with adaptive average pooling.
 
     Budget split, met exactly: a slow frame gets ``detail`` times the tokens of a fast frame of the same grid
     (``detail=18``: the paper's ``12x24`` slow vs ``4x4`` fast tokens), i.e. frame ``t`` is weighted
@@ -33,9 +34,9 @@ class SlowFast(Compressor):
     Departures: in the paper the slow frames are also part of the fast pathway (each slow frame is encoded twice)
     and the LLM sees all slow tokens, then all fast tokens. Here every input token feeds exactly one output token
     (the source map is a partition), so a slow frame appears once, at full share, and the output keeps time order
-    and every token's original position. The slow pathway's anisotropic ``1x2`` pooling becomes aspect-preserving
-    regions. ``slow_frames`` is clipped to the clip's frame count. LLaVA-OneVision's trailing newline token is kept
-    as it is while ``k`` leaves a token for the frames. Uses no signals.
+    and every token's original position. An anisotropic slow-frame pooling (``24x24 -> 12x24``) becomes
+    aspect-preserving regions. ``slow_frames`` is clipped to the clip's frame count. LLaVA-OneVision's trailing
+    newline token is kept as it is while ``k`` leaves a token for the frames. Uses no signals.
     """
 
     slow_frames: int = 8

@@ -42,8 +42,8 @@ class VidCom2(Compressor):
     temperature ``0.01`` follow the authors' code (``llava/model/vidcom2.py``), which states the scores more
     concretely than the paper's text; the code rounds each frame's count on its own, so its total drifts from the
     budget, ours does not. Ties (channels, tokens) go to the earlier index. LLaVA-OneVision's trailing newline
-    token is kept while ``k`` leaves a token for the frames (the code handles only LLaVA-Video's per-row newlines).
-    Uses no signals.
+    token is kept while ``k`` leaves a token for the frames (the authors' code compresses the frames before that
+    token is appended, so it keeps it too). Uses no signals.
     """
 
     temperature: float = 0.01
