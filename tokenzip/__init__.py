@@ -15,6 +15,7 @@ from .encoder_stage import InEncoder
 from .methods import *  # noqa: F401,F403  (method classes)
 from .methods import METHODS
 from .output import CompressOutput, ItemStats, ModalityStats
+from .per_frame import PerFrame as PerFrame  # tz.PerFrame(method): an image method frame by frame
 from .registry import get, method_class, methods
 
 __version__ = "0.1.0"

@@ -232,3 +232,84 @@ def size_bias(size: torch.Tensor) -> torch.Tensor:
     """ToMe's proportional attention as an additive attention mask: ``log(size)`` ``[B, n]`` -> ``[B, 1, 1, n]``,
     added to every query's logits over the keys (SDPA takes it as ``attn_mask``). Sizes below 1 count as 1."""
     return size.float().clamp(min=1).log()[:, None, None, :]
+
+
+# ---- video: frames, markers and budgets shared by the frame-wise methods ------------------------------------------
+def visual_frames(layout: Layout) -> list[tuple[int, int, int]]:
+    """``(start, h, w)`` of every frame (spatial grid) that carries pixels, in token order: every frame of
+    :meth:`Layout.frames` except the standalone ``newline`` marker tokens."""
+    out, start = [], 0
+    for s in layout.segments:
+        for _ in range(s.t):
+            if s.kind != "newline":
+                out.append((start, s.h, s.w))
+            start += s.h * s.w
+    return out
+
+
+def marker_positions(layout: Layout) -> list[int]:
+    """Positions of the standalone ``newline`` marker tokens (LLaVA-OneVision's one newline after a video)."""
+    out, start = [], 0
+    for s in layout.segments:
+        if s.kind == "newline":
+            out += range(start, start + s.size)
+        start += s.size
+    return out
+
+
+def reserve_markers(layout: Layout, k: int) -> tuple[list[int], int]:
+    """The marker tokens a frame-wise method keeps as they are, and the budget left for the frames: markers carry
+    no pixels but the model was trained to see them, so they are kept while the budget leaves at least one token
+    for the frames (``k > #markers``); at smaller ``k`` every token goes to the frames."""
+    markers = marker_positions(layout)
+    if k > len(markers) and len(markers) < layout.n:
+        return markers, k - len(markers)
+    return [], k
+
+
+def split_weighted(sizes: Sequence[int], weights: Sequence[float], k: int) -> list[int]:
+    """Share ``k`` over parts of the given ``sizes`` in proportion to ``weights`` (``>= 0``): part ``i`` gets
+    ``min(size_i, c * weight_i)`` for the ``c`` that makes the shares sum to ``k`` (water-filling, so what a full
+    part cannot take goes to the others), rounded by largest remainder (ties: the earlier part). Every part gets at
+    least one token while ``k`` allows. All-zero weights fall back to the sizes."""
+    n = len(sizes)
+    total = sum(sizes)
+    if k >= total:
+        return list(sizes)
+    w = [max(0.0, float(x)) for x in weights]
+    if not any(w):
+        w = [float(s) for s in sizes]
+    low = [1 if k >= n else 0 for _ in sizes]
+
+    def shares(c: float) -> list[float]:
+        return [min(float(s), max(float(lo), c * x)) for s, lo, x in zip(sizes, low, w)]
+
+    lo_c, hi_c = 0.0, max(s / x for s, x in zip(sizes, w) if x > 0) + 1.0
+    for _ in range(100):  # bisection on c: the summed shares grow monotonically with c
+        mid = (lo_c + hi_c) / 2
+        if sum(shares(mid)) < k:
+            lo_c = mid
+        else:
+            hi_c = mid
+    target = shares(hi_c)
+    alloc = [min(s, max(lo, math.floor(x))) for s, lo, x in zip(sizes, low, target)]
+    while sum(alloc) < k:
+        i = max((j for j in range(n) if alloc[j] < sizes[j]), key=lambda j: (target[j] - alloc[j], -j))
+        alloc[i] += 1
+    while sum(alloc) > k:
+        i = max((j for j in range(n) if alloc[j] > low[j]), key=lambda j: (alloc[j] - target[j], j))
+        alloc[i] -= 1
+    return alloc
+
+
+def evenly_spaced(n: int, k: int) -> list[int]:
+    """``k`` of ``range(n)`` spread evenly (the centres of ``k`` equal bins): a content-free, deterministic pick."""
+    return [((2 * i + 1) * n) // (2 * k) for i in range(k)]
+
+
+def same_position_similarity(tokens: torch.Tensor, start: int, ref: int, size: int) -> torch.Tensor:
+    """``[B, size]`` cosine similarity of each token of the frame at ``start`` to the token at the same position of
+    the frame at ``ref`` (both ``size`` tokens, same grid)."""
+    cur = tokens[:, start: start + size].float()
+    prev = tokens[:, ref: ref + size].float()
+    return F.cosine_similarity(cur, prev, dim=-1)

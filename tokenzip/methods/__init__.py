@@ -10,15 +10,20 @@ from .bilinear import Bilinear
 from .cls_topk import ClsTopK
 from .divprune import DivPrune
 from .dpc_knn import DpcKnn
+from .dycoke import DyCoke
+from .evs import EVS
 from .fastv import FastV
+from .pllava_pool import PLLaVAPool
 from .prumerge_plus import PruMergePlus
 from .pyramiddrop import PyramidDrop
 from .random_prune import RandomPrune
+from .slowfast import SlowFast
 from .sparsevlm import SparseVLM
 from .speechprune import SpeechPrune
 from .tome import ToMe
 from .trim import Trim
 from .vad_prune import VadPrune
+from .vidcom2 import VidCom2
 from .visionzip import VisionZip
 from .vispruner import VisPruner
 from .vtw import VTW
@@ -47,6 +52,11 @@ METHODS: list[type[Compressor]] = [
     VTW,
     SparseVLM,
     ZipVL,
+    PLLaVAPool,
+    SlowFast,
+    DyCoke,
+    EVS,
+    VidCom2,
 ]
 
 __all__ = ["METHODS"] + [cls.__name__ for cls in METHODS]
