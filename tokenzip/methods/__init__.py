@@ -10,8 +10,13 @@ from .bilinear import Bilinear
 from .cls_topk import ClsTopK
 from .divprune import DivPrune
 from .dpc_knn import DpcKnn
+from .dpc_knn_events import DpcKnnEvents
 from .fastv import FastV
+from .fastvid import FastVID
+from .holitom import HoliTom
+from .llava_scissor import LlavaScissor
 from .prumerge_plus import PruMergePlus
+from .prunevid import PruneVid
 from .pyramiddrop import PyramidDrop
 from .random_prune import RandomPrune
 from .sparsevlm import SparseVLM
@@ -47,6 +52,11 @@ METHODS: list[type[Compressor]] = [
     VTW,
     SparseVLM,
     ZipVL,
+    FastVID,
+    HoliTom,
+    PruneVid,
+    LlavaScissor,
+    DpcKnnEvents,
 ]
 
 __all__ = ["METHODS"] + [cls.__name__ for cls in METHODS]
