@@ -15,7 +15,7 @@ from tokenzip.methods.prunevid import contiguous_runs
 
 torch.set_num_threads(1)
 
-VIDEO_METHODS = [tz.FastVID, tz.HoliTom, tz.PruneVid, tz.LlavaScissor, tz.DpcKnnEvents]
+VIDEO_METHODS = [tz.FastVID, tz.HoliTom, tz.PruneVid, tz.LlavaScissor, tz.DpcKnnEvents, tz.FlashVID]
 D = 16
 
 
@@ -148,6 +148,23 @@ def test_fastvid_cuts_every_transition_below_tau():
     assert [s for s, _ in segments] == [0, 4, 8, 9, 10, 11]  # frames 8..11 are unrelated noise
 
 
+def test_flashvid_segments_at_the_scene_change_and_trees_follow_moving_content():
+    x = scene_cut_clip()
+    frames, _ = video_ops.frames_and_markers(clip_layout(16, 4, 4, newline=False))
+    assert tz.FlashVID(tokens=1, min_segments=1).segments(x[0], frames) == [(0, 8), (8, 16)]
+    segments = tz.FlashVID(tokens=1).segments(x[0], frames)  # topped up to 8 segments by the weakest transitions
+    assert len(segments) == 8 and (8 in {s for s, _ in segments})
+    # content that moves one position per frame: trees link across positions, so a tree follows the content
+    g = torch.Generator().manual_seed(4)
+    appearance = torch.randn(8, D, generator=g)
+    moving = torch.stack([torch.roll(appearance, f, dims=0) for f in range(4)])
+    moving = moving + 0.01 * torch.randn(4, 8, D, generator=g)
+    layout = clip_layout(4, 1, 8, newline=False)
+    out = run(tz.FlashVID(tokens=1, alpha=0.0, min_segments=1), moving.reshape(1, 32, D), layout, 8)
+    for members in out.groups(0):  # one tree per appearance, across positions
+        assert [m % 8 for m in members] == [(members[0] + f) % 8 for f in range(4)]
+
+
 def test_holitom_segments_at_the_scene_change_and_merges_into_first_occurrence():
     x = scene_cut_clip()
     frames, _ = video_ops.frames_and_markers(clip_layout(16, 4, 4, newline=False))
@@ -214,7 +231,8 @@ def test_single_linkage_cuts_the_weakest_spanning_tree_edges():
 STATIC_CONFIGS = [  # FastVID with c = 1: the clip has no scene change, so its one segment spans the clip
     pytest.param(tz.FastVID, {"min_segments": 1}, id="fastvid"), pytest.param(tz.HoliTom, {}, id="holitom"),
     pytest.param(tz.PruneVid, {}, id="prunevid"), pytest.param(tz.LlavaScissor, {}, id="llava_scissor"),
-    pytest.param(tz.DpcKnnEvents, {}, id="dpc_knn_events")]
+    pytest.param(tz.DpcKnnEvents, {}, id="dpc_knn_events"),
+    pytest.param(tz.FlashVID, {"min_segments": 1}, id="flashvid")]
 
 
 @pytest.mark.parametrize("method,kwargs", STATIC_CONFIGS)
@@ -227,11 +245,12 @@ def test_static_background_is_merged_across_time(method, kwargs):
     assert max(spans) >= 4, spans  # a quarter of the clip or more
 
 
-# FastVID spends 40 % of a frame's budget on density peaks of every 4th frame of a segment: at 10 % (two peaks for
-# the event's two-frame segment) its recall rests on attention (ATS, checked below); by density alone, at 25 %
+# FastVID (40 % of a frame's budget) and FlashVID (30 %) spend little on density peaks: at 10 % the event's two-frame
+# segment gets two peaks, which share the whole background with the event, so their recall rests on attention (ATS,
+# checked below for FastVID); by density alone it holds at 25 %
 RECALL_BUDGETS = [pytest.param(tz.FastVID, 144, id="fastvid"), pytest.param(tz.HoliTom, 58, id="holitom"),
                   pytest.param(tz.PruneVid, 58, id="prunevid"), pytest.param(tz.LlavaScissor, 58, id="llava_scissor"),
-                  pytest.param(tz.DpcKnnEvents, 58, id="dpc_knn_events")]
+                  pytest.param(tz.DpcKnnEvents, 58, id="dpc_knn_events"), pytest.param(tz.FlashVID, 144, id="flashvid")]
 
 
 def event_owners(out, event_pos: list[int]) -> list[int]:
@@ -252,13 +271,15 @@ def test_short_event_still_owns_a_token(method, k):
     assert max(float(F.cosine_similarity(out.tokens[0, s], event_vec, dim=0)) for s in owners) > 0.9
 
 
-def test_fastvid_keeps_an_attended_event_at_ten_percent():
+@pytest.mark.parametrize("method", [tz.FastVID, tz.FlashVID], ids=lambda m: m.info.name)
+def test_attended_event_is_kept_at_ten_percent(method):
     x, event_pos = event_clip()
     attention = torch.full(x.shape[:2], 1.0)
     attention[0, event_pos] = 5.0  # the encoder attends to the salient patch
-    out = run(tz.FastVID(tokens=1), x, clip_layout(16, 6, 6, newline=True), 58, attention.softmax(-1))
+    out = run(method(tokens=1), x, clip_layout(16, 6, 6, newline=True), 58, attention.softmax(-1))
     kept_alone = {members[0] for members in out.groups(0) if len(members) == 1}
-    assert {5 * 36 + 8, 6 * 36 + 8} <= kept_alone  # salient tokens (ATS) of both event frames stay as they are
+    for frame in (5, 6):  # ATS / ADTS keep an event token of both event frames as it is
+        assert kept_alone & {p for p in event_pos if p // 36 == frame}
 
 
 def test_qwen2_vl_style_video_without_newline():
@@ -280,7 +301,9 @@ def test_qwen2_vl_style_video_without_newline():
     (tz.PruneVid, {"tau": "0.8"}, "tau"), (tz.PruneVid, {"segment_ratio": 0.0}, "segment_ratio"),
     (tz.PruneVid, {"neighbors": -1}, "neighbors"), (tz.LlavaScissor, {"tau": 2.0}, "tau"),
     (tz.DpcKnnEvents, {"event_ratio": 0.0}, "event_ratio"), (tz.DpcKnnEvents, {"neighbors": 0}, "neighbors"),
-    (tz.DpcKnnEvents, {"frame_neighbors": 0}, "frame_neighbors"),
+    (tz.DpcKnnEvents, {"frame_neighbors": 0}, "frame_neighbors"), (tz.FlashVID, {"alpha": 1.2}, "alpha"),
+    (tz.FlashVID, {"temporal_tau": -2.0}, "temporal_tau"), (tz.FlashVID, {"segment_tau": None}, "segment_tau"),
+    (tz.FlashVID, {"min_segments": 0}, "min_segments"), (tz.FlashVID, {"neighbors": 0}, "neighbors"),
 ])
 def test_bad_arguments_are_clear_errors(method, kwargs, name):
     with pytest.raises(ValueError, match=name):
@@ -289,7 +312,7 @@ def test_bad_arguments_are_clear_errors(method, kwargs, name):
 
 def test_registered_for_video_before_the_llm():
     names = {m.info.name for m in tz.METHODS}
-    assert {"fastvid", "holitom", "prunevid", "llava_scissor", "dpc_knn_events"} <= names
+    assert {"fastvid", "holitom", "prunevid", "llava_scissor", "dpc_knn_events", "flashvid"} <= names
     for m in VIDEO_METHODS:
         assert m.info.modalities == ("video",) and m.info.stage == "pre_llm" and not m.info.query_aware
         assert tz.get(m.info.name, retain=0.5).info is m.info

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -89,25 +90,26 @@ def join_nearest(dist: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
 
 def maximum_spanning_tree(sim: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Prim's algorithm on a dense similarity matrix ``[m, m]``: the ``m - 1`` edges ``(u, v, weight)`` of a
-    maximum spanning tree, in the order they were added (ties: the lowest index)."""
+    maximum spanning tree, in the order they were added (ties: the lowest index). Runs on NumPy: ``m`` sequential
+    steps of ``O(m)`` work, where per-call overhead dominates."""
     m = sim.shape[0]
-    dev = sim.device
-    in_tree = torch.zeros(m, dtype=torch.bool, device=dev)
+    s = sim.detach().cpu().double().numpy()
+    in_tree = np.zeros(m, dtype=bool)
     in_tree[0] = True
-    best = sim[0].clone()  # best similarity of every node to the tree
-    parent = torch.zeros(m, dtype=torch.long, device=dev)
-    us, vs, ws = [], [], []
-    for _ in range(m - 1):
-        v = int(torch.argmax(best.masked_fill(in_tree, float("-inf"))))
-        us.append(int(parent[v]))
-        vs.append(v)
-        ws.append(float(best[v]))
+    best = s[0].copy()  # best similarity of every node to the tree
+    best[0] = -np.inf
+    parent = np.zeros(m, dtype=np.int64)
+    us, vs, ws = np.zeros(m - 1, dtype=np.int64), np.zeros(m - 1, dtype=np.int64), np.zeros(m - 1)
+    for step in range(m - 1):
+        v = int(np.argmax(best))  # first maximum: the lowest index
+        us[step], vs[step], ws[step] = parent[v], v, best[v]
         in_tree[v] = True
-        closer = (sim[v] > best) & ~in_tree
-        best = torch.where(closer, sim[v], best)
-        parent = torch.where(closer, torch.full_like(parent, v), parent)
-    return (torch.tensor(us, dtype=torch.long, device=dev), torch.tensor(vs, dtype=torch.long, device=dev),
-            torch.tensor(ws, dtype=torch.float, device=dev))
+        best[v] = -np.inf
+        closer = (s[v] > best) & ~in_tree
+        best[closer] = s[v][closer]
+        parent[closer] = v
+    dev = sim.device
+    return (torch.from_numpy(us).to(dev), torch.from_numpy(vs).to(dev), torch.from_numpy(ws).float().to(dev))
 
 
 def single_linkage(x: torch.Tensor, *, count: int | None = None, threshold: float | None = None) -> torch.Tensor:

@@ -13,6 +13,7 @@ from .dpc_knn import DpcKnn
 from .dpc_knn_events import DpcKnnEvents
 from .fastv import FastV
 from .fastvid import FastVID
+from .flashvid import FlashVID
 from .holitom import HoliTom
 from .llava_scissor import LlavaScissor
 from .prumerge_plus import PruMergePlus
@@ -57,6 +58,7 @@ METHODS: list[type[Compressor]] = [
     PruneVid,
     LlavaScissor,
     DpcKnnEvents,
+    FlashVID,
 ]
 
 __all__ = ["METHODS"] + [cls.__name__ for cls in METHODS]
