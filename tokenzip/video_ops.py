@@ -93,13 +93,13 @@ def maximum_spanning_tree(sim: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     maximum spanning tree, in the order they were added (ties: the lowest index). Runs on NumPy: ``m`` sequential
     steps of ``O(m)`` work, where per-call overhead dominates."""
     m = sim.shape[0]
-    s = sim.detach().cpu().double().numpy()
+    s = sim.detach().float().cpu().numpy()
     in_tree = np.zeros(m, dtype=bool)
     in_tree[0] = True
     best = s[0].copy()  # best similarity of every node to the tree
     best[0] = -np.inf
     parent = np.zeros(m, dtype=np.int64)
-    us, vs, ws = np.zeros(m - 1, dtype=np.int64), np.zeros(m - 1, dtype=np.int64), np.zeros(m - 1)
+    us, vs, ws = np.zeros(m - 1, dtype=np.int64), np.zeros(m - 1, dtype=np.int64), np.zeros(m - 1, dtype=s.dtype)
     for step in range(m - 1):
         v = int(np.argmax(best))  # first maximum: the lowest index
         us[step], vs[step], ws[step] = parent[v], v, best[v]

@@ -59,7 +59,8 @@ class FlashVID(Compressor):
     trees (the reference's adaptive ratio with ceil may overshoot). When the trees are fewer than that budget the
     weakest links are cut first (the reference lowers the threshold the same way). Departures: a merged token is
     the mean of all the input tokens it stands for (the reference averages its trees' means with equal weight);
-    DPC-KNN density ties are broken by position instead of random noise. A trailing ``newline`` token
+    the reference caps DPC-KNN's neighbour count at the number of clusters, we use ``neighbors`` throughout;
+    density ties are broken by position instead of random noise. A trailing ``newline`` token
     (LLaVA-OneVision) is kept as is and counts toward the budget (dropped only when the budget is one token).
     """
 

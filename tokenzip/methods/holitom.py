@@ -77,13 +77,16 @@ class HoliTom(Compressor):
     DPC-KNN (``neighbors`` nearest) and merged into their cluster centres; the remaining (dynamic) tokens of each
     frame keep the top ``cls_attention`` tokens, of which a ``contextual_ratio`` share is instead spent on DPC-KNN
     clusters of the rest (the released scripts run ``D = 0``: attention only, our default). Defaults follow the
-    released LLaVA-OneVision scripts (``tau = 0.8``, ``K = 7``, merged tokens are plain means: ``NO_BETA``).
+    released LLaVA-OneVision scripts (``tau = 0.8``; they lower it to 0.65 for a 10 % budget; ``K = 7``; merged
+    tokens are plain means: ``NO_BETA``).
 
     Budget mapping: the item's budget (the paper's retention ratio, which the reference rescales by the share that
     temporal merging left) is shared over the windows' static sets and the frames' dynamic sets in proportion to
     their sizes, so it is met exactly. When temporal merging alone would leave fewer tokens than the budget, the
-    least static positions (lowest similarity) are released back to their frames first. Departures: DPC-KNN
-    density ties are broken by position instead of random noise; windows span frames of one grid size only. The
+    least static positions (lowest similarity) are released back to their frames first. Departures: the reference
+    caps DPC-KNN's neighbour count at the number of clusters (``k = min(K, clusters)``), we use ``neighbors``
+    throughout; DPC-KNN density ties are broken by position instead of random noise; windows span frames of one
+    grid size only. The
     paper's third stage, merging inside the LLM at a middle layer, is out of scope here (a pre-LLM method). A
     trailing ``newline`` token (LLaVA-OneVision) is kept as is and counts toward the budget (dropped only when the
     budget is one token).
