@@ -10,11 +10,17 @@ from .bilinear import Bilinear
 from .cls_topk import ClsTopK
 from .divprune import DivPrune
 from .dpc_knn import DpcKnn
+from .dpc_knn_events import DpcKnnEvents
 from .dycoke import DyCoke
 from .evs import EVS
 from .fastv import FastV
+from .fastvid import FastVID
+from .flashvid import FlashVID
+from .holitom import HoliTom
+from .llava_scissor import LlavaScissor
 from .pllava_pool import PLLaVAPool
 from .prumerge_plus import PruMergePlus
+from .prunevid import PruneVid
 from .pyramiddrop import PyramidDrop
 from .random_prune import RandomPrune
 from .slowfast import SlowFast
@@ -29,8 +35,8 @@ from .vispruner import VisPruner
 from .vtw import VTW
 from .zipvl import ZipVL
 
-# A method's `info.modalities` names only what an adapter can hand it: no adapter compresses video yet (LLaVA-OneVision
-# and Qwen2-VL pass videos through uncompressed), so no method declares "video" until one does.
+# A method's `info.modalities` names only what an adapter can hand it (tests/test_methods.py checks every claimed
+# modality is compressed by some adapter).
 METHODS: list[type[Compressor]] = [
     RandomPrune,
     AvgPool,
@@ -57,6 +63,12 @@ METHODS: list[type[Compressor]] = [
     DyCoke,
     EVS,
     VidCom2,
+    FastVID,
+    HoliTom,
+    PruneVid,
+    LlavaScissor,
+    DpcKnnEvents,
+    FlashVID,
 ]
 
 __all__ = ["METHODS"] + [cls.__name__ for cls in METHODS]
