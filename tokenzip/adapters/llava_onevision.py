@@ -50,6 +50,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import image_s
 
 from .. import layout as L
 from ..output import CompressOutput
+from . import resample
 from .base import Item
 from .llava import LlavaFamily
 from .placeholders import image_llm_items, items_per_sample, require_input_ids, text_signals
@@ -224,3 +225,14 @@ class LlavaOnevisionAdapter(LlavaFamily):
             return [int(m.shape[0]) for m in marks], grids
 
         return image_llm_items(kwargs, self.image_token_id, plan)
+
+    # ---- stage "input" (tokenzip.base.InputCompressor): fewer AnyRes crops (adapters/resample.py) --------------------
+    input_reductions = ("crops",)
+    input_keeps_media = False  # the reduced call carries precomputed features
+
+    def input_plan(self, kwargs: dict[str, Any], reduction: str) -> list:
+        return resample.onevision_input_plan(self, kwargs, reduction)
+
+    def rescale_inputs(self, kwargs: dict[str, Any], reduction: str, items: list, targets: list[int]
+                       ) -> tuple[dict[str, Any], list]:
+        return resample.onevision_rescale_inputs(self, kwargs, items, targets)

@@ -8,12 +8,14 @@ from .attn_topk import AttnTopK
 from .avg_pool import AvgPool
 from .bilinear import Bilinear
 from .cls_topk import ClsTopK
+from .crops import Crops
 from .divprune import DivPrune
 from .dpc_knn import DpcKnn
 from .fastv import FastV
 from .prumerge_plus import PruMergePlus
 from .pyramiddrop import PyramidDrop
 from .random_prune import RandomPrune
+from .resize import Resize
 from .sparsevlm import SparseVLM
 from .speechprune import SpeechPrune
 from .tome import ToMe
@@ -47,6 +49,8 @@ METHODS: list[type[Compressor]] = [
     VTW,
     SparseVLM,
     ZipVL,
+    Resize,
+    Crops,
 ]
 
 __all__ = ["METHODS"] + [cls.__name__ for cls in METHODS]
