@@ -15,10 +15,13 @@ def built(case: str, attn: str = "sdpa") -> torch.nn.Module:
 
 
 def compatible(method_cls, case) -> bool:
-    """Whether the case's adapter takes the method: its stage, a shared modality, and every required signal."""
+    """Whether the case's adapter takes the method: its stage (stage "input": the kind of reduction it asks for is
+    one the adapter can make), a shared modality, and every required signal."""
     info = method_cls.info
     needs = set(method_cls(retain=1.0).requires)  # a configured instance: requirements may depend on fields
-    return (info.stage in case.stages and bool(set(info.modalities) & set(case.modalities))
+    stage_ok = (method_cls.reduces in case.adapter.input_reductions if info.stage == "input"
+                else info.stage in case.stages)
+    return (stage_ok and bool(set(info.modalities) & set(case.modalities))
             and needs <= case.produces(info.stage))
 
 

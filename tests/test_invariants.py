@@ -77,14 +77,29 @@ def test_llm_sees_exact_budget(method, case, budget):
     finally:
         h.remove()
     real_in = CASES[case].input_tokens(inputs) if CASES[case].input_tokens else inputs["attention_mask"].sum(1)
+    expected = _documented_counts(c, model, inputs)
+    assert len(c.last_stats) == len(expected) == len(real_in)
     for b, stats in enumerate(c.last_stats):
         removed = 0
-        for ms in stats.values():
-            for it in ms.items:
-                assert it.tokens_out == c.budget.count(it.tokens_in)
-                removed += it.tokens_in - it.tokens_out
+        items = [it for ms in stats.values() for it in ms.items]
+        assert [(it.tokens_in, it.tokens_out) for it in items] == expected[b]
+        for it in items:
+            removed += it.tokens_in - it.tokens_out
         assert seen[0].dim() == 2, f"the language model's tokens must be a [B, L] mask, got {tuple(seen[0].shape)}"
         assert int(seen[0][b].sum()) == int(real_in[b]) - removed
+
+
+def _documented_counts(c, model, inputs):
+    """Per sample, ``(N, count)`` of each item as the method documents it: its budget of the item's ``N`` tokens;
+    for an input-stage method, its count for the item among those the adapter says it can give the item
+    (``input_plan`` of the uncompressed inputs), since a resized input can only have certain counts."""
+    if c.info.stage == "input":
+        out = [[] for _ in range(inputs["input_ids"].shape[0])]
+        for p in adapter_for(model).input_plan(inputs, c.reduces):
+            out[p.sample].append((p.tokens, c.target(p.tokens, p.achievable)))
+        return out
+    return [[(it.tokens_in, c.budget.count(it.tokens_in)) for ms in stats.values() for it in ms.items]
+            for stats in c.last_stats]
 
 
 def _valid_keys_of_last_row(mask):

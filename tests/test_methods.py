@@ -15,6 +15,8 @@ from conftest import synthetic_signals
 torch.set_num_threads(1)
 
 D = 8
+# stage "input" methods change the model's inputs and have no tensor-level compress (tests/test_input_stage.py)
+TENSOR_METHODS = [m for m in tz.METHODS if m.info.stage != "input"]
 
 
 def signals(b: int, n: int, seed: int = 0, t: int = 5) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -77,7 +79,7 @@ COMBOS = [
 ]
 
 
-@pytest.mark.parametrize("method", tz.METHODS, ids=lambda m: m.info.name)
+@pytest.mark.parametrize("method", TENSOR_METHODS, ids=lambda m: m.info.name)
 def test_exact_budget_and_consistent_output(method):
     for n, grid, ks in COMBOS:
         tokens, sig = signals(2, n, seed=n)
@@ -86,7 +88,7 @@ def test_exact_budget_and_consistent_output(method):
             check_output(out, tokens, k)
 
 
-@pytest.mark.parametrize("method", tz.METHODS, ids=lambda m: m.info.name)
+@pytest.mark.parametrize("method", TENSOR_METHODS, ids=lambda m: m.info.name)
 def test_budget_from_retain_and_identity(method):
     tokens, sig = signals(1, 16)
     out = method(retain=0.25).compress(tokens, **wanted(method, sig))
@@ -95,7 +97,7 @@ def test_budget_from_retain_and_identity(method):
     assert torch.equal(full.tokens, tokens) and torch.equal(full.source[0], torch.arange(16))
 
 
-@pytest.mark.parametrize("method", tz.METHODS, ids=lambda m: m.info.name)
+@pytest.mark.parametrize("method", TENSOR_METHODS, ids=lambda m: m.info.name)
 def test_batch_rows_are_independent(method):
     n, grid = 16, [(2, 2), (3, 4)]
     tokens, sig = signals(3, n, seed=7, t=6)
@@ -115,7 +117,7 @@ def test_batch_rows_are_independent(method):
         assert torch.equal(batch.source[i], single.source[0]) and torch.equal(batch.index[i], single.index[0])
 
 
-@pytest.mark.parametrize("method", tz.METHODS, ids=lambda m: m.info.name)
+@pytest.mark.parametrize("method", TENSOR_METHODS, ids=lambda m: m.info.name)
 def test_deterministic_with_ties(method):
     tokens, sig = signals(2, 25, seed=3)
     tokens[:, 10:] = tokens[:, :1]  # many identical tokens, keys and scores: tie-breaking must be stable
@@ -128,7 +130,7 @@ def test_deterministic_with_ties(method):
     check_output(runs[0], tokens, 6)
 
 
-@pytest.mark.parametrize("method", tz.METHODS, ids=lambda m: m.info.name)
+@pytest.mark.parametrize("method", TENSOR_METHODS, ids=lambda m: m.info.name)
 def test_missing_required_signal_is_a_clear_error(method):
     tokens, sig = signals(1, 9)
     for name in declared(method, only_required=True):
@@ -138,7 +140,7 @@ def test_missing_required_signal_is_a_clear_error(method):
 
 
 # every configuration whose needs differ: requires is what the configured instance truly needs
-CONFIGS = [pytest.param(m, {}, id=m.info.name) for m in tz.METHODS] + [
+CONFIGS = [pytest.param(m, {}, id=m.info.name) for m in TENSOR_METHODS] + [
     pytest.param(tz.FastV, {"score": "text"}, id="fastv-text")]
 
 

@@ -9,7 +9,7 @@ import torch
 
 from . import ops
 from . import signals as signal_table
-from .budget import Budget
+from .budget import Budget, nearest_achievable
 from .output import CompressOutput, ModalityStats
 
 if TYPE_CHECKING:
@@ -114,3 +114,30 @@ class Compressor:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.budget})"
+
+
+@dataclass
+class InputCompressor(Compressor):
+    """Base of stage ``"input"`` methods: fewer tokens BEFORE the encoder, by giving the model smaller inputs.
+
+    The method decides, per media item, how many tokens the LLM gets: its budget of the item's ``N`` (the tokens the
+    LLM would get uncompressed), taken to the nearest count the model can actually be given
+    (:func:`tokenzip.budget.nearest_achievable`: the largest achievable count at or under the budget, the smallest
+    achievable one when every count is over it). The adapter says which counts are achievable and builds the
+    smaller inputs (``Adapter.input_plan`` / ``Adapter.rescale_inputs``); the method knows nothing of models.
+    ``reduces`` names the kind of reduction the method asks for; an adapter lists those it can make in
+    ``input_reductions``. There is no tensor-level ``compress``: the tokens are recomputed by the model's encoder
+    from the new inputs.
+    """
+
+    reduces: ClassVar[str] = "resolution"
+
+    def target(self, n: int, achievable: "tuple[int, ...] | list[int]") -> int:
+        """Tokens the LLM gets for an item of ``n`` tokens that can be given any count in ``achievable``."""
+        return nearest_achievable(self.budget.count(n), achievable)
+
+    def compress(self, tokens: torch.Tensor, *, grid: Any = None, k: int | None = None,
+                 **signals: torch.Tensor) -> CompressOutput:
+        raise TypeError(f"{self.info.name} works at stage 'input': it changes the model's inputs (use it on a model: "
+                        f"`with tz.get({self.info.name!r}, retain=0.5)(model): ...`), there are no tokens to compress "
+                        f"at tensor level")

@@ -47,3 +47,15 @@ class Budget:
 
     def __str__(self) -> str:
         return f"retain={self.retain:g}" if self.retain is not None else f"tokens={self.tokens}"
+
+
+def nearest_achievable(k: int, achievable: "tuple[int, ...] | list[int]") -> int:
+    """The count an input-stage method takes for a budget of ``k`` tokens when only the counts in ``achievable`` can
+    be produced (e.g. the grids an image can be resized to): the largest one at or under ``k``, so the budget is met
+    exactly whenever it can be; when every achievable count exceeds ``k``, the smallest one (the least the model can
+    be given, which the item then gets even though it is over the budget)."""
+    counts = sorted({int(c) for c in achievable})
+    if not counts or counts[0] < 1:
+        raise ValueError(f"achievable must hold token counts >= 1, got {list(achievable)!r}")
+    under = [c for c in counts if c <= k]
+    return under[-1] if under else counts[0]

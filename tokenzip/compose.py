@@ -1,54 +1,88 @@
-"""``tz.compose(pre, llm)``: a pre-LLM method followed by an LLM-stage method, installed as one patch."""
+"""``tz.compose(input, encoder | pre_llm, llm)``: methods of different stages run one after the other on the same
+call, installed as one patch."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from .base import Compressor, MethodInfo
+from .budget import nearest_achievable
 from .llm.slots import compose_source
 from .output import ItemStats, ModalityStats, summarize
 
+# pipeline order; "encoder" and "pre_llm" share a slot (see Composed)
+_ORDER = {"input": 0, "encoder": 1, "pre_llm": 1, "llm": 2}
+_SLOT_NAMES = ("input", "encoder/pre_llm", "llm")
+
 
 class Composed:
-    """Two compressors run one after the other on the same call.
+    """Compressors of different stages run one after the other on the same call, in pipeline order: an input-stage
+    method (smaller inputs before the encoder), then an encoder-stage (``tz.InEncoder``) OR a pre-LLM method, then
+    an LLM-stage method; any subset of at least two, each stage at most once.
 
     Budget (explicit, never multiplied by accident): each part keeps ITS OWN budget of the tokens IT receives. The
-    pre-LLM method keeps ``a.budget.count(N)`` of an item's ``N`` encoder tokens; the LLM method then keeps
-    ``b``'s final count of those ``N1`` tokens. ``retain`` reports the resulting overall fraction for an item of
-    ``n`` tokens (``effective(n)``); with retain budgets it is about the product ``a.retain * b.retain``.
-    ``last_stats`` chains both: ``tokens_in`` is the encoder count, ``tokens_out`` the count after the LLM stage,
-    ``source``/``index`` refer to the encoder tokens.
+    input stage gives an item of ``N`` tokens ``N0`` = the nearest achievable count at or under its budget of ``N``
+    (the adapter's counts for that item); the encoder/pre-LLM method keeps its budget of those ``N0`` tokens
+    (``N1``); the LLM method then keeps its final count of ``N1``. ``effective(n)`` gives the exact result for an
+    item of ``n`` tokens; ``retain`` the nominal product of the parts' ``retain``. ``last_stats`` chains the parts:
+    ``tokens_in`` is the uncompressed count, ``tokens_out`` the count after the last part, ``source``/``index``
+    refer to the first part's input tokens (for an input stage that resampled an item, through its geometric
+    correspondence, tokenzip/adapters/resample.py).
+
+    An encoder-stage and a pre-LLM method cannot be in one pipeline: both compress the one encoder pass an adapter
+    runs per call (``encode`` -> method -> ``rebuild`` into the precomputed-features path), and after the encoder
+    stage's rebuild there are features, not an encoder pass, for the pre-LLM method to work on. Use a schedule of
+    cuts (``tz.InEncoder(method, layer=(l1, l2, ...))``) for several compressions inside the encoder.
     """
 
     def __init__(self, *parts: Compressor):
-        if len(parts) != 2:
-            raise ValueError(f"compose takes exactly two compressors (a pre-LLM one, then an LLM one), got "
-                             f"{len(parts)}")
+        if len(parts) < 2:
+            raise ValueError(f"compose takes at least two compressors (stages input, encoder or pre-LLM, LLM, in that "
+                             f"order), got {len(parts)}")
         for p in parts:
             if not isinstance(p, Compressor):
                 raise TypeError(f"compose takes configured compressors (e.g. tz.get('visionzip', retain=0.5)), got "
                                 f"{type(p).__name__}")
-        first, second = parts
-        if first.info.stage == "llm" or second.info.stage != "llm":
-            raise ValueError(f"compose(a, b) needs a pre-LLM/encoder method then an LLM-stage method; got stages "
-                             f"{first.info.stage!r} then {second.info.stage!r}")
-        self.parts = (first, second)
-        mods = tuple(m for m in first.info.modalities if m in second.info.modalities)
+        stages = [p.info.stage for p in parts]
+        slots = [_ORDER[s] for s in stages]
+        if "encoder" in stages and "pre_llm" in stages:
+            raise ValueError("compose cannot take an encoder-stage and a pre-LLM method together: both compress the "
+                             "one encoder pass of a call, and after the encoder stage the LLM gets precomputed "
+                             "features, not an encoder output to compress; use tz.InEncoder(method, layer=(l1, l2)) "
+                             "for several cuts")
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"compose takes at most one method per stage (input, encoder or pre-LLM, LLM); got stages "
+                             f"{stages}")
+        if slots != sorted(slots):
+            raise ValueError(f"compose takes its parts in pipeline order: input, then encoder or pre-LLM, then LLM; "
+                             f"got stages {stages}")
+        self.parts = tuple(parts)
+        mods = tuple(m for m in parts[0].info.modalities if all(m in p.info.modalities for p in parts[1:]))
         if not mods:
-            raise ValueError(f"{first.info.name} and {second.info.name} share no modality")
+            raise ValueError(f"{' and '.join(p.info.name for p in parts)} share no modality")
+        last = parts[-1].info
         self.info = MethodInfo(
-            name=f"{first.info.name}+{second.info.name}", family=second.info.family, modalities=mods,
-            stage="llm", query_aware=first.info.query_aware or second.info.query_aware,
-            reference=f"{first.info.reference}; {second.info.reference}")
+            name="+".join(p.info.name for p in parts), family=last.family, modalities=mods, stage=last.stage,
+            query_aware=any(p.info.query_aware for p in parts), reference="; ".join(p.info.reference for p in parts))
 
-    def effective(self, n: int, num_layers: int = 32) -> int:
-        """Tokens an item of ``n`` encoder tokens keeps after both parts (at the end of the LLM schedule)."""
-        first, second = self.parts
-        n1 = first.budget.count(n)
-        final = getattr(second, "final_count", None)
-        return final(n1, num_layers) if final is not None else second.budget.count(n1)
+    def effective(self, n: int, num_layers: int = 32, achievable: Sequence[int] | None = None) -> int:
+        """Tokens an item of ``n`` tokens keeps after every part (an LLM part: at the end of its schedule over
+        ``num_layers`` decoder layers). With an input-stage part, ``achievable`` are the counts the model can be
+        given for that item (``adapter.input_plan(inputs, part.reduces)[i].achievable``): the input stage takes the
+        nearest one at or under its budget, which depends on the item (e.g. its aspect ratio)."""
+        count = n
+        for part in self.parts:
+            if part.info.stage == "input":
+                if achievable is None:
+                    raise ValueError(f"{part.info.name} reduces an item to one of the counts the model allows for it: "
+                                     f"pass achievable=adapter.input_plan(inputs, {part.reduces!r})[i].achievable")
+                count = nearest_achievable(part.budget.count(count), achievable)
+                continue
+            final = getattr(part, "final_count", None)
+            count = final(count, num_layers) if final is not None else part.budget.count(count)
+        return count
 
     @property
     def retain(self) -> float:
@@ -56,26 +90,17 @@ class Composed:
         r = [p.budget.retain for p in self.parts]
         if any(v is None for v in r):
             raise ValueError("a part has a tokens= budget; use effective(n) for the overall count")
-        return float(r[0]) * float(r[1])
+        out = 1.0
+        for v in r:
+            out *= float(v)
+        return out
 
     @property
     def last_stats(self) -> list[dict[str, ModalityStats]]:
-        first, second = self.parts
-        per_sample: list[list[ItemStats]] = []
-        for pre, post in zip(first.last_stats, second.last_stats):
-            items: list[ItemStats] = []
-            for mod, ms in pre.items():
-                later = post.get(mod, ModalityStats()).items
-                for j, a in enumerate(ms.items):
-                    b = later[j] if j < len(later) else None
-                    if b is None:
-                        items.append(a)
-                        continue
-                    items.append(ItemStats(modality=mod, tokens_in=a.tokens_in, tokens_out=b.tokens_out,
-                                           source=compose_source(a.source.cpu(), b.source.cpu()),
-                                           index=a.index.cpu()[b.index.cpu()], grid=a.grid, stages=list(b.stages)))
-            per_sample.append(items)
-        return summarize(per_sample)
+        chained = self.parts[0].last_stats
+        for part in self.parts[1:]:
+            chained = _chain(chained, part.last_stats)
+        return chained
 
     def __call__(self, model: torch.nn.Module) -> Any:
         from .patch import Patch
@@ -86,10 +111,31 @@ class Composed:
         return self(model).install()
 
     def __repr__(self) -> str:
-        return f"compose({self.parts[0]!r}, {self.parts[1]!r})"
+        return f"compose({', '.join(repr(p) for p in self.parts)})"
 
 
-def compose(first: Compressor, second: Compressor) -> Composed:
-    """A pre-LLM method then an LLM-stage method: ``with tz.compose(tz.get("visionzip", retain=0.5),
-    tz.get("fastv", retain=0.5))(model): ...`` — each keeps its own share of what it receives (about 25% overall)."""
-    return Composed(first, second)
+def _chain(first: list[dict[str, ModalityStats]], second: list[dict[str, ModalityStats]]
+           ) -> list[dict[str, ModalityStats]]:
+    """One part's stats followed by the next part's (which saw the first one's output), item by item."""
+    per_sample: list[list[ItemStats]] = []
+    for pre, post in zip(first, second):
+        items: list[ItemStats] = []
+        for mod, ms in pre.items():
+            later = post.get(mod, ModalityStats()).items
+            for j, a in enumerate(ms.items):
+                b = later[j] if j < len(later) else None
+                if b is None:
+                    items.append(a)
+                    continue
+                items.append(ItemStats(modality=mod, tokens_in=a.tokens_in, tokens_out=b.tokens_out,
+                                       source=compose_source(a.source.cpu(), b.source.cpu()),
+                                       index=a.index.cpu()[b.index.cpu()], grid=a.grid, stages=list(b.stages)))
+        per_sample.append(items)
+    return summarize(per_sample)
+
+
+def compose(*parts: Compressor) -> Composed:
+    """Methods of different stages in pipeline order (input, then encoder or pre-LLM, then LLM):
+    ``with tz.compose(tz.get("visionzip", retain=0.5), tz.get("fastv", retain=0.5))(model): ...`` — each keeps its
+    own share of what it receives (about 25% overall)."""
+    return Composed(*parts)

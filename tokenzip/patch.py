@@ -22,11 +22,16 @@ class Patch:
         self.compressor = compressor
         self.model = model
         self.adapter = adapter_for(model)  # TypeError for unsupported models, before anything is touched
-        # a compressor, or a tz.compose(pre_llm, llm) pipeline (``parts``): at most one pre-LLM and one LLM stage
+        # a compressor, or a tz.compose pipeline (``parts``, in pipeline order): at most one part per stage of
+        # input -> encoder | pre_llm -> llm
         parts = tuple(getattr(compressor, "parts", (compressor,)))
         for part in parts:
             stage = part.info.stage
-            if stage not in self.adapter.stages:
+            if stage == "input":
+                if part.reduces not in self.adapter.input_reductions:
+                    raise TypeError(f"{part.info.name} works at stage 'input': "
+                                    f"{self.adapter._no_input_stage(part.reduces)}")
+            elif stage not in self.adapter.stages:
                 raise TypeError(
                     f"{part.info.name} works at stage {stage!r}; {type(self.adapter).__name__} supports "
                     f"{list(self.adapter.stages)}")
@@ -39,7 +44,12 @@ class Patch:
             if missing:
                 raise TypeError(f"{part.info.name} requires signals {missing}, which {type(self.adapter).__name__} "
                                 f"cannot produce at stage {stage!r} (it produces {sorted(produced)})")
-        self.pre = next((p for p in parts if p.info.stage != "llm"), None)
+        self.input = next((p for p in parts if p.info.stage == "input"), None)
+        self.pre = next((p for p in parts if p.info.stage in ("encoder", "pre_llm")), None)
+        if self.input is not None and self.pre is not None and not self.adapter.input_keeps_media:
+            raise ValueError(f"{self.pre.info.name} cannot follow {self.input.info.name} on "
+                             f"{type(self.adapter).__name__}: its input stage hands the LLM precomputed features, "
+                             f"there is no encoder pass left to compress (an LLM-stage method can follow it)")
         if self.pre is not None and self.pre.info.stage == "encoder":
             # ValueError naming the valid layers; a schedule of cuts also needs the step for the earlier cuts
             self.adapter.set_encoder_layer(self.pre.layer, step=self.pre.step)
@@ -56,7 +66,7 @@ class Patch:
             return self
         if getattr(self.model, "_tokenzip_patch", None) is not None:
             raise RuntimeError("this model is already compressed by tokenzip; exit that context first "
-                               "(use tz.compose(a, b) to combine methods)")
+                               "(use tz.compose(...) to combine methods)")
         model = self.model
         orig_forward, orig_generate = model.forward, model.generate
         fwd_sig = inspect.signature(orig_forward)
@@ -111,7 +121,7 @@ class Patch:
         """Start of a patched call: an outermost call starts with empty ``last_stats`` (a call without media must
         not leave the previous call's stats behind); generate()'s inner forward() calls keep the prefill's."""
         if self._depth == 0:
-            for part in (self.pre, self.llm_compressor):  # a tz.compose pipeline's stats are its parts'
+            for part in (self.input, self.pre, self.llm_compressor):  # a tz.compose pipeline's stats are its parts'
                 if part is not None:
                     part.last_stats = []
         self._depth += 1
@@ -143,7 +153,11 @@ class Patch:
 
     # ---- the work -----------------------------------------------------------------------------------------------
     def prepare(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """Compress the media in one call's keyword arguments; returns the arguments for the original method."""
+        """Compress the media in one call's keyword arguments; returns the arguments for the original method.
+        The input stage runs first (once per outermost call: generate()'s own forward() calls get its smaller
+        inputs), then the encoder/pre-LLM stage on the new inputs."""
+        if self.input is not None and self._depth <= 1 and self.adapter.has_media(kwargs):
+            kwargs = self.rescale(kwargs)
         c = self.pre
         if c is None or not self.adapter.has_media(kwargs):
             return kwargs
@@ -164,6 +178,26 @@ class Patch:
                 source=out.source[0], index=out.index[0], grid=item.grid))
         c.last_stats = summarize(per_sample)
         return self.adapter.rebuild(kwargs, items, outputs)
+
+    def rescale(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Stage "input": the method picks each item's count from its budget and the counts the adapter can give it;
+        the adapter builds the smaller inputs. ``last_stats``: ``tokens_in`` is the item's uncompressed count,
+        ``tokens_out`` what reaches the LLM; ``source``/``index`` are the adapter's geometric correspondence (a
+        resampled item has no token-to-token map, see tokenzip/adapters/resample.py)."""
+        c = self.input
+        items = self.adapter.input_plan(kwargs, c.reduces)
+        targets = [c.target(it.tokens, it.achievable) if it.modality in c.info.modalities else it.tokens
+                   for it in items]
+        if all(k == it.tokens for it, k in zip(items, targets)):  # nothing to reduce: the call as it is (exact)
+            new, maps = kwargs, [(torch.arange(it.tokens), torch.arange(it.tokens)) for it in items]
+        else:
+            new, maps = self.adapter.rescale_inputs(kwargs, c.reduces, items, targets)
+        per_sample: list[list[ItemStats]] = [[] for _ in range(self.adapter.batch_size(kwargs))]
+        for it, k, (source, index) in zip(items, targets, maps):
+            per_sample[it.sample].append(ItemStats(modality=it.modality, tokens_in=it.tokens, tokens_out=k,
+                                                   source=source, index=index, grid=it.grid))
+        c.last_stats = summarize(per_sample)
+        return new
 
 
 def _as_kwargs(sig: inspect.Signature, args: tuple, kwargs: dict) -> dict:

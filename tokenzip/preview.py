@@ -60,7 +60,7 @@ def kept_items(compressor: Compressor | Composed | Sequence[Compressor | Compose
     if not patches[0].adapter.has_media(inputs):
         raise ValueError("inputs: the model call carries no media to compress")
     # methods before the LLM that leave the encoder alone see the same encoder output: encode once for all of them
-    shared = [p for p in patches if p.llm_compressor is None and p.pre.info.stage == "pre_llm"]
+    shared = [p for p in patches if p.llm_compressor is None and p.input is None and p.pre.info.stage == "pre_llm"]
     try:
         with torch.no_grad():
             if shared:
@@ -76,7 +76,7 @@ def kept_items(compressor: Compressor | Composed | Sequence[Compressor | Compose
                 if p.llm_compressor is not None:
                     with p:
                         model(**inputs)
-                else:  # an encoder-stage method: the encoder pass itself differs
+                else:  # an encoder- or input-stage method: the encoder pass itself differs
                     p.prepare(dict(inputs))
     finally:
         for p in patches:

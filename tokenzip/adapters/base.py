@@ -55,6 +55,18 @@ class Item:
         return self.extra.get("tokens_in", self.tokens.shape[0])
 
 
+@dataclass
+class InputItem:
+    """One media item as the input stage sees it, before the encoder runs (``Adapter.input_plan``)."""
+
+    modality: str
+    sample: int  # batch row the item belongs to
+    tokens: int  # N: the tokens the LLM gets for it uncompressed
+    achievable: tuple[int, ...]  # ascending token counts the adapter can give the LLM for it (N included)
+    grid: Layout | None = None  # the layout of its N tokens
+    extra: dict[str, Any] = field(default_factory=dict)  # adapter-private bookkeeping
+
+
 class Adapter(ABC):
     """Base adapter. ``model_classes`` are class names, so unsupported models get a clear TypeError."""
 
@@ -118,3 +130,28 @@ class Adapter(ABC):
     @abstractmethod
     def rebuild(self, kwargs: dict[str, Any], items: list[Item], outputs: list[CompressOutput]) -> dict[str, Any]:
         """Arguments for the original forward()/generate() that feed the compressed tokens to the LLM."""
+
+    # ---- stage "input": fewer tokens before the encoder (tokenzip.base.InputCompressor) --------------------------
+    # The kinds of input reduction this adapter can make ("resolution": resize each image; "crops": fewer AnyRes
+    # crops); empty: the adapter has no input stage. ``input_stage_note`` says why, in the error a user gets.
+    input_reductions: ClassVar[tuple[str, ...]] = ()
+    input_stage_note: ClassVar[str] = ""
+    # whether the call that leaves the input stage still carries raw media (pixels), so that an encoder-stage or
+    # pre-LLM method can follow in a ``tz.compose`` pipeline (False: it carries precomputed features)
+    input_keeps_media: ClassVar[bool] = True
+
+    def input_plan(self, kwargs: dict[str, Any], reduction: str) -> list[InputItem]:
+        """The media items of a call in sequence order, each with ``N`` and the counts ``reduction`` can give it."""
+        raise TypeError(self._no_input_stage(reduction))
+
+    def rescale_inputs(self, kwargs: dict[str, Any], reduction: str, items: list[InputItem], targets: list[int]
+                       ) -> tuple[dict[str, Any], list[tuple[torch.Tensor, torch.Tensor]]]:
+        """New call arguments in which item ``i`` reaches the LLM as ``targets[i]`` tokens (an achievable count of
+        its plan), and per item the ``(source [N], index [k])`` correspondence reported in ``last_stats``."""
+        raise TypeError(self._no_input_stage(reduction))
+
+    @classmethod
+    def _no_input_stage(cls, reduction: str) -> str:
+        can = list(cls.input_reductions) or "none"
+        note = f" ({cls.input_stage_note})" if cls.input_stage_note else ""
+        return (f"{cls.__name__} cannot reduce its inputs by {reduction!r} (stage 'input'; it can: {can}){note}")

@@ -224,3 +224,8 @@ class LlavaAdapter(LlavaFamily):
             side = math.isqrt(n)
             it.grid = L.grid(side, side) if side * side == n else None
         return items
+
+    # no stage "input": the tower's position embeddings are for one fixed input size, and the LLM always reads its
+    # (size/patch)^2 tokens, so a smaller image cannot give fewer tokens
+    input_stage_note = ("LLaVA-1.5's CLIP tower takes a fixed 336-px input and always gives 576 tokens, so "
+                        "input-level resolution does not apply; use a pre-LLM or encoder-stage method")

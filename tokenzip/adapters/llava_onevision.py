@@ -49,6 +49,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import image_s
 
 from .. import layout as L
 from ..output import CompressOutput
+from . import resample
 from .base import Item
 from .llava import LlavaFamily
 from .onevision_video import OnevisionVideo
@@ -220,3 +221,14 @@ class LlavaOnevisionAdapter(OnevisionVideo, LlavaFamily):
             return [int(m.shape[0]) for m in marks], grids
 
         return image_llm_items(kwargs, self.image_token_id, plan)
+
+    # ---- stage "input" (tokenzip.base.InputCompressor): fewer AnyRes crops (adapters/resample.py) --------------------
+    input_reductions = ("crops",)
+    input_keeps_media = False  # the reduced call carries precomputed features
+
+    def input_plan(self, kwargs: dict[str, Any], reduction: str) -> list:
+        return resample.onevision_input_plan(self, kwargs, reduction)
+
+    def rescale_inputs(self, kwargs: dict[str, Any], reduction: str, items: list, targets: list[int]
+                       ) -> tuple[dict[str, Any], list]:
+        return resample.onevision_rescale_inputs(self, kwargs, items, targets)

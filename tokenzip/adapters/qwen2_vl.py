@@ -56,6 +56,7 @@ from ..compat import cache_from
 from ..llm.adapter import LLMAccess
 from ..output import CompressOutput
 from . import positions as P
+from . import resample
 from .attention import block_signals
 from .base import Adapter, Item, ModelParts
 from .placeholders import (
@@ -276,3 +277,13 @@ class Qwen2VLAdapter(LLMAccess, Adapter):
 
         return image_llm_items(kwargs, self.image_token_id, plan)
 
+
+    # ---- stage "input" (tokenzip.base.InputCompressor): each image resized to a smaller grid (adapters/resample.py)
+    input_reductions = ("resolution",)
+
+    def input_plan(self, kwargs: dict[str, Any], reduction: str) -> list:
+        return resample.qwen_input_plan(self, kwargs, reduction)
+
+    def rescale_inputs(self, kwargs: dict[str, Any], reduction: str, items: list, targets: list[int]
+                       ) -> tuple[dict[str, Any], list]:
+        return resample.qwen_rescale_inputs(self, kwargs, items, targets)

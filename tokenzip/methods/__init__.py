@@ -8,6 +8,7 @@ from .attn_topk import AttnTopK
 from .avg_pool import AvgPool
 from .bilinear import Bilinear
 from .cls_topk import ClsTopK
+from .crops import Crops
 from .divprune import DivPrune
 from .dpc_knn import DpcKnn
 from .dpc_knn_events import DpcKnnEvents
@@ -23,6 +24,7 @@ from .prumerge_plus import PruMergePlus
 from .prunevid import PruneVid
 from .pyramiddrop import PyramidDrop
 from .random_prune import RandomPrune
+from .resize import Resize
 from .slowfast import SlowFast
 from .sparsevlm import SparseVLM
 from .speechprune import SpeechPrune
@@ -69,6 +71,8 @@ METHODS: list[type[Compressor]] = [
     LlavaScissor,
     DpcKnnEvents,
     FlashVID,
+    Resize,
+    Crops,
 ]
 
 __all__ = ["METHODS"] + [cls.__name__ for cls in METHODS]
