@@ -41,6 +41,35 @@ Design:
   definition), so a manual decoding loop that passes the cache without ``position_ids`` also continues at
   the right positions. ``image_grid_thw``/``video_grid_thw`` are dropped from the rebuilt call (positions are
   explicit and the features precomputed), ``mm_token_type_ids`` is shortened with ``input_ids``.
+
+Stage "encoder" (``tz.InEncoder(method, layer=L)``, images; videos in the same call pass through as above):
+
+* **The unit is one merge group.** The merger turns four consecutive patches (a 2x2 group, in the order of the
+  model's ``get_vision_position_ids``) into one LLM token, so inside the ViT the method compresses merge units: its
+  tokens are the means of each unit's four patch states after block ``L - 1``, one per LLM placeholder, with the
+  same ``(h/2, w/2)`` layout per frame as at the pre-LLM stage (so a budget means the same at both stages). A kept
+  unit keeps its four patches; the four patches of a merged group are the size-weighted means of its members'
+  patches sub-position by sub-position (ToMe's ``merge_wavg``; top-left with top-left ...), shifted so that their
+  mean is the group's token as the method made it (for averaging methods the shift is zero up to rounding; it
+  carries e.g. PruMerge+'s attention weights or VisionZip's "sum" contextual tokens into the patches).
+* **The later blocks run on the kept units only**, called as the model calls them (its own block modules; no copy
+  of its forward). A unit keeps its rotary embedding (a merged group: its representative, first, member's), its
+  frame and, on Qwen2.5-VL, its window; the attention segments are recomputed from the units that are left
+  (``cu_seqlens``: one per frame; ``cu_window_seqlens``: one per window that still has units), the units are fed
+  in the model's window order and put back in raster order after the merger, as the model does. Qwen-VL's vision
+  attention takes no attention mask (it passes ``attention_mask=None`` to its kernel), so there is no ToMe
+  proportional attention here: a merged unit is a plain (size-weighted) average in the later blocks.
+* **Signals** at the cut come from block ``L - 1`` (the one that made the units), recomputed from its own q/k as
+  at the ViT's output: ``keys`` (pre-rotary, mean over heads, mean over the unit's patches) and ``cls_attention``
+  (attention received, on that block's own segments, mean over heads and over all the image's patch queries, then
+  over the unit's patches); ``text``/``text_mask`` as at the pre-LLM stage. ``projected`` is not available (the
+  merger needs the last block's output).
+* **LLM positions**: each output token takes the M-RoPE position the full sequence gives its representative
+  unit's placeholder, exactly as at the pre-LLM stage.
+* **Schedules** (``layer=(l1, l2, ...)``): the units are compressed after each listed block count with a constant
+  keep ratio, each image reaching its budget at the last cut (:func:`tokenzip.encoder.schedule_counts`); sizes
+  carry from cut to cut. After the first cut the kept units no longer tile a grid: a method at a later cut sees
+  them as one row ``(1, n)`` in raster order. ``last_stats``' ``source``/``index`` refer to the last cut's input.
 """
 
 from __future__ import annotations
@@ -455,7 +484,7 @@ class Qwen2VLAdapter(LLMAccess, Adapter):
         positions = self._original_positions(kwargs)
         counts: list[list[tuple[int, int]]] = [[] for _ in range(b)]
         for item, out in zip(items, outputs):
-            counts[item.sample].append((item.tokens.shape[0], out.tokens.shape[1]))
+            counts[item.sample].append((item.tokens_in, out.tokens.shape[1]))
         keep = placeholder_keep_mask(input_ids, self.image_token_id, counts)
 
         indices: list[list[torch.Tensor]] = [[] for _ in range(b)]
