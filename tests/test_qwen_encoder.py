@@ -269,3 +269,27 @@ def test_bad_cuts_raise_naming_the_range(case):
         needs_projected = next(m for m in tz.METHODS if m.info.stage == "pre_llm" and "projected" in
                                m(retain=0.5).requires)
         tz.InEncoder(needs_projected(retain=0.5), layer=1)(model)
+
+
+@pytest.mark.parametrize("method", ["tome", "prumerge_plus"])
+def test_merged_units_average_members_per_sub_position_around_the_methods_token(method):
+    """A kept unit keeps its four patches bit for bit; a merged group's patches are its members' patches averaged
+    sub-position by sub-position, shifted so that their mean is the method's token (PruMerge+ weights its
+    members by attention, so there the shift is not zero)."""
+    model = built("qwen2_5_vl")
+    inputs = qwen_vl_inputs(model, default_samples())
+    items, outs, _ = _compress(model, inputs, tz.get(method, retain=0.4), 1)
+    shifted = 0.0
+    for it, out in zip(items, outs):
+        before = it.extra["units"].patches
+        after = it.extra["units"].after(out).patches
+        torch.testing.assert_close(after.mean(1), out.tokens[0], atol=1e-6, rtol=1e-5)
+        for j, members in enumerate(out.groups()):
+            if len(members) == 1:
+                assert torch.equal(after[j], before[members[0]])
+                continue
+            plain = before[members].mean(0)
+            shift = out.tokens[0, j] - plain.mean(0)
+            torch.testing.assert_close(after[j], plain + shift, atol=1e-6, rtol=1e-5)
+            shifted = max(shifted, shift.abs().max().item())
+    assert (shifted > 1e-4) == (method == "prumerge_plus")
