@@ -41,18 +41,50 @@ Design:
   definition), so a manual decoding loop that passes the cache without ``position_ids`` also continues at
   the right positions. ``image_grid_thw``/``video_grid_thw`` are dropped from the rebuilt call (positions are
   explicit and the features precomputed), ``mm_token_type_ids`` is shortened with ``input_ids``.
+
+Stage "encoder" (``tz.InEncoder(method, layer=L)``, images; videos in the same call pass through as above):
+
+* **The unit is one merge group.** The merger turns four consecutive patches (a 2x2 group, in the order of the
+  model's ``get_vision_position_ids``) into one LLM token, so inside the ViT the method compresses merge units: its
+  tokens are the means of each unit's four patch states after block ``L - 1``, one per LLM placeholder, with the
+  same ``(h/2, w/2)`` layout per frame as at the pre-LLM stage (so a budget means the same at both stages). A kept
+  unit keeps its four patches; the four patches of a merged group are the size-weighted means of its members'
+  patches sub-position by sub-position (ToMe's ``merge_wavg``; top-left with top-left ...), shifted so that their
+  mean is the group's token as the method made it (for averaging methods the shift is zero up to rounding; it
+  carries e.g. PruMerge+'s attention weights or VisionZip's "sum" contextual tokens into the patches).
+* **The later blocks run on the kept units only**, called as the model calls them (its own block modules; no copy
+  of its forward). A unit keeps its rotary embedding (a merged group: its representative, first, member's), its
+  frame and, on Qwen2.5-VL, its window; the attention segments are recomputed from the units that are left
+  (``cu_seqlens``: one per frame; ``cu_window_seqlens``: one per window that still has units), the units are fed
+  in the model's window order and put back in raster order after the merger, as the model does. Qwen-VL's vision
+  attention takes no attention mask (it passes ``attention_mask=None`` to its kernel), so there is no ToMe
+  proportional attention here: a merged unit is a plain (size-weighted) average in the later blocks.
+* **Signals** at the cut come from block ``L - 1`` (the one that made the units), recomputed from its own q/k as
+  at the ViT's output: ``keys`` (pre-rotary, mean over heads, mean over the unit's patches) and ``cls_attention``
+  (attention received, on that block's own segments, mean over heads and over all the image's patch queries, then
+  over the unit's patches); ``text``/``text_mask`` as at the pre-LLM stage. ``projected`` is not available (the
+  merger needs the last block's output).
+* **LLM positions**: each output token takes the M-RoPE position the full sequence gives its representative
+  unit's placeholder, exactly as at the pre-LLM stage.
+* **Schedules** (``layer=(l1, l2, ...)``): the units are compressed after each listed block count with a constant
+  keep ratio, each image reaching its budget at the last cut (:func:`tokenzip.encoder.schedule_counts`); sizes
+  carry from cut to cut. After the first cut the kept units no longer tile a grid: a method at a later cut sees
+  them as one row ``(1, n)`` in raster order. ``last_stats``' ``source``/``index`` refer to the last cut's input.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.vision_utils import get_vision_window_index
+from transformers.utils.generic import get_max_seqlen
+from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
 
 from .. import layout as L
 from ..compat import cache_from
+from ..encoder import MergedTokens, check_cuts, schedule_counts
 from ..llm.adapter import LLMAccess
 from ..output import CompressOutput
 from . import positions as P
@@ -96,11 +128,95 @@ class _LastBlockProbe:
         self.received = out.get("cls_attention")
 
 
+@dataclass(frozen=True)
+class _UnitPlan:
+    """Where every merge unit (one 2x2 group of patches: one LLM token) of a call's images sits in the vision
+    blocks, so that any subset of the units can be packed for them. Units are numbered globally in the merger's
+    output order (images concatenated, each frame-major and row-major over its ``(h/2, w/2)`` groups); the four
+    patches of a unit are consecutive in ``pixel_values`` (the model's own ``get_vision_position_ids`` order).
+
+    cos/sin: ``[U, 4, d]`` the rotary embedding of each unit's four patches (the model's ``rotary_pos_emb``)
+    rank:    ``[U]`` the unit's place in the order the blocks see (Qwen2.5-VL: ``window_index`` order)
+    frame:   ``[U]`` its full-attention segment (one per frame, as the model's ``cu_seqlens``)
+    window:  ``[U]`` its attention window in the windowed blocks (Qwen2.5-VL), None for Qwen2-VL
+    """
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    rank: torch.Tensor
+    frame: torch.Tensor
+    window: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class _Packed:
+    """A subset of units laid out for the vision blocks: ``order`` (block slot -> row of the given unit list, the
+    model's window order for Qwen2.5-VL), the per-patch rotary embedding and the segment bounds (in patches) of
+    the full-attention and the windowed blocks."""
+
+    order: torch.Tensor
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    cu_full: torch.Tensor
+    cu_window: torch.Tensor | None
+
+    def to_blocks(self, units: torch.Tensor) -> torch.Tensor:
+        """``[n, 4, D]`` units in the given order -> ``[4n, D]`` patches in block order."""
+        return units[self.order].flatten(0, 1)
+
+    def restore(self, rows: torch.Tensor) -> torch.Tensor:
+        """``[n, ...]`` per-unit rows in block order -> the given order (as the model undoes ``window_index``)."""
+        return rows[torch.argsort(self.order)]
+
+
+def _segment_bounds(ids: torch.Tensor, unit: int) -> torch.Tensor:
+    """``cu_seqlens`` (int32, in patches, as the model builds them) of the runs of equal ``ids`` of units in block
+    order; segments that lost all their units are absent."""
+    _, counts = torch.unique_consecutive(ids, return_counts=True)
+    return torch.nn.functional.pad((counts * unit).cumsum(0), (1, 0)).to(torch.int32)
+
+
+@dataclass
+class _ImageUnits:
+    """One image's units between two vision blocks (stage "encoder").
+
+    patches: ``[n, 4, D]`` the four patch states of each current unit, in raster order of ``units``
+    units:   ``[n]`` the global unit each current unit stands at: it keeps that unit's rotary positions, window and
+             (in the LLM) placeholder position; for a merged group, its representative (first) member
+    state:   :class:`MergedTokens` ``[1, n, D]`` of the units' means, with their sizes (original units per unit)
+             and sources (each original unit's current unit, -1 dropped)
+    offset:  the global index of the image's first unit
+    """
+
+    patches: torch.Tensor
+    units: torch.Tensor
+    state: MergedTokens
+    offset: int
+
+    def after(self, out: CompressOutput) -> "_ImageUnits":
+        """The units after one compression of their means: a kept unit keeps its four patches; the patches of a
+        merged group are its members' size-weighted means sub-position by sub-position (ToMe's ``merge_wavg``),
+        shifted so that their mean is the group's token (the method's, re-averaged by size as
+        :meth:`MergedTokens.after` does) - for an averaging method the shift is zero up to rounding."""
+        step = out.source[0].to(self.patches.device)
+        k = out.tokens.shape[1]
+        state = self.state.after([out])
+        valid = step >= 0
+        weight = self.state.size[0].to(self.patches.device)[valid].float()
+        flat = self.patches.flatten(1)[valid].float() * weight[:, None]
+        sums = torch.zeros(k, flat.shape[1], device=flat.device).index_add_(0, step[valid], flat)
+        mass = torch.zeros(k, device=flat.device).index_add_(0, step[valid], weight)
+        mean = (sums / mass[:, None]).to(self.patches.dtype).view(k, *self.patches.shape[1:])
+        patches = mean + (state.hidden[0].to(mean.dtype) - mean.mean(dim=1)).unsqueeze(1)
+        return _ImageUnits(patches, self.units[out.index[0].to(self.units.device)], state, self.offset)
+
+
 class Qwen2VLAdapter(LLMAccess, Adapter):
     model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
     modalities = ("image",)
-    stages = ("pre_llm", "llm")
+    stages = ("pre_llm", "encoder", "llm")
     signals = frozenset({"cls_attention", "keys", "projected", "text", "text_mask"})
+    # inside the ViT the merger has not run yet: no ``projected``
+    encoder_signals = frozenset({"cls_attention", "keys", "text", "text_mask"})
 
     def __init__(self, model: torch.nn.Module):
         super().__init__(model)
@@ -110,6 +226,8 @@ class Qwen2VLAdapter(LLMAccess, Adapter):
         self.image_token_id = int(cfg.image_token_id)
         self.video_token_id = int(cfg.video_token_id)
         self.merge = int(cfg.vision_config.spatial_merge_size)
+        self.cuts: tuple[int, ...] | None = None  # stage "encoder": compress after these numbers of vision blocks
+        self.step: Any = None  # stage "encoder" with a schedule: compresses at the cuts before the last one
 
     # ---- queries ------------------------------------------------------------------------------------------------
     def parts(self) -> ModelParts:
@@ -150,6 +268,132 @@ class Qwen2VLAdapter(LLMAccess, Adapter):
                                            patch_size=self.visual.patch_size)
         return index.to(grid.device)
 
+    # ---- stage "encoder": compress between vision blocks (see the module docstring) ----------------------------
+    def set_encoder_layer(self, layer: int | tuple[int, ...], step: Any = None) -> None:
+        """Compress the images' merge units after ``layer`` vision blocks, or after each block count of an
+        increasing tuple (a schedule; ``step`` compresses at the cuts before the last)."""
+        cuts = check_cuts(layer, len(self.visual.blocks))  # ValueError naming the valid cuts
+        if len(cuts) > 1 and step is None:
+            raise ValueError("a schedule of encoder cuts needs a compression step for the intermediate cuts")
+        self.cuts, self.step = cuts, step
+
+    def _unit_plan(self, grid: torch.Tensor, hidden: torch.Tensor) -> _UnitPlan:
+        """The blocks' view of every unit of the images of ``grid`` (``hidden``: the patch embeddings, for the
+        device), from the model's own position, rotary and window functions."""
+        unit = self.merge * self.merge
+        cos, sin = self.visual.rotary_pos_emb(hidden, get_vision_position_ids(grid, self.merge))
+        total = hidden.shape[0] // unit
+        per_frame = (grid[:, 1] * grid[:, 2] // unit).repeat_interleave(grid[:, 0]).to(hidden.device)
+        frame = torch.arange(per_frame.shape[0], device=hidden.device).repeat_interleave(per_frame)
+        order = self._window_index(grid)
+        if order is None:
+            rank, window = torch.arange(total, device=hidden.device), None
+        else:
+            _, cu = get_vision_window_index(grid, spatial_merge_size=self.merge, window_size=self.visual.window_size,
+                                            patch_size=self.visual.patch_size)
+            per_window = ((cu[1:] - cu[:-1]) // unit).to(hidden.device)
+            window_of_slot = torch.arange(per_window.shape[0], device=hidden.device).repeat_interleave(per_window)
+            rank = torch.argsort(order.to(hidden.device))
+            window = window_of_slot[rank]
+        return _UnitPlan(cos.view(total, unit, -1), sin.view(total, unit, -1), rank, frame, window)
+
+    def _pack(self, plan: _UnitPlan, units: torch.Tensor) -> _Packed:
+        """The blocks' arguments for the global ``units`` (any subset, images in order): a unit keeps its rotary
+        positions, its frame and its window; segments are recomputed from the units that are left."""
+        unit = self.merge * self.merge
+        order = torch.argsort(plan.rank[units], stable=True)
+        u = units[order]
+        pe = (plan.cos[u].flatten(0, 1), plan.sin[u].flatten(0, 1))
+        window = None if plan.window is None else _segment_bounds(plan.window[u], unit)
+        return _Packed(order, pe, _segment_bounds(plan.frame[u], unit), window)
+
+    def _run_blocks(self, hidden: torch.Tensor, packed: _Packed, start: int, stop: int) -> torch.Tensor:
+        """Vision blocks ``start`` ... ``stop - 1`` on packed patches ``[4n, D]``, called as the model calls them
+        (full attention in ``fullatt_block_indexes`` and on Qwen2-VL, windows otherwise)."""
+        full = set(getattr(self.visual, "fullatt_block_indexes", ()))
+        for i in range(start, stop):
+            cu = packed.cu_full if packed.cu_window is None or i in full else packed.cu_window
+            hidden = self.visual.blocks[i](hidden, cu_seqlens=cu, max_seqlen=get_max_seqlen(cu, self.visual.config),
+                                           position_embeddings=packed.position_embeddings)
+        return hidden
+
+    @torch.no_grad()
+    def _encode_in_vit(self, kwargs: dict[str, Any], needs: frozenset[str], pixel_values: torch.Tensor,
+                       grid: torch.Tensor, owner: list[int]) -> list[Item]:
+        """Stage "encoder": the vision blocks up to the (last) cut, compressing at the earlier cuts of a schedule;
+        one item per image whose tokens are the means of its units' four patches at the cut."""
+        unit = self.merge * self.merge
+        hidden = self.visual.patch_embed(pixel_values)
+        plan = self._unit_plan(grid, hidden)
+        sizes = [int(s) for s in (grid.prod(-1) // unit).tolist()]
+        patches = hidden.view(-1, unit, hidden.shape[-1]).split(sizes)
+        images, offset = [], 0
+        for n, p in zip(sizes, patches):
+            units = torch.arange(offset, offset + n, device=hidden.device)
+            images.append(_ImageUnits(p, units, MergedTokens.start(p.mean(dim=1).unsqueeze(0)),
+                                      offset))
+            offset += n
+        text = [text_signals(self.core.get_input_embeddings(), kwargs["input_ids"], kwargs.get("attention_mask"),
+                             {self.image_token_id, self.video_token_id}, owner[i]) if "text" in needs else {}
+                for i in range(len(sizes))]
+        counts: list[list[int]] | None = None
+        start = 0
+        for j, cut in enumerate(self.cuts):  # the signals at a cut come from block `cut - 1`, which made the units
+            packed = self._pack(plan, torch.cat([im.units for im in images]))
+            probe = _LastBlockProbe(self.visual.blocks[cut - 1].attn, needs)
+            handle = probe.attn.register_forward_pre_hook(probe.hook, with_kwargs=True) \
+                if {"cls_attention", "keys"} & needs else None
+            try:
+                out = self._run_blocks(packed.to_blocks(torch.cat([im.patches for im in images])), packed, start, cut)
+            finally:
+                if handle is not None:
+                    handle.remove()
+            kept = [im.units.shape[0] for im in images]
+            split = packed.restore(out.view(-1, unit, out.shape[-1])).split(kept)
+            signals = {name: packed.restore(t.view(-1, unit, *t.shape[1:]).mean(dim=1)).split(kept)
+                       for name, t in (("cls_attention", probe.received), ("keys", probe.keys)) if t is not None}
+            items = []
+            for i, (im, p) in enumerate(zip(images, split)):
+                im.patches = p
+                im.state = MergedTokens(p.mean(dim=1).unsqueeze(0), im.state.size, im.state.source)
+                sig = {name: s[i] for name, s in signals.items()}
+                if "cls_attention" in sig:  # mean over all the image's patch queries (as at the ViT's output)
+                    sig["cls_attention"] = sig["cls_attention"] / (unit * kept[i])
+                t, h, w = grid[i].tolist()
+                layout = self._layout(t, h, w) if kept[i] == sizes[i] else L.grid(1, kept[i])
+                items.append(Item("image", owner[i], im.state.hidden[0], layout, {**sig, **text[i]},
+                                  extra={"tokens_in": sizes[i], "units": im, "plan": plan}))
+            if j == len(self.cuts) - 1:
+                break
+            counts = counts or [schedule_counts(n, self.step.count(n), len(self.cuts)) for n in sizes]
+            images = [im.after(self.step(it.tokens.unsqueeze(0), c[j], it.grid,
+                                         {name: s.unsqueeze(0) for name, s in it.signals.items()}))
+                      for im, it, c in zip(images, items, counts)]
+            start = cut
+        if counts is not None:  # a schedule: the last cut reaches each image's budget
+            for it, c in zip(items, counts):
+                it.extra["k"] = c[-1]
+        return items
+
+    @torch.no_grad()
+    def _finish_vit(self, items: list[Item], outputs: list[CompressOutput]) -> tuple[torch.Tensor, ...]:
+        """The vision blocks after the last cut on every image's kept/merged units, then the model's merger:
+        the LLM-space tokens of each image, in the order of the method's output."""
+        images = [it.extra["units"].after(out) for it, out in zip(items, outputs)]
+        packed = self._pack(items[0].extra["plan"], torch.cat([im.units for im in images]))
+        hidden = self._run_blocks(packed.to_blocks(torch.cat([im.patches for im in images])), packed,
+                                  self.cuts[-1], len(self.visual.blocks))
+        merged = packed.restore(self.visual.merger(hidden))  # one row per unit, in block order
+        return tuple(merged.split([im.units.shape[0] for im in images]))
+
+    @staticmethod
+    def _kept_units(item: Item, out: CompressOutput) -> torch.Tensor:
+        """The original unit (placeholder of the image) each output token of ``item`` stands at."""
+        im = item.extra.get("units")
+        if im is None:
+            return out.index[0]
+        return im.units[out.index[0].to(im.units.device)] - im.offset
+
     # ---- encode -------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, kwargs: dict[str, Any], needs: frozenset[str]) -> list[Item]:
@@ -166,6 +410,8 @@ class Qwen2VLAdapter(LLMAccess, Adapter):
         if int(grid.prod(-1).sum()) != pixel_values.shape[0]:
             raise ValueError(f"pixel_values has {pixel_values.shape[0]} patches but image_grid_thw {grid.tolist()} "
                              f"needs {int(grid.prod(-1).sum())}")
+        if self.cuts is not None:
+            return self._encode_in_vit(kwargs, needs, pixel_values, grid.to(pixel_values.device), owner)
         p = _LastBlockProbe(self.visual.blocks[-1].attn, needs)
         handle = p.attn.register_forward_pre_hook(p.hook, with_kwargs=True) if {"cls_attention", "keys"} & needs \
             else None
@@ -239,12 +485,12 @@ class Qwen2VLAdapter(LLMAccess, Adapter):
         positions = self._original_positions(kwargs)
         counts: list[list[tuple[int, int]]] = [[] for _ in range(b)]
         for item, out in zip(items, outputs):
-            counts[item.sample].append((item.tokens.shape[0], out.tokens.shape[1]))
+            counts[item.sample].append((item.tokens_in, out.tokens.shape[1]))
         keep = placeholder_keep_mask(input_ids, self.image_token_id, counts)
 
         indices: list[list[torch.Tensor]] = [[] for _ in range(b)]
         for item, out in zip(items, outputs):
-            indices[item.sample].append(out.index[0])
+            indices[item.sample].append(self._kept_units(item, out))
         kept_pos = P.gather_columns(positions, P.kept_columns(input_ids, self.image_token_id, counts, indices))
 
         call = {key: v for key, v in kwargs.items() if key != "position_ids"}
@@ -258,7 +504,7 @@ class Qwen2VLAdapter(LLMAccess, Adapter):
         self.core.rope_deltas = P.rope_deltas(new_pos[-3:] if new_pos.shape[0] >= 3 else new_pos, new_mask)
         new["position_ids"] = new_pos[0] if positions.shape[0] == 1 else new_pos
 
-        feats = tuple(out.tokens[0] for out in outputs)
+        feats = tuple(out.tokens[0] for out in outputs) if self.cuts is None else self._finish_vit(items, outputs)
         encoded = {"image": BaseModelOutputWithPooling(pooler_output=feats)}
         if kwargs.get("pixel_values_videos") is not None:
             encoded["video"] = self.core.get_video_features(kwargs["pixel_values_videos"], kwargs["video_grid_thw"],
