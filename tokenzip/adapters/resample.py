@@ -36,18 +36,18 @@ input stage does the same with a smaller pixel budget, from the call's own ``pix
   are not positions (see above).
 
 LLaVA-OneVision ("crops"). AnyRes feeds the base view (the whole image at the tower's size) and a grid of crops of a
-high-resolution version; the input stage drops the crops: an image whose budget is under its tiled count gets its
-base view only, as the model does for images in multi-image samples: the base view's tokens and ONE trailing
-``image_newline`` marker (``side*side + 1`` tokens; the smallest count it can get — a budget under it still gets
-it). Untiled images (multi-image samples) have that count already and are left as they are. The new features are
-computed by the model's own ``get_image_features`` from the base crops alone (the crops are never encoded) and fed
-through the precomputed-features path (``mm_encoder_outputs``) with the prompt shortened to the new counts, so no
-model internal is patched; the base-view tokens are the original base-view tokens exactly (the tower encodes each
-crop on its own). The model only leaves an image untiled inside a sample of several images (``batch_num_images``),
-so a lone base view is encoded next to a copy of itself. ``source``/``index``: the base-view tokens are kept (their
-own slots), the marker stands for the first row marker of the crop grid, the crop tokens are dropped. The call
-then carries features, not pixels, so no encoder-stage or pre-LLM method can follow in a ``tz.compose`` pipeline on
-this model (an LLM-stage one can).
+high-resolution version; the input stage drops the crops: an image whose budget is under its tiled count gets its base
+view only, as the model does for images in multi-image samples: the base view's tokens and ONE trailing
+``image_newline`` marker (``side*side + 1`` tokens; the smallest count it can get — a budget under it still gets it).
+Untiled images (multi-image samples) have that count already and are left as they are. The new features are computed
+from the base crops alone (the other crops are never encoded) and fed through the precomputed-features path
+(``mm_encoder_outputs``) with the prompt shortened to the new counts, so no model internal is patched; the base-view
+tokens are the original base-view tokens exactly (the tower encodes each crop on its own). ``get_image_features``
+tiles a lone image (it leaves images untiled only inside multi-image samples), so the base views run through the
+model's own tower, projector and ``pack_image_features`` directly (``_base_view_features``). ``source``/``index``: the
+base-view tokens are kept (their own slots), the marker stands for the first row marker of the crop grid, the crop
+tokens are dropped. The call then carries features, not pixels, so no encoder-stage or pre-LLM method can follow in a
+``tz.compose`` pipeline on this model (an LLM-stage one can).
 """
 
 from __future__ import annotations
@@ -256,6 +256,22 @@ def _crop_rows(pixel_values: torch.Tensor, crops: list[int]) -> list[torch.Tenso
     return list(torch.split(pixel_values, crops))
 
 
+def _base_view_features(core: Any, pixels: torch.Tensor, sizes: torch.Tensor, layer: Any, strategy: str
+                        ) -> list[torch.Tensor]:
+    """LLM-space features of base views ``[n, 3, H, W]`` exactly as ``get_image_features`` gives an untiled image
+    (it tiles a lone image, so it cannot be asked for one base view without encoding a second crop): the tower's
+    feature layer(s), [CLS] dropped for the "default" strategy, the projector, then the model's ``pack_image_features``
+    on one-crop features, which appends ``image_newline``."""
+    tower = core.vision_tower
+    hidden = tower(pixels.to(tower.dtype), output_hidden_states=True, return_dict=True).hidden_states
+    feats = hidden[layer] if isinstance(layer, int) else torch.cat([hidden[i] for i in layer], dim=-1)
+    if strategy == "default":
+        feats = feats[:, 1:]
+    projected = core.multi_modal_projector(feats)
+    packed, _ = core.pack_image_features(list(projected.unsqueeze(1)), sizes, image_newline=core.image_newline)
+    return list(packed)
+
+
 @torch.no_grad()
 def onevision_rescale_inputs(adapter: Any, kwargs: dict[str, Any], items: list[InputItem], targets: list[int]
                              ) -> tuple[dict[str, Any], Maps]:
@@ -279,10 +295,10 @@ def onevision_rescale_inputs(adapter: Any, kwargs: dict[str, Any], items: list[I
         out = encode(torch.cat([per_image[i] for i in tiled]), sizes[tiled], torch.ones(len(tiled), dtype=torch.long))
         for i, f in zip(tiled, out):
             feats[i] = f
-    if untiled:  # base views as one multi-image "sample" (a lone one next to a copy of itself), which it does not tile
-        idx = untiled if len(untiled) > 1 else untiled * 2
-        out = encode(torch.stack([per_image[i][0] for i in idx]), sizes[idx], torch.tensor([len(idx)]))
-        for i, f in zip(untiled, out):
+    if untiled:  # base views only: the tower, the feature selection and the projector on those rows, then the
+        # model's own packing of one-crop features (the base view + one newline marker, as for untiled images)
+        for i, f in zip(untiled, _base_view_features(core, torch.stack([per_image[i][0] for i in untiled]),
+                                                     sizes[untiled], layer, strategy)):
             feats[i] = f
     if [int(f.shape[0]) for f in feats] != list(targets):  # adapter bug, not user input
         raise RuntimeError(f"planned {list(targets)} tokens per image, the model gave {[f.shape[0] for f in feats]}")
