@@ -224,3 +224,10 @@ class LlavaAdapter(LlavaFamily):
             side = math.isqrt(n)
             it.grid = L.grid(side, side) if side * side == n else None
         return items
+
+    def encoder_depth(self) -> int:
+        """The number of vision-tower layers the encoder stage runs: up to the one whose output the LLM reads
+        (``vision_feature_layer``; later layers are never run). ``tz.InEncoder`` layer forms resolve against it."""
+        layer = self.model.config.vision_feature_layer
+        count = len(encoder_layers(self.core.vision_tower))
+        return (layer if isinstance(layer, int) else max(layer)) % (count + 1)

@@ -5,12 +5,14 @@ from __future__ import annotations
 from ..base import Compressor
 from .atome import AToMe
 from .attn_topk import AttnTopK
+from .auroracap import AuroraCap
 from .avg_pool import AvgPool
 from .bilinear import Bilinear
 from .cls_topk import ClsTopK
 from .divprune import DivPrune
 from .dpc_knn import DpcKnn
 from .fastv import FastV
+from .folder import Folder
 from .prumerge_plus import PruMergePlus
 from .pyramiddrop import PyramidDrop
 from .random_prune import RandomPrune
@@ -47,6 +49,8 @@ METHODS: list[type[Compressor]] = [
     VTW,
     SparseVLM,
     ZipVL,
+    AuroraCap,
+    Folder,
 ]
 
 __all__ = ["METHODS"] + [cls.__name__ for cls in METHODS]
