@@ -1,5 +1,5 @@
 """Layer forms resolved against the encoder's depth, ToMe's constant-r schedule, and the registered encoder-stage
-methods (AuroraCap, FOLDER) on their own algorithms. The invariants (retain=1 exact, budget, batch, SDPA/eager,
+methods (AuroraCap, FOLDER, EViT) on their own algorithms. The invariants (retain=1 exact, budget, batch, SDPA/eager,
 cache, restore, determinism) come from tests/test_invariants.py through the registry."""
 
 import pytest
@@ -15,6 +15,7 @@ from tokenzip.encoder.runner import (
     resolve_layers,
     schedule_counts,
 )
+from tokenzip.methods.evit import EViTFuse
 from tokenzip.methods.folder import FolderMerge
 from tokenzip.testing import CASES, default_samples
 
@@ -200,3 +201,31 @@ def test_folder_merge_keeps_tokens_the_cls_token_attends_to_out_of_merges():
     out = FolderMerge(tokens=8, alpha=5.0).compress(tokens, keys=keys, cls_attention=cls)
     assert [0] in out.groups(0) and [4] in out.groups(0)
     assert out.tokens.shape[1] == 8
+
+
+def test_evit_fuse_keeps_the_attentive_tokens_and_fuses_the_rest_by_attention():
+    tokens = _unit_keys(8, 7)
+    cls = torch.tensor([[0.05, 0.30, 0.05, 0.20, 0.10, 0.25, 0.03, 0.02]])
+    out = EViTFuse(tokens=3).compress(tokens, cls_attention=cls)
+    assert out.groups(0) == [[0, 2, 3, 4, 6, 7], [1], [5]]  # the 2 most attended (0.30, 0.25) kept, the rest fused
+    rest = [0, 2, 3, 4, 6, 7]
+    weights = cls[0, rest] / cls[0, rest].sum()
+    torch.testing.assert_close(out.tokens[0, 0], (tokens[0, rest] * weights[:, None]).sum(0))
+    torch.testing.assert_close(out.tokens[0, 1:], tokens[0, [1, 5]])
+    zero = EViTFuse(tokens=2).compress(tokens, cls_attention=torch.tensor([[0, 1.0, 0, 0, 0, 0, 0, 0]]))
+    torch.testing.assert_close(zero.tokens[0, 0], tokens[0, [0, 2, 3, 4, 5, 6, 7]].mean(0))  # no mass: uniform
+    one = EViTFuse(tokens=1).compress(tokens, cls_attention=cls)  # a budget of one token: everything fused
+    assert one.groups(0) == [list(range(8))]
+
+
+def test_evit_places_its_cuts_where_the_paper_does_scaled_to_the_depth():
+    c = tz.get("evit", retain=0.25)
+    assert isinstance(c.method, EViTFuse) and c.layer is None and c.info.name == "evit"
+    assert _lengths(deep_whisper(12), c) == [40] * 4 + [25] * 3 + [16] * 3 + [10] * 2  # the 4th, 7th, 10th layers
+    assert c.layers == (4, 7, 10)
+    _lengths(deep_whisper(4), c)
+    assert c.layers == (1, 2, 3)
+    _lengths(built("whisper"), c)
+    assert c.layers == (1,)
+    fixed = tz.EViT(retain=0.25, layer=-1)
+    assert _lengths(deep_whisper(4), fixed) == [40, 40, 40, 10] and fixed.layers == (3,)

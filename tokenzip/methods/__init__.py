@@ -11,6 +11,7 @@ from .bilinear import Bilinear
 from .cls_topk import ClsTopK
 from .divprune import DivPrune
 from .dpc_knn import DpcKnn
+from .evit import EViT
 from .fastv import FastV
 from .folder import Folder
 from .prumerge_plus import PruMergePlus
@@ -51,6 +52,7 @@ METHODS: list[type[Compressor]] = [
     ZipVL,
     AuroraCap,
     Folder,
+    EViT,
 ]
 
 __all__ = ["METHODS"] + [cls.__name__ for cls in METHODS]
