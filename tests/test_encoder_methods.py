@@ -73,6 +73,9 @@ def test_layer_forms_resolve_against_the_depth():
     assert resolve_layers((1, -1), 4) == (1, 3) and resolve_layers((-2, -1), 4) == (2, 3)
     assert resolve_layers(2, 4) == (2,) and resolve_layers((1, 3), 4) == (1, 3)
     assert check_layer_form([1, 2]) == (1, 2) and check_layer_form("all") == "every"
+    names = [tz.InEncoder(tz.ToMe(retain=0.5), layer=f).info.name for f in (2, (1, 3), -1, "all", ("last", 2))]
+    assert names == ["tome@encoder2", "tome@encoder1+3", "tome@encoder[-1]", "tome@encoder[every]",
+                     "tome@encoder[last2]"]
 
 
 @pytest.mark.parametrize("bad", [0, True, "first", (), (2, 1), (1, 1), (-1, -2), (-1, 1), 1.0, ("last",),

@@ -86,9 +86,7 @@ class InEncoder(Compressor):
         self.optional = method.optional
         if "info" not in type(self).__dict__:  # a registered encoder method (tokenzip/methods) keeps its own info
             i = method.info
-            where = "+".join(map(str, form)) if isinstance(form, tuple) and form[0] != "last" else \
-                f"last{form[1]}" if isinstance(form, tuple) else str(form)
-            self.info = MethodInfo(name=f"{i.name}@encoder{where}", family=i.family, modalities=i.modalities,
+            self.info = MethodInfo(name=f"{i.name}@encoder{_cut_name(form)}", family=i.family, modalities=i.modalities,
                                    stage="encoder", query_aware=i.query_aware, reference=i.reference)
 
     def resolve_layers(self, adapter: Any) -> int | tuple[int, ...]:
@@ -124,3 +122,12 @@ class InEncoder(Compressor):
     def __eq__(self, other: Any) -> bool:
         return type(other) is type(self) and (self.method, self.layer, self.schedule) == \
             (other.method, other.layer, other.schedule)
+
+
+def _cut_name(form: int | str | tuple) -> str:
+    """The cut part of an InEncoder's name: ``2`` and ``1+2+3``; forms resolved by depth in brackets: ``[-1]``,
+    ``[every]``, ``[last2]``, ``[1+-1]``."""
+    if isinstance(form, tuple) and form[0] == "last":
+        return f"[last{form[1]}]"
+    name = "+".join(map(str, form)) if isinstance(form, tuple) else str(form)
+    return name if name.replace("+", "").isdigit() else f"[{name}]"
