@@ -81,7 +81,7 @@ def test_layer_forms_resolve_against_the_depth():
 @pytest.mark.parametrize("bad", [0, True, "first", (), (2, 1), (1, 1), (-1, -2), (-1, 1), 1.0, ("last",),
                                  ("last", 1, 2), None])
 def test_bad_layer_forms_name_the_allowed_forms(bad):
-    with pytest.raises(ValueError, match=r"layer must be an int L >= 1 .*\"every\" or \"all\".*\(\"last\", k\)"):
+    with pytest.raises(ValueError, match=r"layer must be an int >= 1 .*\"every\" or \"all\".*\(\"last\", k\)"):
         tz.InEncoder(tz.ToMe(retain=0.5), layer=bad)
 
 

@@ -122,9 +122,10 @@ SCHEDULES: dict[str, Callable[[int, int, int], list[int]]] = {"ratio": schedule_
                                                                "constant_r": constant_r_counts}
 
 # the layer forms of tz.InEncoder(method, layer=...), for error messages
-LAYER_FORMS = ("an int L >= 1 (cut after L encoder layers), a negative int -j (cut before the j-th last layer), an "
-               "increasing sequence of such ints (a schedule), \"every\" or \"all\" (a cut after every layer "
-               "that leaves one after it), or (\"last\", k) (cuts before each of the last k layers)")
+LAYER_FORMS = ("an int >= 1 (the number of encoder layers run before the cut), a negative int -j (cut before the "
+               "j-th last layer), an increasing sequence of such ints (a schedule), \"every\" or \"all\" (a cut "
+               "after every layer that leaves one after it), or (\"last\", k) (cuts before each of the last k "
+               "layers)")
 
 
 def check_layer_form(layer: object) -> int | str | tuple:
