@@ -68,3 +68,23 @@ def synthetic_signals(b: int, n: int, width: int, seed: int = 0, t: int = 5) -> 
         else:
             out[name] = torch.randn(shape, generator=g)
     return out
+
+
+def deep_whisper(layers: int = 4) -> torch.nn.Module:
+    """The tiny Whisper with ``layers`` encoder layers (copies of its two, perturbed so they differ): room for
+    encoder-stage schedules and layer forms that need more than one cut."""
+    import copy
+
+    from tokenzip.testing import tiny_whisper
+
+    model = tiny_whisper()
+    enc = model.model.encoder
+    g = torch.Generator().manual_seed(1)
+    while len(enc.layers) < layers:
+        layer = copy.deepcopy(enc.layers[len(enc.layers) % 2])
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+        enc.layers.append(layer)
+    model.config.encoder_layers = layers
+    return model.eval()

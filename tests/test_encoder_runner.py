@@ -1,7 +1,5 @@
 """The generic encoder runner (tokenzip.encoder) and the encoder stage's schedule form on a tiny Whisper."""
 
-import copy
-
 import pytest
 import torch
 
@@ -9,22 +7,9 @@ import tokenzip as tz
 from tokenzip.adapters import adapter_for
 from tokenzip.encoder import EncoderRunner, EncoderSpec, MergedTokens, check_cuts, schedule_counts
 from tokenzip.output import CompressOutput
-from tokenzip.testing import CASES, default_samples, tiny_whisper
+from tokenzip.testing import CASES, default_samples
 
-
-def _deep_whisper(layers=4):
-    """The tiny Whisper with ``layers`` encoder layers (copies of its two, perturbed so they differ)."""
-    model = tiny_whisper()
-    enc = model.model.encoder
-    g = torch.Generator().manual_seed(1)
-    while len(enc.layers) < layers:
-        layer = copy.deepcopy(enc.layers[len(enc.layers) % 2])
-        with torch.no_grad():
-            for p in layer.parameters():
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
-        enc.layers.append(layer)
-    model.config.encoder_layers = layers
-    return model.eval()
+from conftest import deep_whisper
 
 
 def _inputs(model):
@@ -49,7 +34,7 @@ def test_check_cuts_names_the_range():
 
 
 def test_runner_without_cuts_reproduces_the_encoder():
-    model = _deep_whisper()
+    model = deep_whisper()
     spec = adapter_for(model).encoder_spec()
     feats = _inputs(model)["input_features"]
     runner = EncoderRunner(spec, 2)
@@ -117,7 +102,7 @@ def test_runner_is_not_whisper_specific():
 
 @pytest.mark.parametrize("method", ["tome", "atome", "avgpool", "vad_prune", "attn_topk"])
 def test_in_encoder_schedule_meets_the_budget_at_every_cut(method):
-    model = _deep_whisper()
+    model = deep_whisper()
     inputs = _inputs(model)
     lengths, masks = [], []
     enc = model.model.encoder
@@ -158,11 +143,11 @@ def test_in_encoder_schedule_forms():
         with pytest.raises(ValueError, match="increasing sequence"):
             tz.InEncoder(tz.AToMe(retain=0.5), layer=bad)
     with pytest.raises(ValueError, match=r"layer must be an int in \[1, 3\]"):
-        tz.InEncoder(tz.AToMe(retain=0.5), layer=(1, 4))(_deep_whisper())
+        tz.InEncoder(tz.AToMe(retain=0.5), layer=(1, 4))(deep_whisper())
 
 
 def test_in_encoder_schedule_generates():
-    model = _deep_whisper()
+    model = deep_whisper()
     inputs = _inputs(model)
     with torch.no_grad(), tz.InEncoder(tz.get("tome", retain=0.25), layer=(1, 3))(model):
         ids = model.generate(input_features=inputs["input_features"], max_new_tokens=3)

@@ -10,6 +10,7 @@ import torch
 from . import ops
 from .base import Compressor, MethodInfo
 from .encoder import CompressStep
+from .encoder.runner import SCHEDULES, check_layer_form, layer_token_counts, resolve_layers
 from .output import CompressOutput
 
 
@@ -37,35 +38,74 @@ class InEncoder(Compressor):
 
         with tz.InEncoder(tz.ToMe(retain=0.25), layer=(1, 2, 3))(whisper): ...
 
-    Supported by adapters that list stage ``"encoder"`` (Whisper); every cut must leave at least one encoder layer
-    after it (the adapter checks the range when the patch is created).
+    Layer forms resolved against the encoder's depth when the patch is created (the depth is the number of layers the
+    adapter runs, ``adapter.encoder_depth()``: for LLaVA up to the feature layer the LLM reads):
+
+    - ``layer=-j``: cut before the ``j``-th last layer (``-1``: before the last one);
+    - ``layer="every"`` (or ``"all"``): a cut after every layer that leaves one after it, ``(1, ..., depth - 1)``:
+      ToMe/AuroraCap merging a few tokens in every block;
+    - ``layer=("last", k)``: cuts before each of the last ``k`` layers, ``(depth - k, ..., depth - 1)`` (FOLDER
+      merges in the last blocks).
+
+    ``last_stats`` and ``layers`` (the resolved cuts) describe the model the patch was last created for.
+
+    ``schedule`` says how a schedule's counts go from the ``N`` input tokens to the budget: ``"ratio"`` (default,
+    a constant keep ratio, :func:`tokenzip.encoder.schedule_counts`) or ``"constant_r"`` (ToMe's schedule: the same
+    number ``r = (N - k) / cuts`` removed at every cut, the first cuts taking one more when it does not divide,
+    :func:`tokenzip.encoder.runner.constant_r_counts`). Both end exactly on the budget at the last cut.
+
+        with tz.InEncoder(tz.ToMe(retain=0.25), layer="every", schedule="constant_r")(whisper): ...
+
+    Supported by adapters that list stage ``"encoder"`` (Whisper, LLaVA-1.5); every cut must leave at least one
+    encoder layer after it (checked when the patch is created, with a ValueError naming the valid range).
     """
 
-    def __init__(self, method: Compressor, layer: int | tuple[int, ...]):
+    def __init__(self, method: Compressor, layer: int | str | tuple, schedule: str = "ratio"):
         if not isinstance(method, Compressor) or isinstance(method, InEncoder):
             raise TypeError(f"method must be a configured pre-LLM compressor (e.g. tz.AToMe(retain=0.25)), got "
                             f"{type(method).__name__}")
         if method.info.stage != "pre_llm":
             raise ValueError(f"{method.info.name} works at stage {method.info.stage!r}; only pre-LLM methods can "
                              f"run inside the encoder")
-        cuts = tuple(layer) if isinstance(layer, (tuple, list)) else (layer,)
-        if not cuts or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in cuts) or \
-                list(cuts) != sorted(set(cuts)):
-            raise ValueError(f"layer must be an int >= 1 (the number of encoder layers run before the cut) or an "
-                             f"increasing sequence of such ints (a schedule), got {layer!r}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, got {schedule!r}")
+        form = check_layer_form(layer)  # ValueError naming the forms
         self.method = method
-        self.layer = layer if isinstance(layer, int) else cuts
-        self.layers = cuts
-        self.step = CompressStep(self._step, method.budget.count)
+        self.layer = form
+        self.schedule = schedule
+        # the cuts: known now for positive ints, resolved against the encoder's depth by resolve_layers() otherwise
+        static = isinstance(form, int) and form > 0 or isinstance(form, tuple) and all(
+            isinstance(c, int) and c > 0 for c in form)
+        self.layers: tuple[int, ...] | None = ((form,) if isinstance(form, int) else form) if static else None
+        self._needs_depth = not static
+        self.step = CompressStep(self._step, method.budget.count, schedule=schedule)
         self.retain, self.tokens = method.retain, method.tokens
         self.budget = method.budget
         self.last_stats = []
         self.requires = method.requires
         self.optional = method.optional
-        i = method.info
-        where = "+".join(map(str, cuts))
-        self.info = MethodInfo(name=f"{i.name}@encoder{where}", family=i.family, modalities=i.modalities,
-                               stage="encoder", query_aware=i.query_aware, reference=i.reference)
+        if "info" not in type(self).__dict__:  # a registered encoder method (tokenzip/methods) keeps its own info
+            i = method.info
+            self.info = MethodInfo(name=f"{i.name}@encoder{_cut_name(form)}", family=i.family, modalities=i.modalities,
+                                   stage="encoder", query_aware=i.query_aware, reference=i.reference)
+
+    def resolve_layers(self, adapter: Any) -> int | tuple[int, ...]:
+        """The cuts for ``adapter``'s encoder, as its ``set_encoder_layer`` takes them (an int for one cut): forms
+        that need the depth ask ``adapter.encoder_depth()``. Sets :attr:`layers`."""
+        if self._needs_depth:
+            depth_of = getattr(adapter, "encoder_depth", None)
+            if depth_of is None:
+                raise ValueError(f"layer={self.layer!r} needs the encoder's depth, which {type(adapter).__name__} "
+                                 f"does not report; give the cut as an int >= 1 or an increasing tuple of them")
+            self.layers = resolve_layers(self.layer, depth_of())
+        return self.layers[0] if len(self.layers) == 1 else self.layers
+
+    def layer_counts(self, n: int, depth: int) -> list[int]:
+        """Tokens each of the encoder's ``depth`` layers runs on for an item of ``n`` tokens (after
+        :meth:`resolve_layers`, or with static cuts): what an encoder-FLOPs estimate needs."""
+        if self.layers is None:
+            raise RuntimeError(f"layer={self.layer!r} is resolved when the method is installed on a model")
+        return layer_token_counts(n, self.budget.count(n), self.layers, depth, self.schedule)
 
     def _compress(self, tokens: torch.Tensor, k: int, layout: ops.Layout,
                   signals: dict[str, torch.Tensor]) -> CompressOutput:
@@ -76,7 +116,18 @@ class InEncoder(Compressor):
         return self.method.compress(tokens, grid=layout, k=k, **signals)
 
     def __repr__(self) -> str:
-        return f"InEncoder({self.method!r}, layer={self.layer})"
+        schedule = "" if self.schedule == "ratio" else f", schedule={self.schedule!r}"
+        return f"{type(self).__name__}({self.method!r}, layer={self.layer!r}{schedule})"
 
     def __eq__(self, other: Any) -> bool:
-        return isinstance(other, InEncoder) and (self.method, self.layer) == (other.method, other.layer)
+        return type(other) is type(self) and (self.method, self.layer, self.schedule) == \
+            (other.method, other.layer, other.schedule)
+
+
+def _cut_name(form: int | str | tuple) -> str:
+    """The cut part of an InEncoder's name: ``2`` and ``1+2+3``; forms resolved by depth in brackets: ``[-1]``,
+    ``[every]``, ``[last2]``, ``[1+-1]``."""
+    if isinstance(form, tuple) and form[0] == "last":
+        return f"[last{form[1]}]"
+    name = "+".join(map(str, form)) if isinstance(form, tuple) else str(form)
+    return name if name.replace("+", "").isdigit() else f"[{name}]"

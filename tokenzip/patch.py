@@ -52,7 +52,7 @@ class Patch:
                              f"there is no encoder pass left to compress (an LLM-stage method can follow it)")
         if self.pre is not None and self.pre.info.stage == "encoder":
             # ValueError naming the valid layers; a schedule of cuts also needs the step for the earlier cuts
-            self.adapter.set_encoder_layer(self.pre.layer, step=self.pre.step)
+            self.adapter.set_encoder_layer(self.pre.resolve_layers(self.adapter), step=self.pre.step)
         self.llm_compressor = next((p for p in parts if p.info.stage == "llm"), None)
         self.llm = None  # the LLM-stage hook runner while installed
         if self.llm_compressor is not None:

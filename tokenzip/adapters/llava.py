@@ -229,3 +229,10 @@ class LlavaAdapter(LlavaFamily):
     # (size/patch)^2 tokens, so a smaller image cannot give fewer tokens
     input_stage_note = ("LLaVA-1.5's CLIP tower takes a fixed 336-px input and always gives 576 tokens, so "
                         "input-level resolution does not apply; use a pre-LLM or encoder-stage method")
+
+    def encoder_depth(self) -> int:
+        """The number of vision-tower layers the encoder stage runs: up to the one whose output the LLM reads
+        (``vision_feature_layer``; later layers are never run). ``tz.InEncoder`` layer forms resolve against it."""
+        layer = self.model.config.vision_feature_layer
+        count = len(encoder_layers(self.core.vision_tower))
+        return (layer if isinstance(layer, int) else max(layer)) % (count + 1)

@@ -46,7 +46,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutput
 
 from .. import layout as L
-from ..encoder import EncoderRunner, EncoderSpec, MergedTokens, schedule_counts
+from ..encoder import EncoderRunner, EncoderSpec, MergedTokens
 from ..output import CompressOutput
 from .base import Adapter, Item, ModelParts
 from .probe import probe
@@ -216,7 +216,7 @@ class WhisperAdapter(Adapter):
             if j == len(runner.cuts) - 1:
                 break
             n = state.source.shape[1]
-            counts = counts or schedule_counts(n, self.step.count(n), len(runner.cuts))
+            counts = counts or self.step.counts(n, len(runner.cuts))  # the InEncoder's schedule
             items = self._items(hidden, p.results, _per_token(speech, state), n)
             state = state.after([self.step(it.tokens.unsqueeze(0), counts[j], it.grid,
                                            {name: t.unsqueeze(0) for name, t in it.signals.items()})
@@ -270,6 +270,11 @@ class WhisperAdapter(Adapter):
         for key in ("attention_mask", RAW_AUDIO):  # Whisper only uses the feature mask for SpecAugment/long-form
             new.pop(key, None)
         return new
+
+    def encoder_depth(self) -> int:
+        """The number of encoder layers the encoder stage runs (what ``layer="every"``/``("last", k)``/negative
+        layers of ``tz.InEncoder`` resolve against)."""
+        return len(self.encoder.layers)
 
 
 

@@ -10,7 +10,9 @@ model keeps its attention kernel.
 
 One cut (``cuts=(L,)``) compresses between layers ``L - 1`` and ``L``. A schedule (``cuts=(l1, l2, ...)``, increasing)
 compresses after each listed layer count, ToMe/AuroraCap style; the counts to reach come from
-:func:`schedule_counts` (a constant keep ratio from ``N`` to the budget, exactly the budget at the last cut).
+:func:`schedule_counts` (a constant keep ratio from ``N`` to the budget, exactly the budget at the last cut) or
+:func:`constant_r_counts` (ToMe's constant number removed per cut). Layer forms that need the encoder's depth
+("every", ``("last", k)``, negative ints) are resolved by :func:`resolve_layers`.
 """
 
 from __future__ import annotations
@@ -55,14 +57,20 @@ class EncoderSpec:
 class CompressStep:
     """The compression a schedule applies at its cuts before the last (the last goes through the patch as usual):
     ``compress(tokens [1, n, D], k, layout, signals) -> CompressOutput`` and ``count(n)``, the budget for ``n``
-    input tokens (the count the encoder's output must have)."""
+    input tokens (the count the encoder's output must have). ``schedule`` names how the counts go from ``n`` to
+    the budget over the cuts (:data:`SCHEDULES`); adapters ask :meth:`counts`."""
 
     compress: Callable[[torch.Tensor, int, ops.Layout, dict[str, torch.Tensor]], CompressOutput]
     count: Callable[[int], int]
+    schedule: str = "ratio"
 
     def __call__(self, tokens: torch.Tensor, k: int, layout: ops.Layout,
                  signals: dict[str, torch.Tensor]) -> CompressOutput:
         return self.compress(tokens, k, layout, signals)
+
+    def counts(self, n: int, cuts: int) -> list[int]:
+        """The token count after each of ``cuts`` cuts for ``n`` input tokens (the last is ``count(n)``)."""
+        return SCHEDULES[self.schedule](n, self.count(n), cuts)
 
 
 def check_cuts(cuts: int | Sequence[int], num_layers: int) -> tuple[int, ...]:
@@ -90,6 +98,96 @@ def schedule_counts(n: int, k: int, cuts: int) -> list[int]:
         prev = min(prev, max(k, math.floor(n * ratio ** s + 0.5)))
         out.append(prev)
     return out + [k]
+
+
+def constant_r_counts(n: int, k: int, cuts: int) -> list[int]:
+    """Token counts after each of ``cuts`` steps that each remove the same number ``r`` of tokens, ToMe's schedule
+    ("Token Merging: Your ViT But Faster", arXiv:2210.09461, a constant ``r`` per block), with ``r = (n - k) / cuts``:
+    when that does not divide, the first ``(n - k) % cuts`` steps remove one more, so the last count is exactly
+    ``k``."""
+    if cuts < 1:
+        raise ValueError(f"cuts must be >= 1, got {cuts}")
+    if k >= n:
+        return [n] * cuts
+    r, extra = divmod(n - k, cuts)
+    out, count = [], n
+    for s in range(cuts):
+        count -= r + (1 if s < extra else 0)
+        out.append(count)
+    return out
+
+
+# how a schedule's counts go from the N input tokens to the budget: a constant keep ratio, or ToMe's constant r
+SCHEDULES: dict[str, Callable[[int, int, int], list[int]]] = {"ratio": schedule_counts,
+                                                               "constant_r": constant_r_counts}
+
+# the layer forms of tz.InEncoder(method, layer=...), for error messages
+LAYER_FORMS = ("an int >= 1 (the number of encoder layers run before the cut), a negative int -j (cut before the "
+               "j-th last layer), an increasing sequence of such ints (a schedule), \"every\" or \"all\" (a cut "
+               "after every layer that leaves one after it), or (\"last\", k) (cuts before each of the last k "
+               "layers)")
+
+
+def check_layer_form(layer: object) -> int | str | tuple:
+    """``layer`` in one of the :data:`LAYER_FORMS`, normalised (a list becomes a tuple, "all" becomes "every"); the
+    encoder's depth is not needed for this check (ranges are checked by :func:`resolve_layers`)."""
+
+    def is_int(x: object) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    if is_int(layer) and layer != 0:
+        return layer
+    if isinstance(layer, str) and layer in ("every", "all"):
+        return "every"
+    if isinstance(layer, (tuple, list)) and len(layer) == 2 and layer[0] == "last":
+        if is_int(layer[1]) and layer[1] >= 1:
+            return ("last", layer[1])
+        raise ValueError(f"layer=(\"last\", k) needs an int k >= 1 (the number of last layers to cut before), got "
+                         f"{layer!r}")
+    if isinstance(layer, (tuple, list)) and layer and all(is_int(c) and c != 0 for c in layer):
+        positive = [c for c in layer if c > 0]
+        negative = [c for c in layer if c < 0]
+        if positive == sorted(set(positive)) and negative == sorted(set(negative)) and \
+                list(layer) == positive + negative:
+            return tuple(layer)
+    raise ValueError(f"layer must be {LAYER_FORMS}; got {layer!r}")
+
+
+def resolve_layers(layer: int | str | tuple, depth: int) -> tuple[int, ...]:
+    """The cuts (layer counts in ``[1, depth - 1]``, increasing) that the layer form ``layer`` names for an encoder
+    that runs ``depth`` layers. A ValueError names the valid range."""
+    form = check_layer_form(layer)
+    if depth < 2:
+        raise ValueError(f"this encoder runs {depth} layer(s): there is no cut that leaves a layer after it")
+    if form == "every":
+        return tuple(range(1, depth))
+    if isinstance(form, tuple) and form[0] == "last":
+        k = form[1]
+        if k > depth - 1:
+            raise ValueError(f"layer=(\"last\", k) needs k in [1, {depth - 1}] for this encoder ({depth} layers), "
+                             f"got k={k}")
+        return tuple(range(depth - k, depth))
+    seq = form if isinstance(form, tuple) else (form,)
+    cuts = tuple(c if c > 0 else depth + c for c in seq)
+    if any(not 1 <= c <= depth - 1 for c in cuts) or list(cuts) != sorted(set(cuts)):
+        raise ValueError(f"layer must name cuts in [1, {depth - 1}] (or [-{depth - 1}, -1] counted from the end), "
+                         f"increasing, for this encoder ({depth} layers; compress its output with the method "
+                         f"itself), got {layer!r}")
+    return cuts
+
+
+def layer_token_counts(n: int, k: int, cuts: Sequence[int], depth: int, schedule: str = "ratio") -> list[int]:
+    """Tokens each of the ``depth`` encoder layers runs on when ``n`` input tokens are compressed to ``k`` at
+    ``cuts`` (a layer after cut ``c`` sees that cut's count), not counting tokens the adapter keeps aside (a [CLS]
+    token): the input of an encoder-FLOPs estimate."""
+    counts = SCHEDULES[schedule](n, k, len(cuts))
+    out, current, j = [], n, 0
+    for layer in range(depth):
+        while j < len(cuts) and cuts[j] <= layer:
+            current = counts[j]
+            j += 1
+        out.append(current)
+    return out
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..base import Compressor
 from .atome import AToMe
 from .attn_topk import AttnTopK
+from .auroracap import AuroraCap
 from .avg_pool import AvgPool
 from .bilinear import Bilinear
 from .cls_topk import ClsTopK
@@ -13,10 +14,12 @@ from .divprune import DivPrune
 from .dpc_knn import DpcKnn
 from .dpc_knn_events import DpcKnnEvents
 from .dycoke import DyCoke
+from .evit import EViT
 from .evs import EVS
 from .fastv import FastV
 from .fastvid import FastVID
 from .flashvid import FlashVID
+from .folder import Folder
 from .holitom import HoliTom
 from .llava_scissor import LlavaScissor
 from .pllava_pool import PLLaVAPool
@@ -73,6 +76,9 @@ METHODS: list[type[Compressor]] = [
     FlashVID,
     Resize,
     Crops,
+    AuroraCap,
+    Folder,
+    EViT,
 ]
 
 __all__ = ["METHODS"] + [cls.__name__ for cls in METHODS]
