@@ -67,7 +67,7 @@ Stage "encoder" (``tz.InEncoder(method, layer=L)``, images; videos in the same c
 * **LLM positions**: each output token takes the M-RoPE position the full sequence gives its representative
   unit's placeholder, exactly as at the pre-LLM stage.
 * **Schedules** (``layer=(l1, l2, ...)``): the units are compressed after each listed block count with a constant
-  keep ratio, each image reaching its budget at the last cut (:func:`tokenzip.encoder.schedule_counts`); sizes
+  keep ratio, each image reaching its budget at the last cut (the InEncoder's schedule: constant ratio or ToMe's constant r); sizes
   carry from cut to cut. After the first cut the kept units no longer tile a grid: a method at a later cut sees
   them as one row ``(1, n)`` in raster order. ``last_stats``' ``source``/``index`` refer to the last cut's input.
 """
@@ -84,7 +84,7 @@ from transformers.vision_utils import get_vision_position_ids, get_vision_window
 
 from .. import layout as L
 from ..compat import cache_from
-from ..encoder import MergedTokens, check_cuts, schedule_counts
+from ..encoder import MergedTokens, check_cuts
 from ..llm.adapter import LLMAccess
 from ..output import CompressOutput
 from . import positions as P
@@ -269,6 +269,10 @@ class Qwen2VLAdapter(LLMAccess, Adapter):
         return index.to(grid.device)
 
     # ---- stage "encoder": compress between vision blocks (see the module docstring) ----------------------------
+    def encoder_depth(self) -> int:
+        """The number of vision blocks (``tz.InEncoder`` layer forms such as "every" resolve against it)."""
+        return len(self.visual.blocks)
+
     def set_encoder_layer(self, layer: int | tuple[int, ...], step: Any = None) -> None:
         """Compress the images' merge units after ``layer`` vision blocks, or after each block count of an
         increasing tuple (a schedule; ``step`` compresses at the cuts before the last)."""
@@ -365,7 +369,7 @@ class Qwen2VLAdapter(LLMAccess, Adapter):
                                   extra={"tokens_in": sizes[i], "units": im, "plan": plan}))
             if j == len(self.cuts) - 1:
                 break
-            counts = counts or [schedule_counts(n, self.step.count(n), len(self.cuts)) for n in sizes]
+            counts = counts or [self.step.counts(n, len(self.cuts)) for n in sizes]
             images = [im.after(self.step(it.tokens.unsqueeze(0), c[j], it.grid,
                                          {name: s.unsqueeze(0) for name, s in it.signals.items()}))
                       for im, it, c in zip(images, items, counts)]
