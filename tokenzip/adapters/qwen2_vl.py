@@ -66,9 +66,9 @@ Stage "encoder" (``tz.InEncoder(method, layer=L)``, images; videos in the same c
   merger needs the last block's output).
 * **LLM positions**: each output token takes the M-RoPE position the full sequence gives its representative
   unit's placeholder, exactly as at the pre-LLM stage.
-* **Schedules** (``layer=(l1, l2, ...)``): the units are compressed after each listed block count with a constant
-  keep ratio, each image reaching its budget at the last cut (the InEncoder's schedule: constant ratio or ToMe's constant r); sizes
-  carry from cut to cut. After the first cut the kept units no longer tile a grid: a method at a later cut sees
+* **Schedules** (``layer=(l1, l2, ...)``): the units are compressed after each listed block count by the
+  InEncoder's schedule (constant keep ratio, or ToMe's constant r), each image reaching its budget at the last cut;
+  sizes carry from cut to cut. After the first cut the kept units no longer tile a grid: a method at a later cut sees
   them as one row ``(1, n)`` in raster order. ``last_stats``' ``source``/``index`` refer to the last cut's input.
 """
 
