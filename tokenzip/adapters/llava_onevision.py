@@ -37,6 +37,40 @@ would (``get_video_features``) and passed through uncompressed, since ``forward`
 
 Like the stock ``forward`` (transformers 5.23), image features use ``config.vision_aspect_ratio``; a
 ``vision_aspect_ratio`` call argument is ignored by the model, and so it is here, so that ``retain=1`` is lossless.
+
+Stage "encoder" (``tz.InEncoder(method, layer=L)``, or a schedule ``layer=(l1, ..., lm)``). Every crop of every
+image (base view and AnyRes crops) is one row of the SigLIP tower, as in the model; the embedding and layers
+``0 .. L-1`` run on all of them unchanged. At the cut an image's candidates are its crops' patch tokens that the
+model's packing keeps (the unpadded ones), in the packed order: the mapping crop patch -> packed slot comes from the
+model's own ``pack_image_features`` run on an index tensor. Where ``anyres_max_*`` down-scales (large images) the
+packed tokens are bilinear mixtures with no one-to-one source, so the candidates are the unpadded crop tokens
+before down-scaling (that packing is asked for with a ``vision_aspect_ratio`` too large to down-scale). Their
+layout is ``[(h, w), (H, W)]`` (base view, unpadded crop grid; no newline column: newline markers do not exist
+inside the encoder), ``[(h, w)]`` for an untiled image. Signals at the cut: ``cls_attention``/``keys`` of layer
+``L-1`` per crop (the probe above, each crop on its own tokens), ``text``/``text_mask`` as before; ``projected`` is
+not available (the projector reads feature-layer tokens).
+
+Budget: unchanged. An image's ``N`` is its packed count with newline markers, ``k = budget.count(N)`` tokens reach
+the LLM exactly, and ``last_stats`` reports ``N -> k``. Markers are not encoder tokens, so the method keeps ``k``
+candidates; only when ``k`` covers every candidate (near ``retain=1``; with down-scaling: ``k >= N``) is the image
+kept whole: it is not compressed in the tower, its crops run in full, and the LLM gets the model's own packing
+(``image_newline`` markers included) with the markers past ``k`` dropped — so an image with ``k == N`` gets exactly
+the stock features, and a call where every image does (``retain=1``) runs the stock computation (no mask, one
+projector call on the same rows): identical logits. Such an image's item is its packed tokens at the cut (markers
+as zero vectors), ``k`` of them, which the method returns unchanged (``k >= n``).
+
+After the cut each kept/merged token belongs to the crop of its first source token; the remaining tower layers, up
+to the one the LLM reads (``vision_feature_layer``, -1 by default; later layers are never run, nor the unused
+``post_layernorm``), run per crop: one row per crop that still has tokens, rows of every image of the call padded to
+the longest, with one additive float mask ``[rows, 1, 1, n]``: ``log(size)`` on real keys (ToMe's proportional
+attention, arXiv:2210.09461) and the dtype's minimum on padding — the form SDPA and eager both take. Then the
+projector, and each image's tokens enter the LLM in the order the method returned them (ascending first source: the
+packed order), with the prompt shortened as at the pre-LLM stage, through ``mm_encoder_outputs``. A schedule
+compresses at each earlier cut too (the counts go from the candidates to ``k`` with a constant ratio,
+:func:`tokenzip.encoder.schedule_counts`); the signals there are computed on each crop row's real tokens (padding
+excluded), and after the first cut the tokens no longer tile a grid, so the method gets a 1-D layout. Supported for
+one integer ``vision_feature_layer`` with the "full" select strategy (the OneVision configs); videos in the same
+call are encoded as the model would and passed through uncompressed.
 """
 
 from __future__ import annotations
