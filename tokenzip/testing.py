@@ -102,11 +102,14 @@ def _llama_text_config(**kw: Any):
                        pad_token_id=PAD, bos_token_id=1, eos_token_id=2, **kw)
 
 
-def tiny_llava(attn_implementation: str = "sdpa", seed: int = 0) -> torch.nn.Module:
+def tiny_llava(attn_implementation: str = "sdpa", seed: int = 0, **vision_config: Any) -> torch.nn.Module:
+    """``vision_config`` overrides CLIPVisionConfig fields (e.g. ``num_hidden_layers``)."""
     from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                               image_size=32, patch_size=8, projection_dim=32)
+    for name, value in vision_config.items():
+        setattr(vision, name, value)
     cfg = LlavaConfig(vision_config=vision, text_config=_llama_text_config(), image_token_id=IMAGE_TOKEN,
                       vision_feature_layer=-2, vision_feature_select_strategy="default", pad_token_id=PAD)
     torch.manual_seed(seed)

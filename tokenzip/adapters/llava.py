@@ -14,6 +14,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .. import layout as L
+from .. import ops
 from ..encoder import EncoderRunner, EncoderSpec, MergedTokens
 from ..llm.adapter import LLMAccess
 from ..output import CompressOutput
@@ -55,6 +56,13 @@ class LlavaFamily(LLMAccess, Adapter):
     def media_tokens(self) -> dict[str, int]:
         return {"image": self.image_token_id}
 
+    def encoder_depth(self) -> int:
+        """The number of vision-tower layers the encoder stage runs: up to the one whose output the LLM reads
+        (``vision_feature_layer``; later layers are never run). ``tz.InEncoder`` layer forms resolve against it."""
+        layer = self.model.config.vision_feature_layer
+        count = len(encoder_layers(self.core.vision_tower))
+        return (layer if isinstance(layer, int) else max(layer)) % (count + 1)
+
     def has_media(self, kwargs: dict[str, Any]) -> bool:
         return kwargs.get("pixel_values") is not None
 
@@ -71,13 +79,29 @@ class LlavaFamily(LLMAccess, Adapter):
     def _shorten_prompt(self, kwargs: dict[str, Any], items: list[Item], outputs: list[CompressOutput],
                         avoid: set[int]) -> dict[str, Any]:
         """The call's sequence tensors with each image keeping only its first ``k`` placeholders (``avoid``: token
-        ids the padding must not use)."""
+        ids the padding must not use). An item's run is ``item.tokens_in`` placeholders long (inside the encoder
+        the method may see other tokens than the ones the prompt counts)."""
         input_ids = kwargs["input_ids"]
         counts: list[list[tuple[int, int]]] = [[] for _ in range(input_ids.shape[0])]
         for item, out in zip(items, outputs):
-            counts[item.sample].append((item.tokens.shape[0], out.tokens.shape[1]))
+            counts[item.sample].append((item.tokens_in, out.tokens.shape[1]))
         keep = placeholder_keep_mask(input_ids, self.image_token_id, counts)
         return shrink_sequences(kwargs, keep, pad_id_for(self.model.config, avoid))
+
+    def _tower_spec(self) -> EncoderSpec:
+        """The vision tower up to the layer whose output the LLM reads (later layers are never read), for the
+        encoder stage's runner: its own embeddings (and CLIP's pre-norm), layers and attention modules."""
+        tower = self.core.vision_tower
+        layers = encoder_layers(tower)
+        depth = self.model.config.vision_feature_layer % (len(layers) + 1)
+        embeddings = getattr(tower, "vision_model", tower).embeddings
+        pre_norm = getattr(getattr(tower, "vision_model", tower), "pre_layrnorm", None)  # CLIP; SigLIP/DINOv2: none
+
+        def embed(pixel_values: torch.Tensor) -> torch.Tensor:
+            hidden = embeddings(pixel_values.to(tower.dtype))
+            return hidden if pre_norm is None else pre_norm(hidden)
+
+        return EncoderSpec(embed=embed, layers=layers[:depth], final_norm=None, attention=attention_module)
 
 
 class LlavaAdapter(LlavaFamily):
@@ -89,7 +113,13 @@ class LlavaAdapter(LlavaFamily):
     feature layer are not run at all (their output is never read). Supported for a single integer feature layer
     with the "default" select strategy (the [CLS] token is not a feature) on towers with a [CLS] token; a budget
     counts the tokens that reach the LLM, as before. ``projected`` is not available inside the encoder (the
-    projector expects feature-layer tokens), so methods that require it are refused at that stage."""
+    projector expects feature-layer tokens), so methods that require it are refused at that stage.
+
+    Schedules (``layer=(l1, l2, ...)``, ToMe/AuroraCap style): after each listed layer count the patch tokens are
+    compressed a little (:func:`tokenzip.encoder.schedule_counts`, the same count for every image of the batch since
+    they all have the tower's fixed size), the tokens carry their sizes from cut to cut and every later layer gets
+    proportional attention; [CLS] rides along uncompressed with size 1. After the first cut the kept tokens no longer
+    tile the patch grid, so the later cuts hand the method a 1-D layout."""
 
     model_classes = ("LlavaForConditionalGeneration",)
     stages = ("pre_llm", "encoder", "llm")
@@ -98,15 +128,14 @@ class LlavaAdapter(LlavaFamily):
     def __init__(self, model: torch.nn.Module):
         super().__init__(model)
         self.runner: EncoderRunner | None = None
-        self._cls: torch.Tensor | None = None  # [B, 1, D] the [CLS] hidden state at the cut, per call
+        self.step: Any = None  # compresses at the cuts of a schedule before the last
+        self._cls: torch.Tensor | None = None  # [B, 1, D] the [CLS] hidden state at the (last) cut, per call
+        self._state: MergedTokens | None = None  # the patch tokens at the last cut, per call
 
     # ---- stage "encoder" ----------------------------------------------------------------------------------------
     def set_encoder_layer(self, layer: int | tuple[int, ...], step: Any = None) -> None:
         cfg = self.model.config
         tower = self.core.vision_tower
-        if not isinstance(layer, int) or isinstance(layer, bool):
-            raise ValueError(f"LLaVA's encoder stage takes one cut, layer=<int>; got {layer!r} (schedules are "
-                             f"supported on Whisper)")
         if not isinstance(cfg.vision_feature_layer, int) or cfg.vision_feature_select_strategy != "default":
             raise ValueError("LLaVA's encoder stage needs one integer vision_feature_layer and the 'default' select "
                              f"strategy; this config has {cfg.vision_feature_layer!r} / "
@@ -114,38 +143,54 @@ class LlavaAdapter(LlavaFamily):
         if not has_cls_token(tower):
             raise ValueError(f"LLaVA's encoder stage needs a vision tower with a [CLS] token; "
                              f"{type(tower).__name__} has none")
-        self.runner = EncoderRunner(self._tower_spec(), layer)  # ValueError naming the valid cuts
-
-    def _tower_spec(self) -> EncoderSpec:
-        """The tower up to the layer whose output the LLM reads (later layers are never read)."""
-        tower = self.core.vision_tower
-        layers = encoder_layers(tower)
-        depth = self.model.config.vision_feature_layer % (len(layers) + 1)
-        pre_norm = getattr(tower, "pre_layrnorm", None)  # CLIP normalises the embeddings; DINOv2 does not
-
-        def embed(pixel_values: torch.Tensor) -> torch.Tensor:
-            hidden = tower.embeddings(pixel_values.to(tower.dtype))
-            return hidden if pre_norm is None else pre_norm(hidden)
-
-        return EncoderSpec(embed=embed, layers=layers[:depth], final_norm=None, attention=attention_module)
+        runner = EncoderRunner(self._tower_spec(), layer)  # ValueError naming the valid cuts
+        if len(runner.cuts) > 1 and step is None:
+            raise ValueError("a schedule of encoder cuts needs a compression step for the intermediate cuts")
+        self.runner, self.step = runner, step
 
     @torch.no_grad()
-    def _encode_to_cut(self, kwargs: dict[str, Any], needs: frozenset[str]) -> tuple[torch.Tensor, dict]:
+    def _encode_to_cut(self, kwargs: dict[str, Any], needs: frozenset[str]) -> tuple[torch.Tensor, dict, list[int]]:
+        """The tower up to the last cut, compressing at the earlier cuts of a schedule: the patch tokens there
+        ``[B, n, D]``, the signals of the layer before it (with the [CLS] column) and, for a schedule, the counts
+        after each cut (empty for one cut)."""
         layer, strategy = self._feature_args(kwargs)
         cfg = self.model.config
         if (layer, strategy) != (cfg.vision_feature_layer, cfg.vision_feature_select_strategy):
             raise ValueError("the encoder stage was set up for the config's vision_feature_layer/select_strategy; "
                              "a call cannot override them")
         runner = self.runner
-        cut = runner.cuts[0]
-        hidden = runner.run(runner.embed(kwargs["pixel_values"]), 0, cut - 1)
-        with probe(runner.span_attention(cut), needs, 0) as p:
-            hidden = runner.run(hidden, cut - 1, cut)
-        self._cls = hidden[:, :1]
-        return hidden, p.results
+        hidden = runner.embed(kwargs["pixel_values"])
+        cls, state = hidden[:, :1], MergedTokens.start(hidden[:, 1:])
+        n = state.source.shape[1]
+        counts = self.step.counts(n, len(runner.cuts)) if len(runner.cuts) > 1 else []  # the InEncoder's schedule
+        owner = items_per_sample(kwargs["input_ids"], self.image_token_id, [n] * hidden.shape[0]) if counts else []
+        start, results = 0, {}
+        for j, cut in enumerate(runner.cuts):  # the signals at a cut come from layer `cut - 1`, which made the tokens
+            size = torch.cat([torch.ones_like(state.size[:, :1]), state.size], dim=1)  # [CLS] stands for itself
+            mask = None if bool((size == 1).all()) else ops.size_bias(size).to(state.hidden.dtype)
+            hidden = runner.run(torch.cat([cls, state.hidden], dim=1), start, cut - 1, mask)
+            with probe(runner.span_attention(cut), needs, 0) as p:
+                hidden = runner.run(hidden, cut - 1, cut, mask)
+            cls, state, results = hidden[:, :1], MergedTokens(hidden[:, 1:], state.size, state.source), p.results
+            if j == len(runner.cuts) - 1:
+                break
+            grid = L.grid(1, state.hidden.shape[1])  # a selection/merge no longer tiles the patch grid
+            outputs = []
+            for i in range(hidden.shape[0]):
+                sig = {name: t[i: i + 1, 1:] for name, t in results.items()}
+                if "text" in needs or "text_mask" in needs:
+                    sig.update({name: t.unsqueeze(0) for name, t in text_signals(
+                        self.core.get_input_embeddings(), kwargs["input_ids"], kwargs.get("attention_mask"),
+                        {self.image_token_id}, owner[i]).items()})
+                outputs.append(self.step(state.hidden[i: i + 1], counts[j], grid, sig))
+            state = state.after(outputs)
+            start = cut
+        self._cls, self._state = cls, state
+        return torch.cat([cls, state.hidden], dim=1), results, counts
 
     def release(self) -> None:
         self._cls = None
+        self._state = None
 
     @torch.no_grad()
     def encode(self, kwargs: dict[str, Any], needs: frozenset[str]) -> list[Item]:
@@ -154,8 +199,9 @@ class LlavaAdapter(LlavaFamily):
         tower = self.core.vision_tower
         layer, strategy = self._feature_args(kwargs)
         cls = has_cls_token(tower)
+        counts: list[int] = []
         if self.runner is not None:
-            feats, results = self._encode_to_cut(kwargs, needs)
+            feats, results, counts = self._encode_to_cut(kwargs, needs)
         else:
             with probe(signal_layer(tower, layer), needs, 0 if cls else None) as p:
                 out = tower(pixel_values.to(tower.dtype), output_hidden_states=True, return_dict=True)
@@ -167,10 +213,15 @@ class LlavaAdapter(LlavaFamily):
         drop = 1 if strategy == "default" else 0
         feats = feats[:, drop:]
         n = feats.shape[1]
-        owner = items_per_sample(input_ids, self.image_token_id, [n] * feats.shape[0])
-        side = math.isqrt(n - (1 if cls and not drop else 0))
-        grid = L.grid(side, side) if not (cls and not drop) else L.Layout([L.Segment("cls", 1, 1, 1),
-                                                                         L.Segment("image", 1, side, side)])
+        if counts:  # a schedule: the last cut's tokens stand for the tower's patches and reach their budget
+            n_in = self._state.source.shape[1]
+            grid = L.grid(1, n)
+        else:
+            n_in = n
+            side = math.isqrt(n - (1 if cls and not drop else 0))
+            grid = L.grid(side, side) if not (cls and not drop) else L.Layout([L.Segment("cls", 1, 1, 1),
+                                                                             L.Segment("image", 1, side, side)])
+        owner = items_per_sample(input_ids, self.image_token_id, [n_in] * feats.shape[0])
         items = []
         for i in range(feats.shape[0]):
             sig: dict[str, torch.Tensor] = {name: t[i, drop:] for name, t in results.items()}
@@ -179,7 +230,8 @@ class LlavaAdapter(LlavaFamily):
             if "text" in needs:
                 sig.update(text_signals(self.core.get_input_embeddings(), input_ids, kwargs.get("attention_mask"),
                                         {self.image_token_id}, owner[i]))
-            items.append(Item("image", owner[i], feats[i], grid, sig))
+            extra = {"tokens_in": n_in, "k": counts[-1]} if counts else {}
+            items.append(Item("image", owner[i], feats[i], grid, sig, extra=extra))
         return items
 
     def rebuild(self, kwargs: dict[str, Any], items: list[Item], outputs: list[CompressOutput]) -> dict[str, Any]:
@@ -195,9 +247,9 @@ class LlavaAdapter(LlavaFamily):
 
     @torch.no_grad()
     def _finish_tower(self, items: list[Item], outputs: list[CompressOutput]) -> torch.Tensor:
-        """The layers after the cut on [CLS] + each image's compressed tokens (equal counts: one budget for every
-        image of the tower's fixed size), up to the feature layer; returns the features without [CLS]."""
-        patches = MergedTokens.start(torch.stack([it.tokens for it in items])).after(outputs)
+        """The layers after the (last) cut on [CLS] + each image's compressed tokens (equal counts: one budget for
+        every image of the tower's fixed size), up to the feature layer; returns the features without [CLS]."""
+        patches = self._state.after(outputs)
         cls = self._cls
         b = cls.shape[0]
         ones = torch.ones(b, 1, dtype=patches.size.dtype, device=patches.size.device)
@@ -230,9 +282,3 @@ class LlavaAdapter(LlavaFamily):
     input_stage_note = ("LLaVA-1.5's CLIP tower takes a fixed 336-px input and always gives 576 tokens, so "
                         "input-level resolution does not apply; use a pre-LLM or encoder-stage method")
 
-    def encoder_depth(self) -> int:
-        """The number of vision-tower layers the encoder stage runs: up to the one whose output the LLM reads
-        (``vision_feature_layer``; later layers are never run). ``tz.InEncoder`` layer forms resolve against it."""
-        layer = self.model.config.vision_feature_layer
-        count = len(encoder_layers(self.core.vision_tower))
-        return (layer if isinstance(layer, int) else max(layer)) % (count + 1)

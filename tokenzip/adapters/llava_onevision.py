@@ -36,11 +36,46 @@ every image the LLM receives exactly the original features. Videos (``pixel_valu
 
 Like the stock ``forward`` (transformers 5.23), image features use ``config.vision_aspect_ratio``; a
 ``vision_aspect_ratio`` call argument is ignored by the model, and so it is here, so that ``retain=1`` is lossless.
+
+Stage "encoder" (``tz.InEncoder(method, layer=L)``, or a schedule ``layer=(l1, ..., lm)``). Every crop of every
+image (base view and AnyRes crops) is one row of the SigLIP tower, as in the model; the embedding and layers
+``0 .. L-1`` run on all of them unchanged. At the cut an image's candidates are its crops' patch tokens that the
+model's packing keeps (the unpadded ones), in the packed order: the mapping crop patch -> packed slot comes from the
+model's own ``pack_image_features`` run on an index tensor. Where ``anyres_max_*`` down-scales (large images) the
+packed tokens are bilinear mixtures with no one-to-one source, so the candidates are the unpadded crop tokens
+before down-scaling (that packing is asked for with a ``vision_aspect_ratio`` too large to down-scale). Their
+layout is ``[(h, w), (H, W)]`` (base view, unpadded crop grid; no newline column: newline markers do not exist
+inside the encoder), ``[(h, w)]`` for an untiled image. Signals at the cut: ``cls_attention``/``keys`` of layer
+``L-1`` per crop (the probe above, each crop on its own tokens), ``text``/``text_mask`` as before; ``projected`` is
+not available (the projector reads feature-layer tokens).
+
+Budget: unchanged. An image's ``N`` is its packed count with newline markers, ``k = budget.count(N)`` tokens reach
+the LLM exactly, and ``last_stats`` reports ``N -> k``. Markers are not encoder tokens, so the method keeps ``k``
+candidates; only when ``k`` covers every candidate (near ``retain=1``; with down-scaling: ``k >= N``) is the image
+kept whole: it is not compressed in the tower, its crops run in full, and the LLM gets the model's own packing
+(``image_newline`` markers included) with the markers past ``k`` dropped — so an image with ``k == N`` gets exactly
+the stock features, and a call where every image does (``retain=1``) runs the stock computation (no mask, one
+projector call on the same rows): identical logits. Such an image's item is its packed tokens at the cut (markers
+as zero vectors), ``k`` of them, which the method returns unchanged (``k >= n``).
+
+After the cut each kept/merged token belongs to the crop of its first source token; the remaining tower layers, up
+to the one the LLM reads (``vision_feature_layer``, -1 by default; later layers are never run, nor the unused
+``post_layernorm``), run per crop: one row per crop that still has tokens, rows of every image of the call padded to
+the longest, with one additive float mask ``[rows, 1, 1, n]``: ``log(size)`` on real keys (ToMe's proportional
+attention, arXiv:2210.09461) and the dtype's minimum on padding — the form SDPA and eager both take. Then the
+projector, and each image's tokens enter the LLM in the order the method returned them (ascending first source: the
+packed order), with the prompt shortened as at the pre-LLM stage, through ``mm_encoder_outputs``. A schedule
+compresses at each earlier cut too (the counts go from the candidates to ``k`` with a constant ratio,
+:func:`tokenzip.encoder.schedule_counts`); the signals there are computed on each crop row's real tokens (padding
+excluded), and after the first cut the tokens no longer tile a grid, so the method gets a 1-D layout. Supported for
+one integer ``vision_feature_layer`` with the "full" select strategy (the OneVision configs); videos in the same
+call are encoded as the model would and passed through uncompressed.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -48,21 +83,31 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
 from .. import layout as L
+from ..encoder import EncoderRunner, MergedTokens
+from ..encoder.runner import SCHEDULES, padded_rows
 from ..output import CompressOutput
 from . import resample
+from .attention import attention_signals
 from .base import Item
 from .llava import LlavaFamily
 from .onevision_video import OnevisionVideo
 from .placeholders import image_llm_items, items_per_sample, require_input_ids, text_signals
-from .probe import probe
+from .probe import capture_input, probe
 from .vision import has_cls_token, signal_layer
 
 ATTENTION_SIGNALS = ("cls_attention", "keys")
 
 
 class LlavaOnevisionAdapter(OnevisionVideo, LlavaFamily):
+    """See the module docstring; stage "encoder" below it; videos: adapters/onevision_video.py."""
+
     model_classes = ("LlavaOnevisionForConditionalGeneration",)
     modalities = ("image", "video")  # videos: adapters/onevision_video.py
+    stages = ("pre_llm", "encoder", "llm")
+    encoder_signals = frozenset({"cls_attention", "keys", "text", "text_mask"})
+    runner: EncoderRunner | None = None  # stage "encoder": the tower and its cuts (set_encoder_layer)
+    step: Any = None  # stage "encoder": the method's budget, and its compression at a schedule's earlier cuts
+    _tower_images: list[_TowerImage] | None = None  # stage "encoder": per call, from encode() to rebuild()
 
     def __init__(self, model: torch.nn.Module):
         super().__init__(model)
@@ -109,6 +154,8 @@ class LlavaOnevisionAdapter(OnevisionVideo, LlavaFamily):
         input_ids = require_input_ids(kwargs)
         if kwargs.get("mm_encoder_outputs"):
             raise ValueError("pass either pixel_values or mm_encoder_outputs, not both (the model refuses both)")
+        if self.runner is not None:  # stage "encoder" (tz.InEncoder): compress inside the SigLIP tower
+            return self._encode_in_tower(kwargs, needs)
         pixel_values = kwargs["pixel_values"]
         image_sizes = kwargs.get("image_sizes")
         batch_num_images = kwargs.get("batch_num_images")
@@ -154,10 +201,12 @@ class LlavaOnevisionAdapter(OnevisionVideo, LlavaFamily):
         grids = [self._layout(m, c) for m, c in zip(marks, crops)]
         return crops, marks, grids
 
-    def _pack(self, per_crop: torch.Tensor, crops: list[int], image_sizes: Any) -> list[torch.Tensor]:
+    def _pack(self, per_crop: torch.Tensor, crops: list[int], image_sizes: Any, aspect: str | None = None
+              ) -> list[torch.Tensor]:
         """Per-crop values ``[sum(crops), P, C]`` arranged like the image features by the model's own
-        ``pack_image_features`` (crop grid, unpadding, down-scaling), with zeros as the newline markers."""
-        aspect = getattr(self.model.config, "vision_aspect_ratio", None) or "anyres_max_9"
+        ``pack_image_features`` (crop grid, unpadding, down-scaling), with zeros as the newline markers
+        (``aspect``: another ``vision_aspect_ratio`` than the config's)."""
+        aspect = aspect or getattr(self.model.config, "vision_aspect_ratio", None) or "anyres_max_9"
         packed, _ = self.core.pack_image_features(list(torch.split(per_crop, crops, dim=0)), image_sizes,
                                                   image_newline=per_crop.new_zeros(per_crop.shape[-1]),
                                                   vision_aspect_ratio=aspect)
@@ -205,7 +254,7 @@ class LlavaOnevisionAdapter(OnevisionVideo, LlavaFamily):
     def rebuild(self, kwargs: dict[str, Any], items: list[Item], outputs: list[CompressOutput]) -> dict[str, Any]:
         if any(item.modality == "video" for item in items):  # clips (and images next to them): onevision_video.py
             return self.rebuild_media(kwargs, items, outputs)
-        feats = [out.tokens[0] for out in outputs]
+        feats = [out.tokens[0] for out in outputs] if self.runner is None else self._finish_in_tower(kwargs, outputs)
         new = self._shorten_prompt(kwargs, items, outputs, self.media_token_ids)
         for key in ("pixel_values", "image_sizes", "batch_num_images"):
             new.pop(key, None)
@@ -232,3 +281,254 @@ class LlavaOnevisionAdapter(OnevisionVideo, LlavaFamily):
     def rescale_inputs(self, kwargs: dict[str, Any], reduction: str, items: list, targets: list[int]
                        ) -> tuple[dict[str, Any], list]:
         return resample.onevision_rescale_inputs(self, kwargs, items, targets)
+
+    # ---- stage "encoder" (tz.InEncoder): compression inside the SigLIP tower, see the class docstring -------------
+    def set_encoder_layer(self, layer: int | tuple[int, ...], step: Any = None) -> None:
+        cfg = self.model.config
+        if not isinstance(cfg.vision_feature_layer, int) or cfg.vision_feature_select_strategy != "full":
+            raise ValueError("LLaVA-OneVision's encoder stage needs one integer vision_feature_layer and the 'full' "
+                             f"select strategy (SigLIP has no [CLS]); this config has {cfg.vision_feature_layer!r} / "
+                             f"{cfg.vision_feature_select_strategy!r}")
+        if step is None:
+            raise ValueError("LLaVA-OneVision's encoder stage needs the method's budget (the compression step "
+                             "tz.InEncoder passes): an image's count includes newline markers the tower does not have")
+        runner = EncoderRunner(self._tower_spec(), layer)  # ValueError naming the valid cuts
+        self.runner, self.step = runner, step
+
+    def release(self) -> None:
+        self._tower_images = None
+
+    def _crop_pixels(self, pixel_values: torch.Tensor, crops: list[int]) -> torch.Tensor:
+        """The tower batch ``[sum(crops), C, H, W]``, as ``get_image_features`` builds it."""
+        if pixel_values.dim() == 5:
+            return torch.cat([pv[:n] for pv, n in zip(pixel_values, crops)], dim=0)
+        return pixel_values
+
+    def _candidates(self, crops: list[int], image_sizes: Any) -> tuple[list[torch.Tensor], list[L.Layout]]:
+        """Per image: the crop-local index (``crop * P + patch``) of each crop token the model's packing keeps
+        (unpadding), in packed order, and their layout (base view, then the unpadded crop grid without newline
+        column). From the model's own ``pack_image_features`` on an index tensor, with a ``vision_aspect_ratio`` so
+        large that nothing is down-scaled (down-scaling interpolates: its inputs are the candidates)."""
+        vc = self.model.config.vision_config
+        side = vc.image_size // vc.patch_size
+        per_crop = side * side
+        total = sum(crops) * per_crop
+        ids = torch.arange(1, total + 1).view(sum(crops), per_crop, 1)  # 0 is the newline marker
+        packed = self._pack(ids, crops, image_sizes, aspect=f"anyres_max_{total + 1}")
+        out, layouts, start = [], [], 0
+        for n, t in zip(crops, packed):
+            values = t[:, 0]
+            marker = values == 0
+            cand = values[~marker] - 1 - start * per_crop
+            start += n
+            rows = int(marker.sum())
+            base = L.Segment("base", 1, side, side)
+            if n <= 1:
+                layouts.append(L.Layout([base]))
+            else:
+                width = (cand.numel() - per_crop) // rows
+                if rows * width != cand.numel() - per_crop:  # adapter bug, not user input
+                    raise RuntimeError(f"unpadded crop tokens {cand.numel() - per_crop} do not form {rows} rows")
+                layouts.append(L.Layout([base, L.Segment("crops", 1, rows, width)]))
+            out.append(cand)
+        return out, layouts
+
+    @torch.no_grad()
+    def _encode_in_tower(self, kwargs: dict[str, Any], needs: frozenset[str]) -> list[Item]:
+        """Stage "encoder": the tower up to the (last) cut, compressing at the earlier cuts of a schedule; one item
+        per image (see the class docstring)."""
+        input_ids = kwargs["input_ids"]
+        pixel_values = kwargs["pixel_values"]
+        image_sizes = kwargs.get("image_sizes")
+        layer, strategy = self._feature_args(kwargs)
+        cfg = self.model.config
+        if (layer, strategy) != (cfg.vision_feature_layer, cfg.vision_feature_select_strategy):
+            raise ValueError("the encoder stage was set up for the config's vision_feature_layer/select_strategy; "
+                             "a call cannot override them")
+        crops, marks, grids = self.plan(pixel_values, image_sizes, kwargs.get("batch_num_images"), strategy)
+        owner = items_per_sample(input_ids, self.image_token_id, [m.shape[0] for m in marks])
+        candidates, cand_grids = self._candidates(crops, image_sizes)
+        runner = self.runner
+        cuts = runner.cuts
+        vc = cfg.vision_config
+        per_crop = (vc.image_size // vc.patch_size) ** 2
+        images: list[_TowerImage] = []
+        start = 0
+        for n, mark, cand in zip(crops, marks, candidates):
+            n_llm = int(mark.shape[0])
+            k = int(self.step.count(n_llm))
+            whole = k >= cand.numel() or k >= n_llm
+            keep = None
+            if whole:  # newline markers past the budget are dropped (only when k < N, i.e. not down-scaled)
+                dropped = mark & (mark.cumsum(0) > int(mark.sum()) - (n_llm - k))
+                keep = ~dropped
+            counts = [] if whole else SCHEDULES[self.step.schedule](cand.numel(), k, len(cuts))
+            images.append(_TowerImage(rows=slice(start, start + n), n_llm=n_llm, k=k, whole=whole, keep=keep,
+                                      counts=counts, crop=(cand // per_crop).to(pixel_values.device)))
+            start += n
+        embed = self.core.get_input_embeddings()
+        text = [text_signals(embed, input_ids, kwargs.get("attention_mask"), self.media_token_ids, s)
+                if ("text" in needs or "text_mask" in needs) else {} for s in owner]
+        # the first span: every crop in full, as the model runs its tower
+        hidden = runner.run(runner.embed(self._crop_pixels(pixel_values, crops)), 0, cuts[0] - 1)
+        with probe(runner.span_attention(cuts[0]), needs, None) as p:
+            hidden = runner.run(hidden, cuts[0] - 1, cuts[0])
+        signals: list[dict[str, torch.Tensor]] = []
+        for im, cand in zip(images, candidates):
+            cand = cand.to(hidden.device)
+            mine = {name: t[im.rows] for name, t in p.results.items()}
+            if im.whole:
+                im.hidden = hidden[im.rows]
+                signals.append(mine)
+            else:
+                im.state = MergedTokens.start(hidden[im.rows].flatten(0, 1)[cand].unsqueeze(0))
+                signals.append({name: t.flatten(0, 1)[cand] for name, t in mine.items()})
+        for j in range(len(cuts)):
+            if j > 0:
+                signals = self._tower_span(images, cuts[j - 1], cuts[j], needs)
+            if j == len(cuts) - 1:
+                break
+            for i, im in enumerate(images):  # a schedule's earlier cuts: each compressed image a little
+                if im.whole:
+                    continue
+                n = im.state.hidden.shape[1]
+                layout = cand_grids[i] if j == 0 else L.grid(1, n)
+                sig = {name: t.unsqueeze(0) for name, t in {**signals[i], **text[i]}.items()}
+                out = self.step(im.state.hidden, im.counts[j], layout, sig)
+                im.crop = im.crop[out.index[0]]
+                im.state = im.state.after([out])
+        self._tower_images = images
+        items = []
+        for i, im in enumerate(images):
+            if im.whole:  # the model's own packing of its crops at the cut, markers as zeros; the method keeps all
+                sizes = image_sizes[i: i + 1]
+                tokens = self._pack(im.hidden, [im.hidden.shape[0]], sizes)[0][im.keep]
+                sig = {name: t[im.keep] for name, t in self._pack_signals(signals[i], [im.hidden.shape[0]],
+                                                                          sizes)[0].items()}
+                grid = _kept_markers_layout(grids[i], int((marks[i] & im.keep).sum()))
+            else:
+                tokens, sig = im.state.hidden[0], signals[i]
+                grid = cand_grids[i] if len(cuts) == 1 else L.grid(1, tokens.shape[0])
+            items.append(Item("image", owner[i], tokens, grid, {**sig, **text[i]},
+                              extra={"tokens_in": im.n_llm, "k": im.k if not im.whole else tokens.shape[0]}))
+        return items
+
+    def _tower_rows(self, images: list[_TowerImage]) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple]]:
+        """Every image's tokens as tower rows, one per crop (a kept/merged token belongs to the crop of its first
+        source), padded to the longest row with the key-padding + proportional-attention mask; and each row's
+        ``(image, crop, slots)`` (``slots`` None: a whole crop)."""
+        rows, sizes, where = [], [], []
+        for i, im in enumerate(images):
+            if im.whole:
+                for c in range(im.hidden.shape[0]):
+                    rows.append(im.hidden[c])
+                    sizes.append(None)
+                    where.append((i, c, None))
+                continue
+            for c in torch.unique(im.crop).tolist():  # sorted: crop order, and slot order within a crop
+                slots = (im.crop == c).nonzero().flatten()
+                rows.append(im.state.hidden[0, slots])
+                sizes.append(im.state.size[0, slots])
+                where.append((i, c, slots))
+        hidden, mask = padded_rows(rows, sizes)
+        return hidden, mask, where
+
+    def _tower_span(self, images: list[_TowerImage], start: int, stop: int, needs: frozenset[str]
+                    ) -> list[dict[str, torch.Tensor]]:
+        """Layers ``start .. stop - 1`` on the images' rows (their states updated in place) and the signals of layer
+        ``stop - 1`` per image, each row on its real tokens only (the padding must not count)."""
+        runner = self.runner
+        hidden, mask, where = self._tower_rows(images)
+        hidden = runner.run(hidden, start, stop - 1, mask)
+        with capture_input(runner.span_attention(stop)) as box:
+            hidden = runner.run(hidden, stop - 1, stop, mask)
+        whole_rows: dict[int, list[int]] = {}
+        per_row: list[dict[str, torch.Tensor]] = []
+        for r, (i, _, slots) in enumerate(where):
+            n = hidden.shape[1] if slots is None else slots.numel()
+            per_row.append({name: t[0] for name, t in attention_signals(
+                runner.span_attention(stop), box["x"][r: r + 1, :n], needs, None).items()})
+            if slots is None:
+                whole_rows.setdefault(i, []).append(r)
+            else:
+                images[i].state.hidden[0, slots] = hidden[r, :n]
+        out: list[dict[str, torch.Tensor]] = []
+        for i, im in enumerate(images):
+            if im.whole:
+                im.hidden = hidden[whole_rows[i]]
+                out.append({name: torch.stack([per_row[r][name] for r in whole_rows[i]])
+                            for name in per_row[whole_rows[i][0]]})
+                continue
+            n = im.state.hidden.shape[1]
+            sig: dict[str, torch.Tensor] = {}
+            for r, (owner, _, slots) in enumerate(where):
+                if owner != i:
+                    continue
+                for name, t in per_row[r].items():
+                    if name not in sig:
+                        sig[name] = t.new_zeros((n, *t.shape[1:]))
+                    sig[name][slots] = t
+            out.append(sig)
+        return out
+
+    @torch.no_grad()
+    def _finish_in_tower(self, kwargs: dict[str, Any], outputs: list[CompressOutput]) -> list[torch.Tensor]:
+        """The tower layers after the (last) cut, up to the feature layer, on each image's rows, then the projector:
+        per image its tokens in the method's order, or, for an image kept whole, the model's own packing of its
+        crops (``image_newline`` markers; those past the budget dropped)."""
+        images = self._tower_images
+        for im, out in zip(images, outputs):
+            if not im.whole:
+                im.crop = im.crop[out.index[0]]
+                im.state = im.state.after([out])
+        runner = self.runner
+        hidden, mask, where = self._tower_rows(images)
+        hidden = runner.run(hidden, runner.cuts[-1], len(runner.spec.layers), mask)
+        feats = self.core.multi_modal_projector(hidden)  # one call on the rows, as get_image_features does
+        aspect = getattr(self.model.config, "vision_aspect_ratio", None) or "anyres_max_9"
+        image_sizes = kwargs.get("image_sizes")
+        out: list[torch.Tensor] = []
+        for i, im in enumerate(images):
+            rows = [(r, slots) for r, (owner, _, slots) in enumerate(where) if owner == i]
+            if im.whole:
+                crops = feats[[r for r, _ in rows], : im.hidden.shape[1]]
+                packed, _ = self.core.pack_image_features([crops], image_sizes[i: i + 1],
+                                                          image_newline=self.core.image_newline,
+                                                          vision_aspect_ratio=aspect)
+                out.append(packed[0][im.keep])
+                continue
+            tokens = feats.new_empty(im.state.hidden.shape[1], feats.shape[-1])
+            for r, slots in rows:
+                tokens[slots] = feats[r, : slots.numel()]
+            out.append(tokens)
+        return out
+
+
+@dataclass
+class _TowerImage:
+    """One image inside the tower (stage "encoder"), from encode() to rebuild()."""
+
+    rows: slice  # its crops' rows in the tower batch
+    n_llm: int  # N: its packed count, newline markers included
+    k: int  # the tokens that reach the LLM
+    whole: bool  # k covers every candidate (or N): not compressed inside the tower
+    keep: torch.Tensor | None  # whole: which of the N packed tokens reach the LLM (markers past k dropped)
+    counts: list[int]  # compressed: the token count after each cut
+    crop: torch.Tensor  # compressed: [n] the crop of each current token (that of its first source)
+    hidden: torch.Tensor | None = None  # whole: [crops, P, D] its crop rows
+    state: MergedTokens | None = None  # compressed: its current tokens, sizes and source over the candidates
+
+
+def _kept_markers_layout(grid: L.Layout, markers: int) -> L.Layout:
+    """``grid`` (base view + crop grid with its newline column, or + one newline) with only the first ``markers``
+    newline markers."""
+    segments = []
+    for s in grid.segments:
+        if s.kind == "newline":
+            segments += [s] if markers > 0 else []
+        elif s.newline and markers < s.h:
+            segments += [L.Segment(s.kind, 1, markers, s.w, newline=True)] if markers > 0 else []
+            segments.append(L.Segment(s.kind, 1, s.h - markers, s.w - 1))
+        else:
+            segments.append(s)
+    return L.Layout(segments)

@@ -33,3 +33,19 @@ def probe(attn: torch.nn.Module, needs: frozenset[str], cls_index: int | None) -
         yield p
     finally:
         handle.remove()
+
+
+@contextmanager
+def capture_input(attn: torch.nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """``box["x"]``: the input of ``attn``'s last call while open, for signals computed afterwards on parts of it
+    (e.g. per row of a padded batch, where the padding must not count)."""
+    box: dict[str, torch.Tensor] = {}
+
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        box["x"] = args[0] if args else kwargs["hidden_states"]
+
+    handle = attn.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield box
+    finally:
+        handle.remove()

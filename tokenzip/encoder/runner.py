@@ -260,3 +260,23 @@ class EncoderRunner:
         mask = state.attention_bias() if proportional else None
         hidden = self.run(state.hidden, self.cuts[-1], len(self.spec.layers), mask)
         return hidden if self.spec.final_norm is None else self.spec.final_norm(hidden)
+
+
+def padded_rows(rows: Sequence[torch.Tensor], sizes: Sequence[torch.Tensor | None]
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token rows of different lengths ``[n_r, D]`` (each with its token sizes ``[n_r]``, None: all 1) as one batch
+    ``[R, n, D]`` padded at the end, and the one additive attention mask ``[R, 1, 1, n]`` it needs: ``log(size)`` on
+    real keys (ToMe's proportional attention) and the dtype's minimum on padding keys (SDPA and eager take it
+    alike). The mask is None when no row is padded and every size is 1, so such rows run exactly as unmasked."""
+    if not rows:
+        raise ValueError("padded_rows needs at least one row")
+    n = max(int(r.shape[0]) for r in rows)
+    if all(int(r.shape[0]) == n for r in rows) and all(s is None or bool((s == 1).all()) for s in sizes):
+        return torch.stack(list(rows)), None
+    first = rows[0]
+    hidden = first.new_zeros(len(rows), n, first.shape[-1])
+    bias = torch.full((len(rows), n), torch.finfo(first.dtype).min, dtype=first.dtype, device=first.device)
+    for r, (row, size) in enumerate(zip(rows, sizes)):
+        hidden[r, : row.shape[0]] = row
+        bias[r, : row.shape[0]] = 0.0 if size is None else size.float().clamp(min=1).log().to(first.dtype)
+    return hidden, bias[:, None, None, :]
