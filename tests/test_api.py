@@ -13,7 +13,7 @@ def test_methods_list_has_required_fields():
     infos = tz.methods()
     assert infos and all(isinstance(i, tz.MethodInfo) for i in infos)
     for i in infos:
-        assert i.family in ("input", "transformation", "similarity", "attention", "query")
+        assert i.family in ("baseline", "input", "transformation", "similarity", "attention", "query")
         assert i.stage in ("input", "encoder", "pre_llm", "llm")
         assert set(i.modalities) <= {"image", "video", "audio"} and i.modalities
         assert isinstance(i.query_aware, bool) and i.reference

@@ -33,5 +33,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["Budget", "Composed", "CompressOutput", "Compressor", "InEncoder", "ItemStats", "METHODS", "MethodInfo",
-           "ModalityStats", "compose", "get", "method_class", "methods", "supported_models"] + [
+           "ModalityStats", "PerFrame", "compose", "get", "method_class", "methods", "supported_models"] + [
     cls.__name__ for cls in METHODS]

@@ -15,7 +15,7 @@ from .output import CompressOutput, ModalityStats
 if TYPE_CHECKING:
     from .patch import Patch
 
-FAMILIES = ("input", "transformation", "similarity", "attention", "query")
+FAMILIES = ("baseline", "input", "transformation", "similarity", "attention", "query")
 STAGES = ("input", "encoder", "pre_llm", "llm")
 MODALITIES = ("image", "video", "audio")
 

@@ -56,8 +56,9 @@ class InEncoder(Compressor):
 
         with tz.InEncoder(tz.ToMe(retain=0.25), layer="every", schedule="constant_r")(whisper): ...
 
-    Supported by adapters that list stage ``"encoder"`` (Whisper, LLaVA-1.5); every cut must leave at least one
-    encoder layer after it (checked when the patch is created, with a ValueError naming the valid range).
+    Supported by adapters that list stage ``"encoder"`` (Whisper, LLaVA-1.5's CLIP or DINOv2 tower, LLaVA-OneVision's
+    SigLIP, the Qwen2-VL/2.5-VL ViT); every cut must leave at least one encoder layer after it (checked when the
+    patch is created, with a ValueError naming the valid range).
     """
 
     def __init__(self, method: Compressor, layer: int | str | tuple, schedule: str = "ratio"):

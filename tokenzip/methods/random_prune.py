@@ -25,7 +25,7 @@ class RandomPrune(ScorerCompressor):
 
     seed: int = 0
     info: ClassVar[MethodInfo] = MethodInfo(
-        name="random", family="input", modalities=("image", "audio"), stage="pre_llm", query_aware=False,
+        name="random", family="baseline", modalities=("image", "audio"), stage="pre_llm", query_aware=False,
         reference="Baseline; see Wen et al., Token Pruning in MLLMs: Are We Solving the Right Problem? "
                   "arXiv:2502.11501")
 
