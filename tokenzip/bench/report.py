@@ -22,12 +22,21 @@ DEFINITIONS = """\
   adds before the LLM: signal probes, scoring, selection, merging, rebuilding the prompt; for methods that prune
   inside the LLM, also their own `compress` calls there), `prefill_s` (the language model's first forward) and
   `other_s` (the rest: the projector — on all tokens in the stock path, on the kept ones after compression —,
-  embedding merge, `generate()` bookkeeping, sampling the first token).
+  embedding merge, `generate()` bookkeeping, sampling the first token). Methods that compress inside the encoder
+  (stage `encoder`, `NAME@encoderL`) run the tower's layers inside the patch: there `encoder_s` is the encoder
+  layers' own time (every layer, before and after the cut, minus the signal probe), `compress_s` the method's own
+  calls at every cut plus its signals, and the patch embedding, the bookkeeping between cuts, the projector and the
+  prompt rebuild are `other_s`.
 - **oracle**: the stock model fed exactly the tokens the method kept (its shortened prompt and precomputed
   `mm_encoder_outputs`, captured from the method's own call), so no compression runs; its TTFT is that LLM call plus
   the uncompressed model's encoder time (the encoder still has to run for pre-LLM methods) plus the method call's
   projector time on the kept tokens. For methods that prune inside the LLM the oracle feeds their final kept tokens
-  from the input (`oracle_kind = kept-at-input`), a bound they cannot reach by design.
+  from the input (`oracle_kind = kept-at-input`), a bound they cannot reach by design. For methods that compress
+  inside the encoder the oracle is a replay (`oracle_kind = replay`): the same encoder-stage run with a compressor
+  that returns the method's recorded outputs of that repeat (kept tokens and merge sources) and asks for no signals,
+  so its TTFT is the reduced encoder + the LLM on the same tokens, measured, without the method's own cost.
+- `encoder GFLOPs saved`: the uncompressed encoder's FLOPs minus the row's (each encoder layer counted with the
+  tokens it ran on; non-zero only for encoder-stage methods).
 - `overhead_vs_oracle = TTFT(method) / TTFT(oracle)`; `speedup = TTFT(none) / TTFT(row)`, where TTFT(none) is the
   uncompressed model re-measured in every repeat of the same point, interleaved with the method (a shared machine's
   speed drifts during a sweep); `flop_speedup = FLOPs(none) / FLOPs(row)` (encoder + LLM); `llm_flop_speedup` is the LLM
@@ -82,16 +91,19 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 
 def main_table(rows: list[dict[str, Any]]) -> str:
     headers = ["method", "retain", "tokens in→out", "TTFT s", "encoder s", "compress s", "prefill s", "other s",
-               "decode s/tok", "peak MB", "GFLOPs", "speed-up", "oracle speed-up", "overhead vs oracle",
-               "FLOP-ideal", "Amdahl bound"]
+               "decode s/tok", "peak MB", "GFLOPs", "encoder GFLOPs saved", "speed-up", "oracle speed-up",
+               "overhead vs oracle", "oracle", "FLOP-ideal", "Amdahl bound"]
     body = []
     for r in rows:
         if r["kind"] == "oracle":
             continue
+        saved = r.get("encoder_flops_saved", 0.0)
         body.append([r["method"], _fmt(r["retain"], 2), f"{r['tokens_in']}→{r['tokens_out']}", _fmt(r["ttft_s"]),
                      _fmt(r["encoder_s"]), _fmt(r["compress_s"]), _fmt(r["prefill_s"]), _fmt(r["other_s"]),
                      _fmt(r["decode_s_per_token"], 4), _mb(r["peak_mem_bytes"]), _gflops(r["flops"]),
+                     f"{_gflops(saved)} ({100 * r.get('encoder_flops_saved_frac', 0.0):.0f} %)" if saved else "0",
                      _fmt(r["speedup"], 2), _fmt(r["oracle_speedup"], 2), _fmt(r["overhead_vs_oracle"], 2),
+                     r.get("oracle_kind", "–") if r["kind"] == "method" else "–",
                      _fmt(r["flop_speedup"], 2), _fmt(r["amdahl_bound"], 2)])
     return _table(headers, body)
 
