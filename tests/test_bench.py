@@ -509,3 +509,64 @@ def test_encoder_flops_per_layer_full_depth():
     assert encoder_flops_per_layer(shape, calls, 5) == 2 * one(9) + 2 * one(3) + 3 * 2 * one(3)
     assert encoder_flops_per_layer(shape, [(0, [9]), (1, [9])]) == encoder_flops(shape, [9])
     assert layer_tokens(calls) == [[9, 9], [3, 3]]
+
+
+def _tiny_dinov2(layers=3):
+    from transformers import Dinov2Config, Dinov2Model
+    from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPil
+
+    torch.manual_seed(0)
+    model = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                                     intermediate_size=64, image_size=56, patch_size=14)).eval()
+    proc = BitImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+    return model, proc
+
+
+def test_token_level_fidelity_and_encoder_stage_rows(tmp_path):
+    import numpy as np
+
+    import tokenzip as tz
+    from tokenzip.bench.fidelity import run_fidelity, token_fidelity
+    from tokenzip.zoo.dinov2 import run_with_cut
+
+    # the metric: patch 0 and 1 merged into slot 0, patch 2 kept in slot 1, patch 3 dropped
+    full = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0]])
+    comp = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    m = token_fidelity(full, comp, torch.tensor([0, 0, 1, -1]))
+    assert m["token_cosine"] == pytest.approx((1 + 0 + 1 + 0) / 4)
+    assert m["token_cosine_kept"] == pytest.approx(2 / 3)
+    assert m["token_cosine_nearest"] == pytest.approx((1 + 0 + 1 + (-1 / 2 ** 0.5)) / 4)
+    assert m["dropped_fraction"] == pytest.approx(0.25)
+
+    model, proc = _tiny_dinov2()
+    rng = np.random.default_rng(0)
+    images = [(f"noise{i}", rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for i in range(4)]
+    pixels = proc(images=[im for _, im in images], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        ref = model(pixel_values=pixels).last_hidden_state[:, 1:]
+    out, source = run_with_cut(model, pixels, tz.get("random", retain=1.0), 1)  # retain 1: the stock tower
+    torch.testing.assert_close(out, ref)
+    assert source.tolist() == [list(range(16))] * 4
+    out, source = run_with_cut(model, pixels, tz.get("tome", retain=0.5), 2)
+    assert out.shape == (4, 8, 32) and source.shape == (4, 16) and int(source.max()) == 7
+    with pytest.raises(ValueError, match="layer must be"):
+        run_with_cut(model, pixels, tz.get("tome", retain=0.5), 3)
+
+    rows = run_fidelity(["random", "tome", "tome@encoder1", "visionzip@encoder2", "random@encoder7",
+                         "tome@encoder1+2"], [1.0, 0.5], model=model, processor=proc, images=images)
+    done = {(r["method"], r["retain"]): r for r in rows if "skipped" not in r}
+    for name in ("random", "tome", "tome@encoder1", "visionzip@encoder2"):
+        assert done[(name, 1.0)]["token_cosine"] == pytest.approx(1.0, abs=1e-5)  # nothing compressed
+        assert done[(name, 0.5)]["tokens_out"] == 8
+    assert done[("random", 0.5)]["token_cosine_kept"] == pytest.approx(1.0, abs=1e-5)  # kept tokens are exact
+    assert done[("random", 0.5)]["dropped_fraction"] == pytest.approx(0.5)
+    assert done[("tome", 0.5)]["dropped_fraction"] == 0.0  # a merge represents every patch
+    assert done[("tome@encoder1", 0.5)]["stage"] == "encoder" and done[("tome@encoder1", 0.5)]["cut"] == 1
+    assert done[("tome@encoder1", 0.5)]["base_method"] == "tome"
+    skipped = {r["method"]: r["skipped"] for r in rows if "skipped" in r}
+    assert "outside" in skipped["random@encoder7"] and "one cut only" in skipped["tome@encoder1+2"]
+    from tokenzip.bench.report import plot_token_fidelity, quality_table
+
+    assert plot_token_fidelity(rows, str(tmp_path / "t.png")) and (tmp_path / "t.png").stat().st_size > 0
+    table = quality_table(rows)
+    assert "token cosine" in table and "| tome@encoder1 | 0.50 | 16→8 |" in table
