@@ -16,7 +16,9 @@ DESCRIPTION = (
     "directly): time to first token split into encoder / compression / LLM prefill, decode time per token, peak "
     "memory, analytic FLOPs, speed-up, overhead vs oracle, FLOP-ideal and Amdahl bounds; DINOv2-S/14 feature "
     "fidelity on real images; optional VQA accuracy from a local task file. Writes OUT/results.jsonl, OUT/report.md "
-    "and PNG plots. Under `torchrun --nproc_per_node N -m tokenzip bench ...` the points are shared between ranks.")
+    "and PNG plots. Methods may be encoder-stage specs NAME@encoderL (compress after L encoder layers; their "
+    "oracle replays the method's recorded outputs through the same reduced encoder). Under "
+    "`torchrun --nproc_per_node N -m tokenzip bench ...` the points are shared between ranks.")
 
 
 def _floats(text: str) -> list[float]:
