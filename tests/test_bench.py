@@ -355,3 +355,218 @@ def test_projector_inside_the_encoder_is_encoder_time():
     built = build("tiny-qwen2_vl")
     roles = find_roles(built.model)
     assert roles.encoder is built.model.model.visual and roles.projector is None
+
+
+# ---- encoder-stage rows (tz.InEncoder): specs, replay oracle, time split, encoder FLOPs ----------------------------
+def test_method_specs_parse_in_one_place():
+    import tokenzip as tz
+    from tokenzip.bench.specs import MethodSpec, make_method, parse_spec, resolve
+
+    assert parse_spec("tome") == ("tome", None)
+    assert parse_spec("tome@encoder6") == ("tome", 6)
+    assert parse_spec("tome@encoder1+2+3") == ("tome", (1, 2, 3))
+    for bad in ("tome@decoder1", "tome@encoder", "tome@encoder1+", "@encoder2", "tome@encoderx"):
+        with pytest.raises(ValueError, match="NAME@encoderL"):
+            parse_spec(bad)
+    c = make_method("tome@encoder1+2", 0.25)
+    assert isinstance(c, tz.InEncoder) and c.layer == (1, 2) and c.budget.retain == 0.25
+    spec = resolve("visionzip@encoder2")
+    assert isinstance(spec, MethodSpec) and spec.info.stage == "encoder" and spec.info.name == "visionzip@encoder2"
+    assert isinstance(spec(retain=0.1), tz.InEncoder)
+    assert resolve("tome") is tz.ToMe
+    with pytest.raises(TypeError, match="NAME@encoderL"):
+        resolve(3)
+
+
+@dataclass
+class EncoderStageDouble(RandomPrune):
+    """A registered-style stage-"encoder" method (the adapter must not skip it); never run here."""
+
+    info: ClassVar[MethodInfo] = MethodInfo(name="encoder_double", family="input", modalities=("image",),
+                                            stage="encoder", query_aware=False, reference="test double")
+
+
+def test_resolve_methods_keeps_encoder_stage():
+    from tokenzip.bench.specs import MethodSpec
+    from tokenzip.bench.sweep import resolve_methods
+
+    built = build("tiny")
+    run, skipped = resolve_methods(built.model, ["tome@encoder1", EncoderStageDouble, "random"])
+    assert [n for n, _ in run] == ["tome@encoder1", "encoder_double", "random"] and not skipped
+    assert isinstance(run[0][1], MethodSpec)
+    # an adapter without stage "encoder" skips them with the reason
+    q = build("tiny-qwen2_vl")
+    from tokenzip.adapters import adapter_for
+
+    if "encoder" not in adapter_for(q.model).stages:
+        _, skipped = resolve_methods(q.model, ["tome@encoder1"])
+        assert "stage encoder not supported" in skipped["tome@encoder1"]
+
+
+def test_replay_oracle_feeds_the_methods_llm_inputs():
+    """The replay oracle runs the same encoder stage with the method's recorded outputs: same LLM inputs, no signals
+    asked for, the same reduced encoder passes."""
+    import tokenzip as tz
+    from tokenzip.bench.replay import Replay, recording
+
+    built = build("tiny")
+    model, inputs = built.model, built.inputs
+    comp = tz.InEncoder(tz.get("visionzip", retain=0.25), layer=1)
+    with recording(comp) as rec:
+        tm = call(model, inputs, clock=Clock(), new_tokens=1, compressor=comp, capture=True, record=True)
+    assert "compress" not in vars(comp) and len(rec.final) == 1 and rec.steps == []
+    replay = Replay(comp, rec)
+    assert replay.signals_needed() == frozenset() and replay.info.stage == "encoder" and replay.layer == 1
+    to = call(model, inputs, clock=Clock(), new_tokens=1, compressor=replay, record=True)
+    m_emb, o_emb = tm.llm_calls[0]["inputs_embeds"], to.llm_calls[0]["inputs_embeds"]
+    assert m_emb.shape[1] < inputs["input_ids"].shape[1]
+    torch.testing.assert_close(m_emb, o_emb, rtol=0, atol=0)
+    # tiny CLIP: 3 layers, features from layer -2 -> layers 0 and 1 run; [CLS] + 16 patches, then [CLS] + 4
+    assert tm.encoder_layer_calls == to.encoder_layer_calls == [(0, [17]), (1, [5])]
+    assert [s.index.tolist() for s in replay.last_stats[0]["image"].items] == \
+        [s.index.tolist() for s in comp.last_stats[0]["image"].items]
+    with pytest.raises(RuntimeError, match="more items"):  # a replay is one call's outputs, not a method
+        call(model, inputs, clock=Clock(), new_tokens=1, compressor=replay)
+    with pytest.raises(TypeError, match="encoder-stage"):
+        Replay(tz.get("visionzip", retain=0.25), rec)
+
+
+LAYER_PER_TOKEN = 0.125
+
+
+def test_encoder_stage_split_and_flops_from_fake_clock(tmp_path, monkeypatch):
+    import tokenzip as tz
+    from tokenzip.bench import flops as F
+    from tokenzip.bench.specs import MethodSpec
+
+    clock = FakeClock()
+    SlowScored.clock = clock
+    bench_recording = timing.recording
+
+    def slow_signal_spans(start):
+        def start_slow(kind):
+            stop = start(kind)
+            if kind == "signals":
+                clock.advance(SIG)
+            return stop
+        return bench_recording(start_slow)
+
+    monkeypatch.setattr(timing, "recording", slow_signal_spans)
+    built = _slow_model(clock)
+    from tokenzip.adapters import adapter_for
+
+    layers = adapter_for(built.model).parts().encoder_layers
+    for layer in layers:
+        def slow(*a, _fwd=layer.forward, **kw):
+            clock.advance(LAYER_PER_TOKEN * a[0].shape[1])
+            return _fwd(*a, **kw)
+        layer.forward = slow
+
+    class SlowInEncoder(MethodSpec):
+        def __init__(self):
+            self.spec = "slow_scored@encoder1"
+            self.info = self(retain=0.5).info
+
+        def __call__(self, retain=None, tokens=None):
+            return tz.InEncoder(SlowScored(retain=retain), layer=1)
+
+    text = int((built.inputs["input_ids"] != 100).sum())
+    cfg = BenchConfig(model="tiny", methods=[SlowInEncoder()], retain=[0.25], out=str(tmp_path), repeats=2,
+                      warmup=0, new_tokens=2, quality="none", progress=False, clock=clock)
+    res = run_bench(cfg, built=built)
+    rows = {r["kind"]: r for r in res["rows"]}
+    none, m, o = rows["none"], rows["method"], rows["oracle"]
+    assert m["method"] == "slow_scored@encoder1" and m["stage"] == "encoder"
+    assert m["oracle_kind"] == o["oracle_kind"] == "replay"
+    enc = LAYER_PER_TOKEN * (17 + 5)  # layer 0 on [CLS] + 16 patches, layer 1 on [CLS] + 4 kept
+    assert m["encoder_s"] == pytest.approx(enc) and o["encoder_s"] == pytest.approx(enc)
+    assert m["compress_s"] == pytest.approx(SIG + COMP)  # the method's own call and its signals
+    assert o["compress_s"] == pytest.approx(0.0)  # the replay computes nothing
+    assert m["prefill_s"] == o["prefill_s"] == pytest.approx(PER_TOKEN * (text + 4))
+    assert m["ttft_s"] - o["ttft_s"] == pytest.approx(SIG + COMP)
+    assert m["overhead_vs_oracle"] == pytest.approx(m["ttft_s"] / o["ttft_s"])
+    assert m["speedup"] == pytest.approx(m["baseline"]["ttft_s"] / m["ttft_s"])
+    # encoder FLOPs: each layer with its own token count; the uncompressed tower runs all 3 layers on 17 tokens
+    shape = F.stack_shape(layers)
+    one = lambda n: 2 * shape.linear_params * n + 4 * n * n * shape.attn_width  # noqa: E731
+    assert none["encoder_flops"] == pytest.approx(3 * one(17))
+    assert m["encoder_flops"] == o["encoder_flops"] == pytest.approx(one(17) + one(5))
+    assert m["encoder_layer_tokens"] == [[17], [5]]
+    assert m["encoder_flops_saved"] == pytest.approx(3 * one(17) - one(17) - one(5))
+    assert m["encoder_flops_saved_frac"] == pytest.approx(m["encoder_flops_saved"] / none["encoder_flops"])
+    report = (tmp_path / "report.md").read_text()
+    assert "replay" in report and "encoder GFLOPs saved" in report
+
+
+def test_encoder_flops_per_layer_full_depth():
+    from tokenzip.bench.flops import StackShape, encoder_flops, encoder_flops_per_layer, layer_tokens
+
+    shape = StackShape(layers=2, linear_params=10, attn_width=4)
+    one = lambda n: 2 * 10 * n + 4 * n * n * 4  # noqa: E731
+    calls = [(0, [9, 9]), (1, [3, 3])]
+    assert encoder_flops_per_layer(shape, calls) == 2 * one(9) + 2 * one(3)
+    # published depth 5: the 3 missing layers run on the tokens after the cut
+    assert encoder_flops_per_layer(shape, calls, 5) == 2 * one(9) + 2 * one(3) + 3 * 2 * one(3)
+    assert encoder_flops_per_layer(shape, [(0, [9]), (1, [9])]) == encoder_flops(shape, [9])
+    assert layer_tokens(calls) == [[9, 9], [3, 3]]
+
+
+def _tiny_dinov2(layers=3):
+    from transformers import Dinov2Config, Dinov2Model
+    from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPil
+
+    torch.manual_seed(0)
+    model = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                                     intermediate_size=64, image_size=56, patch_size=14)).eval()
+    proc = BitImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+    return model, proc
+
+
+def test_token_level_fidelity_and_encoder_stage_rows(tmp_path):
+    import numpy as np
+
+    import tokenzip as tz
+    from tokenzip.bench.fidelity import run_fidelity, token_fidelity
+    from tokenzip.zoo.dinov2 import run_with_cut
+
+    # the metric: patch 0 and 1 merged into slot 0, patch 2 kept in slot 1, patch 3 dropped
+    full = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0]])
+    comp = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    m = token_fidelity(full, comp, torch.tensor([0, 0, 1, -1]))
+    assert m["token_cosine"] == pytest.approx((1 + 0 + 1 + 0) / 4)
+    assert m["token_cosine_kept"] == pytest.approx(2 / 3)
+    assert m["token_cosine_nearest"] == pytest.approx((1 + 0 + 1 + (-1 / 2 ** 0.5)) / 4)
+    assert m["dropped_fraction"] == pytest.approx(0.25)
+
+    model, proc = _tiny_dinov2()
+    rng = np.random.default_rng(0)
+    images = [(f"noise{i}", rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for i in range(4)]
+    pixels = proc(images=[im for _, im in images], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        ref = model(pixel_values=pixels).last_hidden_state[:, 1:]
+    out, source = run_with_cut(model, pixels, tz.get("random", retain=1.0), 1)  # retain 1: the stock tower
+    torch.testing.assert_close(out, ref)
+    assert source.tolist() == [list(range(16))] * 4
+    out, source = run_with_cut(model, pixels, tz.get("tome", retain=0.5), 2)
+    assert out.shape == (4, 8, 32) and source.shape == (4, 16) and int(source.max()) == 7
+    with pytest.raises(ValueError, match="layer must be"):
+        run_with_cut(model, pixels, tz.get("tome", retain=0.5), 3)
+
+    rows = run_fidelity(["random", "tome", "tome@encoder1", "visionzip@encoder2", "random@encoder7",
+                         "tome@encoder1+2"], [1.0, 0.5], model=model, processor=proc, images=images)
+    done = {(r["method"], r["retain"]): r for r in rows if "skipped" not in r}
+    for name in ("random", "tome", "tome@encoder1", "visionzip@encoder2"):
+        assert done[(name, 1.0)]["token_cosine"] == pytest.approx(1.0, abs=1e-5)  # nothing compressed
+        assert done[(name, 0.5)]["tokens_out"] == 8
+    assert done[("random", 0.5)]["token_cosine_kept"] == pytest.approx(1.0, abs=1e-5)  # kept tokens are exact
+    assert done[("random", 0.5)]["dropped_fraction"] == pytest.approx(0.5)
+    assert done[("tome", 0.5)]["dropped_fraction"] == 0.0  # a merge represents every patch
+    assert done[("tome@encoder1", 0.5)]["stage"] == "encoder" and done[("tome@encoder1", 0.5)]["cut"] == 1
+    assert done[("tome@encoder1", 0.5)]["base_method"] == "tome"
+    skipped = {r["method"]: r["skipped"] for r in rows if "skipped" in r}
+    assert "outside" in skipped["random@encoder7"] and "one cut only" in skipped["tome@encoder1+2"]
+    from tokenzip.bench.report import plot_token_fidelity, quality_table
+
+    assert plot_token_fidelity(rows, str(tmp_path / "t.png")) and (tmp_path / "t.png").stat().st_size > 0
+    table = quality_table(rows)
+    assert "token cosine" in table and "| tome@encoder1 | 0.50 | 16→8 |" in table

@@ -179,3 +179,19 @@ def test_overlay_marks_kept_merged_dropped():
         viz.overlay(img, stats, grid=(3, 3))
     with pytest.raises(TypeError, match="ItemStats"):
         viz.overlay(img, "nope")
+
+
+def test_show_encoder_stage_method(tiny, image_file, tmp_path, capsys):
+    """`tokenzip show --method NAME@encoderL`: the merges a method makes inside the vision encoder, drawn on the
+    patch grid at the cut."""
+    out = tmp_path / "enc.png"
+    assert cli.main(["show", str(image_file), "--method", "tome@encoder1", "--retain", "0.25", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "tome@encoder1" in printed and "4/16" in printed
+    with Image.open(out) as im:
+        assert im.size[0] > 100 and im.size[1] > 100
+    assert cli.main(["show", str(image_file), "--method", "tome@decoder1", "--retain", "0.25"]) == 2
+    assert "NAME@encoderL" in capsys.readouterr().err
+    assert cli.main(["show", str(image_file), "--method", "tome@encoder5", "--retain", "0.25", "-o",
+                     str(tmp_path / "x.png")]) == 2
+    assert "layer must be" in capsys.readouterr().err

@@ -67,3 +67,20 @@ def test_kept_items_bad_input(tiny):
         kept_items([], model, inputs)
     with pytest.raises(TypeError, match="compresses"):  # an audio method on an image model
         kept_items(tz.get("vad_prune", retain=0.5), model, inputs)
+
+
+@pytest.mark.parametrize("spec", ["tome@encoder1", "visionzip@encoder1", "avgpool@encoder1"])
+def test_encoder_stage_kept_items_match_inside_the_model(tiny, spec):
+    """An image encoder-stage method (LLaVA, tz.InEncoder) previews the groups it forms inside model.generate, over
+    the patch grid at the cut (what `tokenzip show --method NAME@encoderL` draws)."""
+    from tokenzip.bench.specs import make_method
+
+    model, inputs = tiny
+    (stats,) = kept_items(make_method(spec, 0.25), model, inputs)
+    inside = make_method(spec, 0.25)
+    with inside(model), torch.no_grad():
+        model.generate(**inputs, max_new_tokens=1, do_sample=False)
+    (expected,) = inside.last_stats[0]["image"].items
+    assert torch.equal(expected.source, stats.source) and torch.equal(expected.index, stats.index)
+    assert (stats.tokens_in, stats.tokens_out) == (16, 4) and stats.grid.segments[0].h == 4
+    assert stats.index.numel() == 4 and int(stats.source.max()) == 3

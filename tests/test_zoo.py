@@ -201,3 +201,28 @@ def test_zoo_loader_missing_dependency_names_the_extra(monkeypatch):
     monkeypatch.setitem(zoo.REGISTRY, "fake-onnx", loader)
     with pytest.raises(MissingDependency, match=r'onnx .* not installed: pip install "tokenzip\[zoo\]"'):
         zoo.load("fake-onnx")
+
+
+def test_run_with_cut_on_the_real_tower():
+    """zd.run_with_cut (the token-level fidelity's encoder stage on the bare DINOv2-S/14): retain 1 reproduces the
+    stock tower exactly; at retain 0.25 the layers after the cut see [CLS] + 64 tokens and every patch has a slot."""
+    model = _converted()
+    pixels = zd.dinov2_processor()(images=[_astronaut()], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        ref = model(pixel_values=pixels).last_hidden_state[:, 1:]
+    out, source = zd.run_with_cut(model, pixels, tz.get("tome", retain=1.0), 6)
+    assert torch.equal(out, ref)
+    seen = []
+    hook = model.encoder.layer[6].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
+    try:
+        out, source = zd.run_with_cut(model, pixels, tz.get("tome", retain=0.25), 6)
+    finally:
+        hook.remove()
+    assert seen == [1 + 64] and out.shape == (1, 64, 384)
+    assert source.shape == (1, 256) and int(source.min()) == 0 and int(source.max()) == 63
+
+
+def _astronaut():
+    from tokenzip.data import skimage_sample
+
+    return skimage_sample("astronaut")

@@ -55,10 +55,12 @@ def load_model(name: str) -> tuple[Any, Any]:
 
 
 def make_compressor(method: str, retain: float | None, tokens: int | None):
-    import tokenzip as tz
+    """``NAME``, or ``NAME@encoderL`` (``tz.InEncoder``: compress after L encoder layers), see
+    :mod:`tokenzip.bench.specs`."""
+    from .bench.specs import make_method
 
     try:
-        return tz.get(method, retain=retain, tokens=tokens)
+        return make_method(method, retain=retain, tokens=tokens)
     except (ValueError, TypeError) as e:
         raise CLIError(str(e)) from e
 
@@ -187,7 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("show", help="draw which patches a method keeps/merges on an image")
     p.add_argument("image", help="image file, or skimage:NAME for a scikit-image sample")
-    p.add_argument("--method", required=True, help="method name (see `tokenzip methods`)")
+    p.add_argument("--method", required=True,
+                   help="method name (see `tokenzip methods`), or NAME@encoderL to compress inside the vision "
+                        "encoder after L layers (e.g. tome@encoder6; the overlay shows the patches at the cut)")
     _budget(p)
     p.add_argument("-o", "--output", help="output PNG (default: <image>_<method>.png)")
     p.add_argument("--model", default=DEFAULT_MODEL,

@@ -5,7 +5,8 @@
                           out="bench_out"))
 
 Modules, top-down: ``cli`` (the command) -> ``sweep`` (methods x budgets, ranks, outputs) -> ``measure`` (one point:
-method, oracle and interleaved baseline calls) -> ``instrument`` (stage timers of one call) and ``flops``;
+method, oracle and interleaved baseline calls; ``replay``: the oracle of encoder-stage methods) -> ``instrument``
+(stage timers of one call) and ``flops``; ``specs`` (method specs ``NAME@encoderL``, shared by every sweep and the CLI);
 ``derive`` (columns comparing rows), ``env`` (software/hardware), ``report`` (tables, plots, report.md),
 ``config`` (BenchConfig). Inputs and models: ``presets`` (real architectures offline), ``inputs`` (processor
 inputs), ``first_token`` (time to first token of a plain generate, for the CLI and the demo). Quality: ``fidelity``

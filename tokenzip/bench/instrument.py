@@ -183,6 +183,8 @@ class Trace:
     spans: dict[str, list[tuple[Any, Any]]] = field(default_factory=dict)
     llm_calls: list[dict[str, Any]] = field(default_factory=list)  # per LLM forward: input length
     encoder_passes: list[int] = field(default_factory=list)  # tokens of each sequence entering the encoder
+    # encoder-stage runs only: (layer index, tokens of each sequence) of every encoder layer call, in order
+    encoder_layer_calls: list[tuple[int, list[int]]] = field(default_factory=list)
     captured: dict[str, Any] | None = None  # the arguments Patch.prepare handed to the stock model
     peak_mem: int = 0
 
@@ -208,6 +210,13 @@ class Trace:
         prefill = c.between(*llm[0]) if llm else 0.0
         encoder = tower - signals
         compress = (prepare - tower + signals) if prepare else 0.0
+        if "encoder_layer" in self.spans:
+            # stage "encoder": the tower's layers run inside the Patch (before and after the cut), so the split is
+            # encoder = the encoder layers' own time (minus the signal probe inside the cut's layer), compress = the
+            # method's own calls (every cut) plus its signals; the patch embedding, the bookkeeping between cuts,
+            # the projector and the prompt rebuild go to ``other`` (on the method and its replay oracle alike)
+            encoder = self.total("encoder_layer") - signals
+            compress = self.total("compress_core") + signals
         # stage "llm": the method's own calls inside the prefill are compression; the rest is prefill
         in_llm = self.total("llm_compress")
         compress += in_llm
@@ -218,7 +227,8 @@ class Trace:
         in_prepare = sum(c.between(a, b) for a, b in self.spans.get("projector", [])
                          if any(c.between(pa, a) >= 0 and c.between(b, pb) >= 0
                                 for pa, pb in self.spans.get("prepare", [])))
-        compress -= in_prepare
+        if "encoder_layer" not in self.spans:
+            compress -= in_prepare
         n_new = len(self.token_stamps)
         decode = (c.between(self.token_stamps[0], self.token_stamps[-1]) / (n_new - 1)) if n_new > 1 else 0.0
         return {"ttft_s": ttft, "encoder_s": encoder, "compress_s": compress, "prefill_s": prefill,
@@ -314,16 +324,29 @@ def instrument(model: torch.nn.Module, trace: Trace, patch: Any = None, capture:
             info["attention_mask"] = mask.clone() if isinstance(mask, torch.Tensor) else mask
         trace.llm_calls.append(info)
 
-    def first_layer(mod, args, kwargs):
+    def tokens_of(args, kwargs) -> list[int]:
         x = args[0] if args else kwargs.get("hidden_states")
-        if isinstance(x, torch.Tensor):
-            trace.encoder_passes += [int(x.shape[-2])] * (int(x.shape[0]) if x.dim() == 3 else 1)
+        if not isinstance(x, torch.Tensor):
+            return []
+        return [int(x.shape[-2])] * (int(x.shape[0]) if x.dim() == 3 else 1)
 
+    def first_layer(mod, args, kwargs):
+        trace.encoder_passes += tokens_of(args, kwargs)
+
+    encoder_stage = patch is not None and getattr(getattr(patch, "pre", None), "info", None) is not None \
+        and patch.pre.info.stage == "encoder"
     with ExitStack() as stack:
         if roles.encoder is not None:
             handles += _span_hooks(roles.encoder, trace, "encoder")
             if roles.encoder_layers is not None and len(roles.encoder_layers):
                 handles.append(roles.encoder_layers[0].register_forward_pre_hook(first_layer, with_kwargs=True))
+        if encoder_stage and roles.encoder_layers is not None:
+            # the layers run inside the Patch, on fewer tokens after the cut: time each and count its tokens
+            for i, layer in enumerate(roles.encoder_layers):
+                def count(args, kwargs, i=i):
+                    trace.encoder_layer_calls.append((i, tokens_of(args, kwargs)))
+
+                handles += _span_hooks(layer, trace, "encoder_layer", count)
         if roles.llm is not None:
             handles += _span_hooks(roles.llm, trace, "llm", llm_call)
         if roles.projector is not None:

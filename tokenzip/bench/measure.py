@@ -7,20 +7,29 @@ from __future__ import annotations
 import hashlib
 import json
 import statistics
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..base import Compressor
+from ..encoder import CompressStep
 from . import flops as F
 from .config import BASELINE_FIELDS, BenchConfig
 from .instrument import Clock, PeakMemory, TokenStamps, Trace, find_roles, instrument
 from .presets import Built
+from .replay import Replay, is_encoder_stage, recording
 
 GENERATION_KEYS = ("streamer", "max_new_tokens", "min_new_tokens", "do_sample", "pad_token_id", "eos_token_id",
                    "use_cache", "return_dict_in_generate", "output_scores", "generation_config", "num_beams")
+
+
+# how each stage's oracle is built: "exact" = the stock model fed the kept tokens (+ the uncompressed encoder time),
+# "kept-at-input" = an LLM-stage method's final kept tokens fed from the LLM's input (a bound it cannot reach),
+# "replay" = an encoder-stage method's own reduced encoder run, fed its recorded outputs (tokenzip.bench.replay)
+ORACLE_KIND = {"pre_llm": "exact", "llm": "kept-at-input", "encoder": "replay"}
 
 
 class NothingCompressed(Exception):
@@ -49,7 +58,8 @@ def call(model: torch.nn.Module, inputs: dict[str, Any], *, clock: Clock, new_to
     streamer = TokenStamps(trace)
     gen = _gen_kwargs(model, new_tokens, streamer)
     mem = PeakMemory(device)
-    with torch.no_grad(), (compressor(model) if compressor is not None else nullcontext()) as patch:
+    steps = timed_steps(compressor, trace) if is_encoder_stage(compressor) else nullcontext()
+    with torch.no_grad(), steps, (compressor(model) if compressor is not None else nullcontext()) as patch:
         with instrument(model, trace, patch, capture=capture, record_llm_inputs=record), mem:
             trace.start = clock.stamp()
             model.generate(**inputs, **gen)
@@ -59,6 +69,32 @@ def call(model: torch.nn.Module, inputs: dict[str, Any], *, clock: Clock, new_to
     if capture and trace.captured is not None:
         trace.captured = oracle_inputs(trace.captured)
     return trace
+
+
+@contextmanager
+def timed_steps(compressor: Compressor, trace: Trace) -> Iterator[None]:
+    """Time a schedule's earlier cuts as the method's own work (``compress_core``, like its last cut): the patch
+    hands the adapter ``compressor.step`` when it is created, so the timer goes on before that (restored on exit)."""
+    orig = getattr(compressor, "step", None)
+    if orig is None:
+        yield
+        return
+    had = "step" in vars(compressor)
+
+    def step(*args: Any, **kwargs: Any):
+        a = trace.clock.stamp()
+        out = orig(*args, **kwargs)
+        trace.add("compress_core", a, trace.clock.stamp())
+        return out
+
+    compressor.step = CompressStep(step, orig.count)
+    try:
+        yield
+    finally:
+        if had:
+            compressor.step = orig
+        else:
+            del compressor.step
 
 
 def oracle_inputs(captured: dict[str, Any]) -> dict[str, Any]:
@@ -127,6 +163,11 @@ class Shapes:
         enc = F.encoder_flops(self.vision, trace.encoder_passes)
         llm = F.llm_prefill_flops(self.llm, n, self.d_model, self.vocab, batch=batch)
         enc_full = F.encoder_flops(self.vision, trace.encoder_passes, self.full.get("vision"))
+        extra: dict[str, Any] = {}
+        if trace.encoder_layer_calls:  # stage "encoder": each layer on its own token count
+            enc = F.encoder_flops_per_layer(self.vision, trace.encoder_layer_calls)
+            enc_full = F.encoder_flops_per_layer(self.vision, trace.encoder_layer_calls, self.full.get("vision"))
+            extra["encoder_layer_tokens"] = F.layer_tokens(trace.encoder_layer_calls)
         llm_full = F.llm_prefill_flops(self.llm, n, self.d_model, self.vocab, self.full.get("text"), batch=batch)
         if llm_method is not None and self.llm is not None and hasattr(llm_method, "schedule"):
             items = [it.tokens_in for s in llm_method.last_stats for ms in s.values() for it in ms.items]
@@ -137,7 +178,7 @@ class Shapes:
             llm, llm_full = per["built"], per["full"]
         return {"encoder_flops": enc, "llm_flops": llm, "flops": enc + llm, "encoder_flops_full": enc_full,
                 "llm_flops_full": llm_full, "flops_full": enc_full + llm_full, "llm_seq_len": n,
-                "encoder_passes": list(trace.encoder_passes)}
+                "encoder_passes": list(trace.encoder_passes), **extra}
 
 
 def check_compressed(compressor: Compressor) -> None:
@@ -201,11 +242,13 @@ def measure_none(built: Built, cfg: BenchConfig, clock: Clock, shapes: Shapes) -
 
 def measure_point(built: Built, item: Item, cfg: BenchConfig, clock: Clock, shapes: Shapes) -> list[dict[str, Any]]:
     comp = item.cls(retain=item.retain)
+    in_encoder = is_encoder_stage(comp)
     m_traces, o_traces, b_traces = [], [], []
     for i in range(cfg.point_warmup + cfg.repeats):
         tb = call(built.model, built.inputs, clock=clock, new_tokens=cfg.new_tokens, device=cfg.device)
-        tm = call(built.model, built.inputs, clock=clock, new_tokens=cfg.new_tokens, compressor=comp, capture=True,
-                  device=cfg.device)
+        with (recording(comp) if in_encoder else nullcontext()) as recorded:
+            tm = call(built.model, built.inputs, clock=clock, new_tokens=cfg.new_tokens, compressor=comp,
+                      capture=True, device=cfg.device)
         if tm.captured is None and comp.info.stage == "llm":
             tm.captured = kept_inputs(built.model, built.inputs, comp)
         if tm.captured is None:
@@ -213,14 +256,18 @@ def measure_point(built: Built, item: Item, cfg: BenchConfig, clock: Clock, shap
         if i == 0:
             check_compressed(comp)
         # the oracle generates one token: its decode steps are the method's (same kept tokens, same cache)
-        to = call(built.model, tm.captured, clock=clock, new_tokens=1, device=cfg.device)
+        if in_encoder:  # the same reduced encoder, fed the method's recorded outputs (no signals, no selection)
+            to = call(built.model, built.inputs, clock=clock, new_tokens=1, compressor=Replay(comp, recorded),
+                      device=cfg.device)
+        else:
+            to = call(built.model, tm.captured, clock=clock, new_tokens=1, device=cfg.device)
         if i >= cfg.point_warmup:
             b_traces.append(tb)
             m_traces.append(tm)
             o_traces.append(to)
     t_in, t_out, per = _tokens(comp)
     common = {"method": item.method, "retain": float(item.retain), "tokens_in": t_in, "tokens_out": t_out,
-              "oracle_kind": "kept-at-input" if comp.info.stage == "llm" else "exact",
+              "oracle_kind": ORACLE_KIND.get(comp.info.stage, "exact"),
               "tokens_by_modality": per, "kept_hash": _kept_hash(comp), "family": comp.info.family,
               "stage": comp.info.stage, "query_aware": comp.info.query_aware}
     mrow = {"kind": "method", **common, **_median(m_traces),
@@ -229,7 +276,7 @@ def measure_point(built: Built, item: Item, cfg: BenchConfig, clock: Clock, shap
     base = _median(b_traces)
     mrow["baseline"] = {k: base[k] for k in BASELINE_FIELDS}  # the uncompressed model, interleaved with this point
     orow = {"kind": "oracle", **common, **_median(o_traces), **shapes.row(o_traces[-1])}
-    orow["llm_ttft_s"] = orow["ttft_s"]  # the LLM call alone; the encoder time is added in finalize()
+    orow["llm_ttft_s"] = orow["ttft_s"]  # exact: the LLM call alone, the encoder time is added in finalize()
     orow["decode_s_per_token"] = mrow["decode_s_per_token"]  # not re-measured (see above)
     # the oracle's FLOPs: the same encoder passes as the method (the encoder still runs), its own LLM call
     for k in ("encoder_flops", "encoder_flops_full", "encoder_passes"):

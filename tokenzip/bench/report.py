@@ -22,12 +22,21 @@ DEFINITIONS = """\
   adds before the LLM: signal probes, scoring, selection, merging, rebuilding the prompt; for methods that prune
   inside the LLM, also their own `compress` calls there), `prefill_s` (the language model's first forward) and
   `other_s` (the rest: the projector — on all tokens in the stock path, on the kept ones after compression —,
-  embedding merge, `generate()` bookkeeping, sampling the first token).
+  embedding merge, `generate()` bookkeeping, sampling the first token). Methods that compress inside the encoder
+  (stage `encoder`, `NAME@encoderL`) run the tower's layers inside the patch: there `encoder_s` is the encoder
+  layers' own time (every layer, before and after the cut, minus the signal probe), `compress_s` the method's own
+  calls at every cut plus its signals, and the patch embedding, the bookkeeping between cuts, the projector and the
+  prompt rebuild are `other_s`.
 - **oracle**: the stock model fed exactly the tokens the method kept (its shortened prompt and precomputed
   `mm_encoder_outputs`, captured from the method's own call), so no compression runs; its TTFT is that LLM call plus
   the uncompressed model's encoder time (the encoder still has to run for pre-LLM methods) plus the method call's
   projector time on the kept tokens. For methods that prune inside the LLM the oracle feeds their final kept tokens
-  from the input (`oracle_kind = kept-at-input`), a bound they cannot reach by design.
+  from the input (`oracle_kind = kept-at-input`), a bound they cannot reach by design. For methods that compress
+  inside the encoder the oracle is a replay (`oracle_kind = replay`): the same encoder-stage run with a compressor
+  that returns the method's recorded outputs of that repeat (kept tokens and merge sources) and asks for no signals,
+  so its TTFT is the reduced encoder + the LLM on the same tokens, measured, without the method's own cost.
+- `encoder GFLOPs saved`: the uncompressed encoder's FLOPs minus the row's (each encoder layer counted with the
+  tokens it ran on; non-zero only for encoder-stage methods).
 - `overhead_vs_oracle = TTFT(method) / TTFT(oracle)`; `speedup = TTFT(none) / TTFT(row)`, where TTFT(none) is the
   uncompressed model re-measured in every repeat of the same point, interleaved with the method (a shared machine's
   speed drifts during a sweep); `flop_speedup = FLOPs(none) / FLOPs(row)` (encoder + LLM); `llm_flop_speedup` is the LLM
@@ -82,16 +91,19 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 
 def main_table(rows: list[dict[str, Any]]) -> str:
     headers = ["method", "retain", "tokens in→out", "TTFT s", "encoder s", "compress s", "prefill s", "other s",
-               "decode s/tok", "peak MB", "GFLOPs", "speed-up", "oracle speed-up", "overhead vs oracle",
-               "FLOP-ideal", "Amdahl bound"]
+               "decode s/tok", "peak MB", "GFLOPs", "encoder GFLOPs saved", "speed-up", "oracle speed-up",
+               "overhead vs oracle", "oracle", "FLOP-ideal", "Amdahl bound"]
     body = []
     for r in rows:
         if r["kind"] == "oracle":
             continue
+        saved = r.get("encoder_flops_saved", 0.0)
         body.append([r["method"], _fmt(r["retain"], 2), f"{r['tokens_in']}→{r['tokens_out']}", _fmt(r["ttft_s"]),
                      _fmt(r["encoder_s"]), _fmt(r["compress_s"]), _fmt(r["prefill_s"]), _fmt(r["other_s"]),
                      _fmt(r["decode_s_per_token"], 4), _mb(r["peak_mem_bytes"]), _gflops(r["flops"]),
+                     f"{_gflops(saved)} ({100 * r.get('encoder_flops_saved_frac', 0.0):.0f} %)" if saved else "0",
                      _fmt(r["speedup"], 2), _fmt(r["oracle_speedup"], 2), _fmt(r["overhead_vs_oracle"], 2),
+                     r.get("oracle_kind", "–") if r["kind"] == "method" else "–",
                      _fmt(r["flop_speedup"], 2), _fmt(r["amdahl_bound"], 2)])
     return _table(headers, body)
 
@@ -113,10 +125,13 @@ def full_table(rows: list[dict[str, Any]], scale: dict[str, float]) -> str:
 
 
 def quality_table(quality: list[dict[str, Any]]) -> str:
-    headers = ["method", "retain", "tokens", "cosine (mean)", "cosine (min)", "NN agreement", "self-retrieval"]
+    headers = ["method", "retain", "tokens", "cosine (mean)", "cosine (min)", "NN agreement", "self-retrieval",
+               "token cosine", "token cosine (dropped → nearest)"]
     body = [[q["method"], _fmt(q["retain"], 2), f"{q['tokens_in']}→{q['tokens_out']}", _fmt(q["cosine"]),
-             _fmt(q["cosine_min"]), _fmt(q["nn_agreement"], 2), _fmt(q["self_retrieval"], 2)]
-            for q in sorted((q for q in quality if "skipped" not in q), key=lambda q: (q["method"], -q["retain"]))]
+             _fmt(q["cosine_min"]), _fmt(q["nn_agreement"], 2), _fmt(q["self_retrieval"], 2),
+             _fmt(q.get("token_cosine")), _fmt(q.get("token_cosine_nearest"))]
+            for q in sorted((q for q in quality if "skipped" not in q),
+                            key=lambda q: (q.get("base_method", q["method"]), q["method"], -q["retain"]))]
     return _table(headers, body)
 
 
@@ -235,6 +250,33 @@ def plot_quality(quality: list[dict[str, Any]], acc: list[dict[str, Any]], path:
     return True
 
 
+def plot_token_fidelity(quality: list[dict[str, Any]], path: str) -> bool:
+    """Token-level DINOv2 fidelity vs retain: each method at the tower's output (solid) and its ``NAME@encoderL``
+    counterparts (dashed, same colour)."""
+    rows = [q for q in quality if "skipped" not in q and q.get("token_cosine") is not None]
+    if not rows:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    bases = sorted({q.get("base_method", q["method"]) for q in rows})
+    for key, ax in (("token_cosine", axes[0]), ("token_cosine_nearest", axes[1])):
+        for name, rs in _by_method(rows).items():
+            st = _style(bases.index(rs[0].get("base_method", name)))
+            ls = "-" if rs[0].get("cut") is None else ("--" if rs[0]["cut"] >= 6 else ":")
+            ax.plot([r["retain"] for r in rs], [r[key] for r in rs], ls=ls, label=name, **st)
+        _retain_axis(ax, [r["retain"] for r in rows])
+        ax.set_xlabel("retain")
+        ax.set_ylabel({"token_cosine": "token cosine (dropped patch = 0)",
+                       "token_cosine_nearest": "token cosine (dropped patch → nearest output token)"}[key])
+        ax.set_title(f"DINOv2-S/14 per-patch fidelity ({rows[0].get('n_images', '?')} real images)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def pareto_points(rows: list[dict[str, Any]], quality: list[dict[str, Any]], acc: list[dict[str, Any]]
                   ) -> tuple[list[tuple[str, float, float, float]], str]:
     """(method, retain, speed-up, quality) for every measured point with a quality value."""
@@ -302,11 +344,13 @@ def write_outputs(result: dict[str, Any], out: str) -> None:
     has_q = plot_quality(result.get("quality", []), result.get("accuracy", []),
                          os.path.join(out, "quality_vs_retain.png"))
     has_p = plot_pareto(rows, result.get("quality", []), result.get("accuracy", []), os.path.join(out, "pareto.png"))
+    has_t = plot_token_fidelity(result.get("quality", []), os.path.join(out, "token_fidelity_vs_retain.png"))
     with open(os.path.join(out, "report.md"), "w") as f:
-        f.write(render(result, has_q, has_p))
+        f.write(render(result, has_q, has_p, has_t))
 
 
-def render(result: dict[str, Any], has_quality_plot: bool = False, has_pareto: bool = False) -> str:
+def render(result: dict[str, Any], has_quality_plot: bool = False, has_pareto: bool = False,
+           has_token_plot: bool = False) -> str:
     env = result["env"]
     rows = result["rows"]
     lines = [f"# tokenzip bench: {env['preset']}", ""]
@@ -343,7 +387,11 @@ def render(result: dict[str, Any], has_quality_plot: bool = False, has_pareto: b
                   "Cosine of mean-pooled compressed vs full patch features, nearest-neighbour agreement and top-1 "
                   "self-retrieval (see `tokenzip/bench/fidelity.py`). Caveat: a global mean-pooled feature "
                   "favours methods whose outputs average back to the full mean (pooling, merging); it measures "
-                  "how much of the image's global content survives, not the task accuracy of an MLLM.", "",
+                  "how much of the image's global content survives, not the task accuracy of an MLLM. Token "
+                  "cosine: each original patch's final feature vs the final feature of the token it was kept in "
+                  "or merged into (ToMe's unmerge), averaged over patches and images; a dropped patch counts 0 "
+                  "(last column: its best cosine to any output token instead). `NAME@encoderL` rows compress "
+                  "after L of the tower's 12 layers (the later layers run on the kept/merged tokens).", "",
                   quality_table(q), ""]
         sk = [x for x in q if "skipped" in x]
         if sk:
@@ -357,6 +405,8 @@ def render(result: dict[str, Any], has_quality_plot: bool = False, has_pareto: b
         lines += ["## Task accuracy", "", accuracy_table(result["accuracy"]), ""]
     if has_quality_plot:
         lines += ["![quality vs retain](quality_vs_retain.png)", ""]
+    if has_token_plot:
+        lines += ["![token-level fidelity vs retain](token_fidelity_vs_retain.png)", ""]
     if has_pareto:
         lines += ["![Pareto](pareto.png)", ""]
     lines += ["## Definitions", "", DEFINITIONS, "", "## FLOPs", "", FLOP_FORMULA, ""]

@@ -34,14 +34,17 @@ from .env import environment
 from .instrument import Clock, clock_for
 from .measure import Item, NothingCompressed, Shapes, measure_none, measure_point, warm_up
 from .presets import Built, build
+from .specs import MethodSpec
+from .specs import resolve as resolve_spec
 
 
-def resolve_methods(model: torch.nn.Module, wanted: Sequence[str | type[Compressor]] | None
-                    ) -> tuple[list[tuple[str, type[Compressor]]], dict[str, str]]:
-    """(name, class) of the methods to run and, for the others, why they are skipped."""
+def resolve_methods(model: torch.nn.Module, wanted: Sequence[str | type[Compressor] | MethodSpec] | None
+                    ) -> tuple[list[tuple[str, type[Compressor] | MethodSpec]], dict[str, str]]:
+    """(name, class or :class:`~tokenzip.bench.specs.MethodSpec`) of the methods to run and, for the others, why
+    they are skipped. ``wanted`` names registered methods (any stage the model's adapter lists, stage ``"encoder"``
+    included) or encoder-stage specs ``NAME@encoderL`` / ``NAME@encoderL1+L2+...`` (:mod:`tokenzip.bench.specs`)."""
     from ..adapters import adapter_for
     from ..methods import METHODS
-    from ..registry import method_class
 
     try:
         adapter = adapter_for(model)
@@ -51,10 +54,7 @@ def resolve_methods(model: torch.nn.Module, wanted: Sequence[str | type[Compress
     if wanted is None:
         classes = list(METHODS)
     else:
-        classes = [method_class(w) if isinstance(w, str) else w for w in wanted]
-        for c in classes:
-            if not (isinstance(c, type) and issubclass(c, Compressor)):
-                raise TypeError(f"methods must be names or Compressor subclasses, got {c!r}")
+        classes = [resolve_spec(w) for w in wanted]
     run, skipped = [], {}
     for c in classes:
         name = c.info.name

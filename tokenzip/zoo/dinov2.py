@@ -355,3 +355,46 @@ def load_dinov2_llava(cache: bool = True, dtype: torch.dtype = torch.float32, se
         _save("dinov2-llava", fp, (model, processor), vision=str(onnx_path()), language=str(gguf_path()),
               note=f"multi_modal_projector is untrained (random, seed {seed})")
     return model.to(dtype).eval(), processor
+
+
+# ---- the tower in spans (encoder-stage fidelity) -----------------------------------------------------------------
+def encoder_spec(model: Any):
+    """A :class:`tokenzip.encoder.EncoderSpec` of a ``Dinov2Model`` (its own embeddings, layers and final layernorm,
+    nothing re-implemented), so :class:`tokenzip.encoder.EncoderRunner` can run it with a cut between layers."""
+    from ..adapters.vision import attention_module
+    from ..encoder import EncoderSpec
+
+    return EncoderSpec(embed=model.embeddings, layers=list(model.encoder.layer), final_norm=model.layernorm,
+                       attention=attention_module)
+
+
+@torch.no_grad()
+def run_with_cut(model: Any, pixel_values: torch.Tensor, method: Any, layer: int,
+                 needs: frozenset[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Dinov2Model`` with ``method`` compressing the patch tokens after ``layer`` of its layers (the encoder stage
+    as the LLaVA adapter runs it: signals from layer ``layer - 1``'s attention with the [CLS] row, [CLS] kept out of
+    the candidates, the later layers on [CLS] + the kept/merged tokens with proportional attention, then the final
+    layernorm). Returns the final patch features ``[B, k, D]`` (without [CLS]) and each input patch's output slot
+    ``[B, N]`` (-1: dropped). One image per method call, as the adapters call methods."""
+    from ..adapters.probe import probe
+    from ..encoder import EncoderRunner, MergedTokens
+
+    runner = EncoderRunner(encoder_spec(model), layer)  # ValueError naming the valid cuts
+    needs = method.signals_needed() if needs is None else needs
+    hidden = runner.run(runner.embed(pixel_values.to(model.dtype)), 0, layer - 1)
+    with probe(runner.span_attention(layer), needs, 0) as p:
+        hidden = runner.run(hidden, layer - 1, layer)
+    patches = hidden[:, 1:]
+    side = int(round(patches.shape[1] ** 0.5))
+    grid = (side, side) if side * side == patches.shape[1] else None
+    outs = []
+    for i in range(patches.shape[0]):
+        sig = {name: t[i: i + 1, 1:] for name, t in p.results.items() if name in needs}
+        outs.append(method.compress(patches[i: i + 1], grid=grid, **sig))
+    merged = MergedTokens.start(patches).after(outs)
+    b = patches.shape[0]
+    ones = torch.ones(b, 1, dtype=merged.size.dtype, device=merged.size.device)
+    zero = torch.zeros(b, 1, dtype=merged.source.dtype, device=merged.source.device)
+    state = MergedTokens(torch.cat([hidden[:, :1], merged.hidden], dim=1), torch.cat([ones, merged.size], dim=1),
+                         torch.cat([zero, torch.where(merged.source >= 0, merged.source + 1, -1)], dim=1))
+    return runner.finish(state)[:, 1:], merged.source
