@@ -194,6 +194,12 @@ class Trace:
     def total(self, name: str) -> float:
         return sum(self.clock.between(a, b) for a, b in self.spans.get(name, []))
 
+    def inside(self, name: str, outer: str) -> float:
+        """Total time of the ``name`` spans that lie within an ``outer`` span."""
+        c = self.clock
+        return sum(c.between(a, b) for a, b in self.spans.get(name, [])
+                   if any(c.between(pa, a) >= 0 and c.between(b, pb) >= 0 for pa, pb in self.spans.get(outer, [])))
+
     def stages(self) -> dict[str, float]:
         """ttft = encoder + compress + prefill + other. ``encoder`` excludes the method's signal probes (they are
         compression cost); ``compress`` is everything the Patch adds before the LLM (signals, scoring, selection,
@@ -209,7 +215,10 @@ class Trace:
         llm = self.spans.get("llm", [])
         prefill = c.between(*llm[0]) if llm else 0.0
         encoder = tower - signals
-        compress = (prepare - tower + signals) if prepare else 0.0
+        # the tower time spent inside the Patch's prepare (pre-LLM methods encode there; an input-stage method that
+        # hands the stock model smaller pixels leaves the encoder to the model's own forward, after prepare)
+        tower_in_prepare = self.inside("encoder", "prepare")
+        compress = (prepare - tower_in_prepare + signals) if prepare else 0.0
         if "encoder_layer" in self.spans:
             # stage "encoder": the tower's layers run inside the Patch (before and after the cut), so the split is
             # encoder = the encoder layers' own time (minus the signal probe inside the cut's layer), compress = the
@@ -224,9 +233,7 @@ class Trace:
         # the projector is model work on both paths (stock: on every token, in ``other``; compressed: on the kept
         # tokens, inside the Patch): keep it out of the compression cost
         projector = self.total("projector")
-        in_prepare = sum(c.between(a, b) for a, b in self.spans.get("projector", [])
-                         if any(c.between(pa, a) >= 0 and c.between(b, pb) >= 0
-                                for pa, pb in self.spans.get("prepare", [])))
+        in_prepare = self.inside("projector", "prepare")
         if "encoder_layer" not in self.spans:
             compress -= in_prepare
         n_new = len(self.token_stamps)

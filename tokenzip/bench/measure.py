@@ -29,7 +29,8 @@ GENERATION_KEYS = ("streamer", "max_new_tokens", "min_new_tokens", "do_sample", 
 # how each stage's oracle is built: "exact" = the stock model fed the kept tokens (+ the uncompressed encoder time),
 # "kept-at-input" = an LLM-stage method's final kept tokens fed from the LLM's input (a bound it cannot reach),
 # "replay" = an encoder-stage method's own reduced encoder run, fed its recorded outputs (tokenzip.bench.replay)
-ORACLE_KIND = {"pre_llm": "exact", "llm": "kept-at-input", "encoder": "replay"}
+# input stage: the stock model on the reduced call the method built (a smaller image, or the base view's features)
+ORACLE_KIND = {"input": "reduced-input", "pre_llm": "exact", "llm": "kept-at-input", "encoder": "replay"}
 
 
 class NothingCompressed(Exception):

@@ -96,10 +96,15 @@ class Replay(Compressor):
         self._final = 0
         self._steps = 0
         step = getattr(method, "step", None)
-        self.step = CompressStep(self._next_step, step.count if step is not None else method.budget.count)
+        self.step = CompressStep(self._next_step, step.count if step is not None else method.budget.count,
+                                 schedule=getattr(step, "schedule", "ratio"))
         i = method.info
         self.info = MethodInfo(name=f"replay:{i.name}", family=i.family, modalities=i.modalities, stage="encoder",
                                query_aware=False, reference=f"replay of {i.name} (tokenzip.bench.replay)")
+
+    def resolve_layers(self, adapter: Any) -> int | tuple[int, ...]:
+        """The method's own cuts on this model (layer forms such as "every" resolve against its encoder depth)."""
+        return self.method.resolve_layers(adapter)
 
     def rewind(self) -> None:
         """Start over from the first recorded output (before each replayed call)."""

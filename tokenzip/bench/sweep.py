@@ -60,7 +60,8 @@ def resolve_methods(model: torch.nn.Module, wanted: Sequence[str | type[Compress
         name = c.info.name
         if adapter is None:
             skipped[name] = why
-        elif c.info.stage not in adapter.stages:
+        elif (getattr(c, "reduces", None) not in adapter.input_reductions if c.info.stage == "input"
+              else c.info.stage not in adapter.stages):
             skipped[name] = f"stage {c.info.stage} not supported by {type(adapter).__name__}"
         elif not set(c.info.modalities) & set(adapter.modalities):
             skipped[name] = f"modalities {list(c.info.modalities)} not in {list(adapter.modalities)}"
