@@ -275,6 +275,26 @@ def _llm_stats(c):
     return [it for s in c.last_stats for ms in s.values() for it in ms.items]
 
 
+def test_llm_items_are_the_clip_runs_with_their_layout():
+    model = built(CASE)
+    inputs = llava_onevision_video_inputs(model, default_samples())
+    items = adapter_for(model).llm_items(inputs)
+    assert [(it.sample, it.modality) for it in items] == [(0, "video"), (1, "video"), (1, "video"), (2, "video")]
+    n = ONEVISION_FRAMES * 4 * 4 + 1
+    for b in range(3):
+        runs = [it.positions for it in items if it.sample == b]
+        assert all(r.numel() == n for r in runs)
+        assert torch.equal(torch.cat(runs), (inputs["input_ids"][b] == ONEVISION_VIDEO_TOKEN).nonzero().flatten())
+    for it in items:
+        assert [(s.kind, s.t, s.h, s.w) for s in it.grid.segments] == [("frames", ONEVISION_FRAMES, 4, 4),
+                                                                       ("newline", 1, 1, 1)]
+    mixed_model = built("llava_onevision")
+    mixed = _mixed_inputs(mixed_model)
+    got = [(it.sample, it.modality, it.positions.numel()) for it in adapter_for(mixed_model).llm_items(mixed)]
+    want = [(it.sample, it.modality, it.tokens.shape[0]) for it in adapter_for(mixed_model).encode(mixed, frozenset())]
+    assert got == want  # sequence order, images and clips mixed, the same runs as before the LLM
+
+
 @pytest.mark.parametrize("method", [ImageOnlyFastV, FastV], ids=["image-only", "image-and-video"])
 def test_llm_stage_compresses_only_the_methods_modalities(method):
     """Images and clips in one prompt: an LLM-stage method prunes the items of the modalities it names, each to its
