@@ -1,7 +1,8 @@
 """LLaVA-OneVision video items (tokenzip/adapters/onevision_video.py): counts and layout against the model, signals
 against a brute-force eager computation, the rebuilt call against a hand-built one, images and clips in one prompt,
-generate(), bad input, and the invariant suite on the "llava_onevision_video" case with test-only video methods
-(until registered methods name "video", nothing else exercises the case)."""
+generate(), bad input, the invariant suite on the "llava_onevision_video" case with test-only video methods (the
+registered ones run it through tests/conftest.py), and clips as items of stage "llm" (an LLM-stage method prunes only
+the modalities it names; after a pre-LLM method in tz.compose; on precomputed features)."""
 
 import dataclasses
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import test_invariants as inv
 import torch
+from test_llm_stage import assert_equals_mask_oracle
 from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -18,7 +20,7 @@ import tokenzip as tz
 from tokenzip import ops
 from tokenzip.adapters import adapter_for
 from tokenzip.base import Compressor, MethodInfo
-from tokenzip.methods import ToMe
+from tokenzip.methods import FastV, ToMe
 from tokenzip.testing import (
     CASES,
     IMAGE_TOKEN,
@@ -87,12 +89,15 @@ def _logits(model, inputs):
 def test_video_case_takes_video_methods_only():
     video, image = CASES[CASE], CASES["llava_onevision"]
     assert video.modalities == ("video",) and image.modalities == ("image",)
-    assert video.stages == ("pre_llm",)
+    assert video.stages == ("pre_llm", "llm")
     for m in LOCAL:
         assert compatible(m, video) and not compatible(m, image)
     for m in tz.METHODS:  # every registered method is paired with the video case exactly when it names "video"
-        assert compatible(m, video) == ("video" in m.info.modalities and m.info.stage == "pre_llm"
-                                        and set(m(retain=1.0).requires) <= video.produces("pre_llm"))
+        stage = m.info.stage
+        assert compatible(m, video) == ("video" in m.info.modalities and stage in ("pre_llm", "llm")
+                                        and set(m(retain=1.0).requires) <= video.produces(stage))
+    llm = {m.info.name for m in tz.METHODS if m.info.stage == "llm" and compatible(m, video)}
+    assert llm == {"fastv", "pyramiddrop", "sparsevlm", "vtw", "zipvl"}
 
 
 # ---- the invariant suite, on the test-only video methods ---------------------------------------------------------
@@ -256,6 +261,108 @@ def test_generate_with_clips_returns_the_callers_prompt():
         out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert torch.equal(out[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
     assert out.shape[1] == inputs["input_ids"].shape[1] + 4
+
+
+# ---- stage "llm": each clip is an item of the LLM sequence ---------------------------------------------------------
+@dataclass
+class ImageOnlyFastV(FastV):
+    """Test-only: FastV declared for images only (the LLM stage must leave the clips whole)."""
+
+    info: ClassVar[MethodInfo] = dataclasses.replace(FastV.info, name="test-image-fastv", modalities=("image",))
+
+
+def _llm_stats(c):
+    return [it for s in c.last_stats for ms in s.values() for it in ms.items]
+
+
+def test_llm_items_are_the_clip_runs_with_their_layout():
+    model = built(CASE)
+    inputs = llava_onevision_video_inputs(model, default_samples())
+    items = adapter_for(model).llm_items(inputs)
+    assert [(it.sample, it.modality) for it in items] == [(0, "video"), (1, "video"), (1, "video"), (2, "video")]
+    n = ONEVISION_FRAMES * 4 * 4 + 1
+    for b in range(3):
+        runs = [it.positions for it in items if it.sample == b]
+        assert all(r.numel() == n for r in runs)
+        assert torch.equal(torch.cat(runs), (inputs["input_ids"][b] == ONEVISION_VIDEO_TOKEN).nonzero().flatten())
+    for it in items:
+        assert [(s.kind, s.t, s.h, s.w) for s in it.grid.segments] == [("frames", ONEVISION_FRAMES, 4, 4),
+                                                                       ("newline", 1, 1, 1)]
+    mixed_model = built("llava_onevision")
+    mixed = _mixed_inputs(mixed_model)
+    got = [(it.sample, it.modality, it.positions.numel()) for it in adapter_for(mixed_model).llm_items(mixed)]
+    want = [(it.sample, it.modality, it.tokens.shape[0]) for it in adapter_for(mixed_model).encode(mixed, frozenset())]
+    assert got == want  # sequence order, images and clips mixed, the same runs as before the LLM
+
+
+@pytest.mark.parametrize("method", [ImageOnlyFastV, FastV], ids=["image-only", "image-and-video"])
+def test_llm_stage_compresses_only_the_methods_modalities(method):
+    """Images and clips in one prompt: an LLM-stage method prunes the items of the modalities it names, each to its
+    budget, and nothing else: logits and greedy tokens equal the stock model with exactly those tokens masked."""
+    model = built("llava_onevision")
+    inputs = _mixed_inputs(model)
+    c = method(retain=0.3, layer=1)
+    with c(model):
+        out = _logits(model, inputs)
+        gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    items = adapter_for(model).encode(inputs, frozenset())  # the runs the LLM sees, with their sizes
+    for b, per_sample in enumerate(c.last_stats):
+        for modality in ("image", "video"):
+            want = [it.tokens.shape[0] for it in items if it.sample == b and it.modality == modality]
+            got = per_sample[modality].items if modality in per_sample else []
+            if modality in method.info.modalities:
+                assert [it.tokens_in for it in got] == want
+                assert [it.tokens_out for it in got] == [c.budget.count(n) for n in want]
+            else:
+                assert got == []
+    assert {it.modality for it in _llm_stats(c)} == set(method.info.modalities)
+    assert_equals_mask_oracle(model, c, inputs, out, gen, lambda: _logits(model, inputs))
+
+
+def test_compose_video_pre_llm_then_fastv():
+    """A registered video method before the LLM, then FastV on the clips it shortened: each clip's run is sized from
+    the kept counts the rebuild records (``ClipFeatures.clip_tokens``)."""
+    model = built(CASE)
+    inputs = llava_onevision_video_inputs(model, default_samples())
+    pre, llm = tz.get("dycoke", retain=0.5), tz.get("fastv", retain=0.5, layer=1)
+    c = tz.compose(pre, llm)
+    n = ONEVISION_FRAMES * 4 * 4 + 1
+    with c(model):
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        logits = _logits(model, inputs)
+    assert torch.equal(out[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+    assert logits.shape[1] < inputs["input_ids"].shape[1]  # the pre-LLM part shortened the prompt
+    kept = pre.budget.count(n)
+    clips = _llm_stats(c)
+    assert len(clips) == 4 and {it.modality for it in clips} == {"video"}
+    for it in clips:
+        assert (it.tokens_in, it.tokens_out) == (n, llm.budget.count(kept)) == (n, c.effective(n, 3))
+        assert [k for _, k in it.stages] == [it.tokens_out]  # FastV's one stage ran on the clip
+        assert len(it.index) == it.tokens_out and it.index.tolist() == sorted(it.index.tolist())
+    for part in llm.last_stats:  # what the LLM stage saw: the shortened runs
+        assert [it.tokens_in for it in part["video"].items] == [kept] * len(part["video"].items)
+
+
+def test_llm_stage_on_the_models_own_precomputed_clip_features():
+    """Features the caller precomputed in the model's ``[clips, N, D]`` form: one item per row, checked against the
+    masking oracle."""
+    model = built(CASE)
+    samples = default_samples()
+    inputs = llava_onevision_video_inputs(model, samples)
+    with torch.no_grad():
+        feats = model.model.get_video_features(inputs["pixel_values_videos"], return_dict=True).pooler_output
+    rows = [s.before + [ONEVISION_VIDEO_TOKEN] * (9 * s.n_items) + s.after for s in samples]
+    ids, mask = left_pad(rows)
+    pre = {"input_ids": ids, "attention_mask": mask,
+           "mm_encoder_outputs": {"video": BaseModelOutputWithPooling(pooler_output=feats[:, :9])}}
+    c = FastV(retain=0.4, layer=1)
+    with c(model):
+        out = _logits(model, pre)
+        gen = model.generate(**pre, max_new_tokens=4, do_sample=False)
+    clips = _llm_stats(c)
+    assert [(it.tokens_in, it.tokens_out) for it in clips] == [(9, c.budget.count(9))] * 4
+    assert_equals_mask_oracle(model, c, pre, out, gen, lambda: _logits(model, pre))
 
 
 # ---- bad input -----------------------------------------------------------------------------------------------------

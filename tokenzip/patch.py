@@ -80,7 +80,8 @@ class Patch:
                 kwargs = self.prepare(kwargs)
                 if self.llm is None:
                     return orig_forward(**kwargs)
-                self.llm.pending = self.adapter.llm_items(kwargs) or None  # consumed by the LLM's prefill
+                mods = self.llm_compressor.info.modalities  # e.g. an image-only method leaves a video clip whole
+                self.llm.pending = [it for it in self.adapter.llm_items(kwargs) if it.modality in mods] or None
                 return orig_forward(**kwargs)
             finally:
                 if self.llm is not None:

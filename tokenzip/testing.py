@@ -57,7 +57,7 @@ class Case:
       and videos; its image case carries images only, its video case clips only): a method runs on the case only if
       it compresses one of them, so every item of the inputs is compressed by every method paired with the case.
     - ``only_stages``: the stages the inputs support, when fewer than the adapter's (LLaVA-OneVision clips: before
-      the LLM only).
+      and inside the LLM, not in the encoder).
     """
 
     name: str
@@ -449,8 +449,9 @@ CASES: dict[str, Case] = {
                     generate_inputs=lambda i: {"input_features": i["input_features"]}),
     "qwen2_audio": Case("qwen2_audio", lambda attn: tiny_qwen2_audio(attn), lambda m, s: qwen2_audio_inputs(m, s),
                         Qwen2AudioAdapter),
-    # clips only, before the LLM (adapters/onevision_video.py); every clip of a batch has ONEVISION_FRAMES frames
+    # clips only, before and inside the LLM (adapters/onevision_video.py); every clip of a batch has ONEVISION_FRAMES
+    # frames
     "llava_onevision_video": Case("llava_onevision_video", lambda attn: tiny_llava_onevision_video(attn),
                                   lambda m, s: llava_onevision_video_inputs(m, s), LlavaOnevisionAdapter,
-                                  media=("video",), only_stages=("pre_llm",)),
+                                  media=("video",), only_stages=("pre_llm", "llm")),
 }

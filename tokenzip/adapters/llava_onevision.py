@@ -269,7 +269,8 @@ class LlavaOnevisionAdapter(OnevisionVideo, LlavaFamily):
                                         kwargs.get("batch_num_images"), strategy)
             return [int(m.shape[0]) for m in marks], grids
 
-        return image_llm_items(kwargs, self.image_token_id, plan)
+        items = image_llm_items(kwargs, self.image_token_id, plan) + self.video_llm_items(kwargs)  # clips: the mixin
+        return sorted(items, key=lambda it: (it.sample, int(it.positions[0])))  # sequence order, images and clips mixed
 
     # ---- stage "input" (tokenzip.base.InputCompressor): fewer AnyRes crops (adapters/resample.py) --------------------
     input_reductions = ("crops",)

@@ -24,19 +24,26 @@ the same call. Items come in sequence order (sample, then position), images and 
 Batches. ``pixel_values_videos`` is one ``[V, T, 3, S, S]`` tensor: every clip of a call has the same ``T`` (the
 model cannot take clips of different lengths in one call); a sample may hold zero, one or several clips.
 
-Not supported: stage ``"encoder"`` on videos (a clear ValueError) and video items at stage ``"llm"`` (``llm_items``
-lists the images only, so LLM-stage methods leave videos untouched).
+Stage "llm" (tokenzip/llm). Each clip is one item of the LLM sequence: its run of ``T * g * g + 1`` ``<video>``
+placeholders with the layout above. After a pre-LLM method (``tz.compose``) the runs have the kept counts, which the
+rebuild records next to the features (:class:`ClipFeatures` ``clip_tokens``: the concatenated row alone does not say
+where one clip ends); precomputed features the caller built in the model's own ``[V, N, D]`` form are one clip per
+row. An LLM-stage method whose ``info.modalities`` has no ``"video"`` leaves the clips whole (tokenzip/patch.py).
+
+Not supported: stage ``"encoder"`` on videos (a clear ValueError).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .. import layout as L
+from ..llm.adapter import placeholder_items
 from ..output import CompressOutput
 from .base import Item
 from .placeholders import (
@@ -52,6 +59,15 @@ from .probe import probe
 from .vision import has_cls_token, signal_layer
 
 VIDEO_SIGNALS = ("cls_attention", "keys")
+
+
+@dataclass
+class ClipFeatures(BaseModelOutputWithPooling):
+    """``mm_encoder_outputs["video"]`` after a pre-LLM method: ``pooler_output`` ``[1, sum k, D]``, which the model
+    scatters row-major over the kept placeholders, and each clip's kept count ``k`` in ``clip_tokens`` (clips may
+    keep different counts; stage "llm" of a ``tz.compose`` pipeline needs the clip boundaries)."""
+
+    clip_tokens: tuple[int, ...] | None = None
 
 
 class OnevisionVideo:
@@ -189,6 +205,28 @@ class OnevisionVideo:
         if images:
             encoded["image"] = BaseModelOutputWithPooling(pooler_output=tuple(images))
         if clips:  # one row, filled row-major over the placeholders (clips may keep different counts)
-            encoded["video"] = BaseModelOutputWithPooling(pooler_output=torch.cat(clips).unsqueeze(0))
+            encoded["video"] = ClipFeatures(pooler_output=torch.cat(clips).unsqueeze(0),
+                                            clip_tokens=tuple(int(c.shape[0]) for c in clips))
         new["mm_encoder_outputs"] = encoded
         return new
+
+    # ---- stage "llm" --------------------------------------------------------------------------------------------
+    def video_llm_items(self, kwargs: dict[str, Any]) -> list:
+        """Each clip's ``<video>`` placeholder run in the LLM sequence (module doc), or [] when the call has no
+        clips (e.g. a decoding step)."""
+        pre = (kwargs.get("mm_encoder_outputs") or {}).get("video")
+        if pre is not None:  # after a pre-LLM method: the kept counts, no layout
+            sizes = getattr(pre, "clip_tokens", None)
+            if sizes is None:  # the model's own form: one clip per row
+                rows = pre.pooler_output
+                sizes = [int(rows.shape[1])] * int(rows.shape[0])
+            sizes, grids = list(sizes), None
+        elif kwargs.get("pixel_values_videos") is not None:
+            clips, frames = self.check_videos(kwargs["pixel_values_videos"])
+            layout = self.video_layout(frames)
+            sizes, grids = [layout.n] * clips, [layout] * clips
+        else:
+            return []
+        input_ids = require_input_ids(kwargs)
+        owners = items_per_sample(input_ids, self.video_token_id, sizes, "video")
+        return placeholder_items(input_ids, self.video_token_id, sizes, owners, "video", grids)

@@ -28,13 +28,15 @@ class FastV(LLMScorer):
     Departures: the budget is per item (``retain``/``tokens`` of each image), where the paper drops R% of all image
     tokens of the prompt; kept tokens keep their original position ids (as the official code does); ties go to the
     earlier token. The rows are recomputed from the layer's q/k projections, so the model keeps running SDPA.
+    Video: each clip is one item whose tokens are ranked like an image's (an application to video tokens, as video
+    pruning work such as DyCoke and FrameFusion applies FastV-style pruning; the budget is per clip).
     """
 
     layer: int | None = None
     score: str = "last"
 
     info: ClassVar[MethodInfo] = MethodInfo(
-        name="fastv", family="attention", modalities=("image",), stage="llm", query_aware=True,
+        name="fastv", family="attention", modalities=("image", "video"), stage="llm", query_aware=True,
         reference="Chen et al., An Image is Worth 1/2 Tokens After Layer 2, arXiv:2403.06764")
 
     def __post_init__(self) -> None:

@@ -27,13 +27,15 @@ class PyramidDrop(LLMScorer):
     ``k``; with the paper's ``lambda = 0.5`` and 4 stages this is ``retain=0.125``. ``layers`` overrides the stage
     boundaries (decoder-layer indices, each in ``[1, L - 1]``). Departures: per-item budget (the paper ranks all
     image tokens of the prompt together); kept tokens keep their original positions; ties go to the earlier token.
+    Video: each clip is one item ranked like an image (an application to video tokens, not the paper's own
+    evaluation, which is on images).
     """
 
     stages: int = 4
     layers: tuple[int, ...] | None = None
 
     info: ClassVar[MethodInfo] = MethodInfo(
-        name="pyramiddrop", family="attention", modalities=("image",), stage="llm", query_aware=True,
+        name="pyramiddrop", family="attention", modalities=("image", "video"), stage="llm", query_aware=True,
         reference="Xing et al., PyramidDrop, arXiv:2410.17247")
     requires: ClassVar[tuple[str, ...]] = ("last_attention",)
 

@@ -44,6 +44,7 @@ class SparseVLM(LLMCompressor):
     follow the budget schedule instead so the final count is exact, and the recycled tokens count inside the budget
     (the official code adds them on top). Raters are chosen at every sparsification layer from the hidden states
     entering it (the official code chooses them once, from the LLM's input embeddings). Per-item budget.
+    Video: each clip is one item (the paper also evaluates video QA, on Video-LLaVA).
     """
 
     layers: tuple[int, ...] | None = None
@@ -52,7 +53,7 @@ class SparseVLM(LLMCompressor):
     neighbors: int | None = None
 
     info: ClassVar[MethodInfo] = MethodInfo(
-        name="sparsevlm", family="query", modalities=("image",), stage="llm", query_aware=True,
+        name="sparsevlm", family="query", modalities=("image", "video"), stage="llm", query_aware=True,
         reference="Zhang et al., SparseVLM, arXiv:2410.04417")
     requires: ClassVar[tuple[str, ...]] = ("last_attention", "text_attention", "text")
 

@@ -17,7 +17,7 @@ from ..output import CompressOutput
 @dataclass
 class VTW(LLMCompressor):
     """VTW ("Boosting Multimodal Large Language Models with Visual Tokens Withdrawal for Rapid Inference", Lin et
-    al., arXiv:2405.13800): visual tokens take part in the first ``K`` decoder layers only; from layer ``K`` on,
+    al., arXiv:2405.05803): visual tokens take part in the first ``K`` decoder layers only; from layer ``K`` on,
     all of them are withdrawn and the LLM runs on the text alone.
 
     Budget (explicit): VTW keeps 0 visual tokens after ``K``, so its budget is measured in **layers**:
@@ -29,13 +29,14 @@ class VTW(LLMCompressor):
     Departures: the paper picks ``K`` per model with a KL-divergence criterion on a small calibration set; here
     ``K`` comes from the budget or ``layer`` (the paper's LLaVA-1.5 setting is around half the depth). Text tokens
     keep their original positions.
+    Video: a clip's tokens are withdrawn after ``K`` like an image's (an application to video tokens).
     """
 
     layer: int | None = None
 
     info: ClassVar[MethodInfo] = MethodInfo(
-        name="vtw", family="input", modalities=("image",), stage="llm", query_aware=False,
-        reference="Lin et al., Visual Tokens Withdrawal, arXiv:2405.13800")
+        name="vtw", family="input", modalities=("image", "video"), stage="llm", query_aware=False,
+        reference="Lin et al., Visual Tokens Withdrawal, arXiv:2405.05803")
 
     def __post_init__(self) -> None:
         if self.layer is not None and self.retain is None and self.tokens is None:

@@ -30,6 +30,7 @@ class ZipVL(LLMScorer):
     Departures: ZipVL keeps all tokens in the residual stream and applies the sparsity to the attention
     computation (plus a mixed-precision KV cache); we drop the unimportant visual tokens from the sequence, which
     makes it a progressive pruning method with ZipVL's adaptive ratio. Per-item budget; original positions kept.
+    Video: each clip is one item (the paper also evaluates video, LongVA on Video-MME).
     """
 
     tau: float = 0.975
@@ -38,7 +39,7 @@ class ZipVL(LLMScorer):
     layers: tuple[int, ...] | None = None
 
     info: ClassVar[MethodInfo] = MethodInfo(
-        name="zipvl", family="attention", modalities=("image",), stage="llm", query_aware=True,
+        name="zipvl", family="attention", modalities=("image", "video"), stage="llm", query_aware=True,
         reference="Wang et al., ZipVL, arXiv:2410.08584 (adaptive ratio); progressive pruning variant")
     # the text rows rank the tokens; the last token's row ranks an item no text token follows
     requires: ClassVar[tuple[str, ...]] = ("last_attention", "text_attention")
