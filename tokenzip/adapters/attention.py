@@ -26,8 +26,20 @@ def attention_signals(module: torch.nn.Module, x: torch.Tensor, needs: frozenset
     if not (ATTENTION_SIGNALS & needs):
         return {}
     with timing.span("signals"):
+        if "cls_attention" not in needs:  # keys only: no query projection (what separate_qk does for the keys)
+            return {"keys": _content_keys(module, x).float().mean(dim=1)}
         qk = separate_qk(module, x)
         return _signals(_as_float(qk), needs, cls_index, None, chunk, mean_received=True)
+
+
+def _content_keys(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``[B, kv_heads, N, head_dim]``: the module's keys on ``x`` ``[B, N, D]``, computed as :func:`separate_qk`
+    computes them (projection, optional ``k_norm``), without the queries."""
+    d = int(module.head_dim)
+    k = module.k_proj(x).view(x.shape[0], x.shape[1], module.k_proj.out_features // d, d)
+    if getattr(module, "k_norm", None) is not None:
+        k = module.k_norm(k)
+    return k.transpose(1, 2)
 
 
 def block_signals(module: torch.nn.Module, x: torch.Tensor, needs: frozenset[str],
