@@ -16,30 +16,32 @@ ATTENTION_SIGNALS = frozenset({"cls_attention", "keys"})
 
 
 def attention_signals(module: torch.nn.Module, x: torch.Tensor, needs: frozenset[str],
-                      cls_index: int | None, chunk: int = 1024) -> dict[str, torch.Tensor]:
+                      cls_index: int | None, chunk: int = 1024, k_out: torch.Tensor | None = None
+                      ) -> dict[str, torch.Tensor]:
     """``cls_attention`` [B, N] and ``keys`` [B, N, head_dim] of a ``q_proj``/``k_proj`` attention module on its
     input ``x`` ``[B, N, D]``.
 
     With a CLS token, ``cls_attention`` is the CLS row of the softmax attention (mean over heads). Without one it is
-    the attention each token receives, averaged over all queries and heads (our CLS substitute).
+    the attention each token receives, averaged over all queries and heads (our CLS substitute). ``k_out``: the
+    module's own ``k_proj`` output on ``x`` when the layer already computed it (keys-only requests then cost nothing).
     """
     if not (ATTENTION_SIGNALS & needs):
         return {}
     with timing.span("signals"):
         if "cls_attention" not in needs:  # keys only: no query projection (what separate_qk does for the keys)
-            return {"keys": _content_keys(module, x).float().mean(dim=1)}
+            return {"keys": mean_keys(module, module.k_proj(x) if k_out is None else k_out)}
         qk = separate_qk(module, x)
         return _signals(_as_float(qk), needs, cls_index, None, chunk, mean_received=True)
 
 
-def _content_keys(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``[B, kv_heads, N, head_dim]``: the module's keys on ``x`` ``[B, N, D]``, computed as :func:`separate_qk`
-    computes them (projection, optional ``k_norm``), without the queries."""
+def mean_keys(module: torch.nn.Module, k_out: torch.Tensor) -> torch.Tensor:
+    """``keys`` ``[B, N, head_dim]`` from the module's ``k_proj`` output ``[B, N, kv_heads * head_dim]``, as
+    :func:`separate_qk` forms them (optional ``k_norm``), averaged over heads."""
     d = int(module.head_dim)
-    k = module.k_proj(x).view(x.shape[0], x.shape[1], module.k_proj.out_features // d, d)
+    k = k_out.view(k_out.shape[0], k_out.shape[1], module.k_proj.out_features // d, d)
     if getattr(module, "k_norm", None) is not None:
         k = module.k_norm(k)
-    return k.transpose(1, 2)
+    return k.transpose(1, 2).float().mean(dim=1)
 
 
 def block_signals(module: torch.nn.Module, x: torch.Tensor, needs: frozenset[str],

@@ -448,7 +448,8 @@ class LlavaOnevisionAdapter(OnevisionVideo, LlavaFamily):
         for r, (i, _, slots) in enumerate(where):
             n = hidden.shape[1] if slots is None else slots.numel()
             per_row.append({name: t[0] for name, t in attention_signals(
-                runner.span_attention(stop), box["x"][r: r + 1, :n], needs, None).items()})
+                runner.span_attention(stop), box["x"][r: r + 1, :n], needs, None,
+                k_out=box["k"][r: r + 1, :n]).items()})
             if slots is None:
                 whole_rows.setdefault(i, []).append(r)
             else:

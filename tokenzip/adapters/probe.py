@@ -9,7 +9,8 @@ from typing import Iterator
 
 import torch
 
-from .attention import attention_signals
+from .. import timing
+from .attention import ATTENTION_SIGNALS, attention_signals, mean_keys
 
 
 class AttentionProbe:
@@ -24,11 +25,20 @@ class AttentionProbe:
         with torch.no_grad():  # attention_signals marks its work with timing.span("signals")
             self.results.update(attention_signals(module, x, self.needs, self.cls_index))
 
+    def _keys_hook(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+        with torch.no_grad(), timing.span("signals"):
+            self.results["keys"] = mean_keys(self.attn, output)
+
 
 @contextmanager
 def probe(attn: torch.nn.Module, needs: frozenset[str], cls_index: int | None) -> Iterator[AttentionProbe]:
+    """Record ``needs``' attention signals of ``attn``'s next call. Keys alone are read off the layer's own
+    ``k_proj`` output (nothing recomputed); attention rows are recomputed from the module's q/k on its input."""
     p = AttentionProbe(attn, needs, cls_index)
-    handle = attn.register_forward_pre_hook(p._hook, with_kwargs=True)
+    if frozenset(needs) & ATTENTION_SIGNALS == {"keys"}:
+        handle = attn.k_proj.register_forward_hook(p._keys_hook)
+    else:
+        handle = attn.register_forward_pre_hook(p._hook, with_kwargs=True)
     try:
         yield p
     finally:
@@ -37,15 +47,20 @@ def probe(attn: torch.nn.Module, needs: frozenset[str], cls_index: int | None) -
 
 @contextmanager
 def capture_input(attn: torch.nn.Module) -> Iterator[dict[str, torch.Tensor]]:
-    """``box["x"]``: the input of ``attn``'s last call while open, for signals computed afterwards on parts of it
-    (e.g. per row of a padded batch, where the padding must not count)."""
+    """``box["x"]``: the input of ``attn``'s last call while open, and ``box["k"]`` its ``k_proj`` output, for
+    signals computed afterwards on parts of them (e.g. per row of a padded batch, where the padding must not
+    count)."""
     box: dict[str, torch.Tensor] = {}
 
     def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         box["x"] = args[0] if args else kwargs["hidden_states"]
 
-    handle = attn.register_forward_pre_hook(hook, with_kwargs=True)
+    def keys(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+        box["k"] = output
+
+    handles = [attn.register_forward_pre_hook(hook, with_kwargs=True), attn.k_proj.register_forward_hook(keys)]
     try:
         yield box
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
