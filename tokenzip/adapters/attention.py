@@ -13,6 +13,7 @@ from .. import timing
 from ..llm.scores import QK, fused_qkv, received_attention, separate_qk, softmax_rows
 
 ATTENTION_SIGNALS = frozenset({"cls_attention", "keys"})
+ATTENTION_SIGNAL_ORDER = ("cls_attention", "keys")  # where signals ride as channels
 
 
 def attention_signals(module: torch.nn.Module, x: torch.Tensor, needs: frozenset[str],

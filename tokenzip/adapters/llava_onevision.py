@@ -87,15 +87,13 @@ from ..encoder import EncoderRunner, MergedTokens
 from ..encoder.runner import SCHEDULES, padded_rows
 from ..output import CompressOutput
 from . import resample
-from .attention import attention_signals
+from .attention import ATTENTION_SIGNAL_ORDER, ATTENTION_SIGNALS, attention_signals
 from .base import Item
 from .llava import LlavaFamily
 from .onevision_video import OnevisionVideo
 from .placeholders import image_llm_items, items_per_sample, require_input_ids, text_signals
 from .probe import capture_input, probe
 from .vision import has_cls_token, signal_layer
-
-ATTENTION_SIGNALS = ("cls_attention", "keys")
 
 
 class LlavaOnevisionAdapter(OnevisionVideo, LlavaFamily):
@@ -164,7 +162,7 @@ class LlavaOnevisionAdapter(OnevisionVideo, LlavaFamily):
         owner = items_per_sample(input_ids, self.image_token_id, [m.shape[0] for m in marks])  # before the tower
         tower = self.core.vision_tower
         cls = has_cls_token(tower)
-        probe_needs = frozenset(needs) & frozenset(ATTENTION_SIGNALS)
+        probe_needs = frozenset(needs) & ATTENTION_SIGNALS
         # one pass through the tower: the model's own feature path, with the probe recording the signal layer
         with probe(signal_layer(tower, layer), probe_needs, 0 if cls else None) as p:
             out = self.core.get_image_features(pixel_values, image_sizes, vision_feature_layer=layer,
@@ -218,7 +216,7 @@ class LlavaOnevisionAdapter(OnevisionVideo, LlavaFamily):
         features, in one packing call (the signals ride as channels)."""
         if not results:
             return [{} for _ in crops]
-        names = [(name, results[name]) for name in ATTENTION_SIGNALS if name in results]
+        names = [(name, results[name]) for name in ATTENTION_SIGNAL_ORDER if name in results]
         chans = [t.float().unsqueeze(-1) if t.dim() == 2 else t.float() for _, t in names]
         packed = self._pack(torch.cat(chans, dim=-1), crops, image_sizes)
         out = []

@@ -45,6 +45,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from .. import layout as L
 from ..llm.adapter import placeholder_items
 from ..output import CompressOutput
+from .attention import ATTENTION_SIGNAL_ORDER, ATTENTION_SIGNALS
 from .base import Item
 from .placeholders import (
     item_starts,
@@ -57,8 +58,6 @@ from .placeholders import (
 )
 from .probe import probe
 from .vision import has_cls_token, signal_layer
-
-VIDEO_SIGNALS = ("cls_attention", "keys")
 
 
 @dataclass
@@ -144,7 +143,7 @@ class OnevisionVideo:
         layer, strategy = self._feature_args(kwargs)  # type: ignore[attr-defined]
         tower = self.core.vision_tower
         cls = has_cls_token(tower)
-        with probe(signal_layer(tower, layer), frozenset(needs) & frozenset(VIDEO_SIGNALS), 0 if cls else None) as p:
+        with probe(signal_layer(tower, layer), frozenset(needs) & ATTENTION_SIGNALS, 0 if cls else None) as p:
             out = self.core.get_video_features(videos, vision_feature_layer=layer,
                                                vision_feature_select_strategy=strategy, return_dict=True)
         feats = out.pooler_output
@@ -169,7 +168,7 @@ class OnevisionVideo:
         """The probe's per-frame ``cls_attention`` ``[V*T, P]`` / ``keys`` ``[V*T, P, d]`` pooled to the token grid by
         the model's own ``apply_pooling`` (signals as channels), frames concatenated, a zero row for the newline:
         ``[V, N]`` / ``[V, N, d]``."""
-        names = [name for name in VIDEO_SIGNALS if name in results]
+        names = [name for name in ATTENTION_SIGNAL_ORDER if name in results]
         if not names:
             return {}
         chans = [results[name].float().unsqueeze(-1) if name == "cls_attention" else results[name].float()
