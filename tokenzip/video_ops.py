@@ -210,6 +210,16 @@ def label_parts(n: int, parts: Sequence[Part], k_frames: int,
     return labels
 
 
+def compress_by_attention(tokens: torch.Tensor, k: int, layout: ops.Layout, signals: dict[str, torch.Tensor],
+                          labels: Callable[[torch.Tensor, torch.Tensor, list[Frame], int], torch.Tensor]
+                          ) -> CompressOutput:
+    """:func:`compress_items` for methods whose per-item labeller ``labels(x [N, D], attention [N], frames,
+    k_frames)`` reads each token's ``cls_attention`` (FastVID, FlashVID, HoliTom)."""
+    attention = signals["cls_attention"].float()
+    return compress_items(tokens, k, layout,
+                          lambda i, frames, kf: labels(tokens[i].float(), attention[i], frames, kf))
+
+
 def compress_items(tokens: torch.Tensor, k: int, layout: ops.Layout,
                    label_fn: Callable[[int, list[Frame], int], torch.Tensor]) -> CompressOutput:
     """Run a video method on every item of the batch and build the output.

@@ -115,9 +115,7 @@ class HoliTom(Compressor):
 
     def _compress(self, tokens: torch.Tensor, k: int, layout: ops.Layout,
                   signals: dict[str, torch.Tensor]) -> CompressOutput:
-        attention = signals["cls_attention"].float()
-        return video_ops.compress_items(
-            tokens, k, layout, lambda i, frames, kf: self._labels(tokens[i].float(), attention[i], frames, kf))
+        return video_ops.compress_by_attention(tokens, k, layout, signals, self._labels)
 
     def _labels(self, x: torch.Tensor, attention: torch.Tensor, frames: list[video_ops.Frame],
                 k_frames: int) -> torch.Tensor:
