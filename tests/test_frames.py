@@ -308,3 +308,26 @@ def test_compose_frame_selection_with_a_pre_llm_video_method(second):
     assert seen[0].tolist() == [int(n) - r for n, r in zip(inputs["attention_mask"].sum(1), removed)]
     for it in items:  # chained stats refer to the original clip: every kept token comes from a kept frame
         assert it.index.shape == (25,) and int(it.index.max()) < 97
+
+
+def test_kept_frames_map_for_clips_with_and_without_markers():
+    from tokenzip.adapters.base import kept_frames_map
+
+    source, index = kept_frames_map(3, 2, torch.tensor([0, 2]), trailing=1)
+    assert index.tolist() == [0, 1, 4, 5, 6] and source.tolist() == [0, 1, -1, -1, 2, 3, 4]
+    source, index = kept_frames_map(4, 3, torch.tensor([1]))  # e.g. Qwen-VL temporal grids: no marker tokens
+    assert index.tolist() == [3, 4, 5] and source.tolist() == [-1, -1, -1, 0, 1, 2] + [-1] * 6
+
+
+def test_preview_reports_the_kept_frames():
+    from tokenzip.preview import kept_items
+
+    model = built(VIDEO)
+    inputs = CASES[VIDEO].make_inputs(model, default_samples())
+    c = tz.get("frame_dedup_pixel", retain=0.3)
+    with c(model):
+        model(**inputs)
+    live = [(it.tokens_in, it.tokens_out, it.index.tolist()) for s in c.last_stats for ms in s.values()
+            for it in ms.items]
+    previewed = kept_items(tz.get("frame_dedup_pixel", retain=0.3), model, inputs)
+    assert [(it.tokens_in, it.tokens_out, it.index.tolist()) for it in previewed] == live

@@ -185,3 +185,18 @@ class Adapter(ABC):
         can = list(cls.input_reductions) or "none"
         note = f" ({cls.input_stage_note})" if cls.input_stage_note else ""
         return (f"{cls.__name__} cannot reduce its inputs by {reduction!r} (stage 'input'; it can: {can}){note}")
+
+
+def kept_frames_map(frames: int, per_frame: int, keep: torch.Tensor, trailing: int = 0
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reduction ``"frames"``: the ``(source [N], index [k])`` correspondence of an item whose ``N = frames *
+    per_frame + trailing`` tokens are ``frames`` consecutive blocks of ``per_frame`` tokens then ``trailing`` marker
+    tokens (LLaVA-OneVision: one newline; Qwen-VL: none), when only the frames ``keep`` (ascending) are given to the
+    model: each kept frame's tokens and the markers keep their order, every other token maps to -1."""
+    keep = torch.as_tensor(keep, dtype=torch.long).cpu()
+    n = frames * per_frame + trailing
+    cells = torch.arange(per_frame)
+    index = torch.cat([(keep[:, None] * per_frame + cells[None]).flatten(), torch.arange(n - trailing, n)])
+    source = torch.full((n,), -1, dtype=torch.long)
+    source[index] = torch.arange(index.numel())
+    return source, index

@@ -62,7 +62,7 @@ from .. import layout as L
 from ..llm.adapter import placeholder_items
 from ..output import CompressOutput
 from .attention import ATTENTION_SIGNAL_ORDER, ATTENTION_SIGNALS
-from .base import InputItem, Item
+from .base import InputItem, Item, kept_frames_map
 from .placeholders import (
     item_starts,
     items_per_sample,
@@ -307,11 +307,7 @@ class OnevisionVideo:
         maps = []
         for it, count, keep in zip(items, targets, kept):
             per_sample[it.sample].append((it.tokens, count))
-            cells = torch.arange(per_frame)
-            index = torch.cat([(keep[:, None] * per_frame + cells[None]).flatten(), torch.tensor([it.tokens - 1])])
-            source = torch.full((it.tokens,), -1, dtype=torch.long)
-            source[index] = torch.arange(count)
-            maps.append((source, index))
+            maps.append(kept_frames_map(frames, per_frame, keep, trailing=1))  # the newline closes the clip
         keep_mask = placeholder_keep_mask(input_ids, self.video_token_id, per_sample)
         new = shrink_sequences(kwargs, keep_mask, pad_id_for(self.model.config, self.media_token_ids))
         new["pixel_values_videos"] = new_videos

@@ -69,7 +69,7 @@ class LongVUQuery(Compressor):
 
     Departures: the paper's frame features for the query are the (DINOv2+SigLIP) features in the LLM's space and the
     text query is the instruction; here the item's own LLM-space tokens and the prompt's embedded text tokens; the
-    paper fixes the full/pooled token counts per frame (144 / 64 in LongVU) and fits ``N_h`` to the context, here the
+    paper fixes the full and the pooled token count per frame and fits ``N_h`` to the context length, here the
     budget decides (and one frame may be partly pooled). LongVU's other stages: ``frame_dedup_dinov2`` (input stage;
     ``tz.compose(tz.get("frame_dedup_dinov2", ...), tz.get("longvu_query", ...))`` runs both), its spatial token
     compression is not implemented.

@@ -24,12 +24,12 @@ class UniformFrames(FrameSelector):
     video LLM is evaluated with, here as a token-budget baseline for the frame-selection methods.
 
     LLaVA-OneVision ("LLaVA-OneVision: Easy Visual Task Transfer", arXiv:2408.03326) samples a video's frames
-    uniformly (``np.linspace(0, total - 1, n, dtype=int)`` in its released inference code) and feeds each frame as
-    ``g x g`` pooled tokens. This method applies that sampler to the frames of the call: a clip of ``T`` frames and
-    ``N`` tokens keeps ``k`` frames, ``k`` from the budget (``tokenzip.base.FrameSelector``: the budget of ``N``
-    taken to the largest frame count whose tokens fit; LLaVA-OneVision: ``k * g * g + 1 <= budget``, at least one
-    frame), at ``floor(i * (T - 1) / (k - 1))``, ``i = 0 .. k - 1`` (the first and the last frame included;
-    ``k = 1``: the first frame). Content-free and deterministic.
+    uniformly (``np.linspace(0, total - 1, n, dtype=int)`` in the released LLaVA-NeXT video loader) and feeds
+    each frame as ``g x g`` pooled tokens. This method applies that sampler to the frames of the call: a clip of
+    ``T`` frames and ``N`` tokens keeps ``k`` frames, ``k`` from the budget (``tokenzip.base.FrameSelector``: the
+    budget of ``N`` taken to the largest frame count whose tokens fit; LLaVA-OneVision: ``k * g * g + 1 <=
+    budget``, at least one frame), at ``floor(i * (T - 1) / (k - 1))``, ``i = 0 .. k - 1`` (the first and the last
+    frame included; ``k = 1``: the first frame). Content-free and deterministic.
 
     Departures: the paper samples the decoded video; here the frames are those already in the call (a second,
     sparser sampling of them), and the frame count comes from a token budget instead of a fixed ``n``.
