@@ -11,11 +11,12 @@ raster order at the end. One image of ``grid_thw = (t, h, w)`` patches gives ``t
 
 Design:
 
-* **Items** are images (``pixel_values`` + ``image_grid_thw``); videos are passed through uncompressed (their
-  features are computed here and handed over with the images, since the model refuses raw pixels together with
-  precomputed features). **Tokens** are the merger's output (the LLM-space tokens the model would scatter into the
-  placeholders), so a method compresses exactly what reaches the LLM; ``projected`` is these tokens too.
-  **Layout**: one row-major grid ``(h/2, w/2)`` per image (per frame when ``t > 1``).
+* **Items** are images (``pixel_values`` + ``image_grid_thw``) and video clips (``pixel_values_videos`` +
+  ``video_grid_thw``: adapters/qwen_video.py, a mixin), in sequence order. **Tokens** are the merger's output (the
+  LLM-space tokens the model would scatter into the placeholders), so a method compresses exactly what reaches the
+  LLM; ``projected`` is these tokens too. **Layout**: one row-major grid ``(h/2, w/2)`` per image (per frame when
+  ``t > 1``); a clip is ``frames(t, h/2, w/2)``. A method compresses the modalities it names; the other items reach
+  the LLM whole (the model refuses raw pixels together with precomputed features, so they are encoded here too).
 * **cls_attention** (there is no CLS token): the attention each token *receives* in the LAST vision block, averaged
   over heads and over all patch queries of its image. It is recomputed from that block's own fused ``qkv``
   projection and the rotary embedding the block is given (the model's own ``apply_rotary_pos_emb_vision``), on the
@@ -42,7 +43,7 @@ Design:
   the right positions. ``image_grid_thw``/``video_grid_thw`` are dropped from the rebuilt call (positions are
   explicit and the features precomputed), ``mm_token_type_ids`` is shortened with ``input_ids``.
 
-Stage "encoder" (``tz.InEncoder(method, layer=L)``, images; videos in the same call pass through as above):
+Stage "encoder" (``tz.InEncoder(method, layer=L)``; clips: one cut, per temporal grid, see adapters/qwen_video.py):
 
 * **The unit is one merge group.** The merger turns four consecutive patches (a 2x2 group, in the order of the
   model's ``get_vision_position_ids``) into one LLM token, so inside the ViT the method compresses merge units: its
