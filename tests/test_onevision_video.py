@@ -93,8 +93,9 @@ def test_video_case_takes_video_methods_only():
     for m in LOCAL:
         assert compatible(m, video) and not compatible(m, image)
     for m in tz.METHODS:  # every registered method is paired with the video case exactly when it names "video"
-        stage = m.info.stage
-        assert compatible(m, video) == ("video" in m.info.modalities and stage in ("pre_llm", "llm")
+        stage = m.info.stage  # (stage "input": the frame selections, tokenzip.base.FrameSelector)
+        takes = stage in ("pre_llm", "llm") or (stage == "input" and m.reduces == "frames")
+        assert compatible(m, video) == ("video" in m.info.modalities and takes
                                         and set(m(retain=1.0).requires) <= video.produces(stage))
     llm = {m.info.name for m in tz.METHODS if m.info.stage == "llm" and compatible(m, video)}
     assert llm == {"fastv", "pyramiddrop", "sparsevlm", "vtw", "zipvl"}

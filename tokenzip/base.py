@@ -13,6 +13,7 @@ from .budget import Budget, nearest_achievable
 from .output import CompressOutput, ModalityStats
 
 if TYPE_CHECKING:
+    from .adapters.base import InputItem
     from .patch import Patch
 
 FAMILIES = ("baseline", "input", "transformation", "similarity", "attention", "query")
@@ -136,8 +137,66 @@ class InputCompressor(Compressor):
         """Tokens the LLM gets for an item of ``n`` tokens that can be given any count in ``achievable``."""
         return nearest_achievable(self.budget.count(n), achievable)
 
+    def choose(self, items: "list[InputItem]", targets: list[int]) -> None:
+        """Record on ``items`` (the adapter's ``input_plan``) any choice besides the count that the adapter needs to
+        build the smaller inputs, once ``targets`` (each item's count, from :meth:`target`) are fixed. The patch
+        calls it just before ``Adapter.rescale_inputs``. A resize or a crop reduction needs only the count (this
+        default does nothing); a :class:`FrameSelector` records which frames of each clip to keep."""
+
     def compress(self, tokens: torch.Tensor, *, grid: Any = None, k: int | None = None,
                  **signals: torch.Tensor) -> CompressOutput:
         raise TypeError(f"{self.info.name} works at stage 'input': it changes the model's inputs (use it on a model: "
                         f"`with tz.get({self.info.name!r}, retain=0.5)(model): ...`), there are no tokens to compress "
                         f"at tensor level")
+
+
+@dataclass
+class FrameSelector(InputCompressor):
+    """Base of stage ``"input"`` methods that choose WHICH frames of each video clip the encoder sees
+    (``reduces = "frames"``): frame sampling and frame de-duplication before the vision encoder.
+
+    Contract with the adapter (``Adapter.input_plan(kwargs, "frames")``): one :class:`~tokenzip.adapters.base.
+    InputItem` per clip whose ``achievable[j]`` is the clip's token count with ``j + 1`` of its ``T`` frames kept
+    (``len(achievable) == T``, ascending; ``achievable[-1] == N``) and whose ``extra["frames"]`` is the clip as RGB
+    in ``[0, 1]``, ``float [T, 3, H, W]`` (the adapter un-normalises the model's pixels). The count is the
+    :class:`InputCompressor` rule: the method's budget of the clip's ``N`` tokens taken to the nearest achievable
+    count, i.e. ``k`` frames. :meth:`choose` then calls :meth:`select` for the clip and stores the ascending kept
+    frame indices on ``InputItem.keep``; the adapter's ``rescale_inputs`` builds the call with only those frames.
+    A method implements ``_select(frames, k) -> LongTensor [k]`` (ascending, distinct, in ``[0, T)``); it knows
+    nothing of models.
+    """
+
+    reduces: ClassVar[str] = "frames"
+
+    def select(self, frames: torch.Tensor, k: int) -> torch.Tensor:
+        """The ``k`` frames of ``frames`` (RGB in ``[0, 1]``, ``[T, 3, H, W]``) to keep: ascending indices ``[k]``."""
+        if not isinstance(frames, torch.Tensor) or frames.dim() != 4 or frames.shape[1] != 3 \
+                or not frames.is_floating_point() or frames.shape[0] < 1:
+            raise TypeError(f"frames must be a float [T, 3, H, W] tensor of RGB values in [0, 1], got "
+                            f"{getattr(frames, 'dtype', type(frames))} {tuple(getattr(frames, 'shape', ()))}")
+        t = int(frames.shape[0])
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= t:
+            raise ValueError(f"k must be an int in [1, {t}] (frames to keep of a {t}-frame clip), got {k!r}")
+        if k == t:
+            return torch.arange(t, device=frames.device)
+        keep = self._select(frames, k)
+        if keep.dim() != 1 or keep.shape[0] != k or keep.dtype != torch.long or bool((keep[1:] <= keep[:-1]).any()) \
+                or int(keep.min()) < 0 or int(keep.max()) >= t:  # a method bug, not user input
+            raise RuntimeError(f"{self.info.name} must return {k} ascending distinct frame indices in [0, {t}), got "
+                               f"{keep.tolist()}")
+        return keep
+
+    def _select(self, frames: torch.Tensor, k: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def choose(self, items: "list[InputItem]", targets: list[int]) -> None:
+        """Each clip of this method's modalities gets ``keep``: the frames :meth:`select` picks for its count."""
+        for item, count in zip(items, targets):
+            if item.modality not in self.info.modalities:
+                continue
+            frames = item.extra.get("frames")
+            if not isinstance(frames, torch.Tensor) or len(item.achievable) != frames.shape[0]:  # adapter bug
+                raise RuntimeError(f"a 'frames' input item needs extra['frames'] [T, 3, H, W] and one achievable "
+                                   f"count per kept-frame number, got {len(item.achievable)} counts for "
+                                   f"{tuple(getattr(frames, 'shape', ()))}")
+            item.keep = self.select(frames, list(item.achievable).index(count) + 1)

@@ -46,7 +46,8 @@ class Patch:
                                 f"cannot produce at stage {stage!r} (it produces {sorted(produced)})")
         self.input = next((p for p in parts if p.info.stage == "input"), None)
         self.pre = next((p for p in parts if p.info.stage in ("encoder", "pre_llm")), None)
-        if self.input is not None and self.pre is not None and not self.adapter.input_keeps_media:
+        if self.input is not None and self.pre is not None \
+                and not self.adapter.input_keeps_media_for(self.input.reduces):
             raise ValueError(f"{self.pre.info.name} cannot follow {self.input.info.name} on "
                              f"{type(self.adapter).__name__}: its input stage hands the LLM precomputed features, "
                              f"there is no encoder pass left to compress (an LLM-stage method can follow it)")
@@ -192,6 +193,7 @@ class Patch:
         if all(k == it.tokens for it, k in zip(items, targets)):  # nothing to reduce: the call as it is (exact)
             new, maps = kwargs, [(torch.arange(it.tokens), torch.arange(it.tokens)) for it in items]
         else:
+            c.choose(items, targets)  # e.g. which frames of each clip (tokenzip.base.FrameSelector)
             new, maps = self.adapter.rescale_inputs(kwargs, c.reduces, items, targets)
         per_sample: list[list[ItemStats]] = [[] for _ in range(self.adapter.batch_size(kwargs))]
         for it, k, (source, index) in zip(items, targets, maps):

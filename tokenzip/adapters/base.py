@@ -65,6 +65,9 @@ class InputItem:
     achievable: tuple[int, ...]  # ascending token counts the adapter can give the LLM for it (N included)
     grid: Layout | None = None  # the layout of its N tokens
     extra: dict[str, Any] = field(default_factory=dict)  # adapter-private bookkeeping
+    # reduction "frames": the ascending indices of the frames to keep, set by the method
+    # (``tokenzip.base.FrameSelector.choose``) before ``Adapter.rescale_inputs``; None: keep every frame
+    keep: torch.Tensor | None = None
 
 
 class Adapter(ABC):
@@ -133,7 +136,8 @@ class Adapter(ABC):
 
     # ---- stage "input": fewer tokens before the encoder (tokenzip.base.InputCompressor) --------------------------
     # The kinds of input reduction this adapter can make ("resolution": resize each image; "crops": fewer AnyRes
-    # crops); empty: the adapter has no input stage. ``input_stage_note`` says why, in the error a user gets.
+    # crops; "frames": fewer frames of each video clip); empty: the adapter has no input stage. ``input_stage_note``
+    # says why, in the error a user gets.
     input_reductions: ClassVar[tuple[str, ...]] = ()
     input_stage_note: ClassVar[str] = ""
     # whether the call that leaves the input stage still carries raw media (pixels), so that an encoder-stage or
@@ -141,14 +145,40 @@ class Adapter(ABC):
     input_keeps_media: ClassVar[bool] = True
 
     def input_plan(self, kwargs: dict[str, Any], reduction: str) -> list[InputItem]:
-        """The media items of a call in sequence order, each with ``N`` and the counts ``reduction`` can give it."""
+        """The media items of a call in sequence order, each with ``N`` and the counts ``reduction`` can give it.
+
+        Reduction ``"frames"`` (``tokenzip.base.FrameSelector``): one item per video clip (other media are not
+        items: they pass unchanged), with
+
+        - ``achievable[j]``: the clip's token count when ``j + 1`` of its ``T`` frames are kept (``T`` counts,
+          ascending, the last one ``N``). A "frame" is the unit the model tokenises on its own: one picture for
+          LLaVA-OneVision; for a model with temporal patches (Qwen2-VL: ``temporal_patch_size = 2``) one temporal
+          grid, i.e. a pair of frames, so ``T`` is the number of grids;
+        - ``extra["frames"]``: the clip as RGB in ``[0, 1]``, ``float [T, 3, H, W]``, one picture per unit (the
+          adapter un-normalises the model's own pixels with the processor's mean/std; for a temporal grid, e.g.
+          its first frame), which is all a method sees;
+        - ``grid``: the layout of the ``N`` tokens.
+        """
         raise TypeError(self._no_input_stage(reduction))
 
     def rescale_inputs(self, kwargs: dict[str, Any], reduction: str, items: list[InputItem], targets: list[int]
                        ) -> tuple[dict[str, Any], list[tuple[torch.Tensor, torch.Tensor]]]:
         """New call arguments in which item ``i`` reaches the LLM as ``targets[i]`` tokens (an achievable count of
-        its plan), and per item the ``(source [N], index [k])`` correspondence reported in ``last_stats``."""
+        its plan), and per item the ``(source [N], index [k])`` correspondence reported in ``last_stats``.
+
+        Reduction ``"frames"``: ``items[i].keep`` holds the ascending indices of the frames (units) to keep
+        (``len(keep)`` frames give ``targets[i]`` tokens); the new call carries only those frames' pixels and
+        each clip's placeholders shortened to its new count, so the model's own encoder runs on the kept frames.
+        ``source``/``index`` map the kept frames' tokens to the original ones (frame-level selection: a kept
+        frame's tokens are the tokens the uncompressed call gives it, up to numerics) and dropped frames' tokens to
+        -1. A model that needs every clip of a call to have the same frame count (one pixel tensor) raises a
+        ValueError naming it when the clips keep different counts."""
         raise TypeError(self._no_input_stage(reduction))
+
+    def input_keeps_media_for(self, reduction: str) -> bool:
+        """Whether the call that leaves input reduction ``reduction`` still carries raw media (so an encoder-stage
+        or pre-LLM method can follow it in a ``tz.compose`` pipeline); default: ``input_keeps_media``."""
+        return self.input_keeps_media
 
     @classmethod
     def _no_input_stage(cls, reduction: str) -> str:

@@ -271,14 +271,19 @@ class LlavaOnevisionAdapter(OnevisionVideo, LlavaFamily):
         return sorted(items, key=lambda it: (it.sample, int(it.positions[0])))  # sequence order, images and clips mixed
 
     # ---- stage "input" (tokenzip.base.InputCompressor): fewer AnyRes crops (adapters/resample.py) --------------------
-    input_reductions = ("crops",)
-    input_keeps_media = False  # the reduced call carries precomputed features
+    # and fewer frames of each video clip ("frames": adapters/onevision_video.py)
+    input_reductions = ("crops", "frames")
+    input_keeps_media = False  # the reduced call carries precomputed features (crops; frames keep pixels)
 
     def input_plan(self, kwargs: dict[str, Any], reduction: str) -> list:
+        if reduction == "frames":
+            return self.video_input_plan(kwargs)
         return resample.onevision_input_plan(self, kwargs, reduction)
 
     def rescale_inputs(self, kwargs: dict[str, Any], reduction: str, items: list, targets: list[int]
                        ) -> tuple[dict[str, Any], list]:
+        if reduction == "frames":
+            return self.video_rescale_inputs(kwargs, items, targets)
         return resample.onevision_rescale_inputs(self, kwargs, items, targets)
 
     # ---- stage "encoder" (tz.InEncoder): compression inside the SigLIP tower, see the class docstring -------------

@@ -30,6 +30,21 @@ rebuild records next to the features (:class:`ClipFeatures` ``clip_tokens``: the
 where one clip ends); precomputed features the caller built in the model's own ``[V, N, D]`` form are one clip per
 row. An LLM-stage method whose ``info.modalities`` has no ``"video"`` leaves the clips whole (tokenzip/patch.py).
 
+Stage "input", reduction ``"frames"`` (``tokenzip.base.FrameSelector``: frame selection BEFORE the vision encoder).
+``video_input_plan`` gives one item per clip: ``N = T * g * g + 1``, achievable counts ``j * g * g + 1`` for ``j = 1 ..
+T`` kept frames (the newline stays), and the clip's frames as RGB in ``[0, 1]`` in ``extra["frames"]``: the call's
+``pixel_values_videos`` un-normalised with the video processor's mean/std (``video_pixel_mean``/``video_pixel_std``:
+``LlavaOnevisionVideoProcessor``'s CLIP values, which the released checkpoints use; set them on the adapter class
+for a processor with other values) and clamped to ``[0, 1]``. ``video_rescale_inputs`` keeps each clip's chosen
+frames (``InputItem.keep``) of ``pixel_values_videos`` and the first ``k * g * g + 1`` of its ``<video>``
+placeholders (``attention_mask``, ``labels`` ... shortened with them; 2-D ``position_ids`` renumbered). The call still
+carries pixels, so the model's own ``get_video_features`` encodes only the kept frames, and an encoder-stage or
+pre-LLM method can follow in a ``tz.compose`` pipeline. SigLIP, the projector and ``apply_pooling`` work frame by
+frame, so a kept frame's tokens are the tokens the full clip gives it: ``source``/``index`` map them (and the newline)
+to their original positions; dropped frames' tokens map to -1. The model takes ONE ``[V, T, 3, S, S]`` tensor, so
+every clip of a call must keep the same number of frames (with a per-clip budget they do: every clip has the same
+``N``); other counts are a ValueError. Images of the same call pass unchanged.
+
 Not supported: stage ``"encoder"`` on videos (a clear ValueError).
 """
 
@@ -40,18 +55,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .. import layout as L
 from ..llm.adapter import placeholder_items
 from ..output import CompressOutput
 from .attention import ATTENTION_SIGNAL_ORDER, ATTENTION_SIGNALS
-from .base import Item
+from .base import InputItem, Item
 from .placeholders import (
     item_starts,
     items_per_sample,
     multi_keep_mask,
     pad_id_for,
+    placeholder_keep_mask,
     require_input_ids,
     shrink_sequences,
     text_signals,
@@ -229,3 +246,73 @@ class OnevisionVideo:
         input_ids = require_input_ids(kwargs)
         owners = items_per_sample(input_ids, self.video_token_id, sizes, "video")
         return placeholder_items(input_ids, self.video_token_id, sizes, owners, "video", grids)
+
+    # ---- stage "input", reduction "frames" (module doc) ---------------------------------------------------------
+    # the video processor's normalisation (LlavaOnevisionVideoProcessor: CLIP mean/std, rescale 1/255)
+    video_pixel_mean: tuple[float, float, float] = tuple(OPENAI_CLIP_MEAN)
+    video_pixel_std: tuple[float, float, float] = tuple(OPENAI_CLIP_STD)
+
+    def input_keeps_media_for(self, reduction: str) -> bool:
+        """Frame selection hands the model fewer frames' pixels (an encoder-stage or pre-LLM method can follow)."""
+        return True if reduction == "frames" else bool(self.input_keeps_media)
+
+    def video_rgb(self, clip: torch.Tensor) -> torch.Tensor:
+        """One clip's ``pixel_values_videos`` ``[T, 3, S, S]`` back to RGB in ``[0, 1]`` (float32)."""
+        mean = torch.tensor(self.video_pixel_mean, dtype=torch.float32, device=clip.device)[:, None, None]
+        std = torch.tensor(self.video_pixel_std, dtype=torch.float32, device=clip.device)[:, None, None]
+        return (clip.float() * std + mean).clamp_(0.0, 1.0)
+
+    def video_input_plan(self, kwargs: dict[str, Any]) -> list[InputItem]:
+        """Each clip of the call with the counts of ``1 .. T`` kept frames and its frames as RGB (module doc)."""
+        input_ids = require_input_ids(kwargs)
+        if kwargs.get("mm_encoder_outputs"):
+            raise ValueError("pass either pixel_values/pixel_values_videos or mm_encoder_outputs, not both (the model "
+                             "refuses both)")
+        videos = kwargs.get("pixel_values_videos")
+        if videos is None:
+            return []
+        clips, frames = self.check_videos(videos)
+        layout = self.video_layout(frames)
+        per_frame = self.video_grid() ** 2
+        owner = items_per_sample(input_ids, self.video_token_id, [layout.n] * clips, "video")
+        achievable = tuple(j * per_frame + 1 for j in range(1, frames + 1))
+        return [InputItem("video", owner[i], layout.n, achievable, layout,
+                          extra={"frames": self.video_rgb(videos[i]), "clip": i}) for i in range(clips)]
+
+    @torch.no_grad()
+    def video_rescale_inputs(self, kwargs: dict[str, Any], items: list[InputItem], targets: list[int]
+                             ) -> tuple[dict[str, Any], list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The call with only each clip's kept frames (``InputItem.keep``) and its placeholders shortened to match
+        (module doc); per clip the ``(source, index)`` map of kept tokens to the original ones."""
+        videos = kwargs["pixel_values_videos"]
+        _, frames = self.check_videos(videos)
+        per_frame = self.video_grid() ** 2
+        kept: list[torch.Tensor] = []
+        for it, count in zip(items, targets):
+            keep = it.keep if it.keep is not None else torch.arange(frames)
+            keep = torch.as_tensor(keep, dtype=torch.long).cpu()
+            if count != keep.numel() * per_frame + 1:
+                raise ValueError(f"clip {it.extra['clip']}: {count} tokens need {(count - 1) / per_frame:g} frames "
+                                 f"of {per_frame} tokens + 1 newline, but InputItem.keep holds {keep.numel()} "
+                                 f"frames (reduction 'frames' needs the choice of a tokenzip.base.FrameSelector)")
+            kept.append(keep)
+        counts = sorted({int(k.numel()) for k in kept})
+        if len(counts) > 1:
+            raise ValueError(f"LLaVA-OneVision takes one pixel_values_videos tensor [clips, frames, 3, S, S]: every "
+                             f"clip of a call must keep the same number of frames, got {counts} frames across its clips"
+                             f" (give every clip the same budget, or call the model once per clip)")
+        new_videos = torch.stack([videos[it.extra["clip"], k.to(videos.device)] for it, k in zip(items, kept)])
+        input_ids = kwargs["input_ids"]
+        per_sample: list[list[tuple[int, int]]] = [[] for _ in range(input_ids.shape[0])]
+        maps = []
+        for it, count, keep in zip(items, targets, kept):
+            per_sample[it.sample].append((it.tokens, count))
+            cells = torch.arange(per_frame)
+            index = torch.cat([(keep[:, None] * per_frame + cells[None]).flatten(), torch.tensor([it.tokens - 1])])
+            source = torch.full((it.tokens,), -1, dtype=torch.long)
+            source[index] = torch.arange(count)
+            maps.append((source, index))
+        keep_mask = placeholder_keep_mask(input_ids, self.video_token_id, per_sample)
+        new = shrink_sequences(kwargs, keep_mask, pad_id_for(self.model.config, self.media_token_ids))
+        new["pixel_values_videos"] = new_videos
+        return new, maps

@@ -20,8 +20,11 @@ from .fastv import FastV
 from .fastvid import FastVID
 from .flashvid import FlashVID
 from .folder import Folder
+from .frame_dedup_dinov2 import FrameDedupDinov2
+from .frame_dedup_pixel import FrameDedupPixel
 from .holitom import HoliTom
 from .llava_scissor import LlavaScissor
+from .longvu_query import LongVUQuery
 from .pllava_pool import PLLaVAPool
 from .prumerge_plus import PruMergePlus
 from .prunevid import PruneVid
@@ -33,6 +36,7 @@ from .sparsevlm import SparseVLM
 from .speechprune import SpeechPrune
 from .tome import ToMe
 from .trim import Trim
+from .uniform_frames import UniformFrames
 from .vad_prune import VadPrune
 from .vidcom2 import VidCom2
 from .visionzip import VisionZip
@@ -79,6 +83,10 @@ METHODS: list[type[Compressor]] = [
     AuroraCap,
     Folder,
     EViT,
+    UniformFrames,
+    FrameDedupPixel,
+    FrameDedupDinov2,
+    LongVUQuery,
 ]
 
 __all__ = ["METHODS"] + [cls.__name__ for cls in METHODS]
