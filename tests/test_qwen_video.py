@@ -567,3 +567,107 @@ def test_case_pairs_every_video_method_in_every_stage():
                                        and set(m(retain=1.0).requires) <= case.produces(m.info.stage))
     assert {m.info.name for m in tz.METHODS if m.info.stage == "llm" and compatible(m, case)} == {
         "fastv", "pyramiddrop", "sparsevlm", "vtw", "zipvl"}
+
+
+# ---- stage "input", reduction "frames": the unit is one temporal grid ----------------------------------------------
+@dataclass
+class KeepLastGrids(tz.base.FrameSelector):
+    """Test-only: keep the last k units (a known, non-prefix choice)."""
+
+    info: ClassVar[MethodInfo] = MethodInfo(name="test-last-grids", family="input", modalities=("video",),
+                                            stage="input", query_aware=False, reference="test")
+
+    def _select(self, frames, k):
+        return torch.arange(frames.shape[0] - k, frames.shape[0])
+
+
+def _frames_columns(inputs, stats, b):
+    """Sample ``b``'s kept full-sequence columns under a frame selection: text, and each clip's kept tokens
+    (``index``: the original placeholders of the kept grids, in order)."""
+    ids, mask = inputs["input_ids"][b], inputs["attention_mask"][b].bool()
+    where = (ids == QWEN_VIDEO_TOKEN).nonzero().flatten()
+    kept, start = set(), 0
+    for it in (it for ms in stats[b].values() for it in ms.items):
+        kept |= set(where[start + it.index].tolist())
+        start += it.tokens_in
+    return [c for c in mask.nonzero().flatten().tolist() if int(ids[c]) != QWEN_VIDEO_TOKEN or c in kept]
+
+
+@pytest.mark.parametrize("case", VIDEO)
+@pytest.mark.parametrize("method", ["uniform_frames", "test-last-grids"])
+def test_frame_selection_keeps_whole_grids_at_their_full_sequence_positions(case, method):
+    """Clips of 2 and 3 grids keep whole temporal grids; a kept grid's tokens are the ones the full clip gives it
+    (the ViT attends within a grid), and every kept slot carries the full sequence's position (Qwen2.5-VL:
+    second_per_grid_ts != 1 in the batch), the text after each clip too."""
+    model = built(case)
+    inputs = qwen_vl_video_inputs(model, default_samples())
+    c = KeepLastGrids(retain=0.5) if method == "test-last-grids" else tz.get(method, retain=0.5)
+    seen = []
+    lm = model.model.language_model
+    h = lm.register_forward_pre_hook(lambda m, a, kw: seen.append((kw["inputs_embeds"], kw["position_ids"],
+                                                                    kw["attention_mask"])), with_kwargs=True)
+    try:
+        with c(model):
+            _forward(model, inputs)
+    finally:
+        h.remove()
+    embeds, pos, mask = seen[0]
+    full = qwen_vl_media_positions(model, inputs)[1:]
+    with torch.no_grad():
+        feats = model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"],
+                                               return_dict=True).pooler_output
+    clips = iter(feats)
+    for b, per_sample in enumerate(c.last_stats):
+        cols = _frames_columns(inputs, c.last_stats, b)
+        assert torch.equal(pos[-3:, b, mask[b].bool()], full[:, b, cols]), f"sample {b}"
+        got = embeds[b, mask[b].bool()][[int(inputs["input_ids"][b, col]) == QWEN_VIDEO_TOKEN for col in cols]]
+        want = []
+        for it in per_sample["video"].items:
+            per_grid = it.grid.segments[0].h * it.grid.segments[0].w
+            assert it.tokens_out % per_grid == 0 and it.tokens_out == c.target(it.tokens_in, tuple(
+                j * per_grid for j in range(1, it.grid.num_frames + 1)))
+            assert torch.equal(it.index.view(-1, per_grid) % per_grid, torch.arange(per_grid).expand(
+                it.tokens_out // per_grid, -1))  # whole grids
+            want.append(next(clips)[it.index])
+        torch.testing.assert_close(got, torch.cat(want), atol=1e-5, rtol=1e-5)
+    if method == "test-last-grids":  # a non-prefix choice: the kept grids are the last ones
+        it = c.last_stats[0]["video"].items[0]
+        assert int(it.index[0]) == it.tokens_in - it.tokens_out
+
+
+@pytest.mark.parametrize("case", VIDEO)
+def test_frame_selection_then_a_pre_llm_method_and_generate(case):
+    """tz.compose(frame selection, DyCoke): the pre-LLM method runs on the kept grids and every slot keeps its
+    full-sequence position; generate() returns the caller's prompt."""
+    model = built(case)
+    inputs = qwen_vl_video_inputs(model, default_samples())
+    frames, pre = KeepLastGrids(retain=0.7), tz.get("dycoke", retain=0.5)
+    with tz.compose(frames, pre)(model):
+        got_pos, got_mask = _capture_lm(model, lambda: _forward(model, inputs))
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert torch.equal(out[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
+    full = qwen_vl_media_positions(model, inputs)[1:]
+    for b in range(inputs["input_ids"].shape[0]):
+        ids = inputs["input_ids"][b]
+        where = (ids == QWEN_VIDEO_TOKEN).nonzero().flatten()
+        kept, start = [], 0
+        for fit, pit in zip(frames.last_stats[b]["video"].items, pre.last_stats[b]["video"].items):
+            # DyCoke's slot j stands at the kept-grid token pit.index[j], i.e. original token fit.index[...]
+            kept.append(where[start + fit.index[pit.index]])
+            start += fit.tokens_in
+        video_cols = set(where.tolist())
+        # sequence order: text columns and each clip's kept slots where its placeholders were
+        slots = []
+        clip_starts = []
+        start = 0
+        for fit in frames.last_stats[b]["video"].items:
+            clip_starts.append(int(where[start]))
+            start += fit.tokens_in
+        clip_of = iter(kept)
+        for col in inputs["attention_mask"][b].nonzero().flatten().tolist():
+            if col not in video_cols:
+                slots.append(col)
+            elif col in clip_starts:
+                slots += next(clip_of).tolist()
+        assert len(slots) == int(got_mask[b].sum())
+        assert torch.equal(got_pos[-3:, b, got_mask[b].bool()], full[:, b, slots]), f"sample {b}"

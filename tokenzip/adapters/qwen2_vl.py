@@ -541,13 +541,18 @@ class Qwen2VLAdapter(QwenVideo, LLMAccess, Adapter):
         return sorted(items, key=lambda it: (it.sample, int(it.positions[0])))  # sequence order, images and clips
 
     # ---- stage "input" (tokenzip.base.InputCompressor): each image resized to a smaller grid (adapters/resample.py)
-    input_reductions = ("resolution",)
+    # and fewer temporal grids of each clip ("frames": adapters/qwen_video.py)
+    input_reductions = ("resolution", "frames")
 
     def input_plan(self, kwargs: dict[str, Any], reduction: str) -> list:
+        if reduction == "frames":
+            return self.video_input_plan(kwargs)
         if kwargs.get("pixel_values") is None:  # clips only: "resolution" resizes images (videos pass through)
             return []
         return resample.qwen_input_plan(self, kwargs, reduction)
 
     def rescale_inputs(self, kwargs: dict[str, Any], reduction: str, items: list, targets: list[int]
                        ) -> tuple[dict[str, Any], list]:
+        if reduction == "frames":
+            return self.video_rescale_inputs(kwargs, items, targets)
         return resample.qwen_rescale_inputs(self, kwargs, items, targets)
