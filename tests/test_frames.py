@@ -202,7 +202,7 @@ def test_frames_must_be_a_float_rgb_clip():
         tz.get("frame_dedup_pixel", tokens=1).select(torch.zeros(6, 3, 4, 4, dtype=torch.uint8), 2)
 
 
-@pytest.mark.parametrize("case", ["llava", "qwen2_vl", "whisper"])
+@pytest.mark.parametrize("case", ["llava", "qwen2_audio", "whisper"])
 def test_a_model_without_the_frames_reduction_is_refused(case):
     with pytest.raises(TypeError, match=r"cannot reduce its inputs by 'frames'"):
         tz.get("uniform_frames", retain=0.5)(built(case))

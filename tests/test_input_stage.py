@@ -200,7 +200,7 @@ def test_untouched_when_every_item_keeps_its_count():
 def test_input_stage_errors_name_the_reason():
     with pytest.raises(TypeError, match="fixed 336-px input"):
         tz.get("resize", retain=0.5)(built("llava"))
-    with pytest.raises(TypeError, match=r"cannot reduce its inputs by 'crops'.*\['resolution'\]"):
+    with pytest.raises(TypeError, match=r"cannot reduce its inputs by 'crops'.*\['resolution', 'frames'\]"):
         tz.get("crops", retain=0.5)(built("qwen2_vl"))
     with pytest.raises(TypeError, match="cannot reduce its inputs"):
         tz.get("resize", retain=0.5)(built("whisper"))

@@ -214,8 +214,9 @@ def test_explicit_position_ids_of_every_shape_are_kept_by_column():
 
 @pytest.mark.parametrize("case", QWEN)
 def test_video_passes_through_uncompressed(case):
-    """Images are compressed; a video in the same prompt reaches the LLM unchanged (features computed by the
-    adapter, since the model refuses raw pixels next to precomputed features)."""
+    """An image-only method compresses the images; a video in the same prompt is an item it does not name and
+    reaches the LLM unchanged (features computed by the adapter, since the model refuses raw pixels next to
+    precomputed features). Video compression: tests/test_qwen_video.py."""
     model = built(case)
     img = qwen_vl_inputs(model, [Sample([1, 5], 1, [6], seed=1)])
     v = model.config.vision_config

@@ -431,16 +431,74 @@ def qwen2_audio_inputs(model: torch.nn.Module, samples: list[Sample]) -> dict[st
             "feature_attention_mask": torch.stack(fmasks)}
 
 
+
+# ---- Qwen2-VL / Qwen2.5-VL video -----------------------------------------------------------------------------------
+# frames of the test clips (cycled over a sample's clips by seed): 3, 4, 5, 6 frames give t = 2, 2, 3, 3 temporal
+# grids (odd counts repeat the last frame), so a batch holds clips of different lengths
+QWEN_CLIP_FRAMES = [3, 4, 5, 6]
+QWEN_CLIP_SIZE = (30, 40)  # (height, width): smart_resize makes it 32 x 40 px, 8 x 10 patches, 4 x 5 tokens per grid
+QWEN_CLIP_FPS = [3.0, 2.0]  # Qwen2.5-VL: second_per_grid_ts = 2 / fps = 2/3 and 1 (cycled like the frames)
+
+
+def qwen_clip_settings(model: torch.nn.Module):
+    """The video processor's settings for the tiny Qwen-VL models (4-px patches: 8-px resize factor)."""
+    from .video import QwenVideoSettings
+
+    return QwenVideoSettings.for_model(model, min_pixels=8 * 8, max_pixels=48 * 48)
+
+
+def qwen_vl_video_inputs(model: torch.nn.Module, samples: list[Sample]) -> dict[str, Any]:
+    """A left-padded batch of video prompts as the Qwen-VL processor builds it: clip ``j`` of a sample with seed
+    ``s`` is ``synthetic_clip`` of ``QWEN_CLIP_FRAMES[(s + j) % 4]`` frames (``QWEN_CLIP_SIZE``, seed ``10 s + j``)
+    preprocessed by :func:`tokenzip.video.qwen_video_pixels`, in ``<vision_start> <video>*(t*h*w/4) <vision_end>``;
+    ``mm_token_type_ids`` 2 at video placeholders; on Qwen2.5-VL ``second_per_grid_ts`` from ``QWEN_CLIP_FPS``."""
+    from .video import qwen_video_pixels, qwen_video_tokens, synthetic_clip
+
+    settings = qwen_clip_settings(model)
+    clips, rates, owners = [], [], []
+    for b, s in enumerate(samples):
+        for j in range(s.n_items):
+            k = (s.seed + j) % len(QWEN_CLIP_FRAMES)
+            clips.append(synthetic_clip(QWEN_CLIP_FRAMES[k], *QWEN_CLIP_SIZE, seed=10 * s.seed + j).frames)
+            rates.append(QWEN_CLIP_FPS[k % len(QWEN_CLIP_FPS)])
+            owners.append(b)
+    pixels, grid = qwen_video_pixels(clips, settings)
+    counts = iter(qwen_video_tokens(grid, settings.merge_size))
+    rows = []
+    for b, s in enumerate(samples):
+        row = list(s.before)
+        for _ in range(owners.count(b)):
+            row += [QWEN_VISION_START] + [QWEN_VIDEO_TOKEN] * next(counts) + [QWEN_VISION_END]
+        rows.append(row + s.after)
+    ids, mask = left_pad(rows)
+    out = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": 2 * (ids == QWEN_VIDEO_TOKEN).int(),
+           "pixel_values_videos": pixels, "video_grid_thw": grid}
+    if type(model).__name__.startswith("Qwen2_5_VL"):
+        out["second_per_grid_ts"] = torch.tensor([settings.temporal_patch_size / r for r in rates])
+    return out
+
+
+def qwen_vl_media_positions(model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+    """:func:`qwen_vl_positions` for calls with images and/or clips: ``[4, B, L]``, rows 1-3 from the model's own
+    ``get_rope_index`` with both grids and ``second_per_grid_ts``."""
+    mask = inputs["attention_mask"]
+    extra = {"second_per_grid_ts": inputs["second_per_grid_ts"]} if "second_per_grid_ts" in inputs else {}
+    rope, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                         image_grid_thw=inputs.get("image_grid_thw"),
+                                         video_grid_thw=inputs.get("video_grid_thw"), attention_mask=mask, **extra)
+    text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0).to(rope.dtype)
+    return torch.cat([text.unsqueeze(0), rope], dim=0)
+
 # ---- the registry of test cases: one entry per model adapter (the invariant suite runs every method on each) -----
 CASES: dict[str, Case] = {
     "llava": Case("llava", tiny_llava, llava_inputs, LlavaAdapter),
     "llava_onevision": Case("llava_onevision", lambda attn: tiny_llava_onevision(attn), lambda m, s:
                             llava_onevision_inputs(m, s), LlavaOnevisionAdapter, media=("image",)),
     "qwen2_vl": Case("qwen2_vl", lambda attn: tiny_qwen2_vl(attn), lambda m, s: qwen_vl_inputs(m, s), Qwen2VLAdapter,
-                     position_ids=lambda m, i: qwen_vl_positions(m, i)),
+                     position_ids=lambda m, i: qwen_vl_positions(m, i), media=("image",)),
     "qwen2_5_vl": Case("qwen2_5_vl", lambda attn: tiny_qwen2_5_vl(attn), lambda m, s: qwen_vl_inputs(m, s),
                        Qwen2VLAdapter,
-                       position_ids=lambda m, i: qwen_vl_positions(m, i)),
+                       position_ids=lambda m, i: qwen_vl_positions(m, i), media=("image",)),
     "whisper": Case("whisper", lambda attn: tiny_whisper(attn), lambda m, s: whisper_inputs(m, s), WhisperAdapter,
                     position_ids=lambda m, i: whisper_positions(i),
                     lm_tokens=lambda kw: torch.ones(kw["encoder_hidden_states"].shape[:2], dtype=torch.long),
@@ -454,4 +512,10 @@ CASES: dict[str, Case] = {
     "llava_onevision_video": Case("llava_onevision_video", lambda attn: tiny_llava_onevision_video(attn),
                                   lambda m, s: llava_onevision_video_inputs(m, s), LlavaOnevisionAdapter,
                                   media=("video",), only_stages=("pre_llm", "llm")),
+    # clips only, of different lengths in one batch, before, inside and in the LLM (adapters/qwen_video.py)
+    "qwen2_vl_video": Case("qwen2_vl_video", lambda attn: tiny_qwen2_vl(attn), lambda m, s: qwen_vl_video_inputs(m, s),
+                           Qwen2VLAdapter, position_ids=lambda m, i: qwen_vl_media_positions(m, i), media=("video",)),
+    "qwen2_5_vl_video": Case("qwen2_5_vl_video", lambda attn: tiny_qwen2_5_vl(attn),
+                             lambda m, s: qwen_vl_video_inputs(m, s), Qwen2VLAdapter,
+                             position_ids=lambda m, i: qwen_vl_media_positions(m, i), media=("video",)),
 }

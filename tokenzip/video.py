@@ -330,3 +330,163 @@ def onevision_video_inputs(model: torch.nn.Module, tokenizer: Any, texts: Sequen
 __all__ = ["SyntheticClip", "VIDEO_TOKEN", "Video", "event_tokens", "expand_video_tokens", "onevision_frame_tokens",
            "onevision_video_inputs", "onevision_video_pixels", "onevision_video_processor", "onevision_video_tokens",
            "read_video", "synthetic_clip"]
+
+
+# ---- Qwen2-VL / Qwen2.5-VL video inputs ----------------------------------------------------------------------------
+# ``Qwen2VLVideoProcessor`` (also Qwen2.5-VL's video processor) imports torchvision at module level, so neither it nor
+# its settings load here; :class:`QwenVideoSettings` holds the same settings (its class defaults in transformers
+# 5.23-5.24, or a checkpoint's ``video_preprocessor_config.json`` / ``preprocessor_config.json`` through
+# :meth:`QwenVideoSettings.from_dict`), and :func:`qwen_video_pixels` computes what the processor computes on a CPU:
+#
+# 1. ``smart_resize`` (transformers' own function, imported from the image processor module, which needs no
+#    torchvision): the frame size becomes multiples of ``patch_size * merge_size`` with
+#    ``min_pixels <= H * W <= max_pixels`` (``cap_pixels_per_frame``: also an even share of the clip's pixel budget);
+# 2. the resize of the ``uint8`` frames with the processor's resample (bicubic) and antialiasing, as torchvision
+#    resizes a ``uint8`` tensor on a CPU (``interpolate(..., antialias=True)`` on the ``uint8`` tensor, see the module
+#    doc); a frame already at the target size is not resampled (torchvision returns it unchanged);
+# 3. the fused rescale + normalise ``(x - mean / rescale_factor) / (std / rescale_factor)`` in float32;
+# 4. ``temporal_patch_size`` frames per patch: an odd frame count repeats the clip's last frame;
+# 5. the patches flattened in the model's order ``(t, h/m, w/m, m, m)`` rows of ``(C, temporal, p, p)`` values.
+#
+# Checked (tests/test_qwen_video.py): a clip of two identical frames gives the patches of the stock PIL image processor
+# (``Qwen2VLImageProcessorPil``, which duplicates an image along ``temporal_patch_size``) on that frame, to float32
+# rounding, when no resize is needed (both skip it); with a resize the two differ only by PIL's bicubic against
+# torch's (a grey level or two on a few pixels). The token counts and grids equal the model's ``get_video_features``;
+# the settings' defaults equal the processor's class attributes (read from its source file).
+QWEN_VIDEO_TOKEN = "<|video_pad|>"
+
+
+@dataclass(frozen=True)
+class QwenVideoSettings:
+    """``Qwen2VLVideoProcessor``'s settings (defaults: its class attributes)."""
+
+    min_pixels: int = 128 * 28 * 28  # size["shortest_edge"]
+    max_pixels: int = 768 * 28 * 28  # size["longest_edge"]
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    image_mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073)  # OPENAI_CLIP_MEAN
+    image_std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)  # OPENAI_CLIP_STD
+    rescale_factor: float = 1 / 255
+    resample: int = 3  # PIL's BICUBIC
+    cap_pixels_per_frame: bool = False  # the processor's default (None) behaves as False in 5.23-5.24
+    max_video_tokens: int = 128000
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any], **overrides: Any) -> "QwenVideoSettings":
+        """From a processor config (``size`` with ``shortest_edge``/``longest_edge``, or ``min_pixels``/``max_pixels``,
+        and the other fields by name); unknown keys are ignored."""
+        kw = {k: v for k, v in config.items() if k in cls.__dataclass_fields__}
+        size = config.get("size") or {}
+        if "shortest_edge" in size:
+            kw["min_pixels"] = size["shortest_edge"]
+        if "longest_edge" in size:
+            kw["max_pixels"] = size["longest_edge"]
+        for name in ("image_mean", "image_std"):
+            if name in kw:
+                kw[name] = tuple(float(v) for v in kw[name])
+        kw.update(overrides)
+        return cls(**kw)
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, **overrides: Any) -> "QwenVideoSettings":
+        """The defaults with the model's own patch, temporal patch and merge sizes (tiny test models)."""
+        v = model.config.vision_config
+        kw = dict(patch_size=int(v.patch_size), temporal_patch_size=int(v.temporal_patch_size),
+                  merge_size=int(v.spatial_merge_size))
+        kw.update(overrides)
+        return cls(**kw)
+
+
+def _qwen_frame_size(height: int, width: int, frames: int, s: QwenVideoSettings) -> tuple[int, int]:
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    factor = s.patch_size * s.merge_size
+    max_pixels = s.max_pixels
+    if s.cap_pixels_per_frame:  # the processor's per-frame share of the clip's budget
+        total = int(s.max_video_tokens * factor * factor * 0.9)
+        max_pixels = max(min(max_pixels, total * s.temporal_patch_size // frames), int(s.min_pixels * 1.05))
+    return smart_resize(height, width, factor=factor, min_pixels=s.min_pixels, max_pixels=max_pixels)
+
+
+def qwen_video_pixels(videos: Sequence[np.ndarray | torch.Tensor], settings: QwenVideoSettings | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pixel_values_videos [sum t*h*w, C*T*p*p] float32, video_grid_thw [V, 3] int64)`` for ``V`` clips of
+    ``uint8 [T, H, W, 3]`` frames, equal to ``Qwen2VLVideoProcessor(...)(videos)`` on a CPU (see above). Clips may
+    differ in length and size (the model takes flattened patches)."""
+    s = settings if settings is not None else QwenVideoSettings()
+    if not videos:
+        raise ValueError("videos is empty: give at least one clip of uint8 [T, H, W, 3] frames")
+    mode = {2: "bilinear", 3: "bicubic"}.get(int(s.resample))
+    if mode is None:
+        raise ValueError(f"settings.resample {s.resample!r} is not supported (3: bicubic or 2: bilinear)")
+    mean = torch.tensor(s.image_mean, dtype=torch.float32) * (1.0 / s.rescale_factor)
+    std = torch.tensor(s.image_std, dtype=torch.float32) * (1.0 / s.rescale_factor)
+    p, m, tp = s.patch_size, s.merge_size, s.temporal_patch_size
+    rows, grids = [], []
+    for i, v in enumerate(videos):
+        x = torch.as_tensor(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8 \
+                or x.shape[0] < 1:
+            raise ValueError(f"videos[{i}] must be uint8 [T, H, W, 3] RGB frames (T >= 1), got "
+                             f"{getattr(x, 'dtype', type(x))} {tuple(getattr(x, 'shape', ()))}")
+        frames, height, width = int(x.shape[0]), int(x.shape[1]), int(x.shape[2])
+        h, w = _qwen_frame_size(height, width, frames, s)
+        x = x.permute(0, 3, 1, 2).contiguous()
+        if (h, w) != (height, width):
+            x = torch.nn.functional.interpolate(x, size=[h, w], mode=mode, align_corners=False, antialias=True)
+        x = x.to(torch.float32).sub_(mean[:, None, None]).div_(std[:, None, None])
+        if pad := -frames % tp:  # an odd frame count: the last frame again
+            x = torch.cat([x, x[-1:].expand(pad, -1, -1, -1)])
+        gt, gh, gw = x.shape[0] // tp, h // p, w // p
+        patches = x.view(gt, tp, 3, gh // m, m, p, gw // m, m, p).permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+        rows.append(patches.reshape(gt * gh * gw, 3 * tp * p * p))
+        grids.append([gt, gh, gw])
+    return torch.cat(rows), torch.tensor(grids, dtype=torch.long)
+
+
+def qwen_video_tokens(video_grid_thw: torch.Tensor, merge_size: int = 2) -> list[int]:
+    """``<|video_pad|>`` placeholders per clip: ``t * (h / m) * (w / m)``."""
+    return [int(t * h * w) // merge_size ** 2 for t, h, w in torch.as_tensor(video_grid_thw).tolist()]
+
+
+def qwen_video_inputs(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str],
+                      videos: Sequence[np.ndarray | torch.Tensor], *, fps: float | Sequence[float] | None = None,
+                      settings: QwenVideoSettings | None = None) -> dict[str, Any]:
+    """A left-padded batch for ``Qwen2VLForConditionalGeneration`` / ``Qwen2_5_VLForConditionalGeneration`` as
+    ``Qwen2VLProcessor`` / ``Qwen2_5_VLProcessor`` build it: ``texts`` (chat-formatted: ``<|vision_start|>
+    <|video_pad|><|vision_end|>`` per clip) each hold one ``<|video_pad|>`` per clip, expanded to the clip's token
+    count; ``videos`` are the clips in the order of those markers over the batch. Returns ``input_ids``,
+    ``attention_mask``, ``mm_token_type_ids`` (2 at video placeholders, 1 at image ones), ``pixel_values_videos``,
+    ``video_grid_thw`` and, for Qwen2.5-VL, ``second_per_grid_ts = temporal_patch_size / fps`` per clip (``fps``:
+    the rate of the frames given, one value or one per clip; required for Qwen2.5-VL, whose temporal positions
+    depend on it). ``settings``: the processor's (default: :meth:`QwenVideoSettings.for_model`)."""
+    if isinstance(texts, str):
+        raise TypeError("texts must be a list of prompts (one per sample), got a str")
+    s = settings if settings is not None else QwenVideoSettings.for_model(model)
+    pixels, grid = qwen_video_pixels(videos, s)
+    token = getattr(tokenizer, "video_token", None) or QWEN_VIDEO_TOKEN
+    counts = [t.count(token) for t in texts]
+    if sum(counts) != len(videos):
+        raise ValueError(f"the texts hold {sum(counts)} {token} marker(s) ({counts} per sample) for "
+                         f"{len(videos)} clip(s)")
+    per_clip = iter(qwen_video_tokens(grid, s.merge_size))
+    expanded = [expand_video_tokens(t, [next(per_clip) for _ in range(c)], token) for t, c in zip(texts, counts)]
+    enc = tokenizer(expanded, return_tensors="pt", padding=True, padding_side="left")
+    ids = enc["input_ids"]
+    cfg = model.config
+    types = (ids == int(cfg.image_token_id)).int() + 2 * (ids == int(cfg.video_token_id)).int()
+    out = {"input_ids": ids, "attention_mask": enc["attention_mask"], "mm_token_type_ids": types,
+           "pixel_values_videos": pixels, "video_grid_thw": grid}
+    if type(model).__name__.startswith("Qwen2_5_VL"):
+        if fps is None:
+            raise ValueError("fps (the frame rate of the given frames, one value or one per clip) is required for "
+                             "Qwen2.5-VL: second_per_grid_ts = temporal_patch_size / fps sets its temporal positions")
+        rates = [float(fps)] * len(videos) if isinstance(fps, (int, float)) else [float(f) for f in fps]
+        if len(rates) != len(videos) or not all(math.isfinite(r) and r > 0 for r in rates):
+            raise ValueError(f"fps must be one finite rate > 0 or one per clip ({len(videos)}), got {fps!r}")
+        out["second_per_grid_ts"] = torch.tensor([s.temporal_patch_size / r for r in rates])
+    return out
+
+
+__all__ += ["QWEN_VIDEO_TOKEN", "QwenVideoSettings", "qwen_video_inputs", "qwen_video_pixels", "qwen_video_tokens"]

@@ -11,11 +11,12 @@ raster order at the end. One image of ``grid_thw = (t, h, w)`` patches gives ``t
 
 Design:
 
-* **Items** are images (``pixel_values`` + ``image_grid_thw``); videos are passed through uncompressed (their
-  features are computed here and handed over with the images, since the model refuses raw pixels together with
-  precomputed features). **Tokens** are the merger's output (the LLM-space tokens the model would scatter into the
-  placeholders), so a method compresses exactly what reaches the LLM; ``projected`` is these tokens too.
-  **Layout**: one row-major grid ``(h/2, w/2)`` per image (per frame when ``t > 1``).
+* **Items** are images (``pixel_values`` + ``image_grid_thw``) and video clips (``pixel_values_videos`` +
+  ``video_grid_thw``: adapters/qwen_video.py, a mixin), in sequence order. **Tokens** are the merger's output (the
+  LLM-space tokens the model would scatter into the placeholders), so a method compresses exactly what reaches the
+  LLM; ``projected`` is these tokens too. **Layout**: one row-major grid ``(h/2, w/2)`` per image (per frame when
+  ``t > 1``); a clip is ``frames(t, h/2, w/2)``. A method compresses the modalities it names; the other items reach
+  the LLM whole (the model refuses raw pixels together with precomputed features, so they are encoded here too).
 * **cls_attention** (there is no CLS token): the attention each token *receives* in the LAST vision block, averaged
   over heads and over all patch queries of its image. It is recomputed from that block's own fused ``qkv``
   projection and the rotary embedding the block is given (the model's own ``apply_rotary_pos_emb_vision``), on the
@@ -42,7 +43,7 @@ Design:
   the right positions. ``image_grid_thw``/``video_grid_thw`` are dropped from the rebuilt call (positions are
   explicit and the features precomputed), ``mm_token_type_ids`` is shortened with ``input_ids``.
 
-Stage "encoder" (``tz.InEncoder(method, layer=L)``, images; videos in the same call pass through as above):
+Stage "encoder" (``tz.InEncoder(method, layer=L)``; clips: one cut, per temporal grid, see adapters/qwen_video.py):
 
 * **The unit is one merge group.** The merger turns four consecutive patches (a 2x2 group, in the order of the
   model's ``get_vision_position_ids``) into one LLM token, so inside the ViT the method compresses merge units: its
@@ -94,13 +95,14 @@ from .base import Adapter, Item, ModelParts
 from .placeholders import (
     image_llm_items,
     items_per_sample,
+    multi_keep_mask,
     pad_id_for,
     padding_side,
-    placeholder_keep_mask,
     require_input_ids,
     shrink_sequences,
     text_signals,
 )
+from .qwen_video import IMAGE, VIDEO, Media, QwenVideo
 
 
 class _LastBlockProbe:
@@ -210,9 +212,11 @@ class _ImageUnits:
         return _ImageUnits(patches, self.units[out.index[0].to(self.units.device)], state, self.offset)
 
 
-class Qwen2VLAdapter(LLMAccess, Adapter):
+class Qwen2VLAdapter(QwenVideo, LLMAccess, Adapter):
+    """See the module docstring; videos: adapters/qwen_video.py (a mixin)."""
+
     model_classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
-    modalities = ("image",)
+    modalities = ("image", "video")
     stages = ("pre_llm", "encoder", "llm")
     signals = frozenset({"cls_attention", "keys", "projected", "text", "text_mask"})
     # inside the ViT the merger has not run yet: no ``projected``
@@ -237,24 +241,11 @@ class Qwen2VLAdapter(LLMAccess, Adapter):
                           embed=self.core.get_input_embeddings(),
                           media_token_ids={"image": self.image_token_id, "video": self.video_token_id})
 
-    def has_media(self, kwargs: dict[str, Any]) -> bool:
-        return kwargs.get("pixel_values") is not None
-
     def batch_size(self, kwargs: dict[str, Any]) -> int:
         return require_input_ids(kwargs).shape[0]
 
     def _grid(self, kwargs: dict[str, Any]) -> torch.Tensor:
-        grid = kwargs.get("image_grid_thw")
-        if grid is None:
-            raise ValueError("image_grid_thw is required with pixel_values for Qwen-VL models; build the inputs "
-                             "with the model's processor")
-        grid = torch.as_tensor(grid)
-        if grid.dim() != 2 or grid.shape[1] != 3:
-            raise ValueError(f"image_grid_thw must have shape [num_images, 3], got {tuple(grid.shape)}")
-        if bool(((grid[:, 1:] % self.merge) != 0).any()):
-            raise ValueError(f"image_grid_thw heights/widths must be multiples of spatial_merge_size={self.merge}, "
-                             f"got {grid.tolist()}")
-        return grid
+        return self.media_grid(kwargs, IMAGE)
 
     def _layout(self, t: int, h: int, w: int) -> L.Layout:
         """The merger output of a ``t x h x w`` patch grid: ``t`` temporal grids of ``(h/2) x (w/2)`` tokens."""
@@ -323,9 +314,12 @@ class Qwen2VLAdapter(LLMAccess, Adapter):
 
     @torch.no_grad()
     def _encode_in_vit(self, kwargs: dict[str, Any], needs: frozenset[str], pixel_values: torch.Tensor,
-                       grid: torch.Tensor, owner: list[int]) -> list[Item]:
+                       grid: torch.Tensor, owner: list[int], media: Media = IMAGE) -> list[Item]:
         """Stage "encoder": the vision blocks up to the (last) cut, compressing at the earlier cuts of a schedule;
-        one item per image whose tokens are the means of its units' four patches at the cut."""
+        one item per image (or clip: ``media``) whose tokens are the means of its units' four patches at the cut."""
+        if media is VIDEO and len(self.cuts) > 1:
+            raise ValueError(f"stage 'encoder' takes clips (pixel_values_videos) with one cut (layer=L) on Qwen-VL; a "
+                             f"schedule of cuts (layer={self.cuts}) supports images only")
         unit = self.merge * self.merge
         hidden = self.visual.patch_embed(pixel_values)
         plan = self._unit_plan(grid, hidden)
@@ -361,11 +355,14 @@ class Qwen2VLAdapter(LLMAccess, Adapter):
                 im.patches = p
                 im.state = MergedTokens(p.mean(dim=1).unsqueeze(0), im.state.size, im.state.source)
                 sig = {name: s[i] for name, s in signals.items()}
-                if "cls_attention" in sig:  # mean over all the image's patch queries (as at the ViT's output)
+                if "cls_attention" in sig and media is VIDEO:  # mean over the patch queries of the unit's frame
+                    _, frame, per_frame = torch.unique(plan.frame[im.units], return_inverse=True, return_counts=True)
+                    sig["cls_attention"] = sig["cls_attention"] / (unit * per_frame[frame]).to(sig["cls_attention"])
+                elif "cls_attention" in sig:  # mean over all the image's patch queries (as at the ViT's output)
                     sig["cls_attention"] = sig["cls_attention"] / (unit * kept[i])
                 t, h, w = grid[i].tolist()
-                layout = self._layout(t, h, w) if kept[i] == sizes[i] else L.grid(1, kept[i])
-                items.append(Item("image", owner[i], im.state.hidden[0], layout, {**sig, **text[i]},
+                layout = self.media_layout(media.modality, t, h, w) if kept[i] == sizes[i] else L.grid(1, kept[i])
+                items.append(Item(media.modality, owner[i], im.state.hidden[0], layout, {**sig, **text[i]},
                                   extra={"tokens_in": sizes[i], "units": im, "plan": plan}))
             if j == len(self.cuts) - 1:
                 break
@@ -381,8 +378,9 @@ class Qwen2VLAdapter(LLMAccess, Adapter):
 
     @torch.no_grad()
     def _finish_vit(self, items: list[Item], outputs: list[CompressOutput]) -> tuple[torch.Tensor, ...]:
-        """The vision blocks after the last cut on every image's kept/merged units, then the model's merger:
-        the LLM-space tokens of each image, in the order of the method's output."""
+        """The vision blocks after the last cut on every image's (or every clip's: one ViT pass per modality, as in
+        the model) kept/merged units, then the model's merger: the LLM-space tokens of each item, in the order of the
+        method's output."""
         images = [it.extra["units"].after(out) for it, out in zip(items, outputs)]
         packed = self._pack(items[0].extra["plan"], torch.cat([im.units for im in images]))
         hidden = self._run_blocks(packed.to_blocks(torch.cat([im.patches for im in images])), packed,
@@ -401,26 +399,35 @@ class Qwen2VLAdapter(LLMAccess, Adapter):
     # ---- encode -------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, kwargs: dict[str, Any], needs: frozenset[str]) -> list[Item]:
+        """The call's images and clips (adapters/qwen_video.py), in sequence order."""
         input_ids = require_input_ids(kwargs)
         cache = cache_from(kwargs)
         if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
-            raise ValueError("tokenzip compresses images at prefill only: pixel_values came with a non-empty "
-                             "cache (a continued conversation); start from an empty cache")
-        pixel_values = kwargs["pixel_values"]
-        grid = self._grid(kwargs)
+            raise ValueError("tokenzip compresses images and videos at prefill only: pixel_values came with a "
+                             "non-empty cache (a continued conversation); start from an empty cache")
+        self.check_second_per_grid(kwargs)
+        items = [it for media in self.media_in(kwargs) for it in self._encode_media(kwargs, needs, media)]
+        return self.in_sequence_order(input_ids, items)
+
+    def _encode_media(self, kwargs: dict[str, Any], needs: frozenset[str], media: Media) -> list[Item]:
+        """One item per image (or per clip) of the call: the model's own features of that modality (one ViT pass)
+        with the last block's signals."""
+        input_ids = kwargs["input_ids"]
+        pixel_values = kwargs[media.pixels]
+        grid = self.media_grid(kwargs, media)
         unit = self.merge * self.merge
         sizes = [int(s) for s in (grid.prod(-1) // unit).tolist()]
-        owner = items_per_sample(input_ids, self.image_token_id, sizes)
+        owner = items_per_sample(input_ids, self.token_of(media.modality), sizes, media.modality)
         if int(grid.prod(-1).sum()) != pixel_values.shape[0]:
-            raise ValueError(f"pixel_values has {pixel_values.shape[0]} patches but image_grid_thw {grid.tolist()} "
+            raise ValueError(f"{media.pixels} has {pixel_values.shape[0]} patches but {media.grid} {grid.tolist()} "
                              f"needs {int(grid.prod(-1).sum())}")
         if self.cuts is not None:
-            return self._encode_in_vit(kwargs, needs, pixel_values, grid.to(pixel_values.device), owner)
+            return self._encode_in_vit(kwargs, needs, pixel_values, grid.to(pixel_values.device), owner, media)
         p = _LastBlockProbe(self.visual.blocks[-1].attn, needs)
         handle = p.attn.register_forward_pre_hook(p.hook, with_kwargs=True) if {"cls_attention", "keys"} & needs \
             else None
         try:
-            out = self.core.get_image_features(pixel_values, grid.to(pixel_values.device), return_dict=True)
+            out = self.media_features(media, pixel_values, grid)
         finally:
             if handle is not None:
                 handle.remove()
@@ -437,10 +444,9 @@ class Qwen2VLAdapter(LLMAccess, Adapter):
                 continue
             g = t.reshape(t.shape[0] // unit, unit, *t.shape[1:]).mean(dim=1)
             grouped[name] = g if restore is None else g[restore.to(g.device)]
-        if "cls_attention" in grouped:  # mean over all patch queries of each image
-            per_image = grid.prod(-1).cpu().repeat_interleave(torch.tensor(sizes))
-            n_patches = per_image.to(grouped["cls_attention"])
-            grouped["cls_attention"] = grouped["cls_attention"] / n_patches
+        if "cls_attention" in grouped:  # mean over the patch queries of each image / of each clip token's frame
+            queries = self.queries_per_token(media, grid, sizes).to(grouped["cls_attention"])
+            grouped["cls_attention"] = grouped["cls_attention"] / queries
 
         items = []
         start = 0
@@ -452,8 +458,7 @@ class Qwen2VLAdapter(LLMAccess, Adapter):
             if "text" in needs:
                 sig.update(text_signals(self.core.get_input_embeddings(), input_ids, kwargs.get("attention_mask"),
                                         {self.image_token_id, self.video_token_id}, owner[i]))
-            layout = self._layout(t, h, w)
-            items.append(Item("image", owner[i], feats[i], layout, sig))
+            items.append(Item(media.modality, owner[i], feats[i], self.media_layout(media.modality, t, h, w), sig))
             start += n
         return items
 
@@ -470,8 +475,9 @@ class Qwen2VLAdapter(LLMAccess, Adapter):
             raise ValueError(f"position_ids must be [B, L], [3, B, L] or [4, B, L] for input_ids of shape "
                              f"{tuple(input_ids.shape)}, got {tuple(pos.shape)}")
         if kwargs.get("mm_token_type_ids") is None:
-            raise ValueError("mm_token_type_ids is required with pixel_values/image_grid_thw for Qwen-VL models (the "
-                             "3-D M-RoPE positions need it); the model's processor returns it with input_ids")
+            raise ValueError("mm_token_type_ids is required with pixel_values/image_grid_thw or pixel_values_videos/"
+                             "video_grid_thw for Qwen-VL models (the 3-D M-RoPE positions need it); the model's "
+                             "processor returns it with input_ids")
         extra = {}
         if kwargs.get("second_per_grid_ts") is not None:
             extra["second_per_grid_ts"] = kwargs["second_per_grid_ts"]
@@ -487,15 +493,18 @@ class Qwen2VLAdapter(LLMAccess, Adapter):
         input_ids = kwargs["input_ids"]
         b, length = input_ids.shape
         positions = self._original_positions(kwargs)
-        counts: list[list[tuple[int, int]]] = [[] for _ in range(b)]
+        token = {"image": self.image_token_id, "video": self.video_token_id}
+        counts: dict[int, list[list[tuple[int, int]]]] = {t: [[] for _ in range(b)] for t in token.values()}
+        indices: dict[int, list[list[torch.Tensor]]] = {t: [[] for _ in range(b)] for t in token.values()}
         for item, out in zip(items, outputs):
-            counts[item.sample].append((item.tokens_in, out.tokens.shape[1]))
-        keep = placeholder_keep_mask(input_ids, self.image_token_id, counts)
-
-        indices: list[list[torch.Tensor]] = [[] for _ in range(b)]
-        for item, out in zip(items, outputs):
-            indices[item.sample].append(self._kept_units(item, out))
-        kept_pos = P.gather_columns(positions, P.kept_columns(input_ids, self.image_token_id, counts, indices))
+            counts[token[item.modality]][item.sample].append((item.tokens_in, out.tokens.shape[1]))
+            indices[token[item.modality]][item.sample].append(self._kept_units(item, out))
+        keep = multi_keep_mask(input_ids, counts)
+        # the full-sequence column each slot takes its position from: text its own, a kept placeholder its token's
+        src = torch.arange(length, device=input_ids.device).expand(b, -1)
+        for t in token.values():
+            src = torch.where(input_ids == t, P.kept_columns(input_ids, t, counts[t], indices[t]), src)
+        kept_pos = P.gather_columns(positions, src)
 
         call = {key: v for key, v in kwargs.items() if key != "position_ids"}
         new = shrink_sequences(call, keep, pad_id_for(self.model.config, {self.image_token_id, self.video_token_id}))
@@ -508,32 +517,42 @@ class Qwen2VLAdapter(LLMAccess, Adapter):
         self.core.rope_deltas = P.rope_deltas(new_pos[-3:] if new_pos.shape[0] >= 3 else new_pos, new_mask)
         new["position_ids"] = new_pos[0] if positions.shape[0] == 1 else new_pos
 
-        feats = tuple(out.tokens[0] for out in outputs) if self.cuts is None else self._finish_vit(items, outputs)
-        encoded = {"image": BaseModelOutputWithPooling(pooler_output=feats)}
-        if kwargs.get("pixel_values_videos") is not None:
-            encoded["video"] = self.core.get_video_features(kwargs["pixel_values_videos"], kwargs["video_grid_thw"],
-                                                            return_dict=True)
+        encoded = {}
+        for modality in token:  # one tensor per image / clip; the model concatenates them in placeholder order
+            mine = [(it, out) for it, out in zip(items, outputs) if it.modality == modality]
+            if not mine:
+                continue
+            feats = tuple(out.tokens[0] for _, out in mine) if self.cuts is None \
+                else self._finish_vit([it for it, _ in mine], [out for _, out in mine])
+            encoded[modality] = BaseModelOutputWithPooling(pooler_output=feats)
         for key in ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw", "second_per_grid_ts"):
             new.pop(key, None)
         new["mm_encoder_outputs"] = encoded
         return new
 
-    # ---- stage "llm" (tokenzip.llm): each image's placeholder run; kept tokens keep their 3-D M-RoPE positions --
+    # ---- stage "llm" (tokenzip.llm): each image's / clip's placeholder run; kept tokens keep their M-RoPE positions
     def llm_items(self, kwargs: dict[str, Any]) -> list:
         def plan() -> tuple[list[int], list]:
             grid, m = self._grid(kwargs), self.merge
             return ([int(t * h * w) // (m * m) for t, h, w in grid.tolist()],
                     [self._layout(t, h, w) for t, h, w in grid.tolist()])
 
-        return image_llm_items(kwargs, self.image_token_id, plan)
-
+        items = image_llm_items(kwargs, self.image_token_id, plan) + self.video_llm_items(kwargs)  # clips: the mixin
+        return sorted(items, key=lambda it: (it.sample, int(it.positions[0])))  # sequence order, images and clips
 
     # ---- stage "input" (tokenzip.base.InputCompressor): each image resized to a smaller grid (adapters/resample.py)
-    input_reductions = ("resolution",)
+    # and fewer temporal grids of each clip ("frames": adapters/qwen_video.py)
+    input_reductions = ("resolution", "frames")
 
     def input_plan(self, kwargs: dict[str, Any], reduction: str) -> list:
+        if reduction == "frames":
+            return self.video_input_plan(kwargs)
+        if kwargs.get("pixel_values") is None:  # clips only: "resolution" resizes images (videos pass through)
+            return []
         return resample.qwen_input_plan(self, kwargs, reduction)
 
     def rescale_inputs(self, kwargs: dict[str, Any], reduction: str, items: list, targets: list[int]
                        ) -> tuple[dict[str, Any], list]:
+        if reduction == "frames":
+            return self.video_rescale_inputs(kwargs, items, targets)
         return resample.qwen_rescale_inputs(self, kwargs, items, targets)
