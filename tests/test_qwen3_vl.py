@@ -240,6 +240,33 @@ def test_llm_stage_fastv_before_the_last_deepstack_layer_equals_kept_set_oracle(
         torch.testing.assert_close(logits[b, cols], ref, atol=2e-5, rtol=1e-4)
 
 
+def test_compose_pre_llm_then_llm_stage_with_deepstack():
+    """A pre-LLM method per modality shortens the prompt (DeepStack rows cut alike), then FastV prunes the kept
+    tokens inside the LLM before the last DeepStack layer: the LLM-stage items are the kept placeholder runs (a
+    clip's spread over its temporal grids), and every DeepStack level after the stage is cut again."""
+    model = tiny_qwen3_vl(text_layers=4, deepstack=(0, 1, 2))
+    inputs = mixed_inputs(model, default_samples())
+    pos = qwen3_vl_positions(model, inputs)
+    with torch.no_grad():
+        ref = model(**inputs, position_ids=pos).logits
+    for pre in (tz.ToMe, tz.DyCoke):
+        with tz.compose(pre(retain=1.0), tz.FastV(retain=1.0, layer=2))(model), torch.no_grad():
+            assert (model(**inputs, position_ids=pos).logits - ref).abs().max() <= 1e-5
+        c = tz.compose(pre(retain=0.5), tz.FastV(retain=0.5, layer=2))
+        with c(model), torch.no_grad():
+            model(**inputs)
+            gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        assert gen.shape[1] == inputs["input_ids"].shape[1] + 3
+        first, second = c.parts
+        n_pre = [it.tokens_out for s in first.last_stats for ms in s.values() for it in ms.items]
+        n_llm = [it.tokens_in for s in second.last_stats for ms in s.values() for it in ms.items
+                 if it.modality in pre.info.modalities]
+        assert n_llm == [n for n, it in zip(n_pre, [it for s in first.last_stats for ms in s.values()
+                                                     for it in ms.items])
+                         if it.modality in pre.info.modalities]
+        assert all(it.tokens_out < it.tokens_in for s in second.last_stats for ms in s.values() for it in ms.items)
+
+
 def test_llm_stage_restores_deepstack_step():
     model = built("qwen3_vl")
     lm = model.model.language_model
@@ -305,6 +332,8 @@ def test_bad_inputs():
             model(**{k: v for k, v in inputs.items() if k != "image_grid_thw"})
         with pytest.raises(ValueError, match="patches"):
             model(**{**inputs, "pixel_values": inputs["pixel_values"][:-4]})
+    with pytest.raises(TypeError, match="stage 'encoder'"):
+        tz.InEncoder(tz.ToMe(retain=0.5), layer=1)(model)
 
 
 # ---- the Qwen3-VL video input builder (tokenzip/video.py) against the installed processor's own code --------------
@@ -347,3 +376,50 @@ def test_video_prompt_matches_the_processor():
 def test_cases_are_registered():
     assert CASES["qwen3_vl"].modalities == ("image",) and CASES["qwen3_vl_video"].modalities == ("video",)
     assert CASES["qwen3_vl"].stages == ("pre_llm", "llm")
+
+
+def _word_tokenizer():
+    """A word-level tokenizer whose Qwen3-VL special tokens have the tiny model's ids (the timestamps' words and
+    digits are ordinary text tokens)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from tokenzip.testing import QWEN_VISION_END, QWEN_VISION_START
+
+    vocab = {"<pad>": 0, "<unk>": 3, "<|video_pad|>": QWEN_VIDEO_TOKEN, "<|vision_start|>": QWEN_VISION_START,
+             "<|vision_end|>": QWEN_VISION_END}
+    for i, w in enumerate(["describe", "the", "video", "seconds", "<", ">", "."] + [str(d) for d in range(10)]):
+        vocab[w] = 10 + i
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>",
+                                   additional_special_tokens=["<|video_pad|>", "<|vision_start|>", "<|vision_end|>"])
+
+
+def test_video_inputs_builder_feeds_the_model():
+    """tokenzip.video.qwen3_vl_video_inputs: two prompts with clips of different lengths and sizes give a batch the
+    model takes (its placeholder count check), with the timestamps as text; a method compresses it."""
+    from tokenzip.video import qwen3_vl_video_inputs as build_inputs
+    from tokenzip.video import qwen3_vl_video_processor, synthetic_clip
+
+    model = built("qwen3_vl_video")
+    proc = qwen3_vl_video_processor(patch_size=4, merge_size=2, temporal_patch_size=2,
+                                    size={"shortest_edge": 16 * 16, "longest_edge": 4 * 32 * 32})
+    texts = ["<|vision_start|><|video_pad|><|vision_end|> describe the video",
+             "describe <|vision_start|><|video_pad|><|vision_end|> the video ."]
+    clips = [synthetic_clip(4, 32, 48, seed=1), synthetic_clip(5, 40, 40, seed=2)]
+    inputs = build_inputs(_word_tokenizer(), texts, clips, proc)
+    grids = inputs["video_grid_thw"].tolist()
+    assert [g[0] for g in grids] == [2, 3]
+    for b, (t, h, w) in enumerate(grids):
+        ids = inputs["input_ids"][b]
+        assert int((ids == QWEN_VIDEO_TOKEN).sum()) == t * h * w // 4
+        assert int((ids == 102).sum()) == t + 1  # the template's own vision_start, and one per temporal grid
+    assert torch.equal(inputs["mm_token_type_ids"].bool(), inputs["input_ids"] == QWEN_VIDEO_TOKEN)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    assert ref.shape[:2] == inputs["input_ids"].shape
+    c = tz.DyCoke(retain=0.5)
+    with c(model), torch.no_grad():
+        model(**inputs)
+    assert [it.tokens_in for s in c.last_stats for it in s["video"].items] == [t * h * w // 4 for t, h, w in grids]

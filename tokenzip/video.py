@@ -470,3 +470,7 @@ def qwen3_vl_video_inputs(tokenizer: Any, texts: Sequence[str], videos: Sequence
     ids = enc["input_ids"]
     return {"input_ids": ids, "attention_mask": enc["attention_mask"], "mm_token_type_ids": (ids == video_id).int() * 2,
             "pixel_values_videos": pixels, "video_grid_thw": grids}
+
+
+__all__ += ["QWEN3_VL_VIDEO_TOKEN", "qwen3_vl_timestamps", "qwen3_vl_video_inputs", "qwen3_vl_video_pixels",
+            "qwen3_vl_video_processor", "qwen3_vl_video_prompt"]
