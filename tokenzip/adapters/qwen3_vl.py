@@ -30,8 +30,9 @@ Design:
 * **DeepStack before the LLM**: every level is cut with the same selection as the main tokens. An output token's row
   at each level is the mean of the rows of the input tokens its ``CompressOutput.source`` group holds (a kept token:
   its own row, bit for bit; ``ops.merge``'s plain mean: the same groups with the same weights as the main tokens).
-  ``CompressOutput`` does not record merge weights, so for the few methods that weight a merge (EViT's fused
-  token, PruMerge+) the deepstack rows are the plain mean of the same group: the same members, uniform weights.
+  ``CompressOutput`` records groups, not weights, so where a method's output token is not the plain mean of its
+  group (PruMerge+'s attention-weighted merge, ``bilinear``'s interpolated cells) the DeepStack rows are the plain
+  mean of the same group: the same members, uniform weights.
 * **DeepStack inside the LLM** (stage "llm"): after a stage has shortened the sequence, the adapter's wrapper of the
   text model's ``_deepstack_process`` (installed while an LLM-stage method is, :meth:`llm_runner_hooks`) adds each
   level only at the visual tokens still present, each the row of the position it sits at (a token merged inside the
