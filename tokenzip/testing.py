@@ -519,3 +519,99 @@ CASES: dict[str, Case] = {
                              lambda m, s: qwen_vl_video_inputs(m, s), Qwen2VLAdapter,
                              position_ids=lambda m, i: qwen_vl_media_positions(m, i), media=("video",)),
 }
+
+
+# ---- Qwen3-VL (images, videos, DeepStack) ---------------------------------------------------------------------------
+from .adapters.qwen3_vl import Qwen3VLAdapter  # noqa: E402  (appended section: the registry above stays untouched)
+
+# frames and (height, width) in pixels of the test clips, cycled by sample seed + clip index: 2, 3 and 2 temporal
+# grids (5 frames: the last one is repeated, as the processor does) of 6, 4 and 6 tokens
+QWEN3_VL_CLIPS = [(4, (16, 24)), (6, (16, 16)), (5, (24, 16))]
+
+
+def tiny_qwen3_vl(attn_implementation: str = "sdpa", seed: int = 0, text_layers: int = 3,
+                  deepstack: tuple[int, ...] = (0, 1, 2), moe: bool = False) -> torch.nn.Module:
+    """Qwen3-VL: 3-block ViT (4-px patches, 2x2 merger, DeepStack mergers after blocks ``deepstack``, so levels are
+    added after decoder layers 0 ... len - 1) + ``text_layers``-layer M-RoPE LLM (interleaved sections, q/k norms),
+    random weights. ``moe``: the Qwen3-VL-MoE class (2 experts, top-1)."""
+    import transformers
+
+    text: dict[str, Any] = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=text_layers,
+                                num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                                pad_token_id=PAD, bos_token_id=1, eos_token_id=2, initializer_range=0.1,
+                                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                 "mrope_section": [4, 2, 2], "mrope_interleaved": True})
+    vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=4, temporal_patch_size=2,
+                  spatial_merge_size=2, out_hidden_size=32, num_position_embeddings=16,
+                  deepstack_visual_indexes=list(deepstack))
+    if moe:
+        text.update(num_experts=2, num_experts_per_tok=1, moe_intermediate_size=32, decoder_sparse_step=1)
+    prefix = "Qwen3VLMoe" if moe else "Qwen3VL"
+    cfg = getattr(transformers, f"{prefix}Config")(text_config=text, vision_config=vision, **_qwen_vl_token_ids())
+    torch.manual_seed(seed)
+    cls = getattr(transformers, f"{prefix}ForConditionalGeneration")
+    return cls._from_config(cfg, attn_implementation=attn_implementation).eval()
+
+
+def qwen3_vl_image_inputs(model: torch.nn.Module, samples: list[Sample]) -> dict[str, Any]:
+    """As :func:`qwen_vl_inputs` (Qwen3-VL's image prompt is Qwen2-VL's), with ``mm_token_type_ids`` 1 at images."""
+    return qwen_vl_inputs(model, samples)
+
+
+def _timestamp_ids(seconds: float) -> list[int]:
+    """Text token ids for ``<x.x seconds>`` in the tiny vocabulary: one id per digit (40-49), ``.`` (50) and
+    ``seconds>`` (51), after ``<`` (52): the prompt's timestamp is text of its own length."""
+    return [52] + [50 if ch == "." else 40 + int(ch) for ch in f"{seconds:.1f}"] + [51]
+
+
+def qwen3_vl_video_inputs(model: torch.nn.Module, samples: list[Sample]) -> dict[str, Any]:
+    """A left-padded batch of video prompts as ``Qwen3VLProcessor`` lays them out: clip ``j`` of a sample with seed
+    ``s`` is a synthetic clip (``tokenzip.video.synthetic_clip``, 2 fps) of ``QWEN3_VL_CLIPS[(s + j) % 3]`` frames and
+    size, preprocessed by :func:`tokenzip.video.qwen3_vl_video_pixels`; in the prompt, inside the template's
+    ``<vision_start> ... <vision_end>``, each temporal grid is its timestamp text, ``<vision_start>``, its
+    placeholders and ``<vision_end>``. ``mm_token_type_ids`` is 2 at video placeholders."""
+    from .video import qwen3_vl_video_pixels, qwen3_vl_video_processor, synthetic_clip
+
+    v = model.config.vision_config
+    proc = qwen3_vl_video_processor(patch_size=v.patch_size, merge_size=v.spatial_merge_size,
+                                    temporal_patch_size=v.temporal_patch_size)
+    unit = v.spatial_merge_size ** 2
+    rows, pixels, grids = [], [], []
+    for s in samples:
+        row = list(s.before)
+        for j in range(s.n_items):
+            frames, size = QWEN3_VL_CLIPS[(s.seed + j) % len(QWEN3_VL_CLIPS)]
+            clip = synthetic_clip(max(frames, 3), 32, 32, seed=10 * s.seed + j)
+            px, grid = qwen3_vl_video_pixels([clip.frames[:frames]], proc, size=size)
+            t, h, w = grid[0].tolist()
+            times = clip.timestamps[:frames].tolist()
+            times += [times[-1]] * (-len(times) % v.temporal_patch_size)
+            row.append(QWEN_VISION_START)
+            for g in range(t):
+                first, last = times[g * v.temporal_patch_size], times[(g + 1) * v.temporal_patch_size - 1]
+                row += _timestamp_ids((first + last) / 2)
+                row += [QWEN_VISION_START] + [QWEN_VIDEO_TOKEN] * (h * w // unit) + [QWEN_VISION_END]
+            row.append(QWEN_VISION_END)
+            pixels.append(px)
+            grids.append(grid)
+        rows.append(row + s.after)
+    ids, mask = left_pad(rows)
+    return {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": (ids == QWEN_VIDEO_TOKEN).int() * 2,
+            "pixel_values_videos": torch.cat(pixels), "video_grid_thw": torch.cat(grids)}
+
+
+def qwen3_vl_positions(model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+    """``[4, B, L]`` position ids as ``generate()`` builds them for Qwen3-VL (images and/or videos)."""
+    mask = inputs["attention_mask"]
+    rope, _ = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                         image_grid_thw=inputs.get("image_grid_thw"),
+                                         video_grid_thw=inputs.get("video_grid_thw"), attention_mask=mask)
+    text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0).to(rope.dtype)
+    return torch.cat([text.unsqueeze(0), rope], dim=0)
+
+
+CASES["qwen3_vl"] = Case("qwen3_vl", lambda attn: tiny_qwen3_vl(attn), lambda m, s: qwen3_vl_image_inputs(m, s),
+                         Qwen3VLAdapter, position_ids=lambda m, i: qwen3_vl_positions(m, i), media=("image",))
+CASES["qwen3_vl_video"] = Case("qwen3_vl_video", lambda attn: tiny_qwen3_vl(attn),
+                               lambda m, s: qwen3_vl_video_inputs(m, s), Qwen3VLAdapter,
+                               position_ids=lambda m, i: qwen3_vl_positions(m, i), media=("video",))

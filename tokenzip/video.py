@@ -490,3 +490,145 @@ def qwen_video_inputs(model: torch.nn.Module, tokenizer: Any, texts: Sequence[st
 
 
 __all__ += ["QWEN_VIDEO_TOKEN", "QwenVideoSettings", "qwen_video_inputs", "qwen_video_pixels", "qwen_video_tokens"]
+# ---- Qwen3-VL video inputs -----------------------------------------------------------------------------------------
+# What ``Qwen3VLVideoProcessor`` and ``Qwen3VLProcessor`` compute, on a CPU without torchvision (module doc): resize
+# each clip to the processor's ``smart_resize`` size (multiples of ``patch_size * merge_size``, the pixel budget of
+# ``size``), the fused rescale + normalise, frames padded to a multiple of ``temporal_patch_size`` with the last one,
+# and the processor's ``patchify`` order (temporal grid, merge group row, merge group column, row in group, column in
+# group; each patch flattened as channel, frame, row, column). The prompt: per temporal grid the TEXT timestamp
+# ``<x.x seconds>`` (the mean time of the grid's first and last frame, ``Qwen3VLProcessor._calculate_timestamps``),
+# then ``<|vision_start|>``, ``h * w / merge**2`` ``<|video_pad|>`` and ``<|vision_end|>``; this replaces the one
+# ``<|video_pad|>`` of the chat template's ``<|vision_start|><|video_pad|><|vision_end|>`` (transformers 5.x keeps
+# that outer pair).
+QWEN3_VL_VIDEO_TOKEN = "<|video_pad|>"
+
+
+def qwen3_vl_video_processor(**overrides: Any) -> Any:
+    """A ``Qwen3VLVideoProcessor`` with its defaults (16-px patches, 2x2 merge, 2 frames per temporal grid, ImageNet
+    0.5 mean/std, bicubic, the ``size`` pixel budget), changed by ``overrides``. Only its settings are used."""
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    return Qwen3VLVideoProcessor(**overrides)
+
+
+def qwen3_vl_video_pixels(videos: Sequence[np.ndarray | torch.Tensor], video_processor: Any = None, *,
+                          size: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pixel_values_videos [sum t*h*w, C * T * P * P], video_grid_thw [V, 3])`` for ``V`` clips of ``uint8
+    [T, H, W, 3]`` frames (clips may differ in length and size), as ``Qwen3VLVideoProcessor`` computes them on a CPU
+    for frames already sampled (``read_video``). ``size`` ``(height, width)``: resize every clip to it instead of
+    the processor's ``smart_resize`` (multiples of ``patch_size * merge_size``; tiny test models)."""
+    proc = video_processor if video_processor is not None else qwen3_vl_video_processor()
+    if not videos:
+        raise ValueError("videos is empty: give at least one clip of uint8 [T, H, W, 3] frames")
+    patch, merge, temporal = int(proc.patch_size), int(proc.merge_size), int(proc.temporal_patch_size)
+    factor = patch * merge
+    if size is not None and (len(size) != 2 or any(int(s) < factor or int(s) % factor for s in size)):
+        raise ValueError(f"size must be (height, width), multiples of patch_size * merge_size = {factor}, got "
+                         f"{size!r}")
+    mode = {2: "bilinear", 3: "bicubic"}.get(int(proc.resample))
+    if mode is None:
+        raise ValueError(f"video_processor.resample {proc.resample!r} is not supported (bicubic or bilinear)")
+    mean = torch.tensor(proc.image_mean) * (1.0 / proc.rescale_factor)
+    std = torch.tensor(proc.image_std) * (1.0 / proc.rescale_factor)
+    patches, grids = [], []
+    for i, v in enumerate(videos):
+        x = torch.as_tensor(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8:
+            raise ValueError(f"videos[{i}] must be uint8 [T, H, W, 3] RGB frames, got "
+                             f"{getattr(x, 'dtype', type(x))} {tuple(getattr(x, 'shape', ()))}")
+        if x.shape[0] < temporal:
+            raise ValueError(f"videos[{i}] has {x.shape[0]} frame(s); Qwen3-VL needs at least temporal_patch_size="
+                             f"{temporal}")
+        x = x.permute(0, 3, 1, 2).contiguous()
+        if size is None:
+            from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize
+
+            budget = proc.size
+            height, width = smart_resize(int(x.shape[0]), int(x.shape[2]), int(x.shape[3]),
+                                         temporal_factor=temporal, factor=factor,
+                                         min_pixels=budget.shortest_edge if hasattr(budget, "shortest_edge")
+                                         else budget["shortest_edge"],
+                                         max_pixels=budget.longest_edge if hasattr(budget, "longest_edge")
+                                         else budget["longest_edge"])
+        else:
+            height, width = int(size[0]), int(size[1])
+        if tuple(x.shape[-2:]) != (height, width):
+            x = torch.nn.functional.interpolate(x, size=[height, width], mode=mode, align_corners=False,
+                                                antialias=True)
+        x = x.to(torch.float32).sub_(mean[:, None, None]).div_(std[:, None, None])
+        if pad := -x.shape[0] % temporal:
+            x = torch.cat([x, x[-1:].expand(pad, -1, -1, -1)])
+        t, gh, gw = x.shape[0] // temporal, height // patch, width // patch
+        x = x.view(t, temporal, 3, gh // merge, merge, patch, gw // merge, merge, patch)
+        patches.append(x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(t * gh * gw, 3 * temporal * patch * patch))
+        grids.append([t, gh, gw])
+    return torch.cat(patches), torch.tensor(grids, dtype=torch.long)
+
+
+def qwen3_vl_timestamps(indices: Sequence[int] | np.ndarray, fps: float, temporal_patch_size: int = 2
+                        ) -> list[float]:
+    """Seconds of each temporal grid as ``Qwen3VLProcessor`` prints them: frame ``indices`` (of the source video,
+    at ``fps``) padded with the last one to a multiple of ``temporal_patch_size``, the mean time of each grid's first
+    and last frame."""
+    if not fps > 0:
+        raise ValueError(f"fps must be > 0, got {fps!r}")
+    idx = [int(i) for i in indices]
+    if not idx:
+        raise ValueError("indices is empty")
+    idx += [idx[-1]] * (-len(idx) % temporal_patch_size)
+    times = [i / fps for i in idx]
+    return [(times[i] + times[i + temporal_patch_size - 1]) / 2 for i in range(0, len(times), temporal_patch_size)]
+
+
+def qwen3_vl_video_prompt(grid_thw: Sequence[int], timestamps: Sequence[float], merge_size: int = 2, *,
+                          video_token: str = QWEN3_VL_VIDEO_TOKEN, vision_start: str = "<|vision_start|>",
+                          vision_end: str = "<|vision_end|>") -> str:
+    """What replaces a clip's ``<|video_pad|>`` in the chat-formatted text: per temporal grid ``<x.x seconds>``,
+    ``vision_start``, ``h * w / merge_size**2`` ``video_token`` and ``vision_end`` (``Qwen3VLProcessor``)."""
+    t, h, w = (int(v) for v in grid_thw)
+    if len(timestamps) != t:
+        raise ValueError(f"{t} temporal grids need {t} timestamps, got {len(timestamps)}")
+    per_grid = h * w // (merge_size * merge_size)
+    return "".join(f"<{s:.1f} seconds>{vision_start}{video_token * per_grid}{vision_end}" for s in timestamps)
+
+
+def qwen3_vl_video_inputs(tokenizer: Any, texts: Sequence[str], videos: Sequence[Any], video_processor: Any = None
+                          ) -> dict[str, torch.Tensor]:
+    """A left-padded batch for ``Qwen3VLForConditionalGeneration``: ``texts`` (chat-formatted, one
+    ``<|video_pad|>`` per clip, as the chat template writes it) and ``videos`` (:class:`Video` from
+    :func:`read_video`, or :class:`SyntheticClip`; their frame timestamps give the prompt's seconds). Returns
+    ``input_ids``, ``attention_mask``, ``mm_token_type_ids`` (2 at video placeholders), ``pixel_values_videos``
+    and ``video_grid_thw``."""
+    if isinstance(texts, str):
+        raise TypeError("texts must be a list of prompts (one per sample), got a str")
+    proc = video_processor if video_processor is not None else qwen3_vl_video_processor()
+    pixels, grids = qwen3_vl_video_pixels([v.frames for v in videos], proc)
+    counts = [t.count(QWEN3_VL_VIDEO_TOKEN) for t in texts]
+    if sum(counts) != len(videos):
+        raise ValueError(f"the texts hold {sum(counts)} {QWEN3_VL_VIDEO_TOKEN} marker(s) ({counts} per sample) for "
+                         f"{len(videos)} clip(s)")
+    temporal = int(proc.temporal_patch_size)
+    clips = iter(zip(videos, grids.tolist()))
+    expanded = []
+    for text in texts:
+        parts = text.split(QWEN3_VL_VIDEO_TOKEN)
+        out = parts[0]
+        for rest in parts[1:]:
+            v, grid = next(clips)
+            if getattr(v, "indices", None) is not None and getattr(v, "fps", 0):  # the processor: index / fps
+                seconds = qwen3_vl_timestamps(v.indices, v.fps, temporal)
+            else:  # a synthetic clip: its frame times, grouped the same way
+                ts = np.asarray(v.timestamps, dtype=np.float64).tolist()
+                ts += [ts[-1]] * (-len(ts) % temporal)
+                seconds = [(ts[i] + ts[i + temporal - 1]) / 2 for i in range(0, len(ts), temporal)]
+            out += qwen3_vl_video_prompt(grid, seconds, int(proc.merge_size)) + rest
+        expanded.append(out)
+    enc = tokenizer(expanded, return_tensors="pt", padding=True, padding_side="left")
+    video_id = tokenizer.convert_tokens_to_ids(QWEN3_VL_VIDEO_TOKEN)
+    ids = enc["input_ids"]
+    return {"input_ids": ids, "attention_mask": enc["attention_mask"], "mm_token_type_ids": (ids == video_id).int() * 2,
+            "pixel_values_videos": pixels, "video_grid_thw": grids}
+
+
+__all__ += ["QWEN3_VL_VIDEO_TOKEN", "qwen3_vl_timestamps", "qwen3_vl_video_inputs", "qwen3_vl_video_pixels",
+            "qwen3_vl_video_processor", "qwen3_vl_video_prompt"]

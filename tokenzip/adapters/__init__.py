@@ -9,6 +9,7 @@ from .llava import LlavaAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_audio import Qwen2AudioAdapter
 from .qwen2_vl import Qwen2VLAdapter
+from .qwen3_vl import Qwen3VLAdapter
 from .whisper import WhisperAdapter
 
 ADAPTERS: list[type[Adapter]] = [
@@ -17,6 +18,7 @@ ADAPTERS: list[type[Adapter]] = [
     Qwen2VLAdapter,
     WhisperAdapter,
     Qwen2AudioAdapter,
+    Qwen3VLAdapter,
 ]
 
 
@@ -35,4 +37,4 @@ def adapter_for(model: torch.nn.Module) -> Adapter:
 
 
 __all__ = ["ADAPTERS", "Adapter", "Item", "LlavaAdapter", "LlavaOnevisionAdapter", "Qwen2AudioAdapter",
-           "Qwen2VLAdapter", "WhisperAdapter", "adapter_for", "supported_models"]
+           "Qwen2VLAdapter", "Qwen3VLAdapter", "WhisperAdapter", "adapter_for", "supported_models"]

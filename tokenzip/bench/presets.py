@@ -18,6 +18,10 @@ Config values are the published ``config.json`` of (Hugging Face hub repos):
   - ``Qwen/Qwen2-VL-2B-Instruct``: Qwen2-VL ViT (32 layers, width 1280, MLP ratio 4, 16 heads, patch 14,
     2x2 merge, temporal patch 2) + Qwen2-1.5B-sized LLM (28 layers, width 1536, MLP 8960, 12 heads, 2 KV heads,
     vocab 151936, tied, M-RoPE sections 16/24/24, theta 1e6), image/vision-start/end tokens 151655/151652/151653.
+  - ``Qwen/Qwen3-VL-2B-Instruct``: Qwen3-VL ViT (24 layers, width 1024, MLP 4096, 16 heads, patch 16, 2x2 merge,
+    temporal patch 2, 2304 learned position embeddings, DeepStack taps after blocks 5/11/17) + Qwen3-1.7B-sized LLM
+    (28 layers, width 2048, MLP 6144, 16 heads, 8 KV heads, head dim 128, vocab 151936, tied, interleaved M-RoPE
+    sections 24/20/20, theta 5e6), image/video/vision-start/end tokens 151655/151656/151652/151653.
 """
 
 from __future__ import annotations
@@ -202,6 +206,47 @@ def qwen2_vl_inputs(model: torch.nn.Module, image: np.ndarray | None = None, see
             "image_grid_thw": thw, "mm_token_type_ids": (ids_t == tok).long()}
 
 
+# ---- Qwen3-VL-2B ---------------------------------------------------------------------------------------------------
+def qwen3_vl_2b_config():
+    from transformers import Qwen3VLConfig
+
+    vision = {"depth": 24, "hidden_size": 1024, "hidden_act": "gelu_pytorch_tanh", "intermediate_size": 4096,
+              "num_heads": 16, "in_channels": 3, "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2,
+              "out_hidden_size": 2048, "num_position_embeddings": 2304, "deepstack_visual_indexes": [5, 11, 17]}
+    text = {"vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 28,
+            "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 262144,
+            "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "bos_token_id": 151643, "eos_token_id": 151645,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20],
+                                "mrope_interleaved": True}}
+    return Qwen3VLConfig(vision_config=vision, text_config=text, image_token_id=151655, video_token_id=151656,
+                         vision_start_token_id=151652, vision_end_token_id=151653, tie_word_embeddings=True)
+
+
+QWEN3_SIDE = 512  # px: 32x32 patches of 16 px -> 256 LLM tokens after the 2x2 merge
+
+
+def qwen3_vl_inputs(model: torch.nn.Module, image: np.ndarray | None = None, seed: int = 0) -> dict[str, Any]:
+    """A 512x512 photo (Qwen3-VL preprocessing: 16-px patches, mean/std 0.5): 1024 ViT patches, 256 LLM tokens;
+    with ``mm_token_type_ids`` for M-RoPE."""
+    cfg = model.config
+    px = QWEN3_SIDE * QWEN3_SIDE
+    proc = image_processor("Qwen2VLImageProcessor", min_pixels=px, max_pixels=px, patch_size=16, merge_size=2,
+                           image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+    img = sample_image((QWEN3_SIDE, QWEN3_SIDE)) if image is None else image
+    enc = proc(images=img, return_tensors="pt")
+    thw = enc["image_grid_thw"]
+    merge = int(cfg.vision_config.spatial_merge_size)
+    n = int(thw.prod(-1).sum()) // (merge * merge)
+    tok, start, end = int(cfg.image_token_id), int(cfg.vision_start_token_id), int(cfg.vision_end_token_id)
+    vocab = int(cfg.text_config.vocab_size)
+    avoid = {tok, start, end, int(cfg.video_token_id)}
+    ids = (_text_ids(TEXT_BEFORE, vocab, seed, avoid) + [start] + [tok] * n + [end]
+           + _text_ids(TEXT_AFTER, vocab, seed + 1, avoid))
+    ids_t = torch.tensor([ids])
+    return {"input_ids": ids_t, "attention_mask": torch.ones_like(ids_t), "pixel_values": enc["pixel_values"],
+            "image_grid_thw": thw, "mm_token_type_ids": (ids_t == tok).long()}
+
+
 # ---- registry ------------------------------------------------------------------------------------------------------
 def _tiny_presets() -> dict[str, Preset]:
     from ..testing import CASES, Sample
@@ -236,6 +281,13 @@ REAL_PRESETS: dict[str, Preset] = {
         "vision_config.depth", text_default=2, vision_default=2, make_inputs=qwen2_vl_inputs,
         notes="one 448x448 image = 1024 ViT patches = 256 visual tokens; by default 2 of 28 LLM layers and 2 of "
               "32 ViT layers are built"),
+    "qwen3-vl-2b": Preset(
+        "qwen3-vl-2b", "Qwen/Qwen3-VL-2B-Instruct config.json", qwen3_vl_2b_config,
+        "Qwen3VLForConditionalGeneration", "vision_config.depth", text_default=2, vision_default=2,
+        make_inputs=qwen3_vl_inputs,
+        notes="one 512x512 image = 1024 ViT patches = 256 visual tokens; by default 2 of 28 LLM layers and 2 of "
+              "24 ViT layers are built (DeepStack taps blocks 5/11/17, so a cut ViT runs no DeepStack merger: "
+              "--layers full for its cost)"),
 }
 
 

@@ -129,6 +129,11 @@ class LLMRunner:
             attn = self.adapter.llm_attention(layer)
             self.handles.append(attn.register_forward_pre_hook(self._attn_pre(i), with_kwargs=True))
         self.handles.append(self.norm.register_forward_pre_hook(self._norm_pre))
+        # model-specific steps that must follow the shortened sequence (Qwen3-VL's DeepStack): only the adapter knows
+        # them; it returns handles with remove(), undone with the runner's own
+        extra = getattr(self.adapter, "llm_runner_hooks", None)
+        if extra is not None:
+            self.handles.extend(extra(self))
 
     def remove(self) -> None:
         for h in self.handles:
@@ -137,6 +142,14 @@ class LLMRunner:
         self.pending = None
         self.run = None
         self.step = None
+
+    def current_positions(self) -> torch.Tensor | None:
+        """During a prefill whose sequence a stage has shortened: ``[B, W]`` the original sequence position each
+        slot holds (``-1`` at filler slots); ``None`` while the layers run on the full sequence."""
+        run = self.run
+        if run is None or not run.changed:
+            return None
+        return run.slots.pos.masked_fill(run.slots.filler, -1)
 
     # ---- language-model level -----------------------------------------------------------------------------------
     def _lm_pre(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:

@@ -1,0 +1,347 @@
+"""Qwen3-VL (``Qwen3VLForConditionalGeneration``, and ``Qwen3VLMoeForConditionalGeneration``, whose vision side
+and multimodal forward are the same): images and videos, with DeepStack.
+
+The model. A ViT over 16-px patches (a Conv3d patch embed over ``temporal_patch_size = 2`` frames, learned position
+embeddings resampled to the grid, axial 2-D rotary embeddings, blocks with one fused ``qkv``, attention segments of
+one temporal grid each), and a ``PatchMerger`` that maps each 2x2 group of neighbouring patches (four consecutive
+patches, the model's ``get_vision_position_ids`` order) to one LLM token. **DeepStack**: after each vision block in
+``deepstack_visual_indexes`` a separate merger maps the block's hidden states to one more row per LLM token; the
+text model adds level ``i``'s rows to the hidden states of the visual positions (``visual_pos_masks``) after decoder
+layer ``i``. An image of ``grid_thw = (1, h, w)`` patches is ``<vision_start> <image>*(h*w/4) <vision_end>``. A
+video clip of ``grid_thw = (t, h, w)`` (``t`` temporal grids of two frames) is, per temporal grid, a TEXT timestamp
+``<x.x seconds>``, ``<vision_start>``, ``h*w/4`` ``<video>`` placeholders and ``<vision_end>`` (inside the chat
+template's own ``<vision_start> ... <vision_end>`` pair in transformers 5.x;
+:func:`tokenzip.video.qwen3_vl_video_prompt` builds it); ``get_rope_index`` gives each temporal grid its own 3-D
+position block (time is carried by the timestamp text, not by the temporal position).
+
+Design:
+
+* **Items**: every image and every video clip, in sequence order (sample, then position). One clip is one item that
+  spans its ``t`` placeholder runs; the timestamps and vision start/end tokens are text and always stay. **Tokens**
+  are the model's own ``get_image_features`` / ``get_video_features`` ``pooler_output`` (what the model scatters
+  into the placeholders), so a method compresses exactly what reaches the LLM. **Layout**: ``image(1, h/2, w/2)``
+  per image, ``frames(t, h/2, w/2)`` per clip (one frame = one temporal grid).
+* **Signals** offered: ``projected`` (the tokens themselves), ``text`` / ``text_mask`` (the prompt's text-token
+  embeddings: placeholders and padding excluded, timestamps included), and from the LAST vision block, recomputed
+  from its own fused ``qkv`` and the rotary embedding it is given (:func:`tokenzip.adapters.attention.block_signals`;
+  the model keeps its attention kernel): ``keys`` (before rotary, mean over heads, then over the 2x2 merge group)
+  and ``cls_attention`` (no CLS token: the attention each patch receives from the queries of its own attention
+  segment — one temporal grid —, mean over heads and over those queries, then over the merge group).
+* **DeepStack before the LLM**: every level is cut with the same selection as the main tokens. An output token's row
+  at each level is the mean of the rows of the input tokens its ``CompressOutput.source`` group holds (a kept token:
+  its own row, bit for bit; ``ops.merge``'s plain mean: the same groups with the same weights as the main tokens).
+  ``CompressOutput`` records groups, not weights, so where a method's output token is not the plain mean of its
+  group (PruMerge+'s attention-weighted merge, ``bilinear``'s interpolated cells) the DeepStack rows are the plain
+  mean of the same group: the same members, uniform weights.
+* **DeepStack inside the LLM** (stage "llm"): after a stage has shortened the sequence, the adapter's wrapper of the
+  text model's ``_deepstack_process`` (installed while an LLM-stage method is, :meth:`llm_runner_hooks`) adds each
+  level only at the visual tokens still present, each the row of the position it sits at (a token merged inside the
+  LLM: its representative's). This is exactly the stock model with the removed tokens hidden as keys from the stage
+  layer on (the LLM stage's reference semantics, tests/test_llm_stage.py), where every surviving position receives
+  its own rows.
+* **Positions**: the model's own ``get_rope_index`` on the full sequence (or the caller's ``position_ids``); each
+  kept token keeps the placeholder slot of its representative (``CompressOutput.index``) — so a kept video token
+  stays after its own timestamp — and therefore its column: kept columns are gathered, never re-derived. Passed as
+  ``[4, B, L']`` position ids (row 0: contiguous text positions for the causal mask), ``model.model.rope_deltas``
+  = ``max position + 1 - kept length`` per sample, as the model defines it, so decoding continues where the
+  uncompressed model would. ``mm_token_type_ids`` is shortened with ``input_ids``; grids and pixels are dropped
+  (the features go in as ``mm_encoder_outputs``, DeepStack rows included).
+
+Stages: ``pre_llm`` and ``llm``. Not ``encoder``: DeepStack taps intermediate vision blocks, so a cut inside the ViT
+would have to reconcile levels computed before and after it; not ``input``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
+
+from .. import layout as L
+from ..compat import cache_from
+from ..llm.adapter import LLMAccess, placeholder_items
+from ..output import CompressOutput
+from . import positions as P
+from .attention import ATTENTION_SIGNALS, block_signals
+from .base import Adapter, Item, ModelParts
+from .placeholders import (
+    items_per_sample,
+    pad_id_for,
+    padding_side,
+    require_input_ids,
+    shrink_sequences,
+    text_signals,
+)
+
+
+class _BlockProbe:
+    """Forward pre-hook on one vision block's attention: per-patch ``keys`` / ``cls_attention`` (attention received,
+    summed over the queries of its segment, mean over heads) of its next call, in the block's patch order."""
+
+    def __init__(self, attn: torch.nn.Module, needs: frozenset[str]):
+        self.attn, self.needs = attn, needs
+        self.out: dict[str, torch.Tensor] = {}
+        self.calls = 0
+
+    def hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        self.calls += 1
+        x = args[0] if args else kwargs["hidden_states"]
+        cu = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
+        pe = kwargs.get("position_embeddings", args[2] if len(args) > 2 else None)
+        with torch.no_grad():
+            self.out = block_signals(module, x, self.needs, pe, cu.tolist())
+
+
+class _DeepstackWrapper:
+    """Stage "llm": while an LLM-stage runner is installed, the text model's ``_deepstack_process`` adds each level
+    only at the visual tokens still present in the shortened sequence (module doc). ``remove()`` restores it."""
+
+    def __init__(self, text_model: torch.nn.Module, runner: Any):
+        self.text_model, self.runner = text_model, runner
+        self.original = text_model._deepstack_process
+        text_model._deepstack_process = self  # an instance attribute: the class method is untouched
+
+    def __call__(self, hidden: torch.Tensor, visual_pos_masks: torch.Tensor, visual_embeds: torch.Tensor):
+        pos = self.runner.current_positions()
+        if pos is None:  # full length: the model's own step
+            return self.original(hidden, visual_pos_masks, visual_embeds)
+        mask = visual_pos_masks.to(pos.device)
+        row_of = (mask.flatten().long().cumsum(0) - 1).view(mask.shape)  # each visual position's row in the level
+        safe = pos.clamp(min=0)
+        present = (pos >= 0) & torch.gather(mask, 1, safe)
+        rows = torch.gather(row_of, 1, safe)[present]
+        return self.original(hidden, present, visual_embeds[rows.to(visual_embeds.device)])
+
+    def remove(self) -> None:
+        self.text_model.__dict__.pop("_deepstack_process", None)
+
+
+class Qwen3VLAdapter(LLMAccess, Adapter):
+    model_classes = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
+    modalities = ("image", "video")
+    stages = ("pre_llm", "llm")
+    signals = frozenset({"cls_attention", "keys", "projected", "text", "text_mask"})
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__(model)
+        self.core = model.model
+        self.visual = self.core.visual
+        cfg = model.config
+        self.image_token_id = int(cfg.image_token_id)
+        self.video_token_id = int(cfg.video_token_id)
+        self.token_of = {"image": self.image_token_id, "video": self.video_token_id}
+        self.merge = int(cfg.vision_config.spatial_merge_size)
+
+    # ---- queries ------------------------------------------------------------------------------------------------
+    def parts(self) -> ModelParts:
+        lm = self.core.language_model
+        return ModelParts(encoder=self.visual, encoder_layers=self.visual.blocks, projector=self.visual.merger,
+                          language_model=lm, decoder_layers=lm.layers, final_norm=lm.norm,
+                          embed=self.core.get_input_embeddings(), media_token_ids=dict(self.token_of))
+
+    def has_media(self, kwargs: dict[str, Any]) -> bool:
+        return kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None
+
+    def batch_size(self, kwargs: dict[str, Any]) -> int:
+        return require_input_ids(kwargs).shape[0]
+
+    def _grid(self, kwargs: dict[str, Any], modality: str) -> torch.Tensor | None:
+        pixels, key = ("pixel_values", "image_grid_thw") if modality == "image" else \
+            ("pixel_values_videos", "video_grid_thw")
+        if kwargs.get(pixels) is None:
+            return None
+        grid = kwargs.get(key)
+        if grid is None:
+            raise ValueError(f"{key} is required with {pixels} for Qwen3-VL; build the inputs with the model's "
+                             f"processor (or tokenzip.video.qwen3_vl_video_inputs for videos)")
+        grid = torch.as_tensor(grid)
+        if grid.dim() != 2 or grid.shape[1] != 3:
+            raise ValueError(f"{key} must have shape [num_{modality}s, 3], got {tuple(grid.shape)}")
+        if bool(((grid[:, 1:] % self.merge) != 0).any()):
+            raise ValueError(f"{key} heights/widths must be multiples of spatial_merge_size={self.merge}, got "
+                             f"{grid.tolist()}")
+        if int(grid.prod(-1).sum()) != kwargs[pixels].shape[0]:
+            raise ValueError(f"{pixels} has {kwargs[pixels].shape[0]} patches but {key} {grid.tolist()} needs "
+                             f"{int(grid.prod(-1).sum())}")
+        return grid
+
+    def _layout(self, modality: str, t: int, h: int, w: int) -> L.Layout:
+        m = self.merge
+        return L.Layout([L.Segment("image" if modality == "image" and t == 1 else "frames", t, h // m, w // m)])
+
+    # ---- encode -------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, kwargs: dict[str, Any], needs: frozenset[str]) -> list[Item]:
+        input_ids = require_input_ids(kwargs)
+        if kwargs.get("mm_encoder_outputs"):
+            raise ValueError("pass either pixel_values/pixel_values_videos or mm_encoder_outputs, not both (the model "
+                             "refuses both)")
+        cache = cache_from(kwargs)
+        if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
+            raise ValueError("tokenzip compresses media at prefill only: pixels came with a non-empty cache (a "
+                             "continued conversation); start from an empty cache")
+        items: list[Item] = []
+        for modality in ("image", "video"):
+            grid = self._grid(kwargs, modality)
+            if grid is not None:
+                items += self._encode_modality(kwargs, needs, modality, grid)
+        starts = self._starts(input_ids, [(it.modality, it.sample, it.tokens_in) for it in items])
+        return [items[i] for i in sorted(range(len(items)), key=lambda i: starts[i])]
+
+    def _starts(self, input_ids: torch.Tensor, items: list[tuple[str, int, int]]) -> list[tuple[int, int]]:
+        """``(sample, first placeholder position)`` of each ``(modality, sample, n)`` item, items of one modality
+        in order."""
+        where = {(m, b): (input_ids[b] == self.token_of[m]).nonzero().flatten()
+                 for m in self.token_of for b in range(input_ids.shape[0])}
+        cursor: dict[tuple[str, int], int] = {}
+        out = []
+        for m, b, n in items:
+            c = cursor.get((m, b), 0)
+            out.append((b, int(where[(m, b)][c])))
+            cursor[(m, b)] = c + n
+        return out
+
+    def _encode_modality(self, kwargs: dict[str, Any], needs: frozenset[str], modality: str,
+                         grid: torch.Tensor) -> list[Item]:
+        input_ids = kwargs["input_ids"]
+        unit = self.merge * self.merge
+        sizes = [int(s) for s in (grid.prod(-1) // unit).tolist()]
+        owner = items_per_sample(input_ids, self.token_of[modality], sizes, modality)
+        pixels = kwargs["pixel_values" if modality == "image" else "pixel_values_videos"]
+        probe = _BlockProbe(self.visual.blocks[-1].attn, needs & ATTENTION_SIGNALS)
+        handle = probe.attn.register_forward_pre_hook(probe.hook, with_kwargs=True) if probe.needs else None
+        features = self.core.get_image_features if modality == "image" else self.core.get_video_features
+        try:
+            out = features(pixels, grid.to(pixels.device), return_dict=True)
+        finally:
+            if handle is not None:
+                handle.remove()
+        if handle is not None and probe.calls != 1:
+            raise RuntimeError(f"expected one call of the last vision block, saw {probe.calls}")
+        # per patch (merge-group order) -> per LLM token: mean over the four patches of each group
+        grouped = {name: t.reshape(t.shape[0] // unit, unit, *t.shape[1:]).mean(dim=1)
+                   for name, t in probe.out.items()}
+        if "cls_attention" in grouped:  # sum over a segment's queries -> mean over them (one segment per grid)
+            per_frame = (grid[:, 1] * grid[:, 2]).repeat_interleave(torch.tensor(sizes, device=grid.device))
+            grouped["cls_attention"] = grouped["cls_attention"] / per_frame.to(grouped["cls_attention"])
+        deepstack = [list(level) for level in out.deepstack_features]
+        items, start = [], 0
+        for i, (t, h, w) in enumerate(grid.tolist()):
+            n = sizes[i]
+            tokens = out.pooler_output[i]
+            sig = {name: s[start: start + n] for name, s in grouped.items()}
+            if "projected" in needs:
+                sig["projected"] = tokens
+            if "text" in needs or "text_mask" in needs:
+                sig.update(text_signals(self.core.get_input_embeddings(), input_ids, kwargs.get("attention_mask"),
+                                        set(self.token_of.values()), owner[i]))
+            items.append(Item(modality, owner[i], tokens, self._layout(modality, t, h, w), sig,
+                              extra={"deepstack": [level[i] for level in deepstack]}))
+            start += n
+        return items
+
+    # ---- rebuild ------------------------------------------------------------------------------------------------
+    def _original_positions(self, kwargs: dict[str, Any]) -> torch.Tensor:
+        """``[4, B, L]`` position ids of the uncompressed call: the caller's 3- or 4-row ids, else the installed
+        model's own ``get_rope_index`` (rows 1-3) under a contiguous text row."""
+        input_ids = kwargs["input_ids"]
+        mask = kwargs.get("attention_mask")
+        real = torch.ones_like(input_ids) if mask is None else mask
+        pos = kwargs.get("position_ids")
+        if isinstance(pos, torch.Tensor):
+            if pos.dim() == 3 and pos.shape[0] in (3, 4) and pos.shape[1:] == input_ids.shape:
+                return pos if pos.shape[0] == 4 else torch.cat([P.text_row(real, pos.dtype).unsqueeze(0), pos])
+            raise ValueError(f"position_ids must be [3, B, L] or [4, B, L] (M-RoPE) for input_ids of shape "
+                             f"{tuple(input_ids.shape)}, got {tuple(pos.shape)}")
+        if kwargs.get("mm_token_type_ids") is None:
+            raise ValueError("mm_token_type_ids is required with pixel_values/pixel_values_videos for Qwen3-VL (the "
+                             "3-D M-RoPE positions need it); the model's processor returns it with input_ids")
+        rope, _ = self.core.get_rope_index(input_ids, kwargs["mm_token_type_ids"],
+                                           image_grid_thw=kwargs.get("image_grid_thw"),
+                                           video_grid_thw=kwargs.get("video_grid_thw"), attention_mask=mask)
+        return torch.cat([P.text_row(real, rope.dtype).unsqueeze(0), rope], dim=0)
+
+    def _keep_mask(self, input_ids: torch.Tensor, items: list[Item], outputs: list[CompressOutput]) -> torch.Tensor:
+        """Text is kept; each item keeps the placeholders at its output tokens' representatives (``index``)."""
+        keep = torch.ones_like(input_ids, dtype=torch.bool)
+        for token in self.token_of.values():
+            keep &= input_ids != token
+        cursor: dict[tuple[str, int], int] = {}
+        where = {(m, b): (input_ids[b] == t).nonzero().flatten() for m, t in self.token_of.items()
+                 for b in range(input_ids.shape[0])}
+        for item, out in zip(items, outputs):
+            key = (item.modality, item.sample)
+            c = cursor.get(key, 0)
+            slots = where[key][c: c + item.tokens_in]
+            keep[item.sample, slots[out.index[0].to(slots.device)]] = True
+            cursor[key] = c + item.tokens_in
+        return keep
+
+    @staticmethod
+    def _deepstack_rows(rows: torch.Tensor, out: CompressOutput) -> torch.Tensor:
+        """A level's rows ``[N, D]`` cut like the main tokens: per output token the mean of its source group's rows
+        (a kept token's own row exactly; a slot with no member: its representative's row)."""
+        k = out.tokens.shape[1]
+        src = out.source[0].to(rows.device)
+        valid = src >= 0
+        sums = torch.zeros(k, rows.shape[1], dtype=rows.dtype, device=rows.device).index_add_(0, src[valid],
+                                                                                             rows[valid])
+        count = torch.zeros(k, dtype=rows.dtype, device=rows.device).index_add_(
+            0, src[valid], torch.ones(int(valid.sum()), dtype=rows.dtype, device=rows.device))
+        own = rows[out.index[0].to(rows.device)]
+        return torch.where(count[:, None] > 0, sums / count.clamp(min=1)[:, None], own)
+
+    def rebuild(self, kwargs: dict[str, Any], items: list[Item], outputs: list[CompressOutput]) -> dict[str, Any]:
+        input_ids = kwargs["input_ids"]
+        positions = self._original_positions(kwargs)
+        keep = self._keep_mask(input_ids, items, outputs)
+        call = {key: v for key, v in kwargs.items() if key != "position_ids"}
+        new = shrink_sequences(call, keep, pad_id_for(self.model.config, set(self.token_of.values())))
+        mask = kwargs.get("attention_mask")
+        valid = keep & (torch.ones_like(keep) if mask is None else mask.bool())
+        new_pos = P.pack(positions, valid, padding_side(mask), new["input_ids"].shape[1])
+        new_mask = new["attention_mask"]
+        new_pos[0] = P.text_row(new_mask, new_pos.dtype)  # row 0 only builds the causal mask
+        self.core.rope_deltas = P.rope_deltas(new_pos[1:], new_mask)
+        new["position_ids"] = new_pos
+        encoded: dict[str, Any] = {}
+        for modality in ("image", "video"):
+            pairs = [(it, out) for it, out in zip(items, outputs) if it.modality == modality]
+            if not pairs:
+                continue
+            levels = len(pairs[0][0].extra["deepstack"])
+            encoded[modality] = BaseModelOutputWithDeepstackFeatures(
+                pooler_output=tuple(out.tokens[0] for _, out in pairs),
+                deepstack_features=[tuple(self._deepstack_rows(it.extra["deepstack"][j], out) for it, out in pairs)
+                                    for j in range(levels)])
+        for key in ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw"):
+            new.pop(key, None)
+        new["mm_encoder_outputs"] = encoded
+        return new
+
+    # ---- stage "llm" (tokenzip.llm) -----------------------------------------------------------------------------
+    def llm_items(self, kwargs: dict[str, Any]) -> list:
+        """Each image's placeholder run and each clip's placeholders (all its temporal grids), in sequence order:
+        after a pre-LLM method the precomputed features' lengths (no layout), else the grids."""
+        input_ids = require_input_ids(kwargs)
+        pre = kwargs.get("mm_encoder_outputs") or {}
+        found = []
+        for modality in ("image", "video"):
+            if pre.get(modality) is not None:
+                sizes, grids = [int(t.shape[0]) for t in pre[modality].pooler_output], None
+            else:
+                grid = self._grid(kwargs, modality)
+                if grid is None:
+                    continue
+                sizes = [int(t * h * w) // (self.merge ** 2) for t, h, w in grid.tolist()]
+                grids = [self._layout(modality, t, h, w) for t, h, w in grid.tolist()]
+            owners = items_per_sample(input_ids, self.token_of[modality], sizes, modality)
+            found += placeholder_items(input_ids, self.token_of[modality], sizes, owners, modality, grids)
+        return sorted(found, key=lambda it: (it.sample, int(it.positions[0]) if it.positions.numel() else -1))
+
+    def llm_runner_hooks(self, runner: Any) -> list[Any]:
+        """Called by the LLM-stage runner when it installs: DeepStack follows the runner's shortened sequence
+        (module doc). Returns handles the runner removes with its own."""
+        return [_DeepstackWrapper(self.core.language_model, runner)]
+
