@@ -34,6 +34,7 @@ from ..compat import cache_from
 from ..layout import Layout
 from ..output import ItemStats, summarize
 from . import slots as S
+from .base import StageContext
 from .scores import attention_rows
 
 ATTENTION_SIGNALS = ("last_attention", "text_attention")
@@ -80,6 +81,7 @@ class _Track:
         self.index = torch.arange(self.n)  # current local index -> representative original token
         self.stages: list[tuple[int, int]] = []
         self.stage_sources: list[torch.Tensor] = []
+        self.memo: dict = {}  # the method's own state between this item's stages (StageContext.memo)
 
 
 class _Run:
@@ -361,14 +363,13 @@ class LLMRunner:
                 idx = torch.zeros(0, dtype=torch.long)
             else:
                 signals = self._item_signals(run, layer, t, h)
-                final = min(t.plan.values())
-                if layer != max(t.plan):
-                    k = max(final, min(m, int(self.c.adapt(k, m, final, signals))))
-                    if k >= m:
-                        results.append(None)
-                        continue
-                out = self.c.compress(h[b, t.slots].unsqueeze(0), k=k, grid=t.item.grid if m == t.n else None,
-                                      **signals)
+                out = self.c.stage(h[b, t.slots].unsqueeze(0), k, final=min(t.plan.values()),
+                                   last=layer == max(t.plan), signals=signals,
+                                   context=StageContext(t.item.grid, t.n, t.index.clone(), t.memo))
+                if out is None or out.tokens.shape[1] >= m:
+                    results.append(None)
+                    continue
+                k = int(out.tokens.shape[1])
                 out_tokens, src, idx = out.tokens, out.source[0].cpu(), out.index[0].cpu()
             drop[b, t.slots] = True
             drop[b, t.slots[idx.to(t.slots.device)]] = False

@@ -20,6 +20,7 @@ from .fastv import FastV
 from .fastvid import FastVID
 from .flashvid import FlashVID
 from .folder import Folder
+from .framefusion import FrameFusion
 from .holitom import HoliTom
 from .llava_scissor import LlavaScissor
 from .pllava_pool import PLLaVAPool
@@ -79,6 +80,7 @@ METHODS: list[type[Compressor]] = [
     AuroraCap,
     Folder,
     EViT,
+    FrameFusion,
 ]
 
 __all__ = ["METHODS"] + [cls.__name__ for cls in METHODS]
