@@ -7,7 +7,10 @@ from test_llm_stage import _case_forward, assert_equals_mask_oracle
 
 from tokenzip import layout as L
 from tokenzip.adapters import adapter_for
+from tokenzip.compat import output_cache
 from tokenzip.llm.base import StageContext
+from tokenzip.llm.hooks import STATE_ATTR
+from tokenzip.methods.dycoke_kv import DyCokeKV
 from tokenzip.methods.framefusion import FrameFusion
 from tokenzip.testing import CASES, default_samples
 
@@ -132,3 +135,138 @@ def test_batch_equals_the_masking_oracle(threshold):
     merged = [len(g) > 1 for s in c.last_stats for it in s["video"].items for g in _partition(it.stage_sources[0])]
     assert any(merged)
     assert_equals_mask_oracle(model, c, inputs, out, gen, lambda: _case_forward(CASE, model, inputs))
+
+
+# ---- DyCoke's decode-time KV pruning ------------------------------------------------------------------------------
+def _dycoke_kv_oracle(model, inputs, k, decode_at, steps):
+    """Greedy decoding of ONE unpadded sample by the stock EAGER model, recomputed without cache at every step.
+
+    At step ``s >= 1`` (the calls that continue a cache), the eager attention weights of layer ``decode_at - 1``
+    for the last row (mean over heads) rank each clip's entries that are still alive; the clip keeps its ``k``
+    best (ties: earlier). From then on, in layers ``>= decode_at``, every later query row (this step's included)
+    no longer sees the dropped entries; rows computed before the drop (prompt, earlier steps) saw them, as their
+    cached keys/values did. Returns (generated ids, per step >= 1: per clip the kept local indices)."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    prompt = ids.shape[1]
+    vid = (ids[0] == model.config.video_token_id).nonzero().flatten().tolist()
+    n = len(vid) // inputs["pixel_values_videos"].shape[0]
+    clips = [vid[j * n:(j + 1) * n] for j in range(len(vid) // n)]
+    alive = [list(range(n)) for _ in clips]
+    dropped_at = {}  # sequence position -> step it was dropped at
+    layers = adapter_for(model).parts().decoder_layers
+    state = {}
+    history, generated = [], []
+
+    def score(m, a, out):
+        if state["step"] == 0:
+            return
+        row = out[1][0, :, -1].mean(0)  # [L] over the whole sequence
+        kept_now = []
+        for j, clip in enumerate(clips):
+            vals = torch.stack([row[clip[i]] for i in alive[j]])
+            order = torch.sort(vals, descending=True, stable=True).indices[:k].tolist()
+            keep = sorted(alive[j][o] for o in order)
+            for i in set(alive[j]) - set(keep):
+                dropped_at[clip[i]] = state["step"]
+            alive[j] = keep
+            kept_now.append(keep)
+        history.append(kept_now)
+
+    def masked(i):
+        def hook(m, args, kwargs):
+            if i < decode_at:
+                return None
+            length = state["length"]
+            rows = torch.arange(length)
+            step_of_row = (rows - prompt + 1).clamp(min=0)
+            drop_step = torch.full((length,), 10 ** 6)
+            for p, s in dropped_at.items():
+                drop_step[p] = s
+            allowed = (rows[None, :] <= rows[:, None]) & (drop_step[None, :] > step_of_row[:, None])
+            kwargs = dict(kwargs)
+            kwargs["attention_mask"] = torch.zeros(1, 1, length, length).masked_fill(~allowed, torch.finfo(
+                torch.float32).min)
+            return args, kwargs
+        return hook
+
+    handles = [layers[decode_at - 1].self_attn.register_forward_hook(score)]
+    handles += [layer.register_forward_pre_hook(masked(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        for step in range(steps):
+            seq = torch.cat([ids, torch.tensor([generated], dtype=ids.dtype)], dim=1)
+            state.update(step=step, length=seq.shape[1])
+            full = torch.cat([mask, torch.ones(1, len(generated), dtype=mask.dtype)], dim=1)
+            with torch.no_grad():
+                logits = model(**{**inputs, "input_ids": seq, "attention_mask": full},
+                               position_ids=(full.cumsum(-1) - 1).clamp(min=0), use_cache=False).logits
+            generated.append(int(logits[0, -1].argmax()))
+    finally:
+        for h in handles:
+            h.remove()
+    return generated, history
+
+
+def _kv_generate(model, inputs, c, steps=4):
+    with c(model):
+        out = model.generate(**inputs, max_new_tokens=steps, do_sample=False, return_dict_in_generate=True)
+    cache = output_cache(out)
+    return out.sequences[:, inputs["input_ids"].shape[1]:], cache, getattr(cache, STATE_ATTR)
+
+
+def test_dycoke_kv_frees_the_dropped_entries_and_equals_the_oracle():
+    """A ragged batch of 3 (one sample with two clips): the cache of layers >= the pruning layer really holds only
+    the kept visual entries (tensor sizes), layers before it hold everything; every row's greedy tokens and kept
+    sets equal the from-scratch eager oracle of that sample alone."""
+    sdpa, eager = built(CASE), built(CASE, "eager")
+    batch = CASES[CASE].make_inputs(sdpa, default_samples())
+    c = DyCokeKV(retain=0.3)
+    steps = 4
+    new, cache, state = _kv_generate(sdpa, batch, c, steps)
+    num_layers = len(adapter_for(sdpa).parts().decoder_layers)
+    decode_at = c.decode_layer(num_layers)
+    mask = batch["attention_mask"]
+    clips = [[it for it in s["video"].items] for s in c.last_stats]
+    kept = [int(mask[b].sum()) - sum(it.tokens_in - c.budget.count(it.tokens_in) for it in clips[b])
+            for b in range(mask.shape[0])]
+    for i, layer in enumerate(cache.layers):
+        width = mask.shape[1] if i < decode_at else max(kept)  # the prompt part; then steps - 1 generated tokens
+        assert tuple(layer.keys.shape[-2:-1]) == tuple(layer.values.shape[-2:-1]) == (width + steps - 1,), i
+    assert cache.layers[decode_at].keys.shape[-2] < cache.layers[0].keys.shape[-2]
+    for b, sample in enumerate(default_samples()):
+        one = CASES[CASE].make_inputs(eager, [sample])
+        ref, history = _dycoke_kv_oracle(eager, one, c.budget.count(clips[b][0].tokens_in), decode_at, steps)
+        assert new[b].tolist() == ref
+        owned = [j for j, (s, _, _) in enumerate(state.decode.items) if s == b]
+        got = [[step[j].tolist() for j in owned] for step in state.decode.history]
+        assert got == history
+
+
+def test_dycoke_kv_sdpa_and_eager_keep_the_same_entries():
+    runs = []
+    for attn in ("sdpa", "eager"):
+        model = built(CASE, attn)
+        new, _, state = _kv_generate(model, CASES[CASE].make_inputs(model, default_samples()), DyCokeKV(retain=0.3))
+        runs.append((new.tolist(), [[t.tolist() for t in step] for step in state.decode.history]))
+    assert runs[0] == runs[1]
+
+
+def test_dycoke_kv_top_p_keeps_shrinking_and_never_below_the_budget():
+    c = DyCokeKV(tokens=2, mass=0.5)
+    scores = torch.tensor([0.05, 0.5, 0.1, 0.3, 0.05])
+    assert c.decode_keep(scores, 5).tolist() == [1, 3]  # 0.5 alone does not exceed half: the two best
+    assert c.decode_keep(torch.tensor([0.9, 0.1]), 5) is None  # already at the budget
+    assert DyCokeKV(tokens=2).decode_keep(scores, 5).tolist() == [1, 3]
+    assert DyCokeKV(tokens=1, mass=0.9).decode_keep(scores, 5).tolist() == [1, 2, 3]
+    for kwargs, name in [({"layer": 0}, "layer"), ({"mass": 0.0}, "mass")]:
+        with pytest.raises(ValueError, match=name):
+            DyCokeKV(retain=0.5, **kwargs)
+
+
+def test_dycoke_kv_restores_the_model_and_leaves_prefill_alone():
+    model = built(CASE)
+    inputs = CASES[CASE].make_inputs(model, default_samples())
+    ref = _case_forward(CASE, model, inputs)
+    with DyCokeKV(retain=0.3)(model):
+        assert torch.equal(_case_forward(CASE, model, inputs), ref)  # prefill: the stock model
+        model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert torch.equal(_case_forward(CASE, model, inputs), ref)

@@ -92,6 +92,17 @@ class LLMCompressor(Compressor):
                 return None
         return self.compress(tokens, k=k, grid=context.grid if m == context.n else None, **signals)
 
+    def decode_layer(self, num_layers: int) -> int | None:
+        """Decode-time KV pruning (``None``: none, the default): the first decoder layer whose cached visual
+        entries are pruned during decoding, by the attention the current token pays them in the layer before."""
+        return None
+
+    def decode_keep(self, scores: torch.Tensor, n: int) -> torch.Tensor | None:
+        """Decode-time KV pruning: given ``scores`` ``[m]`` (the current token's attention to the item's ``m``
+        remaining cached entries, mean over heads) of an item of ``n`` tokens, the indices (ascending) of the
+        entries to keep, or ``None`` to keep all. Entries not kept are freed for good."""
+        return None
+
     def final_count(self, n: int, num_layers: int) -> int:
         """Tokens the item keeps after the last stage (what the budget promises)."""
         return self.budget.count(n)

@@ -14,6 +14,7 @@ from .divprune import DivPrune
 from .dpc_knn import DpcKnn
 from .dpc_knn_events import DpcKnnEvents
 from .dycoke import DyCoke
+from .dycoke_kv import DyCokeKV
 from .evit import EViT
 from .evs import EVS
 from .fastv import FastV
@@ -81,6 +82,7 @@ METHODS: list[type[Compressor]] = [
     Folder,
     EViT,
     FrameFusion,
+    DyCokeKV,
 ]
 
 __all__ = ["METHODS"] + [cls.__name__ for cls in METHODS]
