@@ -16,6 +16,9 @@ Design (see :mod:`.hooks` for details):
 - Cache: a ``DynamicCache`` holds full-length K/V for layers before the first stage and shortened K/V after; the
   per-stage key-validity rows travel on the cache object, so decoding and later turns that continue the cache (no
   new media) build matching masks. Beam search / cache reordering, static caches and flash-attention are refused.
+- Decode-time KV pruning (``LLMCompressor.decode_layer`` / ``decode_keep``, DyCoke's second stage): while decoding,
+  visual entries leave the cache of the layers from ``decode_layer`` on (the tensors shrink); earlier layers keep
+  all, so positions of new tokens are the stock model's.
 - Output: logits keep the caller's sequence length; a dropped token's logits come from the hidden state it had when
   it was dropped (only the kept positions and the text are what the model computed on the short sequence).
 """

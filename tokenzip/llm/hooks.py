@@ -21,6 +21,14 @@ first prefill kept: the selection was made once, for the first question, and the
 layers ``>= l`` for every later turn; the new turn's tokens go into every layer. Media in a call that continues a
 cache are refused (ValueError), as are beam search (the cache would be reordered), static/sliding caches and
 flash-attention (no explicit 4-D mask). Hooks find the cache under either name (:mod:`tokenzip.compat`).
+
+Decode-time KV pruning (a method whose ``decode_layer`` is not ``None``, e.g. DyCoke's second stage): prefill is
+untouched; at every later call that continues the cache, hooks on the attention of layer ``decode_layer - 1``
+recompute the current token's attention to the cached keys of that layer and ask the method which of each item's
+remaining entries stay (``decode_keep``); the others are removed from the cache tensors of every layer
+``>= decode_layer`` before those layers run in the same call (rows re-packed, the batch's padding dropped, masks
+rebuilt). Layers before it keep every entry, so the layer-0 cache length and the caller's 2-D mask (from which
+``generate()`` derives new positions) are those of the uncompressed model.
 """
 
 from __future__ import annotations
