@@ -7,7 +7,7 @@ from test_llm_stage import _case_forward, assert_equals_mask_oracle
 
 from tokenzip import layout as L
 from tokenzip.adapters import adapter_for
-from tokenzip.compat import output_cache
+from tokenzip.compat import cache_kwarg, output_cache
 from tokenzip.llm.base import StageContext
 from tokenzip.llm.hooks import STATE_ATTR
 from tokenzip.methods.dycoke_kv import DyCokeKV
@@ -270,3 +270,28 @@ def test_dycoke_kv_restores_the_model_and_leaves_prefill_alone():
         assert torch.equal(_case_forward(CASE, model, inputs), ref)  # prefill: the stock model
         model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert torch.equal(_case_forward(CASE, model, inputs), ref)
+
+
+def test_dycoke_kv_top_p_shrinks_over_steps_and_a_later_turn_continues_the_cache():
+    model = built(CASE)
+    inputs = CASES[CASE].make_inputs(model, default_samples())
+    c = DyCokeKV(retain=0.3, mass=0.6)
+    with c(model):
+        first = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+        ids = torch.cat([first.sequences, torch.tensor([[30, 31, 32]] * 3)], dim=1)
+        mask = torch.cat([inputs["attention_mask"], torch.ones(3, ids.shape[1] - inputs["input_ids"].shape[1],
+                                                                dtype=torch.long)], dim=1)
+        second = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False,
+                                return_dict_in_generate=True, **{cache_kwarg(model): output_cache(first)})
+    assert second.sequences.shape[1] == ids.shape[1] + 3
+    cache = output_cache(second)
+    state = getattr(cache, STATE_ATTR)
+    counts = [[int(t.numel()) for t in step] for step in state.decode.history]
+    budget = [c.budget.count(n) for _, n, _ in state.decode.items]
+    for j in range(len(budget)):
+        seq = [step[j] for step in counts]
+        assert seq == sorted(seq, reverse=True) and seq[-1] >= budget[j]
+    assert counts[0] != counts[-1]  # the top-p rule kept shrinking after the first step
+    kept = max(int(inputs["attention_mask"][b].sum()) - sum(n - int(alive.numel()) for s, n, alive in
+                                                             state.decode.items if s == b) for b in range(3))
+    assert cache.layers[-1].keys.shape[-2] == kept + ids.shape[1] - inputs["input_ids"].shape[1] + 2
