@@ -466,7 +466,9 @@ def assert_equals_mask_oracle(model, c, inputs, out, gen, forward):
     assert torch.equal(gen, ref_gen)
 
 
-LLM_PAIRS = [p for p in method_case_pairs() if p.values[0].info.stage == "llm"]
+# decode-time KV pruning (dycoke_kv) selects nothing at prefill: tests/test_llm_video.py holds its decoding oracle
+LLM_PAIRS = [p for p in method_case_pairs() if p.values[0].info.stage == "llm"
+             and p.values[0](retain=1.0).decode_layer(2) is None]
 
 
 @pytest.mark.parametrize("method,case", LLM_PAIRS)
@@ -491,3 +493,41 @@ def test_eager_and_sdpa_generate_the_same_with_shortened_cache():
         with PyramidDrop(retain=0.25)(model):
             outs.append(model.generate(**batch, max_new_tokens=5, do_sample=False))
     assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("case", ["llava_onevision", "llava_onevision_video"])
+@pytest.mark.parametrize("make", [lambda: FastV(retain=0.3), lambda: PyramidDrop(retain=0.25)], ids=["fastv", "pdrop"])
+def test_ragged_batch_is_repacked_to_the_longest_kept_row(case, make):
+    """After a stage the batch is re-packed: every later decoder layer processes exactly as many positions as the
+    row with the most kept (real) tokens, not that plus the batch's original left padding; layers before the first
+    stage run on the caller's padded width. The batch's greedy generation still equals each sample's."""
+    model = built(case)
+    batch = CASES[case].make_inputs(model, default_samples())
+    mask = batch["attention_mask"]
+    assert len(set(mask.sum(1).tolist())) == 3, "the batch must be ragged for this test to mean anything"
+    c = make()
+    layers = adapter_for(model).parts().decoder_layers
+    width = {}
+    hooks = [layer.self_attn.register_forward_pre_hook(
+        lambda m, a, kw, i=i: width.__setitem__(i, kw["hidden_states"].shape[1]), with_kwargs=True)
+        for i, layer in enumerate(layers)]
+    try:
+        with c(model):
+            _case_forward(case, model, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    items = [[it for ms in s.values() for it in ms.items] for s in c.last_stats]
+    for i in range(len(layers)):
+        kept = [int(mask[b].sum()) - sum(it.tokens_in - min([k for layer, k in it.stages if layer <= i],
+                                                            default=it.tokens_in) for it in items[b])
+                for b in range(mask.shape[0])]
+        shortened = any(layer <= i for its in items for it in its for layer, _ in it.stages)
+        assert width[i] == (max(kept) if shortened else mask.shape[1]), f"layer {i}: {width[i]} vs kept {kept}"
+    assert width[len(layers) - 1] < mask.shape[1] - int((mask == 0).sum(1).min())  # padding really went away
+    with c(model):
+        out = model.generate(**batch, max_new_tokens=4, do_sample=False)
+        singles = [model.generate(**CASES[case].make_inputs(model, [s]), max_new_tokens=4, do_sample=False)
+                   for s in default_samples()]
+    for i, one in enumerate(singles):
+        assert out[i, mask.shape[1]:].tolist() == one[0, one.shape[1] - 4:].tolist()

@@ -233,10 +233,14 @@ class OnevisionVideo:
         pre = (kwargs.get("mm_encoder_outputs") or {}).get("video")
         if pre is not None:  # after a pre-LLM method: the kept counts, no layout
             sizes = getattr(pre, "clip_tokens", None)
-            if sizes is None:  # the model's own form: one clip per row
+            grids = None
+            if sizes is None:  # the model's own form (generate() encodes once): one whole clip per row
                 rows = pre.pooler_output
                 sizes = [int(rows.shape[1])] * int(rows.shape[0])
-            sizes, grids = list(sizes), None
+                per_frame = self.video_grid() ** 2
+                if sizes and (sizes[0] - 1) % per_frame == 0:  # T frames + the newline: the layout is known
+                    grids = [self.video_layout((sizes[0] - 1) // per_frame)] * len(sizes)
+            sizes = list(sizes)
         elif kwargs.get("pixel_values_videos") is not None:
             clips, frames = self.check_videos(kwargs["pixel_values_videos"])
             layout = self.video_layout(frames)

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
 
 from ..base import Compressor
+from ..output import CompressOutput
 from ..scorer import ScorerCompressor
 
 
@@ -40,6 +44,19 @@ def stage_layers(fractions: tuple[float, ...], num_layers: int) -> list[int]:
 
 
 @dataclass
+class StageContext:
+    """What the runner knows about an item at a stage, besides its remaining hidden states: the item's ORIGINAL
+    layout (``grid``, ``None`` when unknown, e.g. after a pre-LLM method) and token count ``n``, the original token
+    that represents each remaining one (``index`` ``[m]``, ascending), and ``memo``, a dict private to this item for
+    the whole prefill (a method's state between its stages)."""
+
+    grid: Any
+    n: int
+    index: torch.Tensor
+    memo: dict = field(default_factory=dict)
+
+
+@dataclass
 class LLMCompressor(Compressor):
     """A method that prunes/merges an item's visual hidden states between decoder layers.
 
@@ -61,6 +78,30 @@ class LLMCompressor(Compressor):
         """The count for a non-final stage, given the planned ``k``, the ``m`` tokens left and the ``final`` count;
         methods with input-dependent (adaptive) ratios override it. The result is clamped to ``[final, m]``."""
         return k
+
+    def stage(self, tokens: torch.Tensor, k: int, *, final: int, last: bool, signals: dict,
+              context: StageContext) -> CompressOutput | None:
+        """One stage of one item: ``tokens`` ``[1, m, D]`` are its remaining hidden states, ``k`` the planned count,
+        ``final`` the item's final count, ``last`` whether this is its last planned stage. Returns the compressed
+        item (``None``: this stage changes nothing). The default adapts ``k`` (non-final stages, :meth:`adapt`) and
+        calls :meth:`compress`; methods whose stages depend on more than the count override it."""
+        m = tokens.shape[1]
+        if not last:
+            k = max(final, min(m, int(self.adapt(k, m, final, signals))))
+            if k >= m:
+                return None
+        return self.compress(tokens, k=k, grid=context.grid if m == context.n else None, **signals)
+
+    def decode_layer(self, num_layers: int) -> int | None:
+        """Decode-time KV pruning (``None``: none, the default): the first decoder layer whose cached visual
+        entries are pruned during decoding, by the attention the current token pays them in the layer before."""
+        return None
+
+    def decode_keep(self, scores: torch.Tensor, n: int) -> torch.Tensor | None:
+        """Decode-time KV pruning: given ``scores`` ``[m]`` (the current token's attention to the item's ``m``
+        remaining cached entries, mean over heads) of an item of ``n`` tokens, the indices (ascending) of the
+        entries to keep, or ``None`` to keep all. Entries not kept are freed for good."""
+        return None
 
     def final_count(self, n: int, num_layers: int) -> int:
         """Tokens the item keeps after the last stage (what the budget promises)."""

@@ -21,6 +21,14 @@ first prefill kept: the selection was made once, for the first question, and the
 layers ``>= l`` for every later turn; the new turn's tokens go into every layer. Media in a call that continues a
 cache are refused (ValueError), as are beam search (the cache would be reordered), static/sliding caches and
 flash-attention (no explicit 4-D mask). Hooks find the cache under either name (:mod:`tokenzip.compat`).
+
+Decode-time KV pruning (a method whose ``decode_layer`` is not ``None``, e.g. DyCoke's second stage): prefill is
+untouched; at every later call that continues the cache, hooks on the attention of layer ``decode_layer - 1``
+recompute the current token's attention to the cached keys of that layer and ask the method which of each item's
+remaining entries stay (``decode_keep``); the others are removed from the cache tensors of every layer
+``>= decode_layer`` before those layers run in the same call (rows re-packed, the batch's padding dropped, masks
+rebuilt). Layers before it keep every entry, so the layer-0 cache length and the caller's 2-D mask (from which
+``generate()`` derives new positions) are those of the uncompressed model.
 """
 
 from __future__ import annotations
@@ -34,7 +42,8 @@ from ..compat import cache_from
 from ..layout import Layout
 from ..output import ItemStats, summarize
 from . import slots as S
-from .scores import attention_rows
+from .base import StageContext
+from .scores import attention_rows, separate_qk, softmax_rows
 
 ATTENTION_SIGNALS = ("last_attention", "text_attention")
 # what the runner hands to an LLM-stage method (tokenzip/signals.py); ``text`` holds hidden states at this stage
@@ -59,6 +68,7 @@ class CacheState:
     owner: Any  # the runner that made it
     prefill_len: int
     groups: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (first layer, key valid [B, W])
+    decode: Any = None  # a _DecodeState when the method prunes the KV cache while decoding
 
     def group_of(self, layer: int) -> int | None:
         g = None
@@ -66,6 +76,20 @@ class CacheState:
             if start <= layer:
                 g = i
         return g
+
+
+@dataclass
+class _DecodeState:
+    """Decode-time KV pruning: the cache of layers ``>= layer`` (one group) holds, in its first ``W`` columns, the
+    prompt entries still alive: ``columns`` ``[B, W]`` the original position of each (``-1``: filler); the
+    generated tokens follow. ``items``: ``(sample, n, alive)`` with ``alive`` the item's local token indices whose
+    entries remain, ascending. ``history``: per pruning call, per item, the local indices kept (for stats/tests)."""
+
+    layer: int
+    positions: list[torch.Tensor]  # per item, its original sequence positions [n]
+    items: list[tuple[int, int, torch.Tensor]]
+    columns: torch.Tensor
+    history: list[list[torch.Tensor]] = field(default_factory=list)
 
 
 class _Track:
@@ -80,6 +104,7 @@ class _Track:
         self.index = torch.arange(self.n)  # current local index -> representative original token
         self.stages: list[tuple[int, int]] = []
         self.stage_sources: list[torch.Tensor] = []
+        self.memo: dict = {}  # the method's own state between this item's stages (StageContext.memo)
 
 
 class _Run:
@@ -119,6 +144,13 @@ class LLMRunner:
         self.pending: list[LLMItem] | None = None
         self.run: _Run | None = None
         self.step: tuple[CacheState, dict[int, torch.Tensor]] | None = None
+        self.decode_at = compressor.decode_layer(len(self.layers))
+        if self.decode_at is not None:
+            compressor.check_layer(self.decode_at, len(self.layers), "decode layer")
+        self.step_query: Any = None  # (x, position_embeddings) of the decode scoring layer's attention, this call
+        self.step_mask2d: torch.Tensor | None = None  # this call's 2-D mask, query count and cache (decode pruning)
+        self.step_q = 0
+        self.step_past: Any = None
 
     # ---- install / remove ---------------------------------------------------------------------------------------
     def install(self) -> None:
@@ -134,6 +166,10 @@ class LLMRunner:
         extra = getattr(self.adapter, "llm_runner_hooks", None)
         if extra is not None:
             self.handles.extend(extra(self))
+        if self.decode_at is not None:
+            attn = self.adapter.llm_attention(self.layers[self.decode_at - 1])
+            self.handles.append(attn.register_forward_pre_hook(self._decode_attn_pre, with_kwargs=True))
+            self.handles.append(attn.register_forward_hook(self._decode_attn_post, with_kwargs=True))
 
     def remove(self) -> None:
         for h in self.handles:
@@ -142,6 +178,7 @@ class LLMRunner:
         self.pending = None
         self.run = None
         self.step = None
+        self.step_query, self.step_past = None, None
 
     def current_positions(self) -> torch.Tensor | None:
         """During a prefill whose sequence a stage has shortened: ``[B, W]`` the original sequence position each
@@ -185,6 +222,7 @@ class LLMRunner:
 
     def _lm_post(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
         run, self.run, self.step = self.run, None, None
+        self.step_query, self.step_past = None, None
         if run is not None:
             self._record(run)
 
@@ -207,11 +245,25 @@ class LLMRunner:
         if past is not None and stage_at:
             _require_dynamic(past)
         self.run = run
+        if self.decode_at is not None:
+            if stage_at:
+                raise RuntimeError(f"{self.c.info.name}: decode-time KV pruning with prefill stages is not supported")
+            if past is not None:
+                _require_dynamic(past)
+                run.state = CacheState(self, run.prefill_len)
+                run.state.groups.append((self.decode_at, mask.bool().clone()))
+                width = mask.shape[1]
+                run.state.decode = _DecodeState(
+                    self.decode_at, [t.item.positions.long().cpu() for t in tracks],
+                    [(t.item.sample, t.n, torch.arange(t.n)) for t in tracks],
+                    torch.arange(width, device=mask.device).expand(mask.shape[0], -1).clone())
+                setattr(past, STATE_ATTR, run.state)
         if not stage_at:  # identity: nothing to hook
             self._record(run)
             self.run = None
 
     def _start_step(self, state: CacheState, mask: torch.Tensor, past: Any, q: int) -> None:
+        self.step_query = None
         masks: dict[int, torch.Tensor] = {}
         tail = mask[:, state.prefill_len:].bool()
         dtype = self._dtype()
@@ -227,6 +279,7 @@ class LLMRunner:
             key_valid = torch.cat([valid, tail], dim=1)
             masks[g] = S.to_implementation(S.step_mask(key_valid, q), self.impl, dtype)
         self.step = (state, masks)
+        self.step_mask2d, self.step_q, self.step_past = mask.bool(), q, past
 
     def _dtype(self) -> torch.dtype:
         return next(self.lm.parameters()).dtype
@@ -296,6 +349,83 @@ class LLMRunner:
             real = ~lay.filler[b]
             full[b, lay.pos[b, real]] = h[b, real]
         return (full,) + tuple(args[1:])
+
+    # ---- decode-time KV pruning ------------------------------------------------------------------------------------
+    def _decode_attn_pre(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.step is not None and self.step[0].decode is not None:
+            x = args[0] if args else kwargs["hidden_states"]
+            self.step_query = (x.detach(), kwargs.get("position_embeddings"))
+
+    def _decode_attn_post(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        """After the scoring layer's attention of a call that continues the cache (its cache now holds this call's
+        keys): the current token's attention to each item's remaining entries decides what stays; the dropped
+        entries leave the cache of every layer >= ``decode_at`` before those layers run in this same call."""
+        if self.step is None or self.step_query is None:
+            return
+        state, masks = self.step
+        dec: _DecodeState = state.decode
+        x, pe = self.step_query
+        self.step_query = None
+        if pe is None:
+            raise RuntimeError("the attention module got no position_embeddings; cannot score the cached entries")
+        layer = self.step_past.layers[dec.layer - 1]
+        keys = layer.keys  # [B, H_kv, K, d], rotary applied; this layer is never pruned: columns == positions
+        mask2d, q = self.step_mask2d, self.step_q
+        kv = keys.shape[-2]
+        with torch.no_grad():
+            last = torch.full((x.shape[0], 1), x.shape[1] - 1, dtype=torch.long, device=x.device)
+            query = separate_qk(module, x, last, pe)
+            allowed = mask2d[:, None, None, :kv] & (torch.arange(kv, device=x.device) <= kv - 1)[None, None, None]
+            probs = softmax_rows(query.q, keys, query.scale, allowed).mean(dim=1)[:, 0]  # [B, K]
+        kept_now, drop = [], {}
+        for j, (b, n, alive) in enumerate(dec.items):
+            pos = dec.positions[j][alive].to(probs.device)
+            keep = self.c.decode_keep(probs[b, pos], n) if alive.numel() else None
+            if keep is not None and keep.numel() < alive.numel():
+                keep = keep.cpu()
+                drop.setdefault(b, []).append(pos[~torch.isin(torch.arange(alive.numel()), keep).to(pos.device)])
+                alive = alive[keep]
+                dec.items[j] = (b, n, alive)
+            kept_now.append(alive.clone())
+        dec.history.append(kept_now)
+        if not drop:
+            return
+        self._evict(state, drop)
+        g = len(state.groups) - 1
+        tail = mask2d[:, state.prefill_len:]
+        masks[g] = S.to_implementation(S.step_mask(torch.cat([state.groups[g][1], tail], dim=1), q), self.impl,
+                                       self._dtype())
+
+    def _evict(self, state: CacheState, drop: dict[int, list[torch.Tensor]]) -> None:
+        """Remove the prompt columns holding the ``drop`` positions (per sample) from the cache of every layer
+        ``>= decode layer``: rows are re-packed to the longest row (fillers on the left), the tensors replaced by
+        smaller ones (the old ones are freed), and the group's key-valid row and column map follow."""
+        dec: _DecodeState = state.decode
+        start, valid = state.groups[-1]
+        cols = dec.columns
+        b, w = valid.shape
+        keep = torch.ones_like(valid)
+        for row, positions in drop.items():
+            keep[row] &= ~torch.isin(cols[row], torch.cat(positions).to(cols.device))
+        keep &= valid  # the batch's padding and old fillers go too: no query attends to them
+        width = int(keep.sum(1).max())
+        gather = torch.zeros(b, width, dtype=torch.long, device=valid.device)
+        filler = torch.ones(b, width, dtype=torch.bool, device=valid.device)
+        for i in range(b):
+            idx = keep[i].nonzero().flatten()
+            gather[i, width - idx.numel():] = idx
+            filler[i, width - idx.numel():] = False
+        new_cols = torch.gather(cols, 1, gather).masked_fill(filler, -1)
+        new_valid = torch.gather(valid, 1, gather) & ~filler
+        for layer in self.step_past.layers[start:]:
+            for name in ("keys", "values"):
+                t = getattr(layer, name)
+                tail = t[:, :, w:]
+                idx = gather.to(t.device)[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[-1])
+                head = torch.gather(t, 2, idx).masked_fill(filler.to(t.device)[:, None, :, None], 0)
+                setattr(layer, name, torch.cat([head, tail], dim=2))
+        state.groups[-1] = (start, new_valid)
+        dec.columns = new_cols
 
     # ---- the work -----------------------------------------------------------------------------------------------
     def _rows(self, run: _Run) -> tuple[torch.Tensor, list[int], list[torch.Tensor]]:
@@ -374,14 +504,13 @@ class LLMRunner:
                 idx = torch.zeros(0, dtype=torch.long)
             else:
                 signals = self._item_signals(run, layer, t, h)
-                final = min(t.plan.values())
-                if layer != max(t.plan):
-                    k = max(final, min(m, int(self.c.adapt(k, m, final, signals))))
-                    if k >= m:
-                        results.append(None)
-                        continue
-                out = self.c.compress(h[b, t.slots].unsqueeze(0), k=k, grid=t.item.grid if m == t.n else None,
-                                      **signals)
+                out = self.c.stage(h[b, t.slots].unsqueeze(0), k, final=min(t.plan.values()),
+                                   last=layer == max(t.plan), signals=signals,
+                                   context=StageContext(t.item.grid, t.n, t.index.clone(), t.memo))
+                if out is None or out.tokens.shape[1] >= m:
+                    results.append(None)
+                    continue
+                k = int(out.tokens.shape[1])
                 out_tokens, src, idx = out.tokens, out.source[0].cpu(), out.index[0].cpu()
             drop[b, t.slots] = True
             drop[b, t.slots[idx.to(t.slots.device)]] = False

@@ -4,8 +4,10 @@ A :class:`Slots` describes the sequence a group of decoder layers runs on (not t
 `tokenzip.layout.Layout`, how one item's tokens tile space and time): ``pos`` ``[B, W]`` the original sequence
 position each slot holds (ascending along a row), ``valid`` ``[B, W]`` whether the slot is a real key (not padding
 and not a filler slot), and ``filler`` ``[B, W]`` slots that exist only to pad ragged rows to a common width (they
-sit at the left of a row, like left padding). Every non-visual position (text, padding) stays; visual positions
-stay only while they are kept.
+sit at the left of a row, like left padding). Text positions stay; visual positions stay only while they are kept;
+the batch's own padding (masked positions of the caller's ``attention_mask``) is dropped at the first shortening, so
+after a stage the batch is as wide as its longest row's kept tokens (ragged batches are re-packed, not carried
+with their original left padding).
 """
 
 from __future__ import annotations
@@ -34,11 +36,12 @@ def full_slots(attention_mask: torch.Tensor) -> Slots:
 
 
 def shorten(slots: Slots, drop: torch.Tensor) -> tuple[Slots, torch.Tensor]:
-    """Remove the slots where ``drop`` ``[B, W]`` is True (and old fillers). Rows are re-padded to a common width
+    """Remove the slots where ``drop`` ``[B, W]`` is True and every slot that is not a real key (padding and old
+    fillers: no query ever attends to them, so no row needs them). Rows are re-packed to the longest row's count
     with filler slots on the left. Returns the new slots and ``gather`` ``[B, W']``: the old slot of each new slot
     (fillers point at slot 0)."""
     b = drop.shape[0]
-    keep = ~drop & ~slots.filler
+    keep = ~drop & slots.valid
     counts = keep.sum(dim=1)
     width = int(counts.max())
     gather = torch.zeros(b, width, dtype=torch.long, device=drop.device)

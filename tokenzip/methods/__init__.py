@@ -14,6 +14,7 @@ from .divprune import DivPrune
 from .dpc_knn import DpcKnn
 from .dpc_knn_events import DpcKnnEvents
 from .dycoke import DyCoke
+from .dycoke_kv import DyCokeKV
 from .evit import EViT
 from .evs import EVS
 from .fastv import FastV
@@ -22,6 +23,7 @@ from .flashvid import FlashVID
 from .folder import Folder
 from .frame_dedup_dinov2 import FrameDedupDinov2
 from .frame_dedup_pixel import FrameDedupPixel
+from .framefusion import FrameFusion
 from .holitom import HoliTom
 from .llava_scissor import LlavaScissor
 from .longvu_query import LongVUQuery
@@ -87,6 +89,8 @@ METHODS: list[type[Compressor]] = [
     FrameDedupPixel,
     FrameDedupDinov2,
     LongVUQuery,
+    FrameFusion,
+    DyCokeKV,
 ]
 
 __all__ = ["METHODS"] + [cls.__name__ for cls in METHODS]
