@@ -158,6 +158,8 @@ class Patch:
         """Compress the media in one call's keyword arguments; returns the arguments for the original method.
         The input stage runs first (once per outermost call: generate()'s own forward() calls get its smaller
         inputs), then the encoder/pre-LLM stage on the new inputs."""
+        if self._depth <= 1:
+            self.adapter.begin_call(kwargs)
         if self.input is not None and self._depth <= 1 and self.adapter.has_media(kwargs):
             kwargs = self.rescale(kwargs)
         c = self.pre

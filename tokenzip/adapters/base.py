@@ -123,6 +123,11 @@ class Adapter(ABC):
     def install(self) -> None:
         """The patch is being installed (nothing has run yet)."""
 
+    def begin_call(self, kwargs: dict[str, Any]) -> None:
+        """Called with the arguments of every outermost patched forward()/generate() call, before any stage: an
+        adapter may note what generate()'s own forward() calls no longer carry (e.g. Qwen3-VL's grids, once the
+        media are encoded); ``release()`` drops it."""
+
     def release(self) -> None:
         """Called after every outermost patched forward()/generate() call, also after an exception: drop per-call
         state."""

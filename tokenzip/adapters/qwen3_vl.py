@@ -132,6 +132,7 @@ class Qwen3VLAdapter(LLMAccess, Adapter):
         self.video_token_id = int(cfg.video_token_id)
         self.token_of = {"image": self.image_token_id, "video": self.video_token_id}
         self.merge = int(cfg.vision_config.spatial_merge_size)
+        self._call_grids: dict[str, torch.Tensor] = {}  # the outermost call's grids (begin_call)
 
     # ---- queries ------------------------------------------------------------------------------------------------
     def parts(self) -> ModelParts:
@@ -330,6 +331,14 @@ class Qwen3VLAdapter(LLMAccess, Adapter):
         for modality in ("image", "video"):
             if pre.get(modality) is not None:
                 sizes, grids = [int(t.shape[0]) for t in pre[modality].pooler_output], None
+                grid = self._grid(kwargs, modality)
+                if grid is None:
+                    grid = self._call_grids.get(modality)
+                # generate() encodes the media once and passes the features precomputed (without the grids): while
+                # they are whole (no pre-LLM method ran), the items keep the outer call's layout, so a method reads
+                # the same grids in forward() and in generate()
+                if grid is not None and sizes == [int(t * h * w) // (self.merge ** 2) for t, h, w in grid.tolist()]:
+                    grids = [self._layout(modality, t, h, w) for t, h, w in grid.tolist()]
             else:
                 grid = self._grid(kwargs, modality)
                 if grid is None:
@@ -339,6 +348,12 @@ class Qwen3VLAdapter(LLMAccess, Adapter):
             owners = items_per_sample(input_ids, self.token_of[modality], sizes, modality)
             found += placeholder_items(input_ids, self.token_of[modality], sizes, owners, modality, grids)
         return sorted(found, key=lambda it: (it.sample, int(it.positions[0]) if it.positions.numel() else -1))
+
+    def begin_call(self, kwargs: dict[str, Any]) -> None:
+        self._call_grids = {m: g for m in ("image", "video") if (g := self._grid(kwargs, m)) is not None}
+
+    def release(self) -> None:
+        self._call_grids = {}
 
     def llm_runner_hooks(self, runner: Any) -> list[Any]:
         """Called by the LLM-stage runner when it installs: DeepStack follows the runner's shortened sequence
