@@ -200,3 +200,17 @@ def test_bad_input_is_refused_with_the_reason(model, clip, tmp_path):
         long_video_inputs(tz.get("dycoke", retain=0.5), model, tok, PROMPT, clip[0])
     with pytest.raises(ValueError, match="even H and W"):
         write_video(tmp_path / "odd.mp4", [np.zeros((5, 6, 3), np.uint8)])
+
+
+def test_an_llm_stage_method_runs_on_the_result(model, clip):
+    """The survivors are one clip of precomputed features (ClipFeatures with its kept count): a video LLM-stage
+    method prunes them inside the LLM as it prunes any clip."""
+    inputs = _run(tz.get("dycoke", retain=0.5), model, clip, 4)
+    total = int(inputs["mm_encoder_outputs"]["video"].pooler_output.shape[1])
+    llm = tz.get("fastv", retain=0.5)
+    with llm(model):
+        out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 2
+    (item,) = llm.last_stats[0]["video"].items
+    assert (item.tokens_in, item.tokens_out) == (total, llm.budget.count(total))
+    assert tz.long_video_inputs is long_video_inputs

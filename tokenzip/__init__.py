@@ -35,3 +35,7 @@ def __getattr__(name: str):
 __all__ = ["Budget", "Composed", "CompressOutput", "Compressor", "InEncoder", "ItemStats", "METHODS", "MethodInfo",
            "ModalityStats", "PerFrame", "compose", "get", "method_class", "methods", "supported_models"] + [
     cls.__name__ for cls in METHODS]
+
+from .long_video import long_video_inputs  # noqa: E402  (tz.long_video_inputs: a long clip compressed chunk by chunk)
+
+__all__ += ["long_video_inputs"]
