@@ -213,4 +213,4 @@ def test_an_llm_stage_method_runs_on_the_result(model, clip):
     assert out.shape[1] == inputs["input_ids"].shape[1] + 2
     (item,) = llm.last_stats[0]["video"].items
     assert (item.tokens_in, item.tokens_out) == (total, llm.budget.count(total))
-    assert tz.long_video_inputs is long_video_inputs
+    assert tz.long_video.long_video_inputs is long_video_inputs

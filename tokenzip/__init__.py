@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 
 # imported on first use (``tokenzip.zoo.load(...)``, ``tokenzip.preview.kept_items(...)``) so ``import tokenzip``
 # stays light
-_LAZY_MODULES = ("zoo", "preview", "data")
+_LAZY_MODULES = ("zoo", "preview", "data", "long_video")
 
 
 def __getattr__(name: str):
@@ -35,7 +35,3 @@ def __getattr__(name: str):
 __all__ = ["Budget", "Composed", "CompressOutput", "Compressor", "InEncoder", "ItemStats", "METHODS", "MethodInfo",
            "ModalityStats", "PerFrame", "compose", "get", "method_class", "methods", "supported_models"] + [
     cls.__name__ for cls in METHODS]
-
-from .long_video import long_video_inputs  # noqa: E402  (tz.long_video_inputs: a long clip compressed chunk by chunk)
-
-__all__ += ["long_video_inputs"]
