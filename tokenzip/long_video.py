@@ -35,8 +35,9 @@ Memory. While compressing, the process holds the model, ONE chunk's pixels and e
 chunk's raw decoded frames: the lookahead that tells the last chunk), and the survivors so far: ``K x D`` values for
 ``K`` kept tokens. So the peak is ``model + f(chunk_frames) + K x D x bytes``: the per-chunk part does not grow with
 the clip; the survivors are what the LLM is fed anyway (its prefill holds ``K`` tokens' activations and KV cache).
-Nothing of size ``T x N_frame`` (all frames' pixels or tokens) is ever held. ``python -m tokenzip.long_video`` measures
-the peak (resident set size of a fresh process) on a cut-depth LLaVA-OneVision-0.5B preset.
+Nothing of size ``T x N_frame`` (all frames' pixels or tokens) is ever held; the final concatenation briefly holds
+the survivors twice. ``python -m tokenzip.long_video`` measures the peak (resident set size of a fresh process) on a
+cut-depth LLaVA-OneVision-0.5B preset.
 
 LLaVA-OneVision only (``LlavaOnevisionForConditionalGeneration``); one clip and one prompt per call.
 """
@@ -323,7 +324,11 @@ def measure(frames: int, *, chunk_frames: int = 16, method: str = "dycoke", reta
     (vision, text) with random weights, and of the prefill that follows (``generate(max_new_tokens=1)``). Peaks are
     the kernel's ``VmHWM`` of this process, reset after the model is built, minus the RSS at that moment
     (``baseline_mb``: the model and the libraries). ``whole``: the stock route instead, for contrast: every frame
-    decoded (:func:`tokenzip.video.read_video`) and the patched model run on the whole clip."""
+    decoded (:func:`tokenzip.video.read_video`) and the patched model run on the whole clip.
+
+    RSS counts what the allocator keeps, not only live tensors: glibc's dynamic mmap threshold moves freed blocks
+    of up to 32 MB into its heap, which it seldom returns, so peaks drift with the number of chunks. Run with
+    ``MALLOC_MMAP_THRESHOLD_=131072`` (a fixed threshold: tensors are mapped and unmapped) to measure live memory."""
     import tempfile
     import time
 
