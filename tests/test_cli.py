@@ -270,3 +270,20 @@ def test_show_video_frames_must_be_positive(clip_file, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["show", str(clip_file), "--method", "dycoke", "--retain", "0.5", "--frames", "0"])
     assert e.value.code == 2 and "must be >= 1" in capsys.readouterr().err
+
+
+def test_show_video_on_a_preset_without_tokenizer(clip_file, tmp_path, monkeypatch, capsys):
+    """--model llava-ov-0.5b (a bench preset: random weights, no processor): the prompt is the clip's placeholder
+    run alone and the frames get LLaVA-OneVision's preprocessing at the model's size (the tiny model stands in)."""
+    import importlib
+    from types import SimpleNamespace
+
+    from tokenzip.testing import tiny_llava_onevision_video
+
+    presets = importlib.import_module("tokenzip.bench.presets")  # the package re-exports a function of that name
+    model = tiny_llava_onevision_video()
+    monkeypatch.setattr(presets, "build", lambda name: SimpleNamespace(model=model))
+    out = tmp_path / "preset.png"
+    assert cli.main(["show", str(clip_file), "--method", "holitom", "--retain", "0.5", "--frames", "2",
+                     "--model", "llava-ov-0.5b", "-o", str(out)]) == 0
+    assert "holitom retain=0.5: 17/33 tokens of 2 frames" in capsys.readouterr().out and out.is_file()

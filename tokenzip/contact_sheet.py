@@ -170,7 +170,13 @@ def video_contact_sheet(compressor: Any, model: torch.nn.Module, tokenizer: Any,
     Returns the picture and the clip's ItemStats. TypeError for a model other than LLaVA-OneVision. ``tokenizer``
     ``None`` (a bench preset has none): the prompt is the clip's placeholder run alone (no text for the method)."""
     from .preview import kept_items
-    from .video import onevision_video_inputs, onevision_video_pixels, onevision_video_tokens, read_video
+    from .video import (
+        onevision_video_inputs,
+        onevision_video_pixels,
+        onevision_video_processor,
+        onevision_video_tokens,
+        read_video,
+    )
 
     if type(model).__name__ != "LlavaOnevisionForConditionalGeneration":
         raise TypeError(f"video contact sheets support LlavaOnevisionForConditionalGeneration, got "
@@ -178,6 +184,8 @@ def video_contact_sheet(compressor: Any, model: torch.nn.Module, tokenizer: Any,
     if "video" not in compressor.info.modalities:
         raise TypeError(f"{compressor.info.name} compresses {list(compressor.info.modalities)}, not video")
     video = read_video(path, num_frames=num_frames)
+    if video_processor is None:  # LLaVA-OneVision's settings at the model's own frame size
+        video_processor = onevision_video_processor(int(model.config.vision_config.image_size))
     if tokenizer is None:
         pixels = onevision_video_pixels([video.frames], video_processor)
         ids = torch.full((1, onevision_video_tokens(model.config, video.num_frames)), int(model.config.video_token_id))
