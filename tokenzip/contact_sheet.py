@@ -7,7 +7,8 @@ on every frame it covers, with a dot on its representative token.
     tokenzip.contact_sheet.contact_sheet(video.frames, stats, timestamps=video.timestamps).save("sheet.png")
 
 :func:`video_contact_sheet` is the whole ``tokenzip show`` path for a clip on LLaVA-OneVision: decode, build the
-inputs, run the method's selection, draw.
+inputs, run the method's selection, draw. :func:`frames_contact_sheet` is the same on an image model (each frame
+encoded as an image, the frames' tokens compressed as one clip), as the demo's video step does.
 """
 
 from __future__ import annotations
@@ -166,9 +167,16 @@ def video_contact_sheet(compressor: Any, model: torch.nn.Module, tokenizer: Any,
     """``tokenzip show`` for a clip: decode ``num_frames`` frames of ``path`` (:func:`tokenzip.video.read_video`),
     build LLaVA-OneVision inputs (:func:`tokenzip.video.onevision_video_inputs`, ``prompt`` holding one
     ``<video>``), run ``compressor``'s selection (:func:`tokenzip.preview.kept_items`) and draw the contact sheet.
-    Returns the picture and the clip's ItemStats. TypeError for a model other than LLaVA-OneVision."""
+    Returns the picture and the clip's ItemStats. TypeError for a model other than LLaVA-OneVision. ``tokenizer``
+    ``None`` (a bench preset has none): the prompt is the clip's placeholder run alone (no text for the method)."""
     from .preview import kept_items
-    from .video import onevision_video_inputs, read_video
+    from .video import (
+        onevision_video_inputs,
+        onevision_video_pixels,
+        onevision_video_processor,
+        onevision_video_tokens,
+        read_video,
+    )
 
     if type(model).__name__ != "LlavaOnevisionForConditionalGeneration":
         raise TypeError(f"video contact sheets support LlavaOnevisionForConditionalGeneration, got "
@@ -176,7 +184,14 @@ def video_contact_sheet(compressor: Any, model: torch.nn.Module, tokenizer: Any,
     if "video" not in compressor.info.modalities:
         raise TypeError(f"{compressor.info.name} compresses {list(compressor.info.modalities)}, not video")
     video = read_video(path, num_frames=num_frames)
-    inputs = onevision_video_inputs(model, tokenizer, [prompt], [video.frames], video_processor)
+    if video_processor is None:  # LLaVA-OneVision's settings at the model's own frame size
+        video_processor = onevision_video_processor(int(model.config.vision_config.image_size))
+    if tokenizer is None:
+        pixels = onevision_video_pixels([video.frames], video_processor)
+        ids = torch.full((1, onevision_video_tokens(model.config, video.num_frames)), int(model.config.video_token_id))
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values_videos": pixels}
+    else:
+        inputs = onevision_video_inputs(model, tokenizer, [prompt], [video.frames], video_processor)
     param = next(model.parameters())
     inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(param.device, param.dtype)
     inputs = {k: v.to(param.device) for k, v in inputs.items()}
@@ -185,4 +200,54 @@ def video_contact_sheet(compressor: Any, model: torch.nn.Module, tokenizer: Any,
     return contact_sheet(video.frames, stats, timestamps=video.timestamps, title=name), stats
 
 
-__all__ = ["contact_sheet", "frame_overlays", "video_contact_sheet"]
+def frames_contact_sheet(compressor: Any, model: torch.nn.Module, processor: Any, path: str | Path, *,
+                         num_frames: int = 8, prompt: str | None = None, title: str | None = None
+                         ) -> tuple[Any, ItemStats]:
+    """``tokenzip show`` for a clip on an IMAGE model (e.g. the ``dinov2-llava`` zoo model, real weights): decode
+    ``num_frames`` frames, encode every frame exactly as the model's adapter encodes an image (the processor's
+    preprocessing, the feature layer's tokens, the signals the method asks for), stack the frames' tokens into one
+    clip (``layout.frames(T, h, w)``) and compress it with ``compressor`` through its public ``compress``: what the
+    method would keep of a clip whose frames are that encoder's tokens (the demo's video step). Per-token signals are
+    concatenated frame after frame; the others (the prompt's text) are the first frame's. Returns the picture and
+    the ItemStats."""
+    from PIL import Image
+
+    from . import layout as L
+    from .adapters import adapter_for
+    from .bench.inputs import DEFAULT_PROMPT, encoder_view, processor_inputs
+    from .signals import SIGNALS
+    from .video import read_video
+
+    if "video" not in compressor.info.modalities or compressor.info.stage != "pre_llm":
+        raise TypeError(f"{compressor.info.name} ({compressor.info.stage}, {list(compressor.info.modalities)}) is not "
+                        f"a pre-LLM video method")
+    adapter = adapter_for(model)
+    video = read_video(path, num_frames=num_frames)
+    per_frame = [processor_inputs(processor, Image.fromarray(f), prompt or DEFAULT_PROMPT) for f in video.frames]
+    keys = [k for k in ("input_ids", "attention_mask", "pixel_values") if k in per_frame[0]]
+    inputs = {k: torch.cat([fi[k] for fi in per_frame]) for k in keys}
+    needs = compressor.signals_needed()
+    try:
+        with torch.no_grad():
+            items = adapter.encode(inputs, needs)
+    finally:
+        adapter.release()
+    grid = items[0].grid
+    if len(grid.segments) != 1 or grid.segments[0].kind != "image":
+        raise ValueError(f"{type(model).__name__}'s images are laid out as {grid!r}; a clip of its frames needs one "
+                         f"patch grid per image")
+    h, w = grid.segments[0].h, grid.segments[0].w
+    tokens = torch.cat([it.tokens for it in items]).unsqueeze(0)
+    signals = {name: (torch.cat([it.signals[name] for it in items]) if SIGNALS[name].per_token
+                      else items[0].signals[name]).unsqueeze(0) for name in needs if name in items[0].signals}
+    clip_layout = L.frames(len(items), h, w)
+    with torch.no_grad():
+        out = compressor.compress(tokens, grid=clip_layout, **signals)
+    stats = ItemStats("video", tokens.shape[1], out.tokens.shape[1], source=out.source[0], index=out.index[0],
+                      grid=clip_layout)
+    seen = np.stack([np.asarray(encoder_view(processor, px).convert("RGB")) for px in inputs["pixel_values"]])
+    name = title or f"{compressor.info.name} {compressor.budget}"
+    return contact_sheet(seen, stats, timestamps=video.timestamps, title=name), stats
+
+
+__all__ = ["contact_sheet", "frame_overlays", "frames_contact_sheet", "video_contact_sheet"]
