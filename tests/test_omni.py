@@ -292,3 +292,19 @@ def test_real_av_inputs_run_compressed_with_exact_positions(real_clips, use_audi
                                        full["position_ids"][-3:, b][:, cols], atol=0, rtol=0)
             torch.testing.assert_close(short["inputs_embeds"][b][real], full["inputs_embeds"][b][cols], atol=0,
                                        rtol=0)
+
+
+def test_video_pixels_of_two_equal_frames_are_the_image_processors():
+    """Patch order and normalisation: a clip of two identical frames at a size that needs no resize gives the stock
+    PIL Qwen2-VL image processor's patches of that frame (it repeats an image along temporal_patch_size)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from tokenzip.av import OmniVideoSettings, omni_video_pixels
+
+    frame = torch.randint(0, 256, (56, 112, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8).numpy()
+    settings = OmniVideoSettings(min_pixels=56 * 56, max_pixels=56 * 112)
+    pixels, grid = omni_video_pixels(frame[None].repeat(2, axis=0), settings)
+    ref = Qwen2VLImageProcessorPil(size={"shortest_edge": 56 * 56, "longest_edge": 56 * 112})(
+        images=[frame], return_tensors="pt")
+    assert grid.tolist() == ref["image_grid_thw"].tolist() == [[1, 4, 8]]
+    torch.testing.assert_close(pixels, ref["pixel_values"].float(), atol=1e-5, rtol=1e-5)
