@@ -90,8 +90,13 @@ def read_av(path: str | Path, fps: float = 2.0, max_seconds: float | None = None
 
 
 # ---- prompt ----------------------------------------------------------------------------------------------------------
-def omni_audio_tokens(mel_frames: int) -> int:
-    """LLM tokens of a clip of ``mel_frames`` valid log-mel frames (the audio encoder's output length)."""
+def omni_audio_tokens(mel_frames: int, config: Any = None) -> int:
+    """LLM tokens of a clip of ``mel_frames`` valid log-mel frames (the audio encoder's output length): Qwen2.5-Omni's
+    (25 per second), or Qwen3-Omni's (13 per 100 frames) when ``config`` is a Qwen3-Omni thinker config."""
+    if config is not None and str(getattr(config, "model_type", "")).startswith("qwen3_omni"):
+        from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import _get_feat_extract_output_lengths
+
+        return int(_get_feat_extract_output_lengths(torch.tensor(int(mel_frames))))
     return ((int(mel_frames) - 1) // 2 + 1 - 2) // 2 + 1
 
 
@@ -103,7 +108,8 @@ def omni_block(config: Any, *, video_grid: Sequence[int] | None = None, second_p
     An image: ``<vision_bos> <image> * (t h w / 4) <vision_eos>``; an audio clip: ``<audio_bos> <audio> * n
     <audio_eos>``; a video: ``<vision_bos> <video> * (t h w / 4) <vision_eos>``; a video with its soundtrack
     (``use_audio_in_video``): ``<vision_bos><audio_bos>`` then, per ``seconds_per_chunk`` window of TMRoPE time, the
-    window's video tokens and then its audio tokens, ``<audio_eos><vision_eos>`` (the processor's layout)."""
+    window's video tokens and then its audio tokens, ``<audio_eos><vision_eos>`` (the processor's layout); for a
+    Qwen3-Omni thinker config, the two streams merged token by token by time, as its processor does."""
     from transformers.models.qwen2_5_omni.processing_qwen2_5_omni import Qwen2_5OmniProcessor
 
     merge = int(config.vision_config.spatial_merge_size)
@@ -122,9 +128,23 @@ def omni_block(config: Any, *, video_grid: Sequence[int] | None = None, second_p
         return [vbos] + [int(config.video_token_id)] * (t * per_grid) + [veos]
     if audio_tokens is None or second_per_grid is None:
         raise ValueError("use_audio_in_video needs audio_tokens and second_per_grid")
-    rate = int(config.position_id_per_seconds)
-    per_chunk = int(rate * float(config.seconds_per_chunk))
+    rate = float(config.position_id_per_seconds)
     video_t = np.repeat(np.arange(t) * float(second_per_grid) * rate, per_grid)
+    if str(getattr(config, "model_type", "")).startswith("qwen3_omni"):
+        # Qwen3-Omni's processor: token by token by time, a video token first when its grid starts at or before the
+        # audio token's time (one position id per audio token)
+        out, v, a = [vbos, abos], 0, 0
+        while v < video_t.size and a < int(audio_tokens):
+            if video_t[v] <= a:
+                out.append(int(config.video_token_id))
+                v += 1
+            else:
+                out.append(int(config.audio_token_id))
+                a += 1
+        out += [int(config.video_token_id)] * (video_t.size - v)
+        out += [int(config.audio_token_id)] * (int(audio_tokens) - a)
+        return out + [aeos, veos]
+    per_chunk = int(rate * float(config.seconds_per_chunk))
     chunked = Qwen2_5OmniProcessor.get_chunked_index  # the processor's own windowing (it does not use self)
     video_chunks = chunked(None, video_t, per_chunk)
     audio_chunks = chunked(None, np.arange(int(audio_tokens)), per_chunk)
@@ -252,7 +272,7 @@ def omni_av_inputs(model: torch.nn.Module, clips: Sequence[AVClip], prompts: Seq
         if clip.audio is None:
             block = omni_block(cfg, video_grid=(t, h, w))
         else:
-            n = omni_audio_tokens(int(fmask[a].sum()))
+            n = omni_audio_tokens(int(fmask[a].sum()), cfg)
             a += 1
             block = omni_block(cfg, video_grid=(t, h, w), second_per_grid=s.temporal_patch_size / fps,
                                audio_tokens=n, use_audio_in_video=True) if use_audio_in_video else \
