@@ -42,8 +42,8 @@ def _image_audio_inputs(model, samples):
             f, m = _omni_mel(length, 120, s.seed + 50 * j)
             feats.append(f)
             fmasks.append(m)
-            row += omni_block(model.config, image_grid=grid) + omni_block(model.config,
-                                                                           audio_tokens=omni_audio_tokens(length))
+            n = omni_audio_tokens(length, model.config)
+            row += omni_block(model.config, image_grid=grid) + omni_block(model.config, audio_tokens=n)
         rows.append(row + s.after)
     ids, mask = left_pad(rows)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.cat(pixels),
@@ -63,8 +63,9 @@ def _lm_inputs(model, run):
     """The language model's ``inputs_embeds``, ``position_ids`` and ``attention_mask`` of the first (prefill) call."""
     seen = []
     lm = adapter_for(model).parts().language_model
-    h = lm.register_forward_pre_hook(lambda m, a, kw: seen.append({k: kw[k] for k in (
-        "inputs_embeds", "position_ids", "attention_mask")}), with_kwargs=True)
+    h = lm.register_forward_pre_hook(lambda m, a, kw: seen.append({k: kw.get(k) for k in (
+        "inputs_embeds", "position_ids", "attention_mask", "deepstack_visual_embeds", "visual_pos_masks")}),
+        with_kwargs=True)
     try:
         with torch.no_grad():
             run()
@@ -90,16 +91,20 @@ def _expected_columns(input_ids, mask, stats, b):
     return sorted(columns)
 
 
-# random compresses audio clips and images (videos pass whole), EVS videos (soundtracks pass whole)
-SELECTIONS = [(inputs, "random") for inputs in sorted(INPUTS)] + [("av_interleaved", "evs"), ("av_separate", "evs")]
+# random compresses audio clips and images (videos pass whole), EVS videos (soundtracks pass whole); Qwen3-Omni
+# interleaves a video and its soundtrack token by token and adds deepstack rows to the visual tokens
+SELECTIONS = [(case, inputs, method) for case in ("qwen2_5_omni", "qwen3_omni")
+              for inputs, method in [(inputs, "random") for inputs in sorted(INPUTS)]
+              + [("av_interleaved", "evs"), ("av_separate", "evs")]]
 
 
-@pytest.mark.parametrize("inputs,method", SELECTIONS)
-def test_kept_tokens_keep_their_uncompressed_positions(inputs, method):
+@pytest.mark.parametrize("case,inputs,method", SELECTIONS)
+def test_kept_tokens_keep_their_uncompressed_positions(case, inputs, method):
     """Pure selections: the LLM gets exactly the uncompressed input's columns of the text, of the markers and of
     the kept tokens - the same embeddings and the same TMRoPE positions - in the same order, with
-    use_audio_in_video on and off; the shared bos / eos marker positions survive."""
-    model = built("qwen2_5_omni")
+    use_audio_in_video on and off; the shared bos / eos marker positions survive; Qwen3-Omni's deepstack rows are
+    the uncompressed rows of the kept visual tokens."""
+    model = built(case)
     batch = INPUTS[inputs](model)
     c = tz.get(method, retain=0.4)
     full = _lm_inputs(model, lambda: model(**batch))[0]
@@ -118,10 +123,19 @@ def test_kept_tokens_keep_their_uncompressed_positions(inputs, method):
         kept_ids = ids[b][cols]
         starts = (kept_ids == OMNI_VISION_START).nonzero().flatten()
         for s in starts.tolist():
-            if batch.get("use_audio_in_video") and kept_ids[s + 1] == OMNI_AUDIO_START:  # both bos share a position
+            if batch.get("use_audio_in_video") and kept_ids[s + 1] == OMNI_AUDIO_START:
+                # Qwen2.5-Omni: both bos share one position; Qwen3-Omni numbers them apart
                 pos = short["position_ids"][-3:, b][:, real]
-                assert torch.equal(pos[:, s], pos[:, s + 1])
+                assert torch.equal(pos[:, s], pos[:, s + 1]) == (case == "qwen2_5_omni")
     assert removed > 0
+    if full["deepstack_visual_embeds"] is not None:  # rows in sequence order of the visual placeholders
+        kept = torch.zeros_like(full["visual_pos_masks"])
+        for b, stats in enumerate(c.last_stats):
+            kept[b, _expected_columns(ids, mask, stats, b)] = True
+        rows = kept[full["visual_pos_masks"]]
+        assert int(short["visual_pos_masks"].sum()) == int(rows.sum())
+        for level_full, level_short in zip(full["deepstack_visual_embeds"], short["deepstack_visual_embeds"]):
+            torch.testing.assert_close(level_short, level_full[rows], atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("inputs", sorted(INPUTS))

@@ -593,9 +593,10 @@ from .adapters.qwen3_omni import Qwen3OmniAdapter  # noqa: E402  (appended secti
 
 def tiny_qwen3_omni(attn_implementation: str = "sdpa", seed: int = 0) -> torch.nn.Module:
     """Qwen3-Omni thinker: audio encoder (16 mel bins, conv2d stem of width 8, 2 layers, the real ``n_window`` 50:
-    13 tokens per 100 mel frames, attention windows of 200 frames), 3-block ViT with deepstack after blocks 0 and 1,
-    2-layer MoE LLM (4 experts, 2 per token) with interleaved M-RoPE; 13 position ids per second (the processor's);
-    special ids remapped into a 128-token vocabulary."""
+    13 tokens per 100 mel frames, attention windows of 200 frames; initializer range 0.3: at 0.02 its tokens are
+    dominated by the per-chunk positional embedding and repeat from chunk to chunk), 3-block ViT with deepstack
+    after blocks 0 and 1, 2-layer MoE LLM (4 experts, 2 per token) with interleaved M-RoPE; 13 position ids per
+    second (the processor's); special ids remapped into a 128-token vocabulary."""
     from transformers import Qwen3OmniMoeThinkerConfig, Qwen3OmniMoeThinkerForConditionalGeneration
 
     text = dict(_qwen_vl_text_config(), moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2, head_dim=8)
@@ -603,7 +604,8 @@ def tiny_qwen3_omni(attn_implementation: str = "sdpa", seed: int = 0) -> torch.n
     vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=4, temporal_patch_size=2,
                   spatial_merge_size=2, out_hidden_size=32, num_position_embeddings=64, deepstack_visual_indexes=[0, 1])
     audio = dict(num_mel_bins=OMNI_MEL, d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64,
-                 output_dim=32, n_window=50, n_window_infer=200, downsample_hidden_size=8, max_source_positions=200)
+                 output_dim=32, n_window=50, n_window_infer=200, downsample_hidden_size=8, max_source_positions=200,
+                 initializer_range=0.3)
     cfg = Qwen3OmniMoeThinkerConfig(
         audio_config=audio, vision_config=vision, text_config=text, audio_token_id=OMNI_AUDIO,
         image_token_id=OMNI_IMAGE, video_token_id=OMNI_VIDEO, audio_start_token_id=OMNI_AUDIO_START,
