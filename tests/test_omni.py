@@ -324,26 +324,32 @@ def test_video_pixels_of_two_equal_frames_are_the_image_processors():
     torch.testing.assert_close(pixels, ref["pixel_values"].float(), atol=1e-5, rtol=1e-5)
 
 
-def test_full_model_generates_text_through_its_thinker():
-    """``Qwen2_5OmniForConditionalGeneration`` (thinker + talker) with ``generation_mode="text"``: the adapter
-    compresses for its thinker and the compressed generation equals the thinker's own. transformers 5.23-5.24 read
-    ``self.talker.codec_pad_token`` and the speaker map even in text mode, so a model built without a talker gets
-    those two attributes stubbed here (a loaded checkpoint has both)."""
+@pytest.mark.parametrize("case", ["qwen2_5_omni", "qwen3_omni"])
+def test_full_model_generates_text_through_its_thinker(case):
+    """``Qwen2_5OmniForConditionalGeneration`` / ``Qwen3OmniMoeForConditionalGeneration`` (thinker + talker) in text
+    mode: the adapter compresses for its thinker and the compressed generation equals the thinker's own.
+    Qwen2.5-Omni in transformers 5.23-5.24 reads ``self.talker.codec_pad_token`` and the speaker map even in text
+    mode, so a model built without a talker gets those two attributes stubbed here (a loaded checkpoint has both)."""
     import types
 
-    from transformers import Qwen2_5OmniConfig, Qwen2_5OmniForConditionalGeneration
+    import transformers
 
-    thinker = built("qwen2_5_omni")
-    full = Qwen2_5OmniForConditionalGeneration(Qwen2_5OmniConfig(thinker_config=thinker.config.to_dict(),
-                                                                 enable_audio_output=False)).eval()
+    thinker = built(case)
+    if case == "qwen2_5_omni":
+        cfg = transformers.Qwen2_5OmniConfig(thinker_config=thinker.config.to_dict(), enable_audio_output=False)
+        full = transformers.Qwen2_5OmniForConditionalGeneration(cfg).eval()
+        full.speaker_map = {"Chelsie": {}}
+        full.talker = types.SimpleNamespace(codec_pad_token=0)
+        text_mode = {"thinker_max_new_tokens": 4, "generation_mode": "text"}
+    else:
+        cfg = transformers.Qwen3OmniMoeConfig(thinker_config=thinker.config.to_dict(), enable_audio_output=False)
+        full = transformers.Qwen3OmniMoeForConditionalGeneration(cfg).eval()
+        text_mode = {"thinker_max_new_tokens": 4, "return_audio": False}
     full.thinker.load_state_dict(thinker.state_dict())
-    full.speaker_map = {"Chelsie": {}}
-    full.talker = types.SimpleNamespace(codec_pad_token=0)
     assert adapter_for(full).parts().language_model is full.thinker.model.language_model
     batch = qwen2_5_omni_av_inputs(thinker, default_samples())
     outs = []
-    for model, kw in ((thinker, {"max_new_tokens": 4}), (full, {"thinker_max_new_tokens": 4,
-                                                                "generation_mode": "text"})):
+    for model, kw in ((thinker, {"max_new_tokens": 4}), (full, text_mode)):
         c = tz.get("random", retain=0.4)
         with c(model):
             outs.append(model.generate(**batch, do_sample=False, **kw))

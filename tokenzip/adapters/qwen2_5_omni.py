@@ -67,6 +67,10 @@ set to ``max position + 1 - kept length`` per sample (the model's definition) fo
 ``input_ids`` (shortened) stays in the call for ``generate()``'s running sequence; media tensors, grids, audio
 lengths, ``video_second_per_grid`` and ``use_audio_in_video`` are dropped (positions are explicit).
 
+The full model (``Qwen2_5OmniForConditionalGeneration``): the adapter works on its ``thinker`` (``parts()`` are the
+thinker's); a patched ``model.generate(..., generation_mode="text")`` hands the rebuilt arguments to
+``thinker.generate`` (the model passes unprefixed arguments on to it). Speech output (the talker) is not compressed.
+
 Stage "llm" (LLMAccess): each item's placeholder columns in the sequence (not contiguous for interleaved streams);
 after a pre-LLM method (``tz.compose``), the kept columns this adapter's ``rebuild`` recorded for the shortened
 prompt.
