@@ -7,8 +7,10 @@ import torch
 from .base import Adapter, Item
 from .llava import LlavaAdapter
 from .llava_onevision import LlavaOnevisionAdapter
+from .qwen2_5_omni import Qwen2_5OmniAdapter
 from .qwen2_audio import Qwen2AudioAdapter
 from .qwen2_vl import Qwen2VLAdapter
+from .qwen3_omni import Qwen3OmniAdapter
 from .qwen3_vl import Qwen3VLAdapter
 from .whisper import WhisperAdapter
 
@@ -19,6 +21,8 @@ ADAPTERS: list[type[Adapter]] = [
     WhisperAdapter,
     Qwen2AudioAdapter,
     Qwen3VLAdapter,
+    Qwen2_5OmniAdapter,
+    Qwen3OmniAdapter,
 ]
 
 
@@ -38,3 +42,4 @@ def adapter_for(model: torch.nn.Module) -> Adapter:
 
 __all__ = ["ADAPTERS", "Adapter", "Item", "LlavaAdapter", "LlavaOnevisionAdapter", "Qwen2AudioAdapter",
            "Qwen2VLAdapter", "Qwen3VLAdapter", "WhisperAdapter", "adapter_for", "supported_models"]
+__all__ += ["Qwen2_5OmniAdapter", "Qwen3OmniAdapter"]
