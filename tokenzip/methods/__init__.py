@@ -22,6 +22,7 @@ from .flashvid import FlashVID
 from .folder import Folder
 from .holitom import HoliTom
 from .llava_scissor import LlavaScissor
+from .omnizip import OmniZip
 from .pllava_pool import PLLaVAPool
 from .prumerge_plus import PruMergePlus
 from .prunevid import PruneVid
@@ -79,6 +80,7 @@ METHODS: list[type[Compressor]] = [
     AuroraCap,
     Folder,
     EViT,
+    OmniZip,
 ]
 
 __all__ = ["METHODS"] + [cls.__name__ for cls in METHODS]
