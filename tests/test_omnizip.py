@@ -220,3 +220,19 @@ def test_compose_refuses_two_methods_for_one_modality():
         tz.compose(tz.get("attn_topk", retain=0.5), tz.get("tome", retain=0.5))
     with pytest.raises(ValueError, match="pipeline order"):
         tz.compose(tz.get("attn_topk", retain=0.5), tz.get("fastv", retain=0.5), tz.get("dycoke", retain=0.5))
+
+
+def test_adapter_pairing_wins_over_order():
+    c = OmniZip(retain=0.5)
+    a, att, v, grid = _clip()  # loud in 0-2 s
+    a2, att2, _, _ = _clip(loud=(50, 100), seed=1)  # loud in 2-4 s
+    other = JointItem("audio", a2, L.audio(100), 50, {"cls_attention": att2})
+    audio = JointItem("audio", a, L.audio(100), 50, {"cls_attention": att})
+    video = JointItem("video", v, grid, 72, {"cls_attention": _flat(v)}, partner=2)
+    c.compress_sample([other, video, audio])  # by order the video would go with `other`; the adapter says `audio`
+    first, second = c.last_windows[-1][0]
+    assert first.keep > second.keep
+    video.partner = 0
+    c.compress_sample([other, video, audio])
+    first, second = c.last_windows[-1][0]
+    assert first.keep < second.keep

@@ -150,7 +150,9 @@ class JointItem:
     ``tokens`` ``[1, N, D]``; ``grid`` its :class:`~tokenzip.layout.Layout` (a video's frames, an audio stream's
     1-D frames); ``k`` the tokens it must end with (its modality's budget of ``N``, or a schedule's count);
     ``signals`` its per-item signals, batched ``[1, ...]``; ``seconds`` ``[N]`` the start time of each token in
-    seconds when the adapter knows it (``None``: the method falls back to its own rate, see its docstring).
+    seconds when the adapter knows it (``None``: the method falls back to its own rate, see its docstring);
+    ``partner`` the index (in the same ``compress_sample`` list) of the item the adapter paired it with (a video and
+    its own soundtrack, Qwen2.5-Omni's ``use_audio_in_video``), ``None`` when it gave no pairing.
     """
 
     modality: str
@@ -159,6 +161,7 @@ class JointItem:
     k: int
     signals: dict[str, torch.Tensor]
     seconds: torch.Tensor | None = None
+    partner: int | None = None
 
     @property
     def n(self) -> int:
@@ -239,7 +242,8 @@ class JointCompressor(Compressor):
     def compress_items(self, items: list[Any], needs: frozenset[str]) -> list[CompressOutput]:
         """The patch's path: adapter items (``modality``, ``sample``, ``tokens`` ``[N, D]``, ``grid``, ``signals``,
         ``extra``) of a whole batch, grouped per sample; items of modalities the method does not name pass whole.
-        A schedule's count (``extra["k"]``) wins over the budget; ``extra["seconds"]`` gives token times."""
+        A schedule's count (``extra["k"]``) wins over the budget; ``extra["seconds"]`` gives token times and
+        ``extra["partner"]`` (an index into ``items``) the item an adapter paired this one with."""
         outs: list[CompressOutput | None] = [None] * len(items)
         by_sample: dict[int, list[int]] = {}
         for i, it in enumerate(items):
@@ -249,6 +253,7 @@ class JointCompressor(Compressor):
                 outs[i] = ops.select(it.tokens.unsqueeze(0), torch.arange(it.tokens.shape[0],
                                                                           device=it.tokens.device).unsqueeze(0))
         for idx in by_sample.values():
+            local = {i: j for j, i in enumerate(idx)}
             joint = []
             for i in idx:
                 it = items[i]
@@ -258,7 +263,7 @@ class JointCompressor(Compressor):
                     modality=it.modality, tokens=it.tokens.unsqueeze(0), grid=ops.as_layout(it.grid, n),
                     k=self.item_count(it.modality, n) if k is None else int(k),
                     signals={s: v.unsqueeze(0) for s, v in it.signals.items() if s in needs},
-                    seconds=it.extra.get("seconds")))
+                    seconds=it.extra.get("seconds"), partner=local.get(it.extra.get("partner"))))
             for i, out in zip(idx, self.compress_sample(joint)):
                 outs[i] = out
         return outs  # type: ignore[return-value]

@@ -74,8 +74,9 @@ class OmniZip(JointCompressor):
     """OmniZip ("OmniZip: Audio-Guided Dynamic Token Compression for Fast Omnimodal Large Language Models", Tao et
     al., arXiv:2511.14582), for omni models that hand the LLM a clip's audio and video (Qwen2.5-Omni).
 
-    Per sample, each audio stream is paired with the video of the same index (Qwen2.5-Omni's ``use_audio_in_video``
-    gives one of each per clip):
+    Per sample, each video is paired with its own soundtrack as the adapter pairs them (``JointItem.partner``:
+    Qwen2.5-Omni's ``use_audio_in_video``); when the adapter gives no pairing, the i-th video with the i-th audio
+    stream of the sample:
 
     1. Audio token selection: audio tokens are scored by the attention they receive in the audio encoder's last
        layer (``cls_attention``: the mean attention each token receives, recomputed from that layer's q/k by the
@@ -164,9 +165,13 @@ class OmniZip(JointCompressor):
             mask = torch.zeros(it.n, dtype=torch.bool, device=it.tokens.device)
             mask[keep] = True
             kept_masks[i] = mask
+        paired = any(it.partner is not None for it in items)
         windows = []
         for j, i in enumerate(videos):
-            pair = audios[j] if j < len(audios) else None
+            if paired:  # the adapter's pairing (a video and its own soundtrack); a video without one goes alone
+                pair = items[i].partner if items[i].partner in kept_masks else None
+            else:
+                pair = audios[j] if j < len(audios) else None
             outs[i], plan = self._video(items[i], None if pair is None else items[pair],
                                         None if pair is None else kept_masks[pair])
             windows.append(plan)
