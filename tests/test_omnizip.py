@@ -236,3 +236,32 @@ def test_adapter_pairing_wins_over_order():
     c.compress_sample([other, video, audio])
     first, second = c.last_windows[-1][0]
     assert first.keep < second.keep
+
+
+# ---- FastV over audio and video in one pool (stage "llm") --------------------------------------------------------
+def test_fastv_av_pools_the_items_of_a_sample():
+    c = tz.get("fastv_av", retain=0.5)
+    assert c.info.stage == "llm" and c.joint and c.score == "text"
+    assert set(c.requires) == {"last_attention", "text_attention"}
+    audio = torch.tensor([0.9, 0.8, 0.7, 0.6])  # the query attends to the audio
+    video = torch.tensor([0.1, 0.2, 0.3, 0.05, 0.95, 0.0])
+    assert c.sample_final_count([4, 6], num_layers=4) == 2 + 3
+    kept = c.select_sample([audio, video], 5)
+    assert [k.tolist() for k in kept] == [[0, 1, 2, 3], [4]]
+    kept = c.select_sample([audio, video], 0)
+    assert [k.tolist() for k in kept] == [[], []]
+    # ties: the earlier token of the sequence-ordered pool
+    kept = c.select_sample([torch.ones(3), torch.ones(3)], 4)
+    assert [k.tolist() for k in kept] == [[0, 1, 2], [0]]
+    with pytest.raises(ValueError, match=r"total must be in \[0, 10\]"):
+        c.select_sample([audio, video], 11)
+
+
+def test_fastv_av_alone_on_one_item_is_fastv_with_text_rows():
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(1, 9, D, generator=g)
+    sig = {"last_attention": torch.rand(1, 9, generator=g).softmax(-1),
+           "text_attention": torch.rand(1, 3, 9, generator=g).softmax(-1)}
+    a = tz.get("fastv_av", tokens=4).compress(tokens, **sig)
+    b = tz.get("fastv", tokens=4, score="text").compress(tokens, **sig)
+    assert torch.equal(a.index, b.index)

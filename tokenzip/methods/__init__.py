@@ -17,6 +17,7 @@ from .dycoke import DyCoke
 from .evit import EViT
 from .evs import EVS
 from .fastv import FastV
+from .fastv_av import FastVAudioVideo
 from .fastvid import FastVID
 from .flashvid import FlashVID
 from .folder import Folder
@@ -81,6 +82,7 @@ METHODS: list[type[Compressor]] = [
     Folder,
     EViT,
     OmniZip,
+    FastVAudioVideo,
 ]
 
 __all__ = ["METHODS"] + [cls.__name__ for cls in METHODS]
