@@ -98,8 +98,9 @@ def _documented_counts(c, model, inputs):
         for p in adapter_for(model).input_plan(inputs, c.reduces):
             out[p.sample].append((p.tokens, c.target(p.tokens, p.achievable)))
         return out
-    return [[(it.tokens_in, c.budget.count(it.tokens_in)) for ms in stats.values() for it in ms.items]
-            for stats in c.last_stats]
+    # an item of a modality the method does not name passes whole (tokenzip/patch.py), e.g. a video's soundtrack
+    return [[(it.tokens_in, c.budget.count(it.tokens_in) if it.modality in c.info.modalities else it.tokens_in)
+             for ms in stats.values() for it in ms.items] for stats in c.last_stats]
 
 
 def _valid_keys_of_last_row(mask):

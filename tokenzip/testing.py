@@ -455,3 +455,133 @@ CASES: dict[str, Case] = {
                                   lambda m, s: llava_onevision_video_inputs(m, s), LlavaOnevisionAdapter,
                                   media=("video",), only_stages=("pre_llm", "llm")),
 }
+
+
+# ---- Qwen2.5-Omni thinker ----------------------------------------------------------------------------------------
+from .adapters.qwen2_5_omni import Qwen2_5OmniAdapter  # noqa: E402  (appended section: merge-friendly)
+
+OMNI_IMAGE, OMNI_VIDEO, OMNI_VISION_START, OMNI_VISION_END = 100, 101, 102, 103
+OMNI_AUDIO, OMNI_AUDIO_START, OMNI_AUDIO_END = 104, 105, 106
+OMNI_MEL = 16
+# valid mel frames of the audio-only clips (cycled): 20, 32, 25, 39, 17 tokens; the encoder's attention windows are
+# 2 * n_window = 50 mel frames, so every clip spans several windows
+OMNI_AUDIO_LENGTHS = [80, 128, 100, 156, 68]
+# (t, h, w) patch grids of the test videos (cycled) at 1 s per temporal grid: 25 TMRoPE units per grid, 2-s chunks
+OMNI_VIDEO_GRIDS = [(3, 4, 8), (2, 4, 4), (4, 4, 4), (3, 8, 4)]
+
+
+def tiny_qwen2_5_omni(attn_implementation: str = "sdpa", seed: int = 0) -> torch.nn.Module:
+    """Qwen2.5-Omni thinker: audio encoder (16 mel bins, 2 layers, 50-frame attention windows), 3-block ViT with
+    window attention (last block windowed, as in the Qwen2.5-VL case), 2-layer TMRoPE LLM of width 32; the real
+    checkpoints' 25 position ids per second and 2-s chunks; special ids remapped into a 128-token vocabulary."""
+    from transformers import Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration
+
+    text = dict(_qwen_vl_text_config())
+    vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=4, temporal_patch_size=2,
+                  spatial_merge_size=2, window_size=16, out_hidden_size=32, fullatt_block_indexes=[1])
+    audio = dict(num_mel_bins=OMNI_MEL, d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64,
+                 output_dim=32, n_window=25, max_source_positions=200)
+    cfg = Qwen2_5OmniThinkerConfig(
+        audio_config=audio, vision_config=vision, text_config=text, audio_token_index=OMNI_AUDIO,
+        image_token_index=OMNI_IMAGE, video_token_index=OMNI_VIDEO, audio_start_token_id=OMNI_AUDIO_START,
+        audio_end_token_id=OMNI_AUDIO_END, vision_start_token_id=OMNI_VISION_START,
+        vision_end_token_id=OMNI_VISION_END, position_id_per_seconds=25, seconds_per_chunk=2, pad_token_id=PAD)
+    torch.manual_seed(seed)
+    model = Qwen2_5OmniThinkerForConditionalGeneration._from_config(cfg, attn_implementation=attn_implementation)
+    return model.eval()
+
+
+def _omni_mel(length: int, frames: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-mel-like features with ``length`` valid frames (a quiet last quarter), padded to ``frames``."""
+    g = torch.Generator().manual_seed(seed)
+    f = torch.full((OMNI_MEL, frames), -0.5)
+    f[:, :length] = torch.randn(OMNI_MEL, length, generator=g) * 0.3 + 0.5
+    f[:, length - length // 4: length] = -0.4
+    m = torch.zeros(frames, dtype=torch.long)
+    m[:length] = 1
+    return f, m
+
+
+def qwen2_5_omni_audio_inputs(model: torch.nn.Module, samples: list[Sample]) -> dict[str, Any]:
+    """Audio-only prompts: per clip ``<audio_bos> <audio> * n <audio_eos>`` (``tokenzip.av.omni_block``), features of
+    a length from ``OMNI_AUDIO_LENGTHS`` padded to the longest, as the processor pads them. Left-padded batch."""
+    from .av import omni_audio_tokens, omni_block
+
+    cfg = model.config
+    lengths = [[OMNI_AUDIO_LENGTHS[(s.seed + j) % len(OMNI_AUDIO_LENGTHS)] for j in range(s.n_items)]
+               for s in samples]
+    frames = max(x for row in lengths for x in row)
+    rows, feats, fmasks = [], [], []
+    for s, row_lengths in zip(samples, lengths):
+        row = list(s.before)
+        for j, length in enumerate(row_lengths):
+            f, m = _omni_mel(length, frames, 100 * s.seed + j)
+            feats.append(f)
+            fmasks.append(m)
+            row += omni_block(cfg, audio_tokens=omni_audio_tokens(length))
+        rows.append(row + s.after)
+    ids, mask = left_pad(rows)
+    return {"input_ids": ids, "attention_mask": mask, "input_features": torch.stack(feats),
+            "feature_attention_mask": torch.stack(fmasks)}
+
+
+def qwen2_5_omni_av_inputs(model: torch.nn.Module, samples: list[Sample], use_audio_in_video: bool = True
+                           ) -> dict[str, Any]:
+    """Video prompts: each item is a video of grid ``OMNI_VIDEO_GRIDS[(seed + j) % 4]`` (random patches, 1 s per
+    temporal grid) with its own soundtrack of the same duration (25 tokens per second: 100 mel frames per second), as
+    one interleaved block (``use_audio_in_video``; off: a video block followed by an audio block). Left-padded."""
+    from .av import omni_audio_tokens, omni_block
+
+    cfg = model.config
+    v = cfg.vision_config
+    patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
+    grids = [[OMNI_VIDEO_GRIDS[(s.seed + j) % len(OMNI_VIDEO_GRIDS)] for j in range(s.n_items)] for s in samples]
+    frames = max(100 * t for row in grids for t, _, _ in row)
+    rows, feats, fmasks, pixels, thw = [], [], [], [], []
+    for s, row_grids in zip(samples, grids):
+        row = list(s.before)
+        for j, (t, h, w) in enumerate(row_grids):
+            g = torch.Generator().manual_seed(1000 + 10 * s.seed + j)
+            pixels.append(torch.randn(t * h * w, patch_dim, generator=g))
+            thw.append([t, h, w])
+            length = 100 * t - 3 * j  # a soundtrack a few mel frames shorter than the video, as decoded files are
+            f, m = _omni_mel(length, frames, 100 * s.seed + j)
+            feats.append(f)
+            fmasks.append(m)
+            n = omni_audio_tokens(length)
+            if use_audio_in_video:
+                row += omni_block(cfg, video_grid=(t, h, w), second_per_grid=1.0, audio_tokens=n,
+                                  use_audio_in_video=True)
+            else:
+                row += omni_block(cfg, video_grid=(t, h, w)) + omni_block(cfg, audio_tokens=n)
+        rows.append(row + s.after)
+    ids, mask = left_pad(rows)
+    out = {"input_ids": ids, "attention_mask": mask, "input_features": torch.stack(feats),
+           "feature_attention_mask": torch.stack(fmasks), "pixel_values_videos": torch.cat(pixels),
+           "video_grid_thw": torch.tensor(thw, dtype=torch.long),
+           "video_second_per_grid": torch.ones(len(thw))}
+    if use_audio_in_video:
+        out["use_audio_in_video"] = True
+    return out
+
+
+def qwen2_5_omni_positions(model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+    """``[4, B, L]`` position ids as ``generate()`` builds them for the thinker: row 0 the 1-D text positions (for
+    the causal mask), rows 1-3 the model's own TMRoPE positions (``get_rope_index``)."""
+    mask = inputs["attention_mask"]
+    fmask = inputs.get("feature_attention_mask")
+    rope, _ = model.model.get_rope_index(
+        inputs["input_ids"], image_grid_thw=inputs.get("image_grid_thw"), video_grid_thw=inputs.get("video_grid_thw"),
+        attention_mask=mask, use_audio_in_video=bool(inputs.get("use_audio_in_video")),
+        audio_seqlens=None if fmask is None else fmask.sum(-1), second_per_grids=inputs.get("video_second_per_grid"))
+    text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0).to(rope.dtype)
+    return torch.cat([text.unsqueeze(0), rope], dim=0)
+
+
+# audio clips alone, and videos with their interleaved soundtracks (each stream its own item)
+CASES["qwen2_5_omni"] = Case("qwen2_5_omni", lambda attn: tiny_qwen2_5_omni(attn),
+                             lambda m, s: qwen2_5_omni_audio_inputs(m, s), Qwen2_5OmniAdapter,
+                             position_ids=lambda m, i: qwen2_5_omni_positions(m, i), media=("audio",))
+CASES["qwen2_5_omni_av"] = Case("qwen2_5_omni_av", lambda attn: tiny_qwen2_5_omni(attn),
+                                lambda m, s: qwen2_5_omni_av_inputs(m, s), Qwen2_5OmniAdapter,
+                                position_ids=lambda m, i: qwen2_5_omni_positions(m, i), media=("video", "audio"))

@@ -7,6 +7,7 @@ import torch
 from .base import Adapter, Item
 from .llava import LlavaAdapter
 from .llava_onevision import LlavaOnevisionAdapter
+from .qwen2_5_omni import Qwen2_5OmniAdapter
 from .qwen2_audio import Qwen2AudioAdapter
 from .qwen2_vl import Qwen2VLAdapter
 from .whisper import WhisperAdapter
@@ -17,6 +18,7 @@ ADAPTERS: list[type[Adapter]] = [
     Qwen2VLAdapter,
     WhisperAdapter,
     Qwen2AudioAdapter,
+    Qwen2_5OmniAdapter,
 ]
 
 
@@ -36,3 +38,4 @@ def adapter_for(model: torch.nn.Module) -> Adapter:
 
 __all__ = ["ADAPTERS", "Adapter", "Item", "LlavaAdapter", "LlavaOnevisionAdapter", "Qwen2AudioAdapter",
            "Qwen2VLAdapter", "WhisperAdapter", "adapter_for", "supported_models"]
+__all__ += ["Qwen2_5OmniAdapter"]

@@ -1,0 +1,491 @@
+"""Qwen2.5-Omni (``Qwen2_5OmniThinkerForConditionalGeneration``; ``Qwen2_5OmniForConditionalGeneration`` through its
+``thinker`` when it generates text).
+
+The thinker reads three kinds of media: audio (a Whisper-like encoder over 128-bin log-mel frames: conv stem, chunked
+window attention of ``n_window`` frames, ``AvgPool1d(2)``, a projection into the LLM's space: one token per 4 mel
+frames, **25 tokens per second**), images and videos (the Qwen2.5-VL ViT with window attention and a 2x2 patch
+merger). Positions are TMRoPE: 3-D ``(t, h, w)`` ids from the model's own ``get_rope_index``, where one unit of ``t``
+is ``1 / position_id_per_seconds`` seconds (25 per second in the checkpoints) for audio tokens and video grids alike.
+With ``use_audio_in_video=True`` a video and its own soundtrack share one block of the prompt,
+``<vision_bos><audio_bos> [video chunk 0][audio chunk 0][video chunk 1][audio chunk 1] ... <audio_eos><vision_eos>``,
+cut into ``seconds_per_chunk`` (2 s) chunks by time; both bos markers share one position, both eos markers another.
+
+Items (sequence order: sample, then first placeholder). Every image, video and audio clip is its own item, also when
+a video's soundtrack is interleaved with it: an audio method compresses the audio stream, a video method the video
+stream, each on its own time axis.
+
+* **audio** (``input_features`` ``[clips, mel, frames]`` + ``feature_attention_mask``, clips in placeholder order
+  over the batch, as the model's ``masked_scatter`` fills them): the tokens of ``model.get_audio_features`` (already
+  in the LLM's space), layout ``audio(n)`` with ``n = ((L - 1) // 2 + 1 - 2) // 2 + 1`` for ``L`` valid mel frames.
+* **image** (``pixel_values`` + ``image_grid_thw``) and **video** (``pixel_values_videos`` + ``video_grid_thw`` +
+  ``video_second_per_grid``): the merger's output of ``get_image_features`` / ``get_video_features`` (raster order, as
+  the model restores it), layout ``image(h/2, w/2)`` / ``frames(t, h/2, w/2)``; one video "frame" is one temporal grid
+  (``temporal_patch_size`` = 2 frames, ``video_second_per_grid`` seconds).
+
+``Item.extra`` (the conventions joint audio-video methods build on):
+
+* ``slots``: ``LongTensor [N]``, the item's placeholder columns in its sample's row of ``input_ids`` (ascending);
+* ``positions``: ``LongTensor [3, N]``, the TMRoPE ``(t, h, w)`` ids the FULL sequence gives each token;
+* ``seconds``: ``FloatTensor [N]``, each token's time from the item's start, ``(t - t[0]) / position_id_per_seconds``
+  (audio: 0.04 s steps; video: the grid's start), so an audio token and a video grid at the same second line up;
+* ``chunk``: ``LongTensor [N]``, the ``seconds_per_chunk`` window each token falls in (the model's own
+  ``get_chunked_index`` on the t ids, the windows the prompt interleaves by when ``use_audio_in_video``);
+* ``partner``: with ``use_audio_in_video``, the index (in the returned item list) of the video's soundtrack item on a
+  video item and of its video on that audio item; absent otherwise;
+* ``frames`` (video: temporal grids), ``second_per_grid`` (video), ``mel_frames`` (audio: valid mel frames).
+
+Signals.
+
+* audio ``cls_attention`` (the name every audio method reads): the attention each encoder frame receives in the audio
+  encoder's LAST layer, recomputed from that layer's own q/k on the clip's frames as ONE FULL sequence (OmniZip's
+  score; the model itself attends within ``n_window`` windows there), mean over heads and over all the clip's frames
+  as queries, no eager attention; then the two frames each pooled token averages are summed (as on Qwen2-Audio: the
+  pair's mean up to the factor 2, which no ranking sees, and the clip's scores still sum to <= 1). ``keys``: that
+  layer's keys (mean over heads), averaged over the pair. ``speech``: Silero VAD per 40 ms token when the call passes
+  the clips' 16 kHz waveforms as ``raw_audio=[wave, ...]`` (one per audio clip, a tokenzip-only keyword), else the
+  log-mel energy score (:mod:`tokenzip.adapters.speech`).
+* image / video ``cls_attention``: the attention each patch receives in the ViT's last block, recomputed from the
+  block's own ``q``/``k`` projections and rotary embedding on the block's own segments (windows when the last block
+  is windowed; frames when it is a full-attention block: the checkpoints), mean over heads; the four patches of a
+  merge group are averaged, and each token's score is divided by the patches of its image / its frame (the mean over
+  the queries that can see it). ``keys``: that block's keys before rotary (mean over heads, mean over the group).
+* ``projected``: the tokens themselves (already in the LLM's space); ``text`` / ``text_mask``: the prompt's text
+  embeddings (media placeholders and padding excluded).
+
+Rebuild. The thinker has no precomputed-features argument for audio (``mm_encoder_outputs`` covers images and videos
+only), so the adapter passes ``inputs_embeds``: the text embeddings of the shortened prompt with each item's
+compressed tokens written at its kept slots. **A kept token keeps its own slot**: the output of a method is put in
+the order of its representative input tokens (``CompressOutput.index``: the kept token, or a merged group's first
+member) and sits at that token's placeholder, so the interleaved audio/video chunks stay in their time order and
+the causal order between the two streams is the uncompressed one. **Positions**: the full ``[3, B, L]`` TMRoPE ids
+come from the installed model's own ``get_rope_index`` on the uncompressed call (with ``use_audio_in_video``,
+``video_second_per_grid`` and the audio lengths; or the caller's ``position_ids``) and the kept columns are gathered
+- never re-derived - so every kept token, every text token and the shared bos/eos markers keep their exact
+uncompressed positions. They are passed as ``[4, B, L']`` ``position_ids`` (row 0: contiguous text positions for the
+causal mask), the format ``generate()`` builds and extends by ``last + 1`` per step; ``model.model.rope_deltas`` is
+set to ``max position + 1 - kept length`` per sample (the model's definition) for decoding without position ids.
+``input_ids`` (shortened) stays in the call for ``generate()``'s running sequence; media tensors, grids, audio
+lengths, ``video_second_per_grid`` and ``use_audio_in_video`` are dropped (positions are explicit).
+
+Stage "llm" (LLMAccess): each item's placeholder columns in the sequence (not contiguous for interleaved streams);
+after a pre-LLM method (``tz.compose``), the kept columns this adapter's ``rebuild`` recorded for the shortened
+prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.vision_utils import get_vision_window_index
+
+from .. import layout as L
+from .. import timing
+from ..compat import cache_from
+from ..llm.adapter import LLMAccess
+from ..llm.hooks import LLMItem
+from ..llm.scores import QK, received_attention, rope_function
+from ..output import CompressOutput
+from . import positions as P
+from .attention import ATTENTION_SIGNALS, attention_signals
+from .base import Adapter, Item, ModelParts
+from .placeholders import items_per_sample, pad_id_for, padding_side, require_input_ids, shrink_sequences, text_signals
+from .speech import RAW_AUDIO, energy_speech, raw_waveforms, silero_speech
+
+MEL_PER_TOKEN = 4  # conv2 stride 2 x average pooling stride 2
+SAMPLES_PER_TOKEN = 640  # 4 mel frames x hop 160 at 16 kHz: 40 ms per audio token
+_MEDIA_KEYS = ("input_features", "feature_attention_mask", "audio_feature_lengths", "pixel_values",
+               "pixel_values_videos", "image_grid_thw", "video_grid_thw", "video_second_per_grid",
+               "use_audio_in_video", "mm_encoder_outputs", "inputs_embeds", RAW_AUDIO)
+
+
+class _VisionProbe:
+    """Forward pre-hook on the ViT's last block attention (separate ``q``/``k``/``v`` projections): per patch, in the
+    order the block sees the patches, the attention it receives summed over the queries of its segment and averaged
+    over heads (``received``), and the keys before rotary averaged over heads (``keys``)."""
+
+    def __init__(self, needs: frozenset[str], chunk: int = 1024):
+        self.needs = needs
+        self.chunk = chunk
+        self.calls = 0
+        self.received: torch.Tensor | None = None
+        self.keys: torch.Tensor | None = None
+
+    def hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        self.calls += 1
+        x = args[0] if args else kwargs["hidden_states"]
+        cu = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
+        pe = kwargs.get("position_embeddings", args[2] if len(args) > 2 else None)
+        with torch.no_grad(), timing.span("signals"):
+            n, h = x.shape[0], int(module.num_heads)
+            q = module.q(x).reshape(n, h, -1)
+            k = module.k(x).reshape(n, h, -1)
+            if "keys" in self.needs:
+                self.keys = k.float().mean(dim=1)
+            if "cls_attention" in self.needs:
+                cos, sin = pe
+                qr, kr = rope_function(module, "apply_rotary_pos_emb_vision")(q, k, cos, sin)
+                qk = QK(qr.transpose(0, 1)[None].float(), kr.transpose(0, 1)[None].float(), k, float(module.scaling))
+                self.received = received_attention(qk, cu.tolist(), self.chunk)[0] / h
+
+
+@dataclass
+class _Plan:
+    """One call's media, before any encoder runs: per item its modality, sample, placeholder columns and layout."""
+
+    modality: str
+    sample: int
+    slots: torch.Tensor
+    layout: L.Layout
+    source: int  # index among the call's items of that modality (clip / image / video number)
+
+
+class Qwen2_5OmniAdapter(LLMAccess, Adapter):
+    model_classes = ("Qwen2_5OmniThinkerForConditionalGeneration", "Qwen2_5OmniForConditionalGeneration")
+    modalities = ("image", "video", "audio")
+    stages = ("pre_llm", "llm")
+    signals = frozenset({"cls_attention", "keys", "projected", "text", "text_mask", "speech"})
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__(model)
+        # the full model generates text with its thinker; everything compressible lives there
+        self.thinker = getattr(model, "thinker", model)
+        self.core = self.thinker.model
+        cfg = self.thinker.config
+        self.image_token_id = int(cfg.image_token_id)
+        self.video_token_id = int(cfg.video_token_id)
+        self.audio_token_id = int(cfg.audio_token_id)
+        self.merge = int(cfg.vision_config.spatial_merge_size)
+        self.position_id_per_seconds = int(cfg.position_id_per_seconds)
+        self.seconds_per_chunk = float(cfg.seconds_per_chunk)
+        self.token = {"image": self.image_token_id, "video": self.video_token_id, "audio": self.audio_token_id}
+        self._short: tuple[torch.Tensor, list[LLMItem]] | None = None  # the last rebuild's prompt, for stage "llm"
+
+    # ---- queries ------------------------------------------------------------------------------------------------
+    def parts(self) -> ModelParts:
+        lm = self.core.language_model
+        visual = self.core.visual  # the audio encoder is ``self.core.audio_tower``
+        return ModelParts(encoder=visual, encoder_layers=visual.blocks, projector=visual.merger, language_model=lm,
+                          decoder_layers=lm.layers, final_norm=lm.norm, embed=self.core.get_input_embeddings(),
+                          media_token_ids=dict(self.token))
+
+    def has_media(self, kwargs: dict[str, Any]) -> bool:
+        return any(kwargs.get(k) is not None for k in ("input_features", "pixel_values", "pixel_values_videos"))
+
+    def batch_size(self, kwargs: dict[str, Any]) -> int:
+        return require_input_ids(kwargs).shape[0]
+
+    # ---- per-call bookkeeping -------------------------------------------------------------------------------------
+    def _audio_args(self, kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        feats = kwargs.get("input_features")
+        if feats is None:
+            return None
+        if not isinstance(feats, torch.Tensor) or feats.dim() != 3:
+            raise ValueError(f"input_features must be a [clips, mel, frames] tensor, got "
+                             f"{getattr(feats, 'shape', type(feats))}")
+        fmask = kwargs.get("feature_attention_mask")
+        if fmask is None:
+            raise ValueError("Qwen2.5-Omni needs feature_attention_mask with input_features (the processor returns "
+                             "it) to know each clip's length")
+        if tuple(fmask.shape) != (feats.shape[0], feats.shape[-1]):
+            raise ValueError(f"feature_attention_mask must be [clips, frames] = {(feats.shape[0], feats.shape[-1])}, "
+                             f"got {tuple(fmask.shape)}")
+        return feats, fmask
+
+    def _grid(self, kwargs: dict[str, Any], key: str, pixels: str) -> torch.Tensor | None:
+        if kwargs.get(pixels) is None:
+            return None
+        grid = kwargs.get(key)
+        if grid is None:
+            raise ValueError(f"{key} is required with {pixels} for Qwen2.5-Omni; build the inputs with the model's "
+                             f"processor (or tokenzip.av.omni_inputs)")
+        grid = torch.as_tensor(grid)
+        if grid.dim() != 2 or grid.shape[1] != 3 or bool(((grid[:, 1:] % self.merge) != 0).any()):
+            raise ValueError(f"{key} must be [n, 3] (t, h, w) with h and w multiples of {self.merge}, got "
+                             f"{grid.tolist()}")
+        return grid
+
+    def _video_seconds(self, kwargs: dict[str, Any], videos: int) -> torch.Tensor:
+        spg = kwargs.get("video_second_per_grid")
+        if spg is None:
+            raise ValueError("video_second_per_grid is required with pixel_values_videos (seconds per temporal grid: "
+                             "temporal_patch_size / fps; the processor returns it)")
+        spg = torch.as_tensor(spg, dtype=torch.float32).flatten()
+        if spg.numel() != videos or not bool((spg > 0).all()):
+            raise ValueError(f"video_second_per_grid must hold one positive number per video ({videos}), got "
+                             f"{spg.tolist()}")
+        return spg
+
+    def _plan(self, kwargs: dict[str, Any]) -> list[_Plan]:
+        """Every item of the call in sequence order, from the grids and audio lengths (no encoder runs)."""
+        input_ids = require_input_ids(kwargs)
+        per_modality: list[tuple[str, list[int], list[L.Layout]]] = []
+        audio = self._audio_args(kwargs)
+        if audio is not None:
+            _, tokens = self.core.audio_tower._get_feat_extract_output_lengths(audio[1].sum(-1).long())
+            sizes = [int(n) for n in tokens.tolist()]
+            per_modality.append(("audio", sizes, [L.audio(n) for n in sizes]))
+        for modality, key, pixels in (("image", "image_grid_thw", "pixel_values"),
+                                      ("video", "video_grid_thw", "pixel_values_videos")):
+            grid = self._grid(kwargs, key, pixels)
+            if grid is None:
+                continue
+            if modality == "video":
+                self._video_seconds(kwargs, grid.shape[0])
+            m = self.merge
+            sizes = [int(t * h * w) // (m * m) for t, h, w in grid.tolist()]
+            layouts = [L.grid(h // m, w // m) if modality == "image" and t == 1 else L.frames(t, h // m, w // m)
+                       for t, h, w in grid.tolist()]
+            per_modality.append((modality, sizes, layouts))
+        plans: list[_Plan] = []
+        for modality, sizes, layouts in per_modality:
+            token = self.token[modality]
+            what = {"audio": "audio clip"}.get(modality, modality)
+            owners = items_per_sample(input_ids, token, sizes, what)
+            where = [(input_ids[b] == token).nonzero().flatten() for b in range(input_ids.shape[0])]
+            cursor = [0] * input_ids.shape[0]
+            for j, (n, b, layout) in enumerate(zip(sizes, owners, layouts)):
+                plans.append(_Plan(modality, b, where[b][cursor[b]: cursor[b] + n], layout, j))
+                cursor[b] += n
+        plans.sort(key=lambda p: (p.sample, int(p.slots[0])))
+        return plans
+
+    def _original_positions(self, kwargs: dict[str, Any]) -> torch.Tensor:
+        """``[P, B, L]`` position ids of the uncompressed call: the caller's (P = 1, 3 or 4), or ``[4, B, L]`` from
+        the installed model's own ``get_rope_index`` (row 0: the text positions ``generate()`` prepends)."""
+        input_ids = kwargs["input_ids"]
+        pos = kwargs.get("position_ids")
+        if isinstance(pos, torch.Tensor):
+            if pos.dim() == 2 and pos.shape == input_ids.shape:
+                return pos.unsqueeze(0)
+            if pos.dim() == 3 and pos.shape[0] in (3, 4) and pos.shape[1:] == input_ids.shape:
+                return pos
+            raise ValueError(f"position_ids must be [B, L], [3, B, L] or [4, B, L] for input_ids of shape "
+                             f"{tuple(input_ids.shape)}, got {tuple(pos.shape)}")
+        mask = kwargs.get("attention_mask")
+        real = torch.ones_like(input_ids) if mask is None else mask
+        audio = self._audio_args(kwargs)
+        videos = kwargs.get("video_grid_thw") if kwargs.get("pixel_values_videos") is not None else None
+        rope, _ = self.core.get_rope_index(
+            input_ids, image_grid_thw=kwargs.get("image_grid_thw") if kwargs.get("pixel_values") is not None
+            else None, video_grid_thw=videos, attention_mask=real,
+            use_audio_in_video=bool(kwargs.get("use_audio_in_video")),
+            audio_seqlens=None if audio is None else audio[1].sum(-1),
+            second_per_grids=None if videos is None else self._video_seconds(kwargs, len(videos)))
+        return torch.cat([P.text_row(real, rope.dtype).unsqueeze(0), rope], dim=0)
+
+    def _chunks(self, t: torch.Tensor) -> torch.Tensor:
+        """The ``seconds_per_chunk`` window of each t id (``t`` ascending), by the model's own ``get_chunked_index``."""
+        per_chunk = int(self.position_id_per_seconds * self.seconds_per_chunk)
+        out = torch.zeros(t.shape[0], dtype=torch.long)
+        for c, (s, e) in enumerate(self.core.get_chunked_index(t.cpu(), per_chunk, int(t[0]))):
+            out[s:e] = c
+        return out
+
+    # ---- encode -------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, kwargs: dict[str, Any], needs: frozenset[str]) -> list[Item]:
+        input_ids = require_input_ids(kwargs)
+        cache = cache_from(kwargs)
+        if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
+            raise ValueError("tokenzip compresses media at prefill only: media came with a non-empty cache (a "
+                             "continued conversation); start from an empty cache")
+        if kwargs.get("mm_encoder_outputs"):
+            raise ValueError("pass pixel_values/pixel_values_videos, not mm_encoder_outputs, to a compressed "
+                             "Qwen2.5-Omni (tokenzip computes the features itself)")
+        plans = self._plan(kwargs)
+        positions = self._original_positions(kwargs)[-3:]
+        feats: dict[str, list[torch.Tensor]] = {}
+        signals: dict[str, list[dict[str, torch.Tensor]]] = {}
+        if kwargs.get("input_features") is not None:
+            feats["audio"], signals["audio"] = self._encode_audio(kwargs, needs)
+        for modality, pixels, key in (("image", "pixel_values", "image_grid_thw"),
+                                      ("video", "pixel_values_videos", "video_grid_thw")):
+            if kwargs.get(pixels) is not None:
+                feats[modality], signals[modality] = self._encode_vision(
+                    modality, kwargs[pixels], self._grid(kwargs, key, pixels), needs)
+        text_ids = set(self.token.values())
+        items: list[Item] = []
+        for p in plans:
+            tokens = feats[p.modality][p.source]
+            sig = dict(signals[p.modality][p.source])
+            if "projected" in needs:
+                sig["projected"] = tokens
+            if "text" in needs or "text_mask" in needs:
+                sig.update(text_signals(self.core.get_input_embeddings(), input_ids, kwargs.get("attention_mask"),
+                                        text_ids, p.sample))
+            pos = positions[:, p.sample, p.slots.to(positions.device)].cpu()
+            t = pos[0]
+            extra: dict[str, Any] = {"slots": p.slots.cpu(), "positions": pos,
+                                     "seconds": (t - t[0]).float() / self.position_id_per_seconds,
+                                     "chunk": self._chunks(t)}
+            if p.modality == "video":
+                extra["frames"] = p.layout.segments[0].t
+                extra["second_per_grid"] = float(self._video_seconds(
+                    kwargs, kwargs["video_grid_thw"].shape[0])[p.source])
+            if p.modality == "audio":
+                extra["mel_frames"] = int(kwargs["feature_attention_mask"][p.source].sum())
+            items.append(Item(p.modality, p.sample, tokens, p.layout, sig, extra))
+        if kwargs.get("use_audio_in_video"):
+            self._pair(input_ids, items)
+        return items
+
+    def _pair(self, input_ids: torch.Tensor, items: list[Item]) -> None:
+        """``extra["partner"]`` of each video and the soundtrack interleaved with it (use_audio_in_video): the audio
+        item whose first placeholder lies inside the video's ``<audio_bos> ... <audio_eos>`` block."""
+        end_id = int(self.thinker.config.audio_end_token_id)
+        for i, v in enumerate(items):
+            if v.modality != "video":
+                continue
+            row = input_ids[v.sample]
+            first = int(v.extra["slots"][0])
+            ends = (row[first:] == end_id).nonzero().flatten()
+            stop = first + int(ends[0]) if ends.numel() else row.shape[0]
+            for j, a in enumerate(items):
+                if a.modality == "audio" and a.sample == v.sample and first < int(a.extra["slots"][0]) < stop:
+                    v.extra["partner"], a.extra["partner"] = j, i
+
+    def _encode_audio(self, kwargs: dict[str, Any], needs: frozenset[str]
+                      ) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+        feats, fmask = self._audio_args(kwargs)
+        tower = self.core.audio_tower
+        frames, sizes = tower._get_feat_extract_output_lengths(fmask.sum(-1).long())
+        waves = raw_waveforms(kwargs, feats.shape[0], "audio clip")
+        attn_needs = needs & ATTENTION_SIGNALS
+        captured: dict[str, torch.Tensor] = {}
+
+        def hook(module: torch.nn.Module, args: tuple, kw: dict) -> None:
+            captured["x"] = args[0] if args else kw["hidden_states"]
+
+        handle = tower.layers[-1].self_attn.register_forward_pre_hook(hook, with_kwargs=True) if attn_needs else None
+        try:
+            out = self.core.get_audio_features(feats, fmask.to(feats.device), return_dict=True).last_hidden_state
+        finally:
+            if handle is not None:
+                handle.remove()
+        tokens = list(out.split([int(n) for n in sizes.tolist()]))
+        per_clip: list[dict[str, torch.Tensor]] = []
+        start = 0
+        for i, (f, n) in enumerate(zip(frames.tolist(), sizes.tolist())):
+            sig: dict[str, torch.Tensor] = {}
+            if attn_needs:
+                # the clip's frames as one full sequence (OmniZip: full, not the model's windows)
+                rows = attention_signals(tower.layers[-1].self_attn, captured["x"][None, start: start + f],
+                                         attn_needs, None)
+                for name, t in rows.items():
+                    t = t[0, : 2 * n].view(n, 2, *t.shape[2:])
+                    sig[name] = t.sum(dim=1) if name == "cls_attention" else t.mean(dim=1)
+            if "speech" in needs:
+                speech = silero_speech(waves[i], n, SAMPLES_PER_TOKEN) if waves is not None else None
+                if speech is None:
+                    speech = energy_speech(feats[i, :, : MEL_PER_TOKEN * n], n)
+                sig["speech"] = speech.to(out.device)
+            per_clip.append(sig)
+            start += f
+        return tokens, per_clip
+
+    def _encode_vision(self, modality: str, pixels: torch.Tensor, grid: torch.Tensor, needs: frozenset[str]
+                       ) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+        visual = self.core.visual
+        unit = self.merge * self.merge
+        if int(grid.prod(-1).sum()) != pixels.shape[0]:
+            raise ValueError(f"{modality} pixels have {pixels.shape[0]} patches but the grid {grid.tolist()} needs "
+                             f"{int(grid.prod(-1).sum())}")
+        probe = _VisionProbe(needs & ATTENTION_SIGNALS)
+        handle = visual.blocks[-1].attn.register_forward_pre_hook(probe.hook, with_kwargs=True) \
+            if probe.needs else None
+        fn = self.core.get_image_features if modality == "image" else self.core.get_video_features
+        try:
+            feats = list(fn(pixels, grid.to(pixels.device), return_dict=True).pooler_output)
+        finally:
+            if handle is not None:
+                handle.remove()
+        if handle is not None and probe.calls != 1:
+            raise RuntimeError(f"expected one call of the last vision block, saw {probe.calls}")
+        grouped: dict[str, torch.Tensor] = {}
+        if probe.needs:
+            order, _ = get_vision_window_index(grid, spatial_merge_size=self.merge, window_size=visual.window_size,
+                                               patch_size=visual.patch_size)
+            restore = torch.argsort(order)
+            for name, t in (("cls_attention", probe.received), ("keys", probe.keys)):
+                if t is not None:  # per patch (block order) -> per merged token (raster order), as the merger
+                    g = t.reshape(t.shape[0] // unit, unit, *t.shape[1:]).mean(dim=1)
+                    grouped[name] = g[restore.to(g.device)]
+        sizes = [int(s) for s in (grid.prod(-1) // unit).tolist()]
+        per_item: list[dict[str, torch.Tensor]] = []
+        start = 0
+        for (t, h, w), n in zip(grid.tolist(), sizes):
+            sig = {name: s[start: start + n] for name, s in grouped.items()}
+            if "cls_attention" in sig:  # mean over the queries that can see the token: its image's / frame's patches
+                sig["cls_attention"] = sig["cls_attention"] / (h * w)
+            per_item.append(sig)
+            start += n
+        return feats, per_item
+
+    # ---- rebuild ------------------------------------------------------------------------------------------------
+    def rebuild(self, kwargs: dict[str, Any], items: list[Item], outputs: list[CompressOutput]) -> dict[str, Any]:
+        input_ids = kwargs["input_ids"]
+        b, length = input_ids.shape
+        positions = self._original_positions(kwargs)
+        embed = self.core.get_input_embeddings()
+        full = embed(input_ids)
+        keep = torch.ones_like(input_ids, dtype=torch.bool)
+        for item, out in zip(items, outputs):
+            slots = item.extra["slots"].to(input_ids.device)
+            index = out.index[0].to(slots.device)
+            order = torch.argsort(index)
+            index = index[order]
+            if index.numel() > 1 and bool((index[1:] == index[:-1]).any()):
+                raise RuntimeError(f"two output tokens of a {item.modality} item share one representative input token")
+            kept = slots[index]
+            keep[item.sample, slots] = False
+            keep[item.sample, kept] = True
+            full[item.sample, kept] = out.tokens[0][order.to(out.tokens.device)].to(full.device, full.dtype)
+
+        call = {key: v for key, v in kwargs.items() if key not in ("position_ids", *_MEDIA_KEYS)}
+        new = shrink_sequences(call, keep, pad_id_for(self.thinker.config, set(self.token.values())))
+        mask = kwargs.get("attention_mask")
+        valid = keep & (torch.ones_like(keep) if mask is None else mask.bool())
+        side = padding_side(mask)
+        width = new["input_ids"].shape[1]
+        new_pos = P.pack(positions, valid, side, width)
+        new_mask = new["attention_mask"]
+        if positions.shape[0] == 4:  # row 0 only builds the causal mask: contiguous over the new sequence
+            new_pos[0] = P.text_row(new_mask, new_pos.dtype)
+        self.core.rope_deltas = P.rope_deltas(new_pos[-3:], new_mask)
+        new["position_ids"] = new_pos[0] if positions.shape[0] == 1 else new_pos
+        embeds = P.pack(full.permute(2, 0, 1), valid, side, width).permute(1, 2, 0)
+        new["inputs_embeds"] = embeds
+        self._record_short(new["input_ids"], items, valid, side, outputs)
+        return new
+
+    def _record_short(self, ids: torch.Tensor, items: list[Item], valid: torch.Tensor, side: str,
+                      outputs: list[CompressOutput]) -> None:
+        """Each item's kept columns in the shortened prompt (stage "llm" of a ``tz.compose`` pipeline)."""
+        width = ids.shape[1]
+        new_col = torch.full(valid.shape, -1, dtype=torch.long, device=valid.device)
+        for i in range(valid.shape[0]):
+            n = int(valid[i].sum())
+            new_col[i, valid[i]] = torch.arange(n, device=valid.device) + (width - n if side == "left" else 0)
+        llm = []
+        for item, out in zip(items, outputs):
+            kept = item.extra["slots"].to(valid.device)[torch.sort(out.index[0].to(valid.device)).values]
+            llm.append(LLMItem(item.modality, item.sample, new_col[item.sample, kept], None))
+        self._short = (ids, llm)
+
+    # ---- stage "llm" --------------------------------------------------------------------------------------------
+    def llm_items(self, kwargs: dict[str, Any]) -> list:
+        """Each item's placeholder columns (module doc), or [] for a call without media (a decoding step)."""
+        ids = kwargs.get("input_ids")
+        if ids is not None and ids.shape[1] == 1:
+            return []
+        if self.has_media(kwargs):
+            return [LLMItem(p.modality, p.sample, p.slots, p.layout) for p in self._plan(kwargs)]
+        embeds = kwargs.get("inputs_embeds")
+        short = self._short
+        if embeds is None or short is None or tuple(embeds.shape[:2]) != tuple(short[0].shape):
+            return []
+        if ids is not None and not torch.equal(ids, short[0]):
+            return []
+        return list(short[1])
