@@ -265,3 +265,70 @@ def test_fastv_av_alone_on_one_item_is_fastv_with_text_rows():
     a = tz.get("fastv_av", tokens=4).compress(tokens, **sig)
     b = tz.get("fastv", tokens=4, score="text").compress(tokens, **sig)
     assert torch.equal(a.index, b.index)
+
+
+# ---- on the tiny Qwen2.5-Omni thinker (tokenzip.testing CASES: videos with their interleaved soundtracks) ----------
+def _omni_av():
+    from tokenzip.testing import CASES, default_samples
+
+    from conftest import built
+
+    model = built("qwen2_5_omni_av")
+    return model, CASES["qwen2_5_omni_av"].make_inputs(model, default_samples())
+
+
+def test_every_audio_and_video_method_reaches_the_omni_streams():
+    """By registration: every registered method naming audio or video runs on the omni case, unless the adapter has
+    no such stage (tz.InEncoder methods: stage "encoder")."""
+    from tokenzip.testing import CASES
+
+    from conftest import compatible
+
+    case = CASES["qwen2_5_omni_av"]
+    for m in tz.METHODS:
+        if set(m.info.modalities) & {"audio", "video"} and m.info.stage in case.stages:
+            assert compatible(m, case), m.info.name
+
+
+def test_omnizip_on_the_thinker_pairs_each_video_with_its_soundtrack():
+    model, inputs = _omni_av()
+    c = OmniZip(retain=0.4)
+    with torch.no_grad(), c(model):
+        model(**inputs)
+    grids = inputs["video_grid_thw"].tolist()
+    videos = iter(grids)
+    for sample, windows in zip(c.last_stats, c.last_windows):
+        assert set(sample) == {"audio", "video"}
+        for item, plan in zip(sample["video"].items, windows):
+            t, h, w = next(videos)
+            assert [win.index for win in plan] == list(range(math.ceil(t / 2)))  # 1 s per grid, 2-s windows
+            assert not any(math.isnan(win.audio_retention) for win in plan)  # paired with its soundtrack
+            assert sum(win.keep for win in plan) == item.tokens_out == c.budget.count(item.tokens_in)
+            kept_per_grid = [len(set(item.source[f * h * w // 4:(f + 1) * h * w // 4].tolist()) - {-1})
+                             for f in range(t)]
+            assert [sum(kept_per_grid[f] for f in win.frames) for win in plan] == [win.keep for win in plan]
+
+
+def test_compose_audio_and_video_methods_on_one_call():
+    model, inputs = _omni_av()
+    audio, video = tz.get("attn_topk", retain=0.5), tz.get("dycoke", retain=0.25)
+    c = tz.compose(audio, video)
+    with torch.no_grad(), c(model):
+        model(**inputs)
+    for sample in c.last_stats:
+        for it in sample["audio"].items:
+            assert it.tokens_out == audio.budget.count(it.tokens_in) < it.tokens_in
+        for it in sample["video"].items:
+            assert it.tokens_out == video.budget.count(it.tokens_in) < it.tokens_in
+
+
+def test_fastv_av_on_the_thinker_keeps_one_total_per_sample():
+    model, inputs = _omni_av()
+    c = tz.get("fastv_av", retain=0.3)
+    with torch.no_grad(), c(model):
+        model(**inputs)
+    layers = len(model.model.language_model.layers)
+    for sample in c.last_stats:
+        items = [it for ms in sample.values() for it in ms.items]
+        assert {it.modality for it in items} == {"audio", "video"}
+        assert sum(it.tokens_out for it in items) == c.sample_final_count([it.tokens_in for it in items], layers)
