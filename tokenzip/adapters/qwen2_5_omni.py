@@ -137,7 +137,7 @@ class _Plan:
     modality: str
     sample: int
     slots: torch.Tensor
-    layout: L.Layout
+    layout: L.Layout | None  # None: features precomputed by generate(), no grid in the call
     source: int  # index among the call's items of that modality (clip / image / video number)
 
 
@@ -172,6 +172,10 @@ class Qwen2_5OmniAdapter(LLMAccess, Adapter):
 
     def has_media(self, kwargs: dict[str, Any]) -> bool:
         return any(kwargs.get(k) is not None for k in ("input_features", "pixel_values", "pixel_values_videos"))
+
+    def _has_items(self, kwargs: dict[str, Any]) -> bool:
+        """Media in the call, also as the image/video features ``generate()`` computes once before prefill."""
+        return self.has_media(kwargs) or any(v is not None for v in (kwargs.get("mm_encoder_outputs") or {}).values())
 
     def batch_size(self, kwargs: dict[str, Any]) -> int:
         return require_input_ids(kwargs).shape[0]
@@ -220,16 +224,20 @@ class Qwen2_5OmniAdapter(LLMAccess, Adapter):
     def _plan(self, kwargs: dict[str, Any]) -> list[_Plan]:
         """Every item of the call in sequence order, from the grids and audio lengths (no encoder runs)."""
         input_ids = require_input_ids(kwargs)
-        per_modality: list[tuple[str, list[int], list[L.Layout]]] = []
+        per_modality: list[tuple[str, list[int], list[L.Layout | None]]] = []
         audio = self._audio_args(kwargs)
         if audio is not None:
             _, tokens = self.core.audio_tower._get_feat_extract_output_lengths(audio[1].sum(-1).long())
             sizes = [int(n) for n in tokens.tolist()]
             per_modality.append(("audio", sizes, [L.audio(n) for n in sizes]))
+        encoded = kwargs.get("mm_encoder_outputs") or {}
         for modality, key, pixels in (("image", "image_grid_thw", "pixel_values"),
                                       ("video", "video_grid_thw", "pixel_values_videos")):
             grid = self._grid(kwargs, key, pixels)
             if grid is None:
+                if encoded.get(modality) is not None:  # generate() encodes images/videos once, before prefill
+                    sizes = [int(t.shape[0]) for t in encoded[modality].pooler_output]
+                    per_modality.append((modality, sizes, [None] * len(sizes)))
                 continue
             if modality == "video":
                 self._video_seconds(kwargs, grid.shape[0])
@@ -480,7 +488,7 @@ class Qwen2_5OmniAdapter(LLMAccess, Adapter):
         ids = kwargs.get("input_ids")
         if ids is not None and ids.shape[1] == 1:
             return []
-        if self.has_media(kwargs):
+        if self._has_items(kwargs):
             return [LLMItem(p.modality, p.sample, p.slots, p.layout) for p in self._plan(kwargs)]
         embeds = kwargs.get("inputs_embeds")
         short = self._short

@@ -1,0 +1,220 @@
+"""Qwen2.5-Omni: what is particular to the thinker (tokenzip/adapters/qwen2_5_omni.py). The invariants (retain=1
+exact, budgets, batch == singles, SDPA == eager, cached == uncached, restored, deterministic) run from the
+``qwen2_5_omni`` / ``qwen2_5_omni_av`` cases in tests/test_invariants.py."""
+
+import pytest
+import torch
+
+import tokenzip as tz
+from tokenzip.adapters import adapter_for
+from tokenzip.av import omni_audio_tokens, omni_block
+from tokenzip.testing import (
+    OMNI_AUDIO,
+    OMNI_AUDIO_START,
+    OMNI_IMAGE,
+    OMNI_VIDEO,
+    OMNI_VISION_START,
+    _omni_mel,
+    default_samples,
+    left_pad,
+    qwen2_5_omni_audio_inputs,
+    qwen2_5_omni_av_inputs,
+)
+
+from conftest import built
+
+TOKEN = {"audio": OMNI_AUDIO, "video": OMNI_VIDEO, "image": OMNI_IMAGE}
+
+
+def _image_audio_inputs(model, samples):
+    """Per item: an image block (grid (1, 4, 8) or (1, 8, 4)) followed by an audio block."""
+    v = model.config.vision_config
+    patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
+    rows, pixels, grids, feats, fmasks = [], [], [], [], []
+    for s in samples:
+        row = list(s.before)
+        for j in range(s.n_items):
+            grid = (1, 4, 8) if (s.seed + j) % 2 else (1, 8, 4)
+            g = torch.Generator().manual_seed(7 * s.seed + j)
+            pixels.append(torch.randn(grid[1] * grid[2], patch_dim, generator=g))
+            grids.append(list(grid))
+            length = 60 + 8 * j + s.seed
+            f, m = _omni_mel(length, 120, s.seed + 50 * j)
+            feats.append(f)
+            fmasks.append(m)
+            row += omni_block(model.config, image_grid=grid) + omni_block(model.config,
+                                                                           audio_tokens=omni_audio_tokens(length))
+        rows.append(row + s.after)
+    ids, mask = left_pad(rows)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.cat(pixels),
+            "image_grid_thw": torch.tensor(grids), "input_features": torch.stack(feats),
+            "feature_attention_mask": torch.stack(fmasks)}
+
+
+INPUTS = {
+    "audio": lambda m: qwen2_5_omni_audio_inputs(m, default_samples()),
+    "av_interleaved": lambda m: qwen2_5_omni_av_inputs(m, default_samples(), use_audio_in_video=True),
+    "av_separate": lambda m: qwen2_5_omni_av_inputs(m, default_samples(), use_audio_in_video=False),
+    "image_audio": lambda m: _image_audio_inputs(m, default_samples()),
+}
+
+
+def _lm_inputs(model, run):
+    """The language model's ``inputs_embeds``, ``position_ids`` and ``attention_mask`` of the first (prefill) call."""
+    seen = []
+    lm = adapter_for(model).parts().language_model
+    h = lm.register_forward_pre_hook(lambda m, a, kw: seen.append({k: kw[k] for k in (
+        "inputs_embeds", "position_ids", "attention_mask")}), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        h.remove()
+    return seen
+
+
+def _expected_columns(input_ids, mask, stats, b):
+    """Sample ``b``'s columns the compressed LLM input must hold, in order: its real text columns (markers included)
+    and, per item, the placeholder columns of the tokens the method kept (``index``), computed here from the prompt
+    alone: an item's placeholders are the next ``tokens_in`` of its modality's placeholder columns."""
+    row = input_ids[b]
+    cursor = {mod: 0 for mod in TOKEN}
+    columns = [int(c) for c in (mask[b].bool() & ~torch.isin(row, torch.tensor(list(TOKEN.values())))).nonzero()]
+    for ms in stats.values():
+        for it in ms.items:
+            cols = (row == TOKEN[it.modality]).nonzero().flatten()[cursor[it.modality]:]
+            cols = cols[: it.tokens_in]
+            cursor[it.modality] += it.tokens_in
+            assert it.index.unique().numel() == it.tokens_out, "a selection keeps distinct tokens"
+            columns += cols[it.index].tolist()
+    return sorted(columns)
+
+
+# random compresses audio clips and images (videos pass whole), EVS videos (soundtracks pass whole)
+SELECTIONS = [(inputs, "random") for inputs in sorted(INPUTS)] + [("av_interleaved", "evs"), ("av_separate", "evs")]
+
+
+@pytest.mark.parametrize("inputs,method", SELECTIONS)
+def test_kept_tokens_keep_their_uncompressed_positions(inputs, method):
+    """Pure selections: the LLM gets exactly the uncompressed input's columns of the text, of the markers and of
+    the kept tokens - the same embeddings and the same TMRoPE positions - in the same order, with
+    use_audio_in_video on and off; the shared bos / eos marker positions survive."""
+    model = built("qwen2_5_omni")
+    batch = INPUTS[inputs](model)
+    c = tz.get(method, retain=0.4)
+    full = _lm_inputs(model, lambda: model(**batch))[0]
+    with c(model):
+        short = _lm_inputs(model, lambda: model(**batch))[0]
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    removed = 0
+    for b, stats in enumerate(c.last_stats):
+        cols = torch.tensor(_expected_columns(ids, mask, stats, b))
+        real = short["attention_mask"][b].bool()
+        assert int(real.sum()) == cols.numel()
+        removed += int(mask[b].sum()) - cols.numel()
+        torch.testing.assert_close(short["position_ids"][-3:, b][:, real], full["position_ids"][-3:, b][:, cols],
+                                   atol=0, rtol=0)
+        torch.testing.assert_close(short["inputs_embeds"][b][real], full["inputs_embeds"][b][cols], atol=0, rtol=0)
+        kept_ids = ids[b][cols]
+        starts = (kept_ids == OMNI_VISION_START).nonzero().flatten()
+        for s in starts.tolist():
+            if batch.get("use_audio_in_video") and kept_ids[s + 1] == OMNI_AUDIO_START:  # both bos share a position
+                pos = short["position_ids"][-3:, b][:, real]
+                assert torch.equal(pos[:, s], pos[:, s + 1])
+    assert removed > 0
+
+
+@pytest.mark.parametrize("inputs", sorted(INPUTS))
+def test_retain_one_is_exact_on_every_layout(inputs):
+    model = built("qwen2_5_omni")
+    batch = INPUTS[inputs](model)
+    with torch.no_grad():
+        ref = model(**batch).logits
+        with tz.get("random", retain=1.0)(model):
+            out = model(**batch).logits
+    assert (out - ref).abs().max().item() <= 1e-5
+
+
+def test_interleaved_markers_share_positions_in_the_full_sequence():
+    """The test inputs follow the processor's layout: <vision_bos><audio_bos> ... <audio_eos><vision_eos>, each
+    pair at one position (the model's own get_rope_index), video chunk before audio chunk."""
+    model = built("qwen2_5_omni")
+    batch = qwen2_5_omni_av_inputs(model, default_samples()[:1])
+    pos, _ = model.model.get_rope_index(batch["input_ids"], video_grid_thw=batch["video_grid_thw"],
+                                        attention_mask=batch["attention_mask"], use_audio_in_video=True,
+                                        audio_seqlens=batch["feature_attention_mask"].sum(-1),
+                                        second_per_grids=batch["video_second_per_grid"])
+    row = batch["input_ids"][0].tolist()
+    vb = row.index(OMNI_VISION_START)
+    assert row[vb + 1] == OMNI_AUDIO_START and row[vb + 2] == OMNI_VIDEO
+    assert torch.equal(pos[:, 0, vb], pos[:, 0, vb + 1])
+    end = max(i for i, t in enumerate(row) if t in (OMNI_AUDIO, OMNI_VIDEO))
+    assert torch.equal(pos[:, 0, end + 1], pos[:, 0, end + 2])
+
+
+def test_items_carry_time_chunks_and_partners():
+    """``Item.extra`` for joint audio-video methods: the soundtrack and its video point at each other; a token's
+    ``seconds`` are its TMRoPE time; the chunk of a token is its 2-s window."""
+    model = built("qwen2_5_omni")
+    batch = qwen2_5_omni_av_inputs(model, default_samples())
+    items = adapter_for(model).encode(batch, frozenset({"cls_attention"}))
+    assert [it.modality for it in items].count("video") == [it.modality for it in items].count("audio") == 4
+    for i, it in enumerate(items):
+        partner = items[it.extra["partner"]]
+        assert partner.extra["partner"] == i and partner.sample == it.sample and partner.modality != it.modality
+        sec = it.extra["seconds"]
+        assert torch.equal(it.extra["chunk"], (sec // 2).long())
+        if it.modality == "audio":
+            torch.testing.assert_close(sec, torch.arange(sec.numel()) * 0.04)
+            assert it.signals["cls_attention"].shape == (it.tokens.shape[0],)
+        else:
+            t = it.grid.segments[0].t
+            torch.testing.assert_close(sec, torch.arange(t).float().repeat_interleave(sec.numel() // t))
+
+
+def test_generate_continues_after_the_kept_positions():
+    """generate(): the first decoding step sits at max(kept positions) + 1 per sample, on all three TMRoPE rows."""
+    model = built("qwen2_5_omni")
+    batch = qwen2_5_omni_av_inputs(model, default_samples())
+    with tz.get("random", retain=0.4)(model):
+        seen = _lm_inputs(model, lambda: model.generate(**batch, max_new_tokens=3, do_sample=False))
+    prefill, step = seen[0], seen[1]
+    real = prefill["attention_mask"].bool()
+    top = prefill["position_ids"][-3:].masked_fill(~real.unsqueeze(0), -1).amax(dim=(0, 2))
+    assert step["position_ids"].shape[-1] == 1
+    assert torch.equal(step["position_ids"][-3:, :, 0], (top + 1).unsqueeze(0).expand(3, -1))
+
+
+def test_audio_attention_is_the_full_attention_of_the_last_encoder_layer():
+    """The audio ``cls_attention``: each clip's frames as one full sequence through the last layer's own q/k
+    (softmax over all the clip's frames, not the model's windows), mean over heads and queries, the two frames of
+    each pooled token summed - checked against a plain softmax of that layer's projections, clip by clip."""
+    model = built("qwen2_5_omni")
+    batch = qwen2_5_omni_audio_inputs(model, default_samples())
+    tower = model.model.audio_tower
+    attn = tower.layers[-1].self_attn
+    captured = []
+    h = attn.register_forward_pre_hook(lambda m, a, kw: captured.append(kw["hidden_states"]), with_kwargs=True)
+    try:
+        items = adapter_for(model).encode(batch, frozenset({"cls_attention"}))
+    finally:
+        h.remove()
+    x = captured[0]
+    lengths = batch["feature_attention_mask"].sum(-1)
+    frames = (lengths - 1) // 2 + 1
+    start = 0
+    clips = [it for it in items if it.modality == "audio"]
+    assert len(clips) == lengths.numel() == 4
+    # items are in sequence order, which is clip order here (one audio block per item, samples in order)
+    for it, f in zip(clips, frames.tolist()):
+        seg = x[start: start + f]
+        heads = attn.num_heads
+        q = attn.q_proj(seg).view(f, heads, -1).transpose(0, 1)
+        k = attn.k_proj(seg).view(f, heads, -1).transpose(0, 1)
+        probs = torch.softmax(q @ k.transpose(1, 2) * attn.scaling, dim=-1)  # [H, f, f]
+        received = probs.mean(dim=(0, 1))
+        n = it.tokens.shape[0]
+        torch.testing.assert_close(it.signals["cls_attention"], received[: 2 * n].view(n, 2).sum(dim=1),
+                                   atol=1e-6, rtol=1e-5)
+        start += f
+    assert start == x.shape[0]
