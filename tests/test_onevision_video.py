@@ -97,7 +97,7 @@ def test_video_case_takes_video_methods_only():
         assert compatible(m, video) == ("video" in m.info.modalities and stage in ("pre_llm", "llm")
                                         and set(m(retain=1.0).requires) <= video.produces(stage))
     llm = {m.info.name for m in tz.METHODS if m.info.stage == "llm" and compatible(m, video)}
-    assert llm == {"fastv", "pyramiddrop", "sparsevlm", "vtw", "zipvl"}
+    assert llm == {"fastv", "fastv_av", "pyramiddrop", "sparsevlm", "vtw", "zipvl"}
 
 
 # ---- the invariant suite, on the test-only video methods ---------------------------------------------------------
