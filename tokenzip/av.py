@@ -19,11 +19,13 @@ torch here (see tokenzip/video.py).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 
 from .deps import require
 
@@ -88,8 +90,13 @@ def read_av(path: str | Path, fps: float = 2.0, max_seconds: float | None = None
 
 
 # ---- prompt ----------------------------------------------------------------------------------------------------------
-def omni_audio_tokens(mel_frames: int) -> int:
-    """LLM tokens of a clip of ``mel_frames`` valid log-mel frames (the audio encoder's output length)."""
+def omni_audio_tokens(mel_frames: int, config: Any = None) -> int:
+    """LLM tokens of a clip of ``mel_frames`` valid log-mel frames (the audio encoder's output length): Qwen2.5-Omni's
+    (25 per second), or Qwen3-Omni's (13 per 100 frames) when ``config`` is a Qwen3-Omni thinker config."""
+    if config is not None and str(getattr(config, "model_type", "")).startswith("qwen3_omni"):
+        from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import _get_feat_extract_output_lengths
+
+        return int(_get_feat_extract_output_lengths(torch.tensor(int(mel_frames))))
     return ((int(mel_frames) - 1) // 2 + 1 - 2) // 2 + 1
 
 
@@ -101,7 +108,8 @@ def omni_block(config: Any, *, video_grid: Sequence[int] | None = None, second_p
     An image: ``<vision_bos> <image> * (t h w / 4) <vision_eos>``; an audio clip: ``<audio_bos> <audio> * n
     <audio_eos>``; a video: ``<vision_bos> <video> * (t h w / 4) <vision_eos>``; a video with its soundtrack
     (``use_audio_in_video``): ``<vision_bos><audio_bos>`` then, per ``seconds_per_chunk`` window of TMRoPE time, the
-    window's video tokens and then its audio tokens, ``<audio_eos><vision_eos>`` (the processor's layout)."""
+    window's video tokens and then its audio tokens, ``<audio_eos><vision_eos>`` (the processor's layout); for a
+    Qwen3-Omni thinker config, the two streams merged token by token by time, as its processor does."""
     from transformers.models.qwen2_5_omni.processing_qwen2_5_omni import Qwen2_5OmniProcessor
 
     merge = int(config.vision_config.spatial_merge_size)
@@ -120,9 +128,23 @@ def omni_block(config: Any, *, video_grid: Sequence[int] | None = None, second_p
         return [vbos] + [int(config.video_token_id)] * (t * per_grid) + [veos]
     if audio_tokens is None or second_per_grid is None:
         raise ValueError("use_audio_in_video needs audio_tokens and second_per_grid")
-    rate = int(config.position_id_per_seconds)
-    per_chunk = int(rate * float(config.seconds_per_chunk))
+    rate = float(config.position_id_per_seconds)
     video_t = np.repeat(np.arange(t) * float(second_per_grid) * rate, per_grid)
+    if str(getattr(config, "model_type", "")).startswith("qwen3_omni"):
+        # Qwen3-Omni's processor: token by token by time, a video token first when its grid starts at or before the
+        # audio token's time (one position id per audio token)
+        out, v, a = [vbos, abos], 0, 0
+        while v < video_t.size and a < int(audio_tokens):
+            if video_t[v] <= a:
+                out.append(int(config.video_token_id))
+                v += 1
+            else:
+                out.append(int(config.audio_token_id))
+                a += 1
+        out += [int(config.video_token_id)] * (video_t.size - v)
+        out += [int(config.audio_token_id)] * (int(audio_tokens) - a)
+        return out + [aeos, veos]
+    per_chunk = int(rate * float(config.seconds_per_chunk))
     chunked = Qwen2_5OmniProcessor.get_chunked_index  # the processor's own windowing (it does not use self)
     video_chunks = chunked(None, video_t, per_chunk)
     audio_chunks = chunked(None, np.arange(int(audio_tokens)), per_chunk)
@@ -135,4 +157,142 @@ def omni_block(config: Any, *, video_grid: Sequence[int] | None = None, second_p
     return out + [aeos, veos]
 
 
-__all__ = ["AVClip", "SAMPLING_RATE", "omni_audio_tokens", "omni_block", "read_audio", "read_av"]
+# ---- model inputs --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class OmniVideoSettings:
+    """What ``Qwen2VLVideoProcessor`` uses for Qwen2.5-Omni: the processor's ``videos_kwargs`` pixel budget per frame
+    (``size`` ``shortest_edge`` / ``longest_edge``), CLIP mean/std, bicubic, and the model's patch sizes."""
+
+    min_pixels: int = 128 * 28 * 28
+    max_pixels: int = 768 * 28 * 28
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, **overrides: Any) -> "OmniVideoSettings":
+        """The defaults with the model's own patch, temporal patch and merge sizes (tiny test models)."""
+        cfg = getattr(model, "thinker", model).config.vision_config
+        kw: dict[str, Any] = dict(patch_size=int(cfg.patch_size), temporal_patch_size=int(cfg.temporal_patch_size),
+                                  merge_size=int(cfg.spatial_merge_size))
+        kw.update(overrides)
+        return cls(**kw)
+
+
+def omni_video_pixels(frames: np.ndarray | torch.Tensor, settings: OmniVideoSettings | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pixel_values_videos [t*h*w, 3*T*p*p] float32, video_grid_thw [1, 3])`` of one clip of ``uint8 [T, H, W, 3]``
+    frames, as the Qwen2-VL video processor computes them: ``smart_resize`` (transformers' own) to multiples of
+    ``patch_size * merge_size`` within the pixel budget, a bicubic antialiased resize of the ``uint8`` frames (what
+    torchvision does on a CPU), rescale + normalise, the last frame repeated up to a multiple of
+    ``temporal_patch_size``, and the patches flattened in the model's order: ``(t, h/m, w/m, m, m)`` rows of
+    ``(C, T, p, p)`` values. (tokenzip.video.qwen_video_pixels, from another branch, does the same for Qwen2-VL.)"""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    s = settings if settings is not None else OmniVideoSettings()
+    x = torch.as_tensor(np.ascontiguousarray(frames)) if isinstance(frames, np.ndarray) else frames
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8 \
+            or x.shape[0] < 1:
+        raise ValueError(f"frames must be uint8 [T, H, W, 3] RGB (T >= 1), got {getattr(x, 'dtype', type(x))} "
+                         f"{tuple(getattr(x, 'shape', ()))}")
+    p, m, tp = s.patch_size, s.merge_size, s.temporal_patch_size
+    height, width = int(x.shape[1]), int(x.shape[2])
+    h, w = smart_resize(height, width, factor=p * m, min_pixels=s.min_pixels, max_pixels=s.max_pixels)
+    x = x.permute(0, 3, 1, 2).contiguous()
+    if (h, w) != (height, width):
+        x = torch.nn.functional.interpolate(x, size=[h, w], mode="bicubic", align_corners=False, antialias=True)
+    mean = torch.tensor(s.image_mean, dtype=torch.float32) * 255.0
+    std = torch.tensor(s.image_std, dtype=torch.float32) * 255.0
+    x = x.to(torch.float32).sub_(mean[:, None, None]).div_(std[:, None, None])
+    if pad := -x.shape[0] % tp:
+        x = torch.cat([x, x[-1:].expand(pad, -1, -1, -1)])
+    gt, gh, gw = x.shape[0] // tp, h // p, w // p
+    patches = x.view(gt, tp, 3, gh // m, m, p, gw // m, m, p).permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return patches.reshape(gt * gh * gw, 3 * tp * p * p), torch.tensor([[gt, gh, gw]], dtype=torch.long)
+
+
+def omni_feature_extractor(model: torch.nn.Module | None = None) -> Any:
+    """The ``WhisperFeatureExtractor`` of Qwen2.5-Omni (128 mel bins, 16 kHz, hop 160), sized to the model's
+    ``num_mel_bins`` when given (tiny test models)."""
+    from transformers import WhisperFeatureExtractor
+
+    bins = 128 if model is None else int(getattr(model, "thinker", model).config.audio_config.num_mel_bins)
+    return WhisperFeatureExtractor(feature_size=bins, sampling_rate=SAMPLING_RATE)
+
+
+def omni_audio_features(waves: Sequence[np.ndarray], feature_extractor: Any = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_features [clips, mel, frames], feature_attention_mask [clips, frames])`` of 16 kHz mono waveforms by
+    the ``WhisperFeatureExtractor`` exactly as the processor calls it (``padding="max_length"``: 30 s,
+    ``return_attention_mask``) when every clip fits in 30 s. The processor cuts longer clips at 30 s; here they are
+    kept whole instead (padded to the longest, not truncated: the thinker encodes any length in its windows), which
+    the processor has no equivalent of. (Padding to the longest clip is not the same for short clips: the STFT of the
+    last frames sees zeros instead of the 30 s padding's reflection, and log-mel's clamp is per padded clip.)"""
+    fe = feature_extractor if feature_extractor is not None else omni_feature_extractor()
+    if not waves:
+        raise ValueError("waves is empty: give at least one 16 kHz mono waveform")
+    arrays = [np.asarray(w, dtype=np.float32).reshape(-1) for w in waves]
+    if any(a.size < 400 for a in arrays):
+        raise ValueError("every waveform needs at least 400 samples (one 25 ms analysis window at 16 kHz)")
+    fits = max(a.size for a in arrays) <= int(fe.n_samples)
+    out = fe(arrays, sampling_rate=SAMPLING_RATE, return_attention_mask=True,
+             padding="max_length" if fits else "longest", truncation=False, return_tensors="pt")
+    return out["input_features"], out["attention_mask"].long()
+
+
+def omni_av_inputs(model: torch.nn.Module, clips: Sequence[AVClip], prompts: Sequence[tuple[Sequence[int],
+                   Sequence[int]]], *, fps: float, use_audio_in_video: bool = True,
+                   video_settings: OmniVideoSettings | None = None, feature_extractor: Any = None,
+                   pad_token_id: int = 0) -> dict[str, Any]:
+    """A left-padded batch for the Qwen2.5-Omni thinker: sample ``i`` is ``prompts[i][0]`` (token ids before the
+    media), the clip's block (:func:`omni_block`: its video, with its soundtrack interleaved when
+    ``use_audio_in_video``, else followed by it; a clip without audio is video only) and ``prompts[i][1]``. ``fps``:
+    the rate the frames were read at (``video_second_per_grid = temporal_patch_size / fps``). Returns what the
+    processor returns (``input_ids``, ``attention_mask``, ``pixel_values_videos``, ``video_grid_thw``,
+    ``video_second_per_grid``, and with audio ``input_features``, ``feature_attention_mask``), plus
+    ``use_audio_in_video`` (which must reach ``forward``/``generate``). For the VAD signal, pass the clips'
+    waveforms (``clip.audio``) as ``raw_audio=[...]`` to the compressed model too."""
+    if len(clips) != len(prompts) or not clips:
+        raise ValueError(f"give one (before, after) prompt per clip: {len(prompts)} prompts for {len(clips)} clips")
+    if not (isinstance(fps, (int, float)) and fps > 0 and math.isfinite(fps)):
+        raise ValueError(f"fps must be a finite number > 0, got {fps!r}")
+    thinker = getattr(model, "thinker", model)
+    cfg = thinker.config
+    s = video_settings if video_settings is not None else OmniVideoSettings.for_model(model)
+    pixels, grids = zip(*(omni_video_pixels(c.frames, s) for c in clips))
+    waves = [c.audio for c in clips if c.audio is not None]
+    feats = fmask = None
+    if waves:
+        feats, fmask = omni_audio_features(waves, feature_extractor or omni_feature_extractor(model))
+    rows, a = [], 0
+    for clip, grid, (before, after) in zip(clips, grids, prompts):
+        t, h, w = grid[0].tolist()
+        if clip.audio is None:
+            block = omni_block(cfg, video_grid=(t, h, w))
+        else:
+            n = omni_audio_tokens(int(fmask[a].sum()), cfg)
+            a += 1
+            block = omni_block(cfg, video_grid=(t, h, w), second_per_grid=s.temporal_patch_size / fps,
+                               audio_tokens=n, use_audio_in_video=True) if use_audio_in_video else \
+                omni_block(cfg, video_grid=(t, h, w)) + omni_block(cfg, audio_tokens=n)
+        rows.append([int(x) for x in before] + block + [int(x) for x in after])
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = 1
+    out: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "pixel_values_videos": torch.cat(pixels),
+                           "video_grid_thw": torch.cat(grids),
+                           "video_second_per_grid": torch.full((len(clips),), s.temporal_patch_size / fps)}
+    if feats is not None:
+        out.update(input_features=feats, feature_attention_mask=fmask)
+        if use_audio_in_video:
+            out["use_audio_in_video"] = True
+    return out
+
+
+__all__ = ["AVClip", "OmniVideoSettings", "SAMPLING_RATE", "omni_audio_features", "omni_audio_tokens",
+           "omni_av_inputs", "omni_block", "omni_feature_extractor", "omni_video_pixels", "read_audio", "read_av"]

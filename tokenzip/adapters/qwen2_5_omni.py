@@ -67,6 +67,10 @@ set to ``max position + 1 - kept length`` per sample (the model's definition) fo
 ``input_ids`` (shortened) stays in the call for ``generate()``'s running sequence; media tensors, grids, audio
 lengths, ``video_second_per_grid`` and ``use_audio_in_video`` are dropped (positions are explicit).
 
+The full model (``Qwen2_5OmniForConditionalGeneration``): the adapter works on its ``thinker`` (``parts()`` are the
+thinker's); a patched ``model.generate(..., generation_mode="text")`` hands the rebuilt arguments to
+``thinker.generate`` (the model passes unprefixed arguments on to it). Speech output (the talker) is not compressed.
+
 Stage "llm" (LLMAccess): each item's placeholder columns in the sequence (not contiguous for interleaved streams);
 after a pre-LLM method (``tz.compose``), the kept columns this adapter's ``rebuild`` recorded for the shortened
 prompt.
@@ -146,6 +150,8 @@ class Qwen2_5OmniAdapter(LLMAccess, Adapter):
     modalities = ("image", "video", "audio")
     stages = ("pre_llm", "llm")
     signals = frozenset({"cls_attention", "keys", "projected", "text", "text_mask", "speech"})
+    # whether rebuild writes image/video tokens into inputs_embeds (Qwen3-Omni: they go through mm_encoder_outputs)
+    visual_in_embeds = True
 
     def __init__(self, model: torch.nn.Module):
         super().__init__(model)
@@ -157,8 +163,8 @@ class Qwen2_5OmniAdapter(LLMAccess, Adapter):
         self.video_token_id = int(cfg.video_token_id)
         self.audio_token_id = int(cfg.audio_token_id)
         self.merge = int(cfg.vision_config.spatial_merge_size)
-        self.position_id_per_seconds = int(cfg.position_id_per_seconds)
-        self.seconds_per_chunk = float(cfg.seconds_per_chunk)
+        self.position_id_per_seconds = float(cfg.position_id_per_seconds)
+        self.seconds_per_chunk = float(getattr(cfg, "seconds_per_chunk", 2.0))  # Qwen3-Omni: its processor's 2 s
         self.token = {"image": self.image_token_id, "video": self.video_token_id, "audio": self.audio_token_id}
         self._short: tuple[torch.Tensor, list[LLMItem]] | None = None  # the last rebuild's prompt, for stage "llm"
 
@@ -227,8 +233,7 @@ class Qwen2_5OmniAdapter(LLMAccess, Adapter):
         per_modality: list[tuple[str, list[int], list[L.Layout | None]]] = []
         audio = self._audio_args(kwargs)
         if audio is not None:
-            _, tokens = self.core.audio_tower._get_feat_extract_output_lengths(audio[1].sum(-1).long())
-            sizes = [int(n) for n in tokens.tolist()]
+            sizes = [int(n) for n in self._audio_token_counts(audio[1].sum(-1).long()).tolist()]
             per_modality.append(("audio", sizes, [L.audio(n) for n in sizes]))
         encoded = kwargs.get("mm_encoder_outputs") or {}
         for modality, key, pixels in (("image", "image_grid_thw", "pixel_values"),
@@ -258,6 +263,10 @@ class Qwen2_5OmniAdapter(LLMAccess, Adapter):
                 cursor[b] += n
         plans.sort(key=lambda p: (p.sample, int(p.slots[0])))
         return plans
+
+    def _audio_token_counts(self, mel_frames: torch.Tensor) -> torch.Tensor:
+        """LLM tokens of clips of ``mel_frames`` valid log-mel frames (the model's own length function)."""
+        return self.core.audio_tower._get_feat_extract_output_lengths(mel_frames)[1]
 
     def _original_positions(self, kwargs: dict[str, Any]) -> torch.Tensor:
         """``[P, B, L]`` position ids of the uncompressed call: the caller's (P = 1, 3 or 4), or ``[4, B, L]`` from
@@ -342,7 +351,7 @@ class Qwen2_5OmniAdapter(LLMAccess, Adapter):
     def _pair(self, input_ids: torch.Tensor, items: list[Item]) -> None:
         """``extra["partner"]`` of each video and the soundtrack interleaved with it (use_audio_in_video): the audio
         item whose first placeholder lies inside the video's ``<audio_bos> ... <audio_eos>`` block."""
-        end_id = int(self.thinker.config.audio_end_token_id)
+        end_id = int(getattr(self.thinker.config, "audio_end_token_id", -1))
         for i, v in enumerate(items):
             if v.modality != "video":
                 continue
@@ -449,7 +458,8 @@ class Qwen2_5OmniAdapter(LLMAccess, Adapter):
             kept = slots[index]
             keep[item.sample, slots] = False
             keep[item.sample, kept] = True
-            full[item.sample, kept] = out.tokens[0][order.to(out.tokens.device)].to(full.device, full.dtype)
+            if item.modality == "audio" or self.visual_in_embeds:
+                full[item.sample, kept] = out.tokens[0][order.to(out.tokens.device)].to(full.device, full.dtype)
 
         call = {key: v for key, v in kwargs.items() if key not in ("position_ids", *_MEDIA_KEYS)}
         new = shrink_sequences(call, keep, pad_id_for(self.thinker.config, set(self.token.values())))

@@ -1,0 +1,169 @@
+"""Qwen3-Omni thinker (``Qwen3OmniMoeThinkerForConditionalGeneration``; ``Qwen3OmniMoeForConditionalGeneration``
+through its ``thinker``): what differs from Qwen2.5-Omni (:mod:`tokenzip.adapters.qwen2_5_omni`, whose items,
+``Item.extra`` conventions, positions and rebuild it shares).
+
+* **Audio**: a conv2d stem that downsamples 8x in time (chunks of ``2 * n_window`` mel frames give 13 tokens each),
+  window attention over ``n_window_infer`` frames, no pooling: one token per encoder frame, about 12.5 tokens per
+  second. ``cls_attention`` is the attention each token receives in the LAST encoder layer, recomputed from its own
+  q/k over the whole clip (full, not windowed; no pairs to combine), mean over heads and the clip's queries.
+* **Vision**: the Qwen3-VL ViT (no window attention, fused ``qkv``) with **deepstack**: ``get_image_features`` /
+  ``get_video_features`` also return per-level features that the text model adds to the visual tokens after its
+  first decoder layers. A compressed item's deepstack rows follow its tokens: a kept token keeps its own rows, a
+  merged token gets the mean of its members' rows (``CompressOutput.source``; uniform, where the method may weight
+  the tokens themselves). ``cls_attention`` / ``keys`` from the last block as for Qwen2-VL
+  (:class:`tokenzip.adapters.qwen2_vl._LastBlockProbe`), averaged over each 2x2 merge group, divided by the patches
+  of the image / frame.
+* **Positions** are floats (``get_rope_index`` builds float TMRoPE ids; ``position_id_per_seconds`` may be
+  fractional) and, with ``use_audio_in_video``, video and audio tokens are interleaved one by one by time (the
+  processor puts each video grid at its start time among the audio tokens); the ids are still gathered from the
+  model's own ``get_rope_index`` on the full sequence.
+* **Rebuild**: ``inputs_embeds`` (text + audio tokens at their kept slots, as for Qwen2.5-Omni; the kept image/video
+  slots keep their placeholder embeddings) and ``mm_encoder_outputs`` with the kept visual tokens and their deepstack
+  rows, which the model scatters at those slots (found from ``input_ids``, or at generate()'s prefill, which gets
+  no ``input_ids``, by comparing embeddings with the placeholders') and uses for ``visual_pos_masks``.
+
+Stage "llm" is not offered: a decoder-layer cut before the last deepstack layer would also have to cut the deepstack
+rows and masks, which the LLM stage does not do for this model yet.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import BaseModelOutputWithDeepstackFeatures
+
+from ..output import CompressOutput
+from .attention import ATTENTION_SIGNALS, attention_signals
+from .base import Item
+from .qwen2_5_omni import Qwen2_5OmniAdapter
+from .qwen2_vl import _LastBlockProbe
+from .speech import energy_speech, raw_waveforms, silero_speech
+
+
+class Qwen3OmniAdapter(Qwen2_5OmniAdapter):
+    model_classes = ("Qwen3OmniMoeThinkerForConditionalGeneration", "Qwen3OmniMoeForConditionalGeneration")
+    stages = ("pre_llm",)
+    # the kept visual slots keep their placeholder embeddings: generate() hands the prefill inputs_embeds without
+    # input_ids, and the model then finds the slots for mm_encoder_outputs by comparing embeddings with the
+    # placeholder's
+    visual_in_embeds = False
+
+    def _audio_token_counts(self, mel_frames: torch.Tensor) -> torch.Tensor:
+        from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import _get_feat_extract_output_lengths
+
+        return _get_feat_extract_output_lengths(mel_frames)
+
+    def _encode_audio(self, kwargs: dict[str, Any], needs: frozenset[str]
+                      ) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+        feats, fmask = self._audio_args(kwargs)
+        tower = self.core.audio_tower
+        sizes = [int(n) for n in self._audio_token_counts(fmask.sum(-1).long()).tolist()]
+        waves = raw_waveforms(kwargs, feats.shape[0], "audio clip")
+        attn_needs = needs & ATTENTION_SIGNALS
+        captured: dict[str, torch.Tensor] = {}
+
+        def hook(module: torch.nn.Module, args: tuple, kw: dict) -> None:
+            captured["x"] = args[0] if args else kw["hidden_states"]
+
+        handle = tower.layers[-1].self_attn.register_forward_pre_hook(hook, with_kwargs=True) if attn_needs else None
+        try:
+            out = self.core.get_audio_features(feats, fmask.to(feats.device), return_dict=True).last_hidden_state
+        finally:
+            if handle is not None:
+                handle.remove()
+        tokens = list(out.split(sizes))
+        per_clip: list[dict[str, torch.Tensor]] = []
+        start = 0
+        for i, n in enumerate(sizes):
+            sig: dict[str, torch.Tensor] = {}
+            if attn_needs:  # one encoder frame per token: the clip's frames as one full sequence
+                rows = attention_signals(tower.layers[-1].self_attn, captured["x"][None, start: start + n],
+                                         attn_needs, None)
+                sig.update({name: t[0] for name, t in rows.items()})
+            if "speech" in needs:  # a token covers mel / n frames (about 8: 80 ms), 160 samples per frame
+                mel = int(fmask[i].sum())
+                speech = silero_speech(waves[i], n, max(1, round(mel * 160 / n))) if waves is not None else None
+                if speech is None:
+                    speech = energy_speech(feats[i, :, : max(1, mel // n) * n], n)
+                sig["speech"] = speech.to(out.device)
+            per_clip.append(sig)
+            start += n
+        return tokens, per_clip
+
+    def _encode_vision(self, modality: str, pixels: torch.Tensor, grid: torch.Tensor, needs: frozenset[str]
+                       ) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+        visual = self.core.visual
+        unit = self.merge * self.merge
+        if int(grid.prod(-1).sum()) != pixels.shape[0]:
+            raise ValueError(f"{modality} pixels have {pixels.shape[0]} patches but the grid {grid.tolist()} needs "
+                             f"{int(grid.prod(-1).sum())}")
+        probe = _LastBlockProbe(visual.blocks[-1].attn, needs & ATTENTION_SIGNALS)
+        handle = probe.attn.register_forward_pre_hook(probe.hook, with_kwargs=True) if probe.needs else None
+        fn = self.core.get_image_features if modality == "image" else self.core.get_video_features
+        try:
+            out = fn(pixels, grid.to(pixels.device), return_dict=True)
+        finally:
+            if handle is not None:
+                handle.remove()
+        feats = list(out.pooler_output)
+        self._deepstack[modality] = [list(level) for level in out.deepstack_features]
+        grouped = {name: t.reshape(t.shape[0] // unit, unit, *t.shape[1:]).mean(dim=1)
+                   for name, t in (("cls_attention", probe.received), ("keys", probe.keys)) if t is not None}
+        per_item: list[dict[str, torch.Tensor]] = []
+        start = 0
+        for (t, h, w), f in zip(grid.tolist(), feats):
+            n = f.shape[0]
+            sig = {name: s[start: start + n] for name, s in grouped.items()}
+            if "cls_attention" in sig:
+                sig["cls_attention"] = sig["cls_attention"] / (h * w)
+            per_item.append(sig)
+            start += n
+        return feats, per_item
+
+    def encode(self, kwargs: dict[str, Any], needs: frozenset[str]) -> list[Item]:
+        self._deepstack: dict[str, list[list[torch.Tensor]]] = {}
+        items = super().encode(kwargs, needs)
+        counters: dict[str, int] = {}
+        by_source = sorted(range(len(items)), key=lambda i: (items[i].modality, items[i].sample,
+                                                                int(items[i].extra["slots"][0])))
+        for i in by_source:  # the j-th image / video in placeholder order over the batch is the model's j-th
+            it = items[i]
+            if it.modality in self._deepstack:
+                j = counters.get(it.modality, 0)
+                it.extra["deepstack"] = [level[j] for level in self._deepstack[it.modality]]
+                counters[it.modality] = j + 1
+        self._deepstack = {}
+        return items
+
+    def rebuild(self, kwargs: dict[str, Any], items: list[Item], outputs: list[CompressOutput]) -> dict[str, Any]:
+        new = super().rebuild(kwargs, items, outputs)
+        encoded: dict[str, Any] = {}
+        for modality in ("image", "video"):
+            tokens, levels = [], None
+            for item, out in zip(items, outputs):
+                if item.modality != modality:
+                    continue
+                order = torch.argsort(out.index[0])
+                tokens.append(out.tokens[0][order.to(out.tokens.device)])
+                rows = [_follow(d, out.source[0], out.tokens.shape[1])[order.to(d.device)]
+                        for d in item.extra["deepstack"]]
+                levels = [[r] for r in rows] if levels is None else [lv + [r] for lv, r in zip(levels, rows)]
+            if tokens:
+                encoded[modality] = BaseModelOutputWithDeepstackFeatures(
+                    pooler_output=tuple(tokens), deepstack_features=[tuple(lv) for lv in levels])
+        if encoded:
+            new["mm_encoder_outputs"] = encoded
+        return new
+
+
+def _follow(rows: torch.Tensor, source: torch.Tensor, k: int) -> torch.Tensor:
+    """``[k, D]``: output token ``j``'s row, the mean of the input rows whose ``source`` is ``j`` (a kept token: its
+    own row)."""
+    source = source.to(rows.device)
+    valid = source >= 0
+    sums = torch.zeros(k, rows.shape[1], dtype=torch.float32, device=rows.device)
+    sums.index_add_(0, source[valid], rows[valid].float())
+    counts = torch.zeros(k, device=rows.device).index_add_(0, source[valid], torch.ones(int(valid.sum()),
+                                                                                      device=rows.device))
+    return (sums / counts.clamp(min=1)[:, None]).to(rows.dtype)
