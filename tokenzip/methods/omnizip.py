@@ -102,11 +102,14 @@ class OmniZip(JointCompressor):
     Departures: the paper's ``rho_v`` is a drop ratio applied as is, so its total follows from the audio; we rescale
     to the budget so the LLM gets exactly ``k_v`` (the ratios between windows are the paper's). The paper's audio
     anchor consolidation (uniformly sampled audio anchors merged with non-anchor tokens chosen by cross-modal
-    similarity) is not reproduced: audio is kept by its attention score alone. The paper describes ISTC as
-    alternating temporal and spatial reduction over a window's frames; we follow the assignment stated in our notes
-    of the paper (even frames spatial DPC-KNN merging, odd frames temporal pruning against the previous frame) and
-    split a window's count over its frames by size (the paper does not give the split). Ties go to the earlier
-    token; DPC-KNN density ties to the earlier token (no random jitter).
+    similarity) is not reproduced: audio is kept by its attention score alone. The paper's ISTC alternates between
+    temporal and spatial reduction over a window's frames; we merge even frames spatially (DPC-KNN) and prune odd
+    frames against the previous frame at the same position, and split a window's count over its frames by size
+    (the paper gives no split); the official code (github.com/KD-TAO/OmniZip) was not checked for either choice.
+    Ties go to the earlier token; DPC-KNN density ties to the earlier token (no random jitter).
+
+    ``last_windows``: for the last call, per sample, per video, its :class:`Window` plan (index, frames, audio
+    retention, drop ratio, kept count).
     """
 
     audio_retain: float | None = None
@@ -144,11 +147,12 @@ class OmniZip(JointCompressor):
         extra = "".join(f", {m}_retain={b.retain:g}" for m, b in self.budgets.items())
         return f"{type(self).__name__}({self.budget}{extra})"
 
-    def compress_items(self, items, needs):  # type: ignore[override]  # one call: last_windows starts anew
-        self.last_windows = []
+    def compress_items(self, items: list, needs: frozenset[str]) -> list[CompressOutput]:
+        self.last_windows = []  # one call, one plan per sample
         return super().compress_items(items, needs)
 
-    def compress(self, tokens, *, grid=None, k=None, **signals):  # type: ignore[override]
+    def compress(self, tokens: torch.Tensor, *, grid: object = None, k: int | None = None,
+                 **signals: torch.Tensor) -> CompressOutput:
         self.last_windows = []
         return super().compress(tokens, grid=grid, k=k, **signals)
 
