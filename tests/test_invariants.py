@@ -130,11 +130,15 @@ def _llm_stage_sees_exact_budget(method, case, budget):
             h.remove()
     real_in = inputs["attention_mask"].sum(1)
     num_layers = len(layers)
+    # a joint method (all media of a sample in one pool) documents the sample's total, not each item's share
+    sample_total = getattr(c, "sample_final_count", None)
     for b, stats in enumerate(c.last_stats):
         items = [it for ms in stats.values() for it in ms.items]
+        if sample_total is not None:
+            assert sum(it.tokens_out for it in items) == sample_total([it.tokens_in for it in items], num_layers)
         for it in items:
             plan = dict(c.schedule(it.tokens_in, num_layers))
-            final = c.final_count(it.tokens_in, num_layers)
+            final = c.final_count(it.tokens_in, num_layers) if sample_total is None else it.tokens_out
             assert it.tokens_out == final
             # recorded stages: planned layers, strictly shrinking, never below the final count, ending at it;
             # a stage may keep more than planned only for adaptive methods (never more than it had)

@@ -200,3 +200,161 @@ class FrameSelector(InputCompressor):
                                    f"count per kept-frame number, got {len(item.achievable)} counts for "
                                    f"{tuple(getattr(frames, 'shape', ()))}")
             item.keep = self.select(frames, list(item.achievable).index(count) + 1)
+
+
+@dataclass
+class JointItem:
+    """One media item of one sample as a :class:`JointCompressor` sees it, beside the sample's other items.
+
+    ``tokens`` ``[1, N, D]``; ``grid`` its :class:`~tokenzip.layout.Layout` (a video's frames, an audio stream's
+    1-D frames); ``k`` the tokens it must end with (its modality's budget of ``N``, or a schedule's count);
+    ``signals`` its per-item signals, batched ``[1, ...]``; ``seconds`` ``[N]`` the start time of each token in
+    seconds when the adapter knows it (``None``: the method falls back to its own rate, see its docstring);
+    ``partner`` the index (in the same ``compress_sample`` list) of the item the adapter paired it with (a video and
+    its own soundtrack, Qwen2.5-Omni's ``use_audio_in_video``), ``None`` when it gave no pairing.
+    """
+
+    modality: str
+    tokens: torch.Tensor
+    grid: Any
+    k: int
+    signals: dict[str, torch.Tensor]
+    seconds: torch.Tensor | None = None
+    partner: int | None = None
+
+    @property
+    def n(self) -> int:
+        return int(self.tokens.shape[1])
+
+
+def modality_of(layout: Any) -> str:
+    """The modality a layout tiles: ``"audio"`` (only audio segments), ``"video"`` (frames) or ``"image"``."""
+    kinds = {s.kind for s in layout.segments}
+    if kinds == {"audio"}:
+        return "audio"
+    return "video" if "frames" in kinds else "image"
+
+
+@dataclass
+class JointCompressor(Compressor):
+    """Base of the methods that compress all media items of one sample together (stage ``"pre_llm"``): e.g.
+    OmniZip, where a clip's audio decides how hard each time window of its video is pruned.
+
+    Subclasses implement ``_compress_sample(items) -> list[CompressOutput]`` (one output of exactly ``item.k``
+    tokens per :class:`JointItem`, in order) and know nothing of models: the patch hands them every item of one
+    sample whose modality they name (``Patch.prepare``), with its budget in ``item.k``.
+
+    Budget, per modality: ``retain``/``tokens`` is every modality's budget of each of its items, and
+    ``budgets[modality]`` (a :class:`tokenzip.Budget`, set by subclasses from fields such as ``audio_retain``)
+    overrides it for one modality. Every item ends with exactly its modality's count (:meth:`item_count`); how a
+    method spends that count inside the item (e.g. across time windows) is its own. ``requires`` holds for every
+    item, as for any method (the adapter computes the signals for every item it hands over).
+
+    At tensor level, ``compress(tokens, grid=...)`` compresses one item alone (its modality read off its layout:
+    audio segments -> ``"audio"``; anything else -> ``"video"`` when the method names video, its grids taken as
+    frames as the frame-wise video methods do, else ``"image"``); ``compress_sample`` takes several.
+    """
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.budgets: dict[str, Budget] = {}
+
+    def modality_of(self, layout: Any) -> str:
+        modality = modality_of(layout)
+        return "video" if modality == "image" and "video" in self.info.modalities else modality
+
+    def item_count(self, modality: str, n: int) -> int:
+        """Tokens an item of ``modality`` with ``n`` tokens keeps."""
+        return self.budgets.get(modality, self.budget).count(n)
+
+    def compress_sample(self, items: list[JointItem]) -> list[CompressOutput]:
+        """Compress the items of one sample together; one output per item, each of exactly ``item.k`` tokens."""
+        for it in items:
+            if it.modality not in self.info.modalities:
+                raise ValueError(f"{self.info.name} compresses {list(self.info.modalities)}, got a {it.modality!r} "
+                                 f"item")
+            if not isinstance(it.tokens, torch.Tensor) or it.tokens.dim() != 3 or it.tokens.shape[0] != 1:
+                raise TypeError(f"a JointItem's tokens must be a [1, N, D] tensor, got "
+                                f"{getattr(it.tokens, 'shape', type(it.tokens))}")
+            if not 1 <= it.k <= it.n:
+                raise ValueError(f"k must be in [1, {it.n}] for a {it.modality} item of {it.n} tokens, got {it.k}")
+            missing = [s for s in self.requires if s not in it.signals]
+            if missing:
+                raise ValueError(f"{self.info.name} needs signals {missing}; pass them as keyword arguments")
+            for name, sig in it.signals.items():
+                if name not in SIGNALS:
+                    raise ValueError(f"unknown signals {[name]}; known: {list(SIGNALS)}")
+                SIGNALS[name].check(sig, 1, it.n)
+            if it.seconds is not None and tuple(it.seconds.shape) != (it.n,):
+                raise ValueError(f"seconds must be [N] = [{it.n}] (one start time per token), got "
+                                 f"{tuple(it.seconds.shape)}")
+        outs = self._compress_sample(items)
+        for it, out in zip(items, outs, strict=True):
+            if out.tokens.shape[:2] != (1, it.k):
+                raise RuntimeError(f"{self.info.name} returned {tuple(out.tokens.shape[:2])} for a {it.modality} "
+                                   f"item, expected {(1, it.k)}")
+        return outs
+
+    def _compress_sample(self, items: list[JointItem]) -> list[CompressOutput]:
+        raise NotImplementedError
+
+    def compress_items(self, items: list[Any], needs: frozenset[str]) -> list[CompressOutput]:
+        """The patch's path: adapter items (``modality``, ``sample``, ``tokens`` ``[N, D]``, ``grid``, ``signals``,
+        ``extra``) of a whole batch, grouped per sample; items of modalities the method does not name pass whole.
+        A schedule's count (``extra["k"]``) wins over the budget; ``extra["seconds"]`` gives token times and
+        ``extra["partner"]`` (an index into ``items``) the item an adapter paired this one with."""
+        outs: list[CompressOutput | None] = [None] * len(items)
+        by_sample: dict[int, list[int]] = {}
+        for i, it in enumerate(items):
+            if it.modality in self.info.modalities:
+                by_sample.setdefault(it.sample, []).append(i)
+            else:
+                outs[i] = ops.select(it.tokens.unsqueeze(0), torch.arange(it.tokens.shape[0],
+                                                                          device=it.tokens.device).unsqueeze(0))
+        for idx in by_sample.values():
+            local = {i: j for j, i in enumerate(idx)}
+            joint = []
+            for i in idx:
+                it = items[i]
+                n = int(it.tokens.shape[0])
+                k = it.extra.get("k")
+                joint.append(JointItem(
+                    modality=it.modality, tokens=it.tokens.unsqueeze(0), grid=ops.as_layout(it.grid, n),
+                    k=self.item_count(it.modality, n) if k is None else int(k),
+                    signals={s: v.unsqueeze(0) for s, v in it.signals.items() if s in needs},
+                    seconds=it.extra.get("seconds"), partner=local.get(it.extra.get("partner"))))
+            for i, out in zip(idx, self.compress_sample(joint)):
+                outs[i] = out
+        return outs  # type: ignore[return-value]
+
+    def compress(self, tokens: torch.Tensor, *, grid: Any = None, k: int | None = None,
+                 **signals: torch.Tensor) -> CompressOutput:
+        """One item alone (each batch row on its own); its modality is read off its layout."""
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3:
+            raise TypeError(f"tokens must be a [B, N, D] tensor, got {getattr(tokens, 'shape', type(tokens))}")
+        if not tokens.is_floating_point():
+            raise TypeError(f"tokens must be floating point, got {tokens.dtype}")
+        b, n, _ = tokens.shape
+        if n < 1:
+            raise ValueError("tokens has no tokens (N == 0)")
+        layout = ops.as_layout(grid, n)
+        modality = self.modality_of(layout)
+        if k is None:
+            k = self.item_count(modality, n)
+        elif not 1 <= k <= n:
+            raise ValueError(f"k must be in [1, {n}], got {k}")
+        for name, sig in signals.items():
+            if name not in SIGNALS:
+                raise ValueError(f"unknown signals {[name]}; known: {list(SIGNALS)}")
+            SIGNALS[name].check(sig, b, n)
+        return self._compress(tokens, k, layout, signals)
+
+    def _compress(self, tokens: torch.Tensor, k: int, layout: ops.Layout,
+                  signals: dict[str, torch.Tensor]) -> CompressOutput:
+        # also the entry of tz.InEncoder's runner: each row is one item alone
+        modality = self.modality_of(layout)
+        rows = [self.compress_sample([JointItem(modality, tokens[i: i + 1], layout, k,
+                                                {s: v[i: i + 1] for s, v in signals.items()})])[0]
+                for i in range(tokens.shape[0])]
+        return CompressOutput(tokens=torch.cat([r.tokens for r in rows]), source=torch.cat([r.source for r in rows]),
+                              index=torch.cat([r.index for r in rows]))

