@@ -40,10 +40,12 @@ import torch
 
 from ..output import ItemStats
 
+EVENT_SIZE = (96, 96)  # (height, width) of the synthetic clips: the objects are a quarter of the height on a side
 MIRRORS = ((False, False), (False, True), (True, False), (True, True))  # (up-down, left-right) per trial % 4
 
 
-def event_clip(seed: int, frames: int = 64, height: int = 96, width: int = 96) -> tuple[np.ndarray, np.ndarray]:
+def event_clip(seed: int, frames: int = 64, height: int = EVENT_SIZE[0], width: int = EVENT_SIZE[1]
+               ) -> tuple[np.ndarray, np.ndarray]:
     """Trial ``seed``'s frames ``uint8 [T, H, W, 3]`` and its event mask ``bool [T, H, W]`` (module doc)."""
     from ..video import synthetic_clip
 
@@ -117,7 +119,8 @@ def video_methods(methods: Sequence[tuple[str, Any]]) -> tuple[list[tuple[str, A
 
 
 def run_event_recall(model: torch.nn.Module, methods: Sequence[tuple[str, Any]], retains: Sequence[float], *,
-                     frames: int = 64, trials: int = 8, height: int = 96, width: int = 96, rank: int = 0,
+                     frames: int = 64, trials: int = 8, height: int = EVENT_SIZE[0], width: int = EVENT_SIZE[1],
+                     rank: int = 0,
                      world: int = 1, progress: bool = False) -> list[dict[str, Any]]:
     """Rows ``{method, retain, event_recall, event_recall_dominant, event_kept_fraction, trials, ...}`` of every video
     method in ``methods`` (``(name, class)``, as the sweep resolves them) at every ``retain``; the trials are shared
@@ -158,7 +161,8 @@ def run_event_recall(model: torch.nn.Module, methods: Sequence[tuple[str, Any]],
     return rows
 
 
-def merge_event_rows(rows: Sequence[dict[str, Any]], frames: int, size: tuple[int, int]) -> list[dict[str, Any]]:
+def merge_event_rows(rows: Sequence[dict[str, Any]], frames: int, size: tuple[int, int] = EVENT_SIZE
+                     ) -> list[dict[str, Any]]:
     """Per-trial rows (of every rank) -> one row per (method, retain) with the means over trials."""
     groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
     out = [dict(r) for r in rows if "skipped" in r]
