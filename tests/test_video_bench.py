@@ -263,3 +263,24 @@ def test_video_fidelity_pipeline_on_a_tiny_encoder():
     # a frame with nothing represented counts 0; a kept frame's mean survives exactly
     feats = torch.randn(4, 3)
     assert frame_fidelity(feats, feats[[0, 1]], torch.tensor([0, 1, -1, -1]), 2) == [pytest.approx(1.0), 0.0]
+
+
+def test_event_recall_on_a_tiny_dinov2():
+    """The real-weights variant's mechanics on a random tiny Dinov2: keep-all recalls, LLM-stage methods skip."""
+    from transformers import Dinov2Config, Dinov2Model
+    from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPil
+
+    from tokenzip.bench.events import run_event_recall_dinov2
+
+    torch.manual_seed(0)
+    model = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, image_size=56, patch_size=14)).eval()
+    proc = BitImageProcessorPil(size={"shortest_edge": 64}, crop_size={"height": 56, "width": 56})
+    rows = run_event_recall_dinov2(["dycoke", "fastv"], [1.0, 0.1], frames=6, trials=2, model=model, processor=proc)
+    merged = merge_event_rows(rows, 6)
+    got = {(e["method"], e["retain"]): e for e in merged if "skipped" not in e}
+    assert [e["method"] for e in merged if "skipped" in e] == ["fastv"]
+    keep = got[("dycoke", 1.0)]
+    assert keep["encoder"] == "dinov2-s14" and keep["tokens_in"] == keep["tokens_out"] == 6 * 16
+    assert keep["event_recall"] == 1.0 and keep["event_kept_fraction"] == 1.0 and keep["trials"] == 2
+    assert got[("dycoke", 0.1)]["tokens_out"] == 10

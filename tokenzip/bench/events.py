@@ -161,17 +161,60 @@ def run_event_recall(model: torch.nn.Module, methods: Sequence[tuple[str, Any]],
     return rows
 
 
+def run_event_recall_dinov2(names: Sequence[str] | None, retains: Sequence[float], *, frames: int = 64,
+                            trials: int = 8, height: int = EVENT_SIZE[0], width: int = EVENT_SIZE[1], rank: int = 0,
+                            world: int = 1, model: Any = None, processor: Any = None) -> list[dict[str, Any]]:
+    """The same trials on real weights: every frame through DINOv2-S/14 (resized to 224 x 224 without the center
+    crop, so each 14-px patch covers a known cell of the frame), the clip's patch tokens in frame order with the
+    layout ``frames(T, 16, 16)`` and DINOv2's signals, compressed by each pre-LLM video method
+    (:func:`tokenzip.bench.fidelity.video_fidelity_methods`: methods that need LLM-side signals or run inside the
+    LLM cannot run on a bare encoder). Per-trial rows with ``encoder = "dinov2-s14"`` (:func:`merge_event_rows`)."""
+    from .. import layout as L
+    from .fidelity import _load_dinov2, dinov2_tokens, video_fidelity_methods
+
+    if model is None:
+        model, processor = _load_dinov2()
+    run, skipped = video_fidelity_methods(names)
+    rows: list[dict[str, Any]] = []
+    for seed in list(range(trials))[rank::world]:
+        pixels, mask = event_clip(seed, frames, height, width)
+        crop = processor.crop_size  # the size the processor hands the model (224 px), reached by a plain resize
+        size = {k: int(crop[k] if isinstance(crop, dict) else getattr(crop, k)) for k in ("height", "width")}
+        pv = processor(images=list(pixels), size=size, do_center_crop=False, return_tensors="pt")["pixel_values"]
+        tokens, signals, grid = dinov2_tokens(model, processor, [], pixels=pv)
+        t, p, d = tokens.shape
+        clip_tokens = tokens.reshape(1, t * p, d)
+        flat = {k: v.reshape(1, t * p, *v.shape[2:]) for k, v in signals.items()}
+        layout = L.frames(t, *grid)
+        event = event_token_mask(layout, mask)
+        for spec in run:
+            for r in retains:
+                comp = spec.make(r)
+                needs = comp.signals_needed()
+                out = comp.compress(clip_tokens, grid=layout, **{k: v for k, v in flat.items() if k in needs})
+                rows.append({"method": spec.label, "retain": float(r), "trial": seed,
+                             **score_trial(out.source[0], event), "tokens_in": t * p,
+                             "tokens_out": int(out.tokens.shape[1]), "stage": spec.cls.info.stage,
+                             "encoder": "dinov2-s14"})
+    if rank == 0:
+        rows += [{"method": name, "skipped": why, "encoder": "dinov2-s14"} for name, why in skipped.items()]
+    return rows
+
+
 def merge_event_rows(rows: Sequence[dict[str, Any]], frames: int, size: tuple[int, int] = EVENT_SIZE
                      ) -> list[dict[str, Any]]:
-    """Per-trial rows (of every rank) -> one row per (method, retain) with the means over trials."""
-    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    """Per-trial rows (of every rank) -> one row per (encoder, method, retain) with the means over trials
+    (``encoder``: ``"model"`` for the bench's own model, ``"dinov2-s14"`` for :func:`run_event_recall_dinov2`)."""
+    groups: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
     out = [dict(r) for r in rows if "skipped" in r]
     for r in rows:
         if "skipped" not in r:
-            groups.setdefault((r["method"], r["retain"]), []).append(r)
-    for (name, r), g in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+            groups.setdefault((r.get("encoder", "model"), r["method"], r["retain"]), []).append(r)
+    for (enc, name, r), g in sorted(groups.items(), key=lambda kv: (kv[0][0] != "model", kv[0][0], kv[0][1],
+                                                                     -kv[0][2])):
         g = sorted(g, key=lambda x: x["trial"])
-        out.append({"method": name, "retain": r, "event_recall": float(np.mean([x["recalled"] for x in g])),
+        out.append({"encoder": enc, "method": name, "retain": r,
+                    "event_recall": float(np.mean([x["recalled"] for x in g])),
                     "event_recall_dominant": float(np.mean([x["dominant"] for x in g])),
                     "event_kept_fraction": float(np.mean([x["kept_fraction"] for x in g])), "trials": len(g),
                     "frames": frames, "size": list(size), "tokens_in": g[0]["tokens_in"],
@@ -180,4 +223,5 @@ def merge_event_rows(rows: Sequence[dict[str, Any]], frames: int, size: tuple[in
     return out
 
 
-__all__ = ["event_clip", "event_token_mask", "merge_event_rows", "run_event_recall", "score_trial", "video_methods"]
+__all__ = ["event_clip", "event_token_mask", "merge_event_rows", "run_event_recall", "run_event_recall_dinov2",
+           "score_trial", "video_methods"]

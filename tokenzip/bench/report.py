@@ -138,9 +138,10 @@ def prefill_table(rows: list[dict[str, Any]]) -> str:
 
 
 def event_table(events: list[dict[str, Any]]) -> str:
-    headers = ["method", "stage", "retain", "tokens in→out", "event recall", "event dominant", "event tokens kept",
-               "trials"]
-    body = [[e["method"], e.get("stage", "–"), _fmt(e["retain"], 2), f"{e['tokens_in']}→{e['tokens_out']}",
+    headers = ["tokens from", "method", "stage", "retain", "tokens in→out", "event recall", "event dominant",
+               "event tokens kept", "trials"]
+    body = [[e.get("encoder", "model"), e["method"], e.get("stage", "–"), _fmt(e["retain"], 2),
+             f"{e['tokens_in']}→{e['tokens_out']}",
              _fmt(e["event_recall"], 2), _fmt(e["event_recall_dominant"], 2), _fmt(e["event_kept_fraction"], 2),
              str(e["trials"])] for e in events if "skipped" not in e]
     return _table(headers, body)
@@ -490,11 +491,14 @@ def render(result: dict[str, Any], has_quality_plot: bool = False, has_pareto: b
                       "inside the event's region and frames (kept or merged); `event dominant`: fraction of clips "
                       "where some output token draws at least half its sources from the event; `event tokens kept`: "
                       "mean share of the event's tokens that have an output token (definitions: "
-                      "`tokenzip/bench/events.py`). With random weights, attention-based methods' values are "
-                      "mechanics, not quality.", "", event_table(ev), ""]
+                      "`tokenzip/bench/events.py`). `tokens from`: `model` = the benchmarked model's own encoder "
+                      "and adapter (every video method; with random weights, attention-based methods' values are "
+                      "mechanics, not quality); `dinov2-s14` = real DINOv2-S/14 per frame (pre-LLM video methods, "
+                      "with `--quality dinov2,event-recall`).", "", event_table(ev), ""]
         sk = [e for e in ev if "skipped" in e]
         if sk:
-            lines += ["Not video methods: " + "; ".join(f"`{e['method']}` ({e['skipped']})" for e in sk), ""]
+            lines += ["Not measured: " + "; ".join(f"`{e['method']}` on {e.get('encoder', 'model')} ({e['skipped']})"
+                                                  for e in sk), ""]
     if result.get("accuracy"):
         lines += ["## Task accuracy", "", accuracy_table(result["accuracy"]), ""]
     if has_quality_plot:

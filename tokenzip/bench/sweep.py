@@ -144,6 +144,12 @@ def run_bench(cfg: BenchConfig, built: Built | None = None) -> dict[str, Any]:
 
         events = run_event_recall(built.model, methods, cfg.retain, frames=cfg.event_frames, trials=cfg.event_trials,
                                   rank=ctx.rank, world=ctx.world, progress=cfg.progress and ctx.rank == 0)
+        if "dinov2" in parts:  # the same trials on real weights (pre-LLM video methods on DINOv2-S/14)
+            from .events import run_event_recall_dinov2
+
+            names = [n for n, _ in methods] if cfg.methods is not None else None
+            events += run_event_recall_dinov2(names, cfg.retain, frames=cfg.event_frames, trials=cfg.event_trials,
+                                              rank=ctx.rank, world=ctx.world)
     accuracy: list[dict[str, Any]] = []
     if cfg.task:
         from .tasks import run_task_sweep
