@@ -17,7 +17,9 @@ DESCRIPTION = (
     "memory, analytic FLOPs, speed-up, overhead vs oracle, FLOP-ideal and Amdahl bounds; DINOv2-S/14 feature "
     "fidelity on real images; optional VQA accuracy from a local task file. Writes OUT/results.jsonl, OUT/report.md "
     "and PNG plots. Methods may be encoder-stage specs NAME@encoderL (compress after L encoder layers; their "
-    "oracle replays the method's recorded outputs through the same reduced encoder). Under "
+    "oracle replays the method's recorded outputs through the same reduced encoder). With --video N the inputs are "
+    "N uniform frames of a real clip (the report adds the clip's decode time, DINOv2 fidelity per frame on real "
+    "clips, and with --quality event-recall whether a 2-frame event of synthetic clips keeps a token). Under "
     "`torchrun --nproc_per_node N -m tokenzip bench ...` the points are shared between ranks.")
 
 
