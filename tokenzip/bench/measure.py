@@ -250,12 +250,12 @@ def measure_point(built: Built, item: Item, cfg: BenchConfig, clock: Clock, shap
         with (recording(comp) if in_encoder else nullcontext()) as recorded:
             tm = call(built.model, built.inputs, clock=clock, new_tokens=cfg.new_tokens, compressor=comp,
                       capture=True, device=cfg.device)
+        if i == 0:  # before building an oracle from items that may not exist (e.g. clips a model's adapter skips)
+            check_compressed(comp)
         if tm.captured is None and comp.info.stage == "llm":
             tm.captured = kept_inputs(built.model, built.inputs, comp)
         if tm.captured is None:
             raise RuntimeError(f"{item.method}: the compressor did not run (no media found in the inputs)")
-        if i == 0:
-            check_compressed(comp)
         # the oracle generates one token: its decode steps are the method's (same kept tokens, same cache)
         if in_encoder:  # the same reduced encoder, fed the method's recorded outputs (no signals, no selection)
             to = call(built.model, built.inputs, clock=clock, new_tokens=1, compressor=Replay(comp, recorded),
