@@ -284,3 +284,29 @@ def test_event_recall_on_a_tiny_dinov2():
     assert keep["encoder"] == "dinov2-s14" and keep["tokens_in"] == keep["tokens_out"] == 6 * 16
     assert keep["event_recall"] == 1.0 and keep["event_kept_fraction"] == 1.0 and keep["trials"] == 2
     assert got[("dycoke", 0.1)]["tokens_out"] == 10
+
+
+def test_pipeline_specs_compose_methods_in_the_bench(tmp_path):
+    """``A:F>B``: tz.compose with A at the fixed fraction F and B at retain / F; rows are labelled with the spec and
+    the oracle of a pipeline ending in the LLM feeds its final kept tokens."""
+    from tokenzip.bench.specs import make_method, parse_pipeline, resolve
+
+    assert parse_pipeline("uniform_frames:0.5>dycoke") == [("uniform_frames", 0.5), ("dycoke", None)]
+    assert parse_pipeline("dycoke") is None
+    for bad in ("dycoke>fastv", "dycoke:0.5>fastv:0.5", "dycoke:2>fastv", "dycoke:x>fastv", "tome@encoder2:0.5>fastv",
+                ">fastv"):
+        with pytest.raises(ValueError):
+            parse_pipeline(bad)
+    comp = make_method("dycoke:0.5>fastv", retain=0.1)
+    assert [p.info.name for p in comp.parts] == ["dycoke", "fastv"]
+    assert comp.parts[0].budget.retain == 0.5 and comp.parts[1].budget.retain == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="above what its fixed parts keep"):
+        make_method("dycoke:0.5>fastv", retain=0.6)
+    assert resolve("dycoke:0.5>fastv").info.name == "dycoke:0.5>fastv"
+    res = run_bench(BenchConfig(model="tiny-llava_onevision_video", methods=["dycoke:0.5>fastv"], retain=[0.1],
+                                repeats=1, warmup=0, new_tokens=2, quality="none", progress=False, out=str(tmp_path)))
+    rows = {(r["method"], r["kind"]): r for r in res["rows"]}
+    m, o = rows[("dycoke:0.5>fastv", "method")], rows[("dycoke:0.5>fastv", "oracle")]
+    assert m["stage"] == "llm" and m["oracle_kind"] == "kept-at-input"
+    text_tokens = rows[("none", "none")]["llm_seq_len"] - m["tokens_in"]
+    assert o["llm_seq_len"] == text_tokens + m["tokens_out"]  # the final kept tokens, not dycoke's output
