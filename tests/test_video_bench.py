@@ -310,3 +310,21 @@ def test_pipeline_specs_compose_methods_in_the_bench(tmp_path):
     assert m["stage"] == "llm" and m["oracle_kind"] == "kept-at-input"
     text_tokens = rows[("none", "none")]["llm_seq_len"] - m["tokens_in"]
     assert o["llm_seq_len"] == text_tokens + m["tokens_out"]  # the final kept tokens, not dycoke's output
+
+
+@dataclass
+class Broken(FirstTokens):
+    info: ClassVar[MethodInfo] = MethodInfo(name="broken", family="baseline", modalities=("video",),
+                                            stage="pre_llm", query_aware=False, reference="test double")
+
+    def score_tokens(self, tokens, layout, signals):
+        raise ValueError("cannot run here")
+
+
+def test_event_recall_reports_a_method_that_fails():
+    """A method that cannot run on the model is a skipped row with its error; the others still share the clips."""
+    built = build("tiny-llava_onevision_video")
+    rows = run_event_recall(built.model, [("broken", Broken), ("first_tokens", FirstTokens)], [0.5], frames=8,
+                            trials=2)
+    merged = {e["method"]: e for e in merge_event_rows(rows, 8)}
+    assert "cannot run here" in merged["broken"]["skipped"] and merged["first_tokens"]["trials"] == 2

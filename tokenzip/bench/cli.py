@@ -60,8 +60,9 @@ def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "real speech, see tokenzip/bench/audio.py) or a local HF checkpoint directory (default: tiny)")
     p.add_argument("--methods", default=None,
                    help="comma-separated method names or encoder-stage specs NAME@encoderL / NAME@encoderL1+L2+... "
-                        "(tz.InEncoder: compress after L encoder layers; default: every registered method the model "
-                        "supports)")
+                        "(tz.InEncoder: compress after L encoder layers) or pipelines A:F>B (tz.compose: A keeps the "
+                        "fraction F, B retain / F; quote the '>' in a shell; default: every registered method the "
+                        "model supports)")
     p.add_argument("--retain", type=_floats, default=None,
                    help=f"comma-separated budgets (default: {DEFAULT_RETAIN}; whisper-tiny.en: 0.5,0.25,1/6,1/8,0.1)")
     p.add_argument("--out", default="bench_out", help="output directory (default: bench_out)")

@@ -142,13 +142,30 @@ def run_event_recall(model: torch.nn.Module, methods: Sequence[tuple[str, Any]],
         from tqdm.auto import tqdm
 
         mine = tqdm(mine, desc="event recall", unit="clip")
+    failed: dict[str, str] = {}
+
+    def stats_of(group: list[tuple[str, Any, float]], inputs: dict[str, Any]) -> list[tuple[Any, list]]:
+        """kept_items of a group sharing one encoder pass; on an error, each point alone (a method that cannot run
+        on this model, e.g. an LLM-stage schedule deeper than a cut LLM, is reported, not fatal)."""
+        group = [pt for pt in group if pt[0] not in failed]
+        if not group:
+            return []
+        try:
+            return list(zip(group, kept_items([cls(retain=r) for _, cls, r in group], model, inputs)))
+        except (ValueError, TypeError, RuntimeError) as e:
+            if len(group) == 1:
+                failed[group[0][0]] = f"failed at retain {group[0][2]:g}: {e}"
+                return []
+        return [res for pt in group for res in stats_of([pt], inputs)]
+
     for seed in mine:
         pixels, mask = event_clip(seed, frames, height, width)
         clip = Clip(f"synthetic:{seed}", "", pixels, np.arange(frames) / 2.0, 2.0, 0.0)
         inputs = _to(video_inputs(model, clip, seed), str(param.device), param.dtype)
-        comps = [cls(retain=r) for _, cls, r in points]
-        stats = kept_items(comps, model, inputs) if comps else []
-        for (name, cls, r), items in zip(points, stats):
+        # pre-LLM points share one encoder pass (kept_items); LLM-stage points need a prefill each
+        shared = [pt for pt in points if pt[1].info.stage == "pre_llm"]
+        stats = stats_of(shared, inputs) + [res for pt in points if pt not in shared for res in stats_of([pt], inputs)]
+        for (name, cls, r), items in stats:
             clip_items = [it for it in items if isinstance(it, ItemStats) and it.modality == "video"]
             if len(clip_items) != 1:
                 raise RuntimeError(f"{name}: expected one video item, got {len(clip_items)}")
@@ -156,6 +173,8 @@ def run_event_recall(model: torch.nn.Module, methods: Sequence[tuple[str, Any]],
             score = score_trial(item.source, event_token_mask(item.grid, mask))
             rows.append({"method": name, "retain": r, "trial": seed, **score, "tokens_in": item.tokens_in,
                          "tokens_out": item.tokens_out, "stage": cls.info.stage})
+    rows = [r for r in rows if r["method"] not in failed]  # a method that failed on a later clip: no partial mean
+    rows += [{"method": name, "skipped": why} for name, why in failed.items()]
     if rank == 0:
         rows += [{"method": name, "skipped": why} for name, why in skipped.items()]
     return rows
@@ -206,9 +225,10 @@ def merge_event_rows(rows: Sequence[dict[str, Any]], frames: int, size: tuple[in
     """Per-trial rows (of every rank) -> one row per (encoder, method, retain) with the means over trials
     (``encoder``: ``"model"`` for the bench's own model, ``"dinov2-s14"`` for :func:`run_event_recall_dinov2`)."""
     groups: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
-    out = [dict(r) for r in rows if "skipped" in r]
+    skipped = {(r.get("encoder", "model"), r["method"]): dict(r) for r in rows if "skipped" in r}  # one per method
+    out = list(skipped.values())
     for r in rows:
-        if "skipped" not in r:
+        if "skipped" not in r and (r.get("encoder", "model"), r["method"]) not in skipped:  # no partial means
             groups.setdefault((r.get("encoder", "model"), r["method"], r["retain"]), []).append(r)
     for (enc, name, r), g in sorted(groups.items(), key=lambda kv: (kv[0][0] != "model", kv[0][0], kv[0][1],
                                                                      -kv[0][2])):
