@@ -250,11 +250,11 @@ def test_video_fidelity_pipeline_on_a_tiny_encoder():
                                      intermediate_size=64, image_size=56, patch_size=14)).eval()
     proc = BitImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
     clips = [(f"synthetic{i}", synthetic_clip(6, 64, 64, seed=i).frames) for i in range(3)]
-    rows = run_video_fidelity(["dycoke", "fastvid", "fastv", "visionzip"], [1.0, 0.25], model=model, processor=proc,
-                              clips=clips)
+    rows = run_video_fidelity(["dycoke", "fastvid", "fastv", "visionzip", "dycoke:0.5>fastv"], [1.0, 0.25],
+                              model=model, processor=proc, clips=clips)
     done = {(r["method"], r["retain"]): r for r in rows if "skipped" not in r}
     skipped = {r["method"]: r["skipped"] for r in rows if "skipped" in r}
-    assert set(skipped) == {"fastv", "visionzip"}
+    assert set(skipped) == {"fastv", "visionzip", "dycoke:0.5>fastv"}
     full = done[("dycoke", 1.0)]
     assert full["tokens_in"] == full["tokens_out"] == 6 * 16 and full["frames"] == 6 and full["n_clips"] == 3
     for k in ("cosine", "token_cosine", "frame_cosine", "frame_cosine_min"):

@@ -178,9 +178,12 @@ def image_methods(names: Sequence[str] | None = None) -> tuple[list[FidelityRun]
     else:
         wanted = []
         for n in names:
+            if ">" in n:  # a tz.compose pipeline (bench.specs): not one method on a bare encoder
+                continue
             base, cut = parse_spec(n)
             wanted.append((n.strip(), method_class(base), cut))
     run, skipped = [], {}
+    skipped.update({n.strip(): "pipelines are not run on a bare encoder" for n in names or () if ">" in n})
     for label, c, cut in wanted:
         if c.info.stage != "pre_llm" or "image" not in c.info.modalities:
             continue
@@ -303,8 +306,9 @@ def video_fidelity_methods(names: Sequence[str] | None = None) -> tuple[list[Fid
     if names is None:
         wanted = [(c.info.name, c, None) for c in METHODS]
     else:
-        wanted = [(n.strip(), method_class(parse_spec(n)[0]), parse_spec(n)[1]) for n in names]
+        wanted = [(n.strip(), method_class(parse_spec(n)[0]), parse_spec(n)[1]) for n in names if ">" not in n]
     run, skipped = [], {}
+    skipped.update({n.strip(): "pipelines are not run on a bare encoder" for n in names or () if ">" in n})
     for label, c, cut in wanted:
         if "video" not in c.info.modalities:
             if names is not None:
