@@ -10,8 +10,9 @@ method, oracle and interleaved baseline calls; ``replay``: the oracle of encoder
 ``derive`` (columns comparing rows), ``env`` (software/hardware), ``report`` (tables, plots, report.md),
 ``config`` (BenchConfig). Inputs and models: ``presets`` (real architectures offline), ``inputs`` (processor
 inputs), ``first_token`` (time to first token of a plain generate, for the CLI and the demo). Quality: ``fidelity``
-(DINOv2 features), ``tasks`` (VQA accuracy from local files), ``audio`` (Whisper WER on real speech). ``dist``:
-torchrun.
+(DINOv2 features; real clips per frame with ``--video``), ``events`` (event recall: does a 2-frame event of a
+synthetic clip keep a token), ``tasks`` (VQA accuracy from local files), ``audio`` (Whisper WER on real speech).
+``dist``: torchrun.
 """
 
 from .config import TIMING_FIELDS, BenchConfig

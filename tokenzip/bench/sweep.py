@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ..base import Compressor
-from .config import BenchConfig
+from .config import BenchConfig, quality_parts
 from .derive import finalize
 from .env import environment
 from .instrument import Clock, clock_for
@@ -82,7 +82,8 @@ def run_bench(cfg: BenchConfig, built: Built | None = None) -> dict[str, Any]:
         cfg.device = f"cuda:{ctx.local_rank}"
     torch.set_num_threads(cfg.threads or dist.default_threads(ctx))
     if built is None:
-        built = build(cfg.model, attn=cfg.attn, dtype=cfg.dtype, device=cfg.device, layers=cfg.layers, seed=cfg.seed)
+        built = build(cfg.model, attn=cfg.attn, dtype=cfg.dtype, device=cfg.device, layers=cfg.layers, seed=cfg.seed,
+                      video=cfg.video, clip=cfg.clip)
     clock = Clock(cfg.clock) if cfg.clock is not None else clock_for(cfg.device)
     shapes = Shapes(built)
     methods, skipped = resolve_methods(built.model, cfg.methods)
@@ -119,17 +120,36 @@ def run_bench(cfg: BenchConfig, built: Built | None = None) -> dict[str, Any]:
     quality: list[dict[str, Any]] = []
     q_note = ""
     t1 = time.perf_counter()
-    if cfg.quality == "dinov2" or (cfg.quality == "auto" and not built.preset.startswith("tiny")):
+    parts = quality_parts(cfg.quality)
+    video = built.media.get("kind") == "video"
+    if "dinov2" in parts or ("auto" in parts and not built.preset.startswith("tiny")):
         from . import fidelity
 
         names = [n for n, _ in methods] if cfg.methods is not None else None
         try:
-            quality = fidelity.run_fidelity(names, cfg.retain, n_images=cfg.quality_images, rank=ctx.rank,
-                                            world=ctx.world, progress=cfg.progress and ctx.rank == 0)
+            if video:  # the same methods on real clips, per frame (fidelity.run_video_fidelity)
+                quality = fidelity.run_video_fidelity(names, cfg.retain, frames=int(built.media["frames"]),
+                                                      rank=ctx.rank, world=ctx.world,
+                                                      progress=cfg.progress and ctx.rank == 0)
+            else:
+                quality = fidelity.run_fidelity(names, cfg.retain, n_images=cfg.quality_images, rank=ctx.rank,
+                                                world=ctx.world, progress=cfg.progress and ctx.rank == 0)
         except fidelity.Unavailable as e:
-            if cfg.quality == "dinov2":
+            if "dinov2" in parts:
                 raise
             q_note = str(e)
+    events: list[dict[str, Any]] = []
+    if "event-recall" in parts:
+        from .events import run_event_recall
+
+        events = run_event_recall(built.model, methods, cfg.retain, frames=cfg.event_frames, trials=cfg.event_trials,
+                                  rank=ctx.rank, world=ctx.world, progress=cfg.progress and ctx.rank == 0)
+        if "dinov2" in parts:  # the same trials on real weights (pre-LLM video methods on DINOv2-S/14)
+            from .events import run_event_recall_dinov2
+
+            names = [n for n, _ in methods] if cfg.methods is not None else None
+            events += run_event_recall_dinov2(names, cfg.retain, frames=cfg.event_frames, trials=cfg.event_trials,
+                                              rank=ctx.rank, world=ctx.world)
     accuracy: list[dict[str, Any]] = []
     if cfg.task:
         from .tasks import run_task_sweep
@@ -137,7 +157,8 @@ def run_bench(cfg: BenchConfig, built: Built | None = None) -> dict[str, Any]:
         accuracy = run_task_sweep(built, cfg.task, methods, cfg.retain, limit=cfg.task_limit, rank=ctx.rank,
                                   world=ctx.world, new_tokens=16)
 
-    gathered = dist.gather(ctx, {"rows": rows, "quality": quality, "accuracy": accuracy, "elapsed": elapsed,
+    gathered = dist.gather(ctx, {"rows": rows, "quality": quality, "accuracy": accuracy, "events": events,
+                                 "elapsed": elapsed,
                                  "quality_elapsed": time.perf_counter() - t1, "failed": failed})
     env = environment(built, cfg, ctx.world)
     if ctx.rank != 0:
@@ -150,9 +171,19 @@ def run_bench(cfg: BenchConfig, built: Built | None = None) -> dict[str, Any]:
     for g in gathered:
         skipped.update(g["failed"])
     all_rows = finalize(all_rows, built.scale)
+    decode = built.media.get("decode_s")
     for r in all_rows:
         r["env"] = env
+        if decode is not None:  # the clip's decode + preprocessing: before generate(), the same for every row
+            r["decode_s"] = decode
+            r["ttft_with_decode_s"] = decode + r["ttft_s"]
+    all_events = []
+    if "event-recall" in parts:
+        from .events import merge_event_rows
+
+        all_events = merge_event_rows([r for g in gathered for r in g["events"]], cfg.event_frames)
     result = {"rows": all_rows, "env": env, "skipped": skipped, "quality": all_quality, "accuracy": all_acc,
+              "events": all_events, "media": built.media,
               "quality_note": q_note, "elapsed_s": max(g["elapsed"] for g in gathered),
               "quality_elapsed_s": max(g["quality_elapsed"] for g in gathered),
               "preset_notes": built.notes, "preset_source": built.source, "scale": built.scale,
