@@ -390,8 +390,9 @@ class QwenVideoSettings:
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, **overrides: Any) -> "QwenVideoSettings":
-        """The defaults with the model's own patch, temporal patch and merge sizes (tiny test models)."""
-        v = model.config.vision_config
+        """The defaults with the model's own patch, temporal patch and merge sizes (tiny test models); a Qwen2.5-Omni
+        model's are its thinker's."""
+        v = getattr(model, "thinker", model).config.vision_config
         kw = dict(patch_size=int(v.patch_size), temporal_patch_size=int(v.temporal_patch_size),
                   merge_size=int(v.spatial_merge_size))
         kw.update(overrides)
