@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .deps import require
-from .video import QwenVideoSettings, qwen_video_pixels
+from .video import QwenVideoSettings, open_media, qwen_video_pixels
 
 SAMPLING_RATE = 16000
 
@@ -48,15 +48,8 @@ class AVClip:
 def read_audio(path: str | Path, sampling_rate: int = SAMPLING_RATE) -> np.ndarray | None:
     """The first audio track of a media file as mono float32 in [-1, 1] at ``sampling_rate`` Hz (PyAV's resampler),
     or ``None`` when the file has no audio track."""
-    av = require("av")
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"media file not found: {path}")
-    try:
-        container = av.open(str(path))
-    except av.error.FFmpegError as e:
-        raise ValueError(f"cannot read {path}: {e}") from e
-    with container:
+    with open_media(path, "media file") as container:
+        av = require("av")
         if not container.streams.audio:
             return None
         stream = container.streams.audio[0]
