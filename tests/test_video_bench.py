@@ -158,12 +158,12 @@ def test_prefill_speedup_next_to_flop_ideal():
 
 def test_video_report_columns(tmp_path):
     _needs_clips()
-    cfg = BenchConfig(model="tiny-llava_onevision_video", methods=["dycoke", "fastv", "random"], retain=[0.5],
+    cfg = BenchConfig(model="tiny-llava_onevision_video", methods=["dycoke", "fastv", "random", "tome"], retain=[0.5],
                       repeats=1, warmup=0, new_tokens=2, quality="event-recall", video=4, clip="bikes",
                       event_frames=8, event_trials=2, progress=False, out=str(tmp_path))
     res = run_bench(cfg)
     rows = [r for r in res["rows"] if r["kind"] != "oracle"]
-    assert {r["method"] for r in rows} == {"none", "dycoke", "fastv"}
+    assert {r["method"] for r in rows} == {"none", "dycoke", "fastv", "random"}  # tome: image/audio only
     for r in res["rows"]:
         assert r["decode_s"] == res["media"]["decode_s"]
         assert r["ttft_with_decode_s"] == pytest.approx(r["decode_s"] + r["ttft_s"])
@@ -179,7 +179,8 @@ def test_video_report_columns(tmp_path):
                 "| event recall |", "| event dominant |"):
         assert col in text
     ev = {e["method"]: e for e in res["events"]}
-    assert "skipped" in ev["random"] and ev["dycoke"]["trials"] == 2 and ev["fastv"]["stage"] == "llm"
+    assert "skipped" in ev["tome"] and ev["dycoke"]["trials"] == 2 and ev["fastv"]["stage"] == "llm"
+    assert ev["random"]["trials"] == 2  # the video random baseline
     assert os.path.exists(os.path.join(tmp_path, "events.jsonl"))
 
 
