@@ -389,15 +389,8 @@ class Qwen2_5OmniAdapter(LLMAccess, Adapter):
             raise ValueError(f"{modality} pixels have {pixels.shape[0]} patches but the grid {grid.tolist()} needs "
                              f"{int(grid.prod(-1).sum())}")
         probe = _LastBlockProbe(visual.blocks[-1].attn, needs & ATTENTION_SIGNALS)
-        handle = probe.attn.register_forward_pre_hook(probe.hook, with_kwargs=True) if probe.needs else None
         fn = self.core.get_image_features if modality == "image" else self.core.get_video_features
-        try:
-            feats = list(fn(pixels, grid.to(pixels.device), return_dict=True).pooler_output)
-        finally:
-            if handle is not None:
-                handle.remove()
-        if handle is not None and probe.calls != 1:
-            raise RuntimeError(f"expected one call of the last vision block, saw {probe.calls}")
+        feats = list(probe.run(lambda: fn(pixels, grid.to(pixels.device), return_dict=True)).pooler_output)
         grouped: dict[str, torch.Tensor] = {}
         if probe.needs:
             order, _ = get_vision_window_index(grid, spatial_merge_size=self.merge, window_size=visual.window_size,

@@ -89,13 +89,8 @@ class Qwen3OmniAdapter(Qwen2_5OmniAdapter):
             raise ValueError(f"{modality} pixels have {pixels.shape[0]} patches but the grid {grid.tolist()} needs "
                              f"{int(grid.prod(-1).sum())}")
         probe = _LastBlockProbe(visual.blocks[-1].attn, needs & ATTENTION_SIGNALS)
-        handle = probe.attn.register_forward_pre_hook(probe.hook, with_kwargs=True) if probe.needs else None
         fn = self.core.get_image_features if modality == "image" else self.core.get_video_features
-        try:
-            out = fn(pixels, grid.to(pixels.device), return_dict=True)
-        finally:
-            if handle is not None:
-                handle.remove()
+        out = probe.run(lambda: fn(pixels, grid.to(pixels.device), return_dict=True))
         feats = list(out.pooler_output)
         self._deepstack[modality] = [list(level) for level in out.deepstack_features]
         grouped = {name: t.reshape(t.shape[0] // unit, unit, *t.shape[1:]).mean(dim=1)

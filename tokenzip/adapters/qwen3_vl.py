@@ -187,15 +187,8 @@ class Qwen3VLAdapter(LLMAccess, Adapter):
         owner = items_per_sample(input_ids, self.token_of[modality], sizes, modality)
         pixels = kwargs["pixel_values" if modality == "image" else "pixel_values_videos"]
         probe = _LastBlockProbe(self.visual.blocks[-1].attn, needs & ATTENTION_SIGNALS)
-        handle = probe.attn.register_forward_pre_hook(probe.hook, with_kwargs=True) if probe.needs else None
         features = self.core.get_image_features if modality == "image" else self.core.get_video_features
-        try:
-            out = features(pixels, grid.to(pixels.device), return_dict=True)
-        finally:
-            if handle is not None:
-                handle.remove()
-        if handle is not None and probe.calls != 1:
-            raise RuntimeError(f"expected one call of the last vision block, saw {probe.calls}")
+        out = probe.run(lambda: features(pixels, grid.to(pixels.device), return_dict=True))
         # per patch (merge-group order) -> per LLM token: mean over the four patches of each group
         grouped = {name: t.reshape(t.shape[0] // unit, unit, *t.shape[1:]).mean(dim=1)
                    for name, t in (("cls_attention", probe.received), ("keys", probe.keys)) if t is not None}
