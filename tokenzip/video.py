@@ -3,7 +3,7 @@ inputs built without torchvision.
 
 - :func:`read_video` decodes ``num_frames`` frames spread uniformly over a clip, or the frames shown at a target
   ``fps``, as ``uint8 [T, H, W, 3]`` with their presentation timestamps in seconds (PyAV: ``tokenzip[video]`` or
-  ``[bench]``).
+  ``[bench]``); :func:`iter_frames` streams the same frames one at a time.
 - :func:`synthetic_clip` draws a clip whose events are known exactly: a square that appears for exactly two frames
   (``flash``), a square that moves left to right (``mover``) and a square that changes colour half-way
   (``chameleon``), each with its per-frame pixel mask; :func:`event_tokens` maps a mask to a model's token grid.
@@ -60,7 +60,7 @@ def read_video(path: str | Path, *, num_frames: int | None = None, fps: float | 
     LLaVA-OneVision's ``np.linspace(0, total - 1, num_frames)``), or, with ``fps``, the frame on screen at every
     ``1 / fps`` seconds from the start (a frame shown at several of those times is returned once, so ``fps`` above
     the clip's own rate gives every frame). Exactly one of the two. Frames are decoded in one pass and only the
-    chosen ones are converted to RGB (:func:`iter_frames`, collected)."""
+    chosen ones are converted to RGB (the frames :func:`iter_frames` streams, collected)."""
     _check_sampling(num_frames, fps)
     with open_media(path) as container:
         stream = _video_stream(container, path)
@@ -68,7 +68,7 @@ def read_video(path: str | Path, *, num_frames: int | None = None, fps: float | 
         duration = _duration(container, stream)
         picked = list(_pick_frames(container, stream, path, num_frames, fps, duration))
     if not picked:
-        raise ValueError(f"no video frames decoded from {path}")
+        raise ValueError(f"no video frames decoded from {Path(path)}")
     frames, times, indices = zip(*picked)
     return Video(np.stack(frames), np.asarray(times, dtype=np.float64), rate, duration,
                  np.asarray(indices, dtype=np.int64))
