@@ -91,7 +91,7 @@ def _expected_columns(input_ids, mask, stats, b):
     return sorted(columns)
 
 
-# random compresses audio clips and images (videos pass whole), EVS videos (soundtracks pass whole); Qwen3-Omni
+# random compresses every item (audio clips, images, videos), EVS videos (soundtracks pass whole); Qwen3-Omni
 # interleaves a video and its soundtrack token by token and adds deepstack rows to the visual tokens
 SELECTIONS = [(case, inputs, method) for case in ("qwen2_5_omni", "qwen3_omni")
               for inputs, method in [(inputs, "random") for inputs in sorted(INPUTS)]
@@ -278,7 +278,7 @@ def test_audio_features_are_the_processors(real_clips):
 @pytest.mark.parametrize("use_audio_in_video", [True, False])
 def test_real_av_inputs_run_compressed_with_exact_positions(real_clips, use_audio_in_video):
     """Both real clips as one batch (different lengths): the prompt's placeholder counts are the model's own token
-    counts (it runs), retain=1 is exact, and compressing the soundtrack (random) or the video (EVS) keeps every kept
+    counts (it runs), retain=1 is exact, and compressing both streams (random) or the video (EVS) keeps every kept
     token's uncompressed position and embedding; generate() runs on the compressed prompt."""
     from tokenzip.av import OmniVideoSettings, omni_av_inputs
 

@@ -440,4 +440,4 @@ def test_video_contact_sheet_runs_a_method_on_a_real_clip():
     assert stats.tokens_out == method.budget.count(65)
     assert pic.size[0] > 0
     with pytest.raises(TypeError, match="not video"):
-        video_contact_sheet(tz.RandomPrune(retain=0.3), model, io._tokenizer(), path, num_frames=4)
+        video_contact_sheet(tz.get("avgpool", retain=0.3), model, io._tokenizer(), path, num_frames=4)

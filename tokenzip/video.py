@@ -3,7 +3,7 @@ inputs built without torchvision.
 
 - :func:`read_video` decodes ``num_frames`` frames spread uniformly over a clip, or the frames shown at a target
   ``fps``, as ``uint8 [T, H, W, 3]`` with their presentation timestamps in seconds (PyAV: ``tokenzip[video]`` or
-  ``[bench]``).
+  ``[bench]``); :func:`iter_frames` streams the same frames one at a time.
 - :func:`synthetic_clip` draws a clip whose events are known exactly: a square that appears for exactly two frames
   (``flash``), a square that moves left to right (``mover``) and a square that changes colour half-way
   (``chameleon``), each with its per-frame pixel mask; :func:`event_tokens` maps a mask to a model's token grid.
@@ -27,7 +27,8 @@ on < 0.5 % of the pixels, so it is not used for the resize. The processor's opti
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,34 @@ def read_video(path: str | Path, *, num_frames: int | None = None, fps: float | 
     LLaVA-OneVision's ``np.linspace(0, total - 1, num_frames)``), or, with ``fps``, the frame on screen at every
     ``1 / fps`` seconds from the start (a frame shown at several of those times is returned once, so ``fps`` above
     the clip's own rate gives every frame). Exactly one of the two. Frames are decoded in one pass and only the
-    chosen ones are converted to RGB."""
+    chosen ones are converted to RGB (the frames :func:`iter_frames` streams, collected)."""
+    _check_sampling(num_frames, fps)
+    with open_media(path) as container:
+        stream = _video_stream(container, path)
+        rate = float(stream.average_rate) if stream.average_rate else 0.0
+        duration = _duration(container, stream)
+        picked = list(_pick_frames(container, stream, path, num_frames, fps, duration))
+    if not picked:
+        raise ValueError(f"no video frames decoded from {Path(path)}")
+    frames, times, indices = zip(*picked)
+    return Video(np.stack(frames), np.asarray(times, dtype=np.float64), rate, duration,
+                 np.asarray(indices, dtype=np.int64))
+
+
+def iter_frames(path: str | Path, *, num_frames: int | None = None, fps: float | None = None
+                ) -> Iterator[tuple[np.ndarray, float, int]]:
+    """``(frame uint8 [H, W, 3], seconds, index)`` for the frames :func:`read_video` picks with the same arguments
+    (``num_frames`` spread over the clip, first and last included, or the frame on screen every ``1 / fps``
+    seconds), one at a time while decoding: only the frame being yielded is converted to RGB and nothing is kept.
+    With ``num_frames`` the stream's frame count comes from its header, else from one demux pass (packets, no
+    decoding)."""
+    _check_sampling(num_frames, fps)
+    with open_media(path) as container:
+        stream = _video_stream(container, path)
+        yield from _pick_frames(container, stream, path, num_frames, fps, _duration(container, stream))
+
+
+def _check_sampling(num_frames: int | None, fps: float | None) -> None:
     if (num_frames is None) == (fps is None):
         raise ValueError("give exactly one of num_frames (frames spread over the clip) or fps (frames per second)")
     if num_frames is not None and (not isinstance(num_frames, int) or isinstance(num_frames, bool) or num_frames < 1):
@@ -67,88 +95,77 @@ def read_video(path: str | Path, *, num_frames: int | None = None, fps: float | 
     if fps is not None and (not isinstance(fps, (int, float)) or isinstance(fps, bool) or not fps > 0
                             or not math.isfinite(fps)):
         raise ValueError(f"fps must be a finite number > 0, got {fps!r}")
+
+
+@contextmanager
+def open_media(path: str | Path, what: str = "video") -> Iterator[Any]:
+    """An open PyAV container of a media file (closed on exit): ``FileNotFoundError`` when the file is missing,
+    ``ValueError`` when it is not a media file (``what`` names it in both messages)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"video not found: {path}")
+        raise FileNotFoundError(f"{what} not found: {path}")
     av = require("av")
     try:
         container = av.open(str(path))
     except av.error.FFmpegError as e:  # not a media file
-        raise ValueError(f"cannot read video {path}: {e}") from e
+        raise ValueError(f"cannot read {what} {path}: {e}") from e
     with container:
-        if not container.streams.video:
-            raise ValueError(f"{path} has no video stream")
-        stream = container.streams.video[0]
-        rate = float(stream.average_rate) if stream.average_rate else 0.0
-        base = stream.time_base
-        start = stream.start_time or 0
-        if stream.duration is not None:
-            duration = float((stream.duration) * base)
-        elif container.duration is not None:
-            duration = container.duration / 1e6
-        else:
-            duration = 0.0
-        if num_frames is not None:
-            total = stream.frames or sum(1 for p in container.demux(stream) if p.size)  # no count in the header
-            if total == 0:
-                raise ValueError(f"{path} has no video frames")
-            container.seek(0)
-            wanted = np.unique(np.linspace(0, total - 1, num=min(num_frames, total)).round().astype(np.int64))
-            frames, times, indices = _pick_by_index(container, stream, wanted, base, start)
-        else:
-            frames, times, indices = _pick_by_time(container, stream, float(fps), duration, base, start)
-    if not frames:
-        raise ValueError(f"no video frames decoded from {path}")
-    return Video(np.stack(frames), np.asarray(times, dtype=np.float64), rate, duration,
-                 np.asarray(indices, dtype=np.int64))
+        yield container
 
 
-def _seconds(frame: Any, base: Any, start: int) -> float:
-    pts = frame.pts if frame.pts is not None else 0
-    return float((pts - start) * base)
+def _video_stream(container: Any, path: str | Path) -> Any:
+    if not container.streams.video:
+        raise ValueError(f"{Path(path)} has no video stream")
+    return container.streams.video[0]
 
 
-def _pick_by_index(container: Any, stream: Any, wanted: np.ndarray, base: Any, start: int
-                   ) -> tuple[list[np.ndarray], list[float], list[int]]:
-    frames, times, indices = [], [], []
-    want = set(wanted.tolist())
-    last = int(wanted.max())
+def _duration(container: Any, stream: Any) -> float:
+    if stream.duration is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / 1e6
+    return 0.0
+
+
+def _pick_frames(container: Any, stream: Any, path: str | Path, num_frames: int | None, fps: float | None,
+                 duration: float) -> Iterator[tuple[np.ndarray, float, int]]:
+    """The one frame-picking rule of :func:`read_video` and :func:`iter_frames`, yielding ``(rgb, seconds, index)``.
+    With ``num_frames``: the decoded frames at ``linspace(0, total - 1, num_frames)`` rounded. With ``fps``: for each
+    target time ``j / fps`` (``< duration``), the last frame whose timestamp is ``<=`` it (the frame on screen then),
+    each frame at most once."""
+    base, start = stream.time_base, stream.start_time or 0
+
+    def seconds(frame: Any) -> float:
+        return float(((frame.pts if frame.pts is not None else 0) - start) * base)
+
+    if num_frames is not None:
+        total = stream.frames or sum(1 for p in container.demux(stream) if p.size)  # no count in the header
+        if total == 0:
+            raise ValueError(f"{Path(path)} has no video frames")
+        container.seek(0)
+        wanted = set(np.linspace(0, total - 1, num=min(num_frames, total)).round().astype(np.int64).tolist())
+        last = max(wanted)
+        for i, frame in enumerate(container.decode(stream)):
+            if i in wanted:
+                yield frame.to_ndarray(format="rgb24"), seconds(frame), i
+            if i >= last:
+                return
+        return
+    targets = np.arange(0.0, max(duration, 1e-9), 1.0 / float(fps))
+    ti, prev, shown = 0, None, -1  # prev: the previous decoded frame, kept undecoded to RGB until chosen
     for i, frame in enumerate(container.decode(stream)):
-        if i in want:
-            frames.append(frame.to_ndarray(format="rgb24"))
-            times.append(_seconds(frame, base, start))
-            indices.append(i)
-        if i >= last:
-            break
-    return frames, times, indices
-
-
-def _pick_by_time(container: Any, stream: Any, fps: float, duration: float, base: Any, start: int
-                  ) -> tuple[list[np.ndarray], list[float], list[int]]:
-    """For each target time ``j / fps`` (``< duration``): the last frame whose timestamp is ``<=`` it (the frame on
-    screen then), each frame at most once."""
-    targets = np.arange(0.0, max(duration, 1e-9), 1.0 / fps)
-    frames, times, indices = [], [], []
-    prev: tuple[int, Any, float] | None = None  # the previous decoded frame, kept undecoded to RGB until chosen
-    ti = 0
-
-    def choose(entry: tuple[int, Any, float]) -> None:
-        if not indices or indices[-1] != entry[0]:
-            frames.append(entry[1].to_ndarray(format="rgb24"))
-            times.append(entry[2])
-            indices.append(entry[0])
-
-    for i, frame in enumerate(container.decode(stream)):
-        t = _seconds(frame, base, start)
+        t = seconds(frame)
         while ti < len(targets) and targets[ti] < t:  # frame i starts after target ti: the previous one was on screen
-            choose(prev if prev is not None else (i, frame, t))
+            j, f, tf = prev if prev is not None else (i, frame, t)
+            if j != shown:
+                shown = j
+                yield f.to_ndarray(format="rgb24"), tf, j
             ti += 1
         if ti >= len(targets):
-            break
+            return
         prev = (i, frame, t)
-    if prev is not None and ti < len(targets):  # targets after the last frame's start: it stays on screen
-        choose(prev)
-    return frames, times, indices
+    if prev is not None and ti < len(targets) and prev[0] != shown:  # targets after the last frame's start: it stays
+        yield prev[1].to_ndarray(format="rgb24"), prev[2], prev[0]
 
 
 # ---- synthetic clips with a ground truth ---------------------------------------------------------------------------
@@ -330,6 +347,7 @@ def onevision_video_inputs(model: torch.nn.Module, tokenizer: Any, texts: Sequen
 __all__ = ["SyntheticClip", "VIDEO_TOKEN", "Video", "event_tokens", "expand_video_tokens", "onevision_frame_tokens",
            "onevision_video_inputs", "onevision_video_pixels", "onevision_video_processor", "onevision_video_tokens",
            "read_video", "synthetic_clip"]
+__all__ += ["iter_frames", "open_media"]
 
 
 # ---- Qwen2-VL / Qwen2.5-VL video inputs ----------------------------------------------------------------------------
@@ -390,8 +408,9 @@ class QwenVideoSettings:
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, **overrides: Any) -> "QwenVideoSettings":
-        """The defaults with the model's own patch, temporal patch and merge sizes (tiny test models)."""
-        v = model.config.vision_config
+        """The defaults with the model's own patch, temporal patch and merge sizes (tiny test models); a Qwen2.5-Omni
+        model's are its thinker's."""
+        v = getattr(model, "thinker", model).config.vision_config
         kw = dict(patch_size=int(v.patch_size), temporal_patch_size=int(v.temporal_patch_size),
                   merge_size=int(v.spatial_merge_size))
         kw.update(overrides)

@@ -156,3 +156,19 @@ def multi_keep_mask(input_ids: torch.Tensor, counts: dict[int, list[list[tuple[i
     for token_id, per_sample in counts.items():
         keep &= placeholder_keep_mask(input_ids, token_id, per_sample)
     return keep
+
+
+def check_grid(grid: Any, key: str, pixels: str, modality: str, merge: int, model: str, hint: str) -> torch.Tensor:
+    """The validated ``[n, 3]`` (t, h, w) patch grids ``grid`` (``kwargs[key]``) that come with ``pixels`` for a
+    Qwen vision tower: present, ``[n, 3]``, positive, heights and widths multiples of the ``merge`` size. ``model``
+    and ``hint`` (how to build the inputs) name the model family in the error."""
+    if grid is None:
+        raise ValueError(f"{key} is required with {pixels} for {model}; build the inputs with the model's processor "
+                         f"({hint})")
+    grid = torch.as_tensor(grid)
+    if grid.dim() != 2 or grid.shape[1] != 3:
+        raise ValueError(f"{key} must have shape [num_{modality}s, 3], got {tuple(grid.shape)}")
+    if bool(((grid[:, 1:] % merge) != 0).any()) or bool((grid <= 0).any()):
+        raise ValueError(f"{key} must hold positive grids whose heights/widths are multiples of "
+                         f"spatial_merge_size={merge}, got {grid.tolist()}")
+    return grid

@@ -85,16 +85,23 @@ import torch
 from transformers.vision_utils import get_vision_window_index
 
 from .. import layout as L
-from .. import timing
 from ..compat import cache_from
 from ..llm.adapter import LLMAccess
 from ..llm.hooks import LLMItem
-from ..llm.scores import QK, received_attention, rope_function
 from ..output import CompressOutput
 from . import positions as P
 from .attention import ATTENTION_SIGNALS, attention_signals
 from .base import Adapter, Item, ModelParts
-from .placeholders import items_per_sample, pad_id_for, padding_side, require_input_ids, shrink_sequences, text_signals
+from .placeholders import (
+    check_grid,
+    items_per_sample,
+    pad_id_for,
+    padding_side,
+    require_input_ids,
+    shrink_sequences,
+    text_signals,
+)
+from .qwen2_vl import _LastBlockProbe
 from .speech import RAW_AUDIO, energy_speech, raw_waveforms, silero_speech
 
 MEL_PER_TOKEN = 4  # conv2 stride 2 x average pooling stride 2
@@ -102,36 +109,6 @@ SAMPLES_PER_TOKEN = 640  # 4 mel frames x hop 160 at 16 kHz: 40 ms per audio tok
 _MEDIA_KEYS = ("input_features", "feature_attention_mask", "audio_feature_lengths", "pixel_values",
                "pixel_values_videos", "image_grid_thw", "video_grid_thw", "video_second_per_grid",
                "use_audio_in_video", "mm_encoder_outputs", "inputs_embeds", RAW_AUDIO)
-
-
-class _VisionProbe:
-    """Forward pre-hook on the ViT's last block attention (separate ``q``/``k``/``v`` projections): per patch, in the
-    order the block sees the patches, the attention it receives summed over the queries of its segment and averaged
-    over heads (``received``), and the keys before rotary averaged over heads (``keys``)."""
-
-    def __init__(self, needs: frozenset[str], chunk: int = 1024):
-        self.needs = needs
-        self.chunk = chunk
-        self.calls = 0
-        self.received: torch.Tensor | None = None
-        self.keys: torch.Tensor | None = None
-
-    def hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        self.calls += 1
-        x = args[0] if args else kwargs["hidden_states"]
-        cu = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
-        pe = kwargs.get("position_embeddings", args[2] if len(args) > 2 else None)
-        with torch.no_grad(), timing.span("signals"):
-            n, h = x.shape[0], int(module.num_heads)
-            q = module.q(x).reshape(n, h, -1)
-            k = module.k(x).reshape(n, h, -1)
-            if "keys" in self.needs:
-                self.keys = k.float().mean(dim=1)
-            if "cls_attention" in self.needs:
-                cos, sin = pe
-                qr, kr = rope_function(module, "apply_rotary_pos_emb_vision")(q, k, cos, sin)
-                qk = QK(qr.transpose(0, 1)[None].float(), kr.transpose(0, 1)[None].float(), k, float(module.scaling))
-                self.received = received_attention(qk, cu.tolist(), self.chunk)[0] / h
 
 
 @dataclass
@@ -206,15 +183,9 @@ class Qwen2_5OmniAdapter(LLMAccess, Adapter):
     def _grid(self, kwargs: dict[str, Any], key: str, pixels: str) -> torch.Tensor | None:
         if kwargs.get(pixels) is None:
             return None
-        grid = kwargs.get(key)
-        if grid is None:
-            raise ValueError(f"{key} is required with {pixels} for Qwen2.5-Omni; build the inputs with the model's "
-                             f"processor (or tokenzip.av.omni_inputs)")
-        grid = torch.as_tensor(grid)
-        if grid.dim() != 2 or grid.shape[1] != 3 or bool(((grid[:, 1:] % self.merge) != 0).any()):
-            raise ValueError(f"{key} must be [n, 3] (t, h, w) with h and w multiples of {self.merge}, got "
-                             f"{grid.tolist()}")
-        return grid
+        modality = "image" if key == "image_grid_thw" else "video"
+        return check_grid(kwargs.get(key), key, pixels, modality, self.merge, "Qwen-Omni models",
+                          "or tokenzip.av.omni_av_inputs")
 
     def _video_seconds(self, kwargs: dict[str, Any], videos: int) -> torch.Tensor:
         spg = kwargs.get("video_second_per_grid")
@@ -363,13 +334,11 @@ class Qwen2_5OmniAdapter(LLMAccess, Adapter):
                 if a.modality == "audio" and a.sample == v.sample and first < int(a.extra["slots"][0]) < stop:
                     v.extra["partner"], a.extra["partner"] = j, i
 
-    def _encode_audio(self, kwargs: dict[str, Any], needs: frozenset[str]
-                      ) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
-        feats, fmask = self._audio_args(kwargs)
+    def _run_audio_tower(self, feats: torch.Tensor, fmask: torch.Tensor, attn_needs: frozenset[str]
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The audio tower's output (``get_audio_features``) and, when attention signals are needed, the input of its
+        last layer's attention (a pre-hook), from which they are recomputed over each whole clip."""
         tower = self.core.audio_tower
-        frames, sizes = tower._get_feat_extract_output_lengths(fmask.sum(-1).long())
-        waves = raw_waveforms(kwargs, feats.shape[0], "audio clip")
-        attn_needs = needs & ATTENTION_SIGNALS
         captured: dict[str, torch.Tensor] = {}
 
         def hook(module: torch.nn.Module, args: tuple, kw: dict) -> None:
@@ -381,6 +350,16 @@ class Qwen2_5OmniAdapter(LLMAccess, Adapter):
         finally:
             if handle is not None:
                 handle.remove()
+        return out, captured.get("x")
+
+    def _encode_audio(self, kwargs: dict[str, Any], needs: frozenset[str]
+                      ) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+        feats, fmask = self._audio_args(kwargs)
+        tower = self.core.audio_tower
+        frames, sizes = tower._get_feat_extract_output_lengths(fmask.sum(-1).long())
+        waves = raw_waveforms(kwargs, feats.shape[0], "audio clip")
+        attn_needs = needs & ATTENTION_SIGNALS
+        out, last_in = self._run_audio_tower(feats, fmask, attn_needs)
         tokens = list(out.split([int(n) for n in sizes.tolist()]))
         per_clip: list[dict[str, torch.Tensor]] = []
         start = 0
@@ -388,7 +367,7 @@ class Qwen2_5OmniAdapter(LLMAccess, Adapter):
             sig: dict[str, torch.Tensor] = {}
             if attn_needs:
                 # the clip's frames as one full sequence (OmniZip: full, not the model's windows)
-                rows = attention_signals(tower.layers[-1].self_attn, captured["x"][None, start: start + f],
+                rows = attention_signals(tower.layers[-1].self_attn, last_in[None, start: start + f],
                                          attn_needs, None)
                 for name, t in rows.items():
                     t = t[0, : 2 * n].view(n, 2, *t.shape[2:])
@@ -409,17 +388,9 @@ class Qwen2_5OmniAdapter(LLMAccess, Adapter):
         if int(grid.prod(-1).sum()) != pixels.shape[0]:
             raise ValueError(f"{modality} pixels have {pixels.shape[0]} patches but the grid {grid.tolist()} needs "
                              f"{int(grid.prod(-1).sum())}")
-        probe = _VisionProbe(needs & ATTENTION_SIGNALS)
-        handle = visual.blocks[-1].attn.register_forward_pre_hook(probe.hook, with_kwargs=True) \
-            if probe.needs else None
+        probe = _LastBlockProbe(visual.blocks[-1].attn, needs & ATTENTION_SIGNALS)
         fn = self.core.get_image_features if modality == "image" else self.core.get_video_features
-        try:
-            feats = list(fn(pixels, grid.to(pixels.device), return_dict=True).pooler_output)
-        finally:
-            if handle is not None:
-                handle.remove()
-        if handle is not None and probe.calls != 1:
-            raise RuntimeError(f"expected one call of the last vision block, saw {probe.calls}")
+        feats = list(probe.run(lambda: fn(pixels, grid.to(pixels.device), return_dict=True)).pooler_output)
         grouped: dict[str, torch.Tensor] = {}
         if probe.needs:
             order, _ = get_vision_window_index(grid, spatial_merge_size=self.merge, window_size=visual.window_size,

@@ -75,6 +75,7 @@ Stage "encoder" (``tz.InEncoder(method, layer=L)``; clips: one cut, per temporal
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,7 +91,7 @@ from ..llm.adapter import LLMAccess
 from ..output import CompressOutput
 from . import positions as P
 from . import resample
-from .attention import block_signals
+from .attention import ATTENTION_SIGNALS, block_signals
 from .base import Adapter, Item, ModelParts
 from .placeholders import (
     image_llm_items,
@@ -128,6 +129,20 @@ class _LastBlockProbe:
             out = block_signals(module, x, self.needs, pe, cu.tolist(), self.chunk)
         self.keys = out.get("keys")
         self.received = out.get("cls_attention")
+
+    def run(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` (one ViT pass) with this probe on its block when an attention signal is needed (removed after,
+        also after an exception); a RuntimeError unless the block ran exactly once."""
+        handle = self.attn.register_forward_pre_hook(self.hook, with_kwargs=True) \
+            if ATTENTION_SIGNALS & self.needs else None
+        try:
+            out = fn()
+        finally:
+            if handle is not None:
+                handle.remove()
+        if handle is not None and self.calls != 1:
+            raise RuntimeError(f"expected one call of the last vision block, saw {self.calls}")
+        return out
 
 
 @dataclass(frozen=True)
@@ -424,16 +439,8 @@ class Qwen2VLAdapter(QwenVideo, LLMAccess, Adapter):
         if self.cuts is not None:
             return self._encode_in_vit(kwargs, needs, pixel_values, grid.to(pixel_values.device), owner, media)
         p = _LastBlockProbe(self.visual.blocks[-1].attn, needs)
-        handle = p.attn.register_forward_pre_hook(p.hook, with_kwargs=True) if {"cls_attention", "keys"} & needs \
-            else None
-        try:
-            out = self.media_features(media, pixel_values, grid)
-        finally:
-            if handle is not None:
-                handle.remove()
+        out = p.run(lambda: self.media_features(media, pixel_values, grid))
         feats = out.pooler_output
-        if handle is not None and p.calls != 1:
-            raise RuntimeError(f"expected one call of the last vision block, saw {p.calls}")
 
         # per-patch signals (block order) -> per merged token (raster order), as the model does for the merger
         order = self._window_index(grid)

@@ -61,24 +61,14 @@ class Qwen3OmniAdapter(Qwen2_5OmniAdapter):
         sizes = [int(n) for n in self._audio_token_counts(fmask.sum(-1).long()).tolist()]
         waves = raw_waveforms(kwargs, feats.shape[0], "audio clip")
         attn_needs = needs & ATTENTION_SIGNALS
-        captured: dict[str, torch.Tensor] = {}
-
-        def hook(module: torch.nn.Module, args: tuple, kw: dict) -> None:
-            captured["x"] = args[0] if args else kw["hidden_states"]
-
-        handle = tower.layers[-1].self_attn.register_forward_pre_hook(hook, with_kwargs=True) if attn_needs else None
-        try:
-            out = self.core.get_audio_features(feats, fmask.to(feats.device), return_dict=True).last_hidden_state
-        finally:
-            if handle is not None:
-                handle.remove()
+        out, last_in = self._run_audio_tower(feats, fmask, attn_needs)
         tokens = list(out.split(sizes))
         per_clip: list[dict[str, torch.Tensor]] = []
         start = 0
         for i, n in enumerate(sizes):
             sig: dict[str, torch.Tensor] = {}
             if attn_needs:  # one encoder frame per token: the clip's frames as one full sequence
-                rows = attention_signals(tower.layers[-1].self_attn, captured["x"][None, start: start + n],
+                rows = attention_signals(tower.layers[-1].self_attn, last_in[None, start: start + n],
                                          attn_needs, None)
                 sig.update({name: t[0] for name, t in rows.items()})
             if "speech" in needs:  # a token covers mel / n frames (about 8: 80 ms), 160 samples per frame
@@ -99,13 +89,8 @@ class Qwen3OmniAdapter(Qwen2_5OmniAdapter):
             raise ValueError(f"{modality} pixels have {pixels.shape[0]} patches but the grid {grid.tolist()} needs "
                              f"{int(grid.prod(-1).sum())}")
         probe = _LastBlockProbe(visual.blocks[-1].attn, needs & ATTENTION_SIGNALS)
-        handle = probe.attn.register_forward_pre_hook(probe.hook, with_kwargs=True) if probe.needs else None
         fn = self.core.get_image_features if modality == "image" else self.core.get_video_features
-        try:
-            out = fn(pixels, grid.to(pixels.device), return_dict=True)
-        finally:
-            if handle is not None:
-                handle.remove()
+        out = probe.run(lambda: fn(pixels, grid.to(pixels.device), return_dict=True))
         feats = list(out.pooler_output)
         self._deepstack[modality] = [list(level) for level in out.deepstack_features]
         grouped = {name: t.reshape(t.shape[0] // unit, unit, *t.shape[1:]).mean(dim=1)

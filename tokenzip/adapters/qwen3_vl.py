@@ -63,9 +63,10 @@ from ..compat import cache_from
 from ..llm.adapter import LLMAccess, placeholder_items
 from ..output import CompressOutput
 from . import positions as P
-from .attention import ATTENTION_SIGNALS, block_signals
+from .attention import ATTENTION_SIGNALS
 from .base import Adapter, Item, ModelParts
 from .placeholders import (
+    check_grid,
     items_per_sample,
     pad_id_for,
     padding_side,
@@ -73,24 +74,7 @@ from .placeholders import (
     shrink_sequences,
     text_signals,
 )
-
-
-class _BlockProbe:
-    """Forward pre-hook on one vision block's attention: per-patch ``keys`` / ``cls_attention`` (attention received,
-    summed over the queries of its segment, mean over heads) of its next call, in the block's patch order."""
-
-    def __init__(self, attn: torch.nn.Module, needs: frozenset[str]):
-        self.attn, self.needs = attn, needs
-        self.out: dict[str, torch.Tensor] = {}
-        self.calls = 0
-
-    def hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        self.calls += 1
-        x = args[0] if args else kwargs["hidden_states"]
-        cu = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
-        pe = kwargs.get("position_embeddings", args[2] if len(args) > 2 else None)
-        with torch.no_grad():
-            self.out = block_signals(module, x, self.needs, pe, cu.tolist())
+from .qwen2_vl import _LastBlockProbe
 
 
 class _DeepstackWrapper:
@@ -152,16 +136,8 @@ class Qwen3VLAdapter(LLMAccess, Adapter):
             ("pixel_values_videos", "video_grid_thw")
         if kwargs.get(pixels) is None:
             return None
-        grid = kwargs.get(key)
-        if grid is None:
-            raise ValueError(f"{key} is required with {pixels} for Qwen3-VL; build the inputs with the model's "
-                             f"processor (or tokenzip.video.qwen3_vl_video_inputs for videos)")
-        grid = torch.as_tensor(grid)
-        if grid.dim() != 2 or grid.shape[1] != 3:
-            raise ValueError(f"{key} must have shape [num_{modality}s, 3], got {tuple(grid.shape)}")
-        if bool(((grid[:, 1:] % self.merge) != 0).any()):
-            raise ValueError(f"{key} heights/widths must be multiples of spatial_merge_size={self.merge}, got "
-                             f"{grid.tolist()}")
+        grid = check_grid(kwargs.get(key), key, pixels, modality, self.merge, "Qwen3-VL",
+                          "or tokenzip.video.qwen3_vl_video_inputs for videos")
         if int(grid.prod(-1).sum()) != kwargs[pixels].shape[0]:
             raise ValueError(f"{pixels} has {kwargs[pixels].shape[0]} patches but {key} {grid.tolist()} needs "
                              f"{int(grid.prod(-1).sum())}")
@@ -210,19 +186,12 @@ class Qwen3VLAdapter(LLMAccess, Adapter):
         sizes = [int(s) for s in (grid.prod(-1) // unit).tolist()]
         owner = items_per_sample(input_ids, self.token_of[modality], sizes, modality)
         pixels = kwargs["pixel_values" if modality == "image" else "pixel_values_videos"]
-        probe = _BlockProbe(self.visual.blocks[-1].attn, needs & ATTENTION_SIGNALS)
-        handle = probe.attn.register_forward_pre_hook(probe.hook, with_kwargs=True) if probe.needs else None
+        probe = _LastBlockProbe(self.visual.blocks[-1].attn, needs & ATTENTION_SIGNALS)
         features = self.core.get_image_features if modality == "image" else self.core.get_video_features
-        try:
-            out = features(pixels, grid.to(pixels.device), return_dict=True)
-        finally:
-            if handle is not None:
-                handle.remove()
-        if handle is not None and probe.calls != 1:
-            raise RuntimeError(f"expected one call of the last vision block, saw {probe.calls}")
+        out = probe.run(lambda: features(pixels, grid.to(pixels.device), return_dict=True))
         # per patch (merge-group order) -> per LLM token: mean over the four patches of each group
         grouped = {name: t.reshape(t.shape[0] // unit, unit, *t.shape[1:]).mean(dim=1)
-                   for name, t in probe.out.items()}
+                   for name, t in (("cls_attention", probe.received), ("keys", probe.keys)) if t is not None}
         if "cls_attention" in grouped:  # sum over a segment's queries -> mean over them (one segment per grid)
             per_frame = (grid[:, 1] * grid[:, 2]).repeat_interleave(torch.tensor(sizes, device=grid.device))
             grouped["cls_attention"] = grouped["cls_attention"] / per_frame.to(grouped["cls_attention"])

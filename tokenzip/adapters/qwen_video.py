@@ -63,7 +63,15 @@ from .. import layout as L
 from ..llm.adapter import placeholder_items
 from . import positions as P
 from .base import InputItem, Item
-from .placeholders import item_starts, items_per_sample, pad_id_for, padding_side, require_input_ids, shrink_sequences
+from .placeholders import (
+    check_grid,
+    item_starts,
+    items_per_sample,
+    pad_id_for,
+    padding_side,
+    require_input_ids,
+    shrink_sequences,
+)
 from .resample import qwen_patch_spec, unpatchify
 
 
@@ -103,17 +111,8 @@ class QwenVideo:
 
     def media_grid(self, kwargs: dict[str, Any], media: Media) -> torch.Tensor:
         """The validated ``[n, 3]`` patch grids of one modality."""
-        grid = kwargs.get(media.grid)
-        if grid is None:
-            raise ValueError(f"{media.grid} is required with {media.pixels} for Qwen-VL models; build the inputs "
-                             f"with the model's processor (videos: tokenzip.video.qwen_video_inputs)")
-        grid = torch.as_tensor(grid)
-        if grid.dim() != 2 or grid.shape[1] != 3:
-            raise ValueError(f"{media.grid} must have shape [num_{media.modality}s, 3], got {tuple(grid.shape)}")
-        if bool(((grid[:, 1:] % self.merge) != 0).any()) or bool((grid <= 0).any()):
-            raise ValueError(f"{media.grid} must hold positive grids whose heights/widths are multiples of "
-                             f"spatial_merge_size={self.merge}, got {grid.tolist()}")
-        return grid
+        return check_grid(kwargs.get(media.grid), media.grid, media.pixels, media.modality, self.merge,
+                          "Qwen-VL models", "videos: tokenzip.video.qwen_video_inputs")
 
     def media_layout(self, modality: str, t: int, h: int, w: int) -> L.Layout:
         """A clip is always ``frames(t, h/2, w/2)`` (also a one-grid clip); an image as the adapter lays it out."""

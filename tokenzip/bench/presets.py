@@ -580,27 +580,6 @@ def decode_clip(clip: str | None, num_frames: int, repeats: int = 3) -> Clip:
     return Clip(os.path.basename(path), path, video.frames, video.timestamps, video.fps, statistics.median(times))
 
 
-def _qwen_video_pixels(frames: np.ndarray, height: int, width: int, mean: list[float], std: list[float],
-                       patch: int, merge: int, temporal: int) -> tuple[torch.Tensor, list[int]]:
-    """Qwen2-VL / Qwen3-VL ``pixel_values_videos`` ``[t * h * w, 3 * temporal * patch^2]`` and ``[t, h, w]`` of one
-    clip: resized and normalised as :func:`tokenzip.video.onevision_video_pixels` does (torchvision's uint8 bicubic
-    resize on a CPU), the last frame repeated up to a multiple of ``temporal``, then the video processor's
-    ``patchify`` order (grid t, merge blocks, channel, temporal, patch)."""
-    from types import SimpleNamespace
-
-    from ..video import onevision_video_pixels
-
-    settings = SimpleNamespace(size={"height": height, "width": width}, resample=3, image_mean=mean, image_std=std,
-                               rescale_factor=1 / 255)
-    x = onevision_video_pixels([frames], settings)[0]  # [T, 3, H, W]
-    if pad := -x.shape[0] % temporal:
-        x = torch.cat([x, x[-1:].expand(pad, -1, -1, -1)])
-    t, gh, gw = x.shape[0] // temporal, height // patch, width // patch
-    x = x.reshape(t, temporal, 3, gh // merge, merge, patch, gw // merge, merge, patch)
-    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
-    return x.reshape(t * gh * gw, 3 * temporal * patch * patch), [t, gh, gw]
-
-
 def _onevision_video(model: torch.nn.Module, clip: Clip, seed: int) -> dict[str, Any]:
     from ..video import onevision_video_pixels, onevision_video_processor, onevision_video_tokens
 
@@ -616,29 +595,29 @@ def _onevision_video(model: torch.nn.Module, clip: Clip, seed: int) -> dict[str,
 
 def _qwen_video(model: torch.nn.Module, clip: Clip, seed: int) -> dict[str, Any]:
     """Qwen2-VL / Qwen2.5-VL (one ``<|video_pad|>`` run between vision start/end, ``second_per_grid_ts`` for 2.5) and
-    Qwen3-VL (per temporal grid: ``<t.t seconds>`` text + start + pads + end); sizes from the video processors'
-    defaults (``smart_resize`` with their ``size`` limits), CLIP mean/std (Qwen2) or 0.5/0.5 (Qwen3)."""
+    Qwen3-VL (per temporal grid: ``<t.t seconds>`` text + start + pads + end); pixels from
+    :func:`tokenzip.video.qwen_video_pixels` / :func:`tokenzip.video.qwen3_vl_video_pixels` with the video
+    processors' defaults, their ``size`` pixel limits scaled to the model's patch (below)."""
+    from ..video import QwenVideoSettings, qwen3_vl_video_pixels, qwen3_vl_video_processor, qwen_video_pixels
+
     cfg = model.config
     vc = cfg.vision_config
     qwen3 = cfg.model_type.startswith("qwen3")
     patch, merge, temporal = int(vc.patch_size), int(vc.spatial_merge_size), int(vc.temporal_patch_size)
-    t_frames, h, w = clip.frames.shape[:3]
-    # the processors' pixel limits are in units of (published patch x merge)^2: scaled to this model's patch, a tiny
-    # test model gets the token counts of the published one
+    # the processors' pixel limits are 128 and 768 units of (published patch x merge)^2: scaled to this model's patch,
+    # a tiny test model gets the token counts of the published one
+    unit = (patch * merge) ** 2
     if qwen3:
-        from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize
-
-        unit = (patch * merge) ** 2
-        height, width = smart_resize(max(t_frames, temporal), h, w, temporal_factor=temporal, factor=patch * merge,
-                                     min_pixels=128 * unit, max_pixels=768 * unit)
-        mean = std = [0.5, 0.5, 0.5]
+        proc = qwen3_vl_video_processor(patch_size=patch, merge_size=merge, temporal_patch_size=temporal,
+                                        size={"shortest_edge": 128 * unit, "longest_edge": 768 * unit})
+        frames = clip.frames
+        if len(frames) < temporal:  # Qwen3-VL's processor needs a full temporal patch: the padding it would add
+            frames = np.concatenate([frames, np.repeat(frames[-1:], temporal - len(frames), axis=0)])
+        pixels, grid = qwen3_vl_video_pixels([frames], proc)
     else:
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-
-        unit = (patch * merge) ** 2
-        height, width = smart_resize(h, w, factor=patch * merge, min_pixels=128 * unit, max_pixels=768 * unit)
-        mean, std = CLIP_MEAN, CLIP_STD
-    pixels, thw = _qwen_video_pixels(clip.frames, height, width, mean, std, patch, merge, temporal)
+        settings = QwenVideoSettings.for_model(model, min_pixels=128 * unit, max_pixels=768 * unit)
+        pixels, grid = qwen_video_pixels([clip.frames], settings)
+    thw = grid[0].tolist()
     per_grid = thw[1] * thw[2] // (merge * merge)
     tok, start, end = int(cfg.video_token_id), int(cfg.vision_start_token_id), int(cfg.vision_end_token_id)
     vocab = int(cfg.text_config.vocab_size)
@@ -653,7 +632,7 @@ def _qwen_video(model: torch.nn.Module, clip: Clip, seed: int) -> dict[str, Any]
     ids = _text_ids(TEXT_BEFORE, vocab, seed, avoid) + visual + _text_ids(TEXT_AFTER, vocab, seed + 1, avoid)
     ids_t = torch.tensor([ids])
     out = {"input_ids": ids_t, "attention_mask": torch.ones_like(ids_t), "pixel_values_videos": pixels,
-           "video_grid_thw": torch.tensor([thw]), "mm_token_type_ids": (ids_t == tok).long() * 2}
+           "video_grid_thw": grid, "mm_token_type_ids": (ids_t == tok).long() * 2}
     if cfg.model_type == "qwen2_5_vl":  # seconds per temporal grid (the processor: temporal_patch_size / fps)
         step = float(np.median(np.diff(clip.timestamps))) if len(clip.timestamps) > 1 else 1.0
         out["second_per_grid_ts"] = torch.tensor([temporal * step])

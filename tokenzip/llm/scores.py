@@ -89,11 +89,15 @@ def separate_qk(attn: torch.nn.Module, x: torch.Tensor, rows: torch.Tensor | Non
 def fused_qkv(attn: torch.nn.Module, x: torch.Tensor,
               position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
               rope_name: str = "apply_rotary_pos_emb_vision") -> QK:
-    """q/k of a fused ``qkv`` attention module (Qwen2-VL's vision blocks) on its unbatched input ``x`` ``[N, D]``,
-    rotary by the model's own ``rope_name`` function; returned with a batch of one."""
+    """q/k of a fused ``qkv`` attention module (Qwen2-VL's vision blocks; or separate ``q`` / ``k`` projections, as
+    Qwen2.5-Omni's) on its unbatched input ``x`` ``[N, D]``, rotary by the model's own ``rope_name`` function;
+    returned with a batch of one."""
     n = x.shape[0]
     h = int(attn.num_heads)
-    q, k, _ = attn.qkv(x).reshape(n, 3, h, -1).permute(1, 0, 2, 3).unbind(0)  # [N, H, d]
+    if hasattr(attn, "qkv"):
+        q, k, _ = attn.qkv(x).reshape(n, 3, h, -1).permute(1, 0, 2, 3).unbind(0)  # [N, H, d]
+    else:
+        q, k = attn.q(x).reshape(n, h, -1), attn.k(x).reshape(n, h, -1)
     content = k
     if position_embeddings is not None:
         cos, sin = position_embeddings

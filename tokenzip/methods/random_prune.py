@@ -20,12 +20,13 @@ class RandomPrune(ScorerCompressor):
     "Token Pruning in Multimodal LLMs: Are We Solving the Right Problem?", arXiv:2502.11501, which finds random
     and pooling baselines hard to beat). Choice: every item draws from its own generator seeded with ``seed``, so the
     selection is deterministic and an item gets the same tokens alone or in a batch (the score of a token is its
-    rank in that seeded permutation).
+    rank in that seeded permutation). Layout-agnostic (a uniform random subset of each item's tokens), so it is the
+    baseline for images, video clips and audio alike.
     """
 
     seed: int = 0
     info: ClassVar[MethodInfo] = MethodInfo(
-        name="random", family="baseline", modalities=("image", "audio"), stage="pre_llm", query_aware=False,
+        name="random", family="baseline", modalities=("image", "video", "audio"), stage="pre_llm", query_aware=False,
         reference="Baseline; see Wen et al., Token Pruning in MLLMs: Are We Solving the Right Problem? "
                   "arXiv:2502.11501")
 
