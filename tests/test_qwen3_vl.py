@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import tokenzip as tz
+from tokenzip.compat import cache_kwarg, output_cache
 from tokenzip.testing import (
     CASES,
     IMAGE_TOKEN,
@@ -120,7 +121,8 @@ def test_kept_tokens_keep_their_uncompressed_positions_and_decoding_continues(ki
     try:
         with methods[0](model), torch.no_grad():
             out = model(**one, use_cache=True)
-            model(input_ids=out.logits[:, -1:].argmax(-1), cache=out.cache)  # no position ids: rope_deltas
+            model(input_ids=out.logits[:, -1:].argmax(-1),  # no position ids: rope_deltas
+                  **{cache_kwarg(model): output_cache(out)})
     finally:
         cap.remove()
     assert cap.calls[-1]["position_ids"][-3:, 0, -1].tolist() == [top + 1] * 3
