@@ -390,26 +390,36 @@ class Qwen2_5OmniAdapter(LLMAccess, Adapter):
                              f"{int(grid.prod(-1).sum())}")
         probe = _LastBlockProbe(visual.blocks[-1].attn, needs & ATTENTION_SIGNALS)
         fn = self.core.get_image_features if modality == "image" else self.core.get_video_features
-        feats = list(probe.run(lambda: fn(pixels, grid.to(pixels.device), return_dict=True)).pooler_output)
+        out = probe.run(lambda: fn(pixels, grid.to(pixels.device), return_dict=True))
+        feats = list(out.pooler_output)
+        self._keep_vision_outputs(modality, out)
+        restore = self._merged_order(grid) if probe.needs else None
         grouped: dict[str, torch.Tensor] = {}
-        if probe.needs:
-            order, _ = get_vision_window_index(grid, spatial_merge_size=self.merge, window_size=visual.window_size,
-                                               patch_size=visual.patch_size)
-            restore = torch.argsort(order)
-            for name, t in (("cls_attention", probe.received), ("keys", probe.keys)):
-                if t is not None:  # per patch (block order) -> per merged token (raster order), as the merger
-                    g = t.reshape(t.shape[0] // unit, unit, *t.shape[1:]).mean(dim=1)
-                    grouped[name] = g[restore.to(g.device)]
-        sizes = [int(s) for s in (grid.prod(-1) // unit).tolist()]
+        for name, t in (("cls_attention", probe.received), ("keys", probe.keys)):
+            if t is not None:  # per patch (block order) -> per merged token (raster order), as the merger
+                g = t.reshape(t.shape[0] // unit, unit, *t.shape[1:]).mean(dim=1)
+                grouped[name] = g if restore is None else g[restore.to(g.device)]
         per_item: list[dict[str, torch.Tensor]] = []
         start = 0
-        for (t, h, w), n in zip(grid.tolist(), sizes):
+        for (t, h, w), f in zip(grid.tolist(), feats):
+            n = f.shape[0]
             sig = {name: s[start: start + n] for name, s in grouped.items()}
             if "cls_attention" in sig:  # mean over the queries that can see the token: its image's / frame's patches
                 sig["cls_attention"] = sig["cls_attention"] / (h * w)
             per_item.append(sig)
             start += n
         return feats, per_item
+
+    def _merged_order(self, grid: torch.Tensor) -> torch.Tensor | None:
+        """Where each merged token of the ViT's block order sits in raster order (the windows the model undoes
+        after its merger); ``None`` when the blocks already run in raster order."""
+        visual = self.core.visual
+        order, _ = get_vision_window_index(grid, spatial_merge_size=self.merge, window_size=visual.window_size,
+                                           patch_size=visual.patch_size)
+        return torch.argsort(order)
+
+    def _keep_vision_outputs(self, modality: str, out: Any) -> None:
+        """Keep what else of the vision tower's output the rebuild needs (Qwen3-Omni: the DeepStack features)."""
 
     # ---- rebuild ------------------------------------------------------------------------------------------------
     def rebuild(self, kwargs: dict[str, Any], items: list[Item], outputs: list[CompressOutput]) -> dict[str, Any]:

@@ -37,7 +37,6 @@ from ..output import CompressOutput
 from .attention import ATTENTION_SIGNALS, attention_signals
 from .base import Item
 from .qwen2_5_omni import Qwen2_5OmniAdapter
-from .qwen2_vl import _LastBlockProbe
 from .speech import energy_speech, raw_waveforms, silero_speech
 
 
@@ -81,30 +80,11 @@ class Qwen3OmniAdapter(Qwen2_5OmniAdapter):
             start += n
         return tokens, per_clip
 
-    def _encode_vision(self, modality: str, pixels: torch.Tensor, grid: torch.Tensor, needs: frozenset[str]
-                       ) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
-        visual = self.core.visual
-        unit = self.merge * self.merge
-        if int(grid.prod(-1).sum()) != pixels.shape[0]:
-            raise ValueError(f"{modality} pixels have {pixels.shape[0]} patches but the grid {grid.tolist()} needs "
-                             f"{int(grid.prod(-1).sum())}")
-        probe = _LastBlockProbe(visual.blocks[-1].attn, needs & ATTENTION_SIGNALS)
-        fn = self.core.get_image_features if modality == "image" else self.core.get_video_features
-        out = probe.run(lambda: fn(pixels, grid.to(pixels.device), return_dict=True))
-        feats = list(out.pooler_output)
+    def _merged_order(self, grid: torch.Tensor) -> torch.Tensor | None:
+        return None  # no window attention: the blocks run in raster order
+
+    def _keep_vision_outputs(self, modality: str, out: Any) -> None:
         self._deepstack[modality] = [list(level) for level in out.deepstack_features]
-        grouped = {name: t.reshape(t.shape[0] // unit, unit, *t.shape[1:]).mean(dim=1)
-                   for name, t in (("cls_attention", probe.received), ("keys", probe.keys)) if t is not None}
-        per_item: list[dict[str, torch.Tensor]] = []
-        start = 0
-        for (t, h, w), f in zip(grid.tolist(), feats):
-            n = f.shape[0]
-            sig = {name: s[start: start + n] for name, s in grouped.items()}
-            if "cls_attention" in sig:
-                sig["cls_attention"] = sig["cls_attention"] / (h * w)
-            per_item.append(sig)
-            start += n
-        return feats, per_item
 
     def encode(self, kwargs: dict[str, Any], needs: frozenset[str]) -> list[Item]:
         self._deepstack: dict[str, list[list[torch.Tensor]]] = {}

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
 from ..base import Compressor
 from ..output import CompressOutput
 from ..scorer import ScorerCompressor
+from .slots import StageContext  # what the runner hands a stage (lives with the slots it describes)
 
 
 def geometric_counts(n: int, k: int, stages: int) -> list[int]:
@@ -41,19 +41,6 @@ def stage_layers(fractions: tuple[float, ...], num_layers: int) -> list[int]:
         if layer not in out:
             out.append(layer)
     return sorted(out)
-
-
-@dataclass
-class StageContext:
-    """What the runner knows about an item at a stage, besides its remaining hidden states: the item's ORIGINAL
-    layout (``grid``, ``None`` when unknown, e.g. after a pre-LLM method) and token count ``n``, the original token
-    that represents each remaining one (``index`` ``[m]``, ascending), and ``memo``, a dict private to this item for
-    the whole prefill (a method's state between its stages)."""
-
-    grid: Any
-    n: int
-    index: torch.Tensor
-    memo: dict = field(default_factory=dict)
 
 
 @dataclass

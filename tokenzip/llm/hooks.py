@@ -43,8 +43,8 @@ from ..compat import cache_from
 from ..layout import Layout
 from ..output import ItemStats, summarize
 from . import slots as S
-from .base import StageContext
 from .scores import attention_rows, separate_qk, softmax_rows
+from .slots import StageContext
 
 ATTENTION_SIGNALS = ("last_attention", "text_attention")
 # what the runner hands to an LLM-stage method (tokenzip/signals.py); ``text`` holds hidden states at this stage

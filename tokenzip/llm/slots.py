@@ -12,7 +12,8 @@ with their original left padding).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -93,3 +94,16 @@ def to_implementation(mask: torch.Tensor, implementation: str, dtype: torch.dtyp
 def compose_source(src1: torch.Tensor, src2: torch.Tensor) -> torch.Tensor:
     """Chain two ``source`` maps: ``[N] -> slot in [0, M)`` then ``[M] -> slot in [0, K)`` (``-1`` = dropped)."""
     return torch.where(src1 >= 0, src2[src1.clamp(min=0)], torch.full_like(src1, -1))
+
+
+@dataclass
+class StageContext:
+    """What the runner knows about an item at a stage, besides its remaining hidden states: the item's ORIGINAL
+    layout (``grid``, ``None`` when unknown, e.g. after a pre-LLM method) and token count ``n``, the original token
+    that represents each remaining one (``index`` ``[m]``, ascending), and ``memo``, a dict private to this item for
+    the whole prefill (a method's state between its stages)."""
+
+    grid: Any
+    n: int
+    index: torch.Tensor
+    memo: dict = field(default_factory=dict)
