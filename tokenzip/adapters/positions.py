@@ -58,3 +58,17 @@ def rope_deltas(rope_rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     decoding continues when the caller passes no position ids."""
     top = rope_rows.masked_fill(mask.to(rope_rows.device).unsqueeze(0) == 0, 0).amax(dim=(0, 2))
     return (top + 1 - mask.sum(-1).to(top.device)).unsqueeze(1)
+
+
+def caller_positions(kwargs: dict, input_ids: torch.Tensor) -> torch.Tensor | None:
+    """The caller's own ``position_ids`` as ``[P, B, L]`` (P = 1 for 2-D ids, 3 or 4 for M-RoPE / TMRoPE ids), or
+    ``None`` when the call passes none; any other shape is a ValueError."""
+    pos = kwargs.get("position_ids")
+    if not isinstance(pos, torch.Tensor):
+        return None
+    if pos.dim() == 2 and pos.shape == input_ids.shape:
+        return pos.unsqueeze(0)
+    if pos.dim() == 3 and pos.shape[0] in (3, 4) and pos.shape[1:] == input_ids.shape:
+        return pos
+    raise ValueError(f"position_ids must be [B, L], [3, B, L] or [4, B, L] for input_ids of shape "
+                     f"{tuple(input_ids.shape)}, got {tuple(pos.shape)}")

@@ -243,14 +243,8 @@ class Qwen2_5OmniAdapter(LLMAccess, Adapter):
         """``[P, B, L]`` position ids of the uncompressed call: the caller's (P = 1, 3 or 4), or ``[4, B, L]`` from
         the installed model's own ``get_rope_index`` (row 0: the text positions ``generate()`` prepends)."""
         input_ids = kwargs["input_ids"]
-        pos = kwargs.get("position_ids")
-        if isinstance(pos, torch.Tensor):
-            if pos.dim() == 2 and pos.shape == input_ids.shape:
-                return pos.unsqueeze(0)
-            if pos.dim() == 3 and pos.shape[0] in (3, 4) and pos.shape[1:] == input_ids.shape:
-                return pos
-            raise ValueError(f"position_ids must be [B, L], [3, B, L] or [4, B, L] for input_ids of shape "
-                             f"{tuple(input_ids.shape)}, got {tuple(pos.shape)}")
+        if (given := P.caller_positions(kwargs, input_ids)) is not None:
+            return given
         mask = kwargs.get("attention_mask")
         real = torch.ones_like(input_ids) if mask is None else mask
         audio = self._audio_args(kwargs)

@@ -472,15 +472,9 @@ class Qwen2VLAdapter(QwenVideo, LLMAccess, Adapter):
     # ---- rebuild ------------------------------------------------------------------------------------------------
     def _original_positions(self, kwargs: dict[str, Any]) -> torch.Tensor:
         """``[P, B, L]`` position ids of the uncompressed call (P = 1 for 2-D ids, 3 or 4 for M-RoPE ids)."""
-        pos = kwargs.get("position_ids")
         input_ids = kwargs["input_ids"]
-        if isinstance(pos, torch.Tensor):
-            if pos.dim() == 2 and pos.shape == input_ids.shape:
-                return pos.unsqueeze(0)
-            if pos.dim() == 3 and pos.shape[0] in (3, 4) and pos.shape[1:] == input_ids.shape:
-                return pos
-            raise ValueError(f"position_ids must be [B, L], [3, B, L] or [4, B, L] for input_ids of shape "
-                             f"{tuple(input_ids.shape)}, got {tuple(pos.shape)}")
+        if (given := P.caller_positions(kwargs, input_ids)) is not None:
+            return given
         if kwargs.get("mm_token_type_ids") is None:
             raise ValueError("mm_token_type_ids is required with pixel_values/image_grid_thw or pixel_values_videos/"
                              "video_grid_thw for Qwen-VL models (the 3-D M-RoPE positions need it); the model's "
