@@ -7,6 +7,7 @@ import torch
 
 import tokenzip as tz
 from tokenzip.adapters import adapter_for
+from tokenzip.compat import omni_thinker_parts
 from tokenzip.av import omni_audio_tokens, omni_block
 from tokenzip.testing import (
     OMNI_AUDIO,
@@ -154,7 +155,7 @@ def test_interleaved_markers_share_positions_in_the_full_sequence():
     pair at one position (the model's own get_rope_index), video chunk before audio chunk."""
     model = built("qwen2_5_omni")
     batch = qwen2_5_omni_av_inputs(model, default_samples()[:1])
-    pos, _ = model.model.get_rope_index(batch["input_ids"], video_grid_thw=batch["video_grid_thw"],
+    pos, _ = omni_thinker_parts(model)[0].get_rope_index(batch["input_ids"], video_grid_thw=batch["video_grid_thw"],
                                         attention_mask=batch["attention_mask"], use_audio_in_video=True,
                                         audio_seqlens=batch["feature_attention_mask"].sum(-1),
                                         second_per_grids=batch["video_second_per_grid"])
@@ -205,7 +206,7 @@ def test_audio_attention_is_the_full_attention_of_the_last_encoder_layer():
     each pooled token summed - checked against a plain softmax of that layer's projections, clip by clip."""
     model = built("qwen2_5_omni")
     batch = qwen2_5_omni_audio_inputs(model, default_samples())
-    tower = model.model.audio_tower
+    tower = omni_thinker_parts(model)[0].audio_tower
     attn = tower.layers[-1].self_attn
     captured = []
     h = attn.register_forward_pre_hook(lambda m, a, kw: captured.append(kw["hidden_states"]), with_kwargs=True)
@@ -271,7 +272,7 @@ def test_audio_features_are_the_processors(real_clips):
     full = fe(waves, sampling_rate=16000, return_attention_mask=True, padding="max_length", return_tensors="pt")
     assert torch.equal(feats, full["input_features"]) and torch.equal(fmask, full["attention_mask"])
     with torch.no_grad():
-        ours = model.model.get_audio_features(feats, fmask).last_hidden_state
+        ours = omni_thinker_parts(model)[0].get_audio_features(feats, fmask).last_hidden_state
     assert ours.shape[0] == sum(omni_audio_tokens(int(n)) for n in fmask.sum(-1))
 
 
@@ -346,7 +347,7 @@ def test_full_model_generates_text_through_its_thinker(case):
         full = transformers.Qwen3OmniMoeForConditionalGeneration(cfg).eval()
         text_mode = {"thinker_max_new_tokens": 4, "return_audio": False}
     full.thinker.load_state_dict(thinker.state_dict())
-    assert adapter_for(full).parts().language_model is full.thinker.model.language_model
+    assert adapter_for(full).parts().language_model is omni_thinker_parts(full.thinker)[1]
     batch = qwen2_5_omni_av_inputs(thinker, default_samples())
     outs = []
     for model, kw in ((thinker, {"max_new_tokens": 4}), (full, text_mode)):

@@ -7,6 +7,7 @@ import torch
 
 import tokenzip as tz
 from tokenzip import layout as L
+from tokenzip.compat import omni_thinker_parts
 from tokenzip.base import JointItem
 from tokenzip.compose import ByModality
 from tokenzip.methods.omnizip import OmniZip, plan_windows, video_drop_ratio
@@ -327,7 +328,7 @@ def test_fastv_av_on_the_thinker_keeps_one_total_per_sample():
     c = tz.get("fastv_av", retain=0.3)
     with torch.no_grad(), c(model):
         model(**inputs)
-    layers = len(model.model.language_model.layers)
+    layers = len(omni_thinker_parts(model)[1].layers)
     for sample in c.last_stats:
         items = [it for ms in sample.values() for it in ms.items]
         assert {it.modality for it in items} == {"audio", "video"}

@@ -45,3 +45,20 @@ def output_cache(output: Any) -> Any:
         if name in keys:
             return output[name]
     return None
+
+
+def omni_thinker_parts(thinker: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """``(core, language_model)`` of a Qwen2.5-Omni / Qwen3-Omni thinker.
+
+    ``core`` is the module that holds the towers (``visual``, ``audio_tower``), the feature getters, the M-RoPE helpers
+    (``get_rope_index``, ``get_chunked_index``) and the ``rope_deltas`` that decoding reuses.
+
+    - transformers >= 5.21: ``thinker.model`` is a ``…ThinkerModel`` holding all of that, with the text model as its
+      ``language_model``.
+    - transformers 5.18 - 5.20: no ``…ThinkerModel``; the thinker itself holds the towers, the helpers and
+      ``rope_deltas``, and ``thinker.model`` is the text model.
+    """
+    inner = thinker.model
+    if hasattr(inner, "language_model"):
+        return inner, inner.language_model
+    return thinker, inner

@@ -12,6 +12,7 @@ import torch
 
 from .adapters import LlavaAdapter, LlavaOnevisionAdapter, Qwen2AudioAdapter, Qwen2VLAdapter, WhisperAdapter
 from .adapters.base import Adapter
+from .compat import omni_thinker_parts
 
 IMAGE_TOKEN = 100
 PAD = 0
@@ -723,7 +724,7 @@ def qwen2_5_omni_positions(model: torch.nn.Module, inputs: dict[str, Any]) -> to
     the causal mask), rows 1-3 the model's own TMRoPE positions (``get_rope_index``)."""
     mask = inputs["attention_mask"]
     fmask = inputs.get("feature_attention_mask")
-    rope, _ = model.model.get_rope_index(
+    rope, _ = omni_thinker_parts(model)[0].get_rope_index(
         inputs["input_ids"], image_grid_thw=inputs.get("image_grid_thw"), video_grid_thw=inputs.get("video_grid_thw"),
         attention_mask=mask, use_audio_in_video=bool(inputs.get("use_audio_in_video")),
         audio_seqlens=None if fmask is None else fmask.sum(-1), second_per_grids=inputs.get("video_second_per_grid"))

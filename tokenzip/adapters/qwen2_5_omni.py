@@ -85,7 +85,7 @@ import torch
 from transformers.vision_utils import get_vision_window_index
 
 from .. import layout as L
-from ..compat import cache_from
+from ..compat import cache_from, omni_thinker_parts
 from ..llm.adapter import LLMAccess
 from ..llm.hooks import LLMItem
 from ..output import CompressOutput
@@ -134,7 +134,7 @@ class Qwen2_5OmniAdapter(LLMAccess, Adapter):
         super().__init__(model)
         # the full model generates text with its thinker; everything compressible lives there
         self.thinker = getattr(model, "thinker", model)
-        self.core = self.thinker.model
+        self.core, self.text_model = omni_thinker_parts(self.thinker)
         cfg = self.thinker.config
         self.image_token_id = int(cfg.image_token_id)
         self.video_token_id = int(cfg.video_token_id)
@@ -147,7 +147,7 @@ class Qwen2_5OmniAdapter(LLMAccess, Adapter):
 
     # ---- queries ------------------------------------------------------------------------------------------------
     def parts(self) -> ModelParts:
-        lm = self.core.language_model
+        lm = self.text_model
         visual = self.core.visual  # the audio encoder is ``self.core.audio_tower``
         return ModelParts(encoder=visual, encoder_layers=visual.blocks, projector=visual.merger, language_model=lm,
                           decoder_layers=lm.layers, final_norm=lm.norm, embed=self.core.get_input_embeddings(),
