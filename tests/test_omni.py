@@ -7,8 +7,8 @@ import torch
 
 import tokenzip as tz
 from tokenzip.adapters import adapter_for
-from tokenzip.compat import omni_thinker_parts
 from tokenzip.av import omni_audio_tokens, omni_block
+from tokenzip.compat import omni_thinker_parts
 from tokenzip.testing import (
     OMNI_AUDIO,
     OMNI_AUDIO_START,

@@ -7,8 +7,8 @@ import torch
 
 import tokenzip as tz
 from tokenzip import layout as L
-from tokenzip.compat import omni_thinker_parts
 from tokenzip.base import JointItem
+from tokenzip.compat import omni_thinker_parts
 from tokenzip.compose import ByModality
 from tokenzip.methods.omnizip import OmniZip, plan_windows, video_drop_ratio
 
