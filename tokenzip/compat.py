@@ -14,6 +14,7 @@ and SDPA failed with a mask built for the uncompressed length. Through 5.23 the 
 from __future__ import annotations
 
 import inspect
+import sys
 from typing import Any
 
 import torch
@@ -62,3 +63,24 @@ def omni_thinker_parts(thinker: torch.nn.Module) -> tuple[torch.nn.Module, torch
     if hasattr(inner, "language_model"):
         return inner, inner.language_model
     return thinker, inner
+
+
+def layer_function(module: torch.nn.Module, name: str) -> Any:
+    """The function ``name`` (e.g. ``apply_rotary_pos_emb``) as ``module``'s own forward calls it, or None.
+
+    With the ``kernels`` package installed (a required dependency from transformers 5.25; optional before), an
+    attention class decorated ``@use_kernelized_func(fn)`` gives each instance private wrappers of its module-level
+    functions (in ``module._kernel_funcs``, keyed by the function's ``__name__`` or, for the wrapped functions
+    transformers declares with ``@use_kernel_forward_from_hub("rotary_pos_emb")``, by that layer name), and inside
+    the forward the module-level name dispatches to them.
+    ``kernels.kernelize`` (which ``from_pretrained`` runs by default on CUDA from 5.25) swaps those wrappers' forward
+    for a hub kernel (e.g. the rotary kernel), while the module-level function called from outside the forward stays
+    the Python reference. Recomputing attention from a layer's q/k must use the wrapper. Without ``kernels`` there
+    are no wrappers (None): the module-level function is what the forward calls.
+    """
+    funcs = getattr(module, "__dict__", {}).get("_kernel_funcs")
+    if not isinstance(funcs, dict):
+        return None
+    fn = getattr(sys.modules.get(type(module).__module__), name, None)
+    key = getattr(fn, "__name__", None) or getattr(fn, "kernel_layer_name", None)
+    return funcs.get(key) if key is not None else None

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..compat import layer_function
+
 
 @dataclass
 class QK:
@@ -43,8 +45,10 @@ def _standard_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: tor
 
 
 def rope_function(attn: torch.nn.Module, name: str = "apply_rotary_pos_emb") -> Callable:
-    """The rotary function ``name`` of the module that defines ``attn``'s class (the layer's own RoPE)."""
-    fn = getattr(sys.modules.get(type(attn).__module__), name, None)
+    """The rotary function ``name`` as the layer's forward calls it: the layer's own kernel wrapper when hub kernels
+    may swap it (:func:`tokenzip.compat.layer_function`), else the function of the module that defines ``attn``'s
+    class (the layer's own RoPE)."""
+    fn = layer_function(attn, name) or getattr(sys.modules.get(type(attn).__module__), name, None)
     return fn if callable(fn) else _standard_rope
 
 
