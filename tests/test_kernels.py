@@ -21,15 +21,10 @@ import torch
 
 import tokenzip as tz
 from tokenzip.compat import layer_function
-from tokenzip.llm.scores import separate_qk, softmax_rows
+from tokenzip.llm.scores import _standard_rope, separate_qk, softmax_rows
 from tokenzip.testing import CASES, default_samples
 
 ROPE = "apply_rotary_pos_emb"
-
-
-def _rotate_half(x):
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
-    return torch.cat((-x2, x1), dim=-1)
 
 
 class Substitutes:
@@ -55,10 +50,7 @@ class Substitutes:
 
     def rope(self, q, k, cos, sin, unsqueeze_dim=1, *args, **kwargs):
         self.calls["rope"] += 1
-        cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
-        if self.reverse:
-            sin = -sin
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        return _standard_rope(q, k, cos, -sin if self.reverse else sin, unsqueeze_dim)
 
 
 def kernelize_on_cpu(model: torch.nn.Module, subs: Substitutes, monkeypatch) -> None:
