@@ -102,7 +102,7 @@ from .placeholders import (
     text_signals,
 )
 from .qwen2_vl import _LastBlockProbe
-from .speech import RAW_AUDIO, energy_speech, raw_waveforms, silero_speech
+from .speech import RAW_AUDIO, clip_frames, energy_speech, raw_waveforms, silero_speech
 
 MEL_PER_TOKEN = 4  # conv2 stride 2 x average pooling stride 2
 SAMPLES_PER_TOKEN = 640  # 4 mel frames x hop 160 at 16 kHz: 40 ms per audio token
@@ -369,7 +369,7 @@ class Qwen2_5OmniAdapter(LLMAccess, Adapter):
             if "speech" in needs:
                 speech = silero_speech(waves[i], n, SAMPLES_PER_TOKEN) if waves is not None else None
                 if speech is None:
-                    speech = energy_speech(feats[i, :, : MEL_PER_TOKEN * n], n)
+                    speech = energy_speech(clip_frames(feats[i], int(fmask[i].sum()), MEL_PER_TOKEN * n), n)
                 sig["speech"] = speech.to(out.device)
             per_clip.append(sig)
             start += f
