@@ -85,6 +85,7 @@ import torch
 from transformers.vision_utils import get_vision_window_index
 
 from .. import layout as L
+from ..callstate import per_call
 from ..compat import cache_from, omni_thinker_parts
 from ..llm.adapter import LLMAccess
 from ..llm.hooks import LLMItem
@@ -125,6 +126,8 @@ class _Plan:
 class Qwen2_5OmniAdapter(LLMAccess, Adapter):
     model_classes = ("Qwen2_5OmniThinkerForConditionalGeneration", "Qwen2_5OmniForConditionalGeneration")
     modalities = ("image", "video", "audio")
+    # per-call state, per thread (tokenzip/callstate.py)
+    _short = per_call()
     stages = ("pre_llm", "llm")
     signals = frozenset({"cls_attention", "keys", "projected", "text", "text_mask", "speech"})
     # whether rebuild writes image/video tokens into inputs_embeds (Qwen3-Omni: they go through mm_encoder_outputs)
