@@ -289,7 +289,7 @@ def _warn_floor(c: Compressor, stats: list[ItemStats]) -> None:
         f"can be given for it (one unit: a frame, or a temporal grid), the floor of this input-stage method. "
         f"{fix} is the smallest budget it meets here; for fewer tokens, follow it by a token-level method, e.g. "
         f"tz.compose(tz.get({c.info.name!r}, {fix}), tz.get('fastv', retain=...)). ItemStats.over_budget marks "
-        f"these items.", BudgetFloorWarning, stacklevel=4)
+        f"these items.", BudgetFloorWarning, stacklevel=6)  # the caller of generate() / forward()
 
 
 def _as_kwargs(sig: inspect.Signature, args: tuple, kwargs: dict) -> dict:
