@@ -287,3 +287,140 @@ def test_show_video_on_a_preset_without_tokenizer(clip_file, tmp_path, monkeypat
     assert cli.main(["show", str(clip_file), "--method", "holitom", "--retain", "0.5", "--frames", "2",
                      "--model", "llava-ov-0.5b", "-o", str(out)]) == 0
     assert "holitom retain=0.5: 17/33 tokens of 2 frames" in capsys.readouterr().out and out.is_file()
+
+
+# ---- tokenzip run --video / --audio --------------------------------------------------------------------------------
+class OnevisionVideoProcessor:
+    """Stand-in for a LlavaOnevisionProcessor of the tiny video model (98-px frames): ``videos`` through the video
+    processor's own preprocessing, ``<video>`` expanded to the clip's token count."""
+
+    video_token = "<video>"
+
+    def __init__(self, model):
+        import test_video_io as io
+
+        self.model, self.tokenizer = model, io._tokenizer()
+
+    def __call__(self, text, videos, return_tensors="pt"):
+        from tokenzip.video import onevision_video_inputs, onevision_video_processor
+
+        return onevision_video_inputs(self.model, self.tokenizer, [text], [videos], onevision_video_processor(98))
+
+
+class TinyWhisperProcessor:
+    """Stand-in for a WhisperProcessor of the tiny Whisper: the real feature extractor at its 16 mel bins and 80
+    frames per window (hop 200 at 16 kHz), ids decoded as numbers."""
+
+    def __init__(self):
+        from transformers import WhisperFeatureExtractor
+
+        self.features = WhisperFeatureExtractor(feature_size=16, sampling_rate=16000, hop_length=200, chunk_length=1)
+
+    def __call__(self, audio, sampling_rate, return_tensors="pt"):
+        return self.features(audio, sampling_rate=sampling_rate, return_tensors=return_tensors)
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(str(int(i)) for i in ids)
+
+
+@pytest.fixture
+def tiny_video_run(monkeypatch):
+    from tokenzip.testing import tiny_llava_onevision_video
+
+    model = tiny_llava_onevision_video()
+    monkeypatch.setattr(cli, "load_model", lambda name: (model, OnevisionVideoProcessor(model)))
+    return model
+
+
+@pytest.fixture
+def tiny_whisper_run(monkeypatch):
+    from tokenzip.testing import tiny_whisper
+
+    model = tiny_whisper()
+    monkeypatch.setattr(cli, "load_model", lambda name: (model, TinyWhisperProcessor()))
+    return model
+
+
+def _wav(path, seconds=0.8, rate=16000):
+    """A 16-bit mono WAV: a tone for the first half, near silence after it."""
+    import wave
+
+    t = np.arange(int(seconds * rate)) / rate
+    x = np.where(t < seconds / 2, 0.5 * np.sin(2 * np.pi * 440 * t), 0.001 * np.sin(2 * np.pi * 50 * t))
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((x * 32767).astype("<i2").tobytes())
+    return path
+
+
+def _rows(out, method):
+    return [line.split() for line in out.splitlines() if line.startswith(("none", method))]
+
+
+def test_run_video_compares_a_clip(tiny_video_run, clip_file, capsys):
+    args = ["run", "--model", "x", "--method", "dycoke", "--retain", "0.3", "--video", str(clip_file), "--frames",
+            "4", "--max-new-tokens", "2", "--repeats", "1"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "video tokens" in out and "answer (dycoke)" in out
+    base, comp = _rows(out, "dycoke")
+    # 4 frames x 16 tokens + the clip's newline = 65; retain 0.3 keeps 20
+    assert base[2] == "65" and comp[3] == "20"
+
+
+def test_run_audio_compares_a_recording(tiny_whisper_run, tmp_path, capsys):
+    args = ["run", "--model", "x", "--method", "vad_prune", "--retain", "0.5", "--audio",
+            str(_wav(tmp_path / "speech.wav")), "--max-new-tokens", "2", "--repeats", "1"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "audio tokens" in out and "answer (vad_prune)" in out
+    base, comp = _rows(out, "vad_prune")
+    assert base[2] == "40" and comp[3] == "20"  # 40 encoder frames, half kept
+
+
+def _media(kind, tmp_path, clip_file):
+    """Files a user may pass by mistake: empty, garbage, truncated, no audio track, missing."""
+    if kind == "empty.mp4":
+        (tmp_path / kind).write_bytes(b"")
+    elif kind == "garbage.mp4":
+        (tmp_path / kind).write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    elif kind == "truncated.mp4":
+        (tmp_path / kind).write_bytes(clip_file.read_bytes()[: clip_file.stat().st_size // 3])
+    elif kind == "garbage.wav":
+        (tmp_path / kind).write_bytes(b"RIFF" + bytes(range(256)) * 8)
+    elif kind == "silent.mp4":
+        return clip_file  # video only: no audio track
+    return tmp_path / kind
+
+
+@pytest.mark.parametrize("flag,kind,words", [
+    ("--video", "empty.mp4", "empty.mp4"),
+    ("--video", "garbage.mp4", "garbage.mp4"),
+    ("--video", "truncated.mp4", "truncated.mp4"),
+    ("--video", "missing.mp4", "file not found"),
+    ("--audio", "garbage.wav", "garbage.wav"),
+    ("--audio", "silent.mp4", "has no audio track"),
+    ("--audio", "missing.wav", "file not found"),
+])
+def test_run_bad_media_files_exit_2_with_one_line(flag, kind, words, clip_file, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "load_model", lambda name: pytest.fail("no model may load for a bad file"))
+    method = "dycoke" if flag == "--video" else "vad_prune"
+    path = _media(kind, tmp_path, clip_file)
+    assert cli.main(["run", "--method", method, "--retain", "0.5", flag, str(path)]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--method", "visionzip", "--retain", "0.5", "--video", "CLIP"], "visionzip compresses image, not video"),
+    (["--method", "dycoke", "--retain", "0.5", "--video", "CLIP"], "LlavaForConditionalGeneration takes image, not "
+                                                                  "video"),
+    (["--method", "tome", "--retain", "0.5", "--image", "IMG", "--frames", "4"], "--frames goes with --video"),
+])
+def test_run_media_and_model_must_match(argv, words, tiny, clip_file, image_file, capsys):
+    argv = [str(clip_file) if a == "CLIP" else str(image_file) if a == "IMG" else a for a in argv]
+    assert cli.main(["run", "--model", "x", *argv]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -10,6 +10,7 @@ import torch
 from . import ops
 from . import signals as signal_table
 from .budget import Budget, nearest_achievable
+from .callstate import per_call
 from .output import CompressOutput, ModalityStats
 
 if TYPE_CHECKING:
@@ -51,6 +52,9 @@ class Compressor:
     requires: ClassVar[tuple[str, ...]] = ()
     # signals the method can use when present but does not need (it must run without them)
     optional: ClassVar[tuple[str, ...]] = ()
+    # what the last patched call recorded (tokenzip.output.summarize); per thread: a call reads its own even while
+    # another thread calls the same model; a thread that made no call reads the latest one (tokenzip/callstate.py)
+    last_stats = per_call(factory=list, published=True)
 
     def __post_init__(self) -> None:
         self.budget = Budget(retain=self.retain, tokens=self.tokens)
@@ -124,7 +128,12 @@ class InputCompressor(Compressor):
     The method decides, per media item, how many tokens the LLM gets: its budget of the item's ``N`` (the tokens the
     LLM would get uncompressed), taken to the nearest count the model can actually be given
     (:func:`tokenzip.budget.nearest_achievable`: the largest achievable count at or under the budget, the smallest
-    achievable one when every count is over it). The adapter says which counts are achievable and builds the
+    achievable one when every count is over it). That smallest count is the method's floor: one unit the model
+    tokenises alone (one frame; one temporal grid of two frames on Qwen-VL; the smallest grid of a resize), which an
+    item gets even when its budget is smaller. It is never silent: the call warns (:class:`tokenzip.budget.
+    BudgetFloorWarning`, naming the smallest budget that is met and suggesting a token-level method after it with
+    ``tz.compose``), the item's stats record ``budget`` and ``over_budget``, and the bench flags the row ("floor").
+    The adapter says which counts are achievable and builds the
     smaller inputs (``Adapter.input_plan`` / ``Adapter.rescale_inputs``); the method knows nothing of models.
     ``reduces`` names the kind of reduction the method asks for; an adapter lists those it can make in
     ``input_reductions``. There is no tensor-level ``compress``: the tokens are recomputed by the model's encoder

@@ -49,6 +49,22 @@ class Budget:
         return f"retain={self.retain:g}" if self.retain is not None else f"tokens={self.tokens}"
 
 
+class BudgetFloorWarning(UserWarning):
+    """An input-stage method gave an item more tokens than its budget allows, because the least the model can be
+    given for it (its floor: e.g. one frame, or one temporal grid of two frames on Qwen-VL) is above the budget. The
+    item's :class:`tokenzip.ItemStats` says so (``budget``, ``over_budget``) and the bench flags the row."""
+
+
+def smallest_retain(n: int, count: int) -> float:
+    """The smallest ``retain`` (rounded up to 3 decimals) whose budget of ``n`` tokens is at least ``count``."""
+    if count >= n:
+        return 1.0
+    r = math.ceil(1000 * (count - 0.5) / n) / 1000
+    while Budget(retain=min(1.0, r)).count(n) < count:  # guard against float rounding
+        r += 0.001
+    return min(1.0, round(r, 3))
+
+
 def nearest_achievable(k: int, achievable: "tuple[int, ...] | list[int]") -> int:
     """The count an input-stage method takes for a budget of ``k`` tokens when only the counts in ``achievable`` can
     be produced (e.g. the grids an image can be resized to): the largest one at or under ``k``, so the budget is met

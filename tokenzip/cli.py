@@ -4,6 +4,8 @@
     tokenzip show --method visionzip --retain 0.1 photo.jpg -o zip.png
     tokenzip show --method fastvid --retain 0.25 clip.mp4 --frames 8 -o sheet.png
     tokenzip run --model dinov2-llava --method tome --retain 0.25 --image photo.jpg --prompt "What is this?"
+    tokenzip run --model ./llava-onevision-0.5b --method dycoke --retain 0.25 --video clip.mp4 --frames 16
+    tokenzip run --model whisper-tiny.en --method vad_prune --retain 0.5 --audio speech.wav
     tokenzip demo --out demo_out
 
 Models are zoo names (``tokenzip.zoo``, offline) or local Hugging Face checkpoint folders (loaded with
@@ -172,22 +174,85 @@ def show_video(args: argparse.Namespace) -> int:
     return 0
 
 
+RUN_FRAMES = 8  # frames of a clip `tokenzip run --video` gives the model (spread uniformly)
+SAMPLING_RATE = 16000  # audio is decoded to 16 kHz mono, as every supported speech model reads it
+WHISPER_SECONDS = 30.0  # Whisper's short-form window
+
+
+def _read_media(args: argparse.Namespace) -> tuple[str, Any]:
+    """``(modality, decoded media)`` of ``--image`` / ``--video`` / ``--audio``, decoded before any model loads, so a
+    bad file is a one-line error at once (the library's own ValueError for empty, truncated or garbage files)."""
+    if args.image is not None:
+        from .data import load_image
+
+        return "image", load_image(args.image)
+    flag, path = ("--video", args.video) if args.video is not None else ("--audio", args.audio)
+    if not Path(path).is_file():
+        raise CLIError(f"{flag}: file not found: {path}")
+    if args.video is not None:
+        from .video import read_video
+
+        return "video", read_video(path, num_frames=args.frames or RUN_FRAMES).frames
+    from .av import read_audio
+
+    wave = read_audio(path, SAMPLING_RATE)
+    if wave is None:
+        raise CLIError(f"--audio: {path} has no audio track")
+    if wave.size == 0:
+        raise CLIError(f"--audio: {path} holds no audio samples")
+    return "audio", wave
+
+
+def _audio_inputs(model: Any, processor: Any, wave: Any, prompt: str) -> dict[str, Any]:
+    """Model inputs for one 16 kHz recording: Whisper's log-mel features (its first 30 s: short-form generation), or
+    the prompt with the recording through an audio-LLM's processor (its chat template when it has one)."""
+    if type(model).__name__.startswith("Whisper"):
+        if wave.size > WHISPER_SECONDS * SAMPLING_RATE:
+            print(f"note: Whisper transcribes the first {WHISPER_SECONDS:g} s of the {wave.size / SAMPLING_RATE:.1f}-s "
+                  f"recording (short-form generation)")
+            wave = wave[: int(WHISPER_SECONDS * SAMPLING_RATE)]
+        return {"input_features": processor(wave, sampling_rate=SAMPLING_RATE, return_tensors="pt")["input_features"]}
+    text = prompt
+    if getattr(processor, "chat_template", None):
+        conversation = [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": prompt}]}]
+        text = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    return dict(processor(text=text, audio=[wave], sampling_rate=SAMPLING_RATE, return_tensors="pt"))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    from .adapters import adapter_for
     from .bench.first_token import best_generate, timed_generate
     from .bench.inputs import processor_inputs
     from .bench.report import format_table
-    from .data import load_image
 
     compressor = make_compressor(args.method, args.retain, args.tokens)
-    image = load_image(args.image)
     if args.max_new_tokens < 1:
         raise CLIError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    model, processor = load_model(args.model)
-    inputs = processor_inputs(processor, image, args.prompt)
-    if args.model.strip().lower() == "dinov2-llava":
-        print("note: dinov2-llava's projector is untrained; its answers do not describe the image.")
     if args.repeats < 1:
         raise CLIError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.frames is not None and args.video is None:
+        raise CLIError("--frames goes with --video")
+    modality, media = _read_media(args)
+    info = compressor.info
+    if modality not in info.modalities:
+        raise CLIError(f"{info.name} compresses {', '.join(info.modalities)}, not {modality}: choose a method for "
+                       f"{modality} (`tokenzip methods` lists each method's modalities)")
+    model, processor = load_model(args.model)
+    try:
+        kinds = adapter_for(model).modalities
+    except TypeError as e:
+        raise CLIError(f"--model: {e}") from e
+    if modality not in kinds:
+        raise CLIError(f"--{modality}: {type(model).__name__} takes {', '.join(kinds)}, not {modality}; give a "
+                       f"--model that reads {modality}")
+    if modality == "image":
+        inputs = processor_inputs(processor, media, args.prompt)
+    elif modality == "video":
+        inputs = processor_inputs(processor, None, args.prompt, video=media)
+    else:
+        inputs = _audio_inputs(model, processor, media, args.prompt)
+    if args.model.strip().lower() == "dinov2-llava":
+        print("note: dinov2-llava's projector is untrained; its answers do not describe the image.")
     timed_generate(model, inputs, None, 1)  # warm-up: the first call pays one-off allocation / kernel set-up
     base = best_generate(model, inputs, None, args.repeats, args.max_new_tokens)
     comp = best_generate(model, inputs, compressor, args.repeats, args.max_new_tokens)
@@ -197,7 +262,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     rows = [("none", base["prefill"], img_in, f"{base['ttft']:.3f}", f"{base['cpu']:.3f}", f"{base['total']:.3f}"),
             (f"{compressor.info.name} {compressor.budget}", comp["prefill"], img_out, f"{comp['ttft']:.3f}",
              f"{comp['cpu']:.3f}", f"{comp['total']:.3f}")]
-    print(format_table(("compression", "LLM prefill tokens", "media tokens", "time to first token (s)",
+    print(format_table(("compression", "LLM prefill tokens", f"{modality} tokens", "time to first token (s)",
                         "CPU s to first token", "generate (s)"), rows))
     if compressor.info.stage == "llm":
         print("(an LLM-stage method drops media tokens inside the decoder, so the prefill input keeps them all)")
@@ -275,7 +340,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL, help="zoo name or local checkpoint folder")
     p.add_argument("--method", required=True)
     _budget(p)
-    p.add_argument("--image", required=True, help="image file, or skimage:NAME")
+    media = p.add_mutually_exclusive_group(required=True)
+    media.add_argument("--image", help="image file, or skimage:NAME")
+    media.add_argument("--video", help="video file (.mp4 ...), decoded with PyAV; for a video model (LLaVA-OneVision, "
+                                       "Qwen-VL checkpoints)")
+    media.add_argument("--audio", help="audio file (.wav, .flac, .mp3, or a video's soundtrack), decoded to 16 kHz "
+                                       "mono; for Whisper or an audio-LLM checkpoint")
+    p.add_argument("--frames", type=_tokens, default=None,
+                   help=f"--video: frames spread over the clip (default {RUN_FRAMES})")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=2, help="timed runs per setting; the fastest is reported")

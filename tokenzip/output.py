@@ -53,6 +53,16 @@ class ItemStats:
     # for each stage its own ``source`` over the tokens that entered it (output slot, -1 dropped; merges share one)
     stages: list[tuple[int, int]] = field(default_factory=list)
     stage_sources: list[torch.Tensor] = field(default_factory=list)
+    # the count the method's budget allows the item (stage "input": its budget of ``tokens_in``); None where the
+    # method always meets its budget exactly. Above ``tokens_out`` only at an input stage's floor: see ``over_budget``
+    budget: int | None = None
+
+    @property
+    def over_budget(self) -> bool:
+        """Whether the item reached the LLM with more tokens than its budget allows: an input-stage method's floor
+        (the least the model can be given, e.g. one temporal grid of a Qwen-VL clip) was above the budget
+        (:class:`tokenzip.budget.BudgetFloorWarning`)."""
+        return self.budget is not None and self.tokens_out > self.budget
 
 
 @dataclass

@@ -2,21 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
-from typing import Any
+import threading
+import warnings
+from typing import Any, Iterator
 
 import torch
 
 from . import ops
 from .adapters import adapter_for
 from .base import Compressor, JointCompressor
+from .budget import BudgetFloorWarning, smallest_retain
+from .callstate import per_call
 from .llm.hooks import LLMRunner
 from .output import CompressOutput, ItemStats, summarize
 
 
 class Patch:
-    """Handle returned by ``compressor(model)`` (a context manager) and ``compressor.apply(model)``."""
+    """Handle returned by ``compressor(model)`` (a context manager) and ``compressor.apply(model)``.
+
+    The patched model may be called from several threads at once: each call gets the result it gets alone (its
+    state is per thread, see tokenzip/callstate.py; on models that keep per-call state of their own, calls run one
+    at a time). Installing or removing a patch while calls of the model are in flight is a RuntimeError."""
+
+    _depth = per_call(0)  # nesting of patched calls in progress in this thread
+    _generate_items = per_call()  # (prompt length, LLM items) found by the patched generate() in progress
 
     def __init__(self, compressor: Compressor, model: torch.nn.Module):
         self.compressor = compressor
@@ -59,14 +71,19 @@ class Patch:
         if self.llm_compressor is not None:
             LLMRunner(self.llm_compressor, self.adapter)  # validates (attention implementation ...) before install
         self.installed = False
-        self._depth = 0  # nesting of patched calls in progress
+        self._flight = threading.Lock()  # guards installed / _in_flight
+        self._in_flight = 0  # outermost patched calls in progress, all threads
+        self._serial = threading.RLock()  # one call at a time, where calls cannot run at once (``_call``)
+        self._work = threading.RLock()  # the compression work of one call at a time (``prepare``)
 
     # ---- install / remove ---------------------------------------------------------------------------------------
     def install(self) -> "Patch":
         if self.installed:
             return self
-        if getattr(self.model, "_tokenzip_patch", None) is not None:
-            raise RuntimeError("this model is already compressed by tokenzip; exit that context first "
+        other = getattr(self.model, "_tokenzip_patch", None)
+        if other is not None:
+            busy = f" ({other._in_flight} call(s) of it in flight)" if getattr(other, "_in_flight", 0) else ""
+            raise RuntimeError(f"this model is already compressed by tokenzip{busy}; exit that context first "
                                "(use tz.compose(...) to combine methods)")
         model = self.model
         orig_forward, orig_generate = model.forward, model.generate
@@ -76,18 +93,16 @@ class Patch:
         @functools.wraps(orig_forward)
         def forward(*args: Any, **kwargs: Any):
             kwargs = _as_kwargs(fwd_sig, args, kwargs)
-            self._enter()
-            try:
-                kwargs = self.prepare(kwargs)
-                if self.llm is None:
+            with self._call():
+                try:
+                    kwargs = self.prepare(kwargs)
+                    if self.llm is None:
+                        return orig_forward(**kwargs)
+                    self.llm.pending = self._llm_items(kwargs)
                     return orig_forward(**kwargs)
-                mods = self.llm_compressor.info.modalities  # e.g. an image-only method leaves a video clip whole
-                self.llm.pending = [it for it in self.adapter.llm_items(kwargs) if it.modality in mods] or None
-                return orig_forward(**kwargs)
-            finally:
-                if self.llm is not None:
-                    self.llm.pending = None
-                self._leave()
+                finally:
+                    if self.llm is not None:
+                        self.llm.pending = None
 
         @functools.wraps(orig_generate)
         def generate(*args: Any, **kwargs: Any):
@@ -101,12 +116,18 @@ class Patch:
                 if int(beams) > 1:
                     raise ValueError(f"LLM-stage compression does not support beam search (num_beams={beams}): "
                                      "the shortened layers' cache cannot be reordered")
-            self._enter()
-            try:
-                new_kwargs = self.prepare(kwargs)
-                out = orig_generate(**new_kwargs)
-            finally:
-                self._leave()
+            with self._call():
+                try:
+                    new_kwargs = self.prepare(kwargs)
+                    if self.llm is not None:
+                        # the LLM items of generate()'s prefill come from the caller's own arguments: its inner
+                        # forward() calls may no longer carry what describes the media (e.g. transformers hands
+                        # them the encoded features without the clips' grids), so an item's layout is the one the
+                        # same call to forward() gets
+                        self._generate_items = (_length(new_kwargs), self._llm_items(new_kwargs))
+                    out = orig_generate(**new_kwargs)
+                finally:
+                    self._generate_items = None
             return _restore_prompt(out, original_ids, new_kwargs.get("input_ids"))
 
         if self.llm_compressor is not None:
@@ -119,32 +140,71 @@ class Patch:
         self.installed = True
         return self
 
-    def _enter(self) -> None:
-        """Start of a patched call: an outermost call starts with empty ``last_stats`` (a call without media must
-        not leave the previous call's stats behind); generate()'s inner forward() calls keep the prefill's."""
-        if self._depth == 0:
-            for part in (self.input, self.pre, self.llm_compressor):  # a tz.compose pipeline's stats are its parts'
-                if part is not None:
-                    part.last_stats = []
-        self._depth += 1
+    def _llm_items(self, kwargs: dict[str, Any]) -> list | None:
+        """The LLM-stage items of one forward() call (None: none). The first forward() inside a patched generate()
+        (its prefill) takes the items generate() found in its own arguments (see ``generate`` above)."""
+        outer = self._generate_items
+        if outer is not None and self._depth > 1:
+            self._generate_items = None
+            length, items = outer
+            if length == _length(kwargs):  # the prefill of the prompt generate() was given
+                return items
+        mods = self.llm_compressor.info.modalities  # e.g. an image-only method leaves a video clip whole
+        return [it for it in self.adapter.llm_items(kwargs) if it.modality in mods] or None
 
-    def _leave(self) -> None:
-        """End of a patched call: per-call adapter state goes once the outermost call (generate() calls the patched
-        forward() at every step) returns."""
-        self._depth -= 1
-        if self._depth == 0:
-            self.adapter.release()
+    @contextlib.contextmanager
+    def _call(self) -> Iterator[None]:
+        """One patched call. The outermost one (generate() calls the patched forward() at every step) is counted as
+        in flight (removing the patch meanwhile is an error), starts with empty ``last_stats`` (a call without media
+        must not leave the previous call's stats behind; generate()'s inner forward() calls keep the prefill's), and
+        drops the adapter's per-call state when it returns. State of a call is per thread (tokenzip/callstate.py);
+        on a model whose own forward keeps per-call state on its modules (``Adapter.concurrent_calls`` False) calls
+        run one at a time."""
+        outer = self._depth == 0
+        serial = outer and not self.adapter.concurrent_calls
+        if outer:
+            with self._flight:
+                if not self.installed:
+                    raise RuntimeError("this tokenzip patch has been removed from the model; call the model inside "
+                                       "the `with` block (or after apply()) of an installed patch")
+                self._in_flight += 1
+        try:
+            if serial:
+                self._serial.acquire()
+            try:
+                if outer:
+                    for part in (self.input, self.pre, self.llm_compressor):  # a pipeline's stats are its parts'
+                        if part is not None:
+                            part.last_stats = []
+                self._depth += 1
+                try:
+                    yield
+                finally:
+                    self._depth -= 1
+                    if outer:
+                        self.adapter.release()
+            finally:
+                if serial:
+                    self._serial.release()
+        finally:
+            if outer:
+                with self._flight:
+                    self._in_flight -= 1
 
     def remove(self) -> None:
-        if not self.installed:
-            return
+        with self._flight:
+            if not self.installed:
+                return
+            if self._in_flight:
+                raise RuntimeError(f"cannot remove the tokenzip patch while {self._in_flight} call(s) of the model "
+                                   f"are in flight (in this or other threads); let them return first")
+            self.installed = False  # no new call starts from here on
         if self.llm is not None:
             self.llm.remove()
             self.llm = None
         for name in ("forward", "generate", "_tokenzip_patch"):
             self.model.__dict__.pop(name, None)
         self.adapter.close()
-        self.installed = False
 
     def __enter__(self) -> "Patch":
         return self.install()
@@ -158,6 +218,10 @@ class Patch:
         """Compress the media in one call's keyword arguments; returns the arguments for the original method.
         The input stage runs first (once per outermost call: generate()'s own forward() calls get its smaller
         inputs), then the encoder/pre-LLM stage on the new inputs."""
+        with self._work:  # encoders run with temporary hooks, methods and adapters may build things lazily
+            return self._prepare(kwargs)
+
+    def _prepare(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         if self._depth <= 1:
             self.adapter.begin_call(kwargs)
         if self.input is not None and self._depth <= 1 and self.adapter.has_media(kwargs):
@@ -203,10 +267,29 @@ class Patch:
             new, maps = self.adapter.rescale_inputs(kwargs, c.reduces, items, targets)
         per_sample: list[list[ItemStats]] = [[] for _ in range(self.adapter.batch_size(kwargs))]
         for it, k, (source, index) in zip(items, targets, maps):
+            budget = c.budget.count(it.tokens) if it.modality in c.info.modalities else None
             per_sample[it.sample].append(ItemStats(modality=it.modality, tokens_in=it.tokens, tokens_out=k,
-                                                   source=source, index=index, grid=it.grid))
+                                                   source=source, index=index, grid=it.grid, budget=budget))
         c.last_stats = summarize(per_sample)
+        _warn_floor(c, [s for row in per_sample for s in row])
         return new
+
+
+def _warn_floor(c: Compressor, stats: list[ItemStats]) -> None:
+    """An input-stage method's documented floor (tokenzip.base.InputCompressor): never silent."""
+    over = [s for s in stats if s.over_budget]
+    if not over:
+        return
+    worst = max(over, key=lambda s: s.tokens_out / s.tokens_in)
+    fix = (f"tokens={max(s.tokens_out for s in over)}" if c.budget.tokens is not None else
+           f"retain={max(smallest_retain(s.tokens_in, s.tokens_out) for s in over):g}")
+    warnings.warn(
+        f"{c.info.name} ({c.budget}): {len(over)} {worst.modality} item(s) got more tokens than the budget allows, "
+        f"e.g. {worst.tokens_out} of {worst.tokens_in} where it allows {worst.budget}: that is the least the model "
+        f"can be given for it (one unit: a frame, or a temporal grid), the floor of this input-stage method. "
+        f"{fix} is the smallest budget it meets here; for fewer tokens, follow it by a token-level method, e.g. "
+        f"tz.compose(tz.get({c.info.name!r}, {fix}), tz.get('fastv', retain=...)). ItemStats.over_budget marks "
+        f"these items.", BudgetFloorWarning, stacklevel=6)  # the caller of generate() / forward()
 
 
 def _as_kwargs(sig: inspect.Signature, args: tuple, kwargs: dict) -> dict:
@@ -218,6 +301,14 @@ def _as_kwargs(sig: inspect.Signature, args: tuple, kwargs: dict) -> dict:
     if extra:
         out.update(extra)
     return out
+
+
+def _length(kwargs: dict[str, Any]) -> int | None:
+    """The sequence length of a call's prompt (``input_ids`` or ``inputs_embeds``), None without either."""
+    ref = kwargs.get("input_ids")
+    if not isinstance(ref, torch.Tensor):
+        ref = kwargs.get("inputs_embeds")
+    return int(ref.shape[1]) if isinstance(ref, torch.Tensor) and ref.dim() >= 2 else None
 
 
 def _restore_prompt(out: Any, original: torch.Tensor | None, short: torch.Tensor | None) -> Any:

@@ -81,6 +81,11 @@ class Adapter(ABC):
     signals: ClassVar[frozenset[str]] = frozenset()
     # what ``encode`` can compute between encoder layers (stage "encoder"), when that differs from ``signals``
     encoder_signals: ClassVar[frozenset[str] | None] = None
+    # whether calls of the patched model from several threads may run at once: True only where the stock model's
+    # forward()/generate() keep no per-call state on its modules (Qwen-VL and Qwen-Omni keep ``rope_deltas`` between
+    # generate()'s steps), and this adapter keeps its own per-call state in ``tokenzip.callstate.per_call``
+    # attributes; False: the patch runs one call at a time (tokenzip/patch.py)
+    concurrent_calls: ClassVar[bool] = False
 
     @classmethod
     def produces(cls, stage: str) -> frozenset[str]:
@@ -130,7 +135,8 @@ class Adapter(ABC):
 
     def release(self) -> None:
         """Called after every outermost patched forward()/generate() call, also after an exception: drop per-call
-        state."""
+        state. Per-call state lives in ``tokenzip.callstate.per_call`` attributes (each thread its own), so that
+        calls in several threads at once never share it."""
 
     def close(self) -> None:
         """The patch is being removed: undo every hook or substitution this adapter made on the model."""

@@ -15,6 +15,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .. import layout as L
 from .. import ops
+from ..callstate import per_call
 from ..encoder import EncoderRunner, EncoderSpec, MergedTokens
 from ..llm.adapter import LLMAccess
 from ..output import CompressOutput
@@ -37,6 +38,7 @@ class LlavaFamily(LLMAccess, Adapter):
     and the feature layer / select strategy taken from the call or the config."""
 
     modalities = ("image",)
+    concurrent_calls = True  # the stock forward keeps no state on its modules; ours is per_call (tests/test_threads.py)
     stages = ("pre_llm", "llm")
     signals = frozenset({"cls_attention", "keys", "projected", "text", "text_mask"})
 
@@ -122,6 +124,9 @@ class LlavaAdapter(LlavaFamily):
     tile the patch grid, so the later cuts hand the method a 1-D layout."""
 
     model_classes = ("LlavaForConditionalGeneration",)
+    # per-call state, per thread (tokenzip/callstate.py)
+    _cls = per_call()
+    _state = per_call()
     stages = ("pre_llm", "encoder", "llm")
     encoder_signals = frozenset({"cls_attention", "keys", "text", "text_mask"})
 

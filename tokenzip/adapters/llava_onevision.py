@@ -83,6 +83,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
 from .. import layout as L
+from ..callstate import per_call
 from ..encoder import EncoderRunner, MergedTokens
 from ..encoder.runner import SCHEDULES, padded_rows
 from ..output import CompressOutput
@@ -105,7 +106,7 @@ class LlavaOnevisionAdapter(OnevisionVideo, LlavaFamily):
     encoder_signals = frozenset({"cls_attention", "keys", "text", "text_mask"})
     runner: EncoderRunner | None = None  # stage "encoder": the tower and its cuts (set_encoder_layer)
     step: Any = None  # stage "encoder": the method's budget, and its compression at a schedule's earlier cuts
-    _tower_images: list[_TowerImage] | None = None  # stage "encoder": per call, from encode() to rebuild()
+    _tower_images = per_call()  # stage "encoder": per call (per thread), from encode() to rebuild()
 
     def __init__(self, model: torch.nn.Module):
         super().__init__(model)

@@ -85,6 +85,7 @@ import torch
 from transformers.vision_utils import get_vision_window_index
 
 from .. import layout as L
+from ..callstate import per_call
 from ..compat import cache_from, omni_thinker_parts
 from ..llm.adapter import LLMAccess
 from ..llm.hooks import LLMItem
@@ -102,7 +103,7 @@ from .placeholders import (
     text_signals,
 )
 from .qwen2_vl import _LastBlockProbe
-from .speech import RAW_AUDIO, energy_speech, raw_waveforms, silero_speech
+from .speech import RAW_AUDIO, clip_frames, energy_speech, raw_waveforms, silero_speech
 
 MEL_PER_TOKEN = 4  # conv2 stride 2 x average pooling stride 2
 SAMPLES_PER_TOKEN = 640  # 4 mel frames x hop 160 at 16 kHz: 40 ms per audio token
@@ -125,6 +126,8 @@ class _Plan:
 class Qwen2_5OmniAdapter(LLMAccess, Adapter):
     model_classes = ("Qwen2_5OmniThinkerForConditionalGeneration", "Qwen2_5OmniForConditionalGeneration")
     modalities = ("image", "video", "audio")
+    # per-call state, per thread (tokenzip/callstate.py)
+    _short = per_call()
     stages = ("pre_llm", "llm")
     signals = frozenset({"cls_attention", "keys", "projected", "text", "text_mask", "speech"})
     # whether rebuild writes image/video tokens into inputs_embeds (Qwen3-Omni: they go through mm_encoder_outputs)
@@ -369,7 +372,7 @@ class Qwen2_5OmniAdapter(LLMAccess, Adapter):
             if "speech" in needs:
                 speech = silero_speech(waves[i], n, SAMPLES_PER_TOKEN) if waves is not None else None
                 if speech is None:
-                    speech = energy_speech(feats[i, :, : MEL_PER_TOKEN * n], n)
+                    speech = energy_speech(clip_frames(feats[i], int(fmask[i].sum()), MEL_PER_TOKEN * n), n)
                 sig["speech"] = speech.to(out.device)
             per_clip.append(sig)
             start += f

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from .. import layout as L
+from ..callstate import per_call
 from ..llm.adapter import LLMAccess, placeholder_items
 from ..output import CompressOutput
 from .attention import attention_signals
@@ -62,6 +63,8 @@ SAMPLES_PER_TOKEN = 640  # 4 mel frames x hop 160 at 16 kHz: 40 ms per audio tok
 class Qwen2AudioAdapter(LLMAccess, Adapter):
     model_classes = ("Qwen2AudioForConditionalGeneration",)
     modalities = ("audio",)
+    # per-call state, per thread (tokenzip/callstate.py)
+    _short = per_call()
     stages = ("pre_llm", "llm")
     signals = frozenset({"cls_attention", "keys", "projected", "text", "text_mask", "speech"})
 

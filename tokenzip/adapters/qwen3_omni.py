@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import BaseModelOutputWithDeepstackFeatures
 
+from ..callstate import per_call
 from ..output import CompressOutput
 from .attention import ATTENTION_SIGNALS, attention_signals
 from .base import Item
@@ -42,6 +43,8 @@ from .speech import energy_speech, raw_waveforms, silero_speech
 
 class Qwen3OmniAdapter(Qwen2_5OmniAdapter):
     model_classes = ("Qwen3OmniMoeThinkerForConditionalGeneration", "Qwen3OmniMoeForConditionalGeneration")
+    # per-call state, per thread (tokenzip/callstate.py)
+    _deepstack = per_call(factory=dict)
     stages = ("pre_llm",)
     # the kept visual slots keep their placeholder embeddings: generate() hands the prefill inputs_embeds without
     # input_ids, and the model then finds the slots for mm_encoder_outputs by comparing embeddings with the

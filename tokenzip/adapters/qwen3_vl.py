@@ -59,6 +59,7 @@ import torch
 from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
 from .. import layout as L
+from ..callstate import per_call
 from ..compat import cache_from
 from ..llm.adapter import LLMAccess, placeholder_items
 from ..output import CompressOutput
@@ -104,6 +105,8 @@ class _DeepstackWrapper:
 class Qwen3VLAdapter(LLMAccess, Adapter):
     model_classes = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
     modalities = ("image", "video")
+    # per-call state, per thread (tokenzip/callstate.py)
+    _call_grids = per_call(factory=dict)
     stages = ("pre_llm", "llm")
     signals = frozenset({"cls_attention", "keys", "projected", "text", "text_mask"})
 

@@ -70,6 +70,19 @@ def energy_speech(features: torch.Tensor, n_frames: int, margin: float = 0.5, wi
     return torch.sigmoid((level - (loud - margin)) / width)
 
 
+def clip_frames(features: torch.Tensor, valid: int, count: int) -> torch.Tensor:
+    """A clip's feature frames ``[mel, count]`` for :func:`energy_speech`, taken from its ``valid`` frames only
+    (``features`` ``[mel, T]`` may carry the batch's padding after them): the first ``count``, or all of them with the
+    last one repeated up to ``count`` when the clip's last token covers a partial window (``count`` is its tokens
+    times the feature frames per token). The padding a batch adds depends on the other clips of the call, so a clip's
+    score never reads it: a clip scores the same alone and in any batch."""
+    valid = max(1, min(int(valid), int(features.shape[-1])))
+    x = features[..., :valid]
+    if valid >= count:
+        return x[..., :count]
+    return torch.cat([x, x[..., -1:].expand(*x.shape[:-1], count - valid)], dim=-1)
+
+
 def raw_waveforms(kwargs: dict[str, Any], count: int, unit: str) -> list[Any] | None:
     """The tokenzip-only ``raw_audio=`` argument (16 kHz mono waveforms for the VAD signal), validated: one 1-D
     waveform per ``unit`` (``count`` of them), or None when the call does not pass it."""

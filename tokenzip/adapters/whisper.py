@@ -46,6 +46,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutput
 
 from .. import layout as L
+from ..callstate import per_call
 from ..encoder import EncoderRunner, EncoderSpec, MergedTokens
 from ..output import CompressOutput
 from .base import Adapter, Item, ModelParts
@@ -56,6 +57,10 @@ from .speech import RAW_AUDIO, energy_speech, raw_waveforms, silero_speech
 class WhisperAdapter(Adapter):
     model_classes = ("WhisperForConditionalGeneration",)
     modalities = ("audio",)
+    # per-call state, per thread (tokenzip/callstate.py)
+    _pending = per_call()
+    _state = per_call()
+    _bias = per_call()
     stages = ("pre_llm", "encoder")
     signals = frozenset({"cls_attention", "keys", "speech"})
     # ToMe's proportional attention in the decoder's cross-attention (and, for the encoder stage, in the encoder

@@ -75,7 +75,7 @@ def timed_generate(model: Any, inputs: dict[str, Any], compressor: Any = None, m
     cpu = (streamer.cpu_first or time.process_time()) - streamer.cpu_start
     seq = out if isinstance(out, torch.Tensor) else out.sequences
     return {"ttft": ttft, "cpu": cpu, "total": total, "prefill": seen[0] if seen else None,
-            "ids": seq[0, inputs["input_ids"].shape[1]:]}
+            "ids": seq[0, inputs["input_ids"].shape[1]:] if "input_ids" in inputs else seq[0]}  # Whisper: no prompt
 
 
 def best_generate(model: Any, inputs: dict[str, Any], compressor: Any = None, repeats: int = 3,

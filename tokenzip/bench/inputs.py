@@ -21,8 +21,9 @@ def processor_inputs(processor: Any, image: Any, prompt: str, video: Any = None)
     if getattr(processor, "chat_template", None):
         conversation = [{"role": "user", "content": [media, {"type": "text", "text": prompt}]}]
         text = processor.apply_chat_template(conversation, add_generation_prompt=True)
-    elif video is None:
-        token = getattr(processor, "image_token", None) or "<image>"
+    else:
+        token = getattr(processor, "video_token" if video is not None else "image_token", None) \
+            or ("<video>" if video is not None else "<image>")
         if token not in prompt:
             text = f"{token}\n{prompt}"
     kw: dict[str, Any] = {"text": text, "return_tensors": "pt"}

@@ -208,6 +208,12 @@ def _kept_hash(compressor: Compressor) -> str:
     return h.hexdigest()[:16]
 
 
+def _over_budget(compressor: Compressor) -> int:
+    """Items given more tokens than their budget (an input-stage method's floor, tokenzip.budget.BudgetFloorWarning);
+    the report flags such rows."""
+    return sum(it.over_budget for sample in compressor.last_stats for ms in sample.values() for it in ms.items)
+
+
 def _tokens(compressor: Compressor) -> tuple[int, int, dict[str, list[int]]]:
     per: dict[str, list[int]] = {}
     for sample in compressor.last_stats:
@@ -271,6 +277,7 @@ def measure_point(built: Built, item: Item, cfg: BenchConfig, clock: Clock, shap
     common = {"method": item.method, "retain": float(item.retain), "tokens_in": t_in, "tokens_out": t_out,
               "oracle_kind": ORACLE_KIND.get(comp.info.stage, "exact"),
               "tokens_by_modality": per, "kept_hash": _kept_hash(comp), "family": comp.info.family,
+              "over_budget": _over_budget(comp),
               "stage": comp.info.stage, "query_aware": comp.info.query_aware}
     llm_part = comp.parts[-1] if hasattr(comp, "parts") else comp  # a pipeline's LLM stage is its last part
     mrow = {"kind": "method", **common, **_median(m_traces),

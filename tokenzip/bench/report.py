@@ -89,6 +89,12 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
+def _tokens_cell(r: dict[str, Any]) -> str:
+    """``in→out``; "(floor: n over budget)" when an input-stage method gave n items more than their budget."""
+    cell = f"{r['tokens_in']}→{r['tokens_out']}"
+    return cell + (f" (floor: {r['over_budget']} over budget)" if r.get("over_budget") else "")
+
+
 def main_table(rows: list[dict[str, Any]]) -> str:
     headers = ["method", "retain", "tokens in→out", "TTFT s", "encoder s", "compress s", "prefill s", "other s",
                "decode s/tok", "peak MB", "GFLOPs", "encoder GFLOPs saved", "speed-up", "oracle speed-up",
@@ -98,7 +104,7 @@ def main_table(rows: list[dict[str, Any]]) -> str:
         if r["kind"] == "oracle":
             continue
         saved = r.get("encoder_flops_saved", 0.0)
-        body.append([r["method"], _fmt(r["retain"], 2), f"{r['tokens_in']}→{r['tokens_out']}", _fmt(r["ttft_s"]),
+        body.append([r["method"], _fmt(r["retain"], 2), _tokens_cell(r), _fmt(r["ttft_s"]),
                      _fmt(r["encoder_s"]), _fmt(r["compress_s"]), _fmt(r["prefill_s"]), _fmt(r["other_s"]),
                      _fmt(r["decode_s_per_token"], 4), _mb(r["peak_mem_bytes"]), _gflops(r["flops"]),
                      f"{_gflops(saved)} ({100 * r.get('encoder_flops_saved_frac', 0.0):.0f} %)" if saved else "0",
@@ -117,7 +123,7 @@ def video_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         if r["kind"] == "oracle":
             continue
-        body.append([r["method"], _fmt(r["retain"], 2), f"{r['tokens_in']}→{r['tokens_out']}", _fmt(r.get("decode_s")),
+        body.append([r["method"], _fmt(r["retain"], 2), _tokens_cell(r), _fmt(r.get("decode_s")),
                      _fmt(r["encoder_s"]), _fmt(r["compress_s"]), _fmt(r["prefill_s"]), _fmt(r["other_s"]),
                      _fmt(r["ttft_s"]), _fmt(r.get("ttft_with_decode_s")), _mb(r["peak_mem_bytes"]),
                      _fmt(r["speedup"], 2), _fmt(r["oracle_speedup"], 2), _fmt(r["overhead_vs_oracle"], 2),

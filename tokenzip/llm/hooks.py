@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from .. import ops
+from ..callstate import per_call
 from ..compat import cache_from
 from ..layout import Layout
 from ..output import ItemStats, summarize
@@ -124,7 +125,17 @@ class _Run:
 
 
 class LLMRunner:
-    """Installs the hooks for one compressor on one model (through its adapter)."""
+    """Installs the hooks for one compressor on one model (through its adapter). What one call is doing (the items
+    it hands over, the prefill being shortened, the decoding step) is per thread (tokenzip/callstate.py): calls in
+    flight at once in several threads each see their own."""
+
+    pending = per_call()  # list[LLMItem] | None: the items of the next prefill
+    run = per_call()  # _Run | None: the prefill in progress
+    step = per_call()  # (CacheState, masks) | None: a call that continues a shortened cache
+    step_query = per_call()  # (x, position_embeddings) of the decode scoring layer's attention, this call
+    step_mask2d = per_call()  # this call's 2-D mask, query count and cache (decode pruning)
+    step_q = per_call(0)
+    step_past = per_call()
 
     def __init__(self, compressor: Any, adapter: Any):
         self.c = compressor
@@ -142,16 +153,9 @@ class LLMRunner:
                              f"types {sorted(kinds)}")
         self.needs = compressor.signals_needed()
         self.handles: list[Any] = []
-        self.pending: list[LLMItem] | None = None
-        self.run: _Run | None = None
-        self.step: tuple[CacheState, dict[int, torch.Tensor]] | None = None
         self.decode_at = compressor.decode_layer(len(self.layers))
         if self.decode_at is not None:
             compressor.check_layer(self.decode_at, len(self.layers), "decode layer")
-        self.step_query: Any = None  # (x, position_embeddings) of the decode scoring layer's attention, this call
-        self.step_mask2d: torch.Tensor | None = None  # this call's 2-D mask, query count and cache (decode pruning)
-        self.step_q = 0
-        self.step_past: Any = None
 
     # ---- install / remove ---------------------------------------------------------------------------------------
     def install(self) -> None:

@@ -11,6 +11,7 @@ import torch
 from .. import ops
 from ..base import JointCompressor, JointItem, MethodInfo
 from ..budget import Budget
+from ..callstate import per_call
 from ..output import CompressOutput
 from .dpc_knn import dpc_knn_centres
 
@@ -124,6 +125,7 @@ class OmniZip(JointCompressor):
                   "Models, arXiv:2511.14582")
     # read for the audio items; the adapter computes it for every item it hands over (as for any method)
     requires: ClassVar[tuple[str, ...]] = ("cls_attention",)
+    last_windows = per_call(factory=list, published=True)  # per thread, as last_stats (tokenzip/callstate.py)
 
     def __post_init__(self) -> None:
         super().__post_init__()
