@@ -10,8 +10,13 @@ the compressed frames — the method compresses each row, and while the patched 
 (rows matched by value). So the original ``forward()``/``generate()`` get the caller's ``input_features`` unchanged
 and all of Whisper's own generate() logic runs as usual — including the temperature fallback
 (``temperature=(0.0, 0.2, ...)``, ``compression_ratio_threshold``, ``logprob_threshold``), which re-runs generate()
-on the rows that failed; passing precomputed ``encoder_outputs`` instead would break that path. Short-form only
-(<= 30 s per row): long-form input gets a ValueError.
+on the rows that failed; passing precomputed ``encoder_outputs`` instead would break that path.
+
+Long-form (more than 30 s of features, through ``generate()``): Whisper's own sequential long-form generate()
+chooses each window (it seeks to the last timestamp it decoded, per recording of a batch) and encodes one batch of
+windows at a time; the substituted encoder compresses each new batch of windows as it comes, with the same pipeline
+(:meth:`WhisperAdapter.encode_windows`), and ``last_stats`` holds one entry per window row encoded. Departure: the
+``speech`` signal of a long-form window comes from its log-mel energy (``raw_audio`` is refused there).
 
 Budget: ``N`` is the whole window, padding included (Whisper always pads to 30 s, and the decoder reads every
 frame). So every row of a batch has the same ``N`` and the same ``k``: no cross-attention mask is needed — good,
@@ -71,6 +76,9 @@ class WhisperAdapter(Adapter):
         self._state: MergedTokens | None = None  # encoder stage: the tokens at the last cut, from encode()
         self._bias: torch.Tensor | None = None  # [b, k] log group sizes of the rows the decoder is reading
         self._handles: list[Any] = []
+        # long-form (``windowed``): the patch's callback that compresses one window, and whether it is running
+        self._window_compress: Any = None
+        self._in_window = False
 
     def encoder_spec(self) -> EncoderSpec:
         """Where things are in Whisper's encoder, for the generic encoder runner."""
@@ -122,21 +130,68 @@ class WhisperAdapter(Adapter):
         """The encoder's forward() while the patch is installed: rows of the call being compressed get their
         compressed output (matched by value, since Whisper's temperature fallback re-runs generate() on a subset
         of the rows); outside such a call the original encoder runs."""
-        pending = self._pending
-        if pending is None or input_features is None:
+        if input_features is None or self._in_window:  # the adapter's own encode() of a long-form window
             return self._original_encoder_forward(input_features, attention_mask, **kwargs)
-        feats, hidden, bias = pending
-        rows = []
-        for row in input_features:
-            hit = next((i for i in range(feats.shape[0]) if torch.equal(row, feats[i].to(row.dtype))), None)
-            if hit is None:  # never hand the decoder uncompressed frames inside a compressed call
-                raise RuntimeError("Whisper's encoder was called, inside a compressed generate()/forward(), on "
-                                   "input_features that are not rows of the call's own (long-form seeking is not "
-                                   "supported: split audio into 30 s windows)")
-            rows.append(hit)
+        rows = self._pending_rows(input_features)
+        if rows is None and self._window_compress is not None \
+                and input_features.shape[-1] == self._window_frames():
+            # long-form: a new 30 s window (or a batch of them, one per recording still being transcribed)
+            self._in_window = True
+            try:
+                self._window_compress({"input_features": input_features})  # -> encode, compress, rebuild
+            finally:
+                self._in_window = False
+            rows = self._pending_rows(input_features)
+        if self._pending is None or (rows is None and self._window_compress is not None):
+            return self._original_encoder_forward(input_features, attention_mask, **kwargs)
+        if rows is None:  # never hand the decoder uncompressed frames inside a compressed call
+            raise RuntimeError("Whisper's encoder was called, inside a compressed generate()/forward(), on "
+                               "input_features that are not rows of the call's own")
+        _, hidden, bias = self._pending
         idx = torch.tensor(rows, device=hidden.device)
         self._bias = None if bias is None else bias[idx]
         return BaseModelOutput(last_hidden_state=hidden[idx].to(input_features.device))
+
+    def _pending_rows(self, input_features: torch.Tensor) -> list[int] | None:
+        """The row of the pending (compressed) features each row of ``input_features`` equals, or None when some
+        row is not one of them (or nothing is pending)."""
+        if self._pending is None:
+            return None
+        feats = self._pending[0]
+        rows = []
+        for row in input_features:
+            hit = next((i for i in range(feats.shape[0]) if feats[i].shape == row.shape
+                        and torch.equal(row, feats[i].to(row.dtype))), None)
+            if hit is None:
+                return None
+            rows.append(hit)
+        return rows
+
+    def _window_frames(self) -> int:
+        """Feature frames of one 30 s window (what the encoder takes: ``max_source_positions`` x its strides)."""
+        return self.model.config.max_source_positions * self.encoder.conv1.stride[0] * self.encoder.conv2.stride[0]
+
+    # ---- long-form: Whisper's own generate() seeks through the audio 30 s at a time ------------------------------
+    def windowed(self, kwargs: dict[str, Any]) -> bool:
+        feats = kwargs.get("input_features")
+        return isinstance(feats, torch.Tensor) and feats.dim() == 3 and feats.shape[-1] > self._window_frames()
+
+    def encode_windows(self, kwargs: dict[str, Any], compress: Any) -> dict[str, Any]:
+        """Long-form input (more than 30 s of features): Whisper's generate() cuts the windows itself (where the
+        previous window's last timestamp says, per recording, with its ``attention_mask`` giving each recording's
+        length) and calls the encoder on each batch of windows; the substituted encoder compresses each such batch
+        as it comes (``compress``), and re-runs on the same windows (the temperature fallback) reuse it. The
+        call's ``attention_mask`` stays (long-form needs it); ``raw_audio`` is refused: a window's position in its
+        recording is only known inside generate(), so the ``speech`` signal of a window comes from its log-mel
+        energy (:func:`energy_speech`)."""
+        if kwargs.get(RAW_AUDIO) is not None:
+            raise ValueError(f"{RAW_AUDIO} is not supported with long-form input (more than 30 s of features): "
+                             f"the speech signal of each 30 s window comes from its log-mel energy; drop {RAW_AUDIO}")
+        self._install()
+        self._window_compress = compress
+        new = dict(kwargs)
+        new.pop(RAW_AUDIO, None)
+        return new
 
     def _original_encoder_forward(self, *args: Any, **kwargs: Any) -> BaseModelOutput:
         return type(self.encoder).forward(self.encoder, *args, **kwargs)
@@ -153,6 +208,8 @@ class WhisperAdapter(Adapter):
         self._pending = None
         self._state = None
         self._bias = None
+        self._window_compress = None
+        self._in_window = False
 
     def close(self) -> None:
         """Remove the hooks and the encoder substitution (called when the patch is removed)."""
@@ -190,12 +247,10 @@ class WhisperAdapter(Adapter):
         if not isinstance(feats, torch.Tensor) or feats.dim() != 3:
             raise ValueError(f"input_features must be a [batch, mel, frames] tensor, got "
                              f"{getattr(feats, 'shape', type(feats))}")
-        expected = self.model.config.max_source_positions * self.encoder.conv1.stride[0] * \
-            self.encoder.conv2.stride[0]
-        if feats.shape[-1] != expected:
-            raise ValueError(f"input_features must hold one {expected}-frame (30 s) window per row, got "
-                             f"{feats.shape[-1]} frames: long-form audio is not supported, split it into 30 s "
-                             f"windows (tokenzip.zoo.whisper.features pads and checks)")
+        expected = self._window_frames()
+        if feats.shape[-1] != expected:  # long-form input never gets here (windowed); shorter input is an error
+            raise ValueError(f"input_features must hold one {expected}-frame (30 s) window per row (or more frames: "
+                             f"long-form, through generate()), got {feats.shape[-1]} frames")
         b = feats.shape[0]
         raw = self._raw_audio(kwargs, b)
         x = feats.to(self.encoder.conv1.weight.dtype)

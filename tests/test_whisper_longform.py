@@ -1,0 +1,137 @@
+"""Whisper long-form (issue 21, item 3): input longer than one window goes through Whisper's own sequential
+long-form generate() (return_timestamps, batches of recordings of different lengths), and the method compresses
+each window as generate() encodes it. Tiny random Whisper: a window is 80 feature frames (40 encoder frames)."""
+
+import pytest
+import torch
+
+import tokenzip as tz
+from tokenzip.testing import CASES, VOCAB
+
+from conftest import ENCODER_STAGE, built, compatible
+
+WINDOW = 80  # feature frames of one window of the tiny config
+AUDIO_METHODS = [pytest.param(m, id=m.info.name) for m in [*tz.METHODS, *ENCODER_STAGE]
+                 if compatible(m, CASES["whisper"])]
+LENGTHS = (130, 200, 95)  # feature frames of three recordings: 2, 3 and 2 windows
+
+
+def _recording(frames: int, seed: int) -> torch.Tensor:
+    """Log-mel-like features ``[16, frames]`` with a quiet stretch in every window (speech and silence)."""
+    g = torch.Generator().manual_seed(seed)
+    f = torch.randn(16, frames, generator=g) * 0.3 + 0.5
+    for start in range(0, frames, WINDOW):
+        f[:, start + 50: start + 65] = -0.5
+    return f
+
+
+def _batch(lengths=LENGTHS, seeds=(1, 2, 3)):
+    """Recordings padded (with zeros) to the longest, and the attention mask long-form needs for a batch."""
+    longest = max(lengths)
+    feats = torch.zeros(len(lengths), 16, longest)
+    mask = torch.zeros(len(lengths), longest, dtype=torch.long)
+    for i, (n, s) in enumerate(zip(lengths, seeds)):
+        feats[i, :, :n] = _recording(n, s)
+        mask[i, :n] = 1
+    return {"input_features": feats, "attention_mask": mask}
+
+
+def _generate(model, inputs, **kw):
+    """Long-form generate(); timestamps above 0.4 s are suppressed, so that the random model's last timestamp moves
+    each recording's seek by less than a window: 6 rounds of 3, 3, 3, 2, 1, 1 windows for ``_batch()``."""
+    out = model.generate(**inputs, return_timestamps=True, max_new_tokens=8, do_sample=False,
+                         condition_on_prev_tokens=False, suppress_tokens=list(range(25, VOCAB)), **kw)
+    return out if isinstance(out, torch.Tensor) else out["sequences"]
+
+
+def _encoder_outputs(model):
+    """What the decoder gets from the encoder at each of generate()'s calls (keyword ``input_features``; the
+    adapter's own encoder pass on a window, positional, is left out): (features, hidden) pairs."""
+    seen = []
+
+    def hook(m, args, kwargs, out):
+        if "input_features" in kwargs:
+            seen.append((kwargs["input_features"], out.last_hidden_state))
+
+    return seen, model.model.encoder.register_forward_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize("method", AUDIO_METHODS)
+def test_long_form_at_retain_one_equals_stock_long_form(method):
+    model = built("whisper")
+    inputs = _batch()
+    seen, h = _encoder_outputs(model)
+    try:
+        ref = _generate(model, inputs)
+        stock_windows = sum(f.shape[0] for f, _ in seen)
+        c = method(retain=1.0)
+        with c(model):
+            out = _generate(model, inputs)
+    finally:
+        h.remove()
+    assert torch.equal(out, ref)
+    # every window row the stock long-form encoded went through the method once (last_stats: one per window row)
+    assert stock_windows == 13 and len(c.last_stats) == stock_windows
+    assert all(s["audio"].tokens_in == s["audio"].tokens_out == 40 for s in c.last_stats)
+
+
+@pytest.mark.parametrize("method", AUDIO_METHODS)
+def test_long_form_batch_of_different_lengths_equals_singles(method):
+    model = built("whisper")
+    c = method(retain=0.25)
+    seen, h = _encoder_outputs(model)
+    try:
+        with c(model):
+            batch = _generate(model, _batch())
+            batch_windows = list(seen)
+            singles = []
+            for n, s in zip(LENGTHS[1:], (2, 3)):  # the 3- and 2-window recordings alone (kept short: ~1 s each)
+                seen.clear()
+                singles.append((_generate(model, _batch((n,), (s,))), list(seen)))
+    finally:
+        h.remove()
+    k = c.budget.count(40) if hasattr(c, "budget") else None
+    for i, (one, windows) in enumerate(singles, start=1):
+        ref = batch[i][batch[i] != model.generation_config.pad_token_id]
+        assert torch.equal(one[0][one[0] != model.generation_config.pad_token_id], ref), i
+        assert windows, "the single recording was never encoded"
+        for feats, hidden in windows:  # every window the decoder read was compressed ...
+            assert hidden.shape[1] == (k or hidden.shape[1]) < 40
+            # ... and is the same compressed window the batch gave that recording
+            match = [bh[j] for bf, bh in batch_windows for j in range(bf.shape[0]) if torch.equal(bf[j], feats[0])]
+            assert match, "a window of the single run was not encoded in the batch"
+            torch.testing.assert_close(hidden[0], match[0], atol=1e-5, rtol=1e-5)
+
+
+def test_long_form_reads_compressed_windows_and_keeps_the_fallback():
+    """Every decoder pass of a long-form call reads the window's kept frames (with the proportional-attention bias
+    of merged ones); the temperature fallback re-runs generate() on the same windows and gets the same ones."""
+    model = built("whisper")
+    lengths, handles = [], []
+    for layer in model.model.decoder.layers:
+        handles.append(layer.encoder_attn.register_forward_pre_hook(
+            lambda m, a, kw: lengths.append(kw["key_value_states"].shape[1]), with_kwargs=True))
+    calls = []
+    handles.append(model.model.encoder.register_forward_hook(lambda m, a, out: calls.append(out.last_hidden_state)))
+    c = tz.get("avgpool", retain=0.25)
+    try:
+        torch.manual_seed(0)
+        with c(model):
+            out = _generate(model, _batch(), temperature=(0.0, 0.5), compression_ratio_threshold=1.0,
+                            logprob_threshold=0.0)
+    finally:
+        for h in handles:
+            h.remove()
+    assert out.shape[0] == 3 and lengths and set(lengths) == {10}
+    assert len(calls) > len(c.last_stats)  # the fallback re-encoded windows: the compressed ones were reused
+    assert all(s["audio"].tokens_out == 10 for s in c.last_stats)
+    assert "forward" not in vars(model.model.encoder)  # the substitution is gone with the patch
+
+
+def test_long_form_rejects_raw_audio_and_short_features_stay_an_error():
+    model = built("whisper")
+    with tz.get("vad_prune", retain=0.5)(model):
+        with pytest.raises(ValueError, match="raw_audio is not supported with long-form"):
+            _generate(model, _batch((130,), (1,)), raw_audio=[torch.zeros(130 * 160)])
+        with pytest.raises(ValueError, match="80-frame"):
+            model(input_features=torch.zeros(1, 16, 60), decoder_input_ids=torch.tensor([[3]]))
