@@ -135,3 +135,5 @@ def test_long_form_rejects_raw_audio_and_short_features_stay_an_error():
             _generate(model, _batch((130,), (1,)), raw_audio=[torch.zeros(130 * 160)])
         with pytest.raises(ValueError, match="80-frame"):
             model(input_features=torch.zeros(1, 16, 60), decoder_input_ids=torch.tensor([[3]]))
+        with pytest.raises(ValueError, match="length 80"):  # long-form is generate()'s; forward() is Whisper's error
+            model(input_features=torch.zeros(1, 16, 160), decoder_input_ids=torch.tensor([[3]]))

@@ -133,8 +133,9 @@ class WhisperAdapter(Adapter):
         if input_features is None or self._in_window:  # the adapter's own encode() of a long-form window
             return self._original_encoder_forward(input_features, attention_mask, **kwargs)
         rows = self._pending_rows(input_features)
-        if rows is None and self._window_compress is not None \
-                and input_features.shape[-1] == self._window_frames():
+        if rows is None and self._window_compress is not None:
+            if input_features.shape[-1] != self._window_frames():  # e.g. forward() on long-form features
+                return self._original_encoder_forward(input_features, attention_mask, **kwargs)  # Whisper's error
             # long-form: a new 30 s window (or a batch of them, one per recording still being transcribed)
             self._in_window = True
             try:
@@ -142,7 +143,7 @@ class WhisperAdapter(Adapter):
             finally:
                 self._in_window = False
             rows = self._pending_rows(input_features)
-        if self._pending is None or (rows is None and self._window_compress is not None):
+        if rows is None and self._pending is None:  # outside a compressed call
             return self._original_encoder_forward(input_features, attention_mask, **kwargs)
         if rows is None:  # never hand the decoder uncompressed frames inside a compressed call
             raise RuntimeError("Whisper's encoder was called, inside a compressed generate()/forward(), on "
