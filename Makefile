@@ -8,7 +8,7 @@ TF_RANGE := $(shell sed -n 's/^ *"\(transformers[^"]*\)",*$$/\1/p' pyproject.tom
 TF_OLDEST := $(shell sed -n 's/^ *"transformers>=\([0-9.]*\).*/\1/p' pyproject.toml)
 OLDEST := .venv-oldest
 
-.PHONY: demo test test-oldest lint venv clean
+.PHONY: demo test test-oldest lint venv clean fuzz
 
 venv: $(STAMP)
 
@@ -42,6 +42,11 @@ $(OLDEST)/.tokenzip-installed: pyproject.toml Makefile
 # lint first (ruff, < 1 s), then the whole suite
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+# property-based fuzzing (tests/test_fuzz.py) with the long hypothesis profile: random, 300 examples per test
+# (`make test` runs the same tests derandomized with a few examples each)
+fuzz: $(STAMP)
+	TOKENZIP_FUZZ=fuzz $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_fuzz.py
 
 lint: $(STAMP)
 	$(BIN)/python -m ruff check tokenzip tests
