@@ -42,6 +42,10 @@ TENSOR_METHODS = [m for m in tz.METHODS if m.info.stage != "input"]
 FRAME_SELECTORS = [m for m in tz.METHODS if issubclass(m, FrameSelector)]
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+# methods whose outputs are not selections or weighted means of their group's tokens, by design: VisionZip's
+# contextual token is its target PLUS the mean of the tokens that joined it (the authors' code; its docstring), so a
+# constant input gives twice the vector there (found by this fuzzing, kept: documented)
+NOT_CONVEX = {"visionzip"}
 
 
 # ---- strategies ----------------------------------------------------------------------------------------------------
@@ -116,7 +120,7 @@ def cases(draw, method):
 
 
 # ---- 1. the contract -------------------------------------------------------------------------------------------------
-def check_contract(out, tokens, k, kind):
+def check_contract(out, tokens, k, kind, convex=True):
     b, n, d = tokens.shape
     assert out.tokens.shape == (b, k, d), (out.tokens.shape, (b, k, d))
     assert out.tokens.dtype == tokens.dtype, (out.tokens.dtype, tokens.dtype)
@@ -133,7 +137,7 @@ def check_contract(out, tokens, k, kind):
         kept = src >= 0
         first = torch.full((k,), n, dtype=torch.long).scatter_reduce(0, src[kept], torch.arange(n)[kept], "amin")
         assert torch.equal(first, idx), "index is the first member of each output's group"
-    if kind == "constant":  # any selection, mean or interpolation of one vector is that vector
+    if kind == "constant" and convex:  # any selection, mean or interpolation of one vector is that vector
         ref = tokens[:, :1].float().expand(b, k, d)
         torch.testing.assert_close(out.tokens.float(), ref, atol=TOL[tokens.dtype] * 10, rtol=TOL[tokens.dtype] * 10)
     if k == n:
@@ -148,7 +152,7 @@ def test_compress_contract(method):
         tokens, layout, k, sig, kind = case
         c = method(tokens=1)
         out = c.compress(tokens, grid=layout, k=k, **sig)
-        check_contract(out, tokens, k, kind)
+        check_contract(out, tokens, k, kind, convex=method.info.name not in NOT_CONVEX)
         again = c.compress(tokens.clone(), grid=layout, k=k, **{n: v.clone() for n, v in sig.items()})
         assert torch.equal(again.tokens, out.tokens) and torch.equal(again.source, out.source), "deterministic"
         if tokens.dtype == torch.float32 and tokens.shape[0] > 1:  # each row is compressed as it is alone
@@ -246,13 +250,20 @@ def batches(draw):
     return samples
 
 
-def _without_empty_media(inputs):
-    """A sample without media alone: the inputs without the (empty) media tensors, as a processor would give."""
-    keep = {"input_ids", "attention_mask"}
-    return {k: v for k, v in inputs.items() if k in keep or not (isinstance(v, torch.Tensor) and v.shape[0] == 0)}
+def _text_only(sample, batch):
+    """A sample without media alone, as a processor gives it: its text ids (and, where the batch has them, zero
+    ``mm_token_type_ids``), no media tensors; the model computes its own positions (no padding)."""
+    ids = torch.tensor([sample.before + sample.after])
+    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if "mm_token_type_ids" in batch:
+        out["mm_token_type_ids"] = torch.zeros_like(ids, dtype=batch["mm_token_type_ids"].dtype)
+    return out
 
 
-def _logits(model, inputs, case):
+def _logits(model, inputs, case, own_positions=False):
+    if own_positions:
+        with torch.no_grad():
+            return model(**inputs).logits
     hook = CASES[case].position_ids
     mask = inputs["attention_mask"]
     pos = hook(model, inputs) if hook is not None else (mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -275,10 +286,10 @@ def test_patch_random_batches_equal_each_sample_alone(case, name):
             logits = _logits(model, batch, case)
             singles = []
             for s in samples:
-                one = make(model, [s])
                 if s.n_items == 0:
-                    one = _without_empty_media(one)
-                singles.append(_logits(model, one, case)[0])
+                    singles.append(_logits(model, _text_only(s, batch), case, own_positions=True)[0])
+                else:
+                    singles.append(_logits(model, make(model, [s]), case)[0])
         for i, single in enumerate(singles):
             n = single.shape[0]
             torch.testing.assert_close(logits[i, -n:], single, atol=1e-4, rtol=1e-4)
