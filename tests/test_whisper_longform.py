@@ -137,3 +137,27 @@ def test_long_form_rejects_raw_audio_and_short_features_stay_an_error():
             model(input_features=torch.zeros(1, 16, 60), decoder_input_ids=torch.tensor([[3]]))
         with pytest.raises(ValueError, match="length 80"):  # long-form is generate()'s; forward() is Whisper's error
             model(input_features=torch.zeros(1, 16, 160), decoder_input_ids=torch.tensor([[3]]))
+
+
+def test_longform_bench_recording_and_table():
+    """The long-form benchmark's recording: LibriVox clips concatenated in shuffled rounds, and its table."""
+    import os
+
+    from tokenzip import data
+    from tokenzip.bench.longform import SAMPLING_RATE, long_recording, markdown
+
+    if not data.has_librivox():
+        hint = f"Debian package {data.LIBRIVOX_PACKAGE} is not installed (make venv installs it)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(hint)
+        pytest.skip(hint)
+    wave, ref = long_recording(40, seed=1)
+    assert wave.shape[0] >= 40 * SAMPLING_RATE and wave.dtype.name == "float32"
+    again, ref2 = long_recording(40, seed=1)
+    assert ref == ref2 and wave.shape == again.shape  # seeded
+    assert long_recording(40, seed=2)[1] != ref  # another order
+    with pytest.raises(ValueError, match="seconds"):
+        long_recording(0)
+    row = {"audio_s": 40.2, "method": "vad_prune", "retain": 0.25, "wer": 0.05, "generate_s": 1.0,
+           "peak_mem_bytes": 2**20, "tokens_per_window": [375]}
+    assert "| 40.2 | vad_prune | 0.25 | 375 | 5.0% | 1.0 | 1 |" in markdown([row])
