@@ -128,15 +128,58 @@ def test_long_form_reads_compressed_windows_and_keeps_the_fallback():
     assert "forward" not in vars(model.model.encoder)  # the substitution is gone with the patch
 
 
-def test_long_form_rejects_raw_audio_and_short_features_stay_an_error():
+def test_short_features_stay_an_error():
     model = built("whisper")
     with tz.get("vad_prune", retain=0.5)(model):
-        with pytest.raises(ValueError, match="raw_audio is not supported with long-form"):
-            _generate(model, _batch((130,), (1,)), raw_audio=[torch.zeros(130 * 160)])
         with pytest.raises(ValueError, match="80-frame"):
             model(input_features=torch.zeros(1, 16, 60), decoder_input_ids=torch.tensor([[3]]))
         with pytest.raises(ValueError, match="length 80"):  # long-form is generate()'s; forward() is Whisper's error
             model(input_features=torch.zeros(1, 16, 160), decoder_input_ids=torch.tensor([[3]]))
+        with pytest.raises(ValueError, match="raw_audio must hold one 16 kHz mono waveform per recording"):
+            _generate(model, _batch(), raw_audio=[torch.zeros(160)])
+
+
+def test_long_form_raw_audio_gives_each_window_its_slice_of_silero(monkeypatch):
+    """With raw_audio, each window's speech signal is the slice of its recording's Silero probabilities that the
+    window covers (found here independently, by brute force over the recording's feature frames)."""
+    from tokenzip.adapters.speech import silero_speech
+    from tokenzip.methods.vad_prune import VadPrune
+
+    if silero_speech(torch.zeros(16000).numpy(), 4) is None:
+        pytest.skip("silero-vad is not installed (make venv installs it); the energy fallback is used then")
+    inputs = _batch()
+    g = torch.Generator().manual_seed(5)
+    waves = []
+    for n in LENGTHS:  # 160 samples per feature frame: noise with a quiet second half
+        w = torch.randn(n * 160, generator=g) * 0.3
+        w[n * 80:] *= 0.001
+        waves.append(w.numpy())
+    speech_seen = []
+    original = VadPrune._compress
+
+    def spy(self, tokens, k, layout, signals):
+        speech_seen.append(signals["speech"][0].clone())
+        return original(self, tokens, k, layout, signals)
+
+    monkeypatch.setattr(VadPrune, "_compress", spy)
+    model = built("whisper")
+    seen, h = _encoder_outputs(model)
+    try:
+        with tz.get("vad_prune", retain=0.5)(model):
+            _generate(model, inputs, raw_audio=waves)
+    finally:
+        h.remove()
+    rows = [f[j] for f, _ in seen for j in range(f.shape[0])]
+    assert len(rows) == len(speech_seen) == 13
+    full = [silero_speech(w, 200) for w in waves]  # 200 encoder frames cover every recording
+    for row, speech in zip(rows, speech_seen):
+        feats = inputs["input_features"]
+        where = [(r, s) for r, n in enumerate(LENGTHS) for s in range(n)
+                 if torch.equal(feats[r, :, s: s + min(WINDOW, n - s)], row[:, : min(WINDOW, n - s)])]
+        r, s = where[0]
+        expect = full[r][s // 2: s // 2 + 40]
+        expect = torch.cat([expect, expect.new_zeros(40 - expect.shape[0])])
+        torch.testing.assert_close(speech.float(), expect.float(), atol=0, rtol=0)
 
 
 def test_longform_bench_recording_and_table():

@@ -15,8 +15,9 @@ on the rows that failed; passing precomputed ``encoder_outputs`` instead would b
 Long-form (more than 30 s of features, through ``generate()``): Whisper's own sequential long-form generate()
 chooses each window (it seeks to the last timestamp it decoded, per recording of a batch) and encodes one batch of
 windows at a time; the substituted encoder compresses each new batch of windows as it comes, with the same pipeline
-(:meth:`WhisperAdapter.encode_windows`), and ``last_stats`` holds one entry per window row encoded. Departure: the
-``speech`` signal of a long-form window comes from its log-mel energy (``raw_audio`` is refused there).
+(:meth:`WhisperAdapter.encode_windows`), and ``last_stats`` holds one entry per window row encoded. With
+``raw_audio`` (one waveform per recording), each window's ``speech`` is the slice of Silero's probabilities over its
+whole recording that the window covers (the window is located in its recording by value).
 
 Budget: ``N`` is the whole window, padding included (Whisper always pads to 30 s, and the decoder reads every
 frame). So every row of a batch has the same ``N`` and the same ``k``: no cross-attention mask is needed — good,
@@ -76,9 +77,12 @@ class WhisperAdapter(Adapter):
         self._state: MergedTokens | None = None  # encoder stage: the tokens at the last cut, from encode()
         self._bias: torch.Tensor | None = None  # [b, k] log group sizes of the rows the decoder is reading
         self._handles: list[Any] = []
-        # long-form (``windowed``): the patch's callback that compresses one window, and whether it is running
+        # long-form (``windowed``): the patch's callback that compresses one window, and whether it is running;
+        # with raw_audio, the call's features, each recording's length (feature frames), waveforms and (lazily) its
+        # Silero speech probabilities per encoder frame
         self._window_compress: Any = None
         self._in_window = False
+        self._long: dict[str, Any] | None = None
 
     def encoder_spec(self) -> EncoderSpec:
         """Where things are in Whisper's encoder, for the generic encoder runner."""
@@ -182,12 +186,16 @@ class WhisperAdapter(Adapter):
         previous window's last timestamp says, per recording, with its ``attention_mask`` giving each recording's
         length) and calls the encoder on each batch of windows; the substituted encoder compresses each such batch
         as it comes (``compress``), and re-runs on the same windows (the temperature fallback) reuse it. The
-        call's ``attention_mask`` stays (long-form needs it); ``raw_audio`` is refused: a window's position in its
-        recording is only known inside generate(), so the ``speech`` signal of a window comes from its log-mel
-        energy (:func:`energy_speech`)."""
-        if kwargs.get(RAW_AUDIO) is not None:
-            raise ValueError(f"{RAW_AUDIO} is not supported with long-form input (more than 30 s of features): "
-                             f"the speech signal of each 30 s window comes from its log-mel energy; drop {RAW_AUDIO}")
+        call's ``attention_mask`` stays (long-form needs it). ``raw_audio`` (one waveform per recording) is
+        consumed here: a window's place in its recording is only known inside generate(), so each window is found
+        in the call's features by value and gets the matching slice of its recording's Silero probabilities."""
+        feats = kwargs["input_features"]
+        raw = raw_waveforms(kwargs, feats.shape[0], "recording")
+        if raw is not None:
+            mask = kwargs.get("attention_mask")
+            lengths = (mask.sum(-1).tolist() if isinstance(mask, torch.Tensor)
+                       else [feats.shape[-1]] * feats.shape[0])
+            self._long = {"features": feats, "lengths": [int(v) for v in lengths], "raw": raw, "speech": {}}
         self._install()
         self._window_compress = compress
         new = dict(kwargs)
@@ -211,6 +219,7 @@ class WhisperAdapter(Adapter):
         self._bias = None
         self._window_compress = None
         self._in_window = False
+        self._long = None
 
     def close(self) -> None:
         """Remove the hooks and the encoder substitution (called when the patch is removed)."""
@@ -231,6 +240,30 @@ class WhisperAdapter(Adapter):
 
     def batch_size(self, kwargs: dict[str, Any]) -> int:
         return kwargs["input_features"].shape[0]
+
+    def _window_speech(self, row: torch.Tensor, n: int) -> torch.Tensor | None:
+        """Silero's speech probabilities of the ``n`` encoder frames of long-form window ``row`` ``[mel, W]``: the
+        window is found in its recording (the call's features, matched by value over the recording's own frames;
+        Whisper pads the rest of a window with zeros), and its recording's probabilities (computed once) are
+        sliced there; frames past the recording get 0. ``None`` when Silero is unavailable (energy fallback)."""
+        long = self._long
+        stride = row.shape[-1] // n  # feature frames per encoder frame
+        if not bool(row.any()):  # a row of zeros: generate()'s padding of a batch of windows (static cache)
+            return row.new_zeros(n, dtype=torch.float32)
+        for r, length in enumerate(long["lengths"]):
+            full = long["features"][r].to(row.dtype)
+            for s in (full[:, :length] == row[:, :1]).all(0).nonzero().flatten().tolist():
+                span = min(row.shape[-1], length - s)
+                if torch.equal(full[:, s: s + span], row[:, :span]) and not bool(row[:, span:].any()):
+                    if r not in long["speech"]:
+                        long["speech"][r] = silero_speech(long["raw"][r], -(-length // stride) + n)
+                    probs = long["speech"][r]
+                    if probs is None:
+                        return None
+                    out = probs[s // stride: s // stride + n]
+                    return torch.cat([out, out.new_zeros(n - out.shape[0])])
+        raise RuntimeError("a long-form window was not found in the call's input_features (raw_audio needs the "
+                           "windows Whisper's generate() cuts from them)")
 
     def _raw_audio(self, kwargs: dict[str, Any], b: int) -> list[Any] | None:
         return raw_waveforms(kwargs, b, "batch row")
@@ -293,6 +326,8 @@ class WhisperAdapter(Adapter):
         out = []
         for i in range(feats.shape[0]):
             speech = silero_speech(raw[i], n) if raw is not None else None
+            if raw is None and self._long is not None:  # a long-form window: its slice of the recording's Silero
+                speech = self._window_speech(feats[i], n)
             out.append(speech if speech is not None else energy_speech(feats[i], n))
         return out
 
