@@ -6,7 +6,8 @@
 Whisper tiny.en (offline, :mod:`tokenzip.zoo.whisper`) transcribes one long recording with its own sequential
 long-form ``generate()`` (``return_timestamps=True``, greedy, no temperature fallback, not conditioned on previous
 windows), uncompressed and under each method: the method compresses each 30 s window as Whisper's generate()
-encodes it (:meth:`tokenzip.adapters.whisper.WhisperAdapter.encode_windows`).
+encodes it (:meth:`tokenzip.adapters.whisper.WhisperAdapter.encode_windows`). No ``raw_audio`` is passed, so
+``vad_prune``'s speech signal is the log-mel energy of each window.
 
 Data: the five LibriVox clips of Debian's ``pocketsphinx-testdata`` (25 s of read speech in all) concatenated in a
 different shuffled order per round (``--seed``), 0.5 s of silence between clips, until the recording reaches each
