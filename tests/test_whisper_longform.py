@@ -13,6 +13,8 @@ from conftest import ENCODER_STAGE, built, compatible
 WINDOW = 80  # feature frames of one window of the tiny config
 AUDIO_METHODS = [pytest.param(m, id=m.info.name) for m in [*tz.METHODS, *ENCODER_STAGE]
                  if compatible(m, CASES["whisper"])]
+# at retain 1 every method keeps every frame (the gate returns them as they are): one per kind of path suffices
+RETAIN_ONE = [p for p in AUDIO_METHODS if p.id in ("avgpool", "vad_prune", "omnizip", "atome@encoder1")]
 LENGTHS = (130, 200, 95)  # feature frames of three recordings: 2, 3 and 2 windows
 
 
@@ -56,7 +58,7 @@ def _encoder_outputs(model):
     return seen, model.model.encoder.register_forward_hook(hook, with_kwargs=True)
 
 
-@pytest.mark.parametrize("method", AUDIO_METHODS)
+@pytest.mark.parametrize("method", RETAIN_ONE)
 def test_long_form_at_retain_one_equals_stock_long_form(method):
     model = built("whisper")
     inputs = _batch()
