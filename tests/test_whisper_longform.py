@@ -205,4 +205,4 @@ def test_longform_bench_recording_and_table():
         long_recording(0)
     row = {"audio_s": 40.2, "method": "vad_prune", "retain": 0.25, "wer": 0.05, "generate_s": 1.0,
            "peak_mem_bytes": 2**20, "tokens_per_window": [375]}
-    assert "| 40.2 | vad_prune | 0.25 | 375 | 5.0% | 1.0 | 1 |" in markdown([row])
+    assert "| 40.2 | vad_prune | 0.25 | 375 | 5.0% | 1.0 | 1 | 0 |" in markdown([row])

@@ -17,7 +17,8 @@ so a few minutes of it test long-form mechanics and window boundaries, not vocab
 Per (length, method): corpus WER (Whisper's English normaliser, :func:`tokenzip.bench.audio.wer`), the audio tokens
 the decoder read per window, the wall time of ``generate()`` (noisy on a shared CPU) and the peak memory of the
 call above what the process held before it (:class:`tokenzip.bench.instrument.PeakMemory`: Linux VmHWM on CPU),
-after one short warm-up call.
+after one short warm-up call, and the process's peak resident set (model included); each point runs in its own
+fresh process, so its memory is its own.
 """
 
 from __future__ import annotations
@@ -97,50 +98,70 @@ def transcribe_long(model: torch.nn.Module, processor: Any, waves: list[np.ndarr
             "tokens_per_window": sorted(set(per_window)) if per_window else [model.config.max_source_positions]}
 
 
-def run(out_dir: Path, seconds: list[float], methods: list[str], retains: list[float], seed: int = 0
-        ) -> list[dict[str, Any]]:
+def measure_one(length: float, name: str, retain: float, seed: int = 0) -> dict[str, Any]:
+    """One (recording length, method) point, in this process: load Whisper tiny.en, one short warm-up call, then the
+    long-form transcription; the row has the call's peak memory above what the process held before it and the
+    process's own peak resident set (``peak_rss_bytes``: model included)."""
     import tokenzip as tz
 
     from .. import zoo
     from .audio import wer
+    from .instrument import PeakMemory
 
-    for name in methods:  # fail before loading anything
-        tz.get(name, retain=0.5)
+    comp = None if name == "none" else tz.get(name, retain=retain)  # fails before loading anything
     model, processor = zoo.load("whisper-tiny.en")
-    # one short call first: the process's one-time allocations must not count as the first row's peak memory
     warm = processor([np.zeros(SAMPLING_RATE, dtype=np.float32)], sampling_rate=SAMPLING_RATE, return_tensors="pt")
     with torch.no_grad():
         model.generate(input_features=warm.input_features, max_new_tokens=2, do_sample=False)
+    wave, ref = long_recording(length, seed)
+    res = transcribe_long(model, processor, [wave], comp)
+    return {"audio_s": round(wave.shape[0] / SAMPLING_RATE, 1), "method": name, "retain": retain,
+            "wer": wer([ref], res["texts"]), "generate_s": res["seconds"], "peak_mem_bytes": res["peak_mem_bytes"],
+            "peak_rss_bytes": PeakMemory._status("VmHWM") or 0, "windows": res["windows"],
+            "tokens_per_window": res["tokens_per_window"], "hypothesis": res["texts"][0]}
+
+
+def run(out_dir: Path, seconds: list[float], methods: list[str], retains: list[float], seed: int = 0
+        ) -> list[dict[str, Any]]:
+    """Every (length, method) point in its own fresh process (``--one``), so that each peak memory is that call's
+    alone: a process that already ran a longer call keeps its memory, and the next call's increase reads 0."""
+    import subprocess
+    import sys
+
+    import tokenzip as tz
+
+    for name in methods:  # fail before loading anything
+        tz.get(name, retain=0.5)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     with (out_dir / "longform.jsonl").open("w") as f:
         for length in seconds:
-            wave, ref = long_recording(length, seed)
-            runs = [("none", 1.0)] + [(m, r) for m in methods for r in retains]
-            for name, retain in runs:
-                comp = None if name == "none" else tz.get(name, retain=retain)
-                res = transcribe_long(model, processor, [wave], comp)
-                row = {"audio_s": round(wave.shape[0] / SAMPLING_RATE, 1), "method": name, "retain": retain,
-                       "wer": wer([ref], res["texts"]), "generate_s": res["seconds"],
-                       "peak_mem_bytes": res["peak_mem_bytes"], "windows": res["windows"],
-                       "tokens_per_window": res["tokens_per_window"], "hypothesis": res["texts"][0]}
+            for name, retain in [("none", 1.0)] + [(m, r) for m in methods for r in retains]:
+                spec = json.dumps({"length": length, "name": name, "retain": retain, "seed": seed})
+                done = subprocess.run([sys.executable, "-m", "tokenzip.bench.longform", "--one", spec],
+                                      capture_output=True, text=True)
+                if done.returncode != 0:
+                    raise RuntimeError(f"long-form point {spec} failed:\n{done.stderr[-2000:]}")
+                row = json.loads(done.stdout.strip().splitlines()[-1])
                 rows.append(row)
                 f.write(json.dumps(row) + "\n")
                 f.flush()
                 print(f"{row['audio_s']:6.1f} s  {name:>10} {retain:<5g} WER {100 * row['wer']:5.1f}%  "
-                      f"{row['generate_s']:6.1f} s  peak {row['peak_mem_bytes'] / 2**20:7.1f} MB  "
-                      f"tokens/window {row['tokens_per_window']}", flush=True)
+                      f"{row['generate_s']:6.1f} s  peak +{row['peak_mem_bytes'] / 2**20:6.1f} MB  "
+                      f"process peak {row['peak_rss_bytes'] / 2**20:6.0f} MB  tokens/window "
+                      f"{row['tokens_per_window']}", flush=True)
     (out_dir / "longform.md").write_text(markdown(rows) + "\n")
     return rows
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    out = ["| audio s | method | retain | audio tokens / window | WER | generate s | peak MB |",
-           "|---|---|---|---|---|---|---|"]
+    out = ["| audio s | method | retain | audio tokens / window | WER | generate s | call peak +MB | process peak MB |",
+           "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         toks = "/".join(str(t) for t in r["tokens_per_window"])
         out.append(f"| {r['audio_s']:.1f} | {r['method']} | {r['retain']:g} | {toks} | {100 * r['wer']:.1f}% | "
-                   f"{r['generate_s']:.1f} | {r['peak_mem_bytes'] / 2**20:.0f} |")
+                   f"{r['generate_s']:.1f} | {r['peak_mem_bytes'] / 2**20:.0f} | "
+                   f"{r.get('peak_rss_bytes', 0) / 2**20:.0f} |")
     return "\n".join(out)
 
 
@@ -152,7 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS))
     p.add_argument("--retain", default=",".join(str(r) for r in DEFAULT_RETAINS))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child process: one point, JSON row on stdout
     args = p.parse_args(argv)
+    if args.one is not None:
+        spec = json.loads(args.one)
+        print(json.dumps(measure_one(spec["length"], spec["name"], spec["retain"], spec["seed"])), flush=True)
+        return 0
     try:
         seconds = [float(s) for s in args.seconds.split(",") if s.strip()]
         retains = [float(r) for r in args.retain.split(",") if r.strip()]
