@@ -10,7 +10,7 @@ TF_OLDEST := $(shell sed -n 's/^ *"transformers>=\([0-9.]*\).*/\1/p' pyproject.t
 OLDEST := .venv-oldest
 LATEST := .venv-latest
 
-.PHONY: demo test test-oldest test-latest test-wheel lint venv clean
+.PHONY: demo test test-oldest test-latest test-wheel lint venv clean fuzz
 
 venv: $(STAMP)
 
@@ -44,6 +44,11 @@ $(OLDEST)/.tokenzip-installed: pyproject.toml Makefile
 # lint first (ruff, < 1 s), then the whole suite
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+# property-based fuzzing (tests/test_fuzz.py) with the long hypothesis profile: random, 300 examples per test
+# (`make test` runs the same tests derandomized with a few examples each)
+fuzz: $(STAMP)
+	TOKENZIP_FUZZ=fuzz $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_fuzz.py
 
 lint: $(STAMP)
 	$(BIN)/python -m ruff check tokenzip tests

@@ -317,14 +317,6 @@ def test_in_encoder_rejects_bad_arguments():
         tz.InEncoder(tz.AToMe(retain=0.5), layer=1)(built("qwen2_audio"))
 
 
-def test_whisper_rejects_long_form_features():
-    model = built("whisper")
-    feats = torch.zeros(1, 16, 160)
-    with pytest.raises(ValueError, match="long-form audio is not supported"):
-        with tz.get("avgpool", retain=0.5)(model):
-            model.generate(input_features=feats, max_new_tokens=2)
-
-
 def test_whisper_encoder_hands_each_row_its_own_compressed_frames():
     """Rows are matched by value, so a re-run on a subset or a permutation (the temperature fallback) gets the
     right rows and their proportional-attention bias; features that are not rows of the call raise."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -23,6 +24,34 @@ MODALITIES = ("image", "video", "audio")
 
 # every signal a method may ask for is declared once, in tokenzip/signals.py (name, axes, kind, meaning)
 SIGNALS = signal_table.SIGNALS
+
+
+def check_tokens(tokens: Any) -> tuple[int, int]:
+    """``(B, N)`` of a method's input, or a clear error: a floating-point ``[B, N, D]`` tensor with ``N, D >= 1`` and
+    only finite values (fuzzing found NaN/inf going through silently, e.g. into a NaN-poisoned top-k)."""
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3:
+        raise TypeError(f"tokens must be a [B, N, D] tensor, got {getattr(tokens, 'shape', type(tokens))}")
+    if not tokens.is_floating_point():
+        raise TypeError(f"tokens must be floating point, got {tokens.dtype}")
+    b, n, d = tokens.shape
+    if n < 1 or d < 1 or b < 1:
+        raise ValueError(f"tokens must have B, N, D >= 1, got shape {tuple(tokens.shape)}")
+    if not bool(torch.isfinite(tokens).all()):
+        raise ValueError("tokens must be finite: they contain NaN or infinite values")
+    return b, n
+
+
+def check_k(k: Any, n: int) -> int:
+    """``k`` as given to ``compress``: an int (not a bool) in ``[1, n]``."""
+    try:
+        if isinstance(k, bool):
+            raise TypeError
+        k = operator.index(k)  # an int, numpy or torch integer; not a float or a bool
+    except TypeError:
+        raise TypeError(f"k must be an int in [1, {n}], got {type(k).__name__} {k!r}") from None
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, {n}], got {k}")
+    return k
 
 
 @dataclass(frozen=True)
@@ -74,17 +103,8 @@ class Compressor:
         ``grid`` gives the token layout: ``(h, w)`` or a list of such grids tiling the ``N`` tokens in order
         (default: square if ``N`` is a perfect square, else 1-D). ``signals`` are the tensors named in ``requires``.
         """
-        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3:
-            raise TypeError(f"tokens must be a [B, N, D] tensor, got {getattr(tokens, 'shape', type(tokens))}")
-        if not tokens.is_floating_point():
-            raise TypeError(f"tokens must be floating point, got {tokens.dtype}")
-        b, n, _ = tokens.shape
-        if n < 1:
-            raise ValueError("tokens has no tokens (N == 0)")
-        if k is None:
-            k = self.budget.count(n)
-        elif not 1 <= k <= n:
-            raise ValueError(f"k must be in [1, {n}], got {k}")
+        b, n = check_tokens(tokens)
+        k = self.budget.count(n) if k is None else check_k(k, n)
         missing = [s for s in self.requires if s not in signals]
         if missing:
             raise ValueError(f"{self.info.name} needs signals {missing}; pass them as keyword arguments")
@@ -285,8 +305,11 @@ class JointCompressor(Compressor):
             if not isinstance(it.tokens, torch.Tensor) or it.tokens.dim() != 3 or it.tokens.shape[0] != 1:
                 raise TypeError(f"a JointItem's tokens must be a [1, N, D] tensor, got "
                                 f"{getattr(it.tokens, 'shape', type(it.tokens))}")
-            if not 1 <= it.k <= it.n:
-                raise ValueError(f"k must be in [1, {it.n}] for a {it.modality} item of {it.n} tokens, got {it.k}")
+            check_tokens(it.tokens)
+            try:
+                check_k(it.k, it.n)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"{exc} (a {it.modality} item of {it.n} tokens)") from None
             missing = [s for s in self.requires if s not in it.signals]
             if missing:
                 raise ValueError(f"{self.info.name} needs signals {missing}; pass them as keyword arguments")
@@ -339,19 +362,10 @@ class JointCompressor(Compressor):
     def compress(self, tokens: torch.Tensor, *, grid: Any = None, k: int | None = None,
                  **signals: torch.Tensor) -> CompressOutput:
         """One item alone (each batch row on its own); its modality is read off its layout."""
-        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3:
-            raise TypeError(f"tokens must be a [B, N, D] tensor, got {getattr(tokens, 'shape', type(tokens))}")
-        if not tokens.is_floating_point():
-            raise TypeError(f"tokens must be floating point, got {tokens.dtype}")
-        b, n, _ = tokens.shape
-        if n < 1:
-            raise ValueError("tokens has no tokens (N == 0)")
+        b, n = check_tokens(tokens)
         layout = ops.as_layout(grid, n)
         modality = self.modality_of(layout)
-        if k is None:
-            k = self.item_count(modality, n)
-        elif not 1 <= k <= n:
-            raise ValueError(f"k must be in [1, {n}], got {k}")
+        k = self.item_count(modality, n) if k is None else check_k(k, n)
         for name, sig in signals.items():
             if name not in SIGNALS:
                 raise ValueError(f"unknown signals {[name]}; known: {list(SIGNALS)}")

@@ -229,6 +229,17 @@ class Patch:
         c = self.pre
         if c is None or not self.adapter.has_media(kwargs):
             return kwargs
+        if self.adapter.windowed(kwargs):
+            # the model encodes the media itself, window by window (Whisper's long-form generate()): the adapter
+            # calls back for each window as it is encoded; last_stats gathers one entry per window row
+            c.last_stats = []
+            return self.adapter.encode_windows(kwargs, functools.partial(self.compress_media, accumulate=True))
+        return self.compress_media(kwargs)
+
+    def compress_media(self, kwargs: dict[str, Any], accumulate: bool = False) -> dict[str, Any]:
+        """Encode the media of ``kwargs``, compress them with the encoder/pre-LLM part and rebuild the call
+        (``accumulate``: add this call's stats to ``last_stats`` instead of replacing them)."""
+        c = self.pre
         needs = c.signals_needed()
         items = self.adapter.encode(kwargs, needs)
         outputs: list[CompressOutput] = []
@@ -248,7 +259,7 @@ class Patch:
             per_sample[item.sample].append(ItemStats(
                 modality=item.modality, tokens_in=item.tokens_in, tokens_out=out.tokens.shape[1],
                 source=out.source[0], index=out.index[0], grid=item.grid))
-        c.last_stats = summarize(per_sample)
+        c.last_stats = (c.last_stats + summarize(per_sample)) if accumulate else summarize(per_sample)
         return self.adapter.rebuild(kwargs, items, outputs)
 
     def rescale(self, kwargs: dict[str, Any]) -> dict[str, Any]:

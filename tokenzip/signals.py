@@ -33,6 +33,10 @@ class Signal:
         """A clear ValueError when ``value`` does not fit this signal for ``batch`` items of ``n`` tokens."""
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"signal {self.name} must be a tensor, got {type(value).__name__}")
+        if self.kind == "mask" and value.dtype != torch.bool:
+            raise TypeError(f"signal {self.name} is a mask: it must be a bool tensor, got {value.dtype}")
+        if self.kind != "mask" and not value.is_floating_point():
+            raise TypeError(f"signal {self.name} must be floating point, got {value.dtype}")
         if value.dim() != len(self.dims):
             raise ValueError(f"signal {self.name} must be [{', '.join(self.dims)}], got shape {tuple(value.shape)}")
         if value.shape[0] != batch:

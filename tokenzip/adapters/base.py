@@ -133,6 +133,18 @@ class Adapter(ABC):
         adapter may note what generate()'s own forward() calls no longer carry (e.g. Qwen3-VL's grids, once the
         media are encoded); ``release()`` drops it."""
 
+    def windowed(self, kwargs: dict[str, Any]) -> bool:
+        """Whether the model encodes this call's media itself, one window at a time, inside its own generate()
+        (Whisper's long-form transcription: windows whose positions depend on what was decoded so far). Then the
+        patch does not compress up front: it hands :meth:`encode_windows` a callback that compresses one window."""
+        return False
+
+    def encode_windows(self, kwargs: dict[str, Any], compress: Any) -> dict[str, Any]:
+        """A :meth:`windowed` call: arrange that every window the model encodes during the call is compressed by
+        ``compress(window_kwargs) -> kwargs`` (the patch's encode -> method -> :meth:`rebuild` pipeline on the
+        window's own arguments) before the model reads it, and return the arguments for the original call."""
+        raise TypeError(f"{type(self).__name__} does not encode windows")
+
     def release(self) -> None:
         """Called after every outermost patched forward()/generate() call, also after an exception: drop per-call
         state. Per-call state lives in ``tokenzip.callstate.per_call`` attributes (each thread its own), so that

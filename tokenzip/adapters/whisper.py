@@ -10,8 +10,14 @@ the compressed frames — the method compresses each row, and while the patched 
 (rows matched by value). So the original ``forward()``/``generate()`` get the caller's ``input_features`` unchanged
 and all of Whisper's own generate() logic runs as usual — including the temperature fallback
 (``temperature=(0.0, 0.2, ...)``, ``compression_ratio_threshold``, ``logprob_threshold``), which re-runs generate()
-on the rows that failed; passing precomputed ``encoder_outputs`` instead would break that path. Short-form only
-(<= 30 s per row): long-form input gets a ValueError.
+on the rows that failed; passing precomputed ``encoder_outputs`` instead would break that path.
+
+Long-form (more than 30 s of features, through ``generate()``): Whisper's own sequential long-form generate()
+chooses each window (it seeks to the last timestamp it decoded, per recording of a batch) and encodes one batch of
+windows at a time; the substituted encoder compresses each new batch of windows as it comes, with the same pipeline
+(:meth:`WhisperAdapter.encode_windows`), and ``last_stats`` holds one entry per window row encoded. With
+``raw_audio`` (one waveform per recording), each window's ``speech`` is the slice of Silero's probabilities over its
+whole recording that the window covers (the window is located in its recording by value).
 
 Budget: ``N`` is the whole window, padding included (Whisper always pads to 30 s, and the decoder reads every
 frame). So every row of a batch has the same ``N`` and the same ``k``: no cross-attention mask is needed — good,
@@ -76,6 +82,12 @@ class WhisperAdapter(Adapter):
         self._state: MergedTokens | None = None  # encoder stage: the tokens at the last cut, from encode()
         self._bias: torch.Tensor | None = None  # [b, k] log group sizes of the rows the decoder is reading
         self._handles: list[Any] = []
+        # long-form (``windowed``): the patch's callback that compresses one window, and whether it is running;
+        # with raw_audio, the call's features, each recording's length (feature frames), waveforms and (lazily) its
+        # Silero speech probabilities per encoder frame
+        self._window_compress: Any = None
+        self._in_window = False
+        self._long: dict[str, Any] | None = None
 
     def encoder_spec(self) -> EncoderSpec:
         """Where things are in Whisper's encoder, for the generic encoder runner."""
@@ -127,21 +139,73 @@ class WhisperAdapter(Adapter):
         """The encoder's forward() while the patch is installed: rows of the call being compressed get their
         compressed output (matched by value, since Whisper's temperature fallback re-runs generate() on a subset
         of the rows); outside such a call the original encoder runs."""
-        pending = self._pending
-        if pending is None or input_features is None:
+        if input_features is None or self._in_window:  # the adapter's own encode() of a long-form window
             return self._original_encoder_forward(input_features, attention_mask, **kwargs)
-        feats, hidden, bias = pending
-        rows = []
-        for row in input_features:
-            hit = next((i for i in range(feats.shape[0]) if torch.equal(row, feats[i].to(row.dtype))), None)
-            if hit is None:  # never hand the decoder uncompressed frames inside a compressed call
-                raise RuntimeError("Whisper's encoder was called, inside a compressed generate()/forward(), on "
-                                   "input_features that are not rows of the call's own (long-form seeking is not "
-                                   "supported: split audio into 30 s windows)")
-            rows.append(hit)
+        rows = self._pending_rows(input_features)
+        if rows is None and self._window_compress is not None:
+            if input_features.shape[-1] != self._window_frames():  # e.g. forward() on long-form features
+                return self._original_encoder_forward(input_features, attention_mask, **kwargs)  # Whisper's error
+            # long-form: a new 30 s window (or a batch of them, one per recording still being transcribed)
+            self._in_window = True
+            try:
+                self._window_compress({"input_features": input_features})  # -> encode, compress, rebuild
+            finally:
+                self._in_window = False
+            rows = self._pending_rows(input_features)
+        if rows is None and self._pending is None:  # outside a compressed call
+            return self._original_encoder_forward(input_features, attention_mask, **kwargs)
+        if rows is None:  # never hand the decoder uncompressed frames inside a compressed call
+            raise RuntimeError("Whisper's encoder was called, inside a compressed generate()/forward(), on "
+                               "input_features that are not rows of the call's own")
+        _, hidden, bias = self._pending
         idx = torch.tensor(rows, device=hidden.device)
         self._bias = None if bias is None else bias[idx]
         return BaseModelOutput(last_hidden_state=hidden[idx].to(input_features.device))
+
+    def _pending_rows(self, input_features: torch.Tensor) -> list[int] | None:
+        """The row of the pending (compressed) features each row of ``input_features`` equals, or None when some
+        row is not one of them (or nothing is pending)."""
+        if self._pending is None:
+            return None
+        feats = self._pending[0]
+        rows = []
+        for row in input_features:
+            hit = next((i for i in range(feats.shape[0]) if feats[i].shape == row.shape
+                        and torch.equal(row, feats[i].to(row.dtype))), None)
+            if hit is None:
+                return None
+            rows.append(hit)
+        return rows
+
+    def _window_frames(self) -> int:
+        """Feature frames of one 30 s window (what the encoder takes: ``max_source_positions`` x its strides)."""
+        return self.model.config.max_source_positions * self.encoder.conv1.stride[0] * self.encoder.conv2.stride[0]
+
+    # ---- long-form: Whisper's own generate() seeks through the audio 30 s at a time ------------------------------
+    def windowed(self, kwargs: dict[str, Any]) -> bool:
+        feats = kwargs.get("input_features")
+        return isinstance(feats, torch.Tensor) and feats.dim() == 3 and feats.shape[-1] > self._window_frames()
+
+    def encode_windows(self, kwargs: dict[str, Any], compress: Any) -> dict[str, Any]:
+        """Long-form input (more than 30 s of features): Whisper's generate() cuts the windows itself (where the
+        previous window's last timestamp says, per recording, with its ``attention_mask`` giving each recording's
+        length) and calls the encoder on each batch of windows; the substituted encoder compresses each such batch
+        as it comes (``compress``), and re-runs on the same windows (the temperature fallback) reuse it. The
+        call's ``attention_mask`` stays (long-form needs it). ``raw_audio`` (one waveform per recording) is
+        consumed here: a window's place in its recording is only known inside generate(), so each window is found
+        in the call's features by value and gets the matching slice of its recording's Silero probabilities."""
+        feats = kwargs["input_features"]
+        raw = raw_waveforms(kwargs, feats.shape[0], "recording")
+        if raw is not None:
+            mask = kwargs.get("attention_mask")
+            lengths = (mask.sum(-1).tolist() if isinstance(mask, torch.Tensor)
+                       else [feats.shape[-1]] * feats.shape[0])
+            self._long = {"features": feats, "lengths": [int(v) for v in lengths], "raw": raw, "speech": {}}
+        self._install()
+        self._window_compress = compress
+        new = dict(kwargs)
+        new.pop(RAW_AUDIO, None)
+        return new
 
     def _original_encoder_forward(self, *args: Any, **kwargs: Any) -> BaseModelOutput:
         return type(self.encoder).forward(self.encoder, *args, **kwargs)
@@ -158,6 +222,9 @@ class WhisperAdapter(Adapter):
         self._pending = None
         self._state = None
         self._bias = None
+        self._window_compress = None
+        self._in_window = False
+        self._long = None
 
     def close(self) -> None:
         """Remove the hooks and the encoder substitution (called when the patch is removed)."""
@@ -179,6 +246,30 @@ class WhisperAdapter(Adapter):
     def batch_size(self, kwargs: dict[str, Any]) -> int:
         return kwargs["input_features"].shape[0]
 
+    def _window_speech(self, row: torch.Tensor, n: int) -> torch.Tensor | None:
+        """Silero's speech probabilities of the ``n`` encoder frames of long-form window ``row`` ``[mel, W]``: the
+        window is found in its recording (the call's features, matched by value over the recording's own frames;
+        Whisper pads the rest of a window with zeros), and its recording's probabilities (computed once) are
+        sliced there; frames past the recording get 0. ``None`` when Silero is unavailable (energy fallback)."""
+        long = self._long
+        stride = row.shape[-1] // n  # feature frames per encoder frame
+        if not bool(row.any()):  # a row of zeros: generate()'s padding of a batch of windows (static cache)
+            return row.new_zeros(n, dtype=torch.float32)
+        for r, length in enumerate(long["lengths"]):
+            full = long["features"][r].to(row.dtype)
+            for s in (full[:, :length] == row[:, :1]).all(0).nonzero().flatten().tolist():
+                span = min(row.shape[-1], length - s)
+                if torch.equal(full[:, s: s + span], row[:, :span]) and not bool(row[:, span:].any()):
+                    if r not in long["speech"]:
+                        long["speech"][r] = silero_speech(long["raw"][r], -(-length // stride) + n)
+                    probs = long["speech"][r]
+                    if probs is None:
+                        return None
+                    out = probs[s // stride: s // stride + n]
+                    return torch.cat([out, out.new_zeros(n - out.shape[0])])
+        raise RuntimeError("a long-form window was not found in the call's input_features (raw_audio needs the "
+                           "windows Whisper's generate() cuts from them)")
+
     def _raw_audio(self, kwargs: dict[str, Any], b: int) -> list[Any] | None:
         return raw_waveforms(kwargs, b, "batch row")
 
@@ -195,12 +286,10 @@ class WhisperAdapter(Adapter):
         if not isinstance(feats, torch.Tensor) or feats.dim() != 3:
             raise ValueError(f"input_features must be a [batch, mel, frames] tensor, got "
                              f"{getattr(feats, 'shape', type(feats))}")
-        expected = self.model.config.max_source_positions * self.encoder.conv1.stride[0] * \
-            self.encoder.conv2.stride[0]
-        if feats.shape[-1] != expected:
-            raise ValueError(f"input_features must hold one {expected}-frame (30 s) window per row, got "
-                             f"{feats.shape[-1]} frames: long-form audio is not supported, split it into 30 s "
-                             f"windows (tokenzip.zoo.whisper.features pads and checks)")
+        expected = self._window_frames()
+        if feats.shape[-1] != expected:  # long-form input never gets here (windowed); shorter input is an error
+            raise ValueError(f"input_features must hold one {expected}-frame (30 s) window per row (or more frames: "
+                             f"long-form, through generate()), got {feats.shape[-1]} frames")
         b = feats.shape[0]
         raw = self._raw_audio(kwargs, b)
         x = feats.to(self.encoder.conv1.weight.dtype)
@@ -242,6 +331,8 @@ class WhisperAdapter(Adapter):
         out = []
         for i in range(feats.shape[0]):
             speech = silero_speech(raw[i], n) if raw is not None else None
+            if raw is None and self._long is not None:  # a long-form window: its slice of the recording's Silero
+                speech = self._window_speech(feats[i], n)
             out.append(speech if speech is not None else energy_speech(feats[i], n))
         return out
 

@@ -12,7 +12,8 @@ BASELINE_FIELDS = ("ttft_s", "encoder_s", "compress_s", "prefill_s", "other_s")
 
 # Columns that are measurements of time or memory (everything else must be identical across runs and ranks).
 TIMING_FIELDS = ("ttft_s", "encoder_s", "compress_s", "prefill_s", "other_s", "decode_s_per_token", "total_s",
-                 "llm_ttft_s", "projector_s", "peak_mem_bytes", "overhead_vs_oracle", "speedup", "oracle_speedup",
+                 "llm_ttft_s", "projector_s", "peak_mem_bytes", "overhead_vs_oracle", "overhead_vs_oracle_paired",
+                 "speedup", "oracle_speedup",
                  "amdahl_bound", "amdahl_limit", "amdahl_bound_full", "ttft_full_est_s", "speedup_full_est",
                  "overhead_full_est",
                  "timings", "measured_on_rank", "baseline",

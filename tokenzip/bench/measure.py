@@ -127,7 +127,8 @@ def _median(traces: list[Trace]) -> dict[str, float]:
     stages = [t.stages() for t in traces]
     out = {k: statistics.median(s[k] for s in stages) for k in stages[0]}
     out["peak_mem_bytes"] = max(t.peak_mem for t in traces)
-    out["timings"] = {k: [s[k] for s in stages] for k in ("ttft_s", "encoder_s", "compress_s", "prefill_s")}
+    out["timings"] = {k: [s[k] for s in stages] for k in ("ttft_s", "encoder_s", "compress_s", "prefill_s",
+                                                         "projector_s")}
     return out
 
 
@@ -285,6 +286,7 @@ def measure_point(built: Built, item: Item, cfg: BenchConfig, clock: Clock, shap
     mrow["llm_ttft_s"] = mrow["ttft_s"]
     base = _median(b_traces)
     mrow["baseline"] = {k: base[k] for k in BASELINE_FIELDS}  # the uncompressed model, interleaved with this point
+    mrow["baseline"]["timings"] = base["timings"]  # per repeat, for the paired overhead (tokenzip.bench.derive)
     orow = {"kind": "oracle", **common, **_median(o_traces), **shapes.row(o_traces[-1])}
     orow["llm_ttft_s"] = orow["ttft_s"]  # exact: the LLM call alone, the encoder time is added in finalize()
     orow["decode_s_per_token"] = mrow["decode_s_per_token"]  # not re-measured (see above)

@@ -297,8 +297,9 @@ def features(processor: Any, waves: list[np.ndarray]) -> torch.Tensor:
     """Log-mel ``input_features`` ``[B, 80, 3000]`` for 16 kHz waveforms of at most 30 s each."""
     longest = max(w.shape[0] for w in waves)
     if longest > SAMPLING_RATE * WINDOW_SECONDS:
-        raise ValueError(f"audio longer than {WINDOW_SECONDS} s ({longest / SAMPLING_RATE:.1f} s): tokenzip's "
-                         "Whisper path is short-form only; split it into 30 s windows")
+        raise ValueError(f"audio longer than {WINDOW_SECONDS} s ({longest / SAMPLING_RATE:.1f} s): these are "
+                         "short-form features; for long-form generate() call the processor with truncation=False, "
+                         "padding='longest', return_attention_mask=True (tokenzip.bench.longform.long_features)")
     return processor(waves, sampling_rate=SAMPLING_RATE, return_tensors="pt").input_features
 
 
