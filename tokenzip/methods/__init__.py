@@ -10,6 +10,7 @@ from .avg_pool import AvgPool
 from .bilinear import Bilinear
 from .cls_topk import ClsTopK
 from .crops import Crops
+from .dart import DART
 from .divprune import DivPrune
 from .dpc_knn import DpcKnn
 from .dpc_knn_events import DpcKnnEvents
@@ -95,6 +96,7 @@ METHODS: list[type[Compressor]] = [
     DyCokeKV,
     OmniZip,
     FastVAudioVideo,
+    DART,
 ]
 
 __all__ = ["METHODS"] + [cls.__name__ for cls in METHODS]

@@ -1,0 +1,46 @@
+"""One check of each 2025-2026 method's own algorithm, on small cases worked out by hand (issue 22). The generic
+tensor-level checks (exact budget, determinism, batch independence) come from tests/test_methods.py."""
+
+import pytest
+import torch
+
+import tokenzip as tz
+
+torch.set_num_threads(1)
+
+
+# ---- DART -----------------------------------------------------------------------------------------------------------
+
+def test_dart_keeps_image_pivots_and_the_least_duplicated_tokens():
+    """Six 2-D tokens. L1 norms: t0 = 3 (largest) -> the one image pivot. One text pivot: the text token of largest
+    L1 norm, (0, 2). k = 4: 3 slots over 2 pivots -> quotas [2, 1]. The image pivot t0 = (3, 0) takes the two tokens
+    least similar to it (cosine): t3 = (-1, 0) (cos -1) and t4 = (0, 1) or t5 = (0, 1.5) (cos 0, tie -> earlier t4).
+    The text pivot (0, 2) then takes from t1, t2, t5 the least similar one: t1 = (1, 0.1)'s cosine is about 0.0995,
+    t2 = (1, -0.2)'s is negative -> t2. Kept: {0, 2, 3, 4}."""
+    tokens = torch.tensor([[[3.0, 0.0], [1.0, 0.1], [1.0, -0.2], [-1.0, 0.0], [0.0, 1.0], [0.0, 1.5]]])
+    text = torch.tensor([[[0.1, 0.1], [0.0, 2.0], [0.5, 0.5]]])
+    out = tz.DART(tokens=4, image_pivots=1, text_pivots=1).compress(tokens, text=text)
+    assert out.index[0].tolist() == [0, 2, 3, 4]
+    assert torch.equal(out.tokens[0], tokens[0, [0, 2, 3, 4]])
+    # padding text tokens (text_mask False) are never pivots: a text token (-3, 0) of L1 norm 3 would be the pivot
+    # and take t1 (cos with (-1, 0) = -0.995, lower than t2's -0.98 and t5's 0); masked out, (0, 2) is the pivot again
+    text2 = torch.tensor([[[0.0, 2.0], [-3.0, 0.0]]])
+    c = tz.DART(tokens=4, image_pivots=1, text_pivots=1)
+    assert c.compress(tokens, text=text2).index[0].tolist() == [0, 1, 3, 4]
+    assert c.compress(tokens, text=text2, text_mask=torch.tensor([[True, False]])).index[0].tolist() == [0, 2, 3, 4]
+    # no text after the item: the image pivot takes all three slots: t3 (cos -1), t4 and t5 (cos 0)
+    alone = tz.DART(tokens=4, image_pivots=1, text_pivots=1).compress(tokens, text=text[:, :0])
+    assert alone.index[0].tolist() == [0, 3, 4, 5]
+    # k <= image pivots: just the pivots by L1 norm (t0 = 3, then t5 = 1.5)
+    assert tz.DART(tokens=2, image_pivots=4).compress(tokens, text=text).index[0].tolist() == [0, 5]
+
+
+def test_dart_schedule_and_bad_input():
+    assert tz.DART(retain=0.25).schedule(16, 8) == [(2, 4)]
+    assert tz.DART(retain=0.25).schedule(16, 2) == [(1, 4)]
+    assert tz.DART(retain=0.25, layer=3).schedule(16, 8) == [(3, 4)]
+    with pytest.raises(ValueError, match="layer"):
+        tz.DART(retain=0.5, layer=8).schedule(16, 8)
+    for kwargs in ({"image_pivots": -1}, {"text_pivots": 1.5}, {"image_pivots": 0, "text_pivots": 0}):
+        with pytest.raises(ValueError, match="pivots"):
+            tz.DART(retain=0.5, **kwargs)
