@@ -44,3 +44,36 @@ def test_dart_schedule_and_bad_input():
     for kwargs in ({"image_pivots": -1}, {"text_pivots": 1.5}, {"image_pivots": 0, "text_pivots": 0}):
         with pytest.raises(ValueError, match="pivots"):
             tz.DART(retain=0.5, **kwargs)
+
+
+# ---- CDPruner -------------------------------------------------------------------------------------------------------
+
+def test_cdpruner_prefers_diverse_relevant_tokens_and_falls_back_when_the_rank_is_spent():
+    """Tokens t0 = t1 (duplicates), t2, t3 orthogonal. Relevance (cosine of ``projected`` to the one text token
+    (1, 0)): 1, 1, 0.5, 0 -> r = 1, 1, 0.5, ~0. Gains start at r^2: t0 first (tie with t1 -> earlier); t1's gain
+    then drops to 0 (a duplicate), so t2 (0.25) beats the more relevant duplicate. At k = 3 the remaining gains (t1:
+    0, t3: ~1e-12) are spent: the last pick is the most relevant token left, t1. Without text every r is 1: t0, t2,
+    t3."""
+    tokens = torch.tensor([[[1.0, 0, 0], [1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]]])
+    projected = torch.tensor([[[1.0, 0.0], [2.0, 0.0], [0.5, 0.75 ** 0.5], [0.0, 1.0]]])
+    text, mask = torch.tensor([[[3.0, 0.0]]]), torch.tensor([[True]])
+    c2, c3 = tz.CDPruner(tokens=2), tz.CDPruner(tokens=3)
+    assert c2.compress(tokens, projected=projected, text=text, text_mask=mask).index[0].tolist() == [0, 2]
+    assert c3.compress(tokens, projected=projected, text=text, text_mask=mask).index[0].tolist() == [0, 1, 2]
+    assert c3.compress(tokens, projected=projected, text=text, text_mask=~mask).index[0].tolist() == [0, 2, 3]
+
+
+def test_cdpruner_greedy_equals_the_determinant_greedy():
+    """The incremental Cholesky update picks, step by step, the token that maximises det(L~_S) (brute force)."""
+    from tokenzip.methods.cdpruner import greedy_dpp_map
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(12, 5, generator=g), dim=-1)
+    r = torch.rand(12, generator=g) + 0.1
+    kernel = (r[:, None] * (x @ x.T) * r[None, :]).double()
+    picked = []
+    for _ in range(5):
+        dets = [float(torch.det(kernel[picked + [j]][:, picked + [j]])) if j not in picked else -1.0
+                for j in range(12)]
+        picked.append(max(range(12), key=lambda j: dets[j]))
+    assert greedy_dpp_map(kernel, 5, r).tolist() == picked

@@ -8,6 +8,7 @@ from .attn_topk import AttnTopK
 from .auroracap import AuroraCap
 from .avg_pool import AvgPool
 from .bilinear import Bilinear
+from .cdpruner import CDPruner
 from .cls_topk import ClsTopK
 from .crops import Crops
 from .dart import DART
@@ -97,6 +98,7 @@ METHODS: list[type[Compressor]] = [
     OmniZip,
     FastVAudioVideo,
     DART,
+    CDPruner,
 ]
 
 __all__ = ["METHODS"] + [cls.__name__ for cls in METHODS]
