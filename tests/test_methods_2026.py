@@ -77,3 +77,19 @@ def test_cdpruner_greedy_equals_the_determinant_greedy():
                 for j in range(12)]
         picked.append(max(range(12), key=lambda j: dets[j]))
     assert greedy_dpp_map(kernel, 5, r).tolist() == picked
+
+
+# ---- SCOPE ----------------------------------------------------------------------------------------------------------
+
+def test_scope_multiplies_saliency_by_coverage_gain():
+    """t0 = t1 = (1, 0), t2 = (0, 1), t3 = (1, 1)/sqrt2. Coverage gains on the empty set (sums of positive
+    cosines): 2.707, 2.707, 1.707, 3.121. Saliency 0.35, 0.4, 0.3, 0.2 -> scores 0.947, 1.083, 0.512, 0.624: t1.
+    Then t0 adds nothing (a duplicate: gain 0), t2 adds 1 and t3 adds 1 (0.707 + 0.293): scores 0.3 vs 0.2 -> t2.
+    The two most salient tokens would be t0 and t1. alpha = 0 (coverage alone): t3 first, then t0 and t1 both add
+    2 * 0.293 = 0.586 > t2's 0.293 -> t0 (the earlier)."""
+    tokens = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.5 ** 0.5, 0.5 ** 0.5]]])
+    attn = torch.tensor([[0.35, 0.4, 0.3, 0.2]])
+    assert tz.SCOPE(tokens=2).compress(tokens, cls_attention=attn).index[0].tolist() == [1, 2]
+    assert tz.SCOPE(tokens=2, alpha=0.0).compress(tokens, cls_attention=attn).index[0].tolist() == [0, 3]
+    with pytest.raises(ValueError, match="alpha"):
+        tz.SCOPE(tokens=2, alpha=-1.0)

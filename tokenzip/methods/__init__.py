@@ -37,6 +37,7 @@ from .prunevid import PruneVid
 from .pyramiddrop import PyramidDrop
 from .random_prune import RandomPrune
 from .resize import Resize
+from .scope import SCOPE
 from .slowfast import SlowFast
 from .sparsevlm import SparseVLM
 from .speechprune import SpeechPrune
@@ -99,6 +100,7 @@ METHODS: list[type[Compressor]] = [
     FastVAudioVideo,
     DART,
     CDPruner,
+    SCOPE,
 ]
 
 __all__ = ["METHODS"] + [cls.__name__ for cls in METHODS]
