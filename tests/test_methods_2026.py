@@ -5,6 +5,10 @@ import pytest
 import torch
 
 import tokenzip as tz
+from tokenzip.adapters import adapter_for
+from tokenzip.testing import default_samples, llava_inputs
+
+from conftest import built
 
 torch.set_num_threads(1)
 
@@ -93,3 +97,46 @@ def test_scope_multiplies_saliency_by_coverage_gain():
     assert tz.SCOPE(tokens=2, alpha=0.0).compress(tokens, cls_attention=attn).index[0].tolist() == [0, 3]
     with pytest.raises(ValueError, match="alpha"):
         tz.SCOPE(tokens=2, alpha=-1.0)
+
+
+# ---- HiPrune --------------------------------------------------------------------------------------------------------
+
+def test_hiprune_anchors_buffers_and_registers():
+    """A 4x4 grid, alpha = 1: round(8 / 5) = 2 anchors at k = 8. Object-layer attention ranks token 10 (row 2,
+    col 2) then token 3 (row 0, col 3). Anchor 10 brings its neighbours left 9, right 11, up 6, down 14; anchor 3
+    brings 2 (left) and 7 (down) only: the flat index 3 + 1 = 4 is the next row, not a neighbour. At k = 10 the two
+    registers are the deep layer's most attended of the rest: 4 and 0. At k = 3 one anchor, 10, fills the budget with
+    its first two neighbours."""
+    tokens = torch.randn(1, 16, 4, generator=torch.Generator().manual_seed(0))
+    mid = torch.full((1, 16), 0.01)
+    mid[0, 10], mid[0, 3] = 0.5, 0.3
+    deep = torch.full((1, 16), 0.01)
+    deep[0, 10], deep[0, 4], deep[0, 0] = 1.0, 0.9, 0.8  # 10 is already an anchor: not a register again
+    c = tz.HiPrune(tokens=8, alpha=1.0)
+    assert c.compress(tokens, grid=(4, 4), mid_attention=mid, cls_attention=deep).index[0].tolist() == \
+        [2, 3, 6, 7, 9, 10, 11, 14]
+    ten = tz.HiPrune(tokens=10, alpha=1.0).compress(tokens, grid=(4, 4), mid_attention=mid, cls_attention=deep)
+    assert ten.index[0].tolist() == [0, 2, 3, 4, 6, 7, 9, 10, 11, 14]
+    assert tz.HiPrune(tokens=3, alpha=1.0).compress(
+        tokens, grid=(4, 4), mid_attention=mid, cls_attention=deep).index[0].tolist() == [9, 10, 11]
+    # alpha = 0: registers only, i.e. the deep layer's top k
+    assert tz.HiPrune(tokens=3, alpha=0.0).compress(
+        tokens, grid=(4, 4), mid_attention=mid, cls_attention=deep).index[0].tolist() == [0, 4, 10]
+    with pytest.raises(ValueError, match="alpha"):
+        tz.HiPrune(tokens=3, alpha=1.5)
+
+
+def test_llava_mid_attention_is_the_object_layers_attention_received():
+    """The adapter's ``mid_attention`` against eager attention weights: the tiny tower has 3 layers, so the object
+    layer is round(3 * 3 / 8) = 1 (1-based), i.e. ``attentions[0]``; mean over heads and every query ([CLS]
+    included), the [CLS] column dropped (the default select strategy drops [CLS] from the features)."""
+    model = built("llava", "eager")
+    inputs = llava_inputs(model, default_samples())
+    items = adapter_for(model).encode(inputs, frozenset({"mid_attention", "cls_attention"}))
+    with torch.no_grad():
+        out = model.model.vision_tower(inputs["pixel_values"], output_attentions=True, return_dict=True)
+    expect = out.attentions[0].mean(dim=(1, 2))[:, 1:]
+    assert len(items) == expect.shape[0]
+    for i, it in enumerate(items):
+        torch.testing.assert_close(it.signals["mid_attention"], expect[i], atol=1e-6, rtol=1e-5)
+        assert not torch.allclose(it.signals["mid_attention"], it.signals["cls_attention"])

@@ -27,6 +27,7 @@ from .folder import Folder
 from .frame_dedup_dinov2 import FrameDedupDinov2
 from .frame_dedup_pixel import FrameDedupPixel
 from .framefusion import FrameFusion
+from .hiprune import HiPrune
 from .holitom import HoliTom
 from .llava_scissor import LlavaScissor
 from .longvu_query import LongVUQuery
@@ -101,6 +102,7 @@ METHODS: list[type[Compressor]] = [
     DART,
     CDPruner,
     SCOPE,
+    HiPrune,
 ]
 
 __all__ = ["METHODS"] + [cls.__name__ for cls in METHODS]
