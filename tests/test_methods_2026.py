@@ -140,3 +140,32 @@ def test_llava_mid_attention_is_the_object_layers_attention_received():
     for i, it in enumerate(items):
         torch.testing.assert_close(it.signals["mid_attention"], expect[i], atol=1e-6, rtol=1e-5)
         assert not torch.allclose(it.signals["mid_attention"], it.signals["cls_attention"])
+
+
+# ---- TokenCarve -----------------------------------------------------------------------------------------------------
+
+def test_tokencarve_information_contribution_and_rank_sum():
+    from tokenzip.methods.tokencarve import borda, information_contribution
+
+    # orthogonal rows: U = I (up to signs), S = (3, 2, 1): row i contributes |U S| row sum = its singular value
+    x = torch.tensor([[0.0, 3.0, 0.0], [2.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    torch.testing.assert_close(information_contribution(x), torch.tensor([3.0, 2.0, 1.0]))
+    assert borda(torch.tensor([0.1, 0.4, 0.4, 0.2])).tolist() == [1.0, 4.0, 3.0, 2.0]  # tie: the earlier ranks higher
+
+
+def test_tokencarve_selects_then_merges_the_most_similar_candidate():
+    """weight = 1 (attention ranks alone). k = 2, candidates 1.5 -> R = 3 candidates: t0, t3, t5 by attention. A =
+    {t0}, B = {t3, t5}; R - k = 1 B token merges: t3 (cosine 0.9 to t0, t5's is 0.1) -> groups {0, 3} (their mean)
+    and {5}. With candidates = 1 nothing merges: the top 2 by attention."""
+    tokens = torch.tensor([[[1.0, 0.0], [0.0, -1.0], [-1.0, 0.0], [0.9, 0.19 ** 0.5], [0.5, -0.5],
+                            [0.1, 0.99 ** 0.5]]])
+    att = torch.tensor([[0.5, 0.01, 0.02, 0.3, 0.02, 0.15]])
+    out = tz.TokenCarve(tokens=2, weight=1.0).compress(tokens, last_attention=att)
+    assert out.groups(0) == [[0, 3], [5]]
+    torch.testing.assert_close(out.tokens[0, 0], tokens[0, [0, 3]].mean(0))
+    assert torch.equal(out.tokens[0, 1], tokens[0, 5])
+    plain = tz.TokenCarve(tokens=2, weight=1.0, candidates=1.0).compress(tokens, last_attention=att)
+    assert plain.groups(0) == [[0], [3]]
+    for kwargs in ({"weight": 1.5}, {"candidates": 2.5}, {"layer": 0}):
+        with pytest.raises(ValueError, match=next(iter(kwargs))):
+            tz.TokenCarve(tokens=2, **kwargs)

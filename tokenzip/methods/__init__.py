@@ -42,6 +42,7 @@ from .scope import SCOPE
 from .slowfast import SlowFast
 from .sparsevlm import SparseVLM
 from .speechprune import SpeechPrune
+from .tokencarve import TokenCarve
 from .tome import ToMe
 from .trim import Trim
 from .uniform_frames import UniformFrames
@@ -103,6 +104,7 @@ METHODS: list[type[Compressor]] = [
     CDPruner,
     SCOPE,
     HiPrune,
+    TokenCarve,
 ]
 
 __all__ = ["METHODS"] + [cls.__name__ for cls in METHODS]
