@@ -169,3 +169,33 @@ def test_tokencarve_selects_then_merges_the_most_similar_candidate():
     for kwargs in ({"weight": 1.5}, {"candidates": 2.5}, {"layer": 0}):
         with pytest.raises(ValueError, match=next(iter(kwargs))):
             tz.TokenCarve(tokens=2, **kwargs)
+
+
+# ---- AdaFV ----------------------------------------------------------------------------------------------------------
+
+def test_adafv_splits_the_budget_by_the_geometric_mean_objective():
+    """k = 4, base share 0.25: one token by text-to-image score (t0), one by [CLS] attention (t3), two left. Rest in
+    text-to-image order: t1 (0.3), t2 (0.1), ...; in [CLS] order: t4 (0.2), t5 (0.15), ... Splits (k1 by text): 0 ->
+    0 * 0.35 = 0; 1 -> 0.3 * 0.2 = 0.06; 2 -> 0.4 * 0 = 0. So t1 and t4: {0, 1, 3, 4}."""
+    from tokenzip.methods.adafv import mixture_select, text_to_image
+
+    t2i = torch.tensor([0.50, 0.30, 0.10, 0.05, 0.02, 0.01, 0.01, 0.01])
+    cls = torch.tensor([0.05, 0.02, 0.03, 0.40, 0.20, 0.15, 0.10, 0.05])
+    assert sorted(mixture_select(t2i, cls, 4, 0.25).tolist()) == [0, 1, 3, 4]
+    # a token high in both rankings is taken once: t0 leads both, so the [CLS] base is the next one, t3
+    both = cls.clone()
+    both[0] = 0.9
+    assert sorted(mixture_select(t2i, both, 4, 0.25).tolist()) == [0, 1, 3, 4]
+    # the text-to-image score: softmax over the image tokens at temperature 100 of the cosine, max over text tokens
+    proj = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    text = torch.tensor([[0.0, 2.0], [3.0, 0.0]])
+    got = text_to_image(proj, text, torch.tensor([True, True]), 100.0)
+    cos = torch.tensor([[0.0, 1.0, 0.5 ** 0.5], [1.0, 0.0, 0.5 ** 0.5]])
+    torch.testing.assert_close(got, torch.softmax(100 * cos, dim=-1).max(dim=0).values)
+    # end to end: no text -> the [CLS] top k
+    tokens = torch.randn(1, 8, 3, generator=torch.Generator().manual_seed(0))
+    out = tz.AdaFV(tokens=3).compress(tokens, cls_attention=cls[None], projected=torch.randn(1, 8, 2),
+                                      text=torch.randn(1, 2, 2), text_mask=torch.zeros(1, 2, dtype=torch.bool))
+    assert out.index[0].tolist() == [3, 4, 5]
+    with pytest.raises(ValueError, match="base_share"):
+        tz.AdaFV(tokens=3, base_share=0.6)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..base import Compressor
+from .adafv import AdaFV
 from .atome import AToMe
 from .attn_topk import AttnTopK
 from .auroracap import AuroraCap
@@ -105,6 +106,7 @@ METHODS: list[type[Compressor]] = [
     SCOPE,
     HiPrune,
     TokenCarve,
+    AdaFV,
 ]
 
 __all__ = ["METHODS"] + [cls.__name__ for cls in METHODS]
