@@ -6,7 +6,7 @@ import torch
 
 import tokenzip as tz
 from tokenzip.adapters import adapter_for
-from tokenzip.testing import default_samples, llava_inputs
+from tokenzip.testing import default_samples, llava_inputs, llava_onevision_inputs
 
 from conftest import built
 
@@ -199,3 +199,45 @@ def test_adafv_splits_the_budget_by_the_geometric_mean_objective():
     assert out.index[0].tolist() == [3, 4, 5]
     with pytest.raises(ValueError, match="base_share"):
         tz.AdaFV(tokens=3, base_share=0.6)
+
+
+# ---- GlobalCom2 -----------------------------------------------------------------------------------------------------
+
+def test_globalcom2_thumbnail_commands_the_crops():
+    """Base view 2x2, crop grid 2x4 (+ newline column): crop 1 = columns 0-1, crop 2 = columns 2-3. k = 6: both
+    newlines stay, 4 left of 12 (r = 1/3): the base gets round(4 * 4 / 12) = 1 (its most attended token, 1), the crops
+    3. The thumbnail map [[0.1, 0.9], [0.1, 0.9]] resized to 2x4 is [0.1, 0.3, 0.7, 0.9] per row, so crop 2 matters
+    more (3.2 vs 0.8); at temperature 0.01 its ratio is 1.5 r against 0.5 r: 2 tokens vs 1. In crop 1 the own
+    attention singles out (1, 0) (position 9); in crop 2 (own attention uniform) the thumbnail favours column 3:
+    positions 7 and 12."""
+    from tokenzip import layout as L
+
+    layout = L.Layout([L.Segment("base", 1, 2, 2), L.Segment("crops", 1, 2, 5, newline=True)])
+    region = torch.tensor([[0, 0, 0, 0, 1, 1, 2, 2, -1, 1, 1, 2, 2, -1]], dtype=torch.float)
+    cls = torch.tensor([[0.1, 0.9, 0.1, 0.9, 0, 0, 1, 1, 0, 1, 0, 1, 1, 0]], dtype=torch.float)
+    tokens = torch.randn(1, 14, 3, generator=torch.Generator().manual_seed(0))
+    out = tz.GlobalCom2(tokens=6, temperature=0.01).compress(tokens, grid=layout, cls_attention=cls,
+                                                            anyres_region=region)
+    assert out.index[0].tolist() == [1, 7, 8, 9, 12, 13]
+    # not tiled (no crop grid): the top k by attention, the newline kept
+    flat = tz.GlobalCom2(tokens=3).compress(tokens[:, :5], cls_attention=cls[:, [0, 1, 2, 3, 8]],
+                                            anyres_region=torch.tensor([[0.0, 0, 0, 0, -1]]))
+    assert flat.index[0].tolist() == [1, 3, 4]
+    with pytest.raises(ValueError, match="temperature"):
+        tz.GlobalCom2(tokens=3, temperature=0)
+
+
+def test_llava_onevision_anyres_region_follows_the_packing():
+    """0 on the base view, -1 exactly at the newline markers, and in the 2x2-crop image of sample 0 (an 8x8 crop
+    grid from four 4x4 crops) crop j's quadrant in row-major crop order."""
+    model = built("llava_onevision")
+    items = adapter_for(model).encode(llava_onevision_inputs(model, default_samples()),
+                                      frozenset({"anyres_region"}))
+    for it in items:
+        region = it.signals["anyres_region"]
+        base = it.grid.segments[0].h * it.grid.segments[0].w
+        assert bool((region[:base] == 0).all())
+        assert (region == -1).tolist() == it.extra["newline"].tolist()
+    grid = items[0].signals["anyres_region"][16:].view(8, 9)[:, :8]
+    quadrants = torch.tensor([[1, 2], [3, 4]]).repeat_interleave(4, 0).repeat_interleave(4, 1)
+    assert torch.equal(grid, quadrants.float())

@@ -28,6 +28,7 @@ from .folder import Folder
 from .frame_dedup_dinov2 import FrameDedupDinov2
 from .frame_dedup_pixel import FrameDedupPixel
 from .framefusion import FrameFusion
+from .globalcom2 import GlobalCom2
 from .hiprune import HiPrune
 from .holitom import HoliTom
 from .llava_scissor import LlavaScissor
@@ -107,6 +108,7 @@ METHODS: list[type[Compressor]] = [
     HiPrune,
     TokenCarve,
     AdaFV,
+    GlobalCom2,
 ]
 
 __all__ = ["METHODS"] + [cls.__name__ for cls in METHODS]
