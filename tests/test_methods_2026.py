@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import tokenzip as tz
+from tokenzip import ops
 from tokenzip.adapters import adapter_for
 from tokenzip.testing import default_samples, llava_inputs, llava_onevision_inputs
 
@@ -97,6 +98,22 @@ def test_scope_multiplies_saliency_by_coverage_gain():
     assert tz.SCOPE(tokens=2, alpha=0.0).compress(tokens, cls_attention=attn).index[0].tolist() == [0, 3]
     with pytest.raises(ValueError, match="alpha"):
         tz.SCOPE(tokens=2, alpha=-1.0)
+
+
+def test_scope_incremental_gains_equal_recomputed_ones():
+    """The gains updated from the rows whose coverage rose pick what recomputing C(S + j) - C(S) in full picks."""
+    from tokenzip.methods.scope import scope_select
+
+    g = torch.Generator().manual_seed(0)
+    feats, saliency = torch.randn(60, 5, generator=g), torch.rand(60, generator=g)
+    sim = ops.cosine_similarity_matrix(feats[None].double())[0]
+    covered, picked = torch.zeros(60, dtype=torch.float64), []
+    for _ in range(20):
+        gain = (sim - covered[:, None]).clamp(min=0).sum(dim=0) * saliency.double()
+        gain[picked] = float("-inf")
+        picked.append(int(gain.argmax()))
+        covered = torch.maximum(covered, sim[:, picked[-1]])
+    assert scope_select(feats, saliency, 20).tolist() == picked
 
 
 # ---- HiPrune --------------------------------------------------------------------------------------------------------

@@ -19,20 +19,28 @@ def scope_select(feats: torch.Tensor, saliency: torch.Tensor, k: int) -> torch.T
     Set coverage of a selection ``S``: ``C(S) = sum_i max(0, max_{s in S} cos(v_i, v_s))`` over all ``N`` tokens.
     The coverage gain of an unselected token ``j`` is ``C(S + j) - C(S) = sum_i max(0, cos(v_i, v_j) - c_i)`` with
     ``c_i`` the current coverage of token ``i``; each step picks the unselected token of largest ``gain * saliency``
-    (ties to the earliest) and raises every ``c_i`` to ``max(c_i, cos(v_i, v_j))``."""
-    unit = F.normalize(feats.float(), dim=-1)
+    (ties to the earliest) and raises every ``c_i`` to ``max(c_i, cos(v_i, v_j))``. The gains are updated from the
+    rows whose coverage rose (float64), not recomputed over the whole ``N x N`` matrix each step."""
+    unit = F.normalize(feats.double(), dim=-1)
     sim = unit @ unit.T  # [N, N], symmetric
     n = sim.shape[0]
-    covered = torch.zeros(n, device=sim.device)
+    covered = torch.zeros(n, dtype=sim.dtype, device=sim.device)
+    gain = sim.clamp(min=0).sum(dim=0)  # [N]: column j = the gain of adding token j to the empty set
     picked = torch.zeros(n, dtype=torch.bool, device=sim.device)
     order = []
     for _ in range(k):
-        gain = (sim - covered[:, None]).clamp(min=0).sum(dim=0)  # [N]: column j = the gain of adding token j
-        score = (gain * saliency).masked_fill(picked, float("-inf"))
+        score = (gain * saliency.double()).masked_fill(picked, float("-inf"))
         j = int(torch.argmax(score))  # the first maximum
         order.append(j)
         picked[j] = True
-        covered = torch.maximum(covered, sim[:, j])
+        # only the rows whose coverage rises change the gains: subtract their old terms, add the new ones
+        rows = (sim[:, j] > covered).nonzero().flatten()
+        if rows.numel():
+            old, new = covered[rows], sim[rows, j]
+            block = sim[rows]
+            gain = gain - (block - old[:, None]).clamp(min=0).sum(dim=0)
+            gain = gain + (block - new[:, None]).clamp(min=0).sum(dim=0)
+            covered[rows] = new
     return torch.tensor(order, dtype=torch.long, device=feats.device)
 
 
