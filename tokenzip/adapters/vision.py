@@ -37,9 +37,10 @@ def attention_module(layer: torch.nn.Module) -> torch.nn.Module:
 
 def object_layer(tower: torch.nn.Module) -> torch.nn.Module:
     """The attention module of the tower's object-centric middle layer (the ``mid_attention`` signal): layer
-    ``round(3 / 8 * depth)`` in 1-based counting, at least the first (HiPrune's layer 9 of CLIP ViT-L's 24)."""
+    ``3 / 8 * depth`` rounded half up, in 1-based counting, at least the first (HiPrune's layer 9 of CLIP ViT-L's
+    24)."""
     layers = encoder_layers(tower)
-    return attention_module(layers[max(1, round(3 * len(layers) / 8)) - 1])
+    return attention_module(layers[max(1, (3 * len(layers) + 4) // 8) - 1])
 
 
 def has_cls_token(tower: torch.nn.Module) -> bool:
