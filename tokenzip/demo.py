@@ -58,12 +58,15 @@ class DemoContext:
 DemoStep = Callable[[DemoContext], None]
 
 
-def image_methods(prompt: str | None) -> list[str]:
-    """Registered pre-LLM image methods; query-aware ones only when a prompt is given."""
+def image_methods(prompt: str | None, produced: frozenset[str] | None = None) -> list[str]:
+    """Registered pre-LLM image methods; query-aware ones only when a prompt is given; with ``produced`` (the
+    model's pre-LLM signals) only those whose required signals it can produce (e.g. GlobalCom2 needs an AnyRes
+    model)."""
     import tokenzip as tz
 
     return [m.name for m in tz.methods() if m.stage == "pre_llm" and "image" in m.modalities
-            and (prompt is not None or not m.query_aware)]
+            and (prompt is not None or not m.query_aware)
+            and (produced is None or set(tz.method_class(m.name)(retain=1.0).requires) <= produced)]
 
 
 def sample_image(name: str):
@@ -78,12 +81,13 @@ def image_overlays(ctx: DemoContext) -> None:
 
     import tokenzip as tz
 
+    from .adapters import adapter_for
     from .bench.inputs import DEFAULT_PROMPT, encoder_view, processor_inputs
     from .preview import kept_items
     from .viz import compare
 
     model, processor = ctx.model(DEMO_MODEL)
-    names = image_methods(ctx.prompt)
+    names = image_methods(ctx.prompt, adapter_for(model).produces("pre_llm"))
     images = SAMPLE_IMAGES[:1] if ctx.quick else SAMPLE_IMAGES
     retains = OVERLAY_RETAINS[:1] if ctx.quick else OVERLAY_RETAINS
     ctx.log(f"overlays: {len(names)} methods ({', '.join(names)}) x {len(images)} images x retain "

@@ -73,6 +73,13 @@ declare("text", ("B", "T", "D"), "real",
         "the prompt's text-token embeddings in the LLM's input space (at the LLM stage: the hidden states of the "
         "text tokens after the item at the pruning layer)")
 declare("text_mask", ("B", "T"), "mask", "True at real text tokens of `text`")
+declare("mid_attention", ("B", "N"), "probability",
+        "the attention each token receives at the vision encoder's object-centric middle layer (3/8 of the depth, "
+        "rounded half up, 1-based: HiPrune's layer 9 of CLIP ViT-L's 24), mean over all queries and heads")
+declare("anyres_region", ("B", "N"), "real",
+        "where each token of an AnyRes image comes from: 0 = the base (thumbnail) view, j >= 1 = crop j of the tiled "
+        "grid, -1 = a newline marker (integers; where the model downscales the crop grid, a border token takes the "
+        "nearest crop)")
 declare("speech", ("B", "N"), "probability",
         "probability in [0, 1] that each (audio) token's frame holds speech (VAD)")
 # ---- produced by the LLM stage (tokenzip.llm), from the decoder layer before the pruning layer (with text, text_mask)

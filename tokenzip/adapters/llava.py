@@ -30,7 +30,7 @@ from .placeholders import (
     text_signals,
 )
 from .probe import probe
-from .vision import attention_module, encoder_layers, has_cls_token, signal_layer
+from .vision import attention_module, encoder_layers, has_cls_token, object_layer, signal_layer
 
 
 class LlavaFamily(LLMAccess, Adapter):
@@ -128,6 +128,7 @@ class LlavaAdapter(LlavaFamily):
     _cls = per_call()
     _state = per_call()
     stages = ("pre_llm", "encoder", "llm")
+    signals = LlavaFamily.signals | {"mid_attention"}
     encoder_signals = frozenset({"cls_attention", "keys", "text", "text_mask"})
 
     def __init__(self, model: torch.nn.Module):
@@ -208,13 +209,18 @@ class LlavaAdapter(LlavaFamily):
         if self.runner is not None:
             feats, results, counts = self._encode_to_cut(kwargs, needs)
         else:
-            with probe(signal_layer(tower, layer), needs, 0 if cls else None) as p:
+            # the object-centric middle layer's attention received (every query, [CLS] included) when asked for
+            mid_needs = frozenset({"cls_attention"} if "mid_attention" in needs else ())
+            with probe(signal_layer(tower, layer), needs, 0 if cls else None) as p, \
+                    probe(object_layer(tower), mid_needs, None) as mid:
                 out = tower(pixel_values.to(tower.dtype), output_hidden_states=True, return_dict=True)
             if isinstance(layer, int):
                 feats = out.hidden_states[layer]
             else:
                 feats = torch.cat([out.hidden_states[i] for i in layer], dim=-1)
-            results = p.results
+            results = dict(p.results)
+            if mid_needs:
+                results["mid_attention"] = mid.results["cls_attention"]
         drop = 1 if strategy == "default" else 0
         feats = feats[:, drop:]
         n = feats.shape[1]

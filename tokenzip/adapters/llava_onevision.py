@@ -103,6 +103,7 @@ class LlavaOnevisionAdapter(OnevisionVideo, LlavaFamily):
     model_classes = ("LlavaOnevisionForConditionalGeneration",)
     modalities = ("image", "video")  # videos: adapters/onevision_video.py
     stages = ("pre_llm", "encoder", "llm")
+    signals = LlavaFamily.signals | {"anyres_region"}
     encoder_signals = frozenset({"cls_attention", "keys", "text", "text_mask"})
     runner: EncoderRunner | None = None  # stage "encoder": the tower and its cuts (set_encoder_layer)
     step: Any = None  # stage "encoder": the method's budget, and its compression at a schedule's earlier cuts
@@ -175,6 +176,9 @@ class LlavaOnevisionAdapter(OnevisionVideo, LlavaFamily):
                                f"{[f.shape[0] for f in feats]}")
         drop = 1 if strategy == "default" else 0
         signals = self._pack_signals({name: t[:, drop:] for name, t in p.results.items()}, crops, image_sizes)
+        if "anyres_region" in needs:
+            for sig, region in zip(signals, self._regions(crops, image_sizes, strategy, pixel_values.device)):
+                sig["anyres_region"] = region
         items = []
         for i, f in enumerate(feats):
             sig = {name: t.to(f.device) for name, t in signals[i].items()}  # split device maps: where the tokens are
@@ -230,6 +234,18 @@ class LlavaOnevisionAdapter(OnevisionVideo, LlavaFamily):
                 start += width
             out.append(d)
         return out
+
+    def _regions(self, crops: list[int], image_sizes: Any, strategy: str, device: torch.device
+                 ) -> list[torch.Tensor]:
+        """Each image's ``anyres_region`` signal: the crop index of every packed token (0 = base view, ``j`` = crop
+        ``j``, -1 = newline marker), from the model's own packing of per-crop constants (crop index + 1; newlines
+        are zeros); where the packing downscales the grid, a border token is rounded to the nearest crop."""
+        vc = self.model.config.vision_config
+        per_crop = (vc.image_size // vc.patch_size) ** 2 + int(has_cls_token(self.core.vision_tower))
+        per_crop -= 1 if strategy == "default" else 0
+        ids = torch.cat([torch.arange(c, dtype=torch.float32, device=device) + 1 for c in crops])
+        packed = self._pack(ids[:, None, None].expand(-1, per_crop, 1).contiguous(), crops, image_sizes)
+        return [t[:, 0].round() - 1 for t in packed]
 
     def _layout(self, newline: torch.Tensor, crops: int) -> L.Layout:
         """Base view + crop grid with its newline column (``[(h, w), (H, W + 1)]``) for a tiled image, base view +

@@ -35,6 +35,14 @@ def attention_module(layer: torch.nn.Module) -> torch.nn.Module:
     raise TypeError(f"cannot find a q_proj/k_proj attention module in {type(layer).__name__}")
 
 
+def object_layer(tower: torch.nn.Module) -> torch.nn.Module:
+    """The attention module of the tower's object-centric middle layer (the ``mid_attention`` signal): layer
+    ``3 / 8 * depth`` rounded half up, in 1-based counting, at least the first (HiPrune's layer 9 of CLIP ViT-L's
+    24)."""
+    layers = encoder_layers(tower)
+    return attention_module(layers[max(1, (3 * len(layers) + 4) // 8) - 1])
+
+
 def has_cls_token(tower: torch.nn.Module) -> bool:
     emb = getattr(getattr(tower, "vision_model", tower), "embeddings", None)
     return emb is not None and (hasattr(emb, "class_embedding") or hasattr(emb, "cls_token"))

@@ -65,6 +65,9 @@ def resolve_methods(model: torch.nn.Module, wanted: Sequence[str | type[Compress
             skipped[name] = f"stage {c.info.stage} not supported by {type(adapter).__name__}"
         elif not set(c.info.modalities) & set(adapter.modalities):
             skipped[name] = f"modalities {list(c.info.modalities)} not in {list(adapter.modalities)}"
+        elif isinstance(c, type) and not set(c(retain=1.0).requires) <= adapter.produces(c.info.stage):
+            missing = sorted(set(c(retain=1.0).requires) - adapter.produces(c.info.stage))
+            skipped[name] = f"needs signals {missing}, which {type(adapter).__name__} does not produce"
         else:
             run.append((name, c))
     return run, skipped

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from ..base import Compressor
+from .adafv import AdaFV
 from .atome import AToMe
 from .attn_topk import AttnTopK
 from .auroracap import AuroraCap
 from .avg_pool import AvgPool
 from .bilinear import Bilinear
+from .cdpruner import CDPruner
 from .cls_topk import ClsTopK
 from .crops import Crops
+from .dart import DART
 from .divprune import DivPrune
 from .dpc_knn import DpcKnn
 from .dpc_knn_events import DpcKnnEvents
@@ -25,6 +28,8 @@ from .folder import Folder
 from .frame_dedup_dinov2 import FrameDedupDinov2
 from .frame_dedup_pixel import FrameDedupPixel
 from .framefusion import FrameFusion
+from .globalcom2 import GlobalCom2
+from .hiprune import HiPrune
 from .holitom import HoliTom
 from .llava_scissor import LlavaScissor
 from .longvu_query import LongVUQuery
@@ -35,9 +40,11 @@ from .prunevid import PruneVid
 from .pyramiddrop import PyramidDrop
 from .random_prune import RandomPrune
 from .resize import Resize
+from .scope import SCOPE
 from .slowfast import SlowFast
 from .sparsevlm import SparseVLM
 from .speechprune import SpeechPrune
+from .tokencarve import TokenCarve
 from .tome import ToMe
 from .trim import Trim
 from .uniform_frames import UniformFrames
@@ -95,6 +102,13 @@ METHODS: list[type[Compressor]] = [
     DyCokeKV,
     OmniZip,
     FastVAudioVideo,
+    DART,
+    CDPruner,
+    SCOPE,
+    HiPrune,
+    TokenCarve,
+    AdaFV,
+    GlobalCom2,
 ]
 
 __all__ = ["METHODS"] + [cls.__name__ for cls in METHODS]
