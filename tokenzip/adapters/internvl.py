@@ -223,6 +223,8 @@ class InternVLAdapter(LLMAccess, Adapter):
         self.step: Any = None
         self._tower: list[_TowerItem] | None = None
         self._cls: torch.Tensor | None = None  # [tiles, D] each tile's [CLS] hidden state inside the tower
+        self._types: torch.Tensor | None = None  # the call's mm_token_type_ids (begin_call), shortened with it
+        self._compressed = False  # this call's features are tokenzip's compressed ones (rebuild ran)
 
     # ---- structure -----------------------------------------------------------------------------------------------
     def parts(self) -> ModelParts:
@@ -255,24 +257,50 @@ class InternVLAdapter(LLMAccess, Adapter):
                              f"select strategy ([CLS] dropped); got {layer!r} / {strategy!r}")
         return layer, strategy
 
-    def _blocks(self, kwargs: dict[str, Any]) -> list[_Block]:
-        types = kwargs.get("mm_token_type_ids")
-        return _blocks(_runs(require_input_ids(kwargs), self.image_token_id, types), types)
+    # ---- the video marking (mm_token_type_ids) ------------------------------------------------------------------
+    def begin_call(self, kwargs: dict[str, Any]) -> None:
+        """The stock model takes no ``mm_token_type_ids`` (its ``generate()`` refuses the argument, its ``forward()``
+        ignores it), so the adapter takes it out of the call and keeps it for the call's stages; the calls it
+        rebuilds carry it shortened with the prompt (``_shrink``)."""
+        types = kwargs.pop("mm_token_type_ids", None)
+        if types is not None and (not isinstance(types, torch.Tensor) or types.dim() != 2):
+            raise ValueError(f"mm_token_type_ids must be a [B, L] tensor, got {tuple(getattr(types, 'shape', ()))}")
+        self._types = types
 
-    def _tile_grid(self, pixel_values: torch.Tensor) -> tuple[int, int, int]:
-        """``(h, w, U)``: a tile's token grid after the pixel shuffle and its token count."""
-        patch = self.model.config.vision_config.patch_size
+    def _blocks(self, kwargs: dict[str, Any]) -> list[_Block]:
+        input_ids = require_input_ids(kwargs)
+        types = kwargs.get("mm_token_type_ids", self._types)
+        if types is not None and kwargs.get("mm_token_type_ids") is None and types.shape != input_ids.shape:
+            types = None  # the call's noted marking is for another sequence (a decoding step)
+        return _blocks(_runs(input_ids, self.image_token_id, types), types)
+
+    def _shrink(self, kwargs: dict[str, Any], keep: torch.Tensor) -> dict[str, Any]:
+        """``shrink_sequences`` of the call, and of the call's video marking with it."""
+        types = kwargs.get("mm_token_type_ids", self._types)
+        full = dict(kwargs) if types is None else {**kwargs, "mm_token_type_ids": types}
+        new = shrink_sequences(full, keep, pad_id_for(self.model.config, {self.image_token_id}))
+        self._types = new.pop("mm_token_type_ids", None)
+        return new
+
+    def _tile_grid(self, pixel_values: torch.Tensor | None) -> tuple[int, int, int]:
+        """``(h, w, U)``: a tile's token grid after the pixel shuffle and its token count (without pixels: for the
+        config's tile size)."""
+        vc = self.model.config.vision_config
+        patch, size = vc.patch_size, vc.image_size
         ph, pw = (patch, patch) if isinstance(patch, int) else tuple(patch)
+        sh, sw = (size, size) if isinstance(size, int) else tuple(size)
+        if pixel_values is not None:
+            sh, sw = int(pixel_values.shape[-2]), int(pixel_values.shape[-1])
         ratio = float(self.model.config.downsample_ratio)
-        h = int(int(pixel_values.shape[-2]) // ph * ratio)
-        w = int(int(pixel_values.shape[-1]) // pw * ratio)
+        h, w = int(sh // ph * ratio), int(sw // pw * ratio)
         return h, w, h * w
 
-    def _plan(self, kwargs: dict[str, Any]) -> list[_Block]:
+    def _plan(self, kwargs: dict[str, Any], pixels: bool = True) -> list[_Block]:
         """The call's items, each with its tiles in ``pixel_values`` and its layout; ValueErrors name what does not
-        match."""
-        pixel_values = kwargs["pixel_values"]
-        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
+        match. ``pixels=False``: a call that carries the model's own features of its tiles (``generate()`` encodes
+        the media before its first step), whose runs are whole tiles of the config's size."""
+        pixel_values = kwargs["pixel_values"] if pixels else None
+        if pixels and (not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4):
             raise ValueError("pixel_values must be [tiles, 3, H, W] (every tile of the call in prompt order, as "
                              f"InternVLProcessor builds it), got {tuple(getattr(pixel_values, 'shape', ()))}")
         h, w, per_tile = self._tile_grid(pixel_values)
@@ -294,7 +322,7 @@ class InternVLAdapter(LLMAccess, Adapter):
                 blk.layout = L.grid(h, w)
             else:
                 blk.layout = L.Layout([L.Segment("crops", 1, h, w)] * (blk.tiles - 1) + [L.Segment("base", 1, h, w)])
-        if tile != int(pixel_values.shape[0]):
+        if pixel_values is not None and tile != int(pixel_values.shape[0]):
             raise ValueError(f"the prompt's <img> blocks hold {tile} tiles of {per_tile} placeholders, but "
                              f"pixel_values has {int(pixel_values.shape[0])} tiles; build inputs with "
                              "InternVLProcessor")
@@ -366,10 +394,11 @@ class InternVLAdapter(LLMAccess, Adapter):
             per_frame = torch.bincount(frame, minlength=len(blk.runs)).tolist()
             counts[blk.sample] += [(r.length, k) for r, k in zip(blk.runs, per_frame)]
         keep = placeholder_keep_mask(kwargs["input_ids"], self.image_token_id, counts)
-        new = shrink_sequences(kwargs, keep, pad_id_for(self.model.config, {self.image_token_id}))
+        new = self._shrink(kwargs, keep)
         new.pop("pixel_values", None)
         features = torch.cat(ordered, dim=0).unsqueeze(0)  # one tensor, filled into the placeholders in order
         new["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=features)}
+        self._compressed = True
         return new
 
     # ---- stage "llm" -----------------------------------------------------------------------------------------------
@@ -380,7 +409,9 @@ class InternVLAdapter(LLMAccess, Adapter):
         if kwargs.get("pixel_values") is not None:
             blocks = self._plan(kwargs)
         elif (kwargs.get("mm_encoder_outputs") or {}).get("image") is not None:
-            blocks = self._blocks(kwargs)
+            # the model's own features (generate() encodes before its first step): whole tiles, with layouts;
+            # tokenzip's compressed ones (a pre-LLM method ran in this call): runs of any length, 1-D
+            blocks = self._blocks(kwargs) if self._compressed else self._plan(kwargs, pixels=False)
         else:
             return []
         return [LLMItem(blk.modality, blk.sample,
@@ -409,6 +440,8 @@ class InternVLAdapter(LLMAccess, Adapter):
     def release(self) -> None:
         self._tower = None
         self._cls = None
+        self._types = None
+        self._compressed = False
 
     @torch.no_grad()
     def _encode_in_tower(self, kwargs: dict[str, Any], needs: frozenset[str]) -> list[Item]:
@@ -567,6 +600,6 @@ class InternVLAdapter(LLMAccess, Adapter):
             if item is not None:
                 maps.append((torch.arange(blk.length), torch.arange(blk.length)))
         keep = placeholder_keep_mask(kwargs["input_ids"], self.image_token_id, counts)
-        new = shrink_sequences(kwargs, keep, pad_id_for(self.model.config, {self.image_token_id}))
+        new = self._shrink(kwargs, keep)
         new["pixel_values"] = torch.cat(rows)
         return new, maps
