@@ -311,7 +311,8 @@ class InternVLAdapter(LLMAccess, Adapter):
             bad = [r.length for r in blk.runs if r.length % per_tile or (video and r.length != per_tile)]
             if bad:
                 what = "a video frame (one tile)" if blk.modality == "video" else "an image (whole tiles)"
-                raise ValueError(f"an <img> block of sample {blk.sample} holds {bad[0]} placeholders; {what} needs "
+                raise ValueError(f"the media do not match the prompt: an <img> block of sample {blk.sample} holds "
+                                 f"{bad[0]} placeholders; {what} needs "
                                  f"{'exactly' if blk.modality == 'video' else 'a multiple of'} {per_tile} "
                                  f"({h}x{w} tokens per tile); build inputs with InternVLProcessor")
             blk.first_tile, blk.tiles = tile, blk.length // per_tile
@@ -323,9 +324,9 @@ class InternVLAdapter(LLMAccess, Adapter):
             else:
                 blk.layout = L.Layout([L.Segment("crops", 1, h, w)] * (blk.tiles - 1) + [L.Segment("base", 1, h, w)])
         if pixel_values is not None and tile != int(pixel_values.shape[0]):
-            raise ValueError(f"the prompt's <img> blocks hold {tile} tiles of {per_tile} placeholders, but "
-                             f"pixel_values has {int(pixel_values.shape[0])} tiles; build inputs with "
-                             "InternVLProcessor")
+            raise ValueError(f"the media do not match the prompt: its <img> blocks hold {tile} tiles of {per_tile} "
+                             f"placeholders, but pixel_values has {int(pixel_values.shape[0])} tiles; build inputs "
+                             "with InternVLProcessor")
         return blocks
 
     def _groups(self, pixel_values: torch.Tensor) -> torch.Tensor:
