@@ -235,3 +235,32 @@ def test_encoder_stage_groups_and_cuts():
         adapter.release()
     with pytest.raises(ValueError, match="layer must be"):
         adapter.set_encoder_layer(3)
+
+
+@pytest.mark.parametrize("case,method", [("internvl", "tome"), ("internvl_video", "random"),
+                                         ("internvl_video", "tome")])
+def test_encoder_schedule_keeps_the_budget_and_is_exact_at_retain_one(case, method):
+    """A schedule of cuts (layers 1 and 2): retain=1 gives the stock logits; at retain 0.3 every item of a modality
+    the method takes reaches its budget (ToMe takes no video: clips pass whole through every cut) and the LLM gets
+    that many features."""
+    model = built(case)
+    inputs = {"internvl": internvl_inputs, "internvl_video": internvl_video_inputs}[case](model, default_samples())
+    pos = _positions(inputs["attention_mask"])
+    with torch.no_grad():
+        ref = model(**inputs, position_ids=pos).logits
+    with tz.InEncoder(tz.get(method, retain=1.0), layer=(1, 2))(model):
+        with torch.no_grad():
+            out = model(**inputs, position_ids=pos).logits
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    inner = tz.get(method, retain=0.3)
+    c = tz.InEncoder(inner, layer=(1, 2))
+    seen, handle = _capture(model)
+    try:
+        with c(model):
+            model(**inputs)
+    finally:
+        handle.remove()
+    items = [it for s in c.last_stats for ms in s.values() for it in ms.items]
+    assert [it.tokens_out for it in items] == [inner.budget.count(it.tokens_in) if it.modality in inner.info.modalities
+                                               else it.tokens_in for it in items]
+    assert seen[0]["mm_encoder_outputs"]["image"].pooler_output.shape[1] == sum(it.tokens_out for it in items)

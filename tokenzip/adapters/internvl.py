@@ -474,9 +474,13 @@ class InternVLAdapter(LLMAccess, Adapter):
             tile = torch.arange(blk.tiles, device=units.device).repeat_interleave(per_tile)
             tower.append(_TowerItem(blk, MergedTokens.start(units[rows].flatten(0, 1).unsqueeze(0)), tile,
                                     {name: t[rows].flatten(0, 1) for name, t in per_token.items()}))
-        counts = [self.step.counts(blk.length, len(cuts)) if len(cuts) > 1 else [] for blk in blocks]
+        takes = getattr(self.step, "modalities", None)
+        counts = [self.step.counts(blk.length, len(cuts)) if len(cuts) > 1 and (takes is None or blk.modality in takes)
+                  else [] for blk in blocks]
         for j in range(1, len(cuts)):  # a schedule's earlier cuts: each item a little, then the next span
             for it, c in zip(tower, counts):
+                if not c:  # a modality the method does not compress: whole at every cut
+                    continue
                 n = it.state.hidden.shape[1]
                 layout = it.block.layout if j == 1 else L.grid(1, n)
                 sig = {name: t.unsqueeze(0) for name, t in {**it.signals, **text[it.block.sample]}.items()}
@@ -488,7 +492,7 @@ class InternVLAdapter(LLMAccess, Adapter):
         items = []
         for it, c in zip(tower, counts):
             n = it.state.hidden.shape[1]
-            grid = it.block.layout if len(cuts) == 1 else L.grid(1, n)
+            grid = it.block.layout if not c else L.grid(1, n)
             extra: dict[str, Any] = {"block": it.block, "tokens_in": it.block.length}
             if c:
                 extra["k"] = c[-1]
