@@ -379,17 +379,23 @@ class InternVLAdapter(LLMAccess, Adapter):
         return items
 
     def rebuild(self, kwargs: dict[str, Any], items: list[Item], outputs: list[CompressOutput]) -> dict[str, Any]:
-        feats = self._finish_in_tower(outputs) if self.runner is not None else [o.tokens[0] for o in outputs]
+        if self.runner is not None:  # each output slot's tile (a frame of a clip) comes from the tower's tracking
+            feats = self._finish_in_tower(outputs)
+            tiles = [it.tile for it in self._tower]
+        else:  # the output's index points at the item's own tokens, 256 per tile
+            feats = [o.tokens[0] for o in outputs]
+            blocks = [it.extra["block"] for it in items]
+            tiles = [o.index[0] // (blk.length // blk.tiles) for o, blk in zip(outputs, blocks)]
         counts: list[list[tuple[int, int]]] = [[] for _ in range(kwargs["input_ids"].shape[0])]
         ordered = []
-        for item, out, tokens in zip(items, outputs, feats):
+        for item, tile, tokens in zip(items, tiles, feats):
             blk: _Block = item.extra["block"]
             if len(blk.runs) == 1:
                 counts[blk.sample].append((blk.runs[0].length, tokens.shape[0]))
                 ordered.append(tokens)
                 continue
             # a clip: each kept token stays in its own frame's run (a merged one in its first member's)
-            frame = out.index[0].to(tokens.device) // blk.runs[0].length
+            frame = tile.to(tokens.device)
             order = torch.sort(frame, stable=True).indices
             ordered.append(tokens[order])
             per_frame = torch.bincount(frame, minlength=len(blk.runs)).tolist()
