@@ -42,7 +42,9 @@ that tile (a merged group: its first member's tile), with ToMe's proportional at
 layers take no mask argument, so the additive mask goes to the layer's own attention module through a keyword
 pre-hook while the layer runs). After the layer the LLM reads (and the tower's final norm when that is the last
 one), each group's 4 patches are its pixel-shuffled token and go through the projector. Layers after the feature layer
-are never run. ``projected`` is not offered inside the tower (the projector takes feature-layer tokens).
+are never run. ``projected`` is not offered inside the tower (the projector takes feature-layer tokens). A schedule
+of cuts compresses at the earlier cuts only the items of a modality the method takes (the others pass whole), with a
+1-D layout after the first cut; a clip's kept group goes to the run of the frame (tile) it is tracked to.
 
 Stage ``input`` (reduction ``"crops"``, ``tz.get("crops")``): an image of ``T > 1`` tiles can be given as its
 thumbnail alone (256 tokens); the other tiles are never encoded. Its run keeps 256 placeholders and the call keeps
