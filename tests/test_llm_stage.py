@@ -5,6 +5,8 @@ states only (original positions, plain causal mask), with the scores taken from 
 layer K - 1. The method runs the stock SDPA model through hooks; both must agree.
 """
 
+import inspect
+
 import pytest
 import torch
 
@@ -447,6 +449,14 @@ def stage_plan(c, inputs, media_token_ids):
     return plan
 
 
+def _stock_generate_inputs(model, inputs):
+    """``inputs`` without a ``mm_token_type_ids`` the model's forward() does not name: the stock forward ignores it
+    and the stock generate() refuses it (InternVL, where it marks video frames for tokenzip's adapter only)."""
+    if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
+        return inputs
+    return {k: v for k, v in inputs.items() if k != "mm_token_type_ids"}
+
+
 def assert_equals_mask_oracle(model, c, inputs, out, gen, forward):
     """``out`` (logits at kept real positions) and ``gen`` (4 greedy tokens) of the compressed run equal the stock
     model's with the run's own selection imposed by :class:`_MaskOracle` (``forward()`` gives its logits)."""
@@ -458,7 +468,7 @@ def assert_equals_mask_oracle(model, c, inputs, out, gen, forward):
     oracle = _MaskOracle(model, parts.language_model, plan, inputs["input_ids"].shape[1])
     try:
         ref = forward()
-        ref_gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        ref_gen = model.generate(**_stock_generate_inputs(model, inputs), max_new_tokens=4, do_sample=False)
     finally:
         oracle.remove()
     keep = inputs["attention_mask"].bool() & ~oracle._dropped_before(len(parts.decoder_layers))[:, : ref.shape[1]]

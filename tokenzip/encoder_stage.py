@@ -79,7 +79,8 @@ class InEncoder(Compressor):
             isinstance(c, int) and c > 0 for c in form)
         self.layers: tuple[int, ...] | None = ((form,) if isinstance(form, int) else form) if static else None
         self._needs_depth = not static
-        self.step = CompressStep(self._step, method.budget.count, schedule=schedule)
+        self.step = CompressStep(self._step, method.budget.count, schedule=schedule,
+                                 modalities=tuple(method.info.modalities))
         self.retain, self.tokens = method.retain, method.tokens
         self.budget = method.budget
         self.last_stats = []

@@ -779,3 +779,90 @@ def tiny_qwen3_omni(attn_implementation: str = "sdpa", seed: int = 0) -> torch.n
 CASES["qwen3_omni"] = Case("qwen3_omni", lambda attn: tiny_qwen3_omni(attn), lambda m, s: qwen2_5_omni_av_inputs(m, s),
                            Qwen3OmniAdapter, position_ids=lambda m, i: qwen2_5_omni_positions(m, i),
                            media=("video", "audio"))
+
+
+# ---- InternVL3 / InternVL3.5 (tiles + thumbnail; video frames as single tiles) ------------------------------------
+from .adapters.internvl import InternVLAdapter  # noqa: E402  (appended section: merge-friendly)
+
+INTERNVL_IMG_START, INTERNVL_IMG_END = 102, 103  # <img> / </img>
+INTERNVL_FRAME, INTERNVL_NEWLINE = 60, 61  # "Frame" / "\n" text of a video prompt; "Frame{i}:" is 60, 40 + i
+# tiles per test image (cycled by seed): 3 = 2 tiles + thumbnail, 1 = one tile (no thumbnail), 4 = 3 + thumbnail
+INTERNVL_TILES = [3, 1, 4]
+INTERNVL_FRAMES = [3, 4, 5]  # frames per test clip (cycled by seed)
+
+
+def tiny_internvl(attn_implementation: str = "sdpa", seed: int = 0) -> torch.nn.Module:
+    """InternVL: 3-layer InternViT ([CLS] + 8 x 8 patches of 4 px on 32-px tiles, pixel shuffle to 4 x 4 = 16 tokens
+    per tile, q/k norms on) + 3-layer Qwen2, random weights."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig, Qwen2Config
+
+    vision = InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                  image_size=32, patch_size=4, use_qk_norm=True)
+    text = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
+    cfg = InternVLConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, image_seq_length=16,
+                         pad_token_id=PAD)
+    torch.manual_seed(seed)
+    return InternVLForConditionalGeneration._from_config(cfg, attn_implementation=attn_implementation).eval()
+
+
+def internvl_inputs(model: torch.nn.Module, samples: list[Sample]) -> dict[str, Any]:
+    """A left-padded batch as InternVLProcessor builds it: image ``j`` of a sample with seed ``s`` has
+    ``INTERNVL_TILES[(s + j) % 3]`` tiles (random normalised pixels; the last of several is the thumbnail), written
+    ``<img> IMG_CONTEXT * (16 * tiles) </img>``; every tile of the batch in one ``pixel_values`` in prompt order."""
+    side = model.config.vision_config.image_size[0]
+    per_tile = internvl_tile_tokens(model)
+    rows, pixels = [], []
+    for s in samples:
+        g = torch.Generator().manual_seed(s.seed)
+        row = list(s.before)
+        for j in range(s.n_items):
+            tiles = INTERNVL_TILES[(s.seed + j) % len(INTERNVL_TILES)]
+            pixels.append(torch.randn(tiles, 3, side, side, generator=g))
+            row += [INTERNVL_IMG_START] + [IMAGE_TOKEN] * (per_tile * tiles) + [INTERNVL_IMG_END]
+        rows.append(row + s.after)
+    ids, mask = left_pad(rows)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.cat(pixels)}
+
+
+def internvl_tile_tokens(model: torch.nn.Module) -> int:
+    v = model.config.vision_config
+    return int((v.image_size[0] // v.patch_size[0]) * model.config.downsample_ratio) ** 2
+
+
+def internvl_video_inputs(model: torch.nn.Module, samples: list[Sample]) -> dict[str, Any]:
+    """Video prompts as InternVLProcessor expands ``<video>``: clip ``j`` of a sample with seed ``s`` has
+    ``INTERNVL_FRAMES[(s + j) % 3]`` frames, each ``Frame{i}: <img> IMG_CONTEXT * 16 </img>`` joined by newlines, one
+    tile per frame (a fixed random picture plus a little noise per frame, so frames are alike); clips of a sample are
+    separated by a text token. ``mm_token_type_ids`` marks each clip's span 2 (video), which is how the call tells
+    the adapter that these blocks are one clip's frames (the processor's own output cannot say it)."""
+    side = model.config.vision_config.image_size[0]
+    per_tile = internvl_tile_tokens(model)
+    rows, types, pixels = [], [], []
+    for s in samples:
+        row, kind = list(s.before), [0] * len(s.before)
+        for j in range(s.n_items):
+            g = torch.Generator().manual_seed(10 * s.seed + j)
+            frames = INTERNVL_FRAMES[(s.seed + j) % len(INTERNVL_FRAMES)]
+            base = torch.randn(3, side, side, generator=g)
+            pixels.append(base + 0.2 * torch.randn(frames, 3, side, side, generator=g))
+            clip: list[int] = []
+            for i in range(frames):
+                clip += [INTERNVL_NEWLINE] if i else []
+                clip += [INTERNVL_FRAME, 40 + i + 1, INTERNVL_IMG_START] + [IMAGE_TOKEN] * per_tile + [INTERNVL_IMG_END]
+            sep = [INTERNVL_NEWLINE] if j else []
+            row += sep + clip
+            kind += [0] * len(sep) + [2] * len(clip)
+        rows.append(row + s.after)
+        types.append(kind + [0] * len(s.after))
+    ids, mask = left_pad(rows)
+    mm_types, _ = left_pad(types, pad=0)
+    return {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": mm_types,
+            "pixel_values": torch.cat(pixels)}
+
+
+CASES["internvl"] = Case("internvl", lambda attn: tiny_internvl(attn), lambda m, s: internvl_inputs(m, s),
+                         InternVLAdapter, media=("image",))
+CASES["internvl_video"] = Case("internvl_video", lambda attn: tiny_internvl(attn),
+                               lambda m, s: internvl_video_inputs(m, s), InternVLAdapter, media=("video",))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .base import Adapter, Item
+from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_5_omni import Qwen2_5OmniAdapter
@@ -23,6 +24,7 @@ ADAPTERS: list[type[Adapter]] = [
     Qwen3VLAdapter,
     Qwen2_5OmniAdapter,
     Qwen3OmniAdapter,
+    InternVLAdapter,
 ]
 
 
@@ -43,3 +45,4 @@ def adapter_for(model: torch.nn.Module) -> Adapter:
 __all__ = ["ADAPTERS", "Adapter", "Item", "LlavaAdapter", "LlavaOnevisionAdapter", "Qwen2AudioAdapter",
            "Qwen2VLAdapter", "Qwen3VLAdapter", "WhisperAdapter", "adapter_for", "supported_models"]
 __all__ += ["Qwen2_5OmniAdapter", "Qwen3OmniAdapter"]
+__all__ += ["InternVLAdapter"]

@@ -143,7 +143,11 @@ def _media_counts(built: Built) -> dict[str, int]:
         token_ids = adapter_for(built.model).parts().media_token_ids
     except TypeError:  # no adapter: nothing tokenzip could compress, nothing to count
         return {}
-    counts = {m: int((ids == t).sum()) for m, t in token_ids.items()}
+    counts, seen = {}, set()
+    for m, t in token_ids.items():  # a token id two modalities share (InternVL's frames are tiles) counts once
+        if t not in seen:
+            seen.add(t)
+            counts[m] = int((ids == t).sum())
     return {m: c for m, c in counts.items() if c}
 
 

@@ -677,3 +677,58 @@ def with_video(built: Built, num_frames: int, clip: str | None = None, *, seed: 
             f"{media['frame_size'][0]}), decoded with PyAV")
     return dataclasses.replace(built, inputs=_to(inputs, device, _dtype(dtype)), media=media,
                                notes=f"{built.notes}; {note}" if built.notes else note)
+
+
+# ---- InternVL3.5-2B (appended section: merge-friendly) -------------------------------------------------------------
+# ``OpenGVLab/InternVL3_5-2B-HF``: InternViT-300M-448px (24 layers, width 1024, MLP 4096, 16 heads, qkv bias, no q/k
+# norm, LayerNorm eps 1e-6, layer scale 0.1, 448-px tiles of 14-px patches) + Qwen3-1.7B (28 layers, width 2048,
+# MLP 6144, 16 heads, 8 KV heads, head dim 128, vocab 151936, tied, rope theta 1e6), pixel shuffle 0.5 and a
+# LayerNorm + 2-layer GELU projector; <img> / </img> / <IMG_CONTEXT> = 151669 / 151670 / 151671; 256 tokens per tile.
+INTERNVL_IMG_START, INTERNVL_IMG_END, INTERNVL_CONTEXT = 151669, 151670, 151671
+INTERNVL_IMAGE = (896, 1344)  # (h, w) px: a 2 x 3 grid of 448-px tiles + the thumbnail = 7 tiles = 1792 tokens
+
+
+def internvl35_2b_config():
+    from transformers import InternVLConfig
+
+    vision = {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096,
+              "attention_bias": True, "use_qk_norm": False, "hidden_act": "gelu", "norm_type": "layer_norm",
+              "layer_norm_eps": 1e-6, "image_size": [448, 448], "patch_size": [14, 14], "layer_scale_init_value": 0.1,
+              "use_mean_pooling": True, "use_absolute_position_embeddings": True}
+    text = {"model_type": "qwen3", "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144,
+            "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
+            "max_position_embeddings": 40960, "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+            "bos_token_id": 151643, "eos_token_id": 151645, "pad_token_id": 151643,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}}
+    return InternVLConfig(vision_config=vision, text_config=text, image_token_id=INTERNVL_CONTEXT,
+                          image_seq_length=256, downsample_ratio=0.5, projector_hidden_act="gelu",
+                          vision_feature_layer=-1, vision_feature_select_strategy="default", tie_word_embeddings=True,
+                          pad_token_id=151643)
+
+
+def internvl_inputs(model: torch.nn.Module, image: np.ndarray | None = None, seed: int = 0) -> dict[str, Any]:
+    """A 896x1344 photo tiled as InternVLProcessor does it (GotOcr2 image processor: 448-px tiles, 1-12 tiles + a
+    thumbnail, ImageNet mean/std): 2 x 3 tiles + thumbnail = 7 tiles, 1792 visual tokens between <img> and </img>."""
+    cfg = model.config
+    side = int(cfg.vision_config.image_size[0])
+    proc = image_processor("GotOcr2ImageProcessor", size={"height": side, "width": side}, crop_to_patches=True,
+                           min_patches=1, max_patches=12, image_mean=[0.485, 0.456, 0.406],
+                           image_std=[0.229, 0.224, 0.225])
+    img = sample_image(INTERNVL_IMAGE) if image is None else image
+    pixels = proc(images=img, return_tensors="pt")["pixel_values"]
+    per_tile = int(cfg.image_seq_length)
+    vocab = int(cfg.text_config.vocab_size)
+    avoid = {INTERNVL_IMG_START, INTERNVL_IMG_END, INTERNVL_CONTEXT}
+    ids = (_text_ids(TEXT_BEFORE, vocab, seed, avoid) + [INTERNVL_IMG_START]
+           + [int(cfg.image_token_id)] * (per_tile * int(pixels.shape[0])) + [INTERNVL_IMG_END]
+           + _text_ids(TEXT_AFTER, vocab, seed + 1, avoid))
+    ids_t = torch.tensor([ids])
+    return {"input_ids": ids_t, "attention_mask": torch.ones_like(ids_t), "pixel_values": pixels}
+
+
+REAL_PRESETS["internvl3.5-2b"] = Preset(
+    "internvl3.5-2b", "OpenGVLab/InternVL3_5-2B-HF config.json (InternViT-300M + Qwen3-1.7B)", internvl35_2b_config,
+    "InternVLForConditionalGeneration", "vision_config.num_hidden_layers", text_default=2, vision_default=2,
+    make_inputs=internvl_inputs,
+    notes="one 896x1344 image = 2x3 tiles + thumbnail = 7 x 1025 ViT tokens = 1792 visual tokens; by default 2 of 28 "
+          "Qwen3 layers and 2 of 24 InternViT layers are built")

@@ -63,6 +63,9 @@ class CompressStep:
     compress: Callable[[torch.Tensor, int, ops.Layout, dict[str, torch.Tensor]], CompressOutput]
     count: Callable[[int], int]
     schedule: str = "ratio"
+    # the modalities the method compresses (None: any); an adapter whose items mix modalities compresses the others
+    # at no cut (the patch passes them whole at the last one)
+    modalities: tuple[str, ...] | None = None
 
     def __call__(self, tokens: torch.Tensor, k: int, layout: ops.Layout,
                  signals: dict[str, torch.Tensor]) -> CompressOutput:

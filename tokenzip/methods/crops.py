@@ -25,9 +25,11 @@ class Crops(InputCompressor):
     Departures: the paper decides tiling per sample type (single image vs. multi-image/video), here per image and
     budget; intermediate counts (a coarser pinpoint grid with fewer crops) are not offered, so a budget between the
     base view and the tiled count gets the base view. Supported where the adapter lists ``"crops"`` in
-    ``input_reductions`` (LLaVA-OneVision); the base view's features go to the LLM through the model's
-    precomputed-features path (tokenzip/adapters/resample.py). ``last_stats``: the base-view tokens keep their own
-    slots, the newline marker maps to the crop grid's first row marker, crop tokens are dropped.
+    ``input_reductions``: LLaVA-OneVision, where the base view's features go to the LLM through the model's
+    precomputed-features path (tokenzip/adapters/resample.py), and InternVL, whose base view is the thumbnail the
+    processor appends after an image's tiles (256 tokens, no marker; the call keeps the thumbnail's pixels,
+    tokenzip/adapters/internvl.py). ``last_stats``: the base-view tokens keep their own slots, the newline marker (if
+    any) maps to the crop grid's first row marker, crop tokens are dropped.
     """
 
     info: ClassVar[MethodInfo] = MethodInfo(
