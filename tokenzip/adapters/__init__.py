@@ -6,6 +6,8 @@ import torch
 
 from .base import Adapter, Item
 from .llava import LlavaAdapter
+from .llava_next import LlavaNextAdapter
+from .llava_next_video import LlavaNextVideoAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_5_omni import Qwen2_5OmniAdapter
 from .qwen2_audio import Qwen2AudioAdapter
@@ -23,6 +25,8 @@ ADAPTERS: list[type[Adapter]] = [
     Qwen3VLAdapter,
     Qwen2_5OmniAdapter,
     Qwen3OmniAdapter,
+    LlavaNextAdapter,
+    LlavaNextVideoAdapter,
 ]
 
 
@@ -43,3 +47,4 @@ def adapter_for(model: torch.nn.Module) -> Adapter:
 __all__ = ["ADAPTERS", "Adapter", "Item", "LlavaAdapter", "LlavaOnevisionAdapter", "Qwen2AudioAdapter",
            "Qwen2VLAdapter", "Qwen3VLAdapter", "WhisperAdapter", "adapter_for", "supported_models"]
 __all__ += ["Qwen2_5OmniAdapter", "Qwen3OmniAdapter"]
+__all__ += ["LlavaNextAdapter", "LlavaNextVideoAdapter"]
