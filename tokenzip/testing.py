@@ -798,6 +798,15 @@ def _clip_vision_config(side: int):
                             image_size=side, patch_size=14, projection_dim=32)
 
 
+def _no_placeholder_output(model: torch.nn.Module) -> torch.nn.Module:
+    """``generate()`` never emits a media placeholder id (a trained model does not; these random weights may, and an
+    uncached generate() re-reads the whole sequence, whose placeholder count must match the media)."""
+    ids = [int(getattr(model.config, name)) for name in ("image_token_id", "video_token_id")
+           if getattr(model.config, name, None) is not None]
+    model.generation_config.suppress_tokens = ids
+    return model
+
+
 def tiny_llava_next(attn_implementation: str = "sdpa", seed: int = 0, **config: Any) -> torch.nn.Module:
     """CLIP (56-px crops, 4 x 4 patches + [CLS], features from layer -2, [CLS] dropped) + Llama, AnyRes pinpoints up
     to 112 x 112, random weights. ``config`` overrides LlavaNextConfig fields."""
@@ -808,7 +817,8 @@ def tiny_llava_next(attn_implementation: str = "sdpa", seed: int = 0, **config: 
     kw.update(config)
     cfg = LlavaNextConfig(vision_config=_clip_vision_config(NEXT_SIDE), text_config=_llama_text_config(), **kw)
     torch.manual_seed(seed)
-    return LlavaNextForConditionalGeneration._from_config(cfg, attn_implementation=attn_implementation).eval()
+    return _no_placeholder_output(
+        LlavaNextForConditionalGeneration._from_config(cfg, attn_implementation=attn_implementation).eval())
 
 
 def tiny_llava_next_video(attn_implementation: str = "sdpa", seed: int = 0, **config: Any) -> torch.nn.Module:
@@ -824,7 +834,8 @@ def tiny_llava_next_video(attn_implementation: str = "sdpa", seed: int = 0, **co
     kw.update(config)
     cfg = LlavaNextVideoConfig(vision_config=_clip_vision_config(s), text_config=_llama_text_config(), **kw)
     torch.manual_seed(seed)
-    return LlavaNextVideoForConditionalGeneration._from_config(cfg, attn_implementation=attn_implementation).eval()
+    return _no_placeholder_output(
+        LlavaNextVideoForConditionalGeneration._from_config(cfg, attn_implementation=attn_implementation).eval())
 
 
 def next_image_processor(model: torch.nn.Module):
