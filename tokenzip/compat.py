@@ -45,3 +45,12 @@ def output_cache(output: Any) -> Any:
         if name in keys:
             return output[name]
     return None
+
+
+def clip_rows(pooler_output: Any) -> torch.Tensor:
+    """``get_video_features(...).pooler_output`` as one ``[clips, N, D]`` tensor. LLaVA-NeXT-Video's is a tuple of
+    per-clip ``[T, g*g, D]`` tensors in transformers 5.18 (``torch.split`` by frames) and one ``[clips, T*g*g, D]``
+    tensor in 5.24/5.25 (the releases in between not checked); LLaVA-OneVision returns the tensor in both."""
+    if isinstance(pooler_output, (tuple, list)):
+        return torch.stack([f.reshape(-1, f.shape[-1]) for f in pooler_output])
+    return pooler_output

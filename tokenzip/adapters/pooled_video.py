@@ -18,6 +18,7 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .. import layout as L
+from ..compat import clip_rows
 from ..llm.adapter import placeholder_items
 from ..output import CompressOutput
 from .attention import ATTENTION_SIGNAL_ORDER, ATTENTION_SIGNALS
@@ -130,7 +131,7 @@ class PooledVideo:
         with probe(signal_layer(tower, layer), frozenset(needs) & ATTENTION_SIGNALS, 0 if cls else None) as p:
             out = self.core.get_video_features(videos, vision_feature_layer=layer,
                                                vision_feature_select_strategy=strategy, return_dict=True)
-        feats = out.pooler_output
+        feats = clip_rows(out.pooler_output)
         if tuple(feats.shape[:2]) != (clips, n):  # adapter bug, not user input
             raise RuntimeError(f"planned {clips} clips of {n} tokens, the model gave {tuple(feats.shape[:2])}")
         drop = 1 if strategy == "default" else 0
@@ -202,7 +203,7 @@ class PooledVideo:
             sizes = getattr(pre, "clip_tokens", None)
             grids = None
             if sizes is None:  # the model's own form (generate() encodes once): one whole clip per row
-                rows = pre.pooler_output
+                rows = clip_rows(pre.pooler_output)
                 sizes = [int(rows.shape[1])] * int(rows.shape[0])
                 per_frame = self.video_grid() ** 2
                 frames = sizes[0] - self.video_trailing if sizes else 0
