@@ -319,6 +319,21 @@ def test_images_and_clips_in_one_prompt_are_compressed_in_sequence_order():
         assert int(seen[0][i]) == text + sum(c.budget.count(it.tokens.shape[0]) for it in items if it.sample == i)
 
 
+def test_next_video_images_in_the_encoder_stage():
+    """NeXT-Video's images take the NeXT encoder stage (the clip case runs before and in the LLM only)."""
+    model = built("llava_next_video")
+    inputs = llava_next_inputs(model, default_samples())
+    ref = _logits(model, inputs)
+    with tz.InEncoder(TopAttention(retain=1.0), layer=1)(model):
+        assert torch.equal(_logits(model, inputs), ref)
+    c = tz.InEncoder(TopAttention(retain=0.3), layer=1)
+    with c(model):
+        out = _logits(model, inputs)
+    items = [it for s in c.last_stats for it in s["image"].items]
+    assert [it.tokens_out for it in items] == [c.budget.count(it.tokens_in) for it in items]
+    assert out.shape[1] < ref.shape[1]
+
+
 def test_frame_selection_keeps_the_kept_frames_tokens():
     model = built("llava_next_video")
     inputs = llava_next_video_inputs(model, default_samples())

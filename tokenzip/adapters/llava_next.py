@@ -14,8 +14,9 @@ down-scales a large grid (no ``vision_aspect_ratio``). An image's budget ``N`` i
 included; a method may drop, keep or merge a marker like any other token.
 
 Layout handed to the method: ``[(h, w), (H, W + 1)]`` — the base view's grid, then the unpadded crop grid whose last
-column holds the newline markers (``Item.extra["newline"]`` masks them). A one-crop image (only from a caller who
-packs it so; the processor always tiles) is ``[(h, w), (1, 1)]``.
+column holds the newline markers (``Item.extra["newline"]`` masks them). NeXT always has at least one AnyRes crop
+(``image_size_to_num_patches`` >= 2); the base view alone (``[(h, w), (1, 1)]``: one trailing newline) exists only
+after the input stage's ``crops`` reduction below.
 
 Signals. ``cls_attention`` is the [CLS] token's attention over each crop's patches (mean over heads) at the vision
 feature layer, recomputed from that layer's own q/k (adapters/probe.py; the tower keeps SDPA); ``keys`` are that
