@@ -300,7 +300,7 @@ class AnyResImages(LlavaFamily):
     @torch.no_grad()
     def _encode_in_tower(self, kwargs: dict[str, Any], needs: frozenset[str]) -> list[Item]:
         """Stage "encoder": the tower up to the (last) cut, compressing at the earlier cuts of a schedule; one item
-        per image (see the class docstring)."""
+        per image (see the adapters' module docstrings)."""
         input_ids = kwargs["input_ids"]
         pixel_values = kwargs["pixel_values"]
         image_sizes = kwargs.get("image_sizes")
