@@ -84,3 +84,12 @@ def layer_function(module: torch.nn.Module, name: str) -> Any:
     fn = getattr(sys.modules.get(type(module).__module__), name, None)
     key = getattr(fn, "__name__", None) or getattr(fn, "kernel_layer_name", None)
     return funcs.get(key) if key is not None else None
+
+
+def clip_rows(pooler_output: Any) -> torch.Tensor:
+    """``get_video_features(...).pooler_output`` as one ``[clips, N, D]`` tensor. LLaVA-NeXT-Video's is a tuple of
+    per-clip ``[T, g*g, D]`` tensors in transformers 5.18 (``torch.split`` by frames) and one ``[clips, T*g*g, D]``
+    tensor in 5.24/5.25 (the releases in between not checked); LLaVA-OneVision returns the tensor in both."""
+    if isinstance(pooler_output, (tuple, list)):
+        return torch.stack([f.reshape(-1, f.shape[-1]) for f in pooler_output])
+    return pooler_output

@@ -866,3 +866,122 @@ CASES["internvl"] = Case("internvl", lambda attn: tiny_internvl(attn), lambda m,
                          InternVLAdapter, media=("image",))
 CASES["internvl_video"] = Case("internvl_video", lambda attn: tiny_internvl(attn),
                                lambda m, s: internvl_video_inputs(m, s), InternVLAdapter, media=("video",))
+# ---- LLaVA-NeXT and LLaVA-NeXT-Video (AnyRes images with a CLIP [CLS] tower; pooled clips without newline) ---------
+from .adapters.llava_next import LlavaNextAdapter  # noqa: E402  (appended section: merge-friendly)
+from .adapters.llava_next_video import LlavaNextVideoAdapter  # noqa: E402
+
+NEXT_VIDEO_TOKEN = 101
+NEXT_SIDE = 56  # CLIP crops of 56 px / 14-px patches: 4 x 4 patch tokens + [CLS]
+NEXT_PINPOINTS = [[56, 112], [112, 56], [112, 112]]
+NEXT_VIDEO_SIDE = 84  # NeXT-Video frames: 6 x 6 patches, pooled 2 x 2 to 3 x 3 tokens
+NEXT_VIDEO_FRAMES = 5  # frames per test clip: 5 x 9 = 45 tokens
+
+
+def _clip_vision_config(side: int):
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                            image_size=side, patch_size=14, projection_dim=32)
+
+
+def _no_placeholder_output(model: torch.nn.Module) -> torch.nn.Module:
+    """``generate()`` never emits a media placeholder id (a trained model does not; these random weights may, and an
+    uncached generate() re-reads the whole sequence, whose placeholder count must match the media)."""
+    ids = [int(getattr(model.config, name)) for name in ("image_token_id", "video_token_id")
+           if getattr(model.config, name, None) is not None]
+    model.generation_config.suppress_tokens = ids
+    return model
+
+
+def tiny_llava_next(attn_implementation: str = "sdpa", seed: int = 0, **config: Any) -> torch.nn.Module:
+    """CLIP (56-px crops, 4 x 4 patches + [CLS], features from layer -2, [CLS] dropped) + Llama, AnyRes pinpoints up
+    to 112 x 112, random weights. ``config`` overrides LlavaNextConfig fields."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    kw: dict[str, Any] = dict(image_token_index=IMAGE_TOKEN, image_grid_pinpoints=NEXT_PINPOINTS, pad_token_id=PAD,
+                              vision_feature_layer=-2, vision_feature_select_strategy="default")
+    kw.update(config)
+    cfg = LlavaNextConfig(vision_config=_clip_vision_config(NEXT_SIDE), text_config=_llama_text_config(), **kw)
+    torch.manual_seed(seed)
+    return _no_placeholder_output(
+        LlavaNextForConditionalGeneration._from_config(cfg, attn_implementation=attn_implementation).eval())
+
+
+def tiny_llava_next_video(attn_implementation: str = "sdpa", seed: int = 0, **config: Any) -> torch.nn.Module:
+    """LLaVA-NeXT-Video: CLIP (84-px frames/crops, 6 x 6 patches + [CLS]) + Llama, the 2 x 2 average pooler (3 x 3
+    tokens per frame), AnyRes pinpoints up to 168 x 168 for images, random weights."""
+    from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
+
+    s = NEXT_VIDEO_SIDE
+    kw: dict[str, Any] = dict(image_token_index=IMAGE_TOKEN, video_token_index=NEXT_VIDEO_TOKEN,
+                              image_grid_pinpoints=[[s, 2 * s], [2 * s, s], [2 * s, 2 * s]], pad_token_id=PAD,
+                              vision_feature_layer=-2, vision_feature_select_strategy="default",
+                              spatial_pool_mode="average", spatial_pool_stride=2)
+    kw.update(config)
+    cfg = LlavaNextVideoConfig(vision_config=_clip_vision_config(s), text_config=_llama_text_config(), **kw)
+    torch.manual_seed(seed)
+    return _no_placeholder_output(
+        LlavaNextVideoForConditionalGeneration._from_config(cfg, attn_implementation=attn_implementation).eval())
+
+
+def next_image_processor(model: torch.nn.Module):
+    """The real (PIL-backend) LLaVA-NeXT image processor, sized for ``model``."""
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    side = model.config.vision_config.image_size
+    return LlavaNextImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side},
+                                      image_grid_pinpoints=model.config.image_grid_pinpoints)
+
+
+def llava_next_inputs(model: torch.nn.Module, samples: list[Sample], *, scale: int = 1) -> dict[str, Any]:
+    """A left-padded batch as LlavaNextProcessor would build it: real image-processor outputs (5-D ``pixel_values``,
+    ``image_sizes``) for random images of ``ONEVISION_SIZES`` (times ``scale``: different sizes and crop counts
+    across samples; every image tiled), and as many placeholders per image as the model's own
+    ``get_image_features`` returns features."""
+    from PIL import Image
+
+    images = [[Image.fromarray(im) if not isinstance(im, Image.Image) else im for im in row]
+              for row in onevision_images(samples)]
+    if scale != 1:
+        images = [[im.resize((im.width * scale, im.height * scale)) for im in row] for row in images]
+    px = next_image_processor(model)([im for row in images for im in row], return_tensors="pt")
+    with torch.no_grad():
+        feats = model.model.get_image_features(px["pixel_values"], px["image_sizes"], return_dict=True).pooler_output
+    counts = iter(int(f.shape[0]) for f in feats)
+    rows = [s.before + [IMAGE_TOKEN] * sum(next(counts) for _ in range(s.n_items)) + s.after for s in samples]
+    ids, mask = left_pad(rows)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": px["pixel_values"],
+            "image_sizes": px["image_sizes"]}
+
+
+def next_video_tokens(model: torch.nn.Module, frames: int) -> int:
+    """``<video>`` placeholders of one LLaVA-NeXT-Video clip: ``frames`` x ``(side // stride)^2``, no newline."""
+    cfg = model.config
+    g = cfg.vision_config.image_size // cfg.vision_config.patch_size // cfg.spatial_pool_stride
+    return frames * g * g
+
+
+def llava_next_video_inputs(model: torch.nn.Module, samples: list[Sample], *,
+                            frames: int = NEXT_VIDEO_FRAMES) -> dict[str, Any]:
+    """A left-padded batch of video prompts: each of a sample's ``n_items`` clips is a synthetic clip (48 x 64 px,
+    seed ``10 * sample seed + j``) resized to the tower's square size with the CLIP mean/std (what
+    LlavaNextVideoVideoProcessor gives up to its shortest-edge resize + centre crop; ``onevision_video_pixels``), with
+    ``frames * g * g`` ``<video>`` placeholders per clip."""
+    from .video import onevision_video_pixels, onevision_video_processor, synthetic_clip
+
+    clips = [synthetic_clip(frames, 48, 64, seed=10 * s.seed + j).frames for s in samples for j in range(s.n_items)]
+    pixels = onevision_video_pixels(clips, onevision_video_processor(model.config.vision_config.image_size))
+    per_clip = next_video_tokens(model, frames)
+    rows = [s.before + [NEXT_VIDEO_TOKEN] * (per_clip * s.n_items) + s.after for s in samples]
+    ids, mask = left_pad(rows)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values_videos": pixels}
+
+
+# images of different sizes and crop counts (every image tiled, as NeXT does), before, inside and in the LLM
+CASES["llava_next"] = Case("llava_next", lambda attn: tiny_llava_next(attn), lambda m, s: llava_next_inputs(m, s),
+                           LlavaNextAdapter)
+# clips only (every clip of a call has NEXT_VIDEO_FRAMES frames: the model takes one tensor), before and in the LLM,
+# and frame selection before the tower
+CASES["llava_next_video"] = Case("llava_next_video", lambda attn: tiny_llava_next_video(attn),
+                                 lambda m, s: llava_next_video_inputs(m, s), LlavaNextVideoAdapter,
+                                 media=("video",), only_stages=("pre_llm", "llm"))

@@ -7,6 +7,8 @@ import torch
 from .base import Adapter, Item
 from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
+from .llava_next import LlavaNextAdapter
+from .llava_next_video import LlavaNextVideoAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_5_omni import Qwen2_5OmniAdapter
 from .qwen2_audio import Qwen2AudioAdapter
@@ -25,6 +27,8 @@ ADAPTERS: list[type[Adapter]] = [
     Qwen2_5OmniAdapter,
     Qwen3OmniAdapter,
     InternVLAdapter,
+    LlavaNextAdapter,
+    LlavaNextVideoAdapter,
 ]
 
 
@@ -46,3 +50,4 @@ __all__ = ["ADAPTERS", "Adapter", "Item", "LlavaAdapter", "LlavaOnevisionAdapter
            "Qwen2VLAdapter", "Qwen3VLAdapter", "WhisperAdapter", "adapter_for", "supported_models"]
 __all__ += ["Qwen2_5OmniAdapter", "Qwen3OmniAdapter"]
 __all__ += ["InternVLAdapter"]
+__all__ += ["LlavaNextAdapter", "LlavaNextVideoAdapter"]

@@ -35,19 +35,20 @@ input stage does the same with a smaller pixel budget, from the call's own ``pix
   each new token's first such original token (raster order): the geometric correspondence, for previews. These
   are not positions (see above).
 
-LLaVA-OneVision ("crops"). AnyRes feeds the base view (the whole image at the tower's size) and a grid of crops of a
-high-resolution version; the input stage drops the crops: an image whose budget is under its tiled count gets its base
-view only, as the model does for images in multi-image samples: the base view's tokens and ONE trailing
-``image_newline`` marker (``side*side + 1`` tokens; the smallest count it can get — a budget under it still gets it).
-Untiled images (multi-image samples) have that count already and are left as they are. The new features are computed
-from the base crops alone (the other crops are never encoded) and fed through the precomputed-features path
-(``mm_encoder_outputs``) with the prompt shortened to the new counts, so no model internal is patched; the base-view
-tokens are the original base-view tokens exactly (the tower encodes each crop on its own). ``get_image_features``
-tiles a lone image (it leaves images untiled only inside multi-image samples), so the base views run through the
-model's own tower, projector and ``pack_image_features`` directly (``_base_view_features``). ``source``/``index``: the
-base-view tokens are kept (their own slots), the marker stands for the first row marker of the crop grid, the crop
-tokens are dropped. The call then carries features, not pixels, so no encoder-stage or pre-LLM method can follow in a
-``tz.compose`` pipeline on this model (an LLM-stage one can).
+LLaVA-OneVision and LLaVA-NeXT ("crops"; adapters/anyres.py). AnyRes feeds the base view (the whole image at the
+tower's size) and a grid of crops of a high-resolution version; the input stage drops the crops: an image whose
+budget is under its tiled count gets its base view only, as LLaVA-OneVision does for images in multi-image samples
+(and both models' ``pack_image_features`` for a one-crop image): the base view's tokens and ONE trailing
+``image_newline`` marker (``side*side + 1`` tokens; the smallest count it can get — a budget under it still gets
+it). Untiled images (OneVision's multi-image samples) have that count already and are left as they are. The new
+features are computed from the base crops alone (the other crops are never encoded) and fed through the
+precomputed-features path (``mm_encoder_outputs``) with the prompt shortened to the new counts, so no model internal
+is patched; the base-view tokens are the original base-view tokens exactly (the tower encodes each crop on its own).
+``get_image_features`` tiles a lone image (it leaves images untiled only inside multi-image samples), so the base
+views run through the model's own tower, projector and ``pack_image_features`` directly (``_base_view_features``).
+``source``/``index``: the base-view tokens are kept (their own slots), the marker stands for the first row marker of
+the crop grid, the crop tokens are dropped. The call then carries features, not pixels, so no encoder-stage or
+pre-LLM method can follow in a ``tz.compose`` pipeline on this model (an LLM-stage one can).
 """
 
 from __future__ import annotations
@@ -222,7 +223,7 @@ def qwen_rescale_inputs(adapter: Any, kwargs: dict[str, Any], items: list[InputI
     return new, maps
 
 
-# ---- LLaVA-OneVision crops -----------------------------------------------------------------------------------------
+# ---- AnyRes crops (LLaVA-OneVision, LLaVA-NeXT) ----------------------------------------------------------------------
 def _base_count(adapter: Any, strategy: str) -> int:
     """Tokens of an untiled image: the base view's features and one newline marker."""
     vc = adapter.model.config.vision_config
@@ -232,15 +233,16 @@ def _base_count(adapter: Any, strategy: str) -> int:
     return per_crop - (1 if strategy == "default" else 0) + 1
 
 
-def onevision_input_plan(adapter: Any, kwargs: dict[str, Any], reduction: str) -> list[InputItem]:
-    """Each image of a LLaVA-OneVision call: its packed count ``N`` and the base-view-only count."""
+def anyres_input_plan(adapter: Any, kwargs: dict[str, Any], reduction: str) -> list[InputItem]:
+    """Each image of an AnyRes call (``adapters.anyres.AnyResImages``): its packed count ``N`` and the
+    base-view-only count."""
     _check_reduction(adapter, reduction)
     input_ids = require_input_ids(kwargs)
     if kwargs.get("mm_encoder_outputs"):
         raise ValueError("pass either pixel_values or mm_encoder_outputs, not both (the model refuses both)")
     _, strategy = adapter._feature_args(kwargs)
     crops, marks, grids = adapter.plan(kwargs["pixel_values"], kwargs.get("image_sizes"),
-                                       kwargs.get("batch_num_images"), strategy)
+                                       adapter.batch_num_images(kwargs), strategy)
     sizes = [int(mk.shape[0]) for mk in marks]
     owner = items_per_sample(input_ids, adapter.image_token_id, sizes)
     base = _base_count(adapter, strategy)
@@ -256,24 +258,24 @@ def _crop_rows(pixel_values: torch.Tensor, crops: list[int]) -> list[torch.Tenso
     return list(torch.split(pixel_values, crops))
 
 
-def _base_view_features(core: Any, pixels: torch.Tensor, sizes: torch.Tensor, layer: Any, strategy: str
+def _base_view_features(adapter: Any, pixels: torch.Tensor, sizes: torch.Tensor, layer: Any, strategy: str
                         ) -> list[torch.Tensor]:
     """LLM-space features of base views ``[n, 3, H, W]`` exactly as ``get_image_features`` gives an untiled image
     (it tiles a lone image, so it cannot be asked for one base view without encoding a second crop): the tower's
     feature layer(s), [CLS] dropped for the "default" strategy, the projector, then the model's ``pack_image_features``
     on one-crop features, which appends ``image_newline``."""
+    core = adapter.core
     tower = core.vision_tower
     hidden = tower(pixels.to(tower.dtype), output_hidden_states=True, return_dict=True).hidden_states
     feats = hidden[layer] if isinstance(layer, int) else torch.cat([hidden[i] for i in layer], dim=-1)
     if strategy == "default":
         feats = feats[:, 1:]
     projected = core.multi_modal_projector(feats)
-    packed, _ = core.pack_image_features(list(projected.unsqueeze(1)), sizes, image_newline=core.image_newline)
-    return list(packed)
+    return adapter.pack_features(list(projected.unsqueeze(1)), sizes, core.image_newline)
 
 
 @torch.no_grad()
-def onevision_rescale_inputs(adapter: Any, kwargs: dict[str, Any], items: list[InputItem], targets: list[int]
+def anyres_rescale_inputs(adapter: Any, kwargs: dict[str, Any], items: list[InputItem], targets: list[int]
                              ) -> tuple[dict[str, Any], Maps]:
     """The call with the images whose target is under their tiled count reduced to their base view, fed as
     precomputed features (see the module doc)."""
@@ -286,9 +288,7 @@ def onevision_rescale_inputs(adapter: Any, kwargs: dict[str, Any], items: list[I
     feats: list[torch.Tensor | None] = [None] * len(items)
 
     def encode(pixels: torch.Tensor, sizes: Any, nums: torch.Tensor) -> list[torch.Tensor]:
-        return list(core.get_image_features(pixels, sizes, vision_feature_layer=layer,
-                                            vision_feature_select_strategy=strategy, batch_num_images=nums,
-                                            return_dict=True).pooler_output)
+        return adapter.image_features(pixels, sizes, layer, strategy, nums)
 
     sizes = torch.as_tensor(image_sizes)
     if tiled:  # unchanged: each in a one-image "sample", which the model tiles
@@ -297,7 +297,7 @@ def onevision_rescale_inputs(adapter: Any, kwargs: dict[str, Any], items: list[I
             feats[i] = f
     if untiled:  # base views only: the tower, the feature selection and the projector on those rows, then the
         # model's own packing of one-crop features (the base view + one newline marker, as for untiled images)
-        for i, f in zip(untiled, _base_view_features(core, torch.stack([per_image[i][0] for i in untiled]),
+        for i, f in zip(untiled, _base_view_features(adapter, torch.stack([per_image[i][0] for i in untiled]),
                                                      sizes[untiled], layer, strategy)):
             feats[i] = f
     if [int(f.shape[0]) for f in feats] != list(targets):  # adapter bug, not user input

@@ -22,6 +22,12 @@ Config values are the published ``config.json`` of (Hugging Face hub repos):
     temporal patch 2, 2304 learned position embeddings, DeepStack taps after blocks 5/11/17) + Qwen3-1.7B-sized LLM
     (28 layers, width 2048, MLP 6144, 16 heads, 8 KV heads, head dim 128, vocab 151936, tied, interleaved M-RoPE
     sections 24/20/20, theta 5e6), image/video/vision-start/end tokens 151655/151656/151652/151653.
+  - ``llava-hf/llava-v1.6-vicuna-7b-hf`` (LLaVA-NeXT-7B): the LLaVA-1.5-7B tower, Vicuna-7B and projector above,
+    image token 32000, features from layer -2 without CLS, AnyRes pinpoints 336x672, 672x336, 672x672, 1008x336,
+    336x1008 (a 512x512 photo: 672x672, 2x2 crops: 576 + 48 x 48 + 48 newlines = 2928 visual tokens).
+  - ``llava-hf/LLaVA-NeXT-Video-7B-hf``: the same tower and Vicuna-7B (vocab 32064), image token 32001, video token
+    32000, 2x2 average pooling per frame (144 tokens per 336-px frame), the same pinpoints (the transformers
+    ``LlavaNextVideoConfig`` defaults, which its docstring says mirror this checkpoint).
 """
 
 from __future__ import annotations
@@ -169,6 +175,58 @@ def llava_ov_inputs(model: torch.nn.Module, image: np.ndarray | None = None, see
             "image_sizes": enc["image_sizes"]}
 
 
+# ---- LLaVA-NeXT-7B, LLaVA-NeXT-Video-7B ----------------------------------------------------------------------------
+NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
+
+def _next_7b_parts() -> tuple[Any, Any]:
+    """LLaVA-1.5-7B's CLIP ViT-L/14-336 and Vicuna-7B, shared by LLaVA-NeXT-7B and LLaVA-NeXT-Video-7B."""
+    cfg = llava15_7b_config()
+    return cfg.vision_config, cfg.text_config
+
+
+def llava_next_7b_config():
+    from transformers import LlavaNextConfig
+
+    vision, text = _next_7b_parts()
+    return LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=32000, pad_token_id=32001,
+                           projector_hidden_act="gelu", vision_feature_layer=-2,
+                           vision_feature_select_strategy="default", image_grid_pinpoints=NEXT_PINPOINTS)
+
+
+def llava_next_video_7b_config():
+    from transformers import LlavaNextVideoConfig
+
+    vision, text = _next_7b_parts()
+    return LlavaNextVideoConfig(vision_config=vision, text_config=text, image_token_index=32001,
+                                video_token_index=32000, pad_token_id=32001, projector_hidden_act="gelu",
+                                vision_feature_layer=-2, vision_feature_select_strategy="default",
+                                image_grid_pinpoints=NEXT_PINPOINTS, spatial_pool_mode="average",
+                                spatial_pool_stride=2)
+
+
+def llava_next_inputs_from_image(model: torch.nn.Module, image: np.ndarray | None = None, seed: int = 0
+                                 ) -> dict[str, Any]:
+    """One real photo (512x512 by default: 2928 visual tokens) + a text prompt for a LLaVA-NeXT(-Video) config:
+    the NeXT image processor (CLIP preprocessing, the config's pinpoints) and the model's own feature count."""
+    cfg = model.config
+    size = int(cfg.vision_config.image_size)
+    proc = image_processor("LlavaNextImageProcessor", image_grid_pinpoints=cfg.image_grid_pinpoints,
+                           size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                           image_mean=CLIP_MEAN, image_std=CLIP_STD)
+    enc = proc(images=sample_image() if image is None else image, return_tensors="pt")
+    with torch.no_grad():
+        feats = model.model.get_image_features(enc["pixel_values"], enc["image_sizes"], return_dict=True).pooler_output
+    n = sum(int(f.shape[0]) for f in feats)
+    tok = int(cfg.image_token_id)
+    vocab = int(cfg.text_config.vocab_size)
+    avoid = {tok, int(getattr(cfg, "video_token_id", tok))}
+    ids = [1] + _text_ids(TEXT_BEFORE, vocab, seed, avoid) + [tok] * n + _text_ids(TEXT_AFTER, vocab, seed + 1, avoid)
+    ids_t = torch.tensor([ids])
+    return {"input_ids": ids_t, "attention_mask": torch.ones_like(ids_t), "pixel_values": enc["pixel_values"],
+            "image_sizes": enc["image_sizes"]}
+
+
 # ---- Qwen2-VL-2B ---------------------------------------------------------------------------------------------------
 def qwen2_vl_2b_config():
     from transformers import Qwen2VLConfig
@@ -290,6 +348,18 @@ REAL_PRESETS: dict[str, Preset] = {
         notes="one 512x512 image = 1024 ViT patches = 256 visual tokens; by default 2 of 28 LLM layers and 2 of "
               "24 ViT layers are built (DeepStack taps blocks 5/11/17, so a cut ViT runs no DeepStack merger: "
               "--layers full for its cost)"),
+    "llava-next-7b": Preset(
+        "llava-next-7b", "llava-hf/llava-v1.6-vicuna-7b-hf config.json", llava_next_7b_config,
+        "LlavaNextForConditionalGeneration", "vision_config.num_hidden_layers", text_default=1, vision_default=3,
+        make_inputs=llava_next_inputs_from_image,
+        notes="one 512x512 photo = base view + 2x2 AnyRes crops = 576 + 2304 + 48 newlines = 2928 visual tokens; by "
+              "default 1 of 32 Llama layers and 3 of 24 CLIP layers are built"),
+    "llava-next-video-7b": Preset(
+        "llava-next-video-7b", "llava-hf/LLaVA-NeXT-Video-7B-hf (transformers LlavaNextVideoConfig defaults)",
+        llava_next_video_7b_config, "LlavaNextVideoForConditionalGeneration", "vision_config.num_hidden_layers",
+        text_default=1, vision_default=3, make_inputs=llava_next_inputs_from_image,
+        notes="images as LLaVA-NeXT-7B (2928 tokens for the 512x512 photo); --video: 144 tokens per frame (24x24 "
+              "patches pooled 2x2), no newline; by default 1 of 32 Llama layers and 3 of 24 CLIP layers are built"),
 }
 
 
@@ -440,6 +510,7 @@ def _load_checkpoint(path: str, *, attn: str, dtype: torch.dtype, device: str, s
         inputs = None
     if inputs is None:
         maker = {"llava": llava_inputs_from_image, "llava_onevision": llava_ov_inputs,
+                 "llava_next": llava_next_inputs_from_image, "llava_next_video": llava_next_inputs_from_image,
                  "qwen2_vl": qwen2_vl_inputs}.get(cfg.model_type)
         if maker is None:
             raise ValueError(f"{path} has no processor and its model_type {cfg.model_type!r} is not one the bench "
@@ -593,6 +664,22 @@ def _onevision_video(model: torch.nn.Module, clip: Clip, seed: int) -> dict[str,
     return {"input_ids": ids_t, "attention_mask": torch.ones_like(ids_t), "pixel_values_videos": pixels}
 
 
+def _next_video(model: torch.nn.Module, clip: Clip, seed: int) -> dict[str, Any]:
+    """LLaVA-NeXT-Video: the frames resized to the tower's square size with CLIP mean/std, ``frames x (side/2)^2``
+    ``<video>`` placeholders (no newline)."""
+    from ..video import onevision_video_pixels, onevision_video_processor
+
+    cfg = model.config
+    pixels = onevision_video_pixels([clip.frames], onevision_video_processor(int(cfg.vision_config.image_size)))
+    g = int(cfg.vision_config.image_size) // int(cfg.vision_config.patch_size) // int(cfg.spatial_pool_stride)
+    n = int(pixels.shape[1]) * g * g
+    tok, vocab = int(cfg.video_token_id), int(cfg.text_config.vocab_size)
+    avoid = {tok, int(cfg.image_token_id)}
+    ids = _text_ids(TEXT_BEFORE, vocab, seed, avoid) + [tok] * n + _text_ids(TEXT_AFTER, vocab, seed + 1, avoid)
+    ids_t = torch.tensor([ids])
+    return {"input_ids": ids_t, "attention_mask": torch.ones_like(ids_t), "pixel_values_videos": pixels}
+
+
 def _qwen_video(model: torch.nn.Module, clip: Clip, seed: int) -> dict[str, Any]:
     """Qwen2-VL / Qwen2.5-VL (one ``<|video_pad|>`` run between vision start/end, ``second_per_grid_ts`` for 2.5) and
     Qwen3-VL (per temporal grid: ``<t.t seconds>`` text + start + pads + end); pixels from
@@ -640,7 +727,8 @@ def _qwen_video(model: torch.nn.Module, clip: Clip, seed: int) -> dict[str, Any]
 
 
 VIDEO_INPUTS: dict[str, Callable[[torch.nn.Module, Clip, int], dict[str, Any]]] = {
-    "llava_onevision": _onevision_video, "qwen2_vl": _qwen_video, "qwen2_5_vl": _qwen_video, "qwen3_vl": _qwen_video,
+    "llava_onevision": _onevision_video, "llava_next_video": _next_video,
+    "qwen2_vl": _qwen_video, "qwen2_5_vl": _qwen_video, "qwen3_vl": _qwen_video,
     "qwen3_vl_moe": _qwen_video}
 
 
