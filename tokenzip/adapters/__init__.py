@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .base import Adapter, Item
+from .gemma3 import Gemma3Adapter
 from .llava import LlavaAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_5_omni import Qwen2_5OmniAdapter
@@ -12,6 +13,7 @@ from .qwen2_audio import Qwen2AudioAdapter
 from .qwen2_vl import Qwen2VLAdapter
 from .qwen3_omni import Qwen3OmniAdapter
 from .qwen3_vl import Qwen3VLAdapter
+from .smolvlm import SmolVLMAdapter
 from .whisper import WhisperAdapter
 
 ADAPTERS: list[type[Adapter]] = [
@@ -23,6 +25,8 @@ ADAPTERS: list[type[Adapter]] = [
     Qwen3VLAdapter,
     Qwen2_5OmniAdapter,
     Qwen3OmniAdapter,
+    Gemma3Adapter,
+    SmolVLMAdapter,
 ]
 
 
@@ -43,3 +47,4 @@ def adapter_for(model: torch.nn.Module) -> Adapter:
 __all__ = ["ADAPTERS", "Adapter", "Item", "LlavaAdapter", "LlavaOnevisionAdapter", "Qwen2AudioAdapter",
            "Qwen2VLAdapter", "Qwen3VLAdapter", "WhisperAdapter", "adapter_for", "supported_models"]
 __all__ += ["Qwen2_5OmniAdapter", "Qwen3OmniAdapter"]
+__all__ += ["Gemma3Adapter", "SmolVLMAdapter"]
