@@ -893,10 +893,22 @@ def smolvlm_inputs(model: torch.nn.Module, samples: list[Sample]) -> dict[str, A
             "pixel_attention_mask": pixel_mask}
 
 
+def gemma3_lm_tokens(kwargs: dict[str, Any]) -> torch.Tensor:
+    """What Gemma 3's decoder reads, ``[B, L]``: it gets a dict of prepared 4-D masks, not the 2-D mask; the keys
+    the last query row of the full-attention mask may attend (every real token: the row is causal-complete)."""
+    mask = kwargs["attention_mask"]
+    full = mask["full_attention"] if isinstance(mask, dict) else mask
+    if full.dim() == 2:
+        return full.clone()
+    row = full[:, 0, -1]
+    return row.clone() if row.dtype == torch.bool else row == 0
+
+
 def _register_gemma3_smolvlm() -> None:
     from .adapters import Gemma3Adapter, SmolVLMAdapter
 
-    CASES["gemma3"] = Case("gemma3", lambda attn: tiny_gemma3(attn), lambda m, s: gemma3_inputs(m, s), Gemma3Adapter)
+    CASES["gemma3"] = Case("gemma3", lambda attn: tiny_gemma3(attn), lambda m, s: gemma3_inputs(m, s), Gemma3Adapter,
+                           lm_tokens=gemma3_lm_tokens)
     CASES["smolvlm"] = Case("smolvlm", lambda attn: tiny_smolvlm(attn), lambda m, s: smolvlm_inputs(m, s),
                             SmolVLMAdapter)
 
