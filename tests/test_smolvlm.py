@@ -114,3 +114,49 @@ def test_prompt_that_does_not_match_the_tiles_is_refused():
         with VisionZip(retain=0.5)(model):
             _logits(model, {**smolvlm_inputs(model, default_samples()),
                             "pixel_values": inputs["pixel_values"].flatten(0, 1)})
+
+
+def test_crops_input_stage_keeps_global_tiles_and_markers():
+    """Input stage ("crops"): an image under its tiled count keeps only its global tile; the other tiles are never
+    encoded (the tower sees the global tiles only), their runs leave the prompt and their markers stay; the global
+    tile's tokens equal the uncompressed call's. A pre-LLM method can follow (the call keeps pixels)."""
+    import tokenzip as tz
+
+    model = built(CASE)
+    inputs = smolvlm_inputs(model, default_samples())
+    adapter = adapter_for(model)
+    plan = adapter.input_plan(inputs, "crops")
+    assert [(p.sample, p.tokens) for p in plan] == [(0, 48), (1, 48), (1, 16), (2, 16)]
+    tower_batches, lm_inputs = [], {}
+    h1 = model.model.vision_model.register_forward_pre_hook(
+        lambda m, a, kw: tower_batches.append(kw["pixel_values"].shape[0]), with_kwargs=True)
+    h2 = model.model.register_forward_pre_hook(lambda m, a, kw: lm_inputs.update(ids=kw["input_ids"]),
+                                               with_kwargs=True)
+    c = tz.get("crops", retain=0.3)
+    try:
+        with c(model):
+            _logits(model, inputs)
+    finally:
+        h1.remove()
+        h2.remove()
+    assert tower_batches == [4]  # one global tile per image
+    ids = lm_inputs["ids"]
+    for b in range(ids.shape[0]):
+        before = inputs["input_ids"][b][inputs["attention_mask"][b].bool()]
+        after = ids[b][ids[b] != 0]
+        assert torch.equal(before[before != IMAGE_TOKEN], after[after != IMAGE_TOKEN])
+    assert [[(it.tokens_in, it.tokens_out) for ms in s.values() for it in ms.items] for s in c.last_stats] == \
+        [[(48, 16)], [(48, 16), (16, 16)], [(16, 16)]]
+    new, maps = adapter.rescale_inputs(inputs, "crops", plan, [16] * len(plan))
+    with torch.no_grad():
+        full = adapter.encode(inputs, frozenset())
+        small = adapter.encode(new, frozenset())
+    assert len(small) == 4
+    for got, ref in zip([it.tokens for it in small], [full[i].tokens for i in (2, 5, 6, 7)]):  # the global tiles
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    assert [m[1].tolist() for m in maps] == [list(range(32, 48)), list(range(32, 48)), list(range(16)),
+                                             list(range(16))]
+    pipeline = tz.compose(tz.get("crops", retain=0.5), VisionZip(tokens=4))
+    with pipeline(model):
+        _logits(model, inputs)
+    assert all(it.tokens_out == 4 for s in pipeline.last_stats for ms in s.values() for it in ms.items)

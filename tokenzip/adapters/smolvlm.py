@@ -29,7 +29,7 @@ from ..llm.adapter import LLMAccess
 from ..llm.hooks import LLMItem
 from ..output import CompressOutput
 from .attention import attention_signals
-from .base import Adapter, Item, ModelParts
+from .base import Adapter, InputItem, Item, ModelParts
 from .placeholders import (
     check_runs,
     pad_id_for,
@@ -146,6 +146,90 @@ class SmolVLMAdapter(LLMAccess, Adapter):
         pooler = tile_features_input(self.model, [out.tokens[0] for out in outputs])
         new["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=pooler)}
         return new
+
+    # ---- stage "input": fewer tiles before the tower ------------------------------------------------------------
+    input_reductions = ("crops",)
+
+    def _images(self, kwargs: dict[str, Any]) -> list[tuple[int, list[torch.Tensor], int]]:
+        """Each image of the call in sequence order: ``(sample, its tiles' placeholder runs, index of its first tile
+        among the sample's tiles)``. Every image ends with its global tile, whose run follows ``<global-img>``: that
+        token is the one before each sample's last run (also for a video frame: a lone global tile)."""
+        input_ids = require_input_ids(kwargs)
+        pixel_values = kwargs["pixel_values"]
+        if pixel_values.dim() != 5:
+            raise ValueError(f"pixel_values must be [batch, tiles, 3, height, width] as the model's processor makes "
+                             f"them, got shape {tuple(pixel_values.shape)}")
+        runs = placeholder_runs(input_ids, self.image_token_id)
+        real = (pixel_values != 0).flatten(2).any(-1)  # all-zero tiles pad the batch (the model's own rule)
+        closers = {int(input_ids[b, sample[-1][0] - 1]) for b, sample in enumerate(runs) if sample}
+        if len(closers) > 1:
+            raise ValueError(f"cannot find each image's global tile: the samples' last tiles follow different tokens "
+                             f"{sorted(closers)}; {HINT}")
+        images = []
+        for b, sample in enumerate(runs):
+            if len(sample) != int(real[b].sum()) or any(r.numel() != self.tokens_per_tile for r in sample):
+                raise ValueError(f"sample {b}: {int(real[b].sum())} tiles but {len(sample)} placeholder runs of "
+                                 f"lengths {[int(r.numel()) for r in sample]}; {HINT}")
+            start = 0
+            for j, r in enumerate(sample):
+                if int(input_ids[b, r[0] - 1]) in closers:
+                    images.append((b, sample[start: j + 1], start))
+                    start = j + 1
+        return images
+
+    def input_plan(self, kwargs: dict[str, Any], reduction: str) -> list[InputItem]:
+        """Reduction ``"crops"``: each image is one item of its tiles' tokens (``tiles x T``); it can be given whole
+        or as its global tile alone (``T``)."""
+        if reduction not in self.input_reductions:
+            raise TypeError(self._no_input_stage(reduction))
+        t = self.tokens_per_tile
+        return [InputItem("image", b, len(tiles) * t, tuple(sorted({t, len(tiles) * t})),
+                          L.Layout([L.Segment("image", len(tiles), self.side, self.side)]),
+                          extra={"tiles": len(tiles), "first": first, "runs": tiles})
+                for b, tiles, first in self._images(kwargs)]
+
+    @torch.no_grad()
+    def rescale_inputs(self, kwargs: dict[str, Any], reduction: str, items: list[InputItem], targets: list[int]
+                       ) -> tuple[dict[str, Any], list[tuple[torch.Tensor, torch.Tensor]]]:
+        """An image whose target is under its tiled count keeps its global tile only: the other tiles' pixels leave
+        the call (never encoded) and their placeholder runs leave the prompt; their ``<fake_token_around_image>``
+        / ``<row_i_col_j>`` markers and newlines stay, as at every other stage (the text the LLM reads is the
+        caller's minus placeholders). The call keeps pixels, so a pre-LLM method can follow."""
+        if reduction not in self.input_reductions:
+            raise TypeError(self._no_input_stage(reduction))
+        input_ids = kwargs["input_ids"]
+        pixel_values = kwargs["pixel_values"]
+        masks = kwargs.get("pixel_attention_mask")
+        keep = torch.ones_like(input_ids, dtype=torch.bool)
+        kept_tiles: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
+        maps = []
+        t = self.tokens_per_tile
+        for it, k in zip(items, targets):
+            m, first = it.extra["tiles"], it.extra["first"]
+            if k == it.tokens:
+                kept_tiles[it.sample] += list(range(first, first + m))
+                maps.append((torch.arange(k), torch.arange(k)))
+                continue
+            if k != t:
+                raise ValueError(f"an image of {m} tiles can be given {it.achievable} tokens, not {k}")
+            kept_tiles[it.sample].append(first + m - 1)
+            for run in it.extra["runs"][:-1]:
+                keep[it.sample, run] = False
+            source = torch.full((it.tokens,), -1, dtype=torch.long)
+            source[-t:] = torch.arange(t)
+            maps.append((source, torch.arange(it.tokens - t, it.tokens)))
+        new = shrink_sequences(kwargs, keep, pad_id_for(self.model.config.text_config, {self.image_token_id}))
+        width = max(1, max(len(k) for k in kept_tiles))
+        pv = pixel_values.new_zeros(pixel_values.shape[0], width, *pixel_values.shape[2:])
+        pm = None if masks is None else masks.new_zeros(masks.shape[0], width, *masks.shape[2:])
+        for b, tiles in enumerate(kept_tiles):
+            pv[b, : len(tiles)] = pixel_values[b, tiles]
+            if pm is not None:
+                pm[b, : len(tiles)] = masks[b, tiles]
+        new["pixel_values"] = pv
+        if pm is not None:
+            new["pixel_attention_mask"] = pm
+        return new, maps
 
     # ---- stage "llm" --------------------------------------------------------------------------------------------
     def llm_items(self, kwargs: dict[str, Any]) -> list[LLMItem]:
