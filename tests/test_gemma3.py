@@ -181,3 +181,29 @@ def test_prompt_that_does_not_match_the_images_is_refused():
     with pytest.raises(ValueError, match="placeholder runs"):
         with method(model):
             model(**inputs)
+
+
+def test_pre_llm_then_llm_stage():
+    """``tz.compose(pre-LLM, LLM-stage)``: the LLM stage finds the shortened soft-token runs and the shortened
+    ``token_type_ids`` (each block's overlay over what the pre-LLM method kept), and generation runs."""
+    import tokenzip as tz
+
+    model = built(CASE)
+    inputs = gemma3_inputs(model, default_samples())
+    pipeline = tz.compose(VisionZip(tokens=8), FastV(tokens=3, layer=1))
+    seen, hooks = _capture_layer_masks(model)
+    try:
+        with pipeline(model):
+            with torch.no_grad():
+                model(**inputs, position_ids=_positions(inputs["attention_mask"]))
+            gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert gen.shape[1] == inputs["input_ids"].shape[1] + 3
+    # layer 1 runs on the shortened prompt: each image keeps 3 of its 8 tokens, still one bidirectional block
+    got = _as_bool(seen[1])
+    rows = got[:, 0, -1].sum(-1).tolist()  # the last (text) row's reach in a sliding layer: at most the window
+    assert all(r <= GEMMA3_WINDOW for r in rows)
+    full = _as_bool(seen[2])[:, 0]  # a full-attention layer: some query attends to a LATER key (the overlay)
+    assert bool(torch.triu(full, diagonal=1).any())
