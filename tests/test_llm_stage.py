@@ -15,6 +15,7 @@ from tokenzip.adapters import adapter_for
 from tokenzip.compat import cache_from, cache_kwarg, output_cache
 from tokenzip.llm.base import geometric_counts
 from tokenzip.llm.scores import attention_rows
+from tokenzip.llm.slots import as_allowed
 from tokenzip.methods.fastv import FastV
 from tokenzip.methods.pyramiddrop import PyramidDrop
 from tokenzip.methods.sparsevlm import SparseVLM
@@ -171,8 +172,8 @@ def test_scores_equal_eager_attention_weights(case):
     k = 1
     cap = {}
     attn = adapter_for(sdpa).parts().decoder_layers[k].self_attn
-    h = attn.register_forward_pre_hook(lambda m, a, kw: cap.update(x=kw["hidden_states"],
-                                                                   pe=kw["position_embeddings"]), with_kwargs=True)
+    h = attn.register_forward_pre_hook(lambda m, a, kw: cap.update(x=kw["hidden_states"], pe=kw["position_embeddings"],
+                                                                   mask=kw["attention_mask"]), with_kwargs=True)
     try:
         _case_forward(case, sdpa, inputs)
     finally:
@@ -185,7 +186,8 @@ def test_scores_equal_eager_attention_weights(case):
     b, length = mask.shape
     rows = torch.arange(length).expand(b, -1).clone().masked_fill(~mask, -1)  # every real row; padding rows unused
     with torch.no_grad():
-        got = attention_rows(attn, cap["x"], cap["pe"], mask, rows)
+        # under the layer's own mask (Gemma 3: bidirectional image blocks, a sliding window), as the runner scores
+        got = attention_rows(attn, cap["x"], cap["pe"], mask, rows, as_allowed(cap["mask"]))
     for i in range(b):
         real = mask[i]
         torch.testing.assert_close(got[i][:, real], ref[i][:, real].float(), atol=1e-6, rtol=1e-5)
@@ -375,7 +377,9 @@ class _MaskOracle:
         past = cache_from(kwargs)
         p = past.get_seq_length() if past is not None else 0
         mask = kwargs.get("attention_mask")
-        self.mask2d = torch.ones(e.shape[0], p + e.shape[1], dtype=torch.bool) if mask is None else mask.bool()
+        # a model that prepares its decoder's masks (Gemma 3: a dict per layer type) has its padding in them
+        plain = mask is None or isinstance(mask, dict)
+        self.mask2d = torch.ones(e.shape[0], p + e.shape[1], dtype=torch.bool) if plain else mask.bool()
         self.q = e.shape[1]
 
     def _dropped_before(self, i):
@@ -400,11 +404,20 @@ class _MaskOracle:
                     args = (h,) + tuple(args[1:])
                 else:
                     kwargs["hidden_states"] = h
-            kv = self.mask2d.shape[1]
             drop = self._dropped_before(i)
-            qpos = kv - self.q + torch.arange(self.q)
-            causal = torch.arange(kv)[None, None] <= qpos[None, :, None]
-            allowed = self.mask2d[:, None, :] & ~drop[:, None, :] & causal
+            own = kwargs.get("attention_mask")
+            if isinstance(own, torch.Tensor) and own.dim() == 4:
+                # the layer's own mask (bidirectional blocks, a sliding window: its cache holds the last `kv` keys),
+                # with the dropped positions hidden as keys
+                stock = own if own.dtype == torch.bool else own == 0
+                kv = stock.shape[-1]
+                qpos = kv - self.q + torch.arange(self.q)
+                allowed = stock[:, 0] & ~drop[:, None, -kv:]
+            else:
+                kv = self.mask2d.shape[1]
+                qpos = kv - self.q + torch.arange(self.q)
+                causal = torch.arange(kv)[None, None] <= qpos[None, :, None]
+                allowed = self.mask2d[:, None, :] & ~drop[:, None, :] & causal
             allowed |= (torch.arange(kv)[None, None] == qpos[None, :, None])
             mask = allowed[:, None]
             if self.impl == "eager":

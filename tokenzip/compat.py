@@ -93,3 +93,31 @@ def clip_rows(pooler_output: Any) -> torch.Tensor:
     if isinstance(pooler_output, (tuple, list)):
         return torch.stack([f.reshape(-1, f.shape[-1]) for f in pooler_output])
     return pooler_output
+
+
+# ---- SmolVLM / Idefics3 image features ------------------------------------------------------------------------------
+# transformers 5.18: ``get_image_features(...).pooler_output`` is one tensor ``[tiles, T, D]`` (every real tile of
+# the batch), and the model's ``inputs_merger`` reads precomputed features as ``[blocks, k, D]``: blocks of ONE size,
+# scattered k placeholders at a time. By 5.25 ``pooler_output`` is a per-sample list of ``[tiles_i * T, D]`` and the
+# model concatenates whatever it gets (a list or a tensor) and scatters it in placeholder order (masked_scatter).
+
+
+def tile_features(pooler_output: Any, tokens_per_tile: int) -> torch.Tensor:
+    """``[tiles, T, D]``: every real tile's features, in placeholder order, from either form of ``pooler_output``."""
+    if isinstance(pooler_output, (list, tuple)):
+        pooler_output = torch.cat([t.reshape(-1, t.shape[-1]) for t in pooler_output])
+    return pooler_output.reshape(-1, tokens_per_tile, pooler_output.shape[-1])
+
+
+def tile_features_input(model: torch.nn.Module, feats: list[torch.Tensor]) -> torch.Tensor:
+    """The precomputed features of the kept tokens, one ``[k_j, D]`` per tile, as the installed model reads them:
+    ``[tiles, k, D]`` when every tile keeps the same count (both forms), else ``[1, sum k_j, D]`` (5.25's
+    masked_scatter; 5.18's block merger cannot take tiles of different counts: a ValueError)."""
+    if len({int(f.shape[0]) for f in feats}) == 1:
+        return torch.stack(feats)
+    merger = getattr(type(getattr(model, "model", model)), "inputs_merger", None)
+    if merger is not None and "patch_size" in inspect.getsource(merger):  # 5.18 SmolVLM: fixed-size blocks
+        raise ValueError(f"{type(model).__name__} in this transformers version reads precomputed features in blocks "
+                         f"of one size; every tile must keep the same number of tokens, got "
+                         f"{sorted({int(f.shape[0]) for f in feats})}")
+    return torch.cat(feats)[None]

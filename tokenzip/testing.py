@@ -985,3 +985,137 @@ CASES["llava_next"] = Case("llava_next", lambda attn: tiny_llava_next(attn), lam
 CASES["llava_next_video"] = Case("llava_next_video", lambda attn: tiny_llava_next_video(attn),
                                  lambda m, s: llava_next_video_inputs(m, s), LlavaNextVideoAdapter,
                                  media=("video",), only_stages=("pre_llm", "llm"))
+# ---- Gemma 3 -------------------------------------------------------------------------------------------------------
+GEMMA3_BOI, GEMMA3_EOI = 102, 103  # <start_of_image> / <end_of_image>
+# sliding / global layers (Gemma 3 alternates 5:1; here mixed within 4 layers) with a window shorter than an image
+# block, so the window bites inside blocks, across them and in decoding
+GEMMA3_LAYER_TYPES = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]
+GEMMA3_WINDOW = 12
+
+
+def tiny_gemma3(attn_implementation: str = "sdpa", seed: int = 0, **text_config: Any) -> torch.nn.Module:
+    """SigLIP (32-px images of 4-px patches: 8 x 8) pooled to 4 x 4 = 16 tokens per image + a 4-layer Gemma 3
+    decoder (sliding and global layers, window 12), random weights. ``text_config`` overrides Gemma3TextConfig
+    fields."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                image_size=32, patch_size=4, vision_use_head=False)
+    kw: dict[str, Any] = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8,
+                              max_position_embeddings=512, sliding_window=GEMMA3_WINDOW,
+                              layer_types=list(GEMMA3_LAYER_TYPES), pad_token_id=PAD, bos_token_id=1, eos_token_id=2)
+    kw.update(text_config)
+    cfg = Gemma3Config(text_config=Gemma3TextConfig(**kw), vision_config=vision, mm_tokens_per_image=16,
+                       boi_token_index=GEMMA3_BOI, eoi_token_index=GEMMA3_EOI, image_token_index=IMAGE_TOKEN)
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration._from_config(cfg, attn_implementation=attn_implementation)
+    return model.eval()
+
+
+def gemma3_inputs(model: torch.nn.Module, samples: list[Sample]) -> dict[str, Any]:
+    """A left-padded batch as Gemma3Processor builds it: per image ``<start_of_image>`` + 16 soft tokens +
+    ``<end_of_image>``, ``token_type_ids`` 1 at the soft tokens (the bidirectional blocks), one pixel tensor."""
+    size = model.config.vision_config.image_size
+    n = int(model.config.mm_tokens_per_image)
+    rows, pixels = [], []
+    for s in samples:
+        rows.append(s.before + [GEMMA3_BOI, *([IMAGE_TOKEN] * n), GEMMA3_EOI] * s.n_items + s.after)
+        g = torch.Generator().manual_seed(s.seed)
+        pixels.append(torch.randn(s.n_items, 3, size, size, generator=g))
+    ids, mask = left_pad(rows)
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": (ids == IMAGE_TOKEN).long(),
+            "pixel_values": torch.cat(pixels)}
+
+
+# ---- SmolVLM / Idefics3 --------------------------------------------------------------------------------------------
+SMOLVLM_FAKE, SMOLVLM_GLOBAL, SMOLVLM_NEWLINE = 104, 105, 110  # <fake_token_around_image>, <global-img>, "\n"
+SMOLVLM_ROW_COL = 106  # <row_{i+1}_col_{j+1}> = 106 + 2 i + j (grids up to 2 x 2)
+# (rows, cols) of tiles of image j of a sample with seed s: SMOLVLM_GRIDS[(s + j) % 4]; (1, 1): not split (global
+# image only). Samples get different tile counts (3, 4 and 5 tiles in default_samples()).
+SMOLVLM_GRIDS = [(2, 2), (1, 2), (2, 1), (1, 1)]
+
+
+def tiny_smolvlm(attn_implementation: str = "sdpa", seed: int = 0, idefics3: bool = False) -> torch.nn.Module:
+    """SigLIP (32-px tiles of 4-px patches: 8 x 8), pixel shuffle 2 -> 16 tokens per tile, Llama decoder, random
+    weights; ``idefics3``: the same sizes as ``Idefics3ForConditionalGeneration``."""
+    import transformers as tf
+
+    name = "Idefics3" if idefics3 else "SmolVLM"
+    vision = getattr(tf, f"{name}VisionConfig")(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                               num_attention_heads=4, image_size=32, patch_size=4)
+    cfg = getattr(tf, f"{name}Config")(vision_config=vision, text_config=_llama_text_config(), scale_factor=2,
+                                       image_token_id=IMAGE_TOKEN, pad_token_id=PAD)
+    torch.manual_seed(seed)
+    model = getattr(tf, f"{name}ForConditionalGeneration")._from_config(cfg, attn_implementation=attn_implementation)
+    return model.eval()
+
+
+def _smolvlm_image(rows: int, cols: int, tokens: int) -> list[int]:
+    """The processor's prompt for one image of ``rows x cols`` tiles plus its global image."""
+    run = [IMAGE_TOKEN] * tokens
+    if rows * cols == 1:
+        return [SMOLVLM_FAKE, SMOLVLM_GLOBAL, *run, SMOLVLM_FAKE]
+    out: list[int] = []
+    for i in range(rows):
+        for j in range(cols):
+            out += [SMOLVLM_FAKE, SMOLVLM_ROW_COL + 2 * i + j, *run]
+        out.append(SMOLVLM_NEWLINE)
+    return out + [SMOLVLM_NEWLINE, SMOLVLM_FAKE, SMOLVLM_GLOBAL, *run, SMOLVLM_FAKE]
+
+
+def smolvlm_inputs(model: torch.nn.Module, samples: list[Sample]) -> dict[str, Any]:
+    """A left-padded batch as SmolVLMProcessor builds it: each image's tiles then its global image in
+    ``pixel_values [B, max tiles, 3, S, S]`` (all-zero tiles pad the samples with fewer), ``pixel_attention_mask``
+    (the global image of a 1 x 2 grid is padded below, as a wide image's is), per-tile markers in the prompt."""
+    size = model.config.vision_config.image_size
+    tokens = (size // model.config.vision_config.patch_size // model.config.scale_factor) ** 2
+    rows, tiles, masks = [], [], []
+    for s in samples:
+        g = torch.Generator().manual_seed(s.seed)
+        row, px, pm = list(s.before), [], []
+        for j in range(s.n_items):
+            r, c = SMOLVLM_GRIDS[(s.seed + j) % len(SMOLVLM_GRIDS)]
+            row += _smolvlm_image(r, c, tokens)
+            n = r * c + (1 if r * c > 1 else 0)
+            px.append(torch.randn(n, 3, size, size, generator=g))
+            m = torch.ones(n, size, size, dtype=torch.bool)
+            if (r, c) == (1, 2):  # the global image of a wide picture: its lower part is padding
+                m[-1, size // 2 + 4:] = False
+                px[-1][-1, :, size // 2 + 4:] = 0
+            pm.append(m)
+        rows.append(row + s.after)
+        tiles.append(torch.cat(px))
+        masks.append(torch.cat(pm))
+    width = max(t.shape[0] for t in tiles)
+    pixel_values = torch.zeros(len(samples), width, 3, size, size)
+    pixel_mask = torch.zeros(len(samples), width, size, size, dtype=torch.bool)
+    for i, (t, m) in enumerate(zip(tiles, masks)):
+        pixel_values[i, : t.shape[0]] = t
+        pixel_mask[i, : m.shape[0]] = m
+    ids, mask = left_pad(rows)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values,
+            "pixel_attention_mask": pixel_mask}
+
+
+def gemma3_lm_tokens(kwargs: dict[str, Any]) -> torch.Tensor:
+    """What Gemma 3's decoder reads, ``[B, L]``: it gets a dict of prepared 4-D masks, not the 2-D mask; the keys
+    the last query row of the full-attention mask may attend (every real token: the row is causal-complete)."""
+    mask = kwargs["attention_mask"]
+    full = mask["full_attention"] if isinstance(mask, dict) else mask
+    if full.dim() == 2:
+        return full.clone()
+    row = full[:, 0, -1]
+    return row.clone() if row.dtype == torch.bool else row == 0
+
+
+def _register_gemma3_smolvlm() -> None:
+    from .adapters import Gemma3Adapter, SmolVLMAdapter
+
+    CASES["gemma3"] = Case("gemma3", lambda attn: tiny_gemma3(attn), lambda m, s: gemma3_inputs(m, s), Gemma3Adapter,
+                           lm_tokens=gemma3_lm_tokens)
+    CASES["smolvlm"] = Case("smolvlm", lambda attn: tiny_smolvlm(attn), lambda m, s: smolvlm_inputs(m, s),
+                            SmolVLMAdapter)
+
+
+_register_gemma3_smolvlm()

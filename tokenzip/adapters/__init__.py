@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .base import Adapter, Item
+from .gemma3 import Gemma3Adapter
 from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
@@ -15,6 +16,7 @@ from .qwen2_audio import Qwen2AudioAdapter
 from .qwen2_vl import Qwen2VLAdapter
 from .qwen3_omni import Qwen3OmniAdapter
 from .qwen3_vl import Qwen3VLAdapter
+from .smolvlm import SmolVLMAdapter
 from .whisper import WhisperAdapter
 
 ADAPTERS: list[type[Adapter]] = [
@@ -29,6 +31,8 @@ ADAPTERS: list[type[Adapter]] = [
     InternVLAdapter,
     LlavaNextAdapter,
     LlavaNextVideoAdapter,
+    Gemma3Adapter,
+    SmolVLMAdapter,
 ]
 
 
@@ -51,3 +55,4 @@ __all__ = ["ADAPTERS", "Adapter", "Item", "LlavaAdapter", "LlavaOnevisionAdapter
 __all__ += ["Qwen2_5OmniAdapter", "Qwen3OmniAdapter"]
 __all__ += ["InternVLAdapter"]
 __all__ += ["LlavaNextAdapter", "LlavaNextVideoAdapter"]
+__all__ += ["Gemma3Adapter", "SmolVLMAdapter"]

@@ -172,3 +172,30 @@ def check_grid(grid: Any, key: str, pixels: str, modality: str, merge: int, mode
         raise ValueError(f"{key} must hold positive grids whose heights/widths are multiples of "
                          f"spatial_merge_size={merge}, got {grid.tolist()}")
     return grid
+
+
+def placeholder_runs(input_ids: torch.Tensor, token_id: int) -> list[list[torch.Tensor]]:
+    """Per sample, the maximal runs of consecutive ``token_id`` placeholders, as ascending position tensors in
+    sequence order: one run per image on models that put marker tokens around each image's (or tile's) feature
+    placeholders (Gemma 3's ``<start_of_image>``/``<end_of_image>``, SmolVLM's per-tile ``<row_i_col_j>``)."""
+    runs: list[list[torch.Tensor]] = []
+    for row in input_ids:
+        pos = (row == token_id).nonzero().flatten()
+        if pos.numel() == 0:
+            runs.append([])
+            continue
+        breaks = (pos[1:] != pos[:-1] + 1).nonzero().flatten() + 1
+        runs.append(list(torch.tensor_split(pos, breaks.cpu())))
+    return runs
+
+
+def check_runs(runs: list[list[torch.Tensor]], sizes: list[int], what: str, hint: str) -> list[int]:
+    """The sample of each of ``sizes`` items, checking that the prompt's placeholder runs (``placeholder_runs``, in
+    sequence order) are exactly those items: as many runs as items, run ``j`` of ``sizes[j]`` tokens. ``what`` /
+    ``hint`` name the unit (image, tile) and how to build the inputs, in the ValueError."""
+    flat = [(b, int(r.numel())) for b, sample in enumerate(runs) for r in sample]
+    if [n for _, n in flat] != list(sizes):
+        raise ValueError(f"the {what}s do not match the prompt: {len(sizes)} {what}(s) of {sorted(set(sizes))} "
+                         f"tokens, but input_ids hold {len(flat)} placeholder runs of lengths "
+                         f"{[n for _, n in flat][:8]}{'...' if len(flat) > 8 else ''}; {hint}")
+    return [b for b, _ in flat]

@@ -57,3 +57,18 @@ def signal_layer(tower: torch.nn.Module, feature_layer: int | list[int]) -> torc
     if idx < 0:
         raise ValueError(f"feature layer {feature_layer} is the embedding output; no attention to read there")
     return attention_module(layers[idx])
+
+
+def pool_patch_signals(results: dict[str, torch.Tensor], side: int, kernel: int) -> dict[str, torch.Tensor]:
+    """Per-patch encoder signals (``cls_attention`` ``[B, P*P]``, ``keys`` ``[B, P*P, d]`` on a row-major ``P x P``
+    patch grid, ``P = side * kernel``) averaged over ``kernel x kernel`` blocks, row-major: the signals of the
+    ``side x side`` tokens a projector makes by pooling (Gemma 3's average pool) or by pixel shuffle (SmolVLM /
+    Idefics3: token ``(r, c)`` holds the patches of block ``(r, c)``)."""
+    out = {}
+    p = side * kernel
+    for name, t in results.items():
+        b = t.shape[0]
+        grid = t.reshape(b, p, p, -1).permute(0, 3, 1, 2)
+        pooled = torch.nn.functional.avg_pool2d(grid.float(), kernel).flatten(2).transpose(1, 2)
+        out[name] = pooled.squeeze(-1) if t.dim() == 2 else pooled
+    return out

@@ -28,6 +28,13 @@ Config values are the published ``config.json`` of (Hugging Face hub repos):
   - ``llava-hf/LLaVA-NeXT-Video-7B-hf``: the same tower and Vicuna-7B (vocab 32064), image token 32001, video token
     32000, 2x2 average pooling per frame (144 tokens per 336-px frame), the same pinpoints (the transformers
     ``LlavaNextVideoConfig`` defaults, which its docstring says mirror this checkpoint).
+  - ``google/gemma-3-4b-it``: SigLIP-so400m (27 layers, width 1152, MLP 4304, 16 heads, 896 px, patch 14) average-
+    pooled to 256 tokens + Gemma 3 (34 layers, width 2560, MLP 10240, 8 heads, 4 KV heads, head dim 256, vocab
+    262208, sliding window 1024 on 5 of every 6 layers, global rope linear-scaled x8), image/start/end tokens
+    262144/255999/256000.
+  - ``HuggingFaceTB/SmolVLM2-2.2B-Instruct``: SigLIP-so400m at 384 px (27 layers, width 1152, MLP 4304, 16 heads,
+    patch 14), pixel shuffle 3 (81 tokens per tile) + SmolLM2-1.7B (Llama: 24 layers, width 2048, MLP 8192, 32
+    heads, vocab 49280, rope theta 130000), image token 49190.
 """
 
 from __future__ import annotations
@@ -308,6 +315,86 @@ def qwen3_vl_inputs(model: torch.nn.Module, image: np.ndarray | None = None, see
 
 
 # ---- registry ------------------------------------------------------------------------------------------------------
+# ---- Gemma-3-4B ----------------------------------------------------------------------------------------------------
+def gemma3_4b_config():
+    from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                                image_size=896, patch_size=14, vision_use_head=False, layer_norm_eps=1e-6)
+    text = Gemma3TextConfig(vocab_size=262208, hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
+                            num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
+                            sliding_window=1024, max_position_embeddings=131072, rms_norm_eps=1e-6,
+                            rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0,
+                                                                "rope_theta": 1000000.0},
+                                             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})
+    return Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=256, boi_token_index=255999,
+                        eoi_token_index=256000, image_token_index=262144)
+
+
+def gemma3_inputs(model: torch.nn.Module, image: np.ndarray | None = None, seed: int = 0) -> dict[str, Any]:
+    """An 896x896 photo (Gemma 3 preprocessing, mean/std 0.5): 4096 SigLIP patches pooled to 256 soft tokens between
+    ``<start_of_image>`` / ``<end_of_image>``, with ``token_type_ids`` (the bidirectional image block)."""
+    cfg = model.config
+    size = int(cfg.vision_config.image_size)
+    proc = image_processor("Gemma3ImageProcessor", size={"height": size, "width": size}, image_mean=[0.5] * 3,
+                           image_std=[0.5] * 3)
+    pixels = proc(images=sample_image() if image is None else image, return_tensors="pt")["pixel_values"]
+    tok, boi, eoi = int(cfg.image_token_id), int(cfg.boi_token_id), int(cfg.eoi_token_id)
+    avoid = {tok, boi, eoi}
+    vocab = int(cfg.text_config.vocab_size)
+    ids = ([2] + _text_ids(TEXT_BEFORE, vocab, seed, avoid) + [boi] + [tok] * int(cfg.mm_tokens_per_image) + [eoi]
+           + _text_ids(TEXT_AFTER, vocab, seed + 1, avoid))
+    ids_t = torch.tensor([ids])
+    return {"input_ids": ids_t, "attention_mask": torch.ones_like(ids_t), "token_type_ids": (ids_t == tok).long(),
+            "pixel_values": pixels}
+
+
+# ---- SmolVLM2-2.2B -------------------------------------------------------------------------------------------------
+SMOLVLM2_FAKE, SMOLVLM2_GLOBAL, SMOLVLM2_ROW_COL = 49189, 49152, 49153  # stand-ins for the marker ids (see notes)
+
+
+def smolvlm2_22b_config():
+    from transformers import LlamaConfig, SmolVLMConfig, SmolVLMVisionConfig
+
+    vision = SmolVLMVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+                                 num_attention_heads=16, image_size=384, patch_size=14, layer_norm_eps=1e-6)
+    text = LlamaConfig(vocab_size=49280, hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
+                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=16384,
+                       rms_norm_eps=1e-5, pad_token_id=2, bos_token_id=1, eos_token_id=2,
+                       rope_parameters={"rope_type": "default", "rope_theta": 130000.0})
+    return SmolVLMConfig(vision_config=vision, text_config=text, scale_factor=3, image_token_id=49190)
+
+
+def smolvlm2_inputs(model: torch.nn.Module, image: np.ndarray | None = None, seed: int = 0) -> dict[str, Any]:
+    """The photo through SmolVLM's image processor (longest edge 4 x 384, 384-px tiles): 4 x 4 tiles + the global
+    image, 81 tokens each (27 x 27 patches, pixel shuffle 3) = 1377 visual tokens, with the processor's per-tile
+    markers and newlines in the prompt."""
+    cfg = model.config
+    size = int(cfg.vision_config.image_size)
+    proc = image_processor("SmolVLMImageProcessor", size={"longest_edge": 4 * size},
+                           max_image_size={"longest_edge": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    out = proc(images=[[sample_image() if image is None else image]], return_tensors="pt", return_row_col_info=True)
+    rows, cols = int(out["rows"][0][0]), int(out["cols"][0][0])
+    per_tile = (size // int(cfg.vision_config.patch_size) // int(cfg.scale_factor)) ** 2
+    tok = int(cfg.image_token_id)
+    run = [tok] * per_tile
+    newline = 198  # "\n" in SmolLM2's vocabulary
+    block: list[int] = []
+    if rows * cols > 1:
+        for i in range(rows):
+            for j in range(cols):
+                block += [SMOLVLM2_FAKE, SMOLVLM2_ROW_COL + i * cols + j, *run]
+            block.append(newline)
+        block.append(newline)
+    block += [SMOLVLM2_FAKE, SMOLVLM2_GLOBAL, *run, SMOLVLM2_FAKE]
+    avoid = {tok, SMOLVLM2_FAKE, SMOLVLM2_GLOBAL, newline, *range(SMOLVLM2_ROW_COL, SMOLVLM2_ROW_COL + 36)}
+    vocab = int(cfg.text_config.vocab_size)
+    ids = [1] + _text_ids(TEXT_BEFORE, vocab, seed, avoid) + block + _text_ids(TEXT_AFTER, vocab, seed + 1, avoid)
+    ids_t = torch.tensor([ids])
+    return {"input_ids": ids_t, "attention_mask": torch.ones_like(ids_t), "pixel_values": out["pixel_values"],
+            "pixel_attention_mask": out["pixel_attention_mask"]}
+
+
 def _tiny_presets() -> dict[str, Preset]:
     from ..testing import CASES, Sample
 
@@ -360,6 +447,19 @@ REAL_PRESETS: dict[str, Preset] = {
         text_default=1, vision_default=3, make_inputs=llava_next_inputs_from_image,
         notes="images as LLaVA-NeXT-7B (2928 tokens for the 512x512 photo); --video: 144 tokens per frame (24x24 "
               "patches pooled 2x2), no newline; by default 1 of 32 Llama layers and 3 of 24 CLIP layers are built"),
+    "gemma3-4b": Preset(
+        "gemma3-4b", "google/gemma-3-4b-it config.json", gemma3_4b_config, "Gemma3ForConditionalGeneration",
+        "vision_config.num_hidden_layers", text_default=2, vision_default=2, make_inputs=gemma3_inputs,
+        notes="one 896x896 image = 4096 SigLIP patches pooled to 256 visual tokens; by default 2 of 34 Gemma 3 "
+              "layers (both sliding-window: the published pattern is 5 sliding to 1 global) and 2 of 27 SigLIP "
+              "layers are built"),
+    "smolvlm2-2.2b": Preset(
+        "smolvlm2-2.2b", "HuggingFaceTB/SmolVLM2-2.2B-Instruct config.json", smolvlm2_22b_config,
+        "SmolVLMForConditionalGeneration", "vision_config.num_hidden_layers", text_default=2, vision_default=2,
+        make_inputs=smolvlm2_inputs,
+        notes="one photo = 4x4 tiles + the global image, 81 tokens each = 1377 visual tokens; by default 2 of 24 "
+              "Llama layers and 2 of 27 SigLIP layers are built; marker token ids are stand-ins (random weights: "
+              "only their count matters)"),
 }
 
 

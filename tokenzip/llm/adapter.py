@@ -34,6 +34,21 @@ class LLMAccess:
     def llm_attn_implementation(self) -> str:
         return str(self.llm_model().config._attn_implementation)
 
+    def llm_padding_mask(self, lm_kwargs: dict[str, Any]) -> torch.Tensor | None:
+        """The ``[B, L]`` padding mask of a call of the decoder stack (``lm_kwargs``: its keyword arguments), or
+        None (no padding). Default: its 2-D ``attention_mask``. A model that hands its decoder prepared masks
+        (Gemma 3: a dict per layer type) overrides this with the 2-D mask of the call that prepared them."""
+        mask = lm_kwargs.get("attention_mask")
+        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
+            raise ValueError("LLM-stage compression needs a 2-D attention_mask (or none); got a prepared mask")
+        return mask
+
+    def llm_blocks(self, length: int) -> torch.Tensor | None:
+        """``[B, length]``: the bidirectional attention block of each position of the prefill now starting (``-1``:
+        causal token), or None when the model has none. Gemma 3's image blocks attend to themselves in both
+        directions; the LLM stage keeps that overlay over the kept tokens of each block."""
+        return None
+
     def llm_items(self, kwargs: dict[str, Any]) -> list[LLMItem]:
         """The visual items of this call's sequence (in sequence order), or [] when the call has no media."""
         raise NotImplementedError

@@ -70,6 +70,7 @@ class CacheState:
     owner: Any  # the runner that made it
     prefill_len: int
     groups: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (first layer, key valid [B, W])
+    positions: list[torch.Tensor] = field(default_factory=list)  # per group: the original position of each key
     decode: Any = None  # a _DecodeState when the method prunes the KV cache while decoding
 
     def group_of(self, layer: int) -> int | None:
@@ -117,7 +118,8 @@ class _Run:
         self.stage_at = stage_at
         self.signals: dict[int, dict] = {}
         self.full: torch.Tensor | None = None
-        self.mask: torch.Tensor | None = None
+        self.masks: dict[int | None, torch.Tensor] = {}  # sliding window (None: full attention) -> 4-D mask
+        self.blocks: torch.Tensor | None = None  # [B, L] bidirectional block ids (Gemma 3's images), -1 outside
         self.pe_src: Any = None
         self.pe: Any = None
         self.state: CacheState | None = None
@@ -147,15 +149,22 @@ class LLMRunner:
         if self.impl not in ("sdpa", "eager"):
             raise ValueError(f"LLM-stage compression needs attn_implementation 'sdpa' or 'eager' (an explicit 4-D "
                              f"mask per layer); the model uses {self.impl!r}")
-        kinds = set(getattr(self.lm.config, "layer_types", None) or ["full_attention"])
-        if kinds != {"full_attention"}:
-            raise ValueError(f"LLM-stage compression supports full-attention decoders only; this one has layer "
-                             f"types {sorted(kinds)}")
+        kinds = list(getattr(self.lm.config, "layer_types", None) or ["full_attention"] * len(self.layers))
+        if set(kinds) - {"full_attention", "sliding_attention"}:
+            raise ValueError(f"LLM-stage compression supports full-attention and sliding-window decoders only; this "
+                             f"one has layer types {sorted(set(kinds))}")
+        # per layer: its sliding window (None: full attention). Shortened layers keep the window in ORIGINAL
+        # positions (kept tokens keep theirs), as the uncompressed model measures it
+        window = getattr(self.lm.config, "sliding_window", None)
+        self.windows = [int(window) if kind == "sliding_attention" and window else None for kind in kinds]
         self.needs = compressor.signals_needed()
         self.handles: list[Any] = []
         self.decode_at = compressor.decode_layer(len(self.layers))
         if self.decode_at is not None:
             compressor.check_layer(self.decode_at, len(self.layers), "decode layer")
+            if any(w is not None for w in self.windows):
+                raise ValueError(f"{compressor.info.name}: decode-time KV pruning is not supported on decoders with "
+                                 f"sliding-window layers")
 
     # ---- install / remove ---------------------------------------------------------------------------------------
     def install(self) -> None:
@@ -207,9 +216,7 @@ class LLMRunner:
         b, q = ref.shape[0], ref.shape[1]
         past = cache_from(kwargs)
         past_len = int(past.get_seq_length()) if past is not None else 0
-        mask = kwargs.get("attention_mask")
-        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 2):
-            raise ValueError("LLM-stage compression needs a 2-D attention_mask (or none); got a prepared mask")
+        mask = self.adapter.llm_padding_mask(kwargs)  # a model that prepares its decoder's masks keeps the 2-D one
         if mask is None:
             mask = torch.ones(b, past_len + q, dtype=torch.long, device=ref.device)
         if items:
@@ -243,6 +250,7 @@ class LLMRunner:
             t.plan = {layer: c for layer, c in t.plan.items() if c < t.n}  # stages that change nothing: skip
         stage_at = sorted({layer for t in tracks for layer in t.plan})
         run = _Run(tracks, mask.bool(), stage_at)
+        run.blocks = self.adapter.llm_blocks(mask.shape[1])
         for t in tracks:
             t.slots = t.item.positions.to(mask.device).long()
             if not bool(mask[t.item.sample, t.slots].all()):
@@ -258,6 +266,7 @@ class LLMRunner:
                 run.state = CacheState(self, run.prefill_len)
                 run.state.groups.append((self.decode_at, mask.bool().clone()))
                 width = mask.shape[1]
+                run.state.positions.append(torch.arange(width, device=mask.device).expand(mask.shape[0], -1))
                 run.state.decode = _DecodeState(
                     self.decode_at, [t.item.positions.long().cpu() for t in tracks],
                     [(t.item.sample, t.n, torch.arange(t.n)) for t in tracks],
@@ -269,9 +278,8 @@ class LLMRunner:
 
     def _start_step(self, state: CacheState, mask: torch.Tensor, past: Any, q: int) -> None:
         self.step_query = None
-        masks: dict[int, torch.Tensor] = {}
+        masks: dict[int, dict[int | None, torch.Tensor]] = {}
         tail = mask[:, state.prefill_len:].bool()
-        dtype = self._dtype()
         layers = getattr(past, "layers", None)
         for g, (start, valid) in enumerate(state.groups):
             if valid.shape[0] != mask.shape[0]:
@@ -281,13 +289,46 @@ class LLMRunner:
             if layers is not None and start < len(layers) and int(layers[start].get_seq_length()) != expected:
                 raise RuntimeError(f"LLM-stage compression: layer {start} caches {layers[start].get_seq_length()} "
                                    f"tokens, expected {expected}; the cache was cropped or edited since prefill")
-            key_valid = torch.cat([valid, tail], dim=1)
-            masks[g] = S.to_implementation(S.step_mask(key_valid, q), self.impl, dtype)
+            masks[g] = self._step_masks(state, g, tail, q)
         self.step = (state, masks)
         self.step_mask2d, self.step_q, self.step_past = mask.bool(), q, past
 
     def _dtype(self) -> torch.dtype:
         return next(self.lm.parameters()).dtype
+
+    def _prefill_masks(self, slots: S.Slots, blocks: torch.Tensor | None, dtype: torch.dtype
+                       ) -> dict[int | None, torch.Tensor]:
+        """The masks of the shortened prefill, per sliding window of the layers (None: full attention): causal in
+        slot order over real keys, each bidirectional block attending to itself, and a sliding layer's reach in
+        original positions (``AND(window, OR(causal, block))``, the composition transformers uses for Gemma 3)."""
+        allowed = S.prefill_mask(slots.valid)
+        if blocks is not None:
+            allowed = allowed | S.block_overlay(slots, blocks)
+        out = {}
+        for window in set(self.windows):
+            reach = S.window_limit(slots.pos, slots.pos, window)
+            out[window] = S.to_implementation(allowed if reach is None else allowed & reach, self.impl, dtype)
+        return out
+
+    def _step_masks(self, state: CacheState, g: int, tail: torch.Tensor, q: int) -> dict[int | None, torch.Tensor]:
+        """The masks of a call continuing the cache for group ``g``'s layers, per sliding window: its cached keys
+        (``valid``) then this call's (``tail``, of which the last ``q`` are the queries). A sliding-window layer
+        caches only its last ``window - 1`` keys (``DynamicSlidingWindowLayer``), so its mask keeps those columns;
+        the window is measured in original positions (new tokens continue after the prefill)."""
+        start, valid = state.groups[g]
+        key_valid = torch.cat([valid, tail], dim=1)
+        allowed = S.step_mask(key_valid, q)
+        dtype = self._dtype()
+        out: dict[int | None, torch.Tensor] = {}
+        for window in set(self.windows[start:]):
+            m = allowed
+            if window is not None:
+                new = state.prefill_len + torch.arange(tail.shape[1], device=valid.device)
+                key_pos = torch.cat([state.positions[g].to(valid.device), new.expand(valid.shape[0], -1)], dim=1)
+                m = (m & S.window_limit(key_pos[:, -q:], key_pos, window))[..., max(key_pos.shape[1] - q
+                                                                                    - (window - 1), 0):]
+            out[window] = S.to_implementation(m, self.impl, dtype)
+        return out
 
     # ---- layer level --------------------------------------------------------------------------------------------
     def _attn_pre(self, i: int):
@@ -300,7 +341,7 @@ class LLMRunner:
             if pe is None:
                 raise RuntimeError("the attention module got no position_embeddings; cannot recompute its scores")
             with torch.no_grad():
-                run.signals[i + 1] = self._scores(run, module, x, pe)
+                run.signals[i + 1] = self._scores(run, module, x, pe, S.as_allowed(kwargs.get("attention_mask")))
             return
         return hook
 
@@ -312,7 +353,7 @@ class LLMRunner:
                 if g is None:
                     return None
                 kwargs = dict(kwargs)
-                kwargs["attention_mask"] = masks[g]
+                kwargs["attention_mask"] = masks[g][self.windows[i]]
                 return args, kwargs
             run = self.run
             if run is None:
@@ -330,7 +371,7 @@ class LLMRunner:
                 args = (h,) + tuple(args[1:])
             else:
                 kwargs["hidden_states"] = h
-            kwargs["attention_mask"] = run.mask
+            kwargs["attention_mask"] = run.masks[self.windows[i]]
             pe = kwargs.get("position_embeddings")
             if pe is not None:
                 if pe is not run.pe_src:
@@ -397,9 +438,7 @@ class LLMRunner:
             return
         self._evict(state, drop)
         g = len(state.groups) - 1
-        tail = mask2d[:, state.prefill_len:]
-        masks[g] = S.to_implementation(S.step_mask(torch.cat([state.groups[g][1], tail], dim=1), q), self.impl,
-                                       self._dtype())
+        masks[g] = self._step_masks(state, g, mask2d[:, state.prefill_len:], q)
 
     def _evict(self, state: CacheState, drop: dict[int, list[torch.Tensor]]) -> None:
         """Remove the prompt columns holding the ``drop`` positions (per sample) from the cache of every layer
@@ -430,6 +469,7 @@ class LLMRunner:
                 head = torch.gather(t, 2, idx).masked_fill(filler.to(t.device)[:, None, :, None], 0)
                 setattr(layer, name, torch.cat([head, tail], dim=2))
         state.groups[-1] = (start, new_valid)
+        state.positions[-1] = new_cols.clamp(min=0)
         dec.columns = new_cols
 
     # ---- the work -----------------------------------------------------------------------------------------------
@@ -455,9 +495,12 @@ class LLMRunner:
             out[b, : r.numel()] = r
         return out, last, text
 
-    def _scores(self, run: _Run, attn: torch.nn.Module, x: torch.Tensor, pe: Any) -> dict:
+    def _scores(self, run: _Run, attn: torch.nn.Module, x: torch.Tensor, pe: Any,
+                layer_mask: torch.Tensor | None) -> dict:
+        """The rows a method scores with, under the mask the layer itself uses (``layer_mask``, bool; None: causal
+        over real keys), so block overlays and sliding windows count as in the model."""
         rows, last, text = self._rows(run)
-        probs = attention_rows(attn, x, pe, run.slots.valid, rows).mean(dim=1)  # [B, R, W]
+        probs = attention_rows(attn, x, pe, run.slots.valid, rows, layer_mask).mean(dim=1)  # [B, R, W]
         return {"rows": rows, "last": last, "text": text, "probs": probs}
 
     def _item_signals(self, run: _Run, layer: int, t: _Track, h: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -546,13 +589,14 @@ class LLMRunner:
             if t.slots.numel():
                 h_new[b, t.slots] = out_tokens[0].to(h_new.dtype)
         run.slots = new
-        run.mask = S.to_implementation(S.prefill_mask(new.valid), self.impl, h.dtype)
+        run.masks = self._prefill_masks(new, run.blocks, h.dtype)
         run.pe_src, run.pe = None, None
         if past is not None:
             if run.state is None:
                 run.state = CacheState(self, run.prefill_len)
                 setattr(past, STATE_ATTR, run.state)
             run.state.groups.append((layer, new.valid.clone()))
+            run.state.positions.append(new.pos.clone())
         return h_new
 
     def _joint_selection(self, run: _Run, layer: int, h: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -591,6 +635,8 @@ def _require_dynamic(past: Any) -> None:
     layers = getattr(past, "layers", None)
     if layers is None:
         return
-    bad = {type(layer).__name__ for layer in layers if type(layer).__name__ != "DynamicLayer"}
+    ok = {"DynamicLayer", "DynamicSlidingWindowLayer"}
+    bad = {type(layer).__name__ for layer in layers if type(layer).__name__ not in ok}
     if bad:
-        raise ValueError(f"LLM-stage compression needs a DynamicCache with full-attention layers; got {sorted(bad)}")
+        raise ValueError(f"LLM-stage compression needs a DynamicCache (full-attention and sliding-window layers); "
+                         f"got {sorted(bad)}")

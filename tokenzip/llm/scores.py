@@ -138,17 +138,24 @@ def received_attention(qk: QK, bounds: Sequence[int] | None = None, chunk: int =
 
 
 def attention_rows(attn: torch.nn.Module, x: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
-                   key_valid: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+                   key_valid: torch.Tensor, rows: torch.Tensor, layer_mask: torch.Tensor | None = None
+                   ) -> torch.Tensor:
     """Softmax attention probabilities ``[B, H, R, W]`` (float32) of query rows ``rows`` ``[B, R]`` (slot indices,
-    ``-1`` = unused row, returned as zeros) over the ``W`` keys of a causal self-attention layer.
+    ``-1`` = unused row, returned as zeros) over the ``W`` keys of a self-attention layer.
 
     ``x`` ``[B, W, D]`` is the attention module's input (after the layer's input norm), ``position_embeddings``
     the ``(cos, sin)`` the layer receives, ``key_valid`` ``[B, W]`` bool (False: padding / filler slots). Slots are
-    in sequence order, so causality is ``key slot <= query slot``.
+    in sequence order, so causality is ``key slot <= query slot``; ``layer_mask`` (bool ``[B or 1, 1, W, W]``, True:
+    may attend), when given, is the layer's own mask and replaces causality (e.g. Gemma 3's bidirectional image
+    blocks, a sliding window).
     """
     w = x.shape[1]
     qk = separate_qk(attn, x, rows, position_embeddings)
     safe = rows.clamp(min=0)
-    allowed = key_valid.bool()[:, None, :] & (torch.arange(w, device=x.device)[None, None, :] <= safe[:, :, None])
+    if layer_mask is None:
+        allowed = key_valid.bool()[:, None, :] & (torch.arange(w, device=x.device)[None, None, :] <= safe[:, :, None])
+    else:
+        own = layer_mask[:, 0].expand(x.shape[0], -1, -1).to(x.device)
+        allowed = key_valid.bool()[:, None, :] & torch.gather(own, 1, safe[:, :, None].expand(-1, -1, own.shape[-1]))
     probs = softmax_rows(qk.q, qk.k, qk.scale, allowed[:, None])
     return probs * (rows >= 0)[:, None, :, None]

@@ -73,6 +73,24 @@ def prefill_mask(valid: torch.Tensor) -> torch.Tensor:
     return allowed[:, None]
 
 
+def block_overlay(slots: Slots, blocks: torch.Tensor) -> torch.Tensor:
+    """Boolean ``[B, 1, W, W]``: True where query and key slot hold real tokens of the same bidirectional block
+    (``blocks`` ``[B, L]``: the block id of each ORIGINAL position, ``-1`` outside any block; Gemma 3's image
+    blocks), so a block attends to itself in both directions whatever the slots kept of it."""
+    ids = torch.gather(blocks.to(slots.pos.device), 1, slots.pos).masked_fill(~slots.valid, -1)
+    same = (ids[:, :, None] == ids[:, None, :]) & (ids[:, :, None] >= 0)
+    return same[:, None]
+
+
+def window_limit(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None) -> torch.Tensor | None:
+    """Boolean ``[B, 1, Q, K]``: a sliding-window layer's reach, measured in ORIGINAL positions (``query_pos`` ``[B,
+    Q]``, ``key_pos`` ``[B, K]``): a key at most ``window - 1`` positions before the query (later keys pass: the
+    causal or block part decides them), as transformers' ``sliding_window_overlay``. ``None`` for full attention."""
+    if window is None:
+        return None
+    return ((query_pos[:, :, None] - key_pos[:, None, :]) < window)[:, None]
+
+
 def step_mask(key_valid: torch.Tensor, q_len: int) -> torch.Tensor:
     """Boolean ``[B, 1, T, K]`` for ``T = q_len`` new tokens appended after ``K - T`` cached slots."""
     kv = key_valid.shape[1]
@@ -89,6 +107,14 @@ def to_implementation(mask: torch.Tensor, implementation: str, dtype: torch.dtyp
     if implementation == "eager":
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
     return mask
+
+
+def as_allowed(mask: Any) -> torch.Tensor | None:
+    """A layer's 4-D attention mask as boolean "may attend" (eager's additive float: 0 where allowed); None when
+    the layer got none (SDPA's plain causal case) or something else (e.g. a flex-attention block mask)."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+        return None
+    return mask if mask.dtype == torch.bool else mask == 0
 
 
 def compose_source(src1: torch.Tensor, src2: torch.Tensor) -> torch.Tensor:

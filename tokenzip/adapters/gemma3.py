@@ -1,0 +1,180 @@
+"""Gemma 3 (``Gemma3ForConditionalGeneration``): SigLIP tower (no CLS) on fixed-size images (or pan-and-scan crops,
+each its own image), its last hidden state average-pooled to ``mm_tokens_per_image`` tokens (a square grid), RMS norm
+and a linear projection into the LLM. Each image is ``<start_of_image>`` + ``<image_soft_token>`` x 256 +
+``<end_of_image>`` in the prompt.
+
+What is particular to it, and what the adapter does about it:
+
+- **Markers stay.** Only each image's run of soft tokens shrinks; ``<start_of_image>`` / ``<end_of_image>`` and the
+  newlines around them are text and stay.
+- **Bidirectional image blocks.** ``token_type_ids`` (1 at the soft tokens) make each image's soft tokens attend to
+  each other in both directions, on the full-attention and the sliding-window layers alike. Before the LLM,
+  ``token_type_ids`` (and ``mm_token_type_ids`` when a call carries it) shrink with the prompt, so the model builds
+  the overlay over the kept tokens itself. Inside the LLM (stage ``"llm"``), the runner rebuilds the overlay over
+  each block's kept tokens on both kinds of masks (:meth:`llm_blocks`; ``tokenzip.llm.slots.block_overlay``).
+- **Sliding/global layers and two rotary tables.** Each decoder layer gets its own layer type's cos/sin; the LLM
+  stage gathers whichever it receives at the kept slots (kept tokens keep their positions) and measures a sliding
+  layer's window in original positions, as the uncompressed model does.
+- **Prepared masks.** Gemma 3 hands its decoder a dict of 4-D masks, so the LLM stage takes the call's 2-D padding
+  mask from the multimodal model's own call (a pre-hook installed with the patch, removed with it).
+
+Compression acts on the projected tokens (the LLM's input space: the pooled grid exists only after the projector's
+average pool); ``cls_attention`` (attention received, no CLS) and ``keys`` come from the tower's last layer, averaged
+over each pooling window. The shortened prompt and the compressed features reach the stock model through
+``mm_encoder_outputs``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from .. import layout as L
+from ..llm.adapter import LLMAccess
+from ..llm.hooks import LLMItem
+from ..output import CompressOutput
+from .base import Adapter, Item, ModelParts
+from .placeholders import (
+    check_runs,
+    pad_id_for,
+    placeholder_keep_mask,
+    placeholder_runs,
+    require_input_ids,
+    shrink_sequences,
+    text_signals,
+)
+from .probe import probe
+from .vision import attention_module, encoder_layers, pool_patch_signals
+
+HINT = "build the inputs with Gemma3Processor (one <start_of_image> + soft tokens + <end_of_image> per image)"
+
+
+class Gemma3Adapter(LLMAccess, Adapter):
+    model_classes = ("Gemma3ForConditionalGeneration",)
+    modalities = ("image",)
+    stages = ("pre_llm", "llm")
+    signals = frozenset({"cls_attention", "keys", "projected", "text", "text_mask"})
+    input_stage_note = ("Gemma 3's SigLIP tower takes a fixed input size and always gives mm_tokens_per_image "
+                        "tokens per image; use a pre-LLM or LLM-stage method")
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__(model)
+        self.core = model.model
+        cfg = model.config
+        self.image_token_id = int(cfg.image_token_id)
+        self.tokens_per_image = int(cfg.mm_tokens_per_image)
+        self.side = math.isqrt(self.tokens_per_image)
+        patches = int(cfg.vision_config.image_size) // int(cfg.vision_config.patch_size)
+        self.kernel = patches // self.side
+        self._hook: Any = None
+        self._call: dict[str, Any] = {}  # the multimodal model's 2-D attention_mask / token_type_ids, this call
+
+    def parts(self) -> ModelParts:
+        core = self.core
+        lm = core.language_model
+        return ModelParts(encoder=core.vision_tower, encoder_layers=encoder_layers(core.vision_tower),
+                          projector=core.multi_modal_projector, language_model=lm, decoder_layers=lm.layers,
+                          final_norm=lm.norm, embed=core.get_input_embeddings(),
+                          media_token_ids={"image": self.image_token_id})
+
+    def has_media(self, kwargs: dict[str, Any]) -> bool:
+        return kwargs.get("pixel_values") is not None
+
+    def batch_size(self, kwargs: dict[str, Any]) -> int:
+        return require_input_ids(kwargs).shape[0]
+
+    # ---- lifecycle ----------------------------------------------------------------------------------------------
+    def install(self) -> None:
+        def note(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            mask = kwargs.get("attention_mask")
+            self._call = {"attention_mask": mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None,
+                          "token_type_ids": kwargs.get("token_type_ids")}
+        self._hook = self.core.register_forward_pre_hook(note, with_kwargs=True)
+
+    def release(self) -> None:
+        self._call = {}
+
+    def close(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self._call = {}
+
+    # ---- stage "pre_llm" ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, kwargs: dict[str, Any], needs: frozenset[str]) -> list[Item]:
+        input_ids = require_input_ids(kwargs)
+        pixel_values = kwargs["pixel_values"]
+        tower = self.core.vision_tower
+        with probe(attention_module(encoder_layers(tower)[-1]), needs, None) as p:
+            feats = self.core.get_image_features(pixel_values, return_dict=True).pooler_output  # [n, T, D]
+        owners = check_runs(placeholder_runs(input_ids, self.image_token_id), [self.tokens_per_image] * feats.shape[0],
+                            "image", HINT)
+        pooled = pool_patch_signals(p.results, self.side, self.kernel)
+        grid = L.grid(self.side, self.side)
+        items = []
+        for i, b in enumerate(owners):
+            sig = {name: t[i] for name, t in pooled.items()}
+            if "projected" in needs:
+                sig["projected"] = feats[i]
+            if "text" in needs or "text_mask" in needs:
+                sig.update(text_signals(self.core.get_input_embeddings(), input_ids, kwargs.get("attention_mask"),
+                                        {self.image_token_id}, b))
+            items.append(Item("image", b, feats[i], grid, sig))
+        return items
+
+    def rebuild(self, kwargs: dict[str, Any], items: list[Item], outputs: list[CompressOutput]) -> dict[str, Any]:
+        input_ids = kwargs["input_ids"]
+        counts: list[list[tuple[int, int]]] = [[] for _ in range(input_ids.shape[0])]
+        for item, out in zip(items, outputs):
+            counts[item.sample].append((item.tokens_in, out.tokens.shape[1]))
+        keep = placeholder_keep_mask(input_ids, self.image_token_id, counts)
+        # token_type_ids / mm_token_type_ids shrink with the prompt: the model rebuilds each block's overlay
+        new = shrink_sequences(kwargs, keep, pad_id_for(self.model.config, {self.image_token_id}))
+        new.pop("pixel_values", None)
+        feats = [out.tokens[0] for out in outputs]
+        # the model reads one tensor (it calls .to() on it) and scatters it in placeholder order
+        if len({f.shape[0] for f in feats}) == 1:
+            pooler = torch.stack(feats)
+        else:
+            pooler = torch.cat(feats)[None]
+        new["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=pooler)}
+        return new
+
+    # ---- stage "llm" --------------------------------------------------------------------------------------------
+    def llm_items(self, kwargs: dict[str, Any]) -> list[LLMItem]:
+        """Each image's run of soft tokens (between its start/end markers) in the LLM sequence; an uncompressed run
+        gets the pooled square grid, one a pre-LLM method shortened (``tz.compose``) no grid."""
+        pre = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+        if kwargs.get("pixel_values") is None and pre is None:
+            return []
+        runs = placeholder_runs(require_input_ids(kwargs), self.image_token_id)
+        grid = L.grid(self.side, self.side)
+        return [LLMItem("image", b, pos, grid if pos.numel() == self.tokens_per_image else None)
+                for b, sample in enumerate(runs) for pos in sample]
+
+    def llm_padding_mask(self, lm_kwargs: dict[str, Any]) -> torch.Tensor | None:
+        """Gemma 3's decoder gets a dict of prepared masks: the 2-D mask is the multimodal model's call's."""
+        mask = lm_kwargs.get("attention_mask")
+        if isinstance(mask, dict):
+            return self._call.get("attention_mask")
+        return super().llm_padding_mask(lm_kwargs)
+
+    def llm_blocks(self, length: int) -> torch.Tensor | None:
+        """Each image's soft tokens form one bidirectional block (consecutive ``token_type_ids == 1``, as the
+        model's ``get_block_sequence_ids_for_mask``); None without ``token_type_ids`` (the model then attends
+        causally)."""
+        if getattr(self.model.config.get_text_config(), "use_bidirectional_attention", False):
+            raise ValueError("LLM-stage compression does not support Gemma 3 with use_bidirectional_attention "
+                             "(every token attends in both directions)")
+        types = self._call.get("token_type_ids")
+        if types is None:
+            return None
+        if types.shape[1] != length:
+            raise ValueError(f"token_type_ids cover {types.shape[1]} positions, the prompt has {length}")
+        image = types == 1
+        start = image & ~torch.nn.functional.pad(image, (1, 0))[:, :-1]
+        return torch.where(image, start.long().cumsum(1) - 1, torch.full_like(types, -1, dtype=torch.long))
