@@ -31,6 +31,12 @@ class LLMAccess:
             raise TypeError(f"cannot find a q_proj/k_proj self-attention in {type(layer).__name__}")
         return attn
 
+    def llm_layer_kinds(self) -> list[str]:
+        """Each decoder layer's kind, ``"full_attention"`` or ``"linear_attention"`` (a recurrent token mixer with no
+        attention matrix, e.g. Qwen3.5's Gated DeltaNet): the text config's ``layer_types`` when it has them."""
+        kinds = getattr(self.llm_model().config, "layer_types", None)
+        return list(kinds) if kinds else ["full_attention"] * len(self.llm_layers())
+
     def llm_attn_implementation(self) -> str:
         return str(self.llm_model().config._attn_implementation)
 
