@@ -817,7 +817,14 @@ def tiny_qwen3_5(attn_implementation: str = "sdpa", seed: int = 0, layer_types: 
     cfg = getattr(transformers, f"{prefix}Config")(text_config=text, vision_config=vision, **_qwen_vl_token_ids())
     torch.manual_seed(seed)
     cls = getattr(transformers, f"{prefix}ForConditionalGeneration")
-    return cls._from_config(cfg, attn_implementation=attn_implementation).eval()
+    return _no_placeholder_output(cls._from_config(cfg, attn_implementation=attn_implementation).eval())
+
+
+def _no_placeholder_output(model: torch.nn.Module) -> torch.nn.Module:
+    """Random weights can make greedy decoding emit a placeholder id, which an uncached ``generate()`` would then
+    count as one more media placeholder (a real checkpoint never emits them): ``generate()`` suppresses them."""
+    model.generation_config.suppress_tokens = [IMAGE_TOKEN, QWEN_VIDEO_TOKEN]
+    return model
 
 
 def tiny_glm4v(attn_implementation: str = "sdpa", seed: int = 0) -> torch.nn.Module:
@@ -836,7 +843,8 @@ def tiny_glm4v(attn_implementation: str = "sdpa", seed: int = 0) -> torch.nn.Mod
                       image_end_token_id=GLM_IMAGE_END, video_start_token_id=GLM_VIDEO_START,
                       video_end_token_id=GLM_VIDEO_END)
     torch.manual_seed(seed)
-    return Glm4vForConditionalGeneration._from_config(cfg, attn_implementation=attn_implementation).eval()
+    return _no_placeholder_output(Glm4vForConditionalGeneration._from_config(
+        cfg, attn_implementation=attn_implementation).eval())
 
 
 def glm4v_image_inputs(model: torch.nn.Module, samples: list[Sample]) -> dict[str, Any]:

@@ -29,6 +29,8 @@ gated ``q_proj`` (:func:`tokenzip.llm.scores.separate_qk`).
 
 from __future__ import annotations
 
+import torch
+
 from .mrope_vl import MRopeVLAdapter
 
 
@@ -36,3 +38,7 @@ class Qwen3_5Adapter(MRopeVLAdapter):
     model_classes = ("Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration")
     family = "Qwen3.5"
     video_hint = "or tokenzip.video.qwen3_vl_video_inputs for videos (Qwen3.5 uses Qwen3VLProcessor)"
+
+    def llm_mixer(self, index: int) -> torch.nn.Module:
+        layer = self.llm_layers()[index]
+        return layer.linear_attn if self.llm_layer_kinds()[index] == "linear_attention" else self.llm_attention(layer)

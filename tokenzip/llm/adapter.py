@@ -37,6 +37,14 @@ class LLMAccess:
         kinds = getattr(self.llm_model().config, "layer_types", None)
         return list(kinds) if kinds else ["full_attention"] * len(self.llm_layers())
 
+    def llm_mixer(self, index: int) -> torch.nn.Module:
+        """The token mixer of decoder layer ``index``: its self-attention, or on a hybrid LLM's linear-attention
+        layer the recurrent mixer (adapters of hybrid LLMs say where it lives); it receives the layer's mask."""
+        layer = self.llm_layers()[index]
+        if self.llm_layer_kinds()[index] == "full_attention":
+            return self.llm_attention(layer)
+        raise TypeError(f"{type(self).__name__} does not say where layer {index}'s linear-attention mixer lives")
+
     def llm_attn_implementation(self) -> str:
         return str(self.llm_model().config._attn_implementation)
 

@@ -160,6 +160,9 @@ class LLMRunner:
         self.step_mask2d: torch.Tensor | None = None  # this call's 2-D mask, query count and cache (decode pruning)
         self.step_q = 0
         self.step_past: Any = None
+        # the attention layer that scores decode-time pruning: layer decode_at - 1, or on a hybrid LLM the last
+        # full-attention layer before decode_at (never pruned itself: its columns are the prompt's positions)
+        self.decode_score = None if self.decode_at is None else self.score_layer(self.decode_at)
 
     # ---- install / remove ---------------------------------------------------------------------------------------
     def install(self) -> None:
@@ -177,11 +180,11 @@ class LLMRunner:
         if extra is not None:
             self.handles.extend(extra(self))
         if self.decode_at is not None:
-            if self.kinds[self.decode_at - 1] != "full_attention":
-                raise ValueError(f"{self.c.info.name}: decode-time KV pruning scores with layer {self.decode_at - 1}'s "
-                                 f"attention, a {self.kinds[self.decode_at - 1]} layer; full-attention layers: "
-                                 f"{self.full}")
-            attn = self.adapter.llm_attention(self.layers[self.decode_at - 1])
+            if self.decode_score is None:
+                raise ValueError(f"{self.c.info.name}: decode-time KV pruning from layer {self.decode_at} scores with "
+                                 f"the attention of a layer before it, but layers 0-{self.decode_at - 1} of this "
+                                 f"hybrid LLM are linear-attention layers; full-attention layers: {self.full}")
+            attn = self.adapter.llm_attention(self.layers[self.decode_score])
             self.handles.append(attn.register_forward_pre_hook(self._decode_attn_pre, with_kwargs=True))
             self.handles.append(attn.register_forward_hook(self._decode_attn_post, with_kwargs=True))
 
@@ -432,7 +435,7 @@ class LLMRunner:
         self.step_query = None
         if pe is None:
             raise RuntimeError("the attention module got no position_embeddings; cannot score the cached entries")
-        layer = self.step_past.layers[dec.layer - 1]
+        layer = self.step_past.layers[self.decode_score]
         keys = layer.keys  # [B, H_kv, K, d], rotary applied; this layer is never pruned: columns == positions
         mask2d, q = self.step_mask2d, self.step_q
         kv = keys.shape[-2]
