@@ -59,17 +59,19 @@ def run_layers(model, kinds, embeds, positions, plan):
 
 
 def greedy(model, kinds, embeds, positions, plan, steps):
-    """``steps`` greedy tokens, each recomputed without cache over [kept prompt + generated tokens] with the kept
-    set fixed (generated tokens always stay); generated tokens continue the positions at ``max + 1`` (every M-RoPE
-    row), as ``rope_deltas`` makes the model continue. Suppressed ids (the generation config's) are never chosen."""
+    """``steps`` greedy tokens and the last-position logits that chose each, each step recomputed without cache
+    over [kept prompt + generated tokens] with the kept set fixed (generated tokens always stay); generated tokens
+    continue the positions at ``max + 1`` (every M-RoPE row), as ``rope_deltas`` makes the model continue.
+    Suppressed ids (the generation config's) are never chosen."""
     suppress = list(model.generation_config.suppress_tokens or [])
     embed = model.get_input_embeddings()
-    out = []
+    out, scores = [], []
     top = int(positions[1:].max())
     length = positions.shape[-1]
     for j in range(steps):
         logits, _ = run_layers(model, kinds, embeds, positions, plan)
         last = logits[0, -1].clone()
+        scores.append(logits[0, -1])
         if suppress:
             last[suppress] = float("-inf")
         token = int(last.argmax())
@@ -77,4 +79,4 @@ def greedy(model, kinds, embeds, positions, plan, steps):
         embeds = torch.cat([embeds, embed(torch.tensor([[token]]))], dim=1)
         new = torch.tensor([length + j] + [top + 1 + j] * 3).view(4, 1, 1)
         positions = torch.cat([positions, new.to(positions.dtype)], dim=-1)
-    return out
+    return out, scores

@@ -515,7 +515,7 @@ def assert_equals_removal_oracle(model, c, case, inputs, out, gen, kinds, sample
         torch.testing.assert_close(out[b, [pad + p for p in keep]], logits[0], atol=2e-5, rtol=1e-4)
         tokens = gen[b, width:].tolist()
         stop = next((j + 1 for j, t in enumerate(tokens) if t in eos), len(tokens))
-        assert tokens[:stop] == greedy(model, kinds, embeds, positions, mine, len(tokens))[:stop]
+        assert tokens[:stop] == greedy(model, kinds, embeds, positions, mine, len(tokens))[0][:stop]
 
 
 def test_eager_and_sdpa_generate_the_same_with_shortened_cache():
