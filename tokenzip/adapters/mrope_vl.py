@@ -33,6 +33,9 @@ Design (the adapters only say what differs: classes, placeholder ids, the LLM's 
   length`` per sample (the model's definition), so decoding continues where the uncompressed model would.
   ``mm_token_type_ids`` shrinks with ``input_ids``; pixels and grids leave the call (``mm_encoder_outputs`` carries
   the features).
+* **Stage "input"** (``resize``, images): the call's own patches resampled to a smaller grid
+  (:mod:`tokenzip.adapters.resample`, as on Qwen2-VL: both towers take any grid; Qwen3.5's learned position
+  embeddings are interpolated to it by the model); the model computes the new sequence's positions.
 * **Stage "llm"**: each image's placeholder run and each clip's placeholders (all its blocks) are one
   :class:`~tokenzip.llm.hooks.LLMItem`; after a pre-LLM method (features precomputed, no grids) the items have
   the kept counts and no layout.
@@ -50,6 +53,7 @@ from ..compat import cache_from
 from ..llm.adapter import LLMAccess, placeholder_items
 from ..output import CompressOutput
 from . import positions as P
+from . import resample
 from .attention import ATTENTION_SIGNALS
 from .base import Adapter, Item, ModelParts
 from .placeholders import (
@@ -111,7 +115,7 @@ class MRopeVLAdapter(LLMAccess, Adapter):
                              f"({self.image_token_id}) and refuses both in one call (its placeholder check counts "
                              f"every placeholder for each modality): pass images and videos in separate calls")
 
-    def _grid(self, kwargs: dict[str, Any], modality: str) -> torch.Tensor | None:
+    def _grid(self, kwargs: dict[str, Any], modality: str = "image") -> torch.Tensor | None:
         pixels, key = MEDIA_KEYS[modality]
         if kwargs.get(pixels) is None:
             return None
@@ -121,7 +125,7 @@ class MRopeVLAdapter(LLMAccess, Adapter):
                              f"{int(grid.prod(-1).sum())}")
         return grid
 
-    def _layout(self, modality: str, t: int, h: int, w: int) -> L.Layout:
+    def _layout(self, t: int, h: int, w: int, modality: str = "image") -> L.Layout:
         m = self.merge
         return L.Layout([L.Segment("image" if modality == "image" and t == 1 else "frames", t, h // m, w // m)])
 
@@ -186,7 +190,7 @@ class MRopeVLAdapter(LLMAccess, Adapter):
             if "text" in needs or "text_mask" in needs:
                 sig.update(text_signals(self.core.get_input_embeddings(), input_ids, kwargs.get("attention_mask"),
                                         set(self.token_of.values()), owner[i]))
-            items.append(Item(modality, owner[i], tokens, self._layout(modality, t, h, w), sig))
+            items.append(Item(modality, owner[i], tokens, self._layout(t, h, w, modality), sig))
             start += n
         return items
 
@@ -249,6 +253,21 @@ class MRopeVLAdapter(LLMAccess, Adapter):
         new["mm_encoder_outputs"] = encoded
         return new
 
+    # ---- stage "input": each image resized to a smaller grid (adapters/resample.py, as on Qwen2-VL) ---------------
+    input_reductions = ("resolution",)
+
+    def input_plan(self, kwargs: dict[str, Any], reduction: str) -> list:
+        if kwargs.get("mm_encoder_outputs"):
+            raise ValueError("pass either pixel_values/pixel_values_videos or mm_encoder_outputs, not both (the model "
+                             "refuses both)")
+        if kwargs.get("pixel_values") is None:  # clips only: "resolution" resizes images (clips pass through)
+            return []
+        return resample.qwen_input_plan(self, kwargs, reduction)
+
+    def rescale_inputs(self, kwargs: dict[str, Any], reduction: str, items: list, targets: list[int]
+                       ) -> tuple[dict[str, Any], list]:
+        return resample.qwen_rescale_inputs(self, kwargs, items, targets)
+
     # ---- stage "llm" (tokenzip.llm) -----------------------------------------------------------------------------
     def llm_items(self, kwargs: dict[str, Any]) -> list:
         """Each image's placeholder run and each clip's placeholders (all its temporal grids), in sequence order:
@@ -271,13 +290,13 @@ class MRopeVLAdapter(LLMAccess, Adapter):
                 # generate() encodes the media once and passes the features precomputed (without the grids): while
                 # they are whole (no pre-LLM method ran), the items keep the outer call's layout
                 if grid is not None and sizes == self._sizes(grid):
-                    grids = [self._layout(modality, t, h, w) for t, h, w in grid.tolist()]
+                    grids = [self._layout(t, h, w, modality) for t, h, w in grid.tolist()]
             else:
                 grid = self._grid(kwargs, modality)
                 if grid is None:
                     continue
                 sizes = self._sizes(grid)
-                grids = [self._layout(modality, t, h, w) for t, h, w in grid.tolist()]
+                grids = [self._layout(t, h, w, modality) for t, h, w in grid.tolist()]
             owners = items_per_sample(input_ids, self.token_of[modality], sizes, modality)
             found += placeholder_items(input_ids, self.token_of[modality], sizes, owners, modality, grids)
         return sorted(found, key=lambda it: (it.sample, int(it.positions[0]) if it.positions.numel() else -1))
