@@ -146,3 +146,31 @@ def test_moe_class():
         with tz.FastV(retain=0.3, layer=1)(model):
             short = model(**inputs, position_ids=pos).logits
     assert not torch.allclose(short[:, -1], ref[:, -1])
+
+
+def test_compose_pre_llm_then_llm_stage_on_the_hybrid_llm():
+    """A pre-LLM method on the merger output, then FastV in the hybrid LLM: the LLM stage finds the shortened
+    items (precomputed features), each part keeps its own budget of what it receives, and generate() continues the
+    prompt from the shortened hybrid cache."""
+    model = built("qwen3_5")
+    inputs = CASES["qwen3_5"].make_inputs(model, default_samples())
+    c = tz.compose(tz.get("avgpool", retain=0.5), tz.FastV(retain=0.5, layer=1))
+    with c(model), torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+    assert torch.equal(out[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
+    items = [it for stats in c.last_stats for it in stats["image"].items]
+    assert len(items) == 4 and all(it.tokens_out == c.effective(it.tokens_in, 4) < it.tokens_in for it in items)
+
+
+def test_bad_inputs():
+    model = built("qwen3_5")
+    inputs = CASES["qwen3_5"].make_inputs(model, default_samples()[:1])
+    with tz.ClsTopK(retain=0.5)(model):
+        with pytest.raises(ValueError, match="mm_token_type_ids is required"):
+            model(**{k: v for k, v in inputs.items() if k != "mm_token_type_ids"})
+        bad = {**inputs, "image_grid_thw": inputs["image_grid_thw"] * torch.tensor([[1, 2, 1]])}
+        with pytest.raises(ValueError, match="patches"):
+            model(**bad)
+        with pytest.raises(ValueError, match=r"position_ids must be \[3, B, L\] or \[4, B, L\]"):
+            model(**inputs, position_ids=inputs["attention_mask"].cumsum(-1) - 1)
