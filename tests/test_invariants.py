@@ -106,6 +106,8 @@ def _documented_counts(c, model, inputs):
 def _valid_keys_of_last_row(mask):
     """Keys the last query row may attend to, per sample, from a decoder layer's 4-D mask (bool or additive)."""
     assert mask is not None, "the layer got no attention mask: the kept count cannot be checked"
+    if mask.dim() == 2:  # a linear-attention layer's padding mask: the tokens its recurrence reads
+        return (mask != 0).sum(-1)
     row = mask[:, 0, -1]
     return (row if row.dtype == torch.bool else row == 0).sum(-1)
 
@@ -116,12 +118,14 @@ def _llm_stage_sees_exact_budget(method, case, budget):
     model = built(case)
     inputs = CASES[case].make_inputs(model, default_samples())
     c = method(**budget)
-    layers = adapter_for(model).parts().decoder_layers
+    adapter = adapter_for(model)
+    layers = adapter.parts().decoder_layers
     seen = {}
-    # on the attention modules: they get what the decoder layers received after tokenzip's own layer hooks
-    hooks = [layer.self_attn.register_forward_pre_hook(
+    # on the token mixers (attention, or a hybrid LLM's linear attention): they get what the decoder layers received
+    # after tokenzip's own layer hooks
+    hooks = [adapter.llm_mixer(i).register_forward_pre_hook(
         lambda m, a, kw, i=i: seen.__setitem__(i, kw["attention_mask"]), with_kwargs=True)
-        for i, layer in enumerate(layers)]
+        for i in range(len(layers))]
     try:
         with c(model):
             _forward(model, inputs, case)

@@ -24,6 +24,7 @@ from tokenzip.methods.zipvl import ZipVL
 from tokenzip.testing import CASES, IMAGE_TOKEN, default_samples
 
 from conftest import built, method_case_pairs
+from hybrid_oracle import greedy, prompt_call, run_layers
 
 CASE = "llava"
 
@@ -169,7 +170,10 @@ def test_scores_equal_eager_attention_weights(case):
     attention weights of that layer, at every real row of a left-padded batch."""
     sdpa, eager = built(case), built(case, "eager")
     inputs = CASES[case].make_inputs(sdpa, default_samples())
-    k = 1
+    # layer 1, or on a hybrid LLM the first full-attention layer after layer 0 (eager records attention weights of
+    # the full-attention layers only)
+    full = [i for i, kind in enumerate(adapter_for(sdpa).llm_layer_kinds()) if kind == "full_attention"]
+    k = next((i for i in full if i >= 1), full[0])
     cap = {}
     attn = adapter_for(sdpa).parts().decoder_layers[k].self_attn
     h = attn.register_forward_pre_hook(lambda m, a, kw: cap.update(x=kw["hidden_states"], pe=kw["position_embeddings"],
@@ -181,7 +185,8 @@ def test_scores_equal_eager_attention_weights(case):
     hook = CASES[case].position_ids
     pos = hook(eager, inputs) if hook is not None else _positions(inputs["attention_mask"])
     with torch.no_grad():
-        ref = eager(**inputs, position_ids=pos, output_attentions=True).attentions[k]
+        weights = eager(**inputs, position_ids=pos, output_attentions=True).attentions
+        ref = weights[full.index(k)] if len(weights) == len(full) else weights[k]
     mask = inputs["attention_mask"].bool()
     b, length = mask.shape
     rows = torch.arange(length).expand(b, -1).clone().masked_fill(~mask, -1)  # every real row; padding rows unused
@@ -504,7 +509,36 @@ def test_equals_the_masking_oracle_logits_and_generation(method, case):
     with c(model):
         out = _case_forward(case, model, inputs)
         gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    assert_equals_mask_oracle(model, c, inputs, out, gen, lambda: _case_forward(case, model, inputs))
+    kinds = adapter_for(model).llm_layer_kinds()
+    if "linear_attention" in kinds:  # masks cannot hide tokens from a recurrence: the removal oracle
+        assert_equals_removal_oracle(model, c, case, inputs, out, gen, kinds)
+    else:
+        assert_equals_mask_oracle(model, c, inputs, out, gen, lambda: _case_forward(case, model, inputs))
+
+
+def assert_equals_removal_oracle(model, c, case, inputs, out, gen, kinds, samples=None):
+    """A hybrid LLM (tests/hybrid_oracle.py): for each sample of the left-padded batch, the logits at its kept
+    positions and its greedy tokens equal the stock layers run by hand on that sample alone with the run's own
+    selection REMOVED from the layers after each stage (linear-attention layers included)."""
+    samples = samples or default_samples()
+    plan = stage_plan(c, inputs, adapter_for(model).parts().media_token_ids)
+    assert sum(len(d) for entries in plan.values() for _, _, d in entries) > 0, "the method removed nothing"
+    mask = inputs["attention_mask"]
+    width = mask.shape[1]
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    for b, sample in enumerate(samples):
+        pad = width - int(mask[b].sum())
+        one = CASES[case].make_inputs(model, [sample])
+        embeds, positions = prompt_call(model, one, CASES[case].position_ids(model, one))
+        mine = {layer: [([[p - pad for p in g] for g in groups], [p - pad for p in dropped])
+                        for row, groups, dropped in entries if row == b] for layer, entries in plan.items()}
+        mine = {layer: entries for layer, entries in mine.items() if entries}
+        logits, keep = run_layers(model, kinds, embeds, positions, mine)
+        torch.testing.assert_close(out[b, [pad + p for p in keep]], logits[0], atol=2e-5, rtol=1e-4)
+        tokens = gen[b, width:].tolist()
+        stop = next((j + 1 for j, t in enumerate(tokens) if t in eos), len(tokens))
+        assert tokens[:stop] == greedy(model, kinds, embeds, positions, mine, len(tokens))[0][:stop]
 
 
 def test_eager_and_sdpa_generate_the_same_with_shortened_cache():

@@ -121,3 +121,13 @@ def tile_features_input(model: torch.nn.Module, feats: list[torch.Tensor]) -> to
                          f"of one size; every tile must keep the same number of tokens, got "
                          f"{sorted({int(f.shape[0]) for f in feats})}")
     return torch.cat(feats)[None]
+
+
+def attention_seq_length(cache: Any, layer: int) -> int:
+    """Tokens cached by full-attention layer ``layer`` (a plain ``int``).
+
+    Hybrid caches (Qwen3.5: linear-attention layers interleaved with full-attention ones) answer
+    ``Cache.get_seq_length()`` differently across the supported range: transformers 5.18-5.24 jump from a
+    linear-attention layer 0 to the first full-attention layer (and raise for another linear index), 5.25 returns
+    layer 0's own count, as a 0-d tensor. Asking for an explicit full-attention layer gives the same answer in all."""
+    return int(cache.get_seq_length(layer))

@@ -1119,3 +1119,128 @@ def _register_gemma3_smolvlm() -> None:
 
 
 _register_gemma3_smolvlm()
+
+
+# ---- Qwen3.5 (hybrid LLM) and GLM-4.1V ------------------------------------------------------------------------------
+from .adapters.glm4v import Glm4vAdapter  # noqa: E402  (appended section: merge-friendly)
+from .adapters.qwen3_5 import Qwen3_5Adapter  # noqa: E402
+
+# Qwen3.5's decoder kinds in the tiny model: a full-attention layer first (LLM-stage methods score their first stage
+# with layer 0's attention), then two Gated DeltaNet layers that run on the shortened sequence, then full attention
+QWEN3_5_LAYERS = ("full_attention", "linear_attention", "linear_attention", "full_attention")
+GLM_IMAGE_START, GLM_IMAGE_END, GLM_VIDEO_START, GLM_VIDEO_END = 102, 103, 104, 105
+# (t, h, w) patch grids of GLM's test clips (cycled by sample seed + clip index): 2, 3 and 2 temporal grids of 6, 4
+# and 6 tokens
+GLM_CLIPS = [(2, 4, 6), (3, 4, 4), (2, 6, 4)]
+
+
+def tiny_qwen3_5(attn_implementation: str = "sdpa", seed: int = 0, layer_types: tuple[str, ...] = QWEN3_5_LAYERS,
+                 moe: bool = False) -> torch.nn.Module:
+    """Qwen3.5: 2-block ViT (4-px patches, 2x2 merger, no DeepStack) + a hybrid M-RoPE LLM of ``layer_types``
+    (Gated DeltaNet linear-attention and gated full-attention layers), random weights. ``moe``: the Qwen3.5-MoE
+    class (2 experts, top-1)."""
+    import transformers
+
+    text: dict[str, Any] = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                num_hidden_layers=len(layer_types), layer_types=list(layer_types),
+                                num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=8,
+                                linear_num_key_heads=2, linear_num_value_heads=4, max_position_embeddings=512,
+                                pad_token_id=PAD, bos_token_id=1, eos_token_id=2, initializer_range=0.1,
+                                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                 "mrope_section": [2, 1, 1], "mrope_interleaved": True,
+                                                 "partial_rotary_factor": 0.5})
+    if moe:
+        text.update(num_experts=2, num_experts_per_tok=1, moe_intermediate_size=32, shared_expert_intermediate_size=32)
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=4, temporal_patch_size=2,
+                  spatial_merge_size=2, out_hidden_size=32, num_position_embeddings=16)
+    prefix = "Qwen3_5Moe" if moe else "Qwen3_5"
+    cfg = getattr(transformers, f"{prefix}Config")(text_config=text, vision_config=vision, **_qwen_vl_token_ids())
+    torch.manual_seed(seed)
+    cls = getattr(transformers, f"{prefix}ForConditionalGeneration")
+    return _no_placeholder_output(cls._from_config(cfg, attn_implementation=attn_implementation).eval())
+
+
+def _no_placeholder_output(model: torch.nn.Module) -> torch.nn.Module:
+    """Random weights can make greedy decoding emit a placeholder id, which an uncached ``generate()`` would then
+    count as one more media placeholder (a real checkpoint never emits them): ``generate()`` suppresses them."""
+    model.generation_config.suppress_tokens = [IMAGE_TOKEN, QWEN_VIDEO_TOKEN]
+    return model
+
+
+def tiny_glm4v(attn_implementation: str = "sdpa", seed: int = 0) -> torch.nn.Module:
+    """GLM-4.1V: 2-block ViT (4-px patches, 2x2 conv downsample + merger) + 3-layer M-RoPE LLM (half the head
+    dimensions rotary), random weights."""
+    from transformers import Glm4vConfig, Glm4vForConditionalGeneration
+
+    text = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                num_key_value_heads=1, max_position_embeddings=512, pad_token_id=PAD, initializer_range=0.1,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1],
+                                 "partial_rotary_factor": 0.5})
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=4, temporal_patch_size=2,
+                  spatial_merge_size=2, out_hidden_size=32, image_size=16)
+    cfg = Glm4vConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN,
+                      video_token_id=QWEN_VIDEO_TOKEN, image_start_token_id=GLM_IMAGE_START,
+                      image_end_token_id=GLM_IMAGE_END, video_start_token_id=GLM_VIDEO_START,
+                      video_end_token_id=GLM_VIDEO_END)
+    torch.manual_seed(seed)
+    return _no_placeholder_output(Glm4vForConditionalGeneration._from_config(
+        cfg, attn_implementation=attn_implementation).eval())
+
+
+def glm4v_image_inputs(model: torch.nn.Module, samples: list[Sample]) -> dict[str, Any]:
+    """A left-padded batch as ``Glm4vProcessor`` lays out images: ``<|begin_of_image|> <|image|>*(h*w/4)
+    <|end_of_image|>`` per image (grids as :func:`qwen_vl_inputs`), ``mm_token_type_ids`` 1 at the placeholders."""
+    v = model.config.vision_config
+    unit = v.spatial_merge_size ** 2
+    patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
+    rows, pixels, grids = [], [], []
+    for s in samples:
+        g = torch.Generator().manual_seed(s.seed)
+        row = list(s.before)
+        for j in range(s.n_items):
+            h, w = QWEN_GRIDS[(s.seed + j) % len(QWEN_GRIDS)]
+            grids.append([1, h, w])
+            pixels.append(torch.randn(h * w, patch_dim, generator=g))
+            row += [GLM_IMAGE_START] + [IMAGE_TOKEN] * (h * w // unit) + [GLM_IMAGE_END]
+        rows.append(row + s.after)
+    ids, mask = left_pad(rows)
+    return {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": (ids == IMAGE_TOKEN).int(),
+            "pixel_values": torch.cat(pixels), "image_grid_thw": torch.tensor(grids, dtype=torch.long)}
+
+
+def glm4v_video_inputs(model: torch.nn.Module, samples: list[Sample]) -> dict[str, Any]:
+    """A left-padded batch of GLM-4.1V video prompts: clip ``j`` of a sample with seed ``s`` has the patch grid
+    ``GLM_CLIPS[(s + j) % 3]``; it is ``<|begin_of_video|>``, then per temporal grid ``<|begin_of_image|>``, the
+    grid's placeholders (the IMAGE token, as GLM's processor writes them), ``<|end_of_image|>`` and its timestamp
+    text, then ``<|end_of_video|>``. ``mm_token_type_ids`` is 2 at the clips' placeholders."""
+    v = model.config.vision_config
+    unit = v.spatial_merge_size ** 2
+    patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
+    rows, pixels, grids = [], [], []
+    for s in samples:
+        g = torch.Generator().manual_seed(100 + s.seed)
+        row = list(s.before)
+        for j in range(s.n_items):
+            t, h, w = GLM_CLIPS[(s.seed + j) % len(GLM_CLIPS)]
+            grids.append([t, h, w])
+            pixels.append(torch.randn(t * h * w, patch_dim, generator=g))
+            row.append(GLM_VIDEO_START)
+            for k in range(t):
+                row += [GLM_IMAGE_START] + [IMAGE_TOKEN] * (h * w // unit) + [GLM_IMAGE_END] + _timestamp_ids(k)
+            row.append(GLM_VIDEO_END)
+        rows.append(row + s.after)
+    ids, mask = left_pad(rows)
+    return {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": (ids == IMAGE_TOKEN).int() * 2,
+            "pixel_values_videos": torch.cat(pixels), "video_grid_thw": torch.tensor(grids, dtype=torch.long)}
+
+
+CASES["qwen3_5"] = Case("qwen3_5", lambda attn: tiny_qwen3_5(attn), lambda m, s: qwen_vl_inputs(m, s), Qwen3_5Adapter,
+                        position_ids=lambda m, i: qwen3_vl_positions(m, i), media=("image",))
+CASES["qwen3_5_video"] = Case("qwen3_5_video", lambda attn: tiny_qwen3_5(attn),
+                              lambda m, s: qwen3_vl_video_inputs(m, s), Qwen3_5Adapter,
+                              position_ids=lambda m, i: qwen3_vl_positions(m, i), media=("video",))
+CASES["glm4v"] = Case("glm4v", lambda attn: tiny_glm4v(attn), lambda m, s: glm4v_image_inputs(m, s), Glm4vAdapter,
+                      position_ids=lambda m, i: qwen3_vl_positions(m, i), media=("image",))
+CASES["glm4v_video"] = Case("glm4v_video", lambda attn: tiny_glm4v(attn), lambda m, s: glm4v_video_inputs(m, s),
+                            Glm4vAdapter, position_ids=lambda m, i: qwen3_vl_positions(m, i), media=("video",))

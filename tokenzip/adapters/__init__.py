@@ -56,3 +56,10 @@ __all__ += ["Qwen2_5OmniAdapter", "Qwen3OmniAdapter"]
 __all__ += ["InternVLAdapter"]
 __all__ += ["LlavaNextAdapter", "LlavaNextVideoAdapter"]
 __all__ += ["Gemma3Adapter", "SmolVLMAdapter"]
+
+# Qwen3.5 (hybrid LLM) and GLM-4.1V / 4.6V: the shared M-RoPE machinery is adapters/mrope_vl.py
+from .glm4v import Glm4vAdapter  # noqa: E402
+from .qwen3_5 import Qwen3_5Adapter  # noqa: E402
+
+ADAPTERS += [Qwen3_5Adapter, Glm4vAdapter]
+__all__ += ["Glm4vAdapter", "Qwen3_5Adapter"]

@@ -4,13 +4,14 @@ The model keeps running SDPA."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
 from .. import timing
-from .attention import ATTENTION_SIGNALS, attention_signals, mean_keys
+from .attention import ATTENTION_SIGNALS, attention_signals, block_signals, mean_keys
 
 
 class AttentionProbe:
@@ -64,3 +65,42 @@ def capture_input(attn: torch.nn.Module) -> Iterator[dict[str, torch.Tensor]]:
     finally:
         for h in handles:
             h.remove()
+
+
+class VisionBlockProbe:
+    """Forward pre-hook on the last vision block's attention: captures its input, segments and rotary embedding and
+    computes per-patch ``cls_attention`` (attention received, summed over the queries of its segment, mean over
+    heads) and pre-rotary ``keys`` (mean over heads), in the order the block sees the patches
+    (:func:`tokenzip.adapters.attention.block_signals`)."""
+
+    def __init__(self, attn: torch.nn.Module, needs: frozenset[str], chunk: int = 1024):
+        self.attn = attn
+        self.needs = needs
+        self.chunk = chunk
+        self.calls = 0
+        self.received: torch.Tensor | None = None
+        self.keys: torch.Tensor | None = None
+
+    def hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        self.calls += 1
+        x = args[0] if args else kwargs["hidden_states"]
+        cu = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
+        pe = kwargs.get("position_embeddings", args[2] if len(args) > 2 else None)
+        with torch.no_grad():
+            out = block_signals(module, x, self.needs, pe, cu.tolist(), self.chunk)
+        self.keys = out.get("keys")
+        self.received = out.get("cls_attention")
+
+    def run(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` (one ViT pass) with this probe on its block when an attention signal is needed (removed after,
+        also after an exception); a RuntimeError unless the block ran exactly once."""
+        handle = self.attn.register_forward_pre_hook(self.hook, with_kwargs=True) \
+            if ATTENTION_SIGNALS & self.needs else None
+        try:
+            out = fn()
+        finally:
+            if handle is not None:
+                handle.remove()
+        if handle is not None and self.calls != 1:
+            raise RuntimeError(f"expected one call of the last vision block, saw {self.calls}")
+        return out

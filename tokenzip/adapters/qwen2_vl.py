@@ -75,7 +75,6 @@ Stage "encoder" (``tz.InEncoder(method, layer=L)``; clips: one cut, per temporal
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,7 +90,6 @@ from ..llm.adapter import LLMAccess
 from ..output import CompressOutput
 from . import positions as P
 from . import resample
-from .attention import ATTENTION_SIGNALS, block_signals
 from .base import Adapter, Item, ModelParts
 from .placeholders import (
     image_llm_items,
@@ -103,46 +101,11 @@ from .placeholders import (
     shrink_sequences,
     text_signals,
 )
+from .probe import VisionBlockProbe
 from .qwen_video import IMAGE, VIDEO, Media, QwenVideo
 
-
-class _LastBlockProbe:
-    """Forward pre-hook on the last vision block's attention: captures its input, segments and rotary embedding and
-    computes per-patch ``cls_attention`` (attention received, summed over the queries of its segment, mean over
-    heads) and pre-rotary ``keys`` (mean over heads), in the order the block sees the patches
-    (:func:`tokenzip.adapters.attention.block_signals`)."""
-
-    def __init__(self, attn: torch.nn.Module, needs: frozenset[str], chunk: int = 1024):
-        self.attn = attn
-        self.needs = needs
-        self.chunk = chunk
-        self.calls = 0
-        self.received: torch.Tensor | None = None
-        self.keys: torch.Tensor | None = None
-
-    def hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        self.calls += 1
-        x = args[0] if args else kwargs["hidden_states"]
-        cu = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
-        pe = kwargs.get("position_embeddings", args[2] if len(args) > 2 else None)
-        with torch.no_grad():
-            out = block_signals(module, x, self.needs, pe, cu.tolist(), self.chunk)
-        self.keys = out.get("keys")
-        self.received = out.get("cls_attention")
-
-    def run(self, fn: Callable[[], Any]) -> Any:
-        """``fn()`` (one ViT pass) with this probe on its block when an attention signal is needed (removed after,
-        also after an exception); a RuntimeError unless the block ran exactly once."""
-        handle = self.attn.register_forward_pre_hook(self.hook, with_kwargs=True) \
-            if ATTENTION_SIGNALS & self.needs else None
-        try:
-            out = fn()
-        finally:
-            if handle is not None:
-                handle.remove()
-        if handle is not None and self.calls != 1:
-            raise RuntimeError(f"expected one call of the last vision block, saw {self.calls}")
-        return out
+# the probe lives in adapters/probe.py (Qwen3-VL, Qwen-Omni, Qwen3.5 and GLM-4.1V use it too); the old name stays
+_LastBlockProbe = VisionBlockProbe
 
 
 @dataclass(frozen=True)

@@ -920,3 +920,51 @@ REAL_PRESETS["internvl3.5-2b"] = Preset(
     make_inputs=internvl_inputs,
     notes="one 896x1344 image = 2x3 tiles + thumbnail = 7 x 1025 ViT tokens = 1792 visual tokens; by default 2 of 28 "
           "Qwen3 layers and 2 of 24 InternViT layers are built")
+
+
+# ---- GLM-4.1V-9B (appended section: merge-friendly) -----------------------------------------------------------------
+def glm4v_9b_config():
+    """``zai-org/GLM-4.1V-9B-Thinking``'s shape: transformers' ``Glm4vConfig`` defaults, which its docstring names as
+    that checkpoint's (ViT 24 layers, width 1536, MLP 13696, 12 heads, patch 14, 2x2 downsample, temporal patch 2;
+    LLM 40 layers, width 4096, MLP 13696, 32 heads, 2 KV heads, vocab 151552; image/begin/end tokens
+    151343/151339/151340), with the M-RoPE sections 8/12/12 the model's rotary defaults to and the partial rotary
+    factor 0.5 that those sections need (they cover 32 of the 64 frequencies of a 128-dim head)."""
+    from transformers import Glm4vConfig
+
+    cfg = Glm4vConfig()
+    cfg.text_config.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12],
+                                       "partial_rotary_factor": 0.5}
+    return cfg
+
+
+GLM_SIDE = 448  # px: 32x32 patches of 14 px -> 256 LLM tokens after the 2x2 downsample
+
+
+def glm4v_inputs(model: torch.nn.Module, image: np.ndarray | None = None, seed: int = 0) -> dict[str, Any]:
+    """A 448x448 photo (GLM-4.1V preprocessing: 14-px patches, CLIP mean/std): 1024 ViT patches, 256 LLM tokens,
+    ``<|begin_of_image|> <|image|>*256 <|end_of_image|>`` in the prompt, ``mm_token_type_ids`` for M-RoPE."""
+    cfg = model.config
+    px = GLM_SIDE * GLM_SIDE * 2  # GLM's smart_resize counts an image as temporal_patch_size (2) frames
+    proc = image_processor("Glm4vImageProcessor", size={"shortest_edge": px, "longest_edge": px},
+                           image_mean=CLIP_MEAN, image_std=CLIP_STD)
+    img = sample_image((GLM_SIDE, GLM_SIDE)) if image is None else image
+    enc = proc(images=img, return_tensors="pt")
+    thw = enc["image_grid_thw"]
+    merge = int(cfg.vision_config.spatial_merge_size)
+    n = int(thw.prod(-1).sum()) // (merge * merge)
+    tok, start, end = int(cfg.image_token_id), int(cfg.image_start_token_id), int(cfg.image_end_token_id)
+    vocab = int(cfg.text_config.vocab_size)
+    avoid = {tok, start, end, int(cfg.video_token_id), int(cfg.video_start_token_id), int(cfg.video_end_token_id)}
+    ids = (_text_ids(TEXT_BEFORE, vocab, seed, avoid) + [start] + [tok] * n + [end]
+           + _text_ids(TEXT_AFTER, vocab, seed + 1, avoid))
+    ids_t = torch.tensor([ids])
+    return {"input_ids": ids_t, "attention_mask": torch.ones_like(ids_t), "pixel_values": enc["pixel_values"],
+            "image_grid_thw": thw, "mm_token_type_ids": (ids_t == tok).long()}
+
+
+REAL_PRESETS["glm-4.1v-9b"] = Preset(
+    "glm-4.1v-9b", "zai-org/GLM-4.1V-9B-Thinking (transformers' Glm4vConfig defaults)", glm4v_9b_config,
+    "Glm4vForConditionalGeneration", "vision_config.depth", text_default=2, vision_default=2,
+    make_inputs=glm4v_inputs,
+    notes="one 448x448 image = 1024 ViT patches = 256 visual tokens; 9B in fp32 (~40 GB) does not fit, so by "
+          "default 2 of 40 LLM layers (the fewest an LLM-stage method can run on) and 2 of 24 ViT layers are built")

@@ -31,6 +31,21 @@ class LLMAccess:
             raise TypeError(f"cannot find a q_proj/k_proj self-attention in {type(layer).__name__}")
         return attn
 
+    def llm_layer_kinds(self) -> list[str]:
+        """Each decoder layer's kind, ``"full_attention"``, ``"sliding_attention"`` (Gemma 3's local layers) or
+        ``"linear_attention"`` (a recurrent token mixer with no attention matrix, e.g. Qwen3.5's Gated DeltaNet): the
+        text config's ``layer_types`` when it has them."""
+        kinds = getattr(self.llm_model().config, "layer_types", None)
+        return list(kinds) if kinds else ["full_attention"] * len(self.llm_layers())
+
+    def llm_mixer(self, index: int) -> torch.nn.Module:
+        """The token mixer of decoder layer ``index``: its self-attention, or on a hybrid LLM's linear-attention
+        layer the recurrent mixer (adapters of hybrid LLMs say where it lives); it receives the layer's mask."""
+        layer = self.llm_layers()[index]
+        if self.llm_layer_kinds()[index] != "linear_attention":
+            return self.llm_attention(layer)
+        raise TypeError(f"{type(self).__name__} does not say where layer {index}'s linear-attention mixer lives")
+
     def llm_attn_implementation(self) -> str:
         return str(self.llm_model().config._attn_implementation)
 

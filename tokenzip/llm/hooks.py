@@ -40,7 +40,7 @@ import torch
 
 from .. import ops
 from ..callstate import per_call
-from ..compat import cache_from
+from ..compat import attention_seq_length, cache_from
 from ..layout import Layout
 from ..output import ItemStats, summarize
 from . import slots as S
@@ -51,6 +51,8 @@ ATTENTION_SIGNALS = ("last_attention", "text_attention")
 # what the runner hands to an LLM-stage method (tokenzip/signals.py); ``text`` holds hidden states at this stage
 PRODUCED_SIGNALS = frozenset({*ATTENTION_SIGNALS, "text", "text_mask"})
 STATE_ATTR = "_tokenzip_llm_state"
+# decoder layer kinds the runner supports: attention layers, and linear-attention (recurrent) layers of hybrid LLMs
+LAYER_KINDS = ("full_attention", "sliding_attention", "linear_attention")
 
 
 @dataclass
@@ -117,6 +119,7 @@ class _Run:
         self.prefill_len = attn2d.shape[1]
         self.stage_at = stage_at
         self.signals: dict[int, dict] = {}
+        self.captured: dict[int, tuple] = {}  # stage layer -> (attention, its input, cos/sin, slots) (hybrid LLMs)
         self.full: torch.Tensor | None = None
         self.masks: dict[int | None, torch.Tensor] = {}  # sliding window (None: full attention) -> 4-D mask
         self.blocks: torch.Tensor | None = None  # [B, L] bidirectional block ids (Gemma 3's images), -1 outside
@@ -149,14 +152,20 @@ class LLMRunner:
         if self.impl not in ("sdpa", "eager"):
             raise ValueError(f"LLM-stage compression needs attn_implementation 'sdpa' or 'eager' (an explicit 4-D "
                              f"mask per layer); the model uses {self.impl!r}")
-        kinds = list(getattr(self.lm.config, "layer_types", None) or ["full_attention"] * len(self.layers))
-        if set(kinds) - {"full_attention", "sliding_attention"}:
-            raise ValueError(f"LLM-stage compression supports full-attention and sliding-window decoders only; this "
-                             f"one has layer types {sorted(set(kinds))}")
-        # per layer: its sliding window (None: full attention). Shortened layers keep the window in ORIGINAL
-        # positions (kept tokens keep theirs), as the uncompressed model measures it
+        kinds_of = getattr(adapter, "llm_layer_kinds", None)
+        self.kinds = list(kinds_of()) if kinds_of is not None else ["full_attention"] * len(self.layers)
+        if len(self.kinds) != len(self.layers) or not set(self.kinds) <= set(LAYER_KINDS):
+            raise ValueError(f"LLM-stage compression supports decoders of {LAYER_KINDS} layers; this one has layer "
+                             f"types {sorted(set(self.kinds))}")
+        # per layer: its sliding window (None: full attention or linear). Shortened layers keep the window in
+        # ORIGINAL positions (kept tokens keep theirs), as the uncompressed model measures it
         window = getattr(self.lm.config, "sliding_window", None)
-        self.windows = [int(window) if kind == "sliding_attention" and window else None for kind in kinds]
+        self.windows = [int(window) if kind == "sliding_attention" and window else None for kind in self.kinds]
+        # the attention layers (full or sliding-window: they hold K/V and an attention matrix); on a hybrid decoder
+        # the linear-attention layers interleaved with them are not
+        self.attention_layers = [i for i, kind in enumerate(self.kinds) if kind != "linear_attention"]
+        if not self.attention_layers:
+            raise ValueError("LLM-stage compression needs at least one attention decoder layer")
         self.needs = compressor.signals_needed()
         self.handles: list[Any] = []
         self.decode_at = compressor.decode_layer(len(self.layers))
@@ -165,6 +174,9 @@ class LLMRunner:
             if any(w is not None for w in self.windows):
                 raise ValueError(f"{compressor.info.name}: decode-time KV pruning is not supported on decoders with "
                                  f"sliding-window layers")
+        # the attention layer that scores decode-time pruning: layer decode_at - 1, or on a hybrid LLM the last
+        # full-attention layer before decode_at (never pruned itself: its columns are the prompt's positions)
+        self.decode_score = None if self.decode_at is None else self.score_layer(self.decode_at)
 
     # ---- install / remove ---------------------------------------------------------------------------------------
     def install(self) -> None:
@@ -172,8 +184,9 @@ class LLMRunner:
         self.handles.append(self.lm.register_forward_hook(self._lm_post, always_call=True))
         for i, layer in enumerate(self.layers):
             self.handles.append(layer.register_forward_pre_hook(self._layer_pre(i), with_kwargs=True))
-            attn = self.adapter.llm_attention(layer)
-            self.handles.append(attn.register_forward_pre_hook(self._attn_pre(i), with_kwargs=True))
+            if self.kinds[i] != "linear_attention":
+                attn = self.adapter.llm_attention(layer)
+                self.handles.append(attn.register_forward_pre_hook(self._attn_pre(i), with_kwargs=True))
         self.handles.append(self.norm.register_forward_pre_hook(self._norm_pre))
         # model-specific steps that must follow the shortened sequence (Qwen3-VL's DeepStack): only the adapter knows
         # them; it returns handles with remove(), undone with the runner's own
@@ -181,7 +194,11 @@ class LLMRunner:
         if extra is not None:
             self.handles.extend(extra(self))
         if self.decode_at is not None:
-            attn = self.adapter.llm_attention(self.layers[self.decode_at - 1])
+            if self.decode_score is None:
+                raise ValueError(f"{self.c.info.name}: decode-time KV pruning from layer {self.decode_at} scores with "
+                                 f"the attention of a layer before it, but layers 0-{self.decode_at - 1} of this "
+                                 f"hybrid LLM are linear-attention layers; attention layers: {self.attention_layers}")
+            attn = self.adapter.llm_attention(self.layers[self.decode_score])
             self.handles.append(attn.register_forward_pre_hook(self._decode_attn_pre, with_kwargs=True))
             self.handles.append(attn.register_forward_hook(self._decode_attn_post, with_kwargs=True))
 
@@ -215,7 +232,7 @@ class LLMRunner:
             return
         b, q = ref.shape[0], ref.shape[1]
         past = cache_from(kwargs)
-        past_len = int(past.get_seq_length()) if past is not None else 0
+        past_len = self._past_length(past) if past is not None else 0
         mask = self.adapter.llm_padding_mask(kwargs)  # a model that prepares its decoder's masks keeps the 2-D one
         if mask is None:
             mask = torch.ones(b, past_len + q, dtype=torch.long, device=ref.device)
@@ -231,6 +248,23 @@ class LLMRunner:
                     raise RuntimeError("this cache was shortened by another tokenzip compressor; continue it inside "
                                        "the same `with` block")
                 self._start_step(state, mask, past, q)
+
+    def _past_length(self, past: Any) -> int:
+        """The tokens the uncompressed model would have cached: the first attention layer's count, plus what
+        the stages removed from it when it is a shortened layer (``tokenzip.compat.attention_seq_length``)."""
+        first = self.attention_layers[0]
+        n = attention_seq_length(past, first)
+        state = getattr(past, STATE_ATTR, None)
+        g = state.group_of(first) if isinstance(state, CacheState) else None
+        if g is not None:
+            n += state.prefill_len - state.groups[g][1].shape[1]
+        return n
+
+    def score_layer(self, layer: int) -> int | None:
+        """The attention layer whose rows score a stage before decoder layer ``layer``: ``layer - 1``, or on a hybrid
+        decoder the last full-attention layer before ``layer`` (None: there is none)."""
+        before = [i for i in self.attention_layers if i < layer]
+        return before[-1] if before else None
 
     def _lm_post(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
         run, self.run, self.step = self.run, None, None
@@ -249,6 +283,13 @@ class LLMRunner:
                 prev = count
             t.plan = {layer: c for layer, c in t.plan.items() if c < t.n}  # stages that change nothing: skip
         stage_at = sorted({layer for t in tracks for layer in t.plan})
+        if self.needs & set(ATTENTION_SIGNALS):
+            for layer in stage_at:
+                if self.score_layer(layer) is None:
+                    raise ValueError(f"{self.c.info.name}: its stage before decoder layer {layer} scores with "
+                                     f"attention, but layers 0-{layer - 1} of this hybrid LLM are linear-attention "
+                                     f"layers (no attention to read); attention layers: "
+                                     f"{self.attention_layers}, so stage layers from {self.attention_layers[0] + 1} on")
         run = _Run(tracks, mask.bool(), stage_at)
         run.blocks = self.adapter.llm_blocks(mask.shape[1])
         for t in tracks:
@@ -286,8 +327,12 @@ class LLMRunner:
                 raise ValueError("LLM-stage compression: the batch changed since prefill (beam search or cache "
                                  "reordering is not supported)")
             expected = valid.shape[1] + tail.shape[1] - q
-            if layers is not None and start < len(layers) and int(layers[start].get_seq_length()) != expected:
-                raise RuntimeError(f"LLM-stage compression: layer {start} caches {layers[start].get_seq_length()} "
+            end = state.groups[g + 1][0] if g + 1 < len(state.groups) else len(self.layers)
+            # linear layers hold no K/V to count
+            check = next((i for i in self.attention_layers if start <= i < end), None)
+            if layers is not None and check is not None and check < len(layers) \
+                    and attention_seq_length(past, check) != expected:
+                raise RuntimeError(f"LLM-stage compression: layer {check} caches {attention_seq_length(past, check)} "
                                    f"tokens, expected {expected}; the cache was cropped or edited since prefill")
             masks[g] = self._step_masks(state, g, tail, q)
         self.step = (state, masks)
@@ -334,23 +379,44 @@ class LLMRunner:
     def _attn_pre(self, i: int):
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
             run = self.run
-            if run is None or (i + 1) not in run.stage_at or not (self.needs & set(ATTENTION_SIGNALS)):
+            if run is None or not (self.needs & set(ATTENTION_SIGNALS)):
+                return
+            later = [k for k in run.stage_at if k > i + 1 and self.score_layer(k) == i]
+            if (i + 1) not in run.stage_at and not later:
                 return
             x = args[0] if args else kwargs["hidden_states"]
             pe = kwargs.get("position_embeddings")
             if pe is None:
                 raise RuntimeError("the attention module got no position_embeddings; cannot recompute its scores")
-            with torch.no_grad():
-                run.signals[i + 1] = self._scores(run, module, x, pe, S.as_allowed(kwargs.get("attention_mask")))
+            if (i + 1) in run.stage_at:
+                with torch.no_grad():
+                    run.signals[i + 1] = self._scores(run, module, x, pe, S.as_allowed(kwargs.get("attention_mask")))
+            for k in later:  # hybrid LLM: a stage after linear layers reads this layer's attention (_captured_scores)
+                run.captured[k] = (module, x.detach(), tuple(t.detach() for t in pe), run.slots)
             return
         return hook
+
+    def _captured_scores(self, run: _Run, layer: int) -> dict:
+        """The scores of the stage before ``layer`` from the attention layer captured earlier (a hybrid LLM whose
+        layer ``layer - 1`` is a linear-attention layer): that layer's q/k on its input, restricted to the tokens
+        still present (a stage in between may have removed some), in the current slot order."""
+        attn, x, pe, old = run.captured.pop(layer)
+        cur = run.slots
+        index = torch.zeros_like(cur.pos)
+        for b in range(cur.pos.shape[0]):
+            lookup = torch.zeros(run.prefill_len, dtype=torch.long, device=cur.pos.device)
+            real = (~old.filler[b]).nonzero().flatten()
+            lookup[old.pos[b, real]] = real
+            index[b] = lookup[cur.pos[b]]
+        with torch.no_grad():
+            return self._scores(run, attn, S.gather_seq(x, index), tuple(S.gather_seq(t, index) for t in pe))
 
     def _layer_pre(self, i: int):
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict):
             if self.step is not None:
                 state, masks = self.step
                 g = state.group_of(i)
-                if g is None:
+                if g is None or self.kinds[i] == "linear_attention":  # linear layers: the model's own 2-D mask
                     return None
                 kwargs = dict(kwargs)
                 kwargs["attention_mask"] = masks[g][self.windows[i]]
@@ -371,7 +437,10 @@ class LLMRunner:
                 args = (h,) + tuple(args[1:])
             else:
                 kwargs["hidden_states"] = h
-            kwargs["attention_mask"] = run.masks[self.windows[i]]
+            # a linear-attention layer takes a 2-D padding mask: filler slots (on the left) are zeroed, as the model
+            # zeroes left padding, so its convolution and recurrent state see exactly the kept tokens
+            kwargs["attention_mask"] = (run.masks[self.windows[i]] if self.kinds[i] != "linear_attention"
+                                        else run.slots.valid.to(h.dtype))
             pe = kwargs.get("position_embeddings")
             if pe is not None:
                 if pe is not run.pe_src:
@@ -414,7 +483,7 @@ class LLMRunner:
         self.step_query = None
         if pe is None:
             raise RuntimeError("the attention module got no position_embeddings; cannot score the cached entries")
-        layer = self.step_past.layers[dec.layer - 1]
+        layer = self.step_past.layers[self.decode_score]
         keys = layer.keys  # [B, H_kv, K, d], rotary applied; this layer is never pruned: columns == positions
         mask2d, q = self.step_mask2d, self.step_q
         kv = keys.shape[-2]
@@ -461,7 +530,8 @@ class LLMRunner:
             filler[i, width - idx.numel():] = False
         new_cols = torch.gather(cols, 1, gather).masked_fill(filler, -1)
         new_valid = torch.gather(valid, 1, gather) & ~filler
-        for layer in self.step_past.layers[start:]:
+        # linear layers hold no entries
+        for layer in [self.step_past.layers[i] for i in self.attention_layers if i >= start]:
             for name in ("keys", "values"):
                 t = getattr(layer, name)
                 tail = t[:, :, w:]
@@ -532,6 +602,8 @@ class LLMRunner:
         return {k: v for k, v in out.items() if k in self.needs}
 
     def _apply_stage(self, run: _Run, layer: int, h: torch.Tensor, past: Any) -> torch.Tensor:
+        if layer in run.captured:
+            run.signals[layer] = self._captured_scores(run, layer)
         lay = run.slots
         # remember every slot's hidden state: dropped tokens carry it to the output
         for b in range(h.shape[0]):
@@ -635,8 +707,11 @@ def _require_dynamic(past: Any) -> None:
     layers = getattr(past, "layers", None)
     if layers is None:
         return
-    ok = {"DynamicLayer", "DynamicSlidingWindowLayer"}
+    # sliding-window layers cache a window; a hybrid LLM's linear-attention layers hold a convolution and a
+    # recurrent state (no entries to shorten)
+    ok = {"DynamicLayer", "DynamicSlidingWindowLayer", "LinearAttentionLayer"}
     bad = {type(layer).__name__ for layer in layers if type(layer).__name__ not in ok}
     if bad:
-        raise ValueError(f"LLM-stage compression needs a DynamicCache (full-attention and sliding-window layers); "
+        raise ValueError(f"LLM-stage compression needs a DynamicCache (full-attention, sliding-window and "
+                         f"linear-attention layers); "
                          f"got {sorted(bad)}")

@@ -64,12 +64,18 @@ def separate_qk(attn: torch.nn.Module, x: torch.Tensor, rows: torch.Tensor | Non
     d = int(attn.head_dim)
     n_heads = attn.q_proj.out_features // d
     n_kv = attn.k_proj.out_features // d
+    # gated attention (Qwen3.5, Qwen3-Next): q_proj gives each head's query and its output gate side by side
+    heads = getattr(getattr(attn, "config", None), "num_attention_heads", None)
+    gated = isinstance(heads, int) and attn.q_proj.out_features == 2 * heads * d
     if rows is None:
         xr, safe = x, None
     else:
         safe = rows.clamp(min=0).unsqueeze(-1)
         xr = torch.gather(x, 1, safe.expand(-1, -1, x.shape[-1]))
-    q = attn.q_proj(xr).view(b, xr.shape[1], n_heads, d)
+    if gated:
+        q = attn.q_proj(xr).view(b, xr.shape[1], heads, 2 * d)[..., :d]
+    else:
+        q = attn.q_proj(xr).view(b, xr.shape[1], n_heads, d)
     k = attn.k_proj(x).view(b, w, n_kv, d)
     if getattr(attn, "q_norm", None) is not None:
         q = attn.q_norm(q)

@@ -1,0 +1,41 @@
+"""GLM-4.1V, GLM-4.5V and GLM-4.6V (``Glm4vForConditionalGeneration``, ``Glm4vMoeForConditionalGeneration``,
+``Glm46VForConditionalGeneration``): images and videos, before and inside the LLM.
+
+The model (``models/glm4v/modeling_glm4v.py``; GLM-4.6V's ``Glm46VModel`` builds the same vision tower and text
+model through ``AutoModel``). A ViT over 14-px patches (a Conv3d over ``temporal_patch_size = 2`` frames, learned
+position embeddings interpolated to the grid, 2-D rotary embeddings, blocks with one fused ``qkv`` and attention
+segments of one temporal grid), a post-norm, then each 2x2 group of neighbouring patches (four consecutive patches)
+is downsampled by a stride-2 convolution into one token and mapped by the merger into the LLM's space. An image of
+``grid_thw = (1, h, w)`` patches is ``<|begin_of_image|> <|image|>*(h*w/4) <|end_of_image|>``. **Videos reuse the
+image placeholder**: a clip of ``t`` temporal grids is ``<|begin_of_video|>``, then per temporal grid
+``<|begin_of_image|> <|image|>*(h*w/4) <|end_of_image|>`` and its timestamp text, then ``<|end_of_video|>``;
+``mm_token_type_ids`` (2 at a clip's placeholders) tells ``get_rope_index`` which grid a run belongs to, and
+``get_video_features`` runs the ViT on one ``(1, h, w)`` grid per temporal grid. The decoder is a plain
+full-attention M-RoPE LLM (GLM-4.5V: its MoE variant).
+
+Design: :mod:`tokenzip.adapters.mrope_vl` (items, signals from the last vision block, positions gathered from the
+model's own ``get_rope_index`` of the full sequence, ``mm_encoder_outputs``, stage "llm"). What is particular here:
+
+* a clip's placeholders are the image token (``video_placeholder``); the model's placeholder check counts every
+  image token for each modality, so the model itself refuses images and videos in one call: so does the adapter,
+  with a ValueError, before anything runs;
+* ``rope_deltas`` and the explicit ``[4, B, L']`` position ids are those of the shared design; the begin/end markers
+  and timestamps are text and stay.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .mrope_vl import MRopeVLAdapter
+
+
+class Glm4vAdapter(MRopeVLAdapter):
+    model_classes = ("Glm4vForConditionalGeneration", "Glm4vMoeForConditionalGeneration",
+                     "Glm46VForConditionalGeneration")
+    family = "GLM-4.1V"
+    video_hint = "the model's processor (Glm4vProcessor) returns them"
+
+    @staticmethod
+    def video_placeholder(cfg: Any) -> int:
+        return int(cfg.image_token_id)  # GLM-4.1V / 4.5V / 4.6V: clips sit on the image placeholder
