@@ -103,7 +103,7 @@ from .placeholders import (
     shrink_sequences,
     text_signals,
 )
-from .qwen_video import IMAGE, VIDEO, Media, QwenVideo
+from .qwen_video import IMAGE, VIDEO, Media, QwenVideo, qwen_layout
 
 
 class _LastBlockProbe:
@@ -264,7 +264,7 @@ class Qwen2VLAdapter(QwenVideo, LLMAccess, Adapter):
 
     def _layout(self, t: int, h: int, w: int) -> L.Layout:
         """The merger output of a ``t x h x w`` patch grid: ``t`` temporal grids of ``(h/2) x (w/2)`` tokens."""
-        return L.Layout([L.Segment("image" if t == 1 else "frames", t, h // self.merge, w // self.merge)])
+        return qwen_layout("image", t, h, w, self.merge)
 
     def _window_index(self, grid: torch.Tensor) -> torch.Tensor | None:
         """Qwen2.5-VL's group order inside the blocks (None for Qwen2-VL, which keeps raster group order)."""
