@@ -11,6 +11,7 @@ prompt text), stage ``"encoder"`` and ``"input"`` methods, and joint methods (Om
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from ..base import Compressor, JointCompressor
@@ -96,6 +97,9 @@ def architecture_for(model: str) -> str:
         return ARCHITECTURES[model]
     if model in ARCHITECTURES.values():
         return model
+    if "/" not in model and not os.path.isdir(model):  # neither a hub id nor a directory: an architecture name
+        raise ValueError(f"model {model!r} is not an architecture tokenzip's vLLM plugin serves "
+                         f"({sorted(ARCHITECTURES)}), a checkpoint directory or a hub id")
     from transformers import AutoConfig
 
     archs = list(getattr(AutoConfig.from_pretrained(model), "architectures", None) or [])

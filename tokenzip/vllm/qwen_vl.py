@@ -16,14 +16,16 @@ vLLM's pruning contract (``SupportsMultiModalPruning``), and what each part does
   ``_postprocess_image_embeds_evs`` / ``_postprocess_video_embeds_evs`` then call the method's
   ``Compressor.compress`` (the HF path's code) on each item's merger output with its layout
   (:func:`tokenzip.adapters.qwen_video.qwen_layout`) and exact ``k``.
-* **Positions.** Each kept (or merged) token carries, in 4 extra channels, the M-RoPE position of its representative
-  input token (``CompressOutput.index``) in the uncompressed item (the in-tree ``get_mrope_input_positions``
-  formula: grid indices, the temporal one scaled by ``second_per_grid_ts * tokens_per_second``), and in channel 3 the
-  item's position extent (its largest position + 1), from which vLLM's ``recompute_mrope_positions`` continues the
-  text after the item. So kept tokens keep the uncompressed sequence's positions and the text after the media
-  continues as in the uncompressed sequence (vLLM's own EVS puts the grid width there, which equals the extent only
-  for square grids). ``get_mrope_input_positions`` is overridden for ``k`` placeholders per item: the text gets its
-  uncompressed positions at once; the media slots get provisional ones that ``recompute_mrope_positions`` replaces.
+* **Positions.** Each kept (or merged) token carries, in 4 extra channels (vLLM's format), the M-RoPE position of
+  its representative input token (``CompressOutput.index``) in the uncompressed item (the in-tree
+  ``get_mrope_input_positions`` formula: grid indices, the temporal one scaled by ``second_per_grid_ts *
+  tokens_per_second``) and, in channel 3, the item's position extent (its largest position + 1; vLLM's EVS puts
+  the grid width there, which is the extent only for square grids). ``get_mrope_input_positions`` is overridden for
+  ``k`` placeholders per item: the text gets the uncompressed sequence's positions at once (after an item it
+  continues from the item's full extent), the media slots provisional ones; ``recompute_mrope_positions`` (also
+  tokenzip's) then writes each kept token's position, offset by its item's start, into its slot. So kept tokens
+  keep the uncompressed sequence's positions and the text after the media continues as in the uncompressed
+  sequence.
 * **The switch.** vLLM's runner calls ``recompute_mrope_positions`` only when its multimodal config has
   ``video_pruning_rate > 0``; the model sets it (:data:`PRUNING_SWITCH`, a value nothing of tokenzip reads) at engine
   load, before the runner reads it, and refuses a rate the user set (tokenzip replaces vLLM's EVS on these models).
@@ -31,8 +33,8 @@ vLLM's pruning contract (``SupportsMultiModalPruning``), and what each part does
   environment does it (tests/vllm/cpu_env.py), not this module.
 
 Qwen2-VL's in-tree class has no pruning hooks: its subclass adds the interface and an ``embed_multimodal`` that calls
-the same two post-processing hooks, and borrows Qwen2.5-VL's ``recompute_mrope_positions`` (it reads only the
-config's token ids).
+the same two post-processing hooks. ``recompute_mrope_positions`` is tokenzip's own for both (vLLM's, which EVS
+uses, misplaces the second of two pruned items in one prompt: see the method).
 
 Refused at engine load with a clear error: an unknown method, one vLLM cannot serve (tokenzip/vllm/config.py), a
 checkpoint of another model type, another vLLM minor version, ``video_pruning_rate`` set by the user, and attention
@@ -73,6 +75,7 @@ with optional_imports():  # a missing vLLM names the extra: pip install "tokenzi
     )
     from vllm.multimodal import MULTIMODAL_REGISTRY
     from vllm.multimodal.processing import PromptReplacement
+    from vllm.utils.gpu_sync_debug import gpu_sync_allowed
 
 # vLLM's runner switches its pruning path on when ``video_pruning_rate > 0``; tokenzip's models set this value (any
 # value in (0, 1) would do: the tokenzip classes never read it)
@@ -207,11 +210,14 @@ class _TokenzipQwenVL:
                              f"parallel size 1 only")
 
     # ---- the vision tower, with the last block's signals -----------------------------------------------------
+    # tokenzip's selection reads indices and segment bounds on the host (GPU syncs, allowed as vLLM's EVS does)
     def _process_image_input(self, image_input: Any) -> tuple[torch.Tensor, ...]:
-        return self._tokenzip_encode("image", image_input, super()._process_image_input)
+        with gpu_sync_allowed():
+            return self._tokenzip_encode("image", image_input, super()._process_image_input)
 
     def _process_video_input(self, video_input: Any) -> tuple[torch.Tensor, ...]:
-        return self._tokenzip_encode("video", video_input, super()._process_video_input)
+        with gpu_sync_allowed():
+            return self._tokenzip_encode("video", video_input, super()._process_video_input)
 
     def _tokenzip_encode(self, modality: str, media_input: Any, run: Callable[[Any], Any]) -> Any:
         needs = self.tokenzip_needs & ATTENTION_SIGNALS
@@ -244,11 +250,13 @@ class _TokenzipQwenVL:
     # ---- vLLM's pruning hooks -----------------------------------------------------------------------------------
     def _postprocess_image_embeds_evs(self, image_embeds_split: Sequence[torch.Tensor],
                                       image_input: Any) -> tuple[torch.Tensor, ...]:
-        return self._tokenzip_select("image", image_embeds_split, image_input)
+        with gpu_sync_allowed():
+            return self._tokenzip_select("image", image_embeds_split, image_input)
 
     def _postprocess_video_embeds_evs(self, video_embeds_split: Sequence[torch.Tensor],
                                       video_input: Any) -> tuple[torch.Tensor, ...]:
-        return self._tokenzip_select("video", video_embeds_split, video_input)
+        with gpu_sync_allowed():
+            return self._tokenzip_select("video", video_embeds_split, video_input)
 
     def _tokenzip_select(self, modality: str, embeds: Sequence[torch.Tensor], media_input: Any
                          ) -> tuple[torch.Tensor, ...]:
@@ -279,6 +287,42 @@ class _TokenzipQwenVL:
             self.tokenzip_kept.append((modality, index))
             out.append(torch.cat([tokens, channels], dim=1))
         return tuple(out)
+
+    def recompute_mrope_positions(self, input_ids: Any, multimodal_embeddings: Sequence[torch.Tensor],
+                                  mrope_positions: torch.Tensor, num_computed_tokens: int
+                                  ) -> tuple[list[torch.Tensor], torch.Tensor, int]:
+        """The media slots of this prefill step get their kept tokens' positions (channels 0-2 plus the item's
+        start); the text already has its uncompressed positions (:meth:`get_mrope_input_positions`). The
+        embeddings are those of the step's items in prompt order, the first possibly the rest of an item begun in an
+        earlier chunk (vLLM's ``_gather_mm_embeddings``), so they fill the placeholder runs from
+        ``num_computed_tokens`` on. vLLM's own ``recompute_mrope_positions`` (vllm/multimodal/video_prune/evs.py)
+        is not used: it advances by the embeddings' count alone and puts a second item of one prompt over the first
+        when the first was pruned below the text between them."""
+        with gpu_sync_allowed():
+            return self._tokenzip_positions(input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens)
+
+    def _tokenzip_positions(self, input_ids: Any, multimodal_embeddings: Sequence[torch.Tensor],
+                            mrope_positions: torch.Tensor, num_computed_tokens: int
+                            ) -> tuple[list[torch.Tensor], torch.Tensor, int]:
+        ids = torch.as_tensor(input_ids if not isinstance(input_ids, torch.Tensor) else input_ids.cpu()).long()
+        positions = mrope_positions.clone()
+        media = (ids == int(self.config.image_token_id)) | (ids == int(self.config.video_token_id))
+        edges = torch.nonzero(torch.diff(torch.nn.functional.pad(media.int(), (1, 1))) != 0).flatten().tolist()
+        runs = [(a, b) for a, b in zip(edges[::2], edges[1::2]) if b > num_computed_tokens]  # [start, end)
+        cursor = num_computed_tokens
+        embeds = []
+        for emb, (start, end) in zip(multimodal_embeddings, runs):
+            slot = max(start, cursor)
+            count = int(emb.shape[0])
+            if slot + count > end:
+                raise RuntimeError(f"{count} embeddings from slot {slot} overflow the placeholder run [{start}, {end})")
+            local = emb[:, -EXTRA_CHANNELS:-1].T.round().long().to(positions.device)
+            positions[:, slot: slot + count] = local + positions[:, start - 1: start] + 1
+            embeds.append(emb[:, :-EXTRA_CHANNELS])
+            cursor = slot + count
+        if len(embeds) != len(multimodal_embeddings):
+            raise RuntimeError(f"{len(multimodal_embeddings)} media embeddings for {len(runs)} placeholder runs")
+        return embeds, positions, int(positions.max()) + 1 - int(ids.numel())
 
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list[Any]) -> tuple[torch.Tensor, int]:
         """Positions of a prompt with ``k`` placeholders per item: text as in the uncompressed sequence; each item's
@@ -312,10 +356,9 @@ class TokenzipQwen2_5_VLForConditionalGeneration(_TokenzipQwenVL, Qwen2_5_VLForC
 class TokenzipQwen2VLForConditionalGeneration(_TokenzipQwenVL, Qwen2VLForConditionalGeneration,
                                               SupportsMultiModalPruning):
     """Qwen2-VL (vLLM's in-tree class, which has no pruning hooks) with tokenzip's compression: the pruning
-    interface, an ``embed_multimodal`` that calls the post-processing hooks, Qwen2.5-VL's position recomputation."""
+    interface and an ``embed_multimodal`` that calls the post-processing hooks."""
 
     model_type = "qwen2_vl"
-    recompute_mrope_positions = Qwen2_5_VLForConditionalGeneration.recompute_mrope_positions
 
     def embed_multimodal(self, **kwargs: object) -> tuple[torch.Tensor, ...]:
         modalities = self._parse_and_validate_multimodal_inputs(**kwargs)
