@@ -18,6 +18,10 @@ def test_bad_configuration_fails_at_engine_load(ckpt):
     with pytest.raises(Exception, match="slot mapping"):  # an LLM-stage method
         V.engine(ckpt, {"architectures": ["TokenzipQwen2_5_VLForConditionalGeneration"],
                         "tokenzip": {"method": "fastv", "retain": 0.5}})
-    with pytest.raises(Exception, match="serves 'qwen2_vl' checkpoints"):  # another architecture's class
+    # another architecture's class on this checkpoint: vLLM's own config check (the processor) or tokenzip's
+    with pytest.raises(Exception, match="Invalid type of HuggingFace config|serves 'qwen2_vl' checkpoints"):
         V.engine(ckpt, {"architectures": ["TokenzipQwen2VLForConditionalGeneration"],
                         "tokenzip": {"method": "visionzip", "retain": 0.5}})
+    with pytest.raises(Exception, match="video_pruning_rate"):  # vLLM's EVS beside tokenzip's selection
+        V.engine(ckpt, {"architectures": ["TokenzipQwen2_5_VLForConditionalGeneration"],
+                        "tokenzip": {"method": "visionzip", "retain": 0.5}}, video_pruning_rate=0.3)
