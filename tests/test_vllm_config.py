@@ -82,3 +82,12 @@ def test_import_without_vllm_names_the_extra():
     assert out.returncode == 0, out.stderr
     assert "MissingDependency" in out.stdout and 'pip install "tokenzip[vllm]"' in out.stdout
     assert issubclass(MissingDependency, ImportError)
+
+
+def test_bench_engine_vllm_checks_its_arguments():
+    from tokenzip.bench.cli import run
+
+    with pytest.raises(SystemExit, match="qwen2-vl-2b"):
+        run(["--engine", "vllm", "--model", "llava-1.5-7b"])
+    with pytest.raises(SystemExit, match="requests"):
+        run(["--engine", "vllm", "--model", "qwen2-vl-2b", "--requests", "0"])

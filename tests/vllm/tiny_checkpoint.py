@@ -8,28 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
-           "<|video_pad|>"]
-CORPUS = ["describe the picture in one short sentence please", "what is shown in the video and the image",
-          "a cat sits on a red mat near the window", "tokens numbers letters 0123456789 abcdefghijklmnopqrstuvwxyz"]
-PIXELS = 14 * 14 * 4  # one merged token's worth of pixels
-
-
-def tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS * 4, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   extra_special_tokens={"image_token": "<|image_pad|>",
-                                                         "video_token": "<|video_pad|>",
-                                                         "vision_bos_token": "<|vision_start|>",
-                                                         "vision_eos_token": "<|vision_end|>"})
+from tokenzip.vllm.checkpoint import PIXELS, save, token_ids, tokenizer
 
 
 def build(path: Path, arch: str = "qwen2_5_vl", seed: int = 0) -> Path:
@@ -37,9 +16,7 @@ def build(path: Path, arch: str = "qwen2_5_vl", seed: int = 0) -> Path:
     import transformers as tf
 
     tok = tokenizer()
-    ids = {name: tok.convert_tokens_to_ids(t) for name, t in (
-        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    ids = token_ids(tok)
     text = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
                 num_key_value_heads=1, max_position_embeddings=1024, rms_norm_eps=1e-6, initializer_range=0.1,
                 bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"), eos_token_id=tok.eos_token_id,
@@ -52,12 +29,12 @@ def build(path: Path, arch: str = "qwen2_5_vl", seed: int = 0) -> Path:
                       temporal_patch_size=2, spatial_merge_size=2, window_size=56, out_hidden_size=128,
                       fullatt_block_indexes=[0], tokens_per_second=2, initializer_range=0.1)
         cfg = tf.Qwen2_5_VLConfig(vision_config=vision, text_config=text, **ids)
-        model_cls, proc_cls = tf.Qwen2_5_VLForConditionalGeneration, tf.Qwen2_5_VLProcessor
+        model_cls = tf.Qwen2_5_VLForConditionalGeneration
     elif arch == "qwen2_vl":
         vision = dict(depth=2, embed_dim=64, hidden_size=128, num_heads=2, mlp_ratio=2, patch_size=14,
                       temporal_patch_size=2, spatial_merge_size=2, initializer_range=0.1)
         cfg = tf.Qwen2VLConfig(vision_config=vision, text_config=text, **ids)
-        model_cls, proc_cls = tf.Qwen2VLForConditionalGeneration, tf.Qwen2VLProcessor
+        model_cls = tf.Qwen2VLForConditionalGeneration
     else:
         raise ValueError(f"arch must be 'qwen2_5_vl' or 'qwen2_vl', got {arch!r}")
     torch.manual_seed(seed)
@@ -66,13 +43,7 @@ def build(path: Path, arch: str = "qwen2_5_vl", seed: int = 0) -> Path:
         for p in model.parameters():
             if p.dim() > 1:
                 p.normal_(0.0, 0.1)
-    model.save_pretrained(path)
-    bounds = dict(min_pixels=4 * PIXELS, max_pixels=64 * PIXELS)
-    image = tf.Qwen2VLImageProcessor(**bounds)
-    video = tf.Qwen2VLVideoProcessor(**bounds, fps=2.0, do_sample_frames=False)
-    proc = proc_cls(image_processor=image, video_processor=video, tokenizer=tok)
-    proc.save_pretrained(path)
-    tok.save_pretrained(path)
+    save(path, model, tok, 4 * PIXELS, 64 * PIXELS)
     return Path(path)
 
 
