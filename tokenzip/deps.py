@@ -23,6 +23,7 @@ OPTIONAL: dict[str, tuple[str, str]] = {
     "pyarrow": ("pyarrow", "bench"),
     "onnx": ("onnx", "zoo"),
     "gguf": ("gguf", "zoo"),
+    "vllm": ("vllm", "vllm"),
 }
 
 

@@ -55,8 +55,17 @@ def block_signals(module: torch.nn.Module, x: torch.Tensor, needs: frozenset[str
         return {}
     with timing.span("signals"):
         qk = fused_qkv(module, x, position_embeddings if "cls_attention" in needs else None)
-        out = _signals(qk, needs, None, bounds, chunk, mean_received=False)
-        return {name: t[0] for name, t in out.items()}
+        return segment_signals(qk, needs, bounds, chunk)
+
+
+def segment_signals(qk: QK, needs: frozenset[str], bounds: Sequence[int], chunk: int = 1024
+                    ) -> dict[str, torch.Tensor]:
+    """:func:`block_signals` from q/k already in hand (a batch of one, ``[1, H, N, d]``): ``keys`` [N, d] (mean over
+    heads of ``content_keys``) and ``cls_attention`` [N] (attention received, summed over the queries of its segment
+    in ``bounds``, mean over heads). The vLLM integration (tokenzip/vllm) feeds it the q/k vLLM's own vision block
+    computed, so both engines score tokens with this one function."""
+    out = _signals(qk, needs, None, bounds, chunk, mean_received=False)
+    return {name: t[0] for name, t in out.items()}
 
 
 def _as_float(qk: QK) -> QK:

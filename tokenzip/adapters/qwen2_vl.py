@@ -102,7 +102,7 @@ from .placeholders import (
     text_signals,
 )
 from .probe import VisionBlockProbe
-from .qwen_video import IMAGE, VIDEO, Media, QwenVideo
+from .qwen_video import IMAGE, VIDEO, Media, QwenVideo, qwen_layout
 
 # the probe lives in adapters/probe.py (Qwen3-VL, Qwen-Omni, Qwen3.5 and GLM-4.1V use it too); the old name stays
 _LastBlockProbe = VisionBlockProbe
@@ -227,7 +227,7 @@ class Qwen2VLAdapter(QwenVideo, LLMAccess, Adapter):
 
     def _layout(self, t: int, h: int, w: int) -> L.Layout:
         """The merger output of a ``t x h x w`` patch grid: ``t`` temporal grids of ``(h/2) x (w/2)`` tokens."""
-        return L.Layout([L.Segment("image" if t == 1 else "frames", t, h // self.merge, w // self.merge)])
+        return qwen_layout("image", t, h, w, self.merge)
 
     def _window_index(self, grid: torch.Tensor) -> torch.Tensor | None:
         """Qwen2.5-VL's group order inside the blocks (None for Qwen2-VL, which keeps raster group order)."""

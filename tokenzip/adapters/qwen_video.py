@@ -89,6 +89,15 @@ VIDEO = Media("video", "pixel_values_videos", "video_grid_thw")
 MEDIA = (IMAGE, VIDEO)
 
 
+def qwen_layout(modality: str, t: int, h: int, w: int, merge: int) -> L.Layout:
+    """The layout of the merger's output for a ``t x h x w`` patch grid (``merge x merge`` patches per token): a clip
+    is ``frames(t, h/merge, w/merge)`` (also a one-grid clip); an image one grid (``t`` grids of frames when
+    ``t > 1``). The HF adapters and the vLLM models (tokenzip/vllm) lay items out with this one function."""
+    if modality == "video":
+        return L.frames(t, h // merge, w // merge)
+    return L.Layout([L.Segment("image" if t == 1 else "frames", t, h // merge, w // merge)])
+
+
 class QwenVideo:
     """Mixin: Qwen-VL video items (module doc). Expects ``model``, ``core``, ``merge``, ``image_token_id``,
     ``video_token_id`` and the adapter's ``_layout``."""
@@ -117,7 +126,7 @@ class QwenVideo:
     def media_layout(self, modality: str, t: int, h: int, w: int) -> L.Layout:
         """A clip is always ``frames(t, h/2, w/2)`` (also a one-grid clip); an image as the adapter lays it out."""
         if modality == "video":
-            return L.frames(t, h // self.merge, w // self.merge)
+            return qwen_layout("video", t, h, w, self.merge)  # type: ignore[attr-defined]
         return self._layout(t, h, w)  # type: ignore[attr-defined]
 
     def media_features(self, media: Media, pixels: torch.Tensor, grid: torch.Tensor) -> Any:

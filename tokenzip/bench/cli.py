@@ -103,6 +103,10 @@ def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="local VQA task file (JSONL/Parquet, see tokenzip/bench/tasks.py); needs a model with a "
                         "processor (a local checkpoint, dinov2-llava, or tiny for smoke tests)")
     p.add_argument("--task-limit", type=int, default=None, help="evaluate only the first N task records")
+    p.add_argument("--engine", default="hf", choices=["hf", "vllm"],
+                   help="hf (default): transformers; vllm: TTFT and throughput of vLLM serving --model qwen2-vl-2b "
+                        "uncompressed vs the first of --methods at the first --retain (tokenzip/vllm/bench.py)")
+    p.add_argument("--requests", type=int, default=8, help="--engine vllm: concurrent requests (default: 8)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -119,6 +123,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     if args.model == "whisper-tiny.en":  # an encoder-decoder ASR model: quality is WER on real speech
         return _audio(args)
+    if args.engine == "vllm":
+        return _vllm(args)
     from .config import BenchConfig
     from .sweep import run_bench
 
@@ -137,6 +143,22 @@ def main(args: argparse.Namespace) -> int:
     if "elapsed_s" in result:
         print(f"wrote {args.out}/results.jsonl, {args.out}/report.md and plots "
               f"({len(result['rows'])} rows, {result['elapsed_s']:.0f} s)")
+    return 0
+
+
+def _vllm(args: argparse.Namespace) -> int:
+    """``--engine vllm``: tokenzip/vllm/bench.py (vLLM serving Qwen2-VL-2B, random weights)."""
+    if args.model not in ("tiny", "qwen2-vl-2b"):
+        raise SystemExit(f"--engine vllm benchmarks --model qwen2-vl-2b, got --model {args.model}")
+    if args.requests < 1:
+        raise SystemExit(f"--requests must be >= 1, got {args.requests}")
+    from ..vllm.bench import run
+
+    method = (args.methods or "visionzip").split(",")[0].strip()
+    retain = (args.retain or [0.25])[0]
+    layers = None if args.layers == "full" else (args.layers or (2, 2))
+    run(method, retain, requests=args.requests, new_tokens=max(args.new_tokens, 1), repeats=args.repeats,
+        layers=layers, out=args.out, command=getattr(args, "command_line", None) or _command_line())
     return 0
 
 
