@@ -392,7 +392,8 @@ class LLMRunner:
                 with torch.no_grad():
                     run.signals[i + 1] = self._scores(run, module, x, pe, S.as_allowed(kwargs.get("attention_mask")))
             for k in later:  # hybrid LLM: a stage after linear layers reads this layer's attention (_captured_scores)
-                run.captured[k] = (module, x.detach(), tuple(t.detach() for t in pe), run.slots)
+                run.captured[k] = (module, x.detach(), tuple(t.detach() for t in pe), run.slots,
+                                   S.as_allowed(kwargs.get("attention_mask")))
             return
         return hook
 
@@ -400,7 +401,7 @@ class LLMRunner:
         """The scores of the stage before ``layer`` from the attention layer captured earlier (a hybrid LLM whose
         layer ``layer - 1`` is a linear-attention layer): that layer's q/k on its input, restricted to the tokens
         still present (a stage in between may have removed some), in the current slot order."""
-        attn, x, pe, old = run.captured.pop(layer)
+        attn, x, pe, old, allowed = run.captured.pop(layer)
         cur = run.slots
         index = torch.zeros_like(cur.pos)
         for b in range(cur.pos.shape[0]):
@@ -409,7 +410,12 @@ class LLMRunner:
             lookup[old.pos[b, real]] = real
             index[b] = lookup[cur.pos[b]]
         with torch.no_grad():
-            return self._scores(run, attn, S.gather_seq(x, index), tuple(S.gather_seq(t, index) for t in pe))
+            if allowed is not None:  # the layer's own mask, restricted to the present tokens (rows and columns)
+                allowed = allowed.expand(index.shape[0], -1, -1, -1)
+                rows = torch.gather(allowed, 2, index[:, None, :, None].expand(-1, allowed.shape[1], -1,
+                                                                                allowed.shape[3]))
+                allowed = torch.gather(rows, 3, index[:, None, None, :].expand(-1, rows.shape[1], rows.shape[2], -1))
+            return self._scores(run, attn, S.gather_seq(x, index), tuple(S.gather_seq(t, index) for t in pe), allowed)
 
     def _layer_pre(self, i: int):
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict):
