@@ -13,13 +13,17 @@ from ..base import Compressor, MethodInfo
 from ..output import CompressOutput
 
 
+TIE_TOLERANCE = 1e-6  # relative: scores this close to the best count as ties (to the earliest token)
+
+
 def scope_select(feats: torch.Tensor, saliency: torch.Tensor, k: int) -> torch.Tensor:
     """SCOPE on one item: ``feats`` ``[N, D]``, ``saliency`` ``[N]`` (non-negative). Returns the ``k`` picks in order.
 
     Set coverage of a selection ``S``: ``C(S) = sum_i max(0, max_{s in S} cos(v_i, v_s))`` over all ``N`` tokens.
     The coverage gain of an unselected token ``j`` is ``C(S + j) - C(S) = sum_i max(0, cos(v_i, v_j) - c_i)`` with
     ``c_i`` the current coverage of token ``i``; each step picks the unselected token of largest ``gain * saliency``
-    (ties to the earliest) and raises every ``c_i`` to ``max(c_i, cos(v_i, v_j))``. The gains are updated from the
+    (ties, within a relative ``TIE_TOLERANCE``, to the earliest) and raises every ``c_i`` to
+    ``max(c_i, cos(v_i, v_j))``. The gains are updated from the
     rows whose coverage rose (float64), not recomputed over the whole ``N x N`` matrix each step."""
     unit = F.normalize(feats.double(), dim=-1)
     sim = unit @ unit.T  # [N, N], symmetric
@@ -30,7 +34,10 @@ def scope_select(feats: torch.Tensor, saliency: torch.Tensor, k: int) -> torch.T
     order = []
     for _ in range(k):
         score = (gain * saliency.double()).masked_fill(picked, float("-inf"))
-        j = int(torch.argmax(score))  # the first maximum
+        # the first token within a relative 1e-6 of the maximum: float32 features from different attention
+        # kernels (SDPA / eager) differ in the last bits, and a strict argmax would let that noise pick
+        best = score.max()
+        j = int(torch.nonzero(score >= best - TIE_TOLERANCE * best.abs())[0])
         order.append(j)
         picked[j] = True
         # only the rows whose coverage rises change the gains: subtract their old terms, add the new ones
@@ -57,7 +64,7 @@ class SCOPE(Compressor):
     attention of that layer (or, for encoders without [CLS], the adapter's mean attention received).
 
     Departures: saliency is the mean over heads where the authors' code sums them (a constant factor: the same picks
-    for the multiplicative score). Per-item budget. Ties go to the earliest token.
+    for the multiplicative score). Per-item budget. Ties (scores within a relative 1e-6 of the best) go to the earliest token.
     """
 
     alpha: float = 1.0
