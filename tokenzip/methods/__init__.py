@@ -31,6 +31,7 @@ from .framefusion import FrameFusion
 from .globalcom2 import GlobalCom2
 from .hiprune import HiPrune
 from .holitom import HoliTom
+from .holov import HoloV
 from .llava_scissor import LlavaScissor
 from .longvu_query import LongVUQuery
 from .omnizip import OmniZip
@@ -109,6 +110,7 @@ METHODS: list[type[Compressor]] = [
     TokenCarve,
     AdaFV,
     GlobalCom2,
+    HoloV,
 ]
 
 __all__ = ["METHODS"] + [cls.__name__ for cls in METHODS]
