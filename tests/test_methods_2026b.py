@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import tokenzip as tz
+from tokenzip import layout as tzlayout
 
 torch.set_num_threads(1)
 
@@ -51,3 +52,53 @@ def test_holov_crop_rule_and_bad_input():
     for crops in (0, 2.5, True):
         with pytest.raises(ValueError, match="crops"):
             tz.HoloV(retain=0.5, crops=crops)
+
+
+# ---- STTM -----------------------------------------------------------------------------------------------------------
+
+def _sttm_clip():
+    """Two 4 x 4 frames, quadrants TL = {0, 1, 4, 5}, TR = {2, 3, 6, 7}, BL = {8, 9, 12, 13}, BR = {10, 11, 14, 15}
+    (+16 in frame 1). TL is (1, 0) in frame 0 and (0, 1) in frame 1; TR is (0, 1); BL alternates (1, 0), (0, 1);
+    BR is (1, 1) with one (1, 1.2)."""
+    frame = torch.zeros(16, 2)
+    frame[[0, 1, 4, 5]] = torch.tensor([1.0, 0.0])
+    frame[[2, 3, 6, 7]] = torch.tensor([0.0, 1.0])
+    frame[[8, 12]] = torch.tensor([1.0, 0.0])
+    frame[[9, 13]] = torch.tensor([0.0, 1.0])
+    frame[[10, 11, 14]] = torch.tensor([1.0, 1.0])
+    frame[15] = torch.tensor([1.0, 1.2])
+    second = frame.clone()
+    second[[0, 1, 4, 5]] = torch.tensor([0.0, 1.0])
+    return torch.cat([frame, second])[None]
+
+
+def test_sttm_quadtree_then_temporal_merging():
+    """root_level = 0: the search starts at the quadrants. TL, TR and BR are uniform enough (every child's cosine
+    similarity to the quadrant mean >= 0.85) and stop as one token each; BL's children are at cosine 0.71 to its mean
+    (0.5, 0.5): it splits into its 4 tokens. Each frame: 7 nodes, 14 in all. Temporal pairs (overlapping nodes of
+    frames 0 and 1): TR-TR, BR-BR and the 4 BL tokens at cosine 1, TL-TL at cosine 0. k = 8: the 6 strongest pairs
+    merge. k = 7: TL-TL too, its token the mean of the two nodes, (0.5, 0.5)."""
+    clip = _sttm_clip()
+    layout = tzlayout.frames(2, 4, 4)
+    out = tz.STTM(tokens=8, root_level=0).compress(clip, grid=layout)
+    assert out.index[0].tolist() == [0, 2, 8, 9, 10, 12, 13, 16]
+    groups = out.groups(0)
+    assert groups[1] == [2, 3, 6, 7, 18, 19, 22, 23] and groups[2] == [8, 24] and groups[7] == [16, 17, 20, 21]
+    expected = torch.tensor([[1, 0], [0, 1], [1, 0], [0, 1], [1, 1.05], [1, 0], [0, 1], [0, 1]])
+    torch.testing.assert_close(out.tokens[0], expected)
+    seven = tz.STTM(tokens=7, root_level=0).compress(clip, grid=layout)
+    assert seven.index[0].tolist() == [0, 2, 8, 9, 10, 12, 13]
+    assert seven.groups(0)[0] == [0, 1, 4, 5, 16, 17, 20, 21]
+    torch.testing.assert_close(seven.tokens[0, 0], torch.tensor([0.5, 0.5]))
+
+
+def test_sttm_raises_the_spatial_threshold_to_fit_the_budget_and_checks_its_settings():
+    """One frame: the quadtree at 0.85 leaves 7 tokens. k = 10 needs more: the threshold rises past BR's score (its
+    lowest child cosine, about 0.997: below TL's and TR's 1), so BR splits into its 4 tokens: TL and TR (2) + BL's
+    4 + BR's 4 = 10."""
+    frame = _sttm_clip()[:, :16]
+    out = tz.STTM(tokens=10, root_level=0).compress(frame, grid=tzlayout.frames(1, 4, 4))
+    assert out.index[0].tolist() == [0, 2, 8, 9, 10, 11, 12, 13, 14, 15]
+    for kwargs in ({"threshold": 1.5}, {"threshold": "x"}, {"root_level": -1}, {"root_level": 1.0}):
+        with pytest.raises(ValueError):
+            tz.STTM(retain=0.5, **kwargs)

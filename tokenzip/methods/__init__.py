@@ -45,6 +45,7 @@ from .scope import SCOPE
 from .slowfast import SlowFast
 from .sparsevlm import SparseVLM
 from .speechprune import SpeechPrune
+from .sttm import STTM
 from .tokencarve import TokenCarve
 from .tome import ToMe
 from .trim import Trim
@@ -111,6 +112,7 @@ METHODS: list[type[Compressor]] = [
     AdaFV,
     GlobalCom2,
     HoloV,
+    STTM,
 ]
 
 __all__ = ["METHODS"] + [cls.__name__ for cls in METHODS]
