@@ -102,3 +102,54 @@ def test_sttm_raises_the_spatial_threshold_to_fit_the_budget_and_checks_its_sett
     for kwargs in ({"threshold": 1.5}, {"threshold": "x"}, {"root_level": -1}, {"root_level": 1.0}):
         with pytest.raises(ValueError):
             tz.STTM(retain=0.5, **kwargs)
+
+
+# ---- PixelPrune -----------------------------------------------------------------------------------------------------
+def _pixelprune_grid():
+    """A 3 x 3 grid of units of two pixels each (``[1, 9, 1, 1, 2]``), both pixels equal to the value shown except
+    unit (2, 1) = (1, 1.5)::
+
+        5 5 7
+        5 5 7
+        1 1 7
+    """
+    values = torch.tensor([5, 5, 7, 5, 5, 7, 1, 1, 7], dtype=torch.float32)
+    pixels = values.view(1, 9, 1, 1, 1).repeat(1, 1, 1, 1, 2)
+    pixels[0, 7, 0, 0, 1] = 1.5
+    return pixels
+
+
+def test_pixelprune_predicts_from_left_above_and_the_edge_test_and_keeps_the_worst_predicted():
+    """Errors (largest absolute pixel error of the prediction), worked by hand: (0, 0) is the anchor (inf); the
+    first row predicts from the left: 0 and |7 - 5| = 2; the first column from above: 0 and |1 - 5| = 4; inside,
+    (1, 1): left = above = above-left = 5, prediction left, 0; (1, 2): above-left 5 equals left 5 but not above 7, so
+    the edge runs between the rows and the prediction is above (7): 0 (left would miss by 2); (2, 1): above-left 5
+    differs from left 1, prediction left (1, 1): max(0, 0.5) = 0.5; (2, 2): prediction left (1, 1.5): max(6, 5.5) =
+    6. The k largest are kept; among equal errors (the exact duplicates, 0) the earlier unit is kept."""
+    from tokenzip.methods.pixelprune import prediction_error
+
+    pixels = _pixelprune_grid()
+    grid = tzlayout.grid(3, 3)
+    err = prediction_error(pixels, grid)
+    assert err[0].tolist() == [float("inf"), 0, 2, 0, 0, 0, 4, 0.5, 6]
+    assert int((err > 0).sum()) == 5  # the units the paper keeps at tau = 0
+    tokens = torch.arange(9, dtype=torch.float32).view(1, 9, 1).repeat(1, 1, 3)
+    five = tz.PixelPrune(tokens=5).compress(tokens, grid=grid, unit_pixels=pixels)
+    assert five.index[0].tolist() == [0, 2, 6, 7, 8]
+    torch.testing.assert_close(five.tokens[0, :, 0], torch.tensor([0.0, 2, 6, 7, 8]))
+    assert tz.PixelPrune(tokens=6).compress(tokens, grid=grid, unit_pixels=pixels).index[0].tolist() == \
+        [0, 1, 2, 6, 7, 8]
+    # tau = 4: above-left 5 and above 7 now match too (|5 - 7| <= 4), so (1, 2) is predicted from the left: error 2
+    assert prediction_error(pixels, grid, tau=4.0)[0].tolist() == [float("inf"), 0, 2, 0, 0, 2, 4, 0.5, 6]
+    # every grid (frame) has its own anchor
+    two = prediction_error(torch.full((1, 4, 1, 1, 1), 3.0), tzlayout.frames(2, 1, 2))
+    assert two[0].tolist() == [float("inf"), 0, float("inf"), 0]
+
+
+def test_pixelprune_runs_before_the_first_block_and_checks_tau():
+    c = tz.PixelPrune(retain=0.5, tau=0.1)
+    assert c.layers == (0,) and c.info.stage == "encoder" and c.requires == ("unit_pixels",)
+    assert c == tz.PixelPrune(retain=0.5, tau=0.1) and c != tz.PixelPrune(retain=0.5)
+    for tau in (-0.1, float("nan"), "0", True):
+        with pytest.raises(ValueError, match="tau must be a float >= 0"):
+            tz.PixelPrune(retain=0.5, tau=tau)

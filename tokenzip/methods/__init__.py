@@ -35,6 +35,7 @@ from .holov import HoloV
 from .llava_scissor import LlavaScissor
 from .longvu_query import LongVUQuery
 from .omnizip import OmniZip
+from .pixelprune import PixelPrune
 from .pllava_pool import PLLaVAPool
 from .prumerge_plus import PruMergePlus
 from .prunevid import PruneVid
@@ -113,6 +114,7 @@ METHODS: list[type[Compressor]] = [
     GlobalCom2,
     HoloV,
     STTM,
+    PixelPrune,
 ]
 
 __all__ = ["METHODS"] + [cls.__name__ for cls in METHODS]
