@@ -78,10 +78,10 @@ def test_layer_forms_resolve_against_the_depth():
                      "tome@encoder[last2]"]
 
 
-@pytest.mark.parametrize("bad", [0, True, "first", (), (2, 1), (1, 1), (-1, -2), (-1, 1), 1.0, ("last",),
+@pytest.mark.parametrize("bad", [True, "first", (), (2, 1), (1, 1), (-1, -2), (-1, 1), 1.0, ("last",),
                                  ("last", 1, 2), None])
 def test_bad_layer_forms_name_the_allowed_forms(bad):
-    with pytest.raises(ValueError, match=r"layer must be an int >= 1 .*\"every\" or \"all\".*\(\"last\", k\)"):
+    with pytest.raises(ValueError, match=r"layer must be an int >= 0 .*\"every\" or \"all\".*\(\"last\", k\)"):
         tz.InEncoder(tz.ToMe(retain=0.5), layer=bad)
 
 
@@ -94,6 +94,15 @@ def test_bad_layer_forms_name_the_allowed_forms(bad):
 def test_out_of_range_layers_name_the_range(bad, match):
     with pytest.raises(ValueError, match=match):
         resolve_layers(bad, 4)
+
+
+def test_cut_zero_is_a_form_the_adapter_must_support():
+    """Cut 0 (before the first layer) resolves as itself (never from a negative or depth form); an adapter whose
+    encoder stage cannot cut there (all but Qwen2-VL/2.5-VL) says so, naming its range."""
+    assert resolve_layers(0, 4) == (0,) and resolve_layers((0, 2), 4) == (0, 2) and check_layer_form([0, -1]) == (0, -1)
+    assert tz.InEncoder(tz.ToMe(retain=0.5), layer=0).info.name == "tome@encoder0"
+    with pytest.raises(ValueError, match=r"\[1, 1\].*cut 0, before the first layer, is not supported by this adapter"):
+        tz.InEncoder(tz.ToMe(retain=0.5), layer=0)(built("whisper"))
 
 
 def test_last_k_form_needs_k_at_least_one_and_depth_two():

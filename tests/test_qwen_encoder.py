@@ -20,9 +20,10 @@ QWEN = ["qwen2_vl", "qwen2_5_vl"]
 
 
 def _compress(model, inputs, method, layer):
-    """The adapter's steps as the patch runs them: items at the cut, the method, the rebuilt call."""
+    """The adapter's steps as the patch runs them: items at the cut, the method (a registered encoder-stage method
+    as it is, with its own cut), the rebuilt call."""
     adapter = Qwen2VLAdapter(model)
-    c = tz.InEncoder(method, layer=layer)
+    c = method if isinstance(method, tz.InEncoder) else tz.InEncoder(method, layer=layer)
     adapter.set_encoder_layer(c.layer, step=c.step)
     needs = c.signals_needed()
     items = adapter.encode(inputs, needs)
@@ -104,6 +105,65 @@ def test_features_equal_stock_blocks_on_the_kept_patches(case, method):
         assert feats[i].shape == (out.tokens.shape[1], model.config.text_config.hidden_size)
         torch.testing.assert_close(feats[i], ref, atol=1e-5, rtol=1e-5)
     assert (merged > 0) == (method == "tome")
+
+
+@pytest.mark.parametrize("case", QWEN)
+def test_cut_zero_runs_every_block_on_the_kept_patches_at_their_rotary_positions(case):
+    """Cut 0 (where PixelPrune cuts): at retain=1 the tower's output is the uncut tower's; at a budget every block
+    runs on the kept units' patch embeddings only, each with the rotary rows the uncut tower gives its four patches (the
+    rows block 0 receives, and the features, equal the stock blocks run with rows derived here)."""
+    model = built(case)
+    inputs = qwen_vl_inputs(model, default_samples())
+    visual, grid, pixels = model.model.visual, inputs["image_grid_thw"], inputs["pixel_values"]
+    with torch.no_grad():
+        uncut = visual(pixels, grid_thw=grid).pooler_output
+    _, _, call = _compress(model, inputs, tz.get("random", retain=1.0), 0)
+    torch.testing.assert_close(torch.cat(call["mm_encoder_outputs"]["image"].pooler_output), uncut, atol=1e-5,
+                               rtol=1e-5)
+
+    seen = []
+    handle = visual.blocks[0].register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["position_embeddings"][0].view(-1, 4, kw["position_embeddings"][0].shape[-1])),
+        with_kwargs=True)
+    try:
+        items, outs, call = _compress(model, inputs, tz.get("random", tokens=3), 0)
+    finally:
+        handle.remove()
+    feats = call["mm_encoder_outputs"]["image"].pooler_output
+    cos_uncut, _ = visual.rotary_pos_emb(pixels, get_vision_position_ids(grid, 2))
+    cos_uncut = cos_uncut.view(-1, 4, cos_uncut.shape[-1])  # raster unit order, all images
+    kept = torch.cat([it.extra["units"].units[out.index[0]] for it, out in zip(items, outs)])  # global units
+    assert len(seen) == 1 and seen[0].shape[0] == kept.shape[0] == 3 * len(items)
+    rows = sorted(map(tuple, seen[0].flatten(1).tolist()))  # block order: the model's window order on Qwen2.5-VL
+    assert rows == sorted(map(tuple, cos_uncut[kept].flatten(1).tolist()))
+    if not hasattr(visual, "fullatt_block_indexes"):  # Qwen2-VL keeps raster order in the blocks
+        torch.testing.assert_close(seen[0], cos_uncut[kept])
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), grid.prod(-1).cumsum(0)])
+    for i, out in enumerate(outs):
+        with torch.no_grad():
+            embedded = visual.patch_embed(pixels[starts[i]: starts[i + 1]])
+        embedded = embedded.view(-1, 4, embedded.shape[-1])
+        units = out.index[0]
+        ref = _stock_rest(model, embedded[units], units, grid[i: i + 1], 0)
+        torch.testing.assert_close(feats[i], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_unit_pixels_tile_the_image_the_processor_patchified():
+    """``unit_pixels`` puts each unit's four patches back into one pixel block: the blocks of the ``(h/2, w/2)`` grid,
+    tiled row-major, give back the image the model's own processor patchified (every temporal frame a copy)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    model = built("qwen2_vl")
+    embed = model.model.visual.patch_embed
+    c, t, p = embed.in_channels, embed.temporal_patch_size, embed.patch_size
+    gh, gw = 4, 6
+    image = torch.randn(c, gh * p, gw * p, generator=torch.Generator().manual_seed(3))
+    flat, _, _ = Qwen2VLImageProcessorPil().patchify(image.numpy(), p, 2, t)
+    blocks = Qwen2VLAdapter(model)._unit_pixels(torch.from_numpy(flat.copy()))
+    assert blocks.shape == (gh * gw // 4, c * t, 2 * p, 2 * p)
+    tiled = blocks.view(gh // 2, gw // 2, c, t, 2 * p, 2 * p).permute(2, 3, 0, 4, 1, 5).reshape(c, t, gh * p, gw * p)
+    for frame in range(t):
+        torch.testing.assert_close(tiled[:, frame], image)
 
 
 @pytest.mark.parametrize("case", QWEN)
@@ -260,11 +320,15 @@ def test_schedule_is_lossless_at_retain_one_and_meets_the_budget(case):
 def test_bad_cuts_raise_naming_the_range(case):
     model = built(case)
     depth = len(model.model.visual.blocks)
-    for layer in (depth, (1, depth)):
-        with pytest.raises(ValueError, match=rf"\[1, {depth - 1}\]"):
+    for layer in (depth, (1, depth)):  # cut 0 (before the first block) is one of the valid cuts here
+        with pytest.raises(ValueError, match=rf"\[0, {depth - 1}\]"):
             tz.InEncoder(tz.get("random", retain=0.5), layer=layer)(model)
-    with pytest.raises(ValueError, match="layer must be an int >= 1"):
-        tz.InEncoder(tz.get("random", retain=0.5), layer=0)
+    for layer in (0, (0, 1)):  # no block has attended yet at cut 0: no attention signals there
+        with pytest.raises(TypeError, match=r"requires signals \['cls_attention'\].*cannot produce at encoder cut"):
+            tz.InEncoder(tz.get("cls_topk", retain=0.5), layer=layer)(model)
+    # optional ones are simply absent there: ToMe merges on the patch embeddings at cut 0, on keys at cut 1
+    with tz.InEncoder(tz.get("tome", retain=0.5), layer=(0, 1))(model), torch.no_grad():
+        model(**qwen_vl_inputs(model, default_samples()))
     with pytest.raises(TypeError, match="projected"):
         needs_projected = next(m for m in tz.METHODS if m.info.stage == "pre_llm" and "projected" in
                                m(retain=0.5).requires)

@@ -56,6 +56,11 @@ class InEncoder(Compressor):
 
         with tz.InEncoder(tz.ToMe(retain=0.25), layer="every", schedule="constant_r")(whisper): ...
 
+    ``layer=0`` cuts before the first layer, right after the embedding step (Qwen2-VL/2.5-VL only: there the units are
+    still the input patches, and the adapter hands the method their pixels, signal ``unit_pixels``; there is no
+    attention yet, so ``cls_attention``/``keys`` are not available at that cut). Every layer then runs on the kept
+    units only (PixelPrune, :class:`tokenzip.methods.pixelprune.PixelPrune`).
+
     Supported by adapters that list stage ``"encoder"`` (Whisper, LLaVA-1.5's CLIP or DINOv2 tower, LLaVA-OneVision's
     SigLIP, the Qwen2-VL/2.5-VL ViT); every cut must leave at least one encoder layer after it (checked when the
     patch is created, with a ValueError naming the valid range).
@@ -75,8 +80,8 @@ class InEncoder(Compressor):
         self.layer = form
         self.schedule = schedule
         # the cuts: known now for positive ints, resolved against the encoder's depth by resolve_layers() otherwise
-        static = isinstance(form, int) and form > 0 or isinstance(form, tuple) and all(
-            isinstance(c, int) and c > 0 for c in form)
+        static = isinstance(form, int) and form >= 0 or isinstance(form, tuple) and all(
+            isinstance(c, int) and c >= 0 for c in form)
         self.layers: tuple[int, ...] | None = ((form,) if isinstance(form, int) else form) if static else None
         self._needs_depth = not static
         self.step = CompressStep(self._step, method.budget.count, schedule=schedule,

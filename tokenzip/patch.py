@@ -65,7 +65,15 @@ class Patch:
                              f"there is no encoder pass left to compress (an LLM-stage method can follow it)")
         if self.pre is not None and self.pre.info.stage == "encoder":
             # ValueError naming the valid layers; a schedule of cuts also needs the step for the earlier cuts
-            self.adapter.set_encoder_layer(self.pre.resolve_layers(self.adapter), step=self.pre.step)
+            layers = self.pre.resolve_layers(self.adapter)
+            self.adapter.set_encoder_layer(layers, step=self.pre.step)
+            cuts = (layers,) if isinstance(layers, int) else tuple(layers)
+            at = self.adapter.encoder_signals_at(cuts)
+            missing = sorted(set(self.pre.requires) - at)
+            if missing:
+                raise TypeError(f"{self.pre.info.name} requires signals {missing}, which "
+                                f"{type(self.adapter).__name__} cannot produce at encoder cut(s) {list(cuts)} (there "
+                                f"it produces {sorted(at)})")
         self.llm_compressor = next((p for p in parts if p.info.stage == "llm"), None)
         self.llm = None  # the LLM-stage hook runner while installed
         if self.llm_compressor is not None:

@@ -80,6 +80,11 @@ declare("anyres_region", ("B", "N"), "real",
         "where each token of an AnyRes image comes from: 0 = the base (thumbnail) view, j >= 1 = crop j of the tiled "
         "grid, -1 = a newline marker (integers; where the model downscales the crop grid, a border token takes the "
         "nearest crop)")
+declare("unit_pixels", ("B", "N", "c", "y", "x"), "real",
+        "each token's input pixels, before any encoder layer: the ``y x x`` pixel block the token covers (Qwen-VL: the "
+        "2x2 patches of its merge unit, 28 x 28 pixels), ``c`` = colour channels x temporal patch frames, values as "
+        "the model receives them (the processor's normalisation); the blocks of a frame's ``(h, w)`` grid tile its "
+        "image row-major (stage \"encoder\": a token stands at its representative unit)")
 declare("speech", ("B", "N"), "probability",
         "probability in [0, 1] that each (audio) token's frame holds speech (VAD)")
 # ---- produced by the LLM stage (tokenzip.llm), from the decoder layer before the pruning layer (with text, text_mask)

@@ -115,6 +115,12 @@ class Adapter(ABC):
     def encode(self, kwargs: dict[str, Any], needs: frozenset[str]) -> list[Item]:
         """Run the encoder and return the items in sequence order, with the requested signals."""
 
+    def encoder_signals_at(self, cuts: tuple[int, ...]) -> frozenset[str]:
+        """The signals ``encode`` can compute at every one of ``cuts`` (stage "encoder"), after
+        :meth:`set_encoder_layer` accepted them: ``produces("encoder")`` unless some cut lacks some of them (cut 0,
+        before the first layer, has no attention yet)."""
+        return self.produces("encoder")
+
     def set_encoder_layer(self, layer: int | tuple[int, ...], step: Any = None) -> None:
         """Stage "encoder": compress between encoder layers ``layer - 1`` and ``layer``, or after each layer count of
         a tuple using ``step`` (``tokenzip.encoder.CompressStep``) at the earlier cuts (adapters that list the stage

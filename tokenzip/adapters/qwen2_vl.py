@@ -67,6 +67,15 @@ Stage "encoder" (``tz.InEncoder(method, layer=L)``; clips: one cut, per temporal
   merger needs the last block's output).
 * **LLM positions**: each output token takes the M-RoPE position the full sequence gives its representative
   unit's placeholder, exactly as at the pre-LLM stage.
+* **Cut 0** (``layer=0``, or a schedule that starts with 0): before the first block, right after the patch
+  embedding. The method's tokens are the means of each unit's four patch embeddings, and ``unit_pixels`` gives it
+  each unit's input pixels (``pixel_values`` as the model receives them, its four patches put back into one
+  ``(in_channels * temporal_patch_size, 2 * patch_size, 2 * patch_size)`` block, so the blocks of a frame's
+  ``(h/2, w/2)`` grid tile the frame). Every block then runs on the kept units only, each with its own rotary
+  embedding, window and frame (the machinery of the later cuts, from block 0). There is no attention yet:
+  ``cls_attention``/``keys`` are not available at cut 0 (:meth:`Qwen2VLAdapter.encoder_signals_at`; a method that
+  requires them is refused when the patch is created; optional ones are absent there). ``unit_pixels`` is available
+  at every cut (a merged unit: its representative unit's pixels).
 * **Schedules** (``layer=(l1, l2, ...)``): the units are compressed after each listed block count by the
   InEncoder's schedule (constant keep ratio, or ToMe's constant r), each image reaching its budget at the last cut;
   sizes carry from cut to cut. After the first cut the kept units no longer tile a grid: a method at a later cut sees
@@ -198,7 +207,9 @@ class Qwen2VLAdapter(QwenVideo, LLMAccess, Adapter):
     stages = ("pre_llm", "encoder", "llm")
     signals = frozenset({"cls_attention", "keys", "projected", "text", "text_mask"})
     # inside the ViT the merger has not run yet: no ``projected``
-    encoder_signals = frozenset({"cls_attention", "keys", "text", "text_mask"})
+    encoder_signals = frozenset({"cls_attention", "keys", "text", "text_mask", "unit_pixels"})
+    # what a cut before the first block (cut 0) lacks: no block has attended yet
+    BLOCK_SIGNALS = frozenset({"cls_attention", "keys"})
 
     def __init__(self, model: torch.nn.Module):
         super().__init__(model)
@@ -245,10 +256,23 @@ class Qwen2VLAdapter(QwenVideo, LLMAccess, Adapter):
     def set_encoder_layer(self, layer: int | tuple[int, ...], step: Any = None) -> None:
         """Compress the images' merge units after ``layer`` vision blocks, or after each block count of an
         increasing tuple (a schedule; ``step`` compresses at the cuts before the last)."""
-        cuts = check_cuts(layer, len(self.visual.blocks))  # ValueError naming the valid cuts
+        cuts = check_cuts(layer, len(self.visual.blocks), first=0)  # ValueError naming the valid cuts
         if len(cuts) > 1 and step is None:
             raise ValueError("a schedule of encoder cuts needs a compression step for the intermediate cuts")
         self.cuts, self.step = cuts, step
+
+    def encoder_signals_at(self, cuts: tuple[int, ...]) -> frozenset[str]:
+        """Cut 0 (before the first block) has no attention signals."""
+        produced = self.produces("encoder")
+        return produced - self.BLOCK_SIGNALS if 0 in cuts else produced
+
+    def _unit_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``[U, c, y, x]`` each unit's input pixels: its four patches (``[C, T, p, p]`` each, consecutive in
+        ``pixel_values``, row-major in the 2x2 group) as one ``(C * T, 2p, 2p)`` block, float32."""
+        embed, m = self.visual.patch_embed, self.merge
+        c, t, p = int(embed.in_channels), int(embed.temporal_patch_size), int(embed.patch_size)
+        blocks = pixel_values.reshape(-1, m, m, c, t, p, p).permute(0, 3, 4, 1, 5, 2, 6)
+        return blocks.reshape(-1, c * t, m * p, m * p).float()
 
     def _unit_plan(self, grid: torch.Tensor, hidden: torch.Tensor) -> _UnitPlan:
         """The blocks' view of every unit of the images of ``grid`` (``hidden``: the patch embeddings, for the
@@ -301,6 +325,7 @@ class Qwen2VLAdapter(QwenVideo, LLMAccess, Adapter):
         unit = self.merge * self.merge
         hidden = self.visual.patch_embed(pixel_values)
         plan = self._unit_plan(grid, hidden)
+        pixels = self._unit_pixels(pixel_values) if "unit_pixels" in needs else None
         sizes = [int(s) for s in (grid.prod(-1) // unit).tolist()]
         patches = hidden.view(-1, unit, hidden.shape[-1]).split(sizes)
         images, offset = [], 0
@@ -316,9 +341,9 @@ class Qwen2VLAdapter(QwenVideo, LLMAccess, Adapter):
         start = 0
         for j, cut in enumerate(self.cuts):  # the signals at a cut come from block `cut - 1`, which made the units
             packed = self._pack(plan, torch.cat([im.units for im in images]))
-            probe = _LastBlockProbe(self.visual.blocks[cut - 1].attn, needs)
+            probe = _LastBlockProbe(self.visual.blocks[max(cut - 1, 0)].attn, needs)
             handle = probe.attn.register_forward_pre_hook(probe.hook, with_kwargs=True) \
-                if {"cls_attention", "keys"} & needs else None
+                if cut > 0 and self.BLOCK_SIGNALS & needs else None
             try:
                 out = self._run_blocks(packed.to_blocks(torch.cat([im.patches for im in images])), packed, start, cut)
             finally:
@@ -333,6 +358,8 @@ class Qwen2VLAdapter(QwenVideo, LLMAccess, Adapter):
                 im.patches = p
                 im.state = MergedTokens(p.mean(dim=1).unsqueeze(0), im.state.size, im.state.source)
                 sig = {name: s[i] for name, s in signals.items()}
+                if pixels is not None:
+                    sig["unit_pixels"] = pixels[im.units]
                 if "cls_attention" in sig and media is VIDEO:  # mean over the patch queries of the unit's frame
                     _, frame, per_frame = torch.unique(plan.frame[im.units], return_inverse=True, return_counts=True)
                     sig["cls_attention"] = sig["cls_attention"] / (unit * per_frame[frame]).to(sig["cls_attention"])

@@ -76,15 +76,21 @@ class CompressStep:
         return SCHEDULES[self.schedule](n, self.count(n), cuts)
 
 
-def check_cuts(cuts: int | Sequence[int], num_layers: int) -> tuple[int, ...]:
-    """``cuts`` as an increasing tuple of layer counts in ``[1, num_layers - 1]`` (a ValueError names the range)."""
+def check_cuts(cuts: int | Sequence[int], num_layers: int, first: int = 1) -> tuple[int, ...]:
+    """``cuts`` as an increasing tuple of layer counts in ``[first, num_layers - 1]`` (a ValueError names the range).
+    ``first=0`` is for an adapter that can also cut before the first layer (cut 0: right after the embedding step,
+    e.g. Qwen-VL's patch embedding, where its units are still the input patches)."""
+    if first not in (0, 1):
+        raise ValueError(f"first must be 0 or 1, got {first!r}")
     seq = (cuts,) if isinstance(cuts, int) and not isinstance(cuts, bool) else cuts
     ok = isinstance(seq, (tuple, list)) and len(seq) > 0 and all(
-        isinstance(c, int) and not isinstance(c, bool) and 1 <= c <= num_layers - 1 for c in seq)
+        isinstance(c, int) and not isinstance(c, bool) and first <= c <= num_layers - 1 for c in seq)
     if not ok or list(seq) != sorted(set(seq)):
-        raise ValueError(f"layer must be an int in [1, {num_layers - 1}] or an increasing sequence of such ints for "
-                         f"this encoder ({num_layers} layers; compress its output with the method itself), got "
-                         f"{cuts!r}")
+        zero = " (cut 0, before the first layer, is not supported by this adapter)" if first == 1 and (
+            cuts == 0 or isinstance(cuts, (tuple, list)) and 0 in cuts) else ""
+        raise ValueError(f"layer must be an int in [{first}, {num_layers - 1}] or an increasing sequence of such ints "
+                         f"for this encoder ({num_layers} layers; compress its output with the method itself), got "
+                         f"{cuts!r}{zero}")
     return tuple(seq)
 
 
@@ -125,7 +131,8 @@ SCHEDULES: dict[str, Callable[[int, int, int], list[int]]] = {"ratio": schedule_
                                                                "constant_r": constant_r_counts}
 
 # the layer forms of tz.InEncoder(method, layer=...), for error messages
-LAYER_FORMS = ("an int >= 1 (the number of encoder layers run before the cut), a negative int -j (cut before the "
+LAYER_FORMS = ("an int >= 0 (the number of encoder layers run before the cut; 0: before the first layer, where the "
+               "adapter supports it), a negative int -j (cut before the "
                "j-th last layer), an increasing sequence of such ints (a schedule), \"every\" or \"all\" (a cut "
                "after every layer that leaves one after it), or (\"last\", k) (cuts before each of the last k "
                "layers)")
@@ -138,7 +145,7 @@ def check_layer_form(layer: object) -> int | str | tuple:
     def is_int(x: object) -> bool:
         return isinstance(x, int) and not isinstance(x, bool)
 
-    if is_int(layer) and layer != 0:
+    if is_int(layer):
         return layer
     if isinstance(layer, str) and layer in ("every", "all"):
         return "every"
@@ -147,8 +154,8 @@ def check_layer_form(layer: object) -> int | str | tuple:
             return ("last", layer[1])
         raise ValueError(f"layer=(\"last\", k) needs an int k >= 1 (the number of last layers to cut before), got "
                          f"{layer!r}")
-    if isinstance(layer, (tuple, list)) and layer and all(is_int(c) and c != 0 for c in layer):
-        positive = [c for c in layer if c > 0]
+    if isinstance(layer, (tuple, list)) and layer and all(is_int(c) for c in layer):
+        positive = [c for c in layer if c >= 0]
         negative = [c for c in layer if c < 0]
         if positive == sorted(set(positive)) and negative == sorted(set(negative)) and \
                 list(layer) == positive + negative:
@@ -157,8 +164,9 @@ def check_layer_form(layer: object) -> int | str | tuple:
 
 
 def resolve_layers(layer: int | str | tuple, depth: int) -> tuple[int, ...]:
-    """The cuts (layer counts in ``[1, depth - 1]``, increasing) that the layer form ``layer`` names for an encoder
-    that runs ``depth`` layers. A ValueError names the valid range."""
+    """The cuts (layer counts in ``[0, depth - 1]``, increasing) that the layer form ``layer`` names for an encoder
+    that runs ``depth`` layers. A ValueError names the valid range. Cut 0 (before the first layer) is only ever named
+    explicitly; whether the adapter supports it is its ``set_encoder_layer``'s check (:func:`check_cuts`)."""
     form = check_layer_form(layer)
     if depth < 2:
         raise ValueError(f"this encoder runs {depth} layer(s): there is no cut that leaves a layer after it")
@@ -171,11 +179,12 @@ def resolve_layers(layer: int | str | tuple, depth: int) -> tuple[int, ...]:
                              f"got k={k}")
         return tuple(range(depth - k, depth))
     seq = form if isinstance(form, tuple) else (form,)
-    cuts = tuple(c if c > 0 else depth + c for c in seq)
-    if any(not 1 <= c <= depth - 1 for c in cuts) or list(cuts) != sorted(set(cuts)):
-        raise ValueError(f"layer must name cuts in [1, {depth - 1}] (or [-{depth - 1}, -1] counted from the end), "
-                         f"increasing, for this encoder ({depth} layers; compress its output with the method "
-                         f"itself), got {layer!r}")
+    cuts = tuple(c if c >= 0 else depth + c for c in seq)
+    in_range = all((0 if c >= 0 else 1) <= cut <= depth - 1 for c, cut in zip(seq, cuts))
+    if not in_range or list(cuts) != sorted(set(cuts)):
+        raise ValueError(f"layer must name cuts in [1, {depth - 1}] (or [-{depth - 1}, -1] counted from the end), or "
+                         f"0 (before the first layer, where the adapter supports it), increasing, for this encoder "
+                         f"({depth} layers; compress its output with the method itself), got {layer!r}")
     return cuts
 
 

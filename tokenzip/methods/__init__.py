@@ -31,9 +31,11 @@ from .framefusion import FrameFusion
 from .globalcom2 import GlobalCom2
 from .hiprune import HiPrune
 from .holitom import HoliTom
+from .holov import HoloV
 from .llava_scissor import LlavaScissor
 from .longvu_query import LongVUQuery
 from .omnizip import OmniZip
+from .pixelprune import PixelPrune
 from .pllava_pool import PLLaVAPool
 from .prumerge_plus import PruMergePlus
 from .prunevid import PruneVid
@@ -44,6 +46,7 @@ from .scope import SCOPE
 from .slowfast import SlowFast
 from .sparsevlm import SparseVLM
 from .speechprune import SpeechPrune
+from .sttm import STTM
 from .tokencarve import TokenCarve
 from .tome import ToMe
 from .trim import Trim
@@ -109,6 +112,9 @@ METHODS: list[type[Compressor]] = [
     TokenCarve,
     AdaFV,
     GlobalCom2,
+    HoloV,
+    STTM,
+    PixelPrune,
 ]
 
 __all__ = ["METHODS"] + [cls.__name__ for cls in METHODS]
