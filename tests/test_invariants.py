@@ -154,7 +154,7 @@ def _llm_stage_sees_exact_budget(method, case, budget):
             removed = sum(it.tokens_in - min([k for layer, k in it.stages if layer <= i], default=it.tokens_in)
                           for it in items)
             count = _valid_keys_of_last_row(seen[i])
-            window = getattr(layers[i].self_attn, "sliding_window", None)
+            window = getattr(getattr(layers[i], "self_attn", None), "sliding_window", None)  # linear: none
             if window is None:
                 assert int(count[b]) == int(real_in[b]) - removed, f"layer {i}, sample {b}"
             else:  # a sliding-window layer's last row reaches the real tokens of the last `window` positions

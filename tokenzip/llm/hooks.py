@@ -408,8 +408,10 @@ class LLMRunner:
             real = (~old.filler[b]).nonzero().flatten()
             lookup[old.pos[b, real]] = real
             index[b] = lookup[cur.pos[b]]
+        # the layer's own mask there is causal over the real keys (hybrid decoders have no sliding-window layers or
+        # bidirectional blocks): None, i.e. causal over the current slots' real keys, is that mask restricted to them
         with torch.no_grad():
-            return self._scores(run, attn, S.gather_seq(x, index), tuple(S.gather_seq(t, index) for t in pe))
+            return self._scores(run, attn, S.gather_seq(x, index), tuple(S.gather_seq(t, index) for t in pe), None)
 
     def _layer_pre(self, i: int):
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict):

@@ -44,6 +44,7 @@ from .scope import SCOPE
 from .slowfast import SlowFast
 from .sparsevlm import SparseVLM
 from .speechprune import SpeechPrune
+from .st3 import ST3
 from .tokencarve import TokenCarve
 from .tome import ToMe
 from .trim import Trim
@@ -109,6 +110,7 @@ METHODS: list[type[Compressor]] = [
     TokenCarve,
     AdaFV,
     GlobalCom2,
+    ST3,
 ]
 
 __all__ = ["METHODS"] + [cls.__name__ for cls in METHODS]
