@@ -21,39 +21,41 @@ DEFAULT_FRACTIONS = (2 / 32, 8 / 32, 16 / 32, 24 / 32)
 @dataclass
 class ST3(LLMScorer):
     """ST3 ("ST3: Accelerating Multimodal Large Language Model by Spatial-Temporal Visual Token Trimming", Zhuang et
-    al., arXiv:2412.20105). Two parts, the spatial one and the temporal one:
+    al., arXiv:2412.20105). Two parts, a spatial one (across layers) and a temporal one (across decoding steps):
 
-    - **PVTP** (progressive visual token pruning, across layers; the default, ``anneal=False``): the LLM prunes the
-      visual tokens in several stages at increasing depth. Before each stage layer ``l`` each item keeps its visual
-      tokens most attended by the last token in layer ``l - 1`` (mean over heads: the attention of the layer just
-      before, which the paper reuses instead of computing a new score, its "QK heredity"). Maps onto the LLM stage's
-      multi-layer schedule (``schedule``): stages at ``layers`` (default 2/32, 8/32, 16/32 and 24/32 of the depth,
-      i.e. layers 2, 8, 16, 24 of a 32-layer LLM, deduplicated and clamped to ``[1, L - 1]``), counts shrinking with
-      a constant keep ratio from ``N`` to the budget, the last stage exactly the budget ``k`` (``retain``/``tokens``
-      of the item's ``N`` tokens; :func:`tokenzip.llm.base.geometric_counts`). Every layer from the last stage on
-      runs on exactly ``k`` visual tokens of the item.
-    - **VTA** (visual token annealing, over decoding steps; ``anneal=True``): prefill keeps every token; at each
-      decoding step the visual KV entries of layers ``>= layer`` shrink linearly with the number of generated
-      tokens, from ``N`` to the budget ``k`` in ``anneal_steps`` steps: a step drops the
-      ``r = ceil((N - k) / anneal_steps)`` entries the current token attends to least (in layer ``layer - 1``, mean
-      over heads), never going below ``k``; after ``s`` steps an item holds ``max(k, N - s * r)`` entries. Maps onto
-      the decode-time KV pruning machinery (``decode_layer`` / ``decode_keep``, as ``dycoke_kv``); dropped entries
-      are freed from the cache. ``layer`` default 2 (clamped to ``L - 1``).
+    - **PVTP** (progressive visual token pruning) maps onto the LLM stage's multi-layer schedule (``schedule``): the
+      visual tokens are pruned in several stages at increasing depth. Before each stage layer ``l`` each item keeps
+      its visual tokens most attended by the last token in layer ``l - 1`` (mean over heads: the attention of the
+      layer just before, which the paper reuses instead of computing new scores). Stages at ``layers`` (default
+      2/32, 8/32, 16/32 and 24/32 of the depth, i.e. layers 2, 8, 16, 24 of a 32-layer LLM, deduplicated and clamped
+      to ``[1, L - 1]``); counts shrink with a constant keep ratio from ``N`` to the budget, the last stage exactly
+      the budget ``k`` (``retain``/``tokens`` of the item's ``N`` tokens, :func:`tokenzip.llm.base.geometric_counts`):
+      at prefill every layer from the last stage on runs on exactly ``k`` visual tokens of the item.
+    - **VTA** (visual token annealing; ``anneal=True``) maps onto the decode-time KV pruning machinery
+      (``decode_layer`` / ``decode_keep``): at each decoding step the item's visual KV entries in the layers from
+      the last PVTP stage on (or from ``layer``, which must not precede it) shrink linearly with the number of
+      generated tokens, from ``k`` to ``f = max(1, round(anneal_keep * k))`` (``anneal_keep`` default 0.5) over
+      ``anneal_steps`` steps (default 32): a step drops the ``r = ceil((k - f) / anneal_steps)`` entries the current
+      token attends to least (in the layer before, mean over heads), never going below ``f``; after ``s`` steps an
+      item holds ``max(f, k - s * r)`` entries. Dropped entries are freed from the cache.
 
-    Departures: the two parts do not run in the same call. The LLM runner refuses decode-time KV pruning on a cache
-    that prefill stages have shortened (tokenzip/llm/hooks.py), so ``anneal=True`` runs VTA from an unpruned prefill
-    and ``anneal=False`` runs PVTP alone (the paper stacks VTA on the PVTP-pruned cache). The stage placement and
-    the geometric counts are ours, set by the budget (the paper fixes per-layer ratios for LLaVA); VTA's schedule is
-    a straight line to the budget over ``anneal_steps`` steps (the paper lowers the per-layer counts as generation
-    grows; its floor is not the budget). Per-item budget (the paper counts all image tokens of a prompt together);
-    kept tokens keep their original positions; ties go to the earlier token. Video: each clip is one item ranked
-    like an image (an application to video, not the paper's evaluation).
+    ``anneal`` defaults to False (PVTP alone, the paper's ablation without VTA): the runner's decode-time KV pruning
+    is refused on decoders with sliding-window layers (Gemma 3), so the full method is opt-in,
+    ``tz.get("st3", retain=..., anneal=True)``.
+
+    Departures: the stage placement and the geometric counts are ours, set by the budget (the paper fixes per-layer
+    ratios for LLaVA); VTA anneals the layers from the last PVTP stage on (the paper anneals every layer's visual
+    tokens), along a straight line to ``anneal_keep`` of the budget (the paper's annealing curve and floor are its
+    own hyper-parameters). Per-item budget (the paper counts all image tokens of a prompt together); kept tokens
+    keep their original positions; ties go to the earlier token. Video: each clip is one item ranked like an image
+    (an application to video, not the paper's evaluation).
     """
 
     layers: tuple[int, ...] | None = None
     anneal: bool = False
-    layer: int = 2
+    layer: int | None = None
     anneal_steps: int = 32
+    anneal_keep: float = 0.5
 
     info: ClassVar[MethodInfo] = MethodInfo(
         name="st3", family="attention", modalities=("image", "video"), stage="llm", query_aware=True,
@@ -71,10 +73,14 @@ class ST3(LLMScorer):
             if not self.layers or any(isinstance(x, bool) or not isinstance(x, int) for x in self.layers) \
                     or list(self.layers) != sorted(set(self.layers)):
                 raise ValueError(f"layers must be strictly increasing decoder-layer indices, got {self.layers!r}")
-        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
-            raise ValueError(f"layer must be an int >= 1, got {self.layer!r}")
+        if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int)
+                                       or self.layer < 1):
+            raise ValueError(f"layer must be None or an int >= 1, got {self.layer!r}")
         if isinstance(self.anneal_steps, bool) or not isinstance(self.anneal_steps, int) or self.anneal_steps < 1:
             raise ValueError(f"anneal_steps must be an int >= 1, got {self.anneal_steps!r}")
+        if isinstance(self.anneal_keep, bool) or not isinstance(self.anneal_keep, (int, float)) \
+                or not 0.0 <= float(self.anneal_keep) <= 1.0:
+            raise ValueError(f"anneal_keep must be in [0, 1], got {self.anneal_keep!r}")
 
     # ---- PVTP: prefill stages -----------------------------------------------------------------------------------
     def boundaries(self, num_layers: int) -> list[int]:
@@ -86,13 +92,8 @@ class ST3(LLMScorer):
         return stage_layers(DEFAULT_FRACTIONS, num_layers)
 
     def schedule(self, n: int, num_layers: int) -> list[tuple[int, int]]:
-        if self.anneal:
-            return []  # VTA: prefill keeps every token
         layers = self.boundaries(num_layers)
         return list(zip(layers, geometric_counts(n, self.budget.count(n), len(layers))))
-
-    def final_count(self, n: int, num_layers: int) -> int:
-        return n if self.anneal else self.budget.count(n)
 
     def score_tokens(self, tokens: torch.Tensor, layout: ops.Layout, signals: dict[str, torch.Tensor]) -> torch.Tensor:
         return signals["last_attention"]
@@ -101,17 +102,22 @@ class ST3(LLMScorer):
     def decode_layer(self, num_layers: int) -> int | None:
         if not self.anneal:
             return None
-        if num_layers < 2:
-            raise ValueError(f"st3 needs an LLM of at least 2 layers, got {num_layers}")
-        return min(self.layer, num_layers - 1)
+        last = self.boundaries(num_layers)[-1]
+        if self.layer is None:
+            return last
+        layer = self.check_layer(self.layer, num_layers)
+        if layer < last:
+            raise ValueError(f"layer (VTA's first layer) must not precede the last PVTP stage {last}, got {layer}")
+        return layer
 
     def anneal_count(self, n: int, m: int) -> int:
         """Entries an item of ``n`` tokens keeps at a decoding step that starts with ``m`` of them: one linear
-        annealing step, ``max(k, m - ceil((n - k) / anneal_steps))``."""
+        annealing step from the budget ``k`` to the floor ``f``, ``max(f, m - ceil((k - f) / anneal_steps))``."""
         k = self.budget.count(n)
-        if m <= k:
+        floor = min(k, max(1, math.floor(float(self.anneal_keep) * k + 0.5)))
+        if m <= floor:
             return m
-        return max(k, m - math.ceil((n - k) / self.anneal_steps))
+        return max(floor, m - math.ceil((k - floor) / self.anneal_steps))
 
     def decode_keep(self, scores: torch.Tensor, n: int) -> torch.Tensor | None:
         m = scores.numel()
