@@ -145,3 +145,112 @@ def test_st3_bad_input():
             tz.ST3(retain=0.5, **kwargs)
     with pytest.raises(ValueError, match="layers"):
         tz.ST3(retain=0.5, layers=(2, 8)).schedule(16, 8)
+
+
+# ---- MustDrop -------------------------------------------------------------------------------------------------------
+
+def _mustdrop_grid():
+    """A 2 x 4 grid, 2 x 2 windows {0, 1, 4, 5} and {2, 3, 6, 7}. t0 = t1 (cos 1), t2 ~ t6 (cos 0.99), t4 ~ t5
+    (cos 0.9); every other 4-neighbour pair in a window is orthogonal (cos 0)."""
+    t = torch.zeros(1, 8, 4)
+    t[0, 0] = t[0, 1] = torch.tensor([1.0, 0, 0, 0])
+    t[0, 2] = torch.tensor([0, 1.0, 0, 0])
+    t[0, 6] = torch.tensor([0, 0.99, 0.141, 0])
+    t[0, 3] = torch.tensor([0, 0, 1.0, 0])
+    t[0, 4] = torch.tensor([0, 0, 0, 1.0])
+    t[0, 5] = torch.tensor([0, 0, 0.436, 0.9])
+    t[0, 7] = torch.tensor([-1.0, 0, 0, 0])
+    return t
+
+
+def test_mustdrop_local_spatial_merging_and_key_tokens():
+    """k = 5 of 8: three merges, most similar first: (0, 1), (2, 6), (4, 5) -> groups {0,1} {2,6} {3} {4,5} {7}.
+    With [CLS] attention highest on t1, the key set (round(0.25 * 5) = 1 token) is {t1}: it is never merged, so the
+    third merge is the first zero-similarity pair in raster order, (0, 4): {0,4,5} {1} {2,6} {3} {7}. k = 1: the
+    2 x 2 windows merge whole, then the window doubles to 4 and the two halves join."""
+    from tokenzip.methods.mustdrop import MustDropMerge
+
+    t = _mustdrop_grid()
+    m = MustDropMerge(retain=1.0)
+    out = m.compress(t, grid=(2, 4), k=5)
+    assert out.source[0].tolist() == [0, 0, 1, 2, 3, 3, 1, 4]
+    assert out.index[0].tolist() == [0, 2, 3, 4, 7]
+    assert torch.allclose(out.tokens[0, 3], (t[0, 4] + t[0, 5]) / 2)
+    cls = torch.tensor([[0.1, 0.5, 0.05, 0.05, 0.1, 0.1, 0.05, 0.05]])
+    keyed = m.compress(t, grid=(2, 4), k=5, cls_attention=cls)
+    assert keyed.source[0].tolist() == [0, 1, 2, 3, 0, 0, 2, 4]
+    assert m.compress(t, grid=(2, 4), k=2).source[0].tolist() == [0, 0, 1, 1, 0, 0, 1, 1]
+    assert m.compress(t, grid=(2, 4), k=1).source[0].tolist() == [0] * 8
+
+
+def test_mustdrop_dual_attention_takes_global_and_individual_rankings_alternately():
+    """Three text rows over five tokens: mean (global) = [.233, .267, .267, .133, .1] -> order 1, 2, 0, 3, 4; max
+    (individual) = [.7, .4, .4, .2, .3] -> order 0, 1, 2, 4, 3. Alternating, global first: k = 3 -> 1, 0, 2;
+    k = 4 -> then the individual ranking's next untaken token, 4 (top-4 by the mean alone would take 3)."""
+    from tokenzip.methods.mustdrop import MustDropFilter
+
+    att = torch.tensor([[[0.0, 0.4, 0.4, 0.2, 0.0], [0.0, 0.4, 0.4, 0.2, 0.0], [0.7, 0.0, 0.0, 0.0, 0.3]]])
+    last = torch.full((1, 5), 0.2)
+    f = MustDropFilter(retain=1.0)
+    assert f.compress(torch.randn(1, 5, 3), k=3, text_attention=att, last_attention=last).index[0].tolist() == \
+        [0, 1, 2]
+    assert f.compress(torch.randn(1, 5, 3), k=4, text_attention=att, last_attention=last).index[0].tolist() == \
+        [0, 1, 2, 4]
+    # no text after the item: the last token's row for both rankings
+    assert f.compress(torch.randn(1, 5, 3), k=2, text_attention=att[:, :0],
+                      last_attention=torch.tensor([[0.1, 0.5, 0.1, 0.2, 0.1]])).index[0].tolist() == [1, 3]
+    # decoding: entries under tau / m = 0.1 / 5 = 0.02 go, never below half the prefill count
+    d = MustDropFilter(tokens=4, decode=True)
+    assert d.decode_keep(torch.tensor([0.5, 0.01, 0.3, 0.015, 0.175]), 16).tolist() == [0, 2, 4]
+    assert d.decode_keep(torch.tensor([0.97, 0.01, 0.01, 0.01]), 16).tolist() == [0, 1]  # floor round(0.5 * 4) = 2
+
+
+def test_mustdrop_budget_split_and_model_run():
+    """retain=0.25: 16 tokens -> sqrt(0.25) = 0.5 at the encoder output (8) -> 0.5 of them before layer 2 (4);
+    tokens=4: 16 -> round(16^0.5 * 4^0.5) = 8 -> 4; 100 -> round(10 * 2) = 20 -> 4. On the tiny LLaVA each image
+    reaches the LLM with llm_count(N) tokens and leaves the stage with final_count(N)."""
+    c = tz.MustDrop(retain=0.25)
+    assert (c.llm_count(16), c.schedule(16, 32), c.final_count(16, 32)) == (8, [(2, 4)], 4)
+    t = tz.MustDrop(tokens=4)
+    assert (t.llm_count(16), t.llm_count(100), t.final_count(100, 32)) == (8, 20, 4)
+    model = built("llava")
+    inputs = CASES["llava"].make_inputs(model, default_samples())
+    num_layers = len(adapter_for(model).parts().decoder_layers)
+    with c(model):
+        with torch.no_grad():
+            model(**inputs)
+    items = [it for s in c.last_stats for ms in s.values() for it in ms.items]
+    assert items
+    merged = [it for s in c.parts[0].last_stats for ms in s.values() for it in ms.items]
+    assert len(merged) == len(items)
+    for it, pre in zip(items, merged):
+        assert it.tokens_out == c.final_count(it.tokens_in, num_layers)
+        assert it.stages == [(c.parts[1].stage_layer(num_layers), it.tokens_out)]
+        # the encoder-output stage only merges (every token in a group) down to llm_count(N)
+        assert pre.tokens_out == c.llm_count(it.tokens_in) and bool((pre.source >= 0).all())
+        assert sorted(set(it.source[it.source >= 0].tolist())) == list(range(it.tokens_out))
+
+
+def test_mustdrop_llm_part_equals_the_masking_oracle_and_decode_frees_entries():
+    """The LLM part alone (dual-attention filtering) against tests/test_llm_stage.py's masking oracle; with
+    decode=True the cache of the layers from the stage on shrinks while decoding, never below the floor."""
+    from test_llm_stage import _case_forward, assert_equals_mask_oracle
+
+    from tokenzip.methods.mustdrop import MustDropFilter
+
+    model = built("llava")
+    inputs = CASES["llava"].make_inputs(model, default_samples())
+    part = MustDropFilter(retain=0.3, layer=1)
+    with part(model):
+        out = _case_forward("llava", model, inputs)
+        gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert_equals_mask_oracle(model, part, inputs, out, gen, lambda: _case_forward("llava", model, inputs))
+    c = tz.MustDrop(retain=0.25, decode=True, tau=0.9)
+    with c(model):
+        res = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    state = getattr(output_cache(res), STATE_ATTR)
+    assert len(state.decode.history) == 3
+    for j, (_, n, _) in enumerate(state.decode.items):
+        k = c.parts[1].budget.count(n)  # n: the item's tokens entering the LLM
+        counts = [int(step[j].numel()) for step in state.decode.history]
+        assert counts == sorted(counts, reverse=True) and counts[0] < k and counts[-1] >= max(1, round(0.5 * k))

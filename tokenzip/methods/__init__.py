@@ -33,6 +33,7 @@ from .hiprune import HiPrune
 from .holitom import HoliTom
 from .llava_scissor import LlavaScissor
 from .longvu_query import LongVUQuery
+from .mustdrop import MustDrop
 from .omnizip import OmniZip
 from .pllava_pool import PLLaVAPool
 from .prumerge_plus import PruMergePlus
@@ -111,6 +112,7 @@ METHODS: list[type[Compressor]] = [
     AdaFV,
     GlobalCom2,
     ST3,
+    MustDrop,
 ]
 
 __all__ = ["METHODS"] + [cls.__name__ for cls in METHODS]
