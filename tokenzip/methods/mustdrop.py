@@ -196,7 +196,10 @@ class MustDrop(MultiStageLLM):
     k ** share)`` to the LLM and ends on exactly ``k``. Decoding (stage 3) then only frees entries.
 
     Departures: the paper merges by a similarity threshold and drops by attention thresholds (adaptive counts);
-    here each stage meets its count exactly (most similar / most attended first). The key set is protected at
+    here each stage meets its count exactly (most similar / most attended first). The merging code we read (the
+    llmc reproduction) scores each whole 2 x 2 window by the mean pairwise cosine similarity of its tokens and merges
+    the windows over the threshold 4 -> 1 (size-weighted); here 4-neighbour pairs are joined one at a time, so a
+    window merges whole only when all its pairs rank high, and any count can be met. The key set is protected at
     stage 1 only (the LLM-stage part cannot know which tokens were keys: the pipeline hands the LLM tokens, not
     labels). Stage 1 runs on the vision encoder's output rather than between its layers. The decode policy is
     opt-in (``decode=False`` by default) because the runner refuses decode-time KV pruning on sliding-window
