@@ -254,3 +254,67 @@ def test_mustdrop_llm_part_equals_the_masking_oracle_and_decode_frees_entries():
         k = c.parts[1].budget.count(n)  # n: the item's tokens entering the LLM
         counts = [int(step[j].numel()) for step in state.decode.history]
         assert counts == sorted(counts, reverse=True) and counts[0] < k and counts[-1] >= max(1, round(0.5 * k))
+
+
+# ---- VScan ----------------------------------------------------------------------------------------------------------
+
+def test_vscan_local_scan_spreads_picks_over_windows():
+    """2 x 4 grid, 2 x 2 windows W0 = {0, 1, 4, 5}, W1 = {2, 3, 6, 7}; scores .9 .8 .2 .1 / .7 .3 .15 .05. Round 1:
+    W0 offers t0 (.9), W1 offers t2 (.2): both taken, best first. Round 2: W0 offers t1 (.8), W1 t6 (.15): t1 is
+    taken. The global top 3 would be t0, t1, t4, all in W0."""
+    from tokenzip.methods.vscan import _windows, local_scan
+
+    score = torch.tensor([0.9, 0.8, 0.2, 0.1, 0.7, 0.3, 0.15, 0.05])
+    wins = _windows(tz.layout.grid(2, 4), 2)
+    assert wins == [[0, 1, 4, 5], [2, 3, 6, 7]]
+    assert local_scan(score, wins, torch.zeros(8, dtype=torch.bool), 3) == [0, 2, 1]
+
+
+def test_vscan_scans_then_merges_into_the_most_similar_kept_token():
+    """k = 4: global scan (2 = half of 4) by [CLS] attention: t0 (.3), t4 (.25). Local scan (2) by mid_attention
+    over 2 x 2 windows: W0 offers t1 (t1, t5 tie at .1: the earlier), W1 offers t2 (.3): taken t2 then t1. Kept
+    {0, 1, 2, 4}; the rest fold into their most similar kept token: t3 -> t2, t5 -> t4, t6 -> t1, t7 -> t0."""
+    from tokenzip.methods.vscan import VScanScan
+
+    t = torch.zeros(1, 8, 4)
+    for i, v in {0: (1, 0, 0, 0), 1: (0, 1, 0, 0), 2: (0, 0, 1, 0), 4: (0, 0, 0, 1), 3: (0, 0, 0.9, 0.1),
+                 5: (0.1, 0, 0, 1), 6: (0, 1, 0.2, 0), 7: (1, 0, 0, 0.2)}.items():
+        t[0, i] = torch.tensor(v, dtype=torch.float)
+    cls = torch.tensor([[0.3, 0.05, 0.05, 0.05, 0.25, 0.1, 0.1, 0.1]])
+    mid = torch.tensor([[0.1, 0.1, 0.3, 0.05, 0.1, 0.1, 0.05, 0.2]])
+    out = VScanScan(retain=1.0, window=2).compress(t, grid=(2, 4), k=4, cls_attention=cls, mid_attention=mid)
+    assert out.index[0].tolist() == [0, 1, 2, 4]
+    assert out.source[0].tolist() == [0, 1, 2, 2, 3, 3, 1, 0]
+    assert torch.allclose(out.tokens[0, 2], (t[0, 2] + t[0, 3]) / 2)
+
+
+def test_vscan_budget_split_model_run_and_llm_part_oracle():
+    """retain=0.25: 16 -> 8 at the encoder output -> 4 before the middle layer (16 of 32, 1 of 3). On the tiny LLaVA
+    every image ends at final_count(N) after one stage at L // 2; the LLM part alone equals the masking oracle."""
+    from test_llm_stage import _case_forward, assert_equals_mask_oracle
+
+    from tokenzip.methods.vscan import VScanPrune
+
+    c = tz.VScan(retain=0.25)
+    assert (c.llm_count(16), c.schedule(16, 32), c.final_count(16, 32)) == (8, [(16, 4)], 4)
+    assert tz.VScan(tokens=4).llm_count(100) == 20
+    model = built("llava")
+    inputs = CASES["llava"].make_inputs(model, default_samples())
+    num_layers = len(adapter_for(model).parts().decoder_layers)
+    with c(model):
+        with torch.no_grad():
+            model(**inputs)
+    items = [it for s in c.last_stats for ms in s.values() for it in ms.items]
+    assert items
+    for it in items:
+        assert it.tokens_out == c.final_count(it.tokens_in, num_layers)
+        assert it.stages == [(max(1, num_layers // 2), it.tokens_out)]
+    part = VScanPrune(retain=0.3)
+    with part(model):
+        out = _case_forward("llava", model, inputs)
+        gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert_equals_mask_oracle(model, part, inputs, out, gen, lambda: _case_forward("llava", model, inputs))
+    with pytest.raises(ValueError, match="global_share"):
+        tz.VScan(retain=0.5, global_share=2)
+    with pytest.raises(ValueError, match="layer"):
+        tz.VScan(retain=0.5, layer=9).schedule(16, 4)

@@ -54,6 +54,7 @@ from .vad_prune import VadPrune
 from .vidcom2 import VidCom2
 from .visionzip import VisionZip
 from .vispruner import VisPruner
+from .vscan import VScan
 from .vtw import VTW
 from .zipvl import ZipVL
 
@@ -113,6 +114,7 @@ METHODS: list[type[Compressor]] = [
     GlobalCom2,
     ST3,
     MustDrop,
+    VScan,
 ]
 
 __all__ = ["METHODS"] + [cls.__name__ for cls in METHODS]
