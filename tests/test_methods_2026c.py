@@ -318,3 +318,86 @@ def test_vscan_budget_split_model_run_and_llm_part_oracle():
         tz.VScan(retain=0.5, global_share=2)
     with pytest.raises(ValueError, match="layer"):
         tz.VScan(retain=0.5, layer=9).schedule(16, 4)
+
+
+# ---- FitPrune -------------------------------------------------------------------------------------------------------
+
+def _fitprune_stats():
+    """One item of 4 tokens in a 4-layer LLM: attention rows for layers 0, 1, 2 (uniform, then concentrating)."""
+    return [torch.tensor([[0.25, 0.25, 0.25, 0.25], [0.7, 0.1, 0.1, 0.1], [0.97, 0.01, 0.01, 0.01]])]
+
+
+def test_fitprune_fits_the_recipe_by_bisection_on_the_attention_mass():
+    """alpha = 0.25 (a layer may lose a quarter of its attention mass): layer 0 (uniform) needs 3 of 4 tokens
+    (0.75), layer 1 needs 2 (0.7 < 0.75 <= 0.8), layer 2 needs 1 (0.97): keep = [1, 0.75, 0.5, 0.25], average
+    0.625. Just under 0.25 layer 0 needs all 4 (average 0.6875), so target 0.625 gives that recipe. Target 0.6
+    needs alpha >= 0.3, where layer 1 needs 1 token (0.7): keep = [1, 0.75, 0.25, 0.25] (average 0.5625)."""
+    r = tz.FitPruneRecipe.fit(_fitprune_stats(), target=0.625)
+    assert r.num_layers == 4 and r.samples == 1
+    assert [round(v, 6) for v in r.keep] == [1.0, 0.75, 0.5, 0.25]
+    assert [round(v, 6) for v in tz.FitPruneRecipe.fit(_fitprune_stats(), target=0.6).keep] == [1.0, 0.75, 0.25, 0.25]
+    # two items: the shares are averaged (the second, uniform everywhere, needs 3 of 4 at every layer from alpha =
+    # 0.25 on): [(.75 + .75) / 2, (.5 + .75) / 2, (.25 + .75) / 2] -> keep [1, .75, .625, .5], average 0.71875
+    two = tz.FitPruneRecipe.fit(_fitprune_stats() + [torch.full((3, 4), 0.25)], target=0.72)
+    assert [round(v, 6) for v in two.keep] == [1.0, 0.75, 0.625, 0.5]
+    for bad, err in [([], "empty"), ([torch.ones(3, 4), torch.ones(2, 4)], "same"), ([-torch.ones(3, 4)], "negative")]:
+        with pytest.raises(ValueError, match=err):
+            tz.FitPruneRecipe.fit(bad, target=0.5)
+    with pytest.raises(ValueError, match="below"):
+        tz.FitPruneRecipe.fit(_fitprune_stats(), target=0.2)  # under 1 / 4: layer 0 sees everything
+
+
+def test_fitprune_recipe_schedule_files_and_misfit(tmp_path):
+    """The recipe [1, .75, .5, .25] on 16 tokens: retain=0.25 (k = 4, the recipe's own share) gives its counts
+    round(keep * 16) = 12, 8, 4; retain=0.5 (k = 8) rescales between 16 and 8: 8 + round(8 * 2/3) = 13,
+    8 + round(8 / 3) = 11, 8. No recipe: one stage before layer 1."""
+    r = tz.FitPruneRecipe(num_layers=4, keep=(1.0, 0.75, 0.5, 0.25), target=0.625)
+    assert tz.FitPrune(retain=0.25, recipe=r).schedule(16, 4) == [(1, 12), (2, 8), (3, 4)]
+    assert tz.FitPrune(retain=0.5, recipe=r).schedule(16, 4) == [(1, 13), (2, 11), (3, 8)]
+    assert tz.FitPrune(retain=0.25).schedule(16, 4) == [(1, 4)]
+    path = tmp_path / "recipe.json"
+    r.save(path)
+    assert tz.FitPruneRecipe.load(path) == r
+    with pytest.raises(ValueError, match="4-layer LLM; the model has 8"):
+        tz.FitPrune(retain=0.25, recipe=r).schedule(16, 8)
+    with pytest.raises(ValueError, match="4-layer"):
+        tz.FitPrune(retain=0.25, recipe=r).decode_layer(8)  # what the patch asks when it is created
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="invalid JSON"):
+        tz.FitPruneRecipe.load(path)
+    path.write_text('{"format": "tokenzip.fitprune.recipe/1", "num_layers": 3, "keep": [1, 0.5], "target": 0.5}')
+    with pytest.raises(ValueError, match="one share per layer"):
+        tz.FitPruneRecipe.load(path)
+    with pytest.raises(ValueError, match="non-increasing"):
+        tz.FitPruneRecipe(num_layers=3, keep=(1.0, 0.5, 0.7), target=0.5)
+    with pytest.raises(TypeError, match="recipe"):
+        tz.FitPrune(retain=0.5, recipe={"keep": [1.0]})
+
+
+def test_fitprune_calibrates_on_a_model_and_the_fitted_recipe_runs():
+    """calibrate() runs the tiny LLaVA unchanged and returns, per image, [L - 1, n] rows of attention (each row a
+    share of the text's attention, so at most 1 per text row on average); a recipe fitted on them drives the
+    stages, and a recipe for another depth is refused before the model is patched."""
+    model = built("llava")
+    inputs = CASES["llava"].make_inputs(model, default_samples())
+    num_layers = len(adapter_for(model).parts().decoder_layers)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    stats = tz.FitPrune.calibrate(model, [inputs])
+    assert not [name for name, m in model.named_modules() if "forward" in m.__dict__]  # unpatched again
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, ref)
+    assert len(stats) >= 3 and all(s.shape[0] == num_layers - 1 for s in stats)
+    assert all(bool((s >= 0).all()) and float(s.sum(1).max()) <= 1.0 + 1e-5 for s in stats)
+    recipe = tz.FitPruneRecipe.fit(stats, target=0.6)
+    c = tz.FitPrune(retain=recipe.keep[-1], recipe=recipe)
+    with c(model):
+        with torch.no_grad():
+            model(**inputs)
+    for it in (it for s in c.last_stats for ms in s.values() for it in ms.items):
+        assert it.stages == c.schedule(it.tokens_in, num_layers) and it.tokens_out == c.budget.count(it.tokens_in)
+    other = tz.FitPruneRecipe(num_layers=num_layers + 1, keep=(1.0,) * (num_layers + 1), target=1.0)
+    with pytest.raises(ValueError, match="calibrate and fit"):
+        tz.FitPrune(retain=0.5, recipe=other)(model)
+    with pytest.raises(TypeError, match="calls"):
+        tz.FitPrune.calibrate(model, [[1, 2]])

@@ -23,6 +23,7 @@ from .evs import EVS
 from .fastv import FastV
 from .fastv_av import FastVAudioVideo
 from .fastvid import FastVID
+from .fitprune import FitPrune, FitPruneRecipe
 from .flashvid import FlashVID
 from .folder import Folder
 from .frame_dedup_dinov2 import FrameDedupDinov2
@@ -115,6 +116,7 @@ METHODS: list[type[Compressor]] = [
     ST3,
     MustDrop,
     VScan,
+    FitPrune,
 ]
 
-__all__ = ["METHODS"] + [cls.__name__ for cls in METHODS]
+__all__ = ["METHODS", "FitPruneRecipe"] + [cls.__name__ for cls in METHODS]
