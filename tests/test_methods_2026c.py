@@ -401,3 +401,43 @@ def test_fitprune_calibrates_on_a_model_and_the_fitted_recipe_runs():
         tz.FitPrune(retain=0.5, recipe=other)(model)
     with pytest.raises(TypeError, match="calls"):
         tz.FitPrune.calibrate(model, [[1, 2]])
+
+
+def test_st3_vta_scores_the_entries_a_prefill_stage_left_in_the_scoring_layer():
+    """An independent check of decode-time pruning after prefill stages (tiny LLaVA, 3 layers: PVTP stages before
+    layers 1 and 2, VTA from layer 2, scored with layer 1, whose cache holds what stage 1 kept). The eager
+    attention weights of layer 1 at the first decoding step, over its cache columns (each row: its real tokens
+    minus those stage 1 dropped, ascending, left-filled to the widest row; then the new token), rank each image's
+    entries still alive; the step keeps the best anneal_count(n, k) of them (ties: the earlier)."""
+    model = built("llava", "eager")
+    inputs = CASES["llava"].make_inputs(model, default_samples())
+    layers = adapter_for(model).parts().decoder_layers
+    c = tz.ST3(retain=0.5, anneal=True, anneal_steps=2)
+    assert c.boundaries(len(layers)) == [1, 2] and c.decode_layer(len(layers)) == 2
+    calls = []
+    hook = layers[1].self_attn.register_forward_hook(lambda m, a, out: calls.append(out[1].detach()))
+    try:
+        _, _, state = _st3_generate(model, inputs, c, steps=2)
+    finally:
+        hook.remove()
+    weights = calls[1].mean(1)[:, 0]  # the first decoding step: [B, K], K = stage-1 width + 1
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    image_token = adapter_for(model).parts().media_token_ids["image"]
+    items = [(b, it) for b, s in enumerate(c.last_stats) for it in s["image"].items]
+    positions, dropped = [], [set() for _ in range(ids.shape[0])]
+    for b in range(ids.shape[0]):
+        where = (ids[b] == image_token).nonzero().flatten().tolist()
+        for it in c.last_stats[b]["image"].items:
+            pos, where = where[: it.tokens_in], where[it.tokens_in:]
+            positions.append(pos)
+            dropped[b].update(p for p, src in zip(pos, it.stage_sources[0].tolist()) if src < 0)
+    kept = [[p for p in range(ids.shape[1]) if mask[b, p] and p not in dropped[b]] for b in range(ids.shape[0])]
+    width = weights.shape[1] - 1
+    assert width == max(len(k) for k in kept)
+    for j, (b, it) in enumerate(items):
+        column = {p: width - len(kept[b]) + i for i, p in enumerate(kept[b])}
+        alive = it.index.tolist()  # what PVTP kept: the entries VTA starts from
+        scores = torch.stack([weights[b, column[positions[j][i]]] for i in alive])
+        keep = c.anneal_count(it.tokens_in, len(alive))
+        expected = sorted(alive[o] for o in torch.sort(scores, descending=True, stable=True).indices[:keep].tolist())
+        assert state.decode.history[0][j].tolist() == expected
