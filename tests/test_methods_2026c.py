@@ -441,3 +441,12 @@ def test_st3_vta_scores_the_entries_a_prefill_stage_left_in_the_scoring_layer():
         keep = c.anneal_count(it.tokens_in, len(alive))
         expected = sorted(alive[o] for o in torch.sort(scores, descending=True, stable=True).indices[:keep].tolist())
         assert state.decode.history[0][j].tolist() == expected
+
+
+def test_a_multi_stage_method_joins_a_compose_pipeline_as_its_parts():
+    """tz.compose(input-stage method, mustdrop) runs uniform_frames, then MustDrop's pre-LLM part, then its LLM part;
+    a second pre-LLM method for the same modality is refused (one pre-LLM method per modality)."""
+    c = tz.compose(tz.get("uniform_frames", retain=0.5), tz.get("mustdrop", retain=0.25))
+    assert [p.info.name for p in c.parts] == ["uniform_frames", "mustdrop_merge", "mustdrop_filter"]
+    with pytest.raises(ValueError, match="one pre-LLM method per modality"):
+        tz.compose(tz.get("visionzip", retain=0.5), tz.get("vscan", retain=0.25))

@@ -9,6 +9,7 @@ import torch
 
 from .base import Compressor, JointCompressor, JointItem, MethodInfo
 from .budget import nearest_achievable
+from .llm.base import MultiStageLLM
 from .output import CompressOutput, ModalityStats, chain_stats
 
 # pipeline order; "encoder" and "pre_llm" share a slot (see Composed)
@@ -113,6 +114,8 @@ class Composed:
             if not isinstance(p, Compressor):
                 raise TypeError(f"compose takes configured compressors (e.g. tz.get('visionzip', retain=0.5)), got "
                                 f"{type(p).__name__}")
+        # a method registered over several stages (tokenzip.llm.base.MultiStageLLM) joins the pipeline as its parts
+        parts = tuple(q for p in parts for q in (p.parts if isinstance(p, MultiStageLLM) else (p,)))
         pre = [p for p in parts if p.info.stage == "pre_llm"]
         if len(pre) > 1:  # pre-LLM methods for disjoint modalities share the stage, side by side
             first = parts.index(pre[0])
