@@ -136,6 +136,8 @@ def _llm_stage_sees_exact_budget(method, case, budget):
     num_layers = len(layers)
     # a joint method (all media of a sample in one pool) documents the sample's total, not each item's share
     sample_total = getattr(c, "sample_final_count", None)
+    # a multi-stage method (tokenzip.llm.base.MultiStageLLM) brings llm_count(N) tokens of an item to the LLM
+    entering = getattr(c, "llm_count", lambda n: n)
     for b, stats in enumerate(c.last_stats):
         items = [it for ms in stats.values() for it in ms.items]
         if sample_total is not None:
@@ -149,19 +151,37 @@ def _llm_stage_sees_exact_budget(method, case, budget):
             counts = [k for _, k in it.stages]
             assert all(layer in plan for layer, _ in it.stages)
             assert counts == sorted(set(counts), reverse=True) and all(k >= final for k in counts)
-            assert (counts[-1] if counts else it.tokens_in) == final
+            assert (counts[-1] if counts else entering(it.tokens_in)) == final
         for i in range(num_layers):
-            removed = sum(it.tokens_in - min([k for layer, k in it.stages if layer <= i], default=it.tokens_in)
-                          for it in items)
+            removed = sum(it.tokens_in - min([k for layer, k in it.stages if layer <= i],
+                                             default=entering(it.tokens_in)) for it in items)
             count = _valid_keys_of_last_row(seen[i])
             window = getattr(adapter.llm_mixer(i), "sliding_window", None)
             if window is None:
                 assert int(count[b]) == int(real_in[b]) - removed, f"layer {i}, sample {b}"
             else:  # a sliding-window layer's last row reaches the real tokens of the last `window` positions
-                last = inputs["input_ids"].shape[1] - 1
-                kept = _kept_positions(stats, inputs["input_ids"][b], adapter_for(model).parts().media_token_ids, i)
-                reach = [p for p in range(last - window + 1, last + 1) if inputs["attention_mask"][b, p]]
+                media = adapter_for(model).parts().media_token_ids
+                ids, llm_stats = _llm_prompt(c, b, inputs["input_ids"][b], inputs["attention_mask"][b], media)
+                kept = _kept_positions(llm_stats, ids, media, i)
+                reach = range(max(0, len(ids) - window), len(ids))
                 assert int(count[b]) == len([p for p in reach if kept.get(p, True)]), f"layer {i}, sample {b}"
+
+
+def _llm_prompt(c, b, ids, mask, media_token_ids):
+    """Row ``b``'s real tokens as the LLM gets them, and the stats of the LLM stage for that row: a multi-stage
+    method's first part shortened each item's run of media tokens to the count it kept (its LLM part's stats then
+    apply); any other method's are the caller's tokens and its own stats."""
+    real = ids[mask.bool()]
+    if not hasattr(c, "parts"):
+        return real, c.last_stats[b]
+    drop = set()
+    for modality, ms in c.parts[0].last_stats[b].items():
+        where = (real == media_token_ids[modality]).nonzero().flatten().tolist()
+        cursor = 0
+        for it in ms.items:
+            drop.update(where[cursor: cursor + it.tokens_in][it.tokens_out:])
+            cursor += it.tokens_in
+    return real[[p for p in range(real.numel()) if p not in drop]], c.parts[1].last_stats[b]
 
 
 def _kept_positions(stats, ids, media_token_ids, layer):

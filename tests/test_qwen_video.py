@@ -570,8 +570,8 @@ def test_case_pairs_every_video_method_in_every_stage():
     assert {m.info.name for m in tz.METHODS if m.info.stage == "input" and compatible(m, case)} >= {
         "uniform_frames", "frame_dedup_pixel"}
     assert {m.info.name for m in tz.METHODS if m.info.stage == "llm" and compatible(m, case)} == {
-        "dart", "dycoke_kv", "fastv", "fastv_av", "framefusion", "pyramiddrop", "sparsevlm", "tokencarve", "vtw",
-        "zipvl"}
+        "dart", "dycoke_kv", "fastv", "fastv_av", "fitprune", "framefusion", "mustdrop", "pyramiddrop", "sparsevlm",
+        "st3", "tokencarve", "vscan", "vtw", "zipvl"}
 
 
 # ---- stage "input", reduction "frames": the unit is one temporal grid ----------------------------------------------

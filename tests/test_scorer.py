@@ -38,7 +38,8 @@ def test_base_keeps_the_top_k_in_position_order_ties_to_the_lower_index():
 
 def test_the_score_then_keep_methods_use_the_base():
     scorers = {m.info.name for m in tz.METHODS if issubclass(m, ScorerCompressor)}
-    assert scorers == {"random", "cls_topk", "attn_topk", "fastv", "fastv_av", "pyramiddrop", "zipvl"}
+    assert scorers == {"random", "cls_topk", "attn_topk", "fastv", "fastv_av", "pyramiddrop", "zipvl", "st3",
+                       "fitprune"}
     assert all(issubclass(m, LLMScorer) for m in tz.METHODS if m.info.name in scorers and m.info.stage == "llm")
 
 

@@ -13,7 +13,7 @@ from .budget import Budget
 from .compose import Composed, compose
 from .encoder_stage import InEncoder
 from .methods import *  # noqa: F401,F403  (method classes)
-from .methods import METHODS
+from .methods import METHODS, FitPruneRecipe
 from .output import CompressOutput, ItemStats, ModalityStats
 from .per_frame import PerFrame as PerFrame  # tz.PerFrame(method): an image method frame by frame
 from .registry import get, method_class, methods
@@ -32,6 +32,6 @@ def __getattr__(name: str):
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-__all__ = ["Budget", "Composed", "CompressOutput", "Compressor", "InEncoder", "ItemStats", "METHODS", "MethodInfo",
-           "ModalityStats", "PerFrame", "compose", "get", "method_class", "methods", "supported_models"] + [
-    cls.__name__ for cls in METHODS]
+__all__ = ["Budget", "Composed", "CompressOutput", "Compressor", "FitPruneRecipe", "InEncoder", "ItemStats", "METHODS",
+           "MethodInfo", "ModalityStats", "PerFrame", "compose", "get", "method_class", "methods",
+           "supported_models"] + [cls.__name__ for cls in METHODS]

@@ -9,8 +9,8 @@ import torch
 
 from .base import Compressor, JointCompressor, JointItem, MethodInfo
 from .budget import nearest_achievable
-from .llm.slots import compose_source
-from .output import CompressOutput, ItemStats, ModalityStats, summarize
+from .llm.base import MultiStageLLM
+from .output import CompressOutput, ModalityStats, chain_stats
 
 # pipeline order; "encoder" and "pre_llm" share a slot (see Composed)
 _ORDER = {"input": 0, "encoder": 1, "pre_llm": 1, "llm": 2}
@@ -114,6 +114,8 @@ class Composed:
             if not isinstance(p, Compressor):
                 raise TypeError(f"compose takes configured compressors (e.g. tz.get('visionzip', retain=0.5)), got "
                                 f"{type(p).__name__}")
+        # a method registered over several stages (tokenzip.llm.base.MultiStageLLM) joins the pipeline as its parts
+        parts = tuple(q for p in parts for q in (p.parts if isinstance(p, MultiStageLLM) else (p,)))
         pre = [p for p in parts if p.info.stage == "pre_llm"]
         if len(pre) > 1:  # pre-LLM methods for disjoint modalities share the stage, side by side
             first = parts.index(pre[0])
@@ -186,7 +188,7 @@ class Composed:
     def last_stats(self) -> list[dict[str, ModalityStats]]:
         chained = self.parts[0].last_stats
         for part in self.parts[1:]:
-            chained = _chain(chained, part.last_stats)
+            chained = chain_stats(chained, part.last_stats)
         return chained
 
     def __call__(self, model: torch.nn.Module) -> Any:
@@ -199,26 +201,6 @@ class Composed:
 
     def __repr__(self) -> str:
         return f"compose({', '.join(repr(p) for p in self.parts)})"
-
-
-def _chain(first: list[dict[str, ModalityStats]], second: list[dict[str, ModalityStats]]
-           ) -> list[dict[str, ModalityStats]]:
-    """One part's stats followed by the next part's (which saw the first one's output), item by item."""
-    per_sample: list[list[ItemStats]] = []
-    for pre, post in zip(first, second):
-        items: list[ItemStats] = []
-        for mod, ms in pre.items():
-            later = post.get(mod, ModalityStats()).items
-            for j, a in enumerate(ms.items):
-                b = later[j] if j < len(later) else None
-                if b is None:
-                    items.append(a)
-                    continue
-                items.append(ItemStats(modality=mod, tokens_in=a.tokens_in, tokens_out=b.tokens_out,
-                                       source=compose_source(a.source.cpu(), b.source.cpu()),
-                                       index=a.index.cpu()[b.index.cpu()], grid=a.grid, stages=list(b.stages)))
-        per_sample.append(items)
-    return summarize(per_sample)
 
 
 def compose(*parts: Compressor) -> Composed:

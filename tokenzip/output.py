@@ -88,3 +88,26 @@ def summarize(items_per_sample: list[list[ItemStats]]) -> list[dict[str, Modalit
             ms.items.append(it)
         out.append(per_mod)
     return out
+
+
+def chain_stats(first: list[dict[str, ModalityStats]], second: list[dict[str, ModalityStats]]
+                ) -> list[dict[str, ModalityStats]]:
+    """One pipeline part's stats followed by the next part's (which saw the first one's output), item by item:
+    ``tokens_in`` and ``grid`` from the first, ``tokens_out`` and ``stages`` from the second, ``source``/``index``
+    composed (tz.compose and the multi-stage methods)."""
+    per_sample: list[list[ItemStats]] = []
+    for pre, post in zip(first, second):
+        items: list[ItemStats] = []
+        for mod, ms in pre.items():
+            later = post.get(mod, ModalityStats()).items
+            for j, a in enumerate(ms.items):
+                b = later[j] if j < len(later) else None
+                if b is None:
+                    items.append(a)
+                    continue
+                src_a, src_b = a.source.cpu(), b.source.cpu()
+                source = torch.where(src_a >= 0, src_b[src_a.clamp(min=0)], torch.full_like(src_a, -1))
+                items.append(ItemStats(modality=mod, tokens_in=a.tokens_in, tokens_out=b.tokens_out, source=source,
+                                       index=a.index.cpu()[b.index.cpu()], grid=a.grid, stages=list(b.stages)))
+        per_sample.append(items)
+    return summarize(per_sample)

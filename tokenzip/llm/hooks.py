@@ -22,10 +22,11 @@ layers ``>= l`` for every later turn; the new turn's tokens go into every layer.
 cache are refused (ValueError), as are beam search (the cache would be reordered), static/sliding caches and
 flash-attention (no explicit 4-D mask). Hooks find the cache under either name (:mod:`tokenzip.compat`).
 
-Decode-time KV pruning (a method whose ``decode_layer`` is not ``None``, e.g. DyCoke's second stage): prefill is
-untouched; at every later call that continues the cache, hooks on the attention of layer ``decode_layer - 1``
-recompute the current token's attention to the cached keys of that layer and ask the method which of each item's
-remaining entries stay (``decode_keep``); the others are removed from the cache tensors of every layer
+Decode-time KV pruning (a method whose ``decode_layer`` is not ``None``, e.g. DyCoke's second stage): prefill runs
+the method's stages (DyCoke's has none; each stage must be at or before ``decode_layer``); at every later call that
+continues the cache, hooks on the attention of layer ``decode_layer - 1`` recompute the current token's attention to
+the cached keys of that layer (the kept entries, when a prefill stage shortened it) and ask the method which of each
+item's remaining entries stay (``decode_keep``); the others are removed from the cache tensors of every layer
 ``>= decode_layer`` before those layers run in the same call (rows re-packed, the batch's padding dropped, masks
 rebuilt). Layers before it keep every entry, so the layer-0 cache length and the caller's 2-D mask (from which
 ``generate()`` derives new positions) are those of the uncompressed model.
@@ -127,6 +128,8 @@ class _Run:
         self.pe: Any = None
         self.state: CacheState | None = None
         self.changed = False
+        self.mask2d = attn2d
+        self.decode_past: Any = None  # the cache, when decode-time KV pruning follows this prefill
 
 
 class LLMRunner:
@@ -270,7 +273,33 @@ class LLMRunner:
         run, self.run, self.step = self.run, None, None
         self.step_query, self.step_past = None, None
         if run is not None:
+            if run.decode_past is not None:
+                self._start_decode(run)
             self._record(run)
+
+    def _start_decode(self, run: _Run) -> None:
+        """At the end of a prefill with a cache, for decode-time KV pruning: the group of layers ``>= decode_at``
+        (the last one; the last prefill stage's group split there, or the whole prompt when no stage ran) holds
+        each item's entries still alive (those the stages kept), which decoding steps then prune."""
+        past = run.decode_past
+        if run.state is None:
+            run.state = CacheState(self, run.prefill_len)
+            setattr(past, STATE_ATTR, run.state)
+        state = run.state
+        if state.groups:
+            start, valid = state.groups[-1]
+            valid, pos = valid.clone(), state.positions[-1].clone()
+        else:
+            start, valid = None, run.mask2d.clone()
+            pos = torch.arange(valid.shape[1], device=valid.device).expand(valid.shape[0], -1).clone()
+        if start == self.decode_at:
+            state.groups.pop()
+            state.positions.pop()
+        state.groups.append((self.decode_at, valid))
+        state.positions.append(pos)
+        state.decode = _DecodeState(
+            self.decode_at, [t.item.positions.long().cpu() for t in run.tracks],
+            [(t.item.sample, t.n, t.index.clone()) for t in run.tracks], pos.masked_fill(~valid, -1))
 
     def _start_prefill(self, items: list[LLMItem], mask: torch.Tensor, past: Any) -> None:
         num_layers = len(self.layers)
@@ -299,21 +328,15 @@ class LLMRunner:
         if past is not None and stage_at:
             _require_dynamic(past)
         self.run = run
-        if self.decode_at is not None:
-            if stage_at:
-                raise RuntimeError(f"{self.c.info.name}: decode-time KV pruning with prefill stages is not supported")
-            if past is not None:
-                _require_dynamic(past)
-                run.state = CacheState(self, run.prefill_len)
-                run.state.groups.append((self.decode_at, mask.bool().clone()))
-                width = mask.shape[1]
-                run.state.positions.append(torch.arange(width, device=mask.device).expand(mask.shape[0], -1))
-                run.state.decode = _DecodeState(
-                    self.decode_at, [t.item.positions.long().cpu() for t in tracks],
-                    [(t.item.sample, t.n, torch.arange(t.n)) for t in tracks],
-                    torch.arange(width, device=mask.device).expand(mask.shape[0], -1).clone())
-                setattr(past, STATE_ATTR, run.state)
+        if self.decode_at is not None and past is not None:
+            if stage_at and max(stage_at) > self.decode_at:
+                raise ValueError(f"{self.c.info.name}: decode-time KV pruning from layer {self.decode_at} needs every "
+                                 f"prefill stage at or before it; stages at {stage_at}")
+            _require_dynamic(past)
+            run.decode_past = past  # the decode state is set up when prefill ends (the stages shape its cache)
         if not stage_at:  # identity: nothing to hook
+            if run.decode_past is not None:
+                self._start_decode(run)
             self._record(run)
             self.run = None
 
@@ -490,14 +513,22 @@ class LLMRunner:
         if pe is None:
             raise RuntimeError("the attention module got no position_embeddings; cannot score the cached entries")
         layer = self.step_past.layers[self.decode_score]
-        keys = layer.keys  # [B, H_kv, K, d], rotary applied; this layer is never pruned: columns == positions
+        keys = layer.keys  # [B, H_kv, K, d], rotary applied; never pruned while decoding
         mask2d, q = self.step_mask2d, self.step_q
         kv = keys.shape[-2]
+        # a layer after a prefill stage caches the kept prompt entries (its group's columns), then the new tokens
+        g = state.group_of(self.decode_score)
+        key_valid = mask2d if g is None else torch.cat([state.groups[g][1], mask2d[:, state.prefill_len:]], dim=1)
         with torch.no_grad():
             last = torch.full((x.shape[0], 1), x.shape[1] - 1, dtype=torch.long, device=x.device)
             query = separate_qk(module, x, last, pe)
-            allowed = mask2d[:, None, None, :kv] & (torch.arange(kv, device=x.device) <= kv - 1)[None, None, None]
-            probs = softmax_rows(query.q, keys, query.scale, allowed).mean(dim=1)[:, 0]  # [B, K]
+            probs = softmax_rows(query.q, keys, query.scale, key_valid[:, None, None, :kv]).mean(dim=1)[:, 0]
+            if g is not None:  # columns -> original positions
+                valid, cols = state.groups[g][1], state.positions[g]
+                by_pos = probs.new_zeros(probs.shape[0], state.prefill_len)
+                for b in range(probs.shape[0]):
+                    by_pos[b, cols[b][valid[b]]] = probs[b, : valid.shape[1]][valid[b]]
+                probs = by_pos
         kept_now, drop = [], {}
         for j, (b, n, alive) in enumerate(dec.items):
             pos = dec.positions[j][alive].to(probs.device)

@@ -23,6 +23,7 @@ from .evs import EVS
 from .fastv import FastV
 from .fastv_av import FastVAudioVideo
 from .fastvid import FastVID
+from .fitprune import FitPrune, FitPruneRecipe
 from .flashvid import FlashVID
 from .folder import Folder
 from .frame_dedup_dinov2 import FrameDedupDinov2
@@ -34,6 +35,7 @@ from .holitom import HoliTom
 from .holov import HoloV
 from .llava_scissor import LlavaScissor
 from .longvu_query import LongVUQuery
+from .mustdrop import MustDrop
 from .omnizip import OmniZip
 from .pixelprune import PixelPrune
 from .pllava_pool import PLLaVAPool
@@ -46,6 +48,7 @@ from .scope import SCOPE
 from .slowfast import SlowFast
 from .sparsevlm import SparseVLM
 from .speechprune import SpeechPrune
+from .st3 import ST3
 from .sttm import STTM
 from .tokencarve import TokenCarve
 from .tome import ToMe
@@ -55,6 +58,7 @@ from .vad_prune import VadPrune
 from .vidcom2 import VidCom2
 from .visionzip import VisionZip
 from .vispruner import VisPruner
+from .vscan import VScan
 from .vtw import VTW
 from .zipvl import ZipVL
 
@@ -115,6 +119,10 @@ METHODS: list[type[Compressor]] = [
     HoloV,
     STTM,
     PixelPrune,
+    ST3,
+    MustDrop,
+    VScan,
+    FitPrune,
 ]
 
-__all__ = ["METHODS"] + [cls.__name__ for cls in METHODS]
+__all__ = ["METHODS", "FitPruneRecipe"] + [cls.__name__ for cls in METHODS]

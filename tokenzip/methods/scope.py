@@ -12,7 +12,6 @@ from .. import ops
 from ..base import Compressor, MethodInfo
 from ..output import CompressOutput
 
-
 TIE_TOLERANCE = 1e-6  # relative: scores this close to the best count as ties (to the earliest token)
 
 
