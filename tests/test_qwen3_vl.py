@@ -425,3 +425,135 @@ def test_video_inputs_builder_feeds_the_model():
     with c(model), torch.no_grad():
         model(**inputs)
     assert [it.tokens_in for s in c.last_stats for it in s["video"].items] == [t * h * w // 4 for t, h, w in grids]
+
+
+# ---- stage "input": "frames" (whole timestamped blocks of temporal grids) and "resolution" ---------------------------
+def _video_plan(model, inputs, keeps):
+    adapter = tz.adapters.adapter_for(model)
+    plan = adapter.input_plan(inputs, "frames")
+    for p, keep in zip(plan, keeps):
+        p.keep = torch.tensor(keep)
+    targets = [len(keep) * p.tokens // p.extra["thw"][0] for p, keep in zip(plan, keeps)]
+    return adapter, plan, targets
+
+
+@pytest.mark.parametrize("outer_pair", [True, False], ids=["template-pair", "collapsed"])
+def test_kept_temporal_grids_are_the_clip_the_processor_gives_for_them(outer_pair):
+    """Dropping grids (the first ones too) leaves exactly the prompt and pixels the processor gives a clip of the
+    kept frames: each kept grid after its own timestamp, the dropped grids' timestamps and markers gone."""
+    model = built("qwen3_vl_video")
+    samples = default_samples()
+    inputs = qwen3_vl_video_inputs(model, samples, outer_pair=outer_pair)
+    assert [g[0] for g in inputs["video_grid_thw"].tolist()] == [3, 3, 2, 2]
+    keeps = [[1, 2], [2], [1], [0, 1]]
+    adapter, plan, targets = _video_plan(model, inputs, keeps)
+    new, maps = adapter.rescale_inputs(inputs, "frames", plan, targets)
+    oracle = qwen3_vl_video_inputs(model, samples, outer_pair=outer_pair, grids=keeps)
+    assert set(new) == set(oracle)
+    for key, value in oracle.items():
+        assert torch.equal(new[key], value), key
+    # timestamp text (5 tokens in the tiny vocabulary) + <vision_start> + <vision_end> per dropped grid
+    assert [p.text_removed for p in plan] == [7, 14, 7, 0]
+    for p, keep, (source, index) in zip(plan, keeps, maps):
+        per_grid = p.tokens // p.extra["thw"][0]
+        assert sorted(set((index // per_grid).tolist())) == keep
+        assert torch.equal(source[index], torch.arange(index.numel())) and int((source >= 0).sum()) == index.numel()
+    with torch.no_grad():  # the kept grids' tokens are the ones the full clip gives them
+        full = model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"]).pooler_output
+        short = model.model.get_video_features(new["pixel_values_videos"], new["video_grid_thw"]).pooler_output
+    for f, s, (_, index) in zip(full, short, maps):
+        torch.testing.assert_close(s, f[index], atol=1e-5, rtol=1e-5)
+
+
+def test_frame_selection_through_the_patch_equals_the_stock_model_on_the_kept_frames():
+    model = built("qwen3_vl_video")
+    samples = default_samples()
+    inputs = qwen3_vl_video_inputs(model, samples)
+    c = tz.get("uniform_frames", tokens=8)  # 12-token clips (3 or 2 grids): 2 grids of 4 or 1 of 6; 18: 1 of 6
+    with c(model), torch.no_grad():
+        out = model(**inputs).logits
+    keeps = []
+    for stats in c.last_stats:
+        for it in stats["video"].items:
+            per_grid = it.tokens_in // it.grid.segments[0].t
+            keeps.append(sorted(set((it.index // per_grid).tolist())))
+            assert it.text_removed == 7 * (it.grid.segments[0].t - len(keeps[-1]))
+    assert keeps == [[0, 2], [0], [0], [0]]
+    with torch.no_grad():
+        ref = model(**qwen3_vl_video_inputs(model, samples, grids=keeps)).logits
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+
+
+def test_frames_and_resolution_leave_the_other_modality_whole():
+    model = built("qwen3_vl")
+    inputs = mixed_inputs(model, default_samples())
+    for name, budget in (("uniform_frames", {"retain": 0.5}), ("resize", {"tokens": 3})):
+        c = tz.get(name, **budget)
+        adapter = tz.adapters.adapter_for(model)
+        plan = adapter.input_plan(inputs, c.reduces)
+        assert {p.modality for p in plan} == set(c.info.modalities)
+        targets = [c.target(p.tokens, p.achievable) for p in plan]
+        assert any(k < p.tokens for p, k in zip(plan, targets))
+        c.choose(plan, targets)
+        new, _ = adapter.rescale_inputs(inputs, c.reduces, plan, targets)
+        other = ("pixel_values", "image_grid_thw") if name == "uniform_frames" else \
+            ("pixel_values_videos", "video_grid_thw")
+        for key in other:
+            assert torch.equal(new[key], inputs[key])
+        assert "position_ids" not in new
+        assert torch.equal(new["mm_token_type_ids"], (new["input_ids"] == IMAGE_TOKEN).int()
+                           + 2 * (new["input_ids"] == QWEN_VIDEO_TOKEN).int())
+        with torch.no_grad():
+            ref = model(**new).logits
+            with c(model):
+                out = model(**inputs).logits
+        torch.testing.assert_close(out, ref, atol=0, rtol=0)
+
+
+def test_frames_need_the_processors_block_layout():
+    model = built("qwen3_vl_video")
+    inputs = qwen3_vl_video_inputs(model, default_samples(), outer_pair=False)
+    keeps = [[1, 2], [2], [1], [0, 1]]
+    # a clip written as one run of placeholders (Qwen2-VL's layout): no per-grid markers
+    one_run = dict(inputs)
+    ids = inputs["input_ids"].clone()
+    ids[(ids == 102) | (ids == 103)] = 7
+    one_run["input_ids"] = ids
+    adapter, plan, targets = _video_plan(model, one_run, keeps)
+    with pytest.raises(ValueError, match="each temporal grid of a clip must be"):
+        adapter.rescale_inputs(one_run, "frames", plan, targets)
+    # no template pair and a first timestamp that does not start like the second: where it begins is unknown
+    odd = dict(inputs)
+    ids = inputs["input_ids"].clone()
+    first = (ids[0] == 102).nonzero().flatten()[0]  # sample 0's first grid: its timestamp is the 5 tokens before
+    ids[0, first - 5] = 53
+    odd["input_ids"] = ids
+    adapter, plan, targets = _video_plan(model, odd, keeps)
+    with pytest.raises(ValueError, match="first temporal grid's timestamp"):
+        adapter.rescale_inputs(odd, "frames", plan, targets)
+    plan[0].keep = torch.tensor([2, 1])
+    with pytest.raises(ValueError, match="ascending distinct"):
+        adapter.rescale_inputs(inputs, "frames", plan, targets)
+
+
+def test_compose_frames_then_a_pre_llm_method_counts_both():
+    model = built("qwen3_vl_video")
+    inputs = qwen3_vl_video_inputs(model, default_samples())
+    c = tz.compose(tz.get("uniform_frames", tokens=8), tz.get("dycoke", retain=0.5))
+    seen = []
+    lm = model.model.language_model
+    h = lm.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["attention_mask"].clone()), with_kwargs=True)
+    try:
+        with c(model), torch.no_grad():
+            model(**inputs)
+    finally:
+        h.remove()
+    assert sum(it.text_removed for s in c.last_stats for it in s["video"].items) > 0
+    for b, (stats, first) in enumerate(zip(c.last_stats, c.parts[0].last_stats)):
+        items = stats["video"].items
+        # the chained stats carry what the frame stage removed: 7 text tokens per dropped grid
+        for it, f in zip(items, first["video"].items):
+            kept = len(set((f.index // (f.tokens_in // f.grid.segments[0].t)).tolist()))
+            assert it.text_removed == f.text_removed == 7 * (f.grid.segments[0].t - kept)
+        removed = sum(it.tokens_in - it.tokens_out + it.text_removed for it in items)
+        assert int(seen[0][b].sum()) == int(inputs["attention_mask"][b].sum()) - removed

@@ -216,7 +216,8 @@ def _chain(first: list[dict[str, ModalityStats]], second: list[dict[str, Modalit
                     continue
                 items.append(ItemStats(modality=mod, tokens_in=a.tokens_in, tokens_out=b.tokens_out,
                                        source=compose_source(a.source.cpu(), b.source.cpu()),
-                                       index=a.index.cpu()[b.index.cpu()], grid=a.grid, stages=list(b.stages)))
+                                       index=a.index.cpu()[b.index.cpu()], grid=a.grid, stages=list(b.stages),
+                                       text_removed=a.text_removed + b.text_removed))
         per_sample.append(items)
     return summarize(per_sample)
 

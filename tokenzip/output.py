@@ -56,6 +56,10 @@ class ItemStats:
     # the count the method's budget allows the item (stage "input": its budget of ``tokens_in``); None where the
     # method always meets its budget exactly. Above ``tokens_out`` only at an input stage's floor: see ``over_budget``
     budget: int | None = None
+    # prompt tokens other than its placeholders that left the sequence with the item's dropped units (stage "input":
+    # Qwen3-VL's dropped temporal grids take their timestamp text and markers along); what the LLM reads is the
+    # prompt's real tokens less, per item, ``tokens_in - tokens_out + text_removed``
+    text_removed: int = 0
 
     @property
     def over_budget(self) -> bool:

@@ -47,8 +47,25 @@ Design:
   uncompressed model would. ``mm_token_type_ids`` is shortened with ``input_ids``; grids and pixels are dropped
   (the features go in as ``mm_encoder_outputs``, DeepStack rows included).
 
-Stages: ``pre_llm`` and ``llm``. Not ``encoder``: DeepStack taps intermediate vision blocks, so a cut inside the ViT
-would have to reconcile levels computed before and after it; not ``input``.
+Stage "input" (``input_reductions``):
+
+* ``"resolution"`` (images): each image's patches resampled to a smaller grid, as on Qwen2-VL
+  (:mod:`tokenzip.adapters.resample`; the ViT interpolates its learned position embeddings to any grid); the model
+  computes the new sequence's positions. Clips pass through.
+* ``"frames"`` (clips, :class:`tokenzip.base.FrameSelector`): whole temporal grids are kept
+  (:mod:`tokenzip.adapters.temporal_grids`, shared with Qwen2-VL: one RGB frame per grid, un-normalised with the
+  video processor's ImageNet-standard mean/std; the kept grids' patch rows and ``video_grid_thw``). Qwen3-VL carries
+  time in the TEXT (the temporal M-RoPE index is 0 in every grid block), so a dropped grid's whole block leaves the
+  prompt: its timestamp, ``<vision_start>``, placeholders and ``<vision_end>``
+  (:func:`~tokenzip.adapters.temporal_grids.timestamped_block_spans` delimits them, also where the 5.25 processor
+  collapsed the template's outer pair). The call is then exactly what the processor gives a clip of the kept frames
+  (each kept grid after its own timestamp), and the model computes its positions (the caller's ``position_ids`` are
+  those of the old sequence and are dropped; ``get_rope_index`` needs ``mm_token_type_ids``, shortened with the
+  prompt). The removed text is recorded per item (``InputItem.text_removed`` -> ``ItemStats.text_removed``). Images
+  pass through; the call still carries pixels, so a pre-LLM or LLM-stage method can follow in ``tz.compose``.
+
+Stages: ``input``, ``pre_llm`` and ``llm``. Not ``encoder``: DeepStack taps intermediate vision blocks, so a cut
+inside the ViT would have to reconcile levels computed before and after it.
 """
 
 from __future__ import annotations
@@ -56,6 +73,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from transformers.image_utils import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD
 from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
 from .. import layout as L
@@ -64,6 +82,8 @@ from ..compat import cache_from
 from ..llm.adapter import LLMAccess, placeholder_items
 from ..output import CompressOutput
 from . import positions as P
+from . import resample
+from . import temporal_grids as TG
 from .attention import ATTENTION_SIGNALS
 from .base import Adapter, Item, ModelParts
 from .placeholders import (
@@ -75,7 +95,7 @@ from .placeholders import (
     shrink_sequences,
     text_signals,
 )
-from .qwen2_vl import _LastBlockProbe
+from .probe import VisionBlockProbe
 
 
 class _DeepstackWrapper:
@@ -134,7 +154,7 @@ class Qwen3VLAdapter(LLMAccess, Adapter):
     def batch_size(self, kwargs: dict[str, Any]) -> int:
         return require_input_ids(kwargs).shape[0]
 
-    def _grid(self, kwargs: dict[str, Any], modality: str) -> torch.Tensor | None:
+    def _grid(self, kwargs: dict[str, Any], modality: str = "image") -> torch.Tensor | None:
         pixels, key = ("pixel_values", "image_grid_thw") if modality == "image" else \
             ("pixel_values_videos", "video_grid_thw")
         if kwargs.get(pixels) is None:
@@ -146,7 +166,7 @@ class Qwen3VLAdapter(LLMAccess, Adapter):
                              f"{int(grid.prod(-1).sum())}")
         return grid
 
-    def _layout(self, modality: str, t: int, h: int, w: int) -> L.Layout:
+    def _layout(self, t: int, h: int, w: int, modality: str = "image") -> L.Layout:
         m = self.merge
         return L.Layout([L.Segment("image" if modality == "image" and t == 1 else "frames", t, h // m, w // m)])
 
@@ -189,7 +209,7 @@ class Qwen3VLAdapter(LLMAccess, Adapter):
         sizes = [int(s) for s in (grid.prod(-1) // unit).tolist()]
         owner = items_per_sample(input_ids, self.token_of[modality], sizes, modality)
         pixels = kwargs["pixel_values" if modality == "image" else "pixel_values_videos"]
-        probe = _LastBlockProbe(self.visual.blocks[-1].attn, needs & ATTENTION_SIGNALS)
+        probe = VisionBlockProbe(self.visual.blocks[-1].attn, needs & ATTENTION_SIGNALS)
         features = self.core.get_image_features if modality == "image" else self.core.get_video_features
         out = probe.run(lambda: features(pixels, grid.to(pixels.device), return_dict=True))
         # per patch (merge-group order) -> per LLM token: mean over the four patches of each group
@@ -209,7 +229,7 @@ class Qwen3VLAdapter(LLMAccess, Adapter):
             if "text" in needs or "text_mask" in needs:
                 sig.update(text_signals(self.core.get_input_embeddings(), input_ids, kwargs.get("attention_mask"),
                                         set(self.token_of.values()), owner[i]))
-            items.append(Item(modality, owner[i], tokens, self._layout(modality, t, h, w), sig,
+            items.append(Item(modality, owner[i], tokens, self._layout(t, h, w, modality), sig,
                               extra={"deepstack": [level[i] for level in deepstack]}))
             start += n
         return items
@@ -293,6 +313,60 @@ class Qwen3VLAdapter(LLMAccess, Adapter):
         new["mm_encoder_outputs"] = encoded
         return new
 
+    # ---- stage "input": images resized to a smaller grid ("resolution", adapters/resample.py, as on Qwen2-VL) and
+    # fewer temporal grids of each clip ("frames", adapters/temporal_grids.py; the dropped grids' timestamped blocks
+    # leave the prompt whole: module doc)
+    input_reductions = ("resolution", "frames")
+    # Qwen3VLVideoProcessor's normalisation (ImageNet-standard 0.5 mean/std, rescale 1/255)
+    video_pixel_mean: tuple[float, float, float] = tuple(IMAGENET_STANDARD_MEAN)
+    video_pixel_std: tuple[float, float, float] = tuple(IMAGENET_STANDARD_STD)
+
+    def input_plan(self, kwargs: dict[str, Any], reduction: str) -> list:
+        input_ids = require_input_ids(kwargs)
+        if reduction not in self.input_reductions:
+            raise TypeError(self._no_input_stage(reduction))
+        if kwargs.get("mm_encoder_outputs"):
+            raise ValueError("pass either pixel_values/pixel_values_videos or mm_encoder_outputs, not both (the model "
+                             "refuses both)")
+        if reduction == "resolution":  # images only (clips pass through)
+            return [] if kwargs.get("pixel_values") is None else resample.qwen_input_plan(self, kwargs, reduction)
+        grid = self._grid(kwargs, "video")
+        if grid is None:
+            return []
+        return TG.frames_plan(input_ids, TG.clip_rows(kwargs["pixel_values_videos"], grid), grid, self.video_token_id,
+                              resample.qwen_patch_spec(self), self.video_pixel_mean, self.video_pixel_std,
+                              lambda t, h, w: self._layout(t, h, w, "video"))
+
+    @torch.no_grad()
+    def rescale_inputs(self, kwargs: dict[str, Any], reduction: str, items: list, targets: list[int]
+                       ) -> tuple[dict[str, Any], list]:
+        if reduction == "resolution":
+            return resample.qwen_rescale_inputs(self, kwargs, items, targets)
+        if reduction != "frames":
+            raise TypeError(self._no_input_stage(reduction))
+        grid = self._grid(kwargs, "video")
+        kept = TG.keep_grids(items, targets, TG.clip_rows(kwargs["pixel_values_videos"], grid), self.merge)
+        input_ids = kwargs["input_ids"]
+        cfg = self.model.config
+        keep = torch.ones_like(input_ids, dtype=torch.bool)
+        for it, slots, grids in zip(items, TG.slots_of(input_ids, self.video_token_id, items), kept.kept):
+            it.text_removed = 0
+            if bool(grids.all()):
+                continue
+            spans = TG.timestamped_block_spans(input_ids[it.sample], slots, grids.numel(),
+                                               int(cfg.vision_start_token_id), int(cfg.vision_end_token_id))
+            per_grid = it.tokens // grids.numel()
+            for g in (~grids).nonzero().flatten().tolist():
+                keep[it.sample, spans[g][0]: spans[g][1]] = False
+                it.text_removed += spans[g][1] - spans[g][0] - per_grid
+        # a prompt of the kept grids, each after its own timestamp: the model computes its positions (the caller's
+        # are those of the old sequence)
+        call = {key: v for key, v in kwargs.items() if key != "position_ids"}
+        new = shrink_sequences(call, keep, pad_id_for(cfg, set(self.token_of.values())))
+        new["pixel_values_videos"] = kept.pixels
+        new["video_grid_thw"] = torch.tensor(kept.grid, dtype=grid.dtype, device=grid.device)
+        return new, kept.maps
+
     # ---- stage "llm" (tokenzip.llm) -----------------------------------------------------------------------------
     def llm_items(self, kwargs: dict[str, Any]) -> list:
         """Each image's placeholder run and each clip's placeholders (all its temporal grids), in sequence order:
@@ -310,13 +384,13 @@ class Qwen3VLAdapter(LLMAccess, Adapter):
                 # they are whole (no pre-LLM method ran), the items keep the outer call's layout, so a method reads
                 # the same grids in forward() and in generate()
                 if grid is not None and sizes == [int(t * h * w) // (self.merge ** 2) for t, h, w in grid.tolist()]:
-                    grids = [self._layout(modality, t, h, w) for t, h, w in grid.tolist()]
+                    grids = [self._layout(t, h, w, modality) for t, h, w in grid.tolist()]
             else:
                 grid = self._grid(kwargs, modality)
                 if grid is None:
                     continue
                 sizes = [int(t * h * w) // (self.merge ** 2) for t, h, w in grid.tolist()]
-                grids = [self._layout(modality, t, h, w) for t, h, w in grid.tolist()]
+                grids = [self._layout(t, h, w, modality) for t, h, w in grid.tolist()]
             owners = items_per_sample(input_ids, self.token_of[modality], sizes, modality)
             found += placeholder_items(input_ids, self.token_of[modality], sizes, owners, modality, grids)
         return sorted(found, key=lambda it: (it.sample, int(it.positions[0]) if it.positions.numel() else -1))
