@@ -334,8 +334,8 @@ def test_bad_inputs():
             model(**{k: v for k, v in inputs.items() if k != "image_grid_thw"})
         with pytest.raises(ValueError, match="patches"):
             model(**{**inputs, "pixel_values": inputs["pixel_values"][:-4]})
-    with pytest.raises(TypeError, match="stage 'encoder'"):
-        tz.InEncoder(tz.ToMe(retain=0.5), layer=1)(model)
+    with pytest.raises(ValueError, match=r"in \[1, 2\]"):
+        tz.InEncoder(tz.ToMe(retain=0.5), layer=3)(model)
 
 
 # ---- the Qwen3-VL video input builder (tokenzip/video.py) against the installed processor's own code --------------
@@ -377,7 +377,7 @@ def test_video_prompt_matches_the_processor():
 
 def test_cases_are_registered():
     assert CASES["qwen3_vl"].modalities == ("image",) and CASES["qwen3_vl_video"].modalities == ("video",)
-    assert CASES["qwen3_vl"].stages == ("pre_llm", "llm")
+    assert CASES["qwen3_vl"].stages == ("pre_llm", "encoder", "llm")
 
 
 def _word_tokenizer():
@@ -557,3 +557,82 @@ def test_compose_frames_then_a_pre_llm_method_counts_both():
             assert it.text_removed == f.text_removed == 7 * (f.grid.segments[0].t - kept)
         removed = sum(it.tokens_in - it.tokens_out + it.text_removed for it in items)
         assert int(seen[0][b].sum()) == int(inputs["attention_mask"][b].sum()) - removed
+
+
+# ---- stage "encoder": merge units between vision blocks, DeepStack taps carried -------------------------------------
+@pytest.mark.parametrize("cut", [1, 2])
+@pytest.mark.parametrize("kind", ["image", "video"])
+def test_encoder_cut_carries_the_deepstack_taps(kind, cut):
+    """Clips keep whole temporal grids (attention segments), so everything after the cut must equal the full pass at
+    the kept units; images keep every other unit, so the levels tapped at or before the cut must (those after it
+    run on the kept units only: their shapes)."""
+    from tokenzip.output import CompressOutput
+
+    model = built(f"qwen3_vl{'_video' if kind == 'video' else ''}")
+    inputs = MAKERS[kind](model, default_samples())
+    adapter = tz.adapters.adapter_for(model)
+    adapter.set_encoder_layer(cut)
+    outs, kept = [], []
+    try:
+        items = adapter.encode(inputs, frozenset())
+        for it in items:
+            seg = it.grid.segments[0]
+            per, n = seg.h * seg.w, it.tokens.shape[0]
+            assert it.tokens.shape == (n, 4 * model.config.vision_config.hidden_size)
+            if kind == "video":
+                idx = torch.cat([torch.arange(f * per, (f + 1) * per) for f in sorted({0, seg.t - 1})])
+            else:
+                idx = torch.arange(0, n, 2)
+            source = torch.full((n,), -1, dtype=torch.long)
+            source[idx] = torch.arange(idx.numel())
+            outs.append(CompressOutput(it.tokens[idx][None], source[None], idx[None]))
+            kept.append(idx)
+        new = adapter.rebuild(inputs, items, outs)
+    finally:
+        adapter.release()
+    enc = new["mm_encoder_outputs"][kind]
+    with torch.no_grad():
+        get = model.model.get_video_features if kind == "video" else model.model.get_image_features
+        px, grid = ("pixel_values_videos", "video_grid_thw") if kind == "video" else ("pixel_values", "image_grid_thw")
+        full = get(inputs[px], inputs[grid], return_dict=True)
+    taps = list(model.model.visual.deepstack_visual_indexes)
+    assert len(enc.deepstack_features) == len(taps)
+    for i, idx in enumerate(kept):
+        rows = [full.pooler_output[i], *[level[i] for level in full.deepstack_features]]
+        ours = [enc.pooler_output[i], *[level[i] for level in enc.deepstack_features]]
+        exact = [kind == "video"] + [kind == "video" or b <= cut - 1 for b in taps]
+        for mine, theirs, same in zip(ours, rows, exact):
+            assert mine.shape == (idx.numel(), theirs.shape[-1])
+            if same:
+                torch.testing.assert_close(mine, theirs[idx], atol=1e-5, rtol=1e-5)
+    # the prompt keeps the kept units' placeholders: every other token of an image, whole grids of a clip
+    assert int((new["input_ids"] == TOKEN[kind]).sum()) == sum(idx.numel() for idx in kept)
+
+
+@pytest.mark.parametrize("kind", ["image", "video", "mixed"])
+def test_encoder_schedule_is_lossless_at_retain_one_and_reaches_the_budget(kind):
+    model = built("qwen3_vl")
+    inputs = MAKERS[kind](model, default_samples())
+    pos = qwen3_vl_positions(model, inputs)
+    name = "tome" if kind == "image" else "dycoke"  # dycoke merges across a clip's frames
+    with torch.no_grad():
+        ref = model(**inputs, position_ids=pos).logits
+        with tz.InEncoder(tz.get(name, retain=1.0), layer=(1, 2))(model):
+            same = model(**inputs, position_ids=pos).logits
+    torch.testing.assert_close(same, ref, atol=1e-4, rtol=1e-4)
+    c = tz.InEncoder(tz.get(name, retain=0.5), layer=(1, 2))
+    cap = _LMCapture(model)
+    try:
+        with c(model), torch.no_grad():
+            model(**inputs, position_ids=pos)
+    finally:
+        cap.remove()
+    items = [it for s in c.last_stats for ms in s.values() for it in ms.items]
+    squeezed = [it for it in items if it.modality in c.info.modalities]
+    assert squeezed and all(it.tokens_out == c.budget.count(it.tokens_in) < it.tokens_in for it in squeezed)
+    assert all(it.tokens_out == it.tokens_in for it in items if it.modality not in c.info.modalities)
+    call = cap.calls[0]
+    kept = sum(it.tokens_out for it in items)
+    assert int(call["visual_pos_masks"].sum()) == kept
+    assert len(call["deepstack_visual_embeds"]) == 3
+    assert all(level.shape[0] == kept for level in call["deepstack_visual_embeds"])
