@@ -133,7 +133,7 @@ def test_resampled_patches_are_the_resized_frames():
 
 
 # ---- through the model -----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("case", ["qwen2_vl", "qwen2_5_vl", "qwen3_5", "glm4v"])
+@pytest.mark.parametrize("case", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "glm4v"])
 def test_qwen_call_is_rebuilt_for_the_new_grids(case):
     model = built(case)
     inputs = CASES[case].make_inputs(model, default_samples())

@@ -334,8 +334,8 @@ def test_bad_inputs():
             model(**{k: v for k, v in inputs.items() if k != "image_grid_thw"})
         with pytest.raises(ValueError, match="patches"):
             model(**{**inputs, "pixel_values": inputs["pixel_values"][:-4]})
-    with pytest.raises(TypeError, match="stage 'encoder'"):
-        tz.InEncoder(tz.ToMe(retain=0.5), layer=1)(model)
+    with pytest.raises(ValueError, match=r"in \[1, 2\]"):
+        tz.InEncoder(tz.ToMe(retain=0.5), layer=3)(model)
 
 
 # ---- the Qwen3-VL video input builder (tokenzip/video.py) against the installed processor's own code --------------
@@ -377,7 +377,7 @@ def test_video_prompt_matches_the_processor():
 
 def test_cases_are_registered():
     assert CASES["qwen3_vl"].modalities == ("image",) and CASES["qwen3_vl_video"].modalities == ("video",)
-    assert CASES["qwen3_vl"].stages == ("pre_llm", "llm")
+    assert CASES["qwen3_vl"].stages == ("pre_llm", "encoder", "llm")
 
 
 def _word_tokenizer():
@@ -425,3 +425,214 @@ def test_video_inputs_builder_feeds_the_model():
     with c(model), torch.no_grad():
         model(**inputs)
     assert [it.tokens_in for s in c.last_stats for it in s["video"].items] == [t * h * w // 4 for t, h, w in grids]
+
+
+# ---- stage "input": "frames" (whole timestamped blocks of temporal grids) and "resolution" ---------------------------
+def _video_plan(model, inputs, keeps):
+    adapter = tz.adapters.adapter_for(model)
+    plan = adapter.input_plan(inputs, "frames")
+    for p, keep in zip(plan, keeps):
+        p.keep = torch.tensor(keep)
+    targets = [len(keep) * p.tokens // p.extra["thw"][0] for p, keep in zip(plan, keeps)]
+    return adapter, plan, targets
+
+
+@pytest.mark.parametrize("outer_pair", [True, False], ids=["template-pair", "collapsed"])
+def test_kept_temporal_grids_are_the_clip_the_processor_gives_for_them(outer_pair):
+    """Dropping grids (the first ones too) leaves exactly the prompt and pixels the processor gives a clip of the
+    kept frames: each kept grid after its own timestamp, the dropped grids' timestamps and markers gone."""
+    model = built("qwen3_vl_video")
+    samples = default_samples()
+    inputs = qwen3_vl_video_inputs(model, samples, outer_pair=outer_pair)
+    assert [g[0] for g in inputs["video_grid_thw"].tolist()] == [3, 3, 2, 2]
+    keeps = [[1, 2], [2], [1], [0, 1]]
+    adapter, plan, targets = _video_plan(model, inputs, keeps)
+    new, maps = adapter.rescale_inputs(inputs, "frames", plan, targets)
+    oracle = qwen3_vl_video_inputs(model, samples, outer_pair=outer_pair, grids=keeps)
+    assert set(new) == set(oracle)
+    for key, value in oracle.items():
+        assert torch.equal(new[key], value), key
+    # timestamp text (5 tokens in the tiny vocabulary) + <vision_start> + <vision_end> per dropped grid
+    assert [p.text_removed for p in plan] == [7, 14, 7, 0]
+    for p, keep, (source, index) in zip(plan, keeps, maps):
+        per_grid = p.tokens // p.extra["thw"][0]
+        assert sorted(set((index // per_grid).tolist())) == keep
+        assert torch.equal(source[index], torch.arange(index.numel())) and int((source >= 0).sum()) == index.numel()
+    with torch.no_grad():  # the kept grids' tokens are the ones the full clip gives them
+        full = model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"]).pooler_output
+        short = model.model.get_video_features(new["pixel_values_videos"], new["video_grid_thw"]).pooler_output
+    for f, s, (_, index) in zip(full, short, maps):
+        torch.testing.assert_close(s, f[index], atol=1e-5, rtol=1e-5)
+
+
+def test_frame_selection_through_the_patch_equals_the_stock_model_on_the_kept_frames():
+    model = built("qwen3_vl_video")
+    samples = default_samples()
+    inputs = qwen3_vl_video_inputs(model, samples)
+    c = tz.get("uniform_frames", tokens=8)  # 12-token clips (3 or 2 grids): 2 grids of 4 or 1 of 6; 18: 1 of 6
+    with c(model), torch.no_grad():
+        out = model(**inputs).logits
+    keeps = []
+    for stats in c.last_stats:
+        for it in stats["video"].items:
+            per_grid = it.tokens_in // it.grid.segments[0].t
+            keeps.append(sorted(set((it.index // per_grid).tolist())))
+            assert it.text_removed == 7 * (it.grid.segments[0].t - len(keeps[-1]))
+    assert keeps == [[0, 2], [0], [0], [0]]
+    with torch.no_grad():
+        ref = model(**qwen3_vl_video_inputs(model, samples, grids=keeps)).logits
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+
+
+def test_frames_and_resolution_leave_the_other_modality_whole():
+    model = built("qwen3_vl")
+    inputs = mixed_inputs(model, default_samples())
+    for name, budget in (("uniform_frames", {"retain": 0.5}), ("resize", {"tokens": 3})):
+        c = tz.get(name, **budget)
+        adapter = tz.adapters.adapter_for(model)
+        plan = adapter.input_plan(inputs, c.reduces)
+        assert {p.modality for p in plan} == set(c.info.modalities)
+        targets = [c.target(p.tokens, p.achievable) for p in plan]
+        assert any(k < p.tokens for p, k in zip(plan, targets))
+        c.choose(plan, targets)
+        new, _ = adapter.rescale_inputs(inputs, c.reduces, plan, targets)
+        other = ("pixel_values", "image_grid_thw") if name == "uniform_frames" else \
+            ("pixel_values_videos", "video_grid_thw")
+        for key in other:
+            assert torch.equal(new[key], inputs[key])
+        assert "position_ids" not in new
+        assert torch.equal(new["mm_token_type_ids"], (new["input_ids"] == IMAGE_TOKEN).int()
+                           + 2 * (new["input_ids"] == QWEN_VIDEO_TOKEN).int())
+        with torch.no_grad():
+            ref = model(**new).logits
+            with c(model):
+                out = model(**inputs).logits
+        torch.testing.assert_close(out, ref, atol=0, rtol=0)
+
+
+def test_frames_need_the_processors_block_layout():
+    model = built("qwen3_vl_video")
+    inputs = qwen3_vl_video_inputs(model, default_samples(), outer_pair=False)
+    keeps = [[1, 2], [2], [1], [0, 1]]
+    # a clip written as one run of placeholders (Qwen2-VL's layout): no per-grid markers
+    one_run = dict(inputs)
+    ids = inputs["input_ids"].clone()
+    ids[(ids == 102) | (ids == 103)] = 7
+    one_run["input_ids"] = ids
+    adapter, plan, targets = _video_plan(model, one_run, keeps)
+    with pytest.raises(ValueError, match="each temporal grid of a clip must be"):
+        adapter.rescale_inputs(one_run, "frames", plan, targets)
+    # no template pair and a first timestamp that does not start like the second: where it begins is unknown
+    odd = dict(inputs)
+    ids = inputs["input_ids"].clone()
+    first = (ids[0] == 102).nonzero().flatten()[0]  # sample 0's first grid: its timestamp is the 5 tokens before
+    ids[0, first - 5] = 53
+    odd["input_ids"] = ids
+    adapter, plan, targets = _video_plan(model, odd, keeps)
+    with pytest.raises(ValueError, match="first temporal grid's timestamp"):
+        adapter.rescale_inputs(odd, "frames", plan, targets)
+    plan[0].keep = torch.tensor([2, 1])
+    with pytest.raises(ValueError, match="ascending distinct"):
+        adapter.rescale_inputs(inputs, "frames", plan, targets)
+
+
+def test_compose_frames_then_a_pre_llm_method_counts_both():
+    model = built("qwen3_vl_video")
+    inputs = qwen3_vl_video_inputs(model, default_samples())
+    c = tz.compose(tz.get("uniform_frames", tokens=8), tz.get("dycoke", retain=0.5))
+    seen = []
+    lm = model.model.language_model
+    h = lm.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["attention_mask"].clone()), with_kwargs=True)
+    try:
+        with c(model), torch.no_grad():
+            model(**inputs)
+    finally:
+        h.remove()
+    assert sum(it.text_removed for s in c.last_stats for it in s["video"].items) > 0
+    for b, (stats, first) in enumerate(zip(c.last_stats, c.parts[0].last_stats)):
+        items = stats["video"].items
+        # the chained stats carry what the frame stage removed: 7 text tokens per dropped grid
+        for it, f in zip(items, first["video"].items):
+            kept = len(set((f.index // (f.tokens_in // f.grid.segments[0].t)).tolist()))
+            assert it.text_removed == f.text_removed == 7 * (f.grid.segments[0].t - kept)
+        removed = sum(it.tokens_in - it.tokens_out + it.text_removed for it in items)
+        assert int(seen[0][b].sum()) == int(inputs["attention_mask"][b].sum()) - removed
+
+
+# ---- stage "encoder": merge units between vision blocks, DeepStack taps carried -------------------------------------
+@pytest.mark.parametrize("cut", [1, 2])
+@pytest.mark.parametrize("kind", ["image", "video"])
+def test_encoder_cut_carries_the_deepstack_taps(kind, cut):
+    """Clips keep whole temporal grids (attention segments), so everything after the cut must equal the full pass at
+    the kept units; images keep every other unit, so the levels tapped at or before the cut must (those after it
+    run on the kept units only: their shapes)."""
+    from tokenzip.output import CompressOutput
+
+    model = built(f"qwen3_vl{'_video' if kind == 'video' else ''}")
+    inputs = MAKERS[kind](model, default_samples())
+    adapter = tz.adapters.adapter_for(model)
+    adapter.set_encoder_layer(cut)
+    outs, kept = [], []
+    try:
+        items = adapter.encode(inputs, frozenset())
+        for it in items:
+            seg = it.grid.segments[0]
+            per, n = seg.h * seg.w, it.tokens.shape[0]
+            assert it.tokens.shape == (n, 4 * model.config.vision_config.hidden_size)
+            if kind == "video":
+                idx = torch.cat([torch.arange(f * per, (f + 1) * per) for f in sorted({0, seg.t - 1})])
+            else:
+                idx = torch.arange(0, n, 2)
+            source = torch.full((n,), -1, dtype=torch.long)
+            source[idx] = torch.arange(idx.numel())
+            outs.append(CompressOutput(it.tokens[idx][None], source[None], idx[None]))
+            kept.append(idx)
+        new = adapter.rebuild(inputs, items, outs)
+    finally:
+        adapter.release()
+    enc = new["mm_encoder_outputs"][kind]
+    with torch.no_grad():
+        get = model.model.get_video_features if kind == "video" else model.model.get_image_features
+        px, grid = ("pixel_values_videos", "video_grid_thw") if kind == "video" else ("pixel_values", "image_grid_thw")
+        full = get(inputs[px], inputs[grid], return_dict=True)
+    taps = list(model.model.visual.deepstack_visual_indexes)
+    assert len(enc.deepstack_features) == len(taps)
+    for i, idx in enumerate(kept):
+        rows = [full.pooler_output[i], *[level[i] for level in full.deepstack_features]]
+        ours = [enc.pooler_output[i], *[level[i] for level in enc.deepstack_features]]
+        exact = [kind == "video"] + [kind == "video" or b <= cut - 1 for b in taps]
+        for mine, theirs, same in zip(ours, rows, exact):
+            assert mine.shape == (idx.numel(), theirs.shape[-1])
+            if same:
+                torch.testing.assert_close(mine, theirs[idx], atol=1e-5, rtol=1e-5)
+    # the prompt keeps the kept units' placeholders: every other token of an image, whole grids of a clip
+    assert int((new["input_ids"] == TOKEN[kind]).sum()) == sum(idx.numel() for idx in kept)
+
+
+@pytest.mark.parametrize("kind", ["image", "video", "mixed"])
+def test_encoder_schedule_is_lossless_at_retain_one_and_reaches_the_budget(kind):
+    model = built("qwen3_vl")
+    inputs = MAKERS[kind](model, default_samples())
+    pos = qwen3_vl_positions(model, inputs)
+    name = "tome" if kind == "image" else "dycoke"  # dycoke merges across a clip's frames
+    with torch.no_grad():
+        ref = model(**inputs, position_ids=pos).logits
+        with tz.InEncoder(tz.get(name, retain=1.0), layer=(1, 2))(model):
+            same = model(**inputs, position_ids=pos).logits
+    torch.testing.assert_close(same, ref, atol=1e-4, rtol=1e-4)
+    c = tz.InEncoder(tz.get(name, retain=0.5), layer=(1, 2))
+    cap = _LMCapture(model)
+    try:
+        with c(model), torch.no_grad():
+            model(**inputs, position_ids=pos)
+    finally:
+        cap.remove()
+    items = [it for s in c.last_stats for ms in s.values() for it in ms.items]
+    squeezed = [it for it in items if it.modality in c.info.modalities]
+    assert squeezed and all(it.tokens_out == c.budget.count(it.tokens_in) < it.tokens_in for it in squeezed)
+    assert all(it.tokens_out == it.tokens_in for it in items if it.modality not in c.info.modalities)
+    call = cap.calls[0]
+    kept = sum(it.tokens_out for it in items)
+    assert int(call["visual_pos_masks"].sum()) == kept
+    assert len(call["deepstack_visual_embeds"]) == 3
+    assert all(level.shape[0] == kept for level in call["deepstack_visual_embeds"])

@@ -56,6 +56,10 @@ class ItemStats:
     # the count the method's budget allows the item (stage "input": its budget of ``tokens_in``); None where the
     # method always meets its budget exactly. Above ``tokens_out`` only at an input stage's floor: see ``over_budget``
     budget: int | None = None
+    # prompt tokens other than its placeholders that left the sequence with the item's dropped units (stage "input":
+    # Qwen3-VL's dropped temporal grids take their timestamp text and markers along); what the LLM reads is the
+    # prompt's real tokens less, per item, ``tokens_in - tokens_out + text_removed``
+    text_removed: int = 0
 
     @property
     def over_budget(self) -> bool:
@@ -108,6 +112,7 @@ def chain_stats(first: list[dict[str, ModalityStats]], second: list[dict[str, Mo
                 src_a, src_b = a.source.cpu(), b.source.cpu()
                 source = torch.where(src_a >= 0, src_b[src_a.clamp(min=0)], torch.full_like(src_a, -1))
                 items.append(ItemStats(modality=mod, tokens_in=a.tokens_in, tokens_out=b.tokens_out, source=source,
-                                       index=a.index.cpu()[b.index.cpu()], grid=a.grid, stages=list(b.stages)))
+                                       index=a.index.cpu()[b.index.cpu()], grid=a.grid, stages=list(b.stages),
+                                       text_removed=a.text_removed + b.text_removed))
         per_sample.append(items)
     return summarize(per_sample)

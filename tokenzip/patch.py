@@ -288,7 +288,8 @@ class Patch:
         for it, k, (source, index) in zip(items, targets, maps):
             budget = c.budget.count(it.tokens) if it.modality in c.info.modalities else None
             per_sample[it.sample].append(ItemStats(modality=it.modality, tokens_in=it.tokens, tokens_out=k,
-                                                   source=source, index=index, grid=it.grid, budget=budget))
+                                                   source=source, index=index, grid=it.grid, budget=budget,
+                                                   text_removed=it.text_removed))
         c.last_stats = summarize(per_sample)
         _warn_floor(c, [s for row in per_sample for s in row])
         return new

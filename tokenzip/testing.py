@@ -565,40 +565,54 @@ def _timestamp_ids(seconds: float) -> list[int]:
     return [52] + [50 if ch == "." else 40 + int(ch) for ch in f"{seconds:.1f}"] + [51]
 
 
-def qwen3_vl_video_inputs(model: torch.nn.Module, samples: list[Sample]) -> dict[str, Any]:
+def qwen3_vl_video_inputs(model: torch.nn.Module, samples: list[Sample], *, outer_pair: bool = True,
+                          grids: list[list[int]] | None = None) -> dict[str, Any]:
     """A left-padded batch of video prompts as ``Qwen3VLProcessor`` lays them out: clip ``j`` of a sample with seed
     ``s`` is a synthetic clip (``tokenzip.video.synthetic_clip``, 2 fps) of ``QWEN3_VL_CLIPS[(s + j) % 3]`` frames and
     size, preprocessed by :func:`tokenzip.video.qwen3_vl_video_pixels`; in the prompt, inside the template's
-    ``<vision_start> ... <vision_end>``, each temporal grid is its timestamp text, ``<vision_start>``, its
-    placeholders and ``<vision_end>``. ``mm_token_type_ids`` is 2 at video placeholders."""
+    ``<vision_start> ... <vision_end>`` (``outer_pair=False``: without it, as the 5.25 processor collapses it), each
+    temporal grid is its timestamp text, ``<vision_start>``, its placeholders and ``<vision_end>``.
+    ``mm_token_type_ids`` is 2 at video placeholders. ``grids``: per clip (in batch order), the temporal grids to
+    keep (their frames, timestamps and blocks only: the clip the processor would give for those frames)."""
+    import numpy as np
+
     from .video import qwen3_vl_video_pixels, qwen3_vl_video_processor, synthetic_clip
 
     v = model.config.vision_config
     proc = qwen3_vl_video_processor(patch_size=v.patch_size, merge_size=v.spatial_merge_size,
                                     temporal_patch_size=v.temporal_patch_size)
     unit = v.spatial_merge_size ** 2
-    rows, pixels, grids = [], [], []
+    rows, pixels, grid_rows = [], [], []
+    tp = v.temporal_patch_size
+    clip_index = 0
     for s in samples:
         row = list(s.before)
         for j in range(s.n_items):
             frames, size = QWEN3_VL_CLIPS[(s.seed + j) % len(QWEN3_VL_CLIPS)]
             clip = synthetic_clip(max(frames, 3), 32, 32, seed=10 * s.seed + j)
-            px, grid = qwen3_vl_video_pixels([clip.frames[:frames]], proc, size=size)
-            t, h, w = grid[0].tolist()
+            pick = clip.frames[:frames]
+            pick = np.concatenate([pick, pick[-1:].repeat(-len(pick) % tp, axis=0)])  # the processor's padding
+            keep = list(range(len(pick) // tp)) if grids is None else list(grids[clip_index])
+            clip_index += 1
+            kept_frames = pick.reshape(-1, tp, *pick.shape[1:])[keep].reshape(-1, *pick.shape[1:])
+            px, grid = qwen3_vl_video_pixels([kept_frames], proc, size=size)
+            _, h, w = grid[0].tolist()
             times = clip.timestamps[:frames].tolist()
-            times += [times[-1]] * (-len(times) % v.temporal_patch_size)
-            row.append(QWEN_VISION_START)
-            for g in range(t):
-                first, last = times[g * v.temporal_patch_size], times[(g + 1) * v.temporal_patch_size - 1]
+            times += [times[-1]] * (-len(times) % tp)
+            if outer_pair:
+                row.append(QWEN_VISION_START)
+            for g in keep:
+                first, last = times[g * tp], times[(g + 1) * tp - 1]
                 row += _timestamp_ids((first + last) / 2)
                 row += [QWEN_VISION_START] + [QWEN_VIDEO_TOKEN] * (h * w // unit) + [QWEN_VISION_END]
-            row.append(QWEN_VISION_END)
+            if outer_pair:
+                row.append(QWEN_VISION_END)
             pixels.append(px)
-            grids.append(grid)
+            grid_rows.append(grid)
         rows.append(row + s.after)
     ids, mask = left_pad(rows)
     return {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": (ids == QWEN_VIDEO_TOKEN).int() * 2,
-            "pixel_values_videos": torch.cat(pixels), "video_grid_thw": torch.cat(grids)}
+            "pixel_values_videos": torch.cat(pixels), "video_grid_thw": torch.cat(grid_rows)}
 
 
 def qwen3_vl_positions(model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:

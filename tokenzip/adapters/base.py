@@ -68,6 +68,9 @@ class InputItem:
     # reduction "frames": the ascending indices of the frames to keep, set by the method
     # (``tokenzip.base.FrameSelector.choose``) before ``Adapter.rescale_inputs``; None: keep every frame
     keep: torch.Tensor | None = None
+    # set by ``Adapter.rescale_inputs``: prompt tokens other than the item's placeholders that left the sequence with
+    # its dropped units (Qwen3-VL, reduction "frames": each dropped temporal grid's timestamp text and markers)
+    text_removed: int = 0
 
 
 class Adapter(ABC):

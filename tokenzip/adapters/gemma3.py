@@ -22,6 +22,12 @@ Compression acts on the projected tokens (the LLM's input space: the pooled grid
 average pool); ``cls_attention`` (attention received, no CLS) and ``keys`` come from the tower's last layer, averaged
 over each pooling window. The shortened prompt and the compressed features reach the stock model through
 ``mm_encoder_outputs``.
+
+Stage ``"encoder"`` (``tz.InEncoder(method, layer=L)`` or a schedule; :mod:`tokenzip.adapters.grouped_tower`,
+shared with SmolVLM): the unit is one pooling window (``kernel x kernel`` patches = one LLM token, so a budget means
+the same as before the LLM); the candidates are the windows' patch states concatenated, the later SigLIP layers run
+on the kept windows' patches with proportional attention, and the post-norm and the model's own projector turn each
+kept window into its token. ``projected`` is not offered inside the tower.
 """
 
 from __future__ import annotations
@@ -33,10 +39,13 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .. import layout as L
+from ..callstate import per_call
+from ..encoder import EncoderSpec
 from ..llm.adapter import LLMAccess
 from ..llm.hooks import LLMItem
 from ..output import CompressOutput
 from .base import Adapter, Item, ModelParts
+from .grouped_tower import GroupedTower, TowerImage, block_groups
 from .placeholders import (
     check_runs,
     pad_id_for,
@@ -55,8 +64,12 @@ HINT = "build the inputs with Gemma3Processor (one <start_of_image> + soft token
 class Gemma3Adapter(LLMAccess, Adapter):
     model_classes = ("Gemma3ForConditionalGeneration",)
     modalities = ("image",)
-    stages = ("pre_llm", "llm")
+    # per-call state, per thread (tokenzip/callstate.py): each image's groups inside SigLIP (stage "encoder")
+    _tower_images = per_call()
+    stages = ("pre_llm", "encoder", "llm")
     signals = frozenset({"cls_attention", "keys", "projected", "text", "text_mask"})
+    # inside the tower the projector has not run: no ``projected``
+    encoder_signals = frozenset({"cls_attention", "keys", "text", "text_mask"})
     input_stage_note = ("Gemma 3's SigLIP tower takes a fixed input size and always gives mm_tokens_per_image "
                         "tokens per image; use a pre-LLM or LLM-stage method")
 
@@ -71,6 +84,9 @@ class Gemma3Adapter(LLMAccess, Adapter):
         self.kernel = patches // self.side
         self._hook: Any = None
         self._call: dict[str, Any] = {}  # the multimodal model's 2-D attention_mask / token_type_ids, this call
+        self.tower: GroupedTower | None = None  # stage "encoder" (set_encoder_layer)
+        self.step: Any = None  # a schedule's compression at the cuts before the last
+        self._tower_images: list[TowerImage] | None = None
 
     def parts(self) -> ModelParts:
         core = self.core
@@ -96,6 +112,7 @@ class Gemma3Adapter(LLMAccess, Adapter):
 
     def release(self) -> None:
         self._call = {}
+        self._tower_images = None
 
     def close(self) -> None:
         if self._hook is not None:
@@ -108,6 +125,8 @@ class Gemma3Adapter(LLMAccess, Adapter):
     def encode(self, kwargs: dict[str, Any], needs: frozenset[str]) -> list[Item]:
         input_ids = require_input_ids(kwargs)
         pixel_values = kwargs["pixel_values"]
+        if self.tower is not None:
+            return self._encode_in_tower(kwargs, needs, input_ids, pixel_values)
         tower = self.core.vision_tower
         with probe(attention_module(encoder_layers(tower)[-1]), needs, None) as p:
             feats = self.core.get_image_features(pixel_values, return_dict=True).pooler_output  # [n, T, D]
@@ -135,7 +154,10 @@ class Gemma3Adapter(LLMAccess, Adapter):
         # token_type_ids / mm_token_type_ids shrink with the prompt: the model rebuilds each block's overlay
         new = shrink_sequences(kwargs, keep, pad_id_for(self.model.config, {self.image_token_id}))
         new.pop("pixel_values", None)
-        feats = [out.tokens[0] for out in outputs]
+        if self.tower is None:
+            feats = [out.tokens[0] for out in outputs]
+        else:  # the tower's later layers on the kept groups, its post-norm and the model's projector
+            feats = self.tower.finish(self._tower_images, outputs, self._width())
         # the model reads one tensor (it calls .to() on it) and scatters it in placeholder order
         if len({f.shape[0] for f in feats}) == 1:
             pooler = torch.stack(feats)
@@ -143,6 +165,54 @@ class Gemma3Adapter(LLMAccess, Adapter):
             pooler = torch.cat(feats)[None]
         new["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=pooler)}
         return new
+
+    # ---- stage "encoder" (adapters/grouped_tower.py: whole 4x4 pooling windows inside SigLIP) ----------------------
+    def _siglip(self) -> torch.nn.Module:
+        tower = self.core.vision_tower
+        return getattr(tower, "vision_model", tower)
+
+    def _width(self) -> int:
+        return int(self.model.config.vision_config.hidden_size)
+
+    def encoder_depth(self) -> int:
+        """SigLIP's layers: the LLM reads the last one's output (after the post-norm)."""
+        return len(encoder_layers(self.core.vision_tower))
+
+    def set_encoder_layer(self, layer: int | tuple[int, ...], step: Any = None) -> None:
+        vm = self._siglip()
+        dtype = self.core.vision_tower.dtype
+
+        def embed(pixel_values: torch.Tensor) -> torch.Tensor:
+            return vm.embeddings(pixel_values.to(dtype))
+
+        spec = EncoderSpec(embed=embed, layers=encoder_layers(self.core.vision_tower),
+                           final_norm=getattr(vm, "post_layernorm", None), attention=attention_module)
+        tower = GroupedTower(spec, layer, block_groups(self.side * self.kernel, self.kernel),
+                             self.core.multi_modal_projector, self.side)  # ValueError naming the valid cuts
+        if len(tower.cuts) > 1 and step is None:
+            raise ValueError("a schedule of encoder cuts needs a compression step for the intermediate cuts")
+        self.tower, self.step = tower, step
+
+    def _encode_in_tower(self, kwargs: dict[str, Any], needs: frozenset[str], input_ids: torch.Tensor,
+                         pixel_values: torch.Tensor) -> list[Item]:
+        """SigLIP up to the (last) cut; one item per image whose tokens are its 4x4 pooling windows' patches."""
+        if pixel_values.dim() != 4:
+            raise ValueError(f"pixel_values must be [images, 3, H, W] as Gemma3Processor makes them, got shape "
+                             f"{tuple(pixel_values.shape)}")
+        owners = check_runs(placeholder_runs(input_ids, self.image_token_id),
+                            [self.tokens_per_image] * pixel_values.shape[0], "image", HINT)
+        texts = {b: text_signals(self.core.get_input_embeddings(), input_ids, kwargs.get("attention_mask"),
+                                 {self.image_token_id}, b) if {"text", "text_mask"} & needs else {}
+                 for b in set(owners)}
+        take = self.step is not None and "image" in (getattr(self.step, "modalities", None) or ("image",))
+        images, layouts, counts = self.tower.encode(self.tower.runner.embed(pixel_values), None, needs,
+                                                    self.step if take else None, lambda i: texts[owners[i]])
+        self._tower_images = images
+        extra: dict[str, Any] = {"tokens_in": self.tokens_per_image}
+        if counts:  # a schedule: the last cut reaches each image's budget
+            extra["k"] = counts[-1]
+        return [Item("image", b, im.state.hidden[0], layout, {**im.signals, **texts[b]}, extra=dict(extra))
+                for im, layout, b in zip(images, layouts, owners)]
 
     # ---- stage "llm" --------------------------------------------------------------------------------------------
     def llm_items(self, kwargs: dict[str, Any]) -> list[LLMItem]:

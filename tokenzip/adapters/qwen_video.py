@@ -34,8 +34,9 @@ normalised per temporal grid over the units that are left. A schedule of several
 (the adapter cannot tell which modalities the step at the earlier cuts compresses): a schedule with clips in the
 call is a ValueError.
 
-Stage "input", reduction ``"frames"`` (``tokenzip.base.FrameSelector``: frame selection BEFORE the vision encoder).
-The unit is one temporal grid (``temporal_patch_size`` frames share a patch, so no smaller unit exists):
+Stage "input", reduction ``"frames"`` (``tokenzip.base.FrameSelector``: frame selection BEFORE the vision encoder;
+the plan and the kept rows are :mod:`tokenzip.adapters.temporal_grids`, shared with Qwen3-VL). The unit is one
+temporal grid (``temporal_patch_size`` frames share a patch, so no smaller unit exists):
 ``video_input_plan`` gives one item per clip with ``N = t * (h/2) * (w/2)``, achievable counts
 ``j * (h/2) * (w/2)`` for ``j = 1 .. t`` kept grids, and ``extra["frames"]``: the first frame of each grid as RGB in
 ``[0, 1]`` (the call's patches put back into frames and un-normalised with the video processor's mean/std,
@@ -62,6 +63,7 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from .. import layout as L
 from ..llm.adapter import placeholder_items
 from . import positions as P
+from . import temporal_grids as TG
 from .base import InputItem, Item
 from .placeholders import (
     check_grid,
@@ -72,7 +74,7 @@ from .placeholders import (
     require_input_ids,
     shrink_sequences,
 )
-from .resample import qwen_patch_spec, unpatchify
+from .resample import qwen_patch_spec
 
 
 @dataclass(frozen=True)
@@ -199,15 +201,6 @@ class QwenVideo:
     video_pixel_mean: tuple[float, float, float] = tuple(OPENAI_CLIP_MEAN)
     video_pixel_std: tuple[float, float, float] = tuple(OPENAI_CLIP_STD)
 
-    def _clip_rows(self, kwargs: dict[str, Any]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The validated ``video_grid_thw`` and each clip's patch rows of ``pixel_values_videos``."""
-        videos = kwargs["pixel_values_videos"]
-        grid = self.media_grid(kwargs, VIDEO)
-        if int(grid.prod(-1).sum()) != videos.shape[0]:
-            raise ValueError(f"pixel_values_videos has {videos.shape[0]} patches but video_grid_thw {grid.tolist()} "
-                             f"needs {int(grid.prod(-1).sum())}")
-        return grid, list(videos.split([int(n) for n in grid.prod(-1).tolist()]))
-
     def video_input_plan(self, kwargs: dict[str, Any]) -> list[InputItem]:
         """Each clip with the counts of ``1 .. t`` kept temporal grids and one RGB frame per grid (module doc)."""
         input_ids = require_input_ids(kwargs)
@@ -216,56 +209,23 @@ class QwenVideo:
                              "refuses both)")
         if kwargs.get("pixel_values_videos") is None:
             return []
-        grid, rows = self._clip_rows(kwargs)
-        spec = qwen_patch_spec(self)
-        m = self.merge
-        sizes = [int(t * h * w) // (m * m) for t, h, w in grid.tolist()]
-        owner = items_per_sample(input_ids, self.video_token_id, sizes, "video")
-        items = []
-        for i, ((t, h, w), clip) in enumerate(zip(grid.tolist(), rows)):
-            per_grid = h * w // (m * m)
-            frames = unpatchify(clip.float(), (t, h, w), spec)[:: spec.temporal]  # the first frame of each grid
-            mean = torch.tensor(self.video_pixel_mean, dtype=torch.float32, device=frames.device)[:, None, None]
-            std = torch.tensor(self.video_pixel_std, dtype=torch.float32, device=frames.device)[:, None, None]
-            items.append(InputItem("video", owner[i], sizes[i], tuple(j * per_grid for j in range(1, t + 1)),
-                                   self.media_layout("video", t, h, w),
-                                   extra={"frames": (frames * std + mean).clamp_(0.0, 1.0), "clip": i,
-                                          "thw": (t, h, w)}))
-        return items
+        grid = self.media_grid(kwargs, VIDEO)
+        return TG.frames_plan(input_ids, TG.clip_rows(kwargs["pixel_values_videos"], grid), grid, self.video_token_id,
+                              qwen_patch_spec(self), self.video_pixel_mean, self.video_pixel_std,
+                              lambda t, h, w: self.media_layout("video", t, h, w))
 
     @torch.no_grad()
     def video_rescale_inputs(self, kwargs: dict[str, Any], items: list[InputItem], targets: list[int]
                              ) -> tuple[dict[str, Any], list[tuple[torch.Tensor, torch.Tensor]]]:
         """The call with only each clip's kept temporal grids, their placeholder columns and their full-sequence
         positions (module doc); per clip the ``(source, index)`` map of kept tokens to the original ones."""
-        grid, rows = self._clip_rows(kwargs)
+        grid = self.media_grid(kwargs, VIDEO)
+        kept = TG.keep_grids(items, targets, TG.clip_rows(kwargs["pixel_values_videos"], grid), self.merge)
         input_ids = kwargs["input_ids"]
         positions = self._original_positions(kwargs)  # type: ignore[attr-defined]  # the uncompressed call's
         keep_mask = torch.ones_like(input_ids, dtype=torch.bool)
-        where = [(input_ids[b] == self.video_token_id).nonzero().flatten() for b in range(input_ids.shape[0])]
-        cursor = [0] * input_ids.shape[0]
-        new_rows, new_grid, maps = [], [], []
-        for it, count in zip(items, targets):
-            t, h, w = it.extra["thw"]
-            per_grid = h * w // self.merge ** 2
-            keep = torch.arange(t) if it.keep is None else torch.as_tensor(it.keep, dtype=torch.long).cpu()
-            if count != keep.numel() * per_grid:
-                raise ValueError(f"clip {it.extra['clip']}: {count} tokens need {count / per_grid:g} temporal grids of "
-                                 f"{per_grid} tokens, but InputItem.keep holds {keep.numel()} (reduction 'frames' "
-                                 f"needs the choice of a tokenzip.base.FrameSelector)")
-            clip = rows[it.extra["clip"]]
-            new_rows.append(clip.view(t, -1, clip.shape[-1])[keep.to(clip.device)].flatten(0, 1))
-            new_grid.append([int(keep.numel()), h, w])
-            index = (keep[:, None] * per_grid + torch.arange(per_grid)[None]).flatten()
-            source = torch.full((it.tokens,), -1, dtype=torch.long)
-            source[index] = torch.arange(count)
-            maps.append((source, index))
-            b = it.sample
-            dropped = torch.ones(it.tokens, dtype=torch.bool)
-            dropped[index] = False
-            cols = where[b][cursor[b]: cursor[b] + it.tokens]
-            keep_mask[b, cols[dropped.to(cols.device)]] = False
-            cursor[b] += it.tokens
+        for it, cols, (source, _) in zip(items, TG.slots_of(input_ids, self.video_token_id, items), kept.maps):
+            keep_mask[it.sample, cols[(source < 0).to(cols.device)]] = False
         call = {key: v for key, v in kwargs.items() if key != "position_ids"}
         new = shrink_sequences(call, keep_mask, pad_id_for(self.model.config, {self.image_token_id,
                                                                               self.video_token_id}))
@@ -276,6 +236,6 @@ class QwenVideo:
             new_pos[0] = P.text_row(new["attention_mask"], new_pos.dtype)
         self.core.rope_deltas = P.rope_deltas(new_pos[-3:], new["attention_mask"])
         new["position_ids"] = new_pos[0] if positions.shape[0] == 1 else new_pos
-        new["pixel_values_videos"] = torch.cat(new_rows)
-        new["video_grid_thw"] = torch.tensor(new_grid, dtype=grid.dtype, device=grid.device)
-        return new, maps
+        new["pixel_values_videos"] = kept.pixels
+        new["video_grid_thw"] = torch.tensor(kept.grid, dtype=grid.dtype, device=grid.device)
+        return new, kept.maps

@@ -14,6 +14,12 @@ no CLS) and ``keys`` come from the tower's last layer over each tile's real patc
 averaged over each token's ``scale x scale`` patches. The shortened prompt and the compressed features reach the
 stock model through ``mm_encoder_outputs``; what differs between transformers releases (the features' form) is in
 :mod:`tokenzip.compat`.
+
+Stage ``"encoder"`` (``tz.InEncoder(method, layer=L)`` or a schedule; :mod:`tokenzip.adapters.grouped_tower`,
+shared with Gemma 3): one item per real tile, the unit one pixel-shuffle group (``scale x scale`` patches = one LLM
+token, as the model's own ``pixel_shuffle`` stacks them); the tower runs with the model's patch mask (padding patches
+stay masked as keys and never leak into a merged real patch), and the post-norm and the model's own connector turn
+each kept group into its token. ``projected`` is not offered inside the tower.
 """
 
 from __future__ import annotations
@@ -24,12 +30,15 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .. import layout as L
+from ..callstate import per_call
 from ..compat import tile_features, tile_features_input
+from ..encoder import EncoderSpec
 from ..llm.adapter import LLMAccess
 from ..llm.hooks import LLMItem
 from ..output import CompressOutput
 from .attention import attention_signals
 from .base import Adapter, InputItem, Item, ModelParts
+from .grouped_tower import GroupedTower, TowerImage, shuffle_groups
 from .placeholders import (
     check_runs,
     pad_id_for,
@@ -48,8 +57,12 @@ HINT = "build the inputs with the model's processor (one run of <image> placehol
 class SmolVLMAdapter(LLMAccess, Adapter):
     model_classes = ("SmolVLMForConditionalGeneration", "Idefics3ForConditionalGeneration")
     modalities = ("image",)
-    stages = ("pre_llm", "llm")
+    # per-call state, per thread (tokenzip/callstate.py): each tile's groups inside SigLIP (stage "encoder")
+    _tower_images = per_call()
+    stages = ("pre_llm", "encoder", "llm")
     signals = frozenset({"cls_attention", "keys", "projected", "text", "text_mask"})
+    # inside the tower the connector has not run: no ``projected``
+    encoder_signals = frozenset({"cls_attention", "keys", "text", "text_mask"})
 
     def __init__(self, model: torch.nn.Module):
         super().__init__(model)
@@ -60,6 +73,9 @@ class SmolVLMAdapter(LLMAccess, Adapter):
         patches = int(cfg.vision_config.image_size) // int(cfg.vision_config.patch_size)
         self.side = patches // self.scale
         self.tokens_per_tile = self.side * self.side
+        self.tower: GroupedTower | None = None  # stage "encoder" (set_encoder_layer)
+        self.step: Any = None  # a schedule's compression at the cuts before the last
+        self._tower_images: list[TowerImage] | None = None
 
     def parts(self) -> ModelParts:
         core = self.core
@@ -82,6 +98,8 @@ class SmolVLMAdapter(LLMAccess, Adapter):
         if pixel_values.dim() != 5:
             raise ValueError(f"pixel_values must be [batch, tiles, 3, height, width] as the model's processor makes "
                              f"them, got shape {tuple(pixel_values.shape)}")
+        if self.tower is not None:
+            return self._encode_in_tower(kwargs, needs, input_ids, pixel_values)
         tower = self.core.vision_model
         seen: dict[str, torch.Tensor] = {}
 
@@ -143,9 +161,67 @@ class SmolVLMAdapter(LLMAccess, Adapter):
         new = shrink_sequences(kwargs, keep, pad_id_for(self.model.config.text_config, {self.image_token_id}))
         new.pop("pixel_values", None)
         new.pop("pixel_attention_mask", None)
-        pooler = tile_features_input(self.model, [out.tokens[0] for out in outputs])
+        feats = [out.tokens[0] for out in outputs] if self.tower is None else \
+            self.tower.finish(self._tower_images, outputs, int(self.model.config.vision_config.hidden_size))
+        pooler = tile_features_input(self.model, feats)
         new["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=pooler)}
         return new
+
+    # ---- stage "encoder" (adapters/grouped_tower.py: whole pixel-shuffle groups inside SigLIP) ---------------------
+    def encoder_depth(self) -> int:
+        """SigLIP's layers: the connector reads the last one's output (after the post-norm)."""
+        return len(encoder_layers(self.core.vision_model))
+
+    def release(self) -> None:
+        self._tower_images = None
+
+    def set_encoder_layer(self, layer: int | tuple[int, ...], step: Any = None) -> None:
+        vm = self.core.vision_model
+        spec = EncoderSpec(embed=lambda x: x, layers=encoder_layers(vm), final_norm=vm.post_layernorm,
+                           attention=attention_module)
+        connector = self.core.connector
+        groups = shuffle_groups(lambda ids: connector.pixel_shuffle(ids, self.scale), self.side * self.scale)
+        tower = GroupedTower(spec, layer, groups, connector, self.side)  # ValueError naming the valid cuts
+        if len(tower.cuts) > 1 and step is None:
+            raise ValueError("a schedule of encoder cuts needs a compression step for the intermediate cuts")
+        self.tower, self.step = tower, step
+
+    def _encode_in_tower(self, kwargs: dict[str, Any], needs: frozenset[str], input_ids: torch.Tensor,
+                         pixel_values: torch.Tensor) -> list[Item]:
+        """SigLIP up to the (last) cut on the call's real tiles (all-zero tiles pad the batch: the model's own rule),
+        with the model's patch mask (a patch is real where any of its pixels is); one item per tile whose tokens are
+        its pixel-shuffle groups' patches."""
+        vm = self.core.vision_model
+        b, t = pixel_values.shape[:2]
+        flat = pixel_values.flatten(0, 1).to(self.core.dtype)
+        real = (flat != 0).flatten(1).any(-1)
+        tiles = flat[real]
+        masks = kwargs.get("pixel_attention_mask")
+        p = int(self.model.config.vision_config.patch_size)
+        if masks is None:
+            patch_mask = torch.ones(tiles.shape[0], tiles.shape[-2] // p, tiles.shape[-1] // p, dtype=torch.bool,
+                                    device=tiles.device)
+        else:
+            if tuple(masks.shape[:2]) != (b, t) or tuple(masks.shape[-2:]) != tuple(tiles.shape[-2:]):
+                raise ValueError(f"pixel_attention_mask must be [batch, tiles, height, width] like pixel_values "
+                                 f"{tuple(pixel_values.shape)}, got {tuple(masks.shape)}")
+            m = masks.flatten(0, 1)[real].bool()
+            patch_mask = m.view(m.shape[0], m.shape[1] // p, p, m.shape[2] // p, p).any(dim=4).any(dim=2)
+        owners = check_runs(placeholder_runs(input_ids, self.image_token_id),
+                            [self.tokens_per_tile] * tiles.shape[0], "tile", HINT)
+        texts = {s: text_signals(self.core.get_input_embeddings(), input_ids, kwargs.get("attention_mask"),
+                                 {self.image_token_id}, s) if {"text", "text_mask"} & needs else {}
+                 for s in set(owners)}
+        hidden = vm.embeddings(pixel_values=tiles, patch_attention_mask=patch_mask)
+        take = self.step is not None and "image" in (getattr(self.step, "modalities", None) or ("image",))
+        images, layouts, counts = self.tower.encode(hidden, patch_mask.flatten(1), needs,
+                                                    self.step if take else None, lambda i: texts[owners[i]])
+        self._tower_images = images
+        extra: dict[str, Any] = {"tokens_in": self.tokens_per_tile}
+        if counts:  # a schedule: the last cut reaches each tile's budget
+            extra["k"] = counts[-1]
+        return [Item("image", s, im.state.hidden[0], layout, {**im.signals, **texts[s]}, extra=dict(extra))
+                for im, layout, s in zip(images, layouts, owners)]
 
     # ---- stage "input": fewer tiles before the tower ------------------------------------------------------------
     input_reductions = ("crops",)

@@ -63,7 +63,8 @@ class SCOPE(Compressor):
     attention of that layer (or, for encoders without [CLS], the adapter's mean attention received).
 
     Departures: saliency is the mean over heads where the authors' code sums them (a constant factor: the same picks
-    for the multiplicative score). Per-item budget. Ties (scores within a relative 1e-6 of the best) go to the earliest token.
+    for the multiplicative score). Per-item budget. Ties (scores within a relative 1e-6 of the best) go to the
+    earliest token.
     """
 
     alpha: float = 1.0
