@@ -968,3 +968,36 @@ REAL_PRESETS["glm-4.1v-9b"] = Preset(
     make_inputs=glm4v_inputs,
     notes="one 448x448 image = 1024 ViT patches = 256 visual tokens; 9B in fp32 (~40 GB) does not fit, so by "
           "default 2 of 40 LLM layers (the fewest an LLM-stage method can run on) and 2 of 24 ViT layers are built")
+
+
+# ---- Qwen3.5-0.8B (appended section: merge-friendly) ----------------------------------------------------------------
+def qwen3_5_08b_config():
+    """``Qwen/Qwen3.5-0.8B``'s config.json, the smallest published Qwen3.5 VLM (values checked against several
+    stored copies of that file, see README): ViT 12 blocks, width 768, MLP 3072, 12 heads, patch 16, 2x2 merge,
+    temporal patch 2, 2304 learned position embeddings, no DeepStack; hybrid LLM of 24 layers (3 Gated DeltaNet
+    linear-attention layers to 1 full-attention layer), width 1024, MLP 3584, 8 heads, 2 KV heads, head dim 256,
+    16/16 linear heads of 128, conv kernel 4, vocab 248320, tied, interleaved M-RoPE sections 11/11/10 on a quarter of
+    each head (partial rotary 0.25), theta 1e7; image/video/vision-start/end tokens 248056/248057/248053/248054."""
+    from transformers import Qwen3_5Config
+
+    vision = {"depth": 12, "hidden_size": 768, "hidden_act": "gelu_pytorch_tanh", "intermediate_size": 3072,
+              "num_heads": 12, "in_channels": 3, "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2,
+              "out_hidden_size": 1024, "num_position_embeddings": 2304}
+    text = {"vocab_size": 248320, "hidden_size": 1024, "intermediate_size": 3584, "num_hidden_layers": 24,
+            "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 256, "max_position_embeddings": 262144,
+            "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "eos_token_id": 248044,
+            "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
+            "linear_num_key_heads": 16, "linear_num_value_heads": 16,
+            "layer_types": (["linear_attention"] * 3 + ["full_attention"]) * 6,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0, "mrope_section": [11, 11, 10],
+                                "mrope_interleaved": True, "partial_rotary_factor": 0.25}}
+    return Qwen3_5Config(vision_config=vision, text_config=text, image_token_id=248056, video_token_id=248057,
+                         vision_start_token_id=248053, vision_end_token_id=248054, tie_word_embeddings=True)
+
+
+REAL_PRESETS["qwen3.5-0.8b"] = Preset(
+    "qwen3.5-0.8b", "Qwen/Qwen3.5-0.8B config.json", qwen3_5_08b_config, "Qwen3_5ForConditionalGeneration",
+    "vision_config.depth", text_default=8, vision_default=2, make_inputs=qwen3_vl_inputs,
+    notes="one 512x512 image = 1024 ViT patches = 256 visual tokens; by default 8 of 24 LLM layers (two 3+1 "
+          "linear/full-attention groups: an attention-scored LLM stage needs a full-attention layer before it, the "
+          "first is layer 3) and 2 of 12 ViT layers are built")
