@@ -309,8 +309,10 @@ def test_in_encoder_rejects_bad_arguments():
         tz.InEncoder(tz.AToMe, layer=1)
     with pytest.raises(ValueError, match="only pre-LLM methods"):
         tz.InEncoder(tz.get("speechprune", retain=0.5), layer=1)
-    with pytest.raises(ValueError, match="layer must be an int >= 1"):
-        tz.InEncoder(tz.AToMe(retain=0.5), layer=0)
+    with pytest.raises(ValueError, match="layer must be an int >= 0"):
+        tz.InEncoder(tz.AToMe(retain=0.5), layer=1.5)
+    with pytest.raises(ValueError, match="cut 0, before the first layer, is not supported by this adapter"):
+        tz.InEncoder(tz.AToMe(retain=0.5), layer=0)(model)
     with pytest.raises(ValueError, match=r"layer must be an int in \[1, 1\]"):
         tz.InEncoder(tz.AToMe(retain=0.5), layer=2)(model)
     with pytest.raises(TypeError, match="stage 'encoder'"):
