@@ -56,6 +56,7 @@ from . import positions as P
 from . import resample
 from .attention import ATTENTION_SIGNALS
 from .base import Adapter, Item, ModelParts
+from .merge_unit_vit import MergeUnitEncoderStage, VitPass
 from .placeholders import (
     check_grid,
     items_per_sample,
@@ -70,12 +71,12 @@ from .probe import VisionBlockProbe
 MEDIA_KEYS = {"image": ("pixel_values", "image_grid_thw"), "video": ("pixel_values_videos", "video_grid_thw")}
 
 
-class MRopeVLAdapter(LLMAccess, Adapter):
+class MRopeVLAdapter(MergeUnitEncoderStage, LLMAccess, Adapter):
     """Base adapter (module doc). Subclasses set ``model_classes``, ``family`` (for messages) and, where the model
     puts clips on other placeholders than its ``video_token_id`` (GLM-4.1V: the image token), ``video_placeholder``."""
 
     modalities = ("image", "video")
-    stages = ("pre_llm", "llm")
+    stages = ("pre_llm", "encoder", "llm")
     signals = frozenset({"cls_attention", "keys", "projected", "text", "text_mask"})
     family = "this model"
     video_hint = "the model's processor returns them"
@@ -90,6 +91,9 @@ class MRopeVLAdapter(LLMAccess, Adapter):
         self.token_of = {"image": self.image_token_id, "video": self.video_token_id}
         self.merge = int(cfg.vision_config.spatial_merge_size)
         self._call_grids: dict[str, torch.Tensor] = {}  # the outermost call's grids (begin_call)
+        self.cuts: tuple[int, ...] | None = None  # stage "encoder": compress after these numbers of vision blocks
+        self.step: Any = None  # a schedule's compression at the cuts before the last
+        self._tower: dict[str, VitPass] = {}
 
     @staticmethod
     def video_placeholder(cfg: Any) -> int:
@@ -170,6 +174,8 @@ class MRopeVLAdapter(LLMAccess, Adapter):
         unit = self.merge * self.merge
         sizes = self._sizes(grid)
         owner = items_per_sample(input_ids, self.token_of[modality], sizes, modality)
+        if self.cuts is not None:
+            return self._encode_in_vit(kwargs, needs, modality, grid, sizes, owner)
         pixels = kwargs[MEDIA_KEYS[modality][0]]
         probe = VisionBlockProbe(self.visual.blocks[-1].attn, needs & ATTENTION_SIGNALS)
         features = self.core.get_image_features if modality == "image" else self.core.get_video_features
@@ -221,13 +227,16 @@ class MRopeVLAdapter(LLMAccess, Adapter):
         for token in self.token_of.values():
             keep &= input_ids != token
         cursor: dict[tuple[int, int], int] = {}
+        nth: dict[str, int] = {}
         for item, out in zip(items, outputs):
             token = self.token_of[item.modality]
             key = (token, item.sample)
             c = cursor.get(key, 0)
             slots = (input_ids[item.sample] == token).nonzero().flatten()[c: c + item.tokens_in]
-            keep[item.sample, slots[out.index[0].to(slots.device)]] = True
+            i = nth.get(item.modality, 0)
+            keep[item.sample, slots[self._kept_slots(item, out, i).to(slots.device)]] = True
             cursor[key] = c + item.tokens_in
+            nth[item.modality] = i + 1
         return keep
 
     def rebuild(self, kwargs: dict[str, Any], items: list[Item], outputs: list[CompressOutput]) -> dict[str, Any]:
@@ -246,7 +255,10 @@ class MRopeVLAdapter(LLMAccess, Adapter):
         encoded: dict[str, Any] = {}
         for modality in ("image", "video"):
             pairs = [(it, out) for it, out in zip(items, outputs) if it.modality == modality]
-            if pairs:
+            if pairs and self.cuts is not None:  # the blocks after the cut and the tail (stage "encoder")
+                encoded[modality] = BaseModelOutputWithPooling(
+                    pooler_output=self._finish_vit(modality, [out for _, out in pairs])[0])
+            elif pairs:
                 encoded[modality] = BaseModelOutputWithPooling(pooler_output=tuple(out.tokens[0] for _, out in pairs))
         for key in ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw"):
             new.pop(key, None)
@@ -306,3 +318,4 @@ class MRopeVLAdapter(LLMAccess, Adapter):
 
     def release(self) -> None:
         self._call_grids = {}
+        self._tower = {}
