@@ -35,7 +35,12 @@ Design (the adapters only say what differs: classes, placeholder ids, the LLM's 
   the features).
 * **Stage "input"** (``resize``, images): the call's own patches resampled to a smaller grid
   (:mod:`tokenzip.adapters.resample`, as on Qwen2-VL: both towers take any grid; Qwen3.5's learned position
-  embeddings are interpolated to it by the model); the model computes the new sequence's positions.
+  embeddings are interpolated to it by the model); the model computes the new sequence's positions. ``frames``
+  (clips), where the adapter declares it (Qwen3.5, whose prompts are ``Qwen3VLProcessor``'s): whole temporal
+  grids, each dropped grid's timestamped block leaving the prompt, as on Qwen3-VL
+  (:func:`tokenzip.adapters.temporal_grids.timestamped_frames_call`).
+* **Stage "encoder"**: :mod:`tokenzip.adapters.merge_unit_vit` (merge units between the model's own vision blocks;
+  the tail after the blocks is the adapter's ``_vision_tail``).
 * **Stage "llm"**: each image's placeholder run and each clip's placeholders (all its blocks) are one
   :class:`~tokenzip.llm.hooks.LLMItem`; after a pre-LLM method (features precomputed, no grids) the items have
   the kept counts and no layout.
@@ -54,6 +59,7 @@ from ..llm.adapter import LLMAccess, placeholder_items
 from ..output import CompressOutput
 from . import positions as P
 from . import resample
+from . import temporal_grids as TG
 from .attention import ATTENTION_SIGNALS
 from .base import Adapter, Item, ModelParts
 from .merge_unit_vit import MergeUnitEncoderStage, VitPass
@@ -265,19 +271,31 @@ class MRopeVLAdapter(MergeUnitEncoderStage, LLMAccess, Adapter):
         new["mm_encoder_outputs"] = encoded
         return new
 
-    # ---- stage "input": each image resized to a smaller grid (adapters/resample.py, as on Qwen2-VL) ---------------
-    input_reductions = ("resolution",)
+    # ---- stage "input": each image resized to a smaller grid ("resolution", adapters/resample.py, as on Qwen2-VL);
+    # where the adapter declares "frames" (Qwen3.5), fewer temporal grids of each clip, written as Qwen3VLProcessor
+    # writes them (adapters/temporal_grids.py, as on Qwen3-VL)
+    input_reductions: tuple[str, ...] = ("resolution",)
 
     def input_plan(self, kwargs: dict[str, Any], reduction: str) -> list:
+        require_input_ids(kwargs)
+        if reduction not in self.input_reductions:
+            raise TypeError(self._no_input_stage(reduction))
         if kwargs.get("mm_encoder_outputs"):
             raise ValueError("pass either pixel_values/pixel_values_videos or mm_encoder_outputs, not both (the model "
                              "refuses both)")
+        if reduction == "frames":  # clips only (images pass through)
+            return TG.timestamped_frames_plan(self, kwargs)
         if kwargs.get("pixel_values") is None:  # clips only: "resolution" resizes images (clips pass through)
             return []
         return resample.qwen_input_plan(self, kwargs, reduction)
 
+    @torch.no_grad()
     def rescale_inputs(self, kwargs: dict[str, Any], reduction: str, items: list, targets: list[int]
                        ) -> tuple[dict[str, Any], list]:
+        if reduction not in self.input_reductions:
+            raise TypeError(self._no_input_stage(reduction))
+        if reduction == "frames":
+            return TG.timestamped_frames_call(self, kwargs, items, targets, self.family)
         return resample.qwen_rescale_inputs(self, kwargs, items, targets)
 
     # ---- stage "llm" (tokenzip.llm) -----------------------------------------------------------------------------

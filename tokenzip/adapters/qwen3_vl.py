@@ -340,7 +340,7 @@ class Qwen3VLAdapter(MergeUnitEncoderStage, LLMAccess, Adapter):
     video_pixel_std: tuple[float, float, float] = tuple(IMAGENET_STANDARD_STD)
 
     def input_plan(self, kwargs: dict[str, Any], reduction: str) -> list:
-        input_ids = require_input_ids(kwargs)
+        require_input_ids(kwargs)
         if reduction not in self.input_reductions:
             raise TypeError(self._no_input_stage(reduction))
         if kwargs.get("mm_encoder_outputs"):
@@ -348,12 +348,7 @@ class Qwen3VLAdapter(MergeUnitEncoderStage, LLMAccess, Adapter):
                              "refuses both)")
         if reduction == "resolution":  # images only (clips pass through)
             return [] if kwargs.get("pixel_values") is None else resample.qwen_input_plan(self, kwargs, reduction)
-        grid = self._grid(kwargs, "video")
-        if grid is None:
-            return []
-        return TG.frames_plan(input_ids, TG.clip_rows(kwargs["pixel_values_videos"], grid), grid, self.video_token_id,
-                              resample.qwen_patch_spec(self), self.video_pixel_mean, self.video_pixel_std,
-                              lambda t, h, w: self._layout(t, h, w, "video"))
+        return TG.timestamped_frames_plan(self, kwargs)
 
     @torch.no_grad()
     def rescale_inputs(self, kwargs: dict[str, Any], reduction: str, items: list, targets: list[int]
@@ -362,28 +357,7 @@ class Qwen3VLAdapter(MergeUnitEncoderStage, LLMAccess, Adapter):
             return resample.qwen_rescale_inputs(self, kwargs, items, targets)
         if reduction != "frames":
             raise TypeError(self._no_input_stage(reduction))
-        grid = self._grid(kwargs, "video")
-        kept = TG.keep_grids(items, targets, TG.clip_rows(kwargs["pixel_values_videos"], grid), self.merge)
-        input_ids = kwargs["input_ids"]
-        cfg = self.model.config
-        keep = torch.ones_like(input_ids, dtype=torch.bool)
-        for it, slots, grids in zip(items, TG.slots_of(input_ids, self.video_token_id, items), kept.kept):
-            it.text_removed = 0
-            if bool(grids.all()):
-                continue
-            spans = TG.timestamped_block_spans(input_ids[it.sample], slots, grids.numel(),
-                                               int(cfg.vision_start_token_id), int(cfg.vision_end_token_id))
-            per_grid = it.tokens // grids.numel()
-            for g in (~grids).nonzero().flatten().tolist():
-                keep[it.sample, spans[g][0]: spans[g][1]] = False
-                it.text_removed += spans[g][1] - spans[g][0] - per_grid
-        # a prompt of the kept grids, each after its own timestamp: the model computes its positions (the caller's
-        # are those of the old sequence)
-        call = {key: v for key, v in kwargs.items() if key != "position_ids"}
-        new = shrink_sequences(call, keep, pad_id_for(cfg, set(self.token_of.values())))
-        new["pixel_values_videos"] = kept.pixels
-        new["video_grid_thw"] = torch.tensor(kept.grid, dtype=grid.dtype, device=grid.device)
-        return new, kept.maps
+        return TG.timestamped_frames_call(self, kwargs, items, targets, "Qwen3-VL")
 
     # ---- stage "llm" (tokenzip.llm) -----------------------------------------------------------------------------
     def llm_items(self, kwargs: dict[str, Any]) -> list:
