@@ -54,6 +54,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .. import layout as L
+from ..callstate import per_call
 from ..compat import cache_from
 from ..llm.adapter import LLMAccess, placeholder_items
 from ..output import CompressOutput
@@ -86,6 +87,7 @@ class MRopeVLAdapter(MergeUnitEncoderStage, LLMAccess, Adapter):
     signals = frozenset({"cls_attention", "keys", "projected", "text", "text_mask"})
     family = "this model"
     video_hint = "the model's processor returns them"
+    _call_grids = per_call(factory=dict)  # the outermost call's grids (begin_call), per call (per thread)
 
     def __init__(self, model: torch.nn.Module):
         super().__init__(model)
@@ -96,7 +98,6 @@ class MRopeVLAdapter(MergeUnitEncoderStage, LLMAccess, Adapter):
         self.video_token_id = int(self.video_placeholder(cfg))
         self.token_of = {"image": self.image_token_id, "video": self.video_token_id}
         self.merge = int(cfg.vision_config.spatial_merge_size)
-        self._call_grids: dict[str, torch.Tensor] = {}  # the outermost call's grids (begin_call)
         self.cuts: tuple[int, ...] | None = None  # stage "encoder": compress after these numbers of vision blocks
         self.step: Any = None  # a schedule's compression at the cuts before the last
         self._tower: dict[str, VitPass] = {}
