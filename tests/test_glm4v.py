@@ -6,10 +6,14 @@ import torch
 
 import tokenzip as tz
 from tokenzip.adapters import Glm4vAdapter, adapter_for
-from tokenzip.testing import CASES, default_samples
+from tokenzip.testing import CASES, default_samples, tiny_glm4v
 
 from conftest import built
-from mrope_checks import assert_kept_positions
+from mrope_checks import (
+    assert_encoder_cut_equals_stock_blocks,
+    assert_encoder_schedule_lossless_and_at_budget,
+    assert_kept_positions,
+)
 
 torch.set_num_threads(1)
 
@@ -52,3 +56,32 @@ def test_glm46v_class_uses_the_adapter():
             short = model(**inputs).logits
     assert torch.equal(ref, same)
     assert short.shape[1] < ref.shape[1] and not torch.allclose(ref[:, -1], short[:, -1])
+
+
+# ---- stage "encoder" (tokenzip/adapters/merge_unit_vit.py) ---------------------------------------------------------
+def deep_vit():
+    """The case's class with a 3-block ViT: cuts after blocks 1 and 2, each with a block after it."""
+    return tiny_glm4v(vision_depth=3)
+
+
+@pytest.mark.parametrize("cut", [1, 2])
+@pytest.mark.parametrize("case", ["glm4v", "glm4v_video"])
+def test_encoder_cut_equals_the_stock_blocks_on_the_kept_units(case, cut):
+    """Every other merge unit of each image / clip kept after block ``cut - 1``: the tokens are the model's own ViT
+    forward cut to those units by hooks (later blocks, one segment per temporal grid of the units left, then its
+    tail (post-norm, 2x2 downsample convolution, merger))."""
+    assert_encoder_cut_equals_stock_blocks(deep_vit(), case, "video" if case.endswith("video") else "image", cut)
+
+
+@pytest.mark.parametrize("case,name", [("glm4v", "tome"), ("glm4v_video", "dycoke")])
+def test_encoder_schedule_is_lossless_at_retain_one_and_reaches_the_budget(case, name):
+    assert_encoder_schedule_lossless_and_at_budget(deep_vit(), case, name)
+
+
+def test_encoder_stage_is_declared_and_bad_cuts_are_refused():
+    assert CASES["glm4v"].stages == ("pre_llm", "encoder", "llm")
+    model = built("glm4v")  # 2 vision blocks: one cut, after block 1
+    with pytest.raises(ValueError, match=r"in \[1, 1\]"):
+        tz.InEncoder(tz.ToMe(retain=0.5), layer=3)(model)
+    with pytest.raises(TypeError, match="projected"):
+        tz.InEncoder(tz.get("trim", retain=0.5), layer=1)(model)

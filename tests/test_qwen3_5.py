@@ -9,11 +9,23 @@ import torch
 import tokenzip as tz
 from tokenzip.adapters import Qwen3_5Adapter, adapter_for
 from tokenzip.compat import attention_seq_length, cache_kwarg, output_cache
-from tokenzip.testing import CASES, IMAGE_TOKEN, default_samples, qwen3_vl_positions, qwen_vl_inputs, tiny_qwen3_5
+from tokenzip.testing import (
+    CASES,
+    IMAGE_TOKEN,
+    default_samples,
+    qwen3_vl_positions,
+    qwen3_vl_video_inputs,
+    qwen_vl_inputs,
+    tiny_qwen3_5,
+)
 
 from conftest import built
 from hybrid_oracle import greedy, prompt_call
-from mrope_checks import assert_kept_positions
+from mrope_checks import (
+    assert_encoder_cut_equals_stock_blocks,
+    assert_encoder_schedule_lossless_and_at_budget,
+    assert_kept_positions,
+)
 
 torch.set_num_threads(1)
 
@@ -174,3 +186,107 @@ def test_bad_inputs():
             model(**bad)
         with pytest.raises(ValueError, match=r"position_ids must be \[3, B, L\] or \[4, B, L\]"):
             model(**inputs, position_ids=inputs["attention_mask"].cumsum(-1) - 1)
+
+
+# ---- stage "encoder" (tokenzip/adapters/merge_unit_vit.py) ---------------------------------------------------------
+def deep_vit():
+    """The case's class with a 3-block ViT: cuts after blocks 1 and 2, each with a block after it."""
+    return tiny_qwen3_5(vision_depth=3)
+
+
+@pytest.mark.parametrize("cut", [1, 2])
+@pytest.mark.parametrize("case", ["qwen3_5", "qwen3_5_video"])
+def test_encoder_cut_equals_the_stock_blocks_on_the_kept_units(case, cut):
+    """Every other merge unit of each image / clip kept after block ``cut - 1``: the tokens are the model's own ViT
+    forward cut to those units by hooks (later blocks, one segment per temporal grid of the units left, then its
+    tail)."""
+    assert_encoder_cut_equals_stock_blocks(deep_vit(), case, "video" if case.endswith("video") else "image", cut)
+
+
+@pytest.mark.parametrize("case,name", [("qwen3_5", "tome"), ("qwen3_5_video", "dycoke")])
+def test_encoder_schedule_is_lossless_at_retain_one_and_reaches_the_budget(case, name):
+    assert_encoder_schedule_lossless_and_at_budget(deep_vit(), case, name)
+
+
+def test_encoder_stage_is_declared_and_bad_cuts_are_refused():
+    assert CASES["qwen3_5"].stages == ("pre_llm", "encoder", "llm")
+    model = built("qwen3_5")  # 2 vision blocks: one cut, after block 1
+    with pytest.raises(ValueError, match=r"in \[1, 1\]"):
+        tz.InEncoder(tz.ToMe(retain=0.5), layer=3)(model)
+    with pytest.raises(TypeError, match="projected"):
+        tz.InEncoder(tz.get("trim", retain=0.5), layer=1)(model)
+
+
+# ---- stage "input": "frames" (whole timestamped blocks of temporal grids, as on Qwen3-VL) and "resolution" ----------
+@pytest.mark.parametrize("outer_pair", [True, False], ids=["template-pair", "collapsed"])
+def test_kept_temporal_grids_are_the_clip_the_processor_gives_for_them(outer_pair):
+    """Qwen3.5's prompts are Qwen3VLProcessor's: dropping grids (the first ones too) leaves exactly the prompt and
+    pixels of a clip of the kept frames (each kept grid after its own timestamp), and their tokens are the full
+    clip's."""
+    model = built("qwen3_5_video")
+    samples = default_samples()
+    inputs = qwen3_vl_video_inputs(model, samples, outer_pair=outer_pair)
+    keeps = [[1, 2], [2], [1], [0, 1]]
+    adapter = adapter_for(model)
+    plan = adapter.input_plan(inputs, "frames")
+    for p, keep in zip(plan, keeps):
+        p.keep = torch.tensor(keep)
+    targets = [len(keep) * p.tokens // p.extra["thw"][0] for p, keep in zip(plan, keeps)]
+    new, maps = adapter.rescale_inputs(inputs, "frames", plan, targets)
+    oracle = qwen3_vl_video_inputs(model, samples, outer_pair=outer_pair, grids=keeps)
+    assert set(new) == set(oracle)
+    for key, value in oracle.items():
+        assert torch.equal(new[key], value), key
+    assert [p.text_removed for p in plan] == [7, 14, 7, 0]  # 5 timestamp tokens + the markers per dropped grid
+    with torch.no_grad():
+        full = model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"]).pooler_output
+        short = model.model.get_video_features(new["pixel_values_videos"], new["video_grid_thw"]).pooler_output
+    for f, s, (_, index) in zip(full, short, maps):
+        torch.testing.assert_close(s, f[index], atol=1e-5, rtol=1e-5)
+
+
+def test_frame_selection_through_the_patch_equals_the_stock_model_on_the_kept_frames():
+    model = built("qwen3_5_video")
+    samples = default_samples()
+    inputs = qwen3_vl_video_inputs(model, samples)
+    c = tz.get("uniform_frames", tokens=8)
+    with c(model), torch.no_grad():
+        out = model(**inputs).logits
+    keeps = []
+    for stats in c.last_stats:
+        for it in stats["video"].items:
+            per_grid = it.tokens_in // it.grid.segments[0].t
+            keeps.append(sorted(set((it.index // per_grid).tolist())))
+            assert it.text_removed == 7 * (it.grid.segments[0].t - len(keeps[-1]))
+    assert keeps == [[0, 2], [0], [0], [0]]
+    with torch.no_grad():
+        ref = model(**qwen3_vl_video_inputs(model, samples, grids=keeps)).logits
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+
+
+def test_frames_then_an_llm_stage_method_counts_both():
+    """Frames, then FastV inside the hybrid LLM: the stats carry the removed timestamp text, and the LLM's first
+    layer reads the prompt less the dropped grids' blocks."""
+    model = built("qwen3_5_video")
+    inputs = qwen3_vl_video_inputs(model, default_samples())
+    c = tz.compose(tz.get("uniform_frames", tokens=8), tz.FastV(retain=0.5, layer=1))
+    seen = []
+    lm = model.model.language_model
+    h = lm.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["attention_mask"].clone()), with_kwargs=True)
+    try:
+        with c(model), torch.no_grad():
+            model(**inputs)
+    finally:
+        h.remove()
+    for b, stats in enumerate(c.parts[0].last_stats):
+        items = stats["video"].items
+        assert all(it.text_removed == 7 * (it.grid.segments[0].t - len(set((it.index // (
+            it.tokens_in // it.grid.segments[0].t)).tolist()))) for it in items)
+        removed = sum(it.tokens_in - it.tokens_out + it.text_removed for it in items)
+        assert removed > 0 and int(seen[0][b].sum()) == int(inputs["attention_mask"][b].sum()) - removed
+
+
+def test_frames_is_declared_for_qwen3_5_only():
+    assert Qwen3_5Adapter.input_reductions == ("resolution", "frames")
+    with pytest.raises(TypeError, match="frames"):
+        tz.get("uniform_frames", retain=0.5)(built("glm4v_video"))

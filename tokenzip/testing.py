@@ -1149,10 +1149,10 @@ GLM_CLIPS = [(2, 4, 6), (3, 4, 4), (2, 6, 4)]
 
 
 def tiny_qwen3_5(attn_implementation: str = "sdpa", seed: int = 0, layer_types: tuple[str, ...] = QWEN3_5_LAYERS,
-                 moe: bool = False) -> torch.nn.Module:
-    """Qwen3.5: 2-block ViT (4-px patches, 2x2 merger, no DeepStack) + a hybrid M-RoPE LLM of ``layer_types``
-    (Gated DeltaNet linear-attention and gated full-attention layers), random weights. ``moe``: the Qwen3.5-MoE
-    class (2 experts, top-1)."""
+                 moe: bool = False, vision_depth: int = 2) -> torch.nn.Module:
+    """Qwen3.5: ``vision_depth``-block ViT (4-px patches, 2x2 merger, no DeepStack) + a hybrid M-RoPE LLM of
+    ``layer_types`` (Gated DeltaNet linear-attention and gated full-attention layers), random weights. ``moe``: the
+    Qwen3.5-MoE class (2 experts, top-1)."""
     import transformers
 
     text: dict[str, Any] = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
@@ -1166,8 +1166,8 @@ def tiny_qwen3_5(attn_implementation: str = "sdpa", seed: int = 0, layer_types: 
                                                  "partial_rotary_factor": 0.5})
     if moe:
         text.update(num_experts=2, num_experts_per_tok=1, moe_intermediate_size=32, shared_expert_intermediate_size=32)
-    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=4, temporal_patch_size=2,
-                  spatial_merge_size=2, out_hidden_size=32, num_position_embeddings=16)
+    vision = dict(depth=vision_depth, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=4,
+                  temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=32, num_position_embeddings=16)
     prefix = "Qwen3_5Moe" if moe else "Qwen3_5"
     cfg = getattr(transformers, f"{prefix}Config")(text_config=text, vision_config=vision, **_qwen_vl_token_ids())
     torch.manual_seed(seed)
@@ -1182,17 +1182,17 @@ def _no_placeholder_output(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def tiny_glm4v(attn_implementation: str = "sdpa", seed: int = 0) -> torch.nn.Module:
-    """GLM-4.1V: 2-block ViT (4-px patches, 2x2 conv downsample + merger) + 3-layer M-RoPE LLM (half the head
-    dimensions rotary), random weights."""
+def tiny_glm4v(attn_implementation: str = "sdpa", seed: int = 0, vision_depth: int = 2) -> torch.nn.Module:
+    """GLM-4.1V: ``vision_depth``-block ViT (4-px patches, 2x2 conv downsample + merger) + 3-layer M-RoPE LLM (half
+    the head dimensions rotary), random weights."""
     from transformers import Glm4vConfig, Glm4vForConditionalGeneration
 
     text = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
                 num_key_value_heads=1, max_position_embeddings=512, pad_token_id=PAD, initializer_range=0.1,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1],
                                  "partial_rotary_factor": 0.5})
-    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=4, temporal_patch_size=2,
-                  spatial_merge_size=2, out_hidden_size=32, image_size=16)
+    vision = dict(depth=vision_depth, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=4,
+                  temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=32, image_size=16)
     cfg = Glm4vConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN,
                       video_token_id=QWEN_VIDEO_TOKEN, image_start_token_id=GLM_IMAGE_START,
                       image_end_token_id=GLM_IMAGE_END, video_start_token_id=GLM_VIDEO_START,

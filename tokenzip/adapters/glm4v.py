@@ -20,12 +20,20 @@ model's own ``get_rope_index`` of the full sequence, ``mm_encoder_outputs``, sta
   image token for each modality, so the model itself refuses images and videos in one call: so does the adapter,
   with a ValueError, before anything runs;
 * ``rope_deltas`` and the explicit ``[4, B, L']`` position ids are those of the shared design; the begin/end markers
-  and timestamps are text and stay.
+  and timestamps are text and stay;
+* stage "encoder" (:mod:`tokenzip.adapters.merge_unit_vit`, shared with Qwen3-VL / Qwen3.5): the ViT meets the
+  contract (blocks on ``[patches, D]`` with ``cu_seqlens`` of one temporal grid and a per-patch rotary embedding; the
+  learned position embedding is added before block 0, so it is in the stopped pass's states), and the tail after
+  the blocks is GLM's own (:meth:`Glm4vAdapter._vision_tail`: post-norm, the stride-2 ``downsample`` convolution
+  over each unit's four patches, merger), which maps each unit independently, so it runs on the kept units only.
+  A clip's pass is ``get_video_features``' (one ``(1, h, w)`` grid per temporal grid: the same segments).
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+import torch
 
 from .mrope_vl import MRopeVLAdapter
 
@@ -39,3 +47,11 @@ class Glm4vAdapter(MRopeVLAdapter):
     @staticmethod
     def video_placeholder(cfg: Any) -> int:
         return int(cfg.image_token_id)  # GLM-4.1V / 4.5V / 4.6V: clips sit on the image placeholder
+
+    def _vision_tail(self, patches: torch.Tensor) -> torch.Tensor:
+        """Stage "encoder": the modules after GLM's blocks, as its vision forward calls them, on the kept units'
+        patch rows: the post-norm, the 2x2 ``downsample`` convolution over each unit (four consecutive patches),
+        the merger."""
+        v, m = self.visual, self.merge
+        x = v.post_layernorm(patches).view(-1, m, m, patches.shape[-1]).permute(0, 3, 1, 2)
+        return v.merger(v.downsample(x).view(-1, v.config.out_hidden_size))

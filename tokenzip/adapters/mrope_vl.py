@@ -35,7 +35,12 @@ Design (the adapters only say what differs: classes, placeholder ids, the LLM's 
   the features).
 * **Stage "input"** (``resize``, images): the call's own patches resampled to a smaller grid
   (:mod:`tokenzip.adapters.resample`, as on Qwen2-VL: both towers take any grid; Qwen3.5's learned position
-  embeddings are interpolated to it by the model); the model computes the new sequence's positions.
+  embeddings are interpolated to it by the model); the model computes the new sequence's positions. ``frames``
+  (clips), where the adapter declares it (Qwen3.5, whose prompts are ``Qwen3VLProcessor``'s): whole temporal
+  grids, each dropped grid's timestamped block leaving the prompt, as on Qwen3-VL
+  (:func:`tokenzip.adapters.temporal_grids.timestamped_frames_call`).
+* **Stage "encoder"**: :mod:`tokenzip.adapters.merge_unit_vit` (merge units between the model's own vision blocks;
+  the tail after the blocks is the adapter's ``_vision_tail``).
 * **Stage "llm"**: each image's placeholder run and each clip's placeholders (all its blocks) are one
   :class:`~tokenzip.llm.hooks.LLMItem`; after a pre-LLM method (features precomputed, no grids) the items have
   the kept counts and no layout.
@@ -49,13 +54,16 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .. import layout as L
+from ..callstate import per_call
 from ..compat import cache_from
 from ..llm.adapter import LLMAccess, placeholder_items
 from ..output import CompressOutput
 from . import positions as P
 from . import resample
+from . import temporal_grids as TG
 from .attention import ATTENTION_SIGNALS
 from .base import Adapter, Item, ModelParts
+from .merge_unit_vit import MergeUnitEncoderStage, VitPass
 from .placeholders import (
     check_grid,
     items_per_sample,
@@ -70,15 +78,16 @@ from .probe import VisionBlockProbe
 MEDIA_KEYS = {"image": ("pixel_values", "image_grid_thw"), "video": ("pixel_values_videos", "video_grid_thw")}
 
 
-class MRopeVLAdapter(LLMAccess, Adapter):
+class MRopeVLAdapter(MergeUnitEncoderStage, LLMAccess, Adapter):
     """Base adapter (module doc). Subclasses set ``model_classes``, ``family`` (for messages) and, where the model
     puts clips on other placeholders than its ``video_token_id`` (GLM-4.1V: the image token), ``video_placeholder``."""
 
     modalities = ("image", "video")
-    stages = ("pre_llm", "llm")
+    stages = ("pre_llm", "encoder", "llm")
     signals = frozenset({"cls_attention", "keys", "projected", "text", "text_mask"})
     family = "this model"
     video_hint = "the model's processor returns them"
+    _call_grids = per_call(factory=dict)  # the outermost call's grids (begin_call), per call (per thread)
 
     def __init__(self, model: torch.nn.Module):
         super().__init__(model)
@@ -89,7 +98,9 @@ class MRopeVLAdapter(LLMAccess, Adapter):
         self.video_token_id = int(self.video_placeholder(cfg))
         self.token_of = {"image": self.image_token_id, "video": self.video_token_id}
         self.merge = int(cfg.vision_config.spatial_merge_size)
-        self._call_grids: dict[str, torch.Tensor] = {}  # the outermost call's grids (begin_call)
+        self.cuts: tuple[int, ...] | None = None  # stage "encoder": compress after these numbers of vision blocks
+        self.step: Any = None  # a schedule's compression at the cuts before the last
+        self._tower: dict[str, VitPass] = {}
 
     @staticmethod
     def video_placeholder(cfg: Any) -> int:
@@ -170,6 +181,8 @@ class MRopeVLAdapter(LLMAccess, Adapter):
         unit = self.merge * self.merge
         sizes = self._sizes(grid)
         owner = items_per_sample(input_ids, self.token_of[modality], sizes, modality)
+        if self.cuts is not None:
+            return self._encode_in_vit(kwargs, needs, modality, grid, sizes, owner)
         pixels = kwargs[MEDIA_KEYS[modality][0]]
         probe = VisionBlockProbe(self.visual.blocks[-1].attn, needs & ATTENTION_SIGNALS)
         features = self.core.get_image_features if modality == "image" else self.core.get_video_features
@@ -221,13 +234,16 @@ class MRopeVLAdapter(LLMAccess, Adapter):
         for token in self.token_of.values():
             keep &= input_ids != token
         cursor: dict[tuple[int, int], int] = {}
+        nth: dict[str, int] = {}
         for item, out in zip(items, outputs):
             token = self.token_of[item.modality]
             key = (token, item.sample)
             c = cursor.get(key, 0)
             slots = (input_ids[item.sample] == token).nonzero().flatten()[c: c + item.tokens_in]
-            keep[item.sample, slots[out.index[0].to(slots.device)]] = True
+            i = nth.get(item.modality, 0)
+            keep[item.sample, slots[self._kept_slots(item, out, i).to(slots.device)]] = True
             cursor[key] = c + item.tokens_in
+            nth[item.modality] = i + 1
         return keep
 
     def rebuild(self, kwargs: dict[str, Any], items: list[Item], outputs: list[CompressOutput]) -> dict[str, Any]:
@@ -246,26 +262,41 @@ class MRopeVLAdapter(LLMAccess, Adapter):
         encoded: dict[str, Any] = {}
         for modality in ("image", "video"):
             pairs = [(it, out) for it, out in zip(items, outputs) if it.modality == modality]
-            if pairs:
+            if pairs and self.cuts is not None:  # the blocks after the cut and the tail (stage "encoder")
+                encoded[modality] = BaseModelOutputWithPooling(
+                    pooler_output=self._finish_vit(modality, [out for _, out in pairs])[0])
+            elif pairs:
                 encoded[modality] = BaseModelOutputWithPooling(pooler_output=tuple(out.tokens[0] for _, out in pairs))
         for key in ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw"):
             new.pop(key, None)
         new["mm_encoder_outputs"] = encoded
         return new
 
-    # ---- stage "input": each image resized to a smaller grid (adapters/resample.py, as on Qwen2-VL) ---------------
-    input_reductions = ("resolution",)
+    # ---- stage "input": each image resized to a smaller grid ("resolution", adapters/resample.py, as on Qwen2-VL);
+    # where the adapter declares "frames" (Qwen3.5), fewer temporal grids of each clip, written as Qwen3VLProcessor
+    # writes them (adapters/temporal_grids.py, as on Qwen3-VL)
+    input_reductions: tuple[str, ...] = ("resolution",)
 
     def input_plan(self, kwargs: dict[str, Any], reduction: str) -> list:
+        require_input_ids(kwargs)
+        if reduction not in self.input_reductions:
+            raise TypeError(self._no_input_stage(reduction))
         if kwargs.get("mm_encoder_outputs"):
             raise ValueError("pass either pixel_values/pixel_values_videos or mm_encoder_outputs, not both (the model "
                              "refuses both)")
+        if reduction == "frames":  # clips only (images pass through)
+            return TG.timestamped_frames_plan(self, kwargs)
         if kwargs.get("pixel_values") is None:  # clips only: "resolution" resizes images (clips pass through)
             return []
         return resample.qwen_input_plan(self, kwargs, reduction)
 
+    @torch.no_grad()
     def rescale_inputs(self, kwargs: dict[str, Any], reduction: str, items: list, targets: list[int]
                        ) -> tuple[dict[str, Any], list]:
+        if reduction not in self.input_reductions:
+            raise TypeError(self._no_input_stage(reduction))
+        if reduction == "frames":
+            return TG.timestamped_frames_call(self, kwargs, items, targets, self.family)
         return resample.qwen_rescale_inputs(self, kwargs, items, targets)
 
     # ---- stage "llm" (tokenzip.llm) -----------------------------------------------------------------------------
@@ -306,3 +337,4 @@ class MRopeVLAdapter(LLMAccess, Adapter):
 
     def release(self) -> None:
         self._call_grids = {}
+        self._tower = {}

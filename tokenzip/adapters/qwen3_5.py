@@ -13,7 +13,10 @@ recurrent state, no attention matrix, no positions) interleaved with full-attent
 gate.
 
 Design before the LLM: :mod:`tokenzip.adapters.mrope_vl` (items, last-block signals, positions gathered from the
-model's own ``get_rope_index`` of the full sequence, ``mm_encoder_outputs``).
+model's own ``get_rope_index`` of the full sequence, ``mm_encoder_outputs``). Stage "encoder": Qwen3-VL's
+(:mod:`tokenzip.adapters.merge_unit_vit`) without DeepStack taps; the tail is the model's merger. Stage "input":
+``resize`` (images) and ``frames`` (whole temporal grids of a clip; a dropped grid's timestamped block leaves the
+prompt, so the call is the processor's for the kept frames: Qwen3-VL's, ``adapters/temporal_grids.py``).
 
 Design inside the LLM (stage "llm", :mod:`tokenzip.llm.hooks`): the adapter reports the layer kinds
 (``llm_layer_kinds``). A token dropped before layer ``K`` never enters a later layer: the full-attention layers
@@ -30,6 +33,7 @@ gated ``q_proj`` (:func:`tokenzip.llm.scores.separate_qk`).
 from __future__ import annotations
 
 import torch
+from transformers.image_utils import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD
 
 from .mrope_vl import MRopeVLAdapter
 
@@ -38,6 +42,11 @@ class Qwen3_5Adapter(MRopeVLAdapter):
     model_classes = ("Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration")
     family = "Qwen3.5"
     video_hint = "or tokenzip.video.qwen3_vl_video_inputs for videos (Qwen3.5 uses Qwen3VLProcessor)"
+    # stage "input": images resized, and clips' temporal grids as on Qwen3-VL (the same processor layout)
+    input_reductions = ("resolution", "frames")
+    # Qwen3VLVideoProcessor's normalisation (ImageNet-standard 0.5 mean/std, rescale 1/255)
+    video_pixel_mean: tuple[float, float, float] = tuple(IMAGENET_STANDARD_MEAN)
+    video_pixel_std: tuple[float, float, float] = tuple(IMAGENET_STANDARD_STD)
 
     def llm_mixer(self, index: int) -> torch.nn.Module:
         layer = self.llm_layers()[index]

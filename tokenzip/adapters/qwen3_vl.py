@@ -64,51 +64,33 @@ Stage "input" (``input_reductions``):
   prompt). The removed text is recorded per item (``InputItem.text_removed`` -> ``ItemStats.text_removed``). Images
   pass through; the call still carries pixels, so a pre-LLM or LLM-stage method can follow in ``tz.compose``.
 
-Stage "encoder" (``tz.InEncoder(method, layer=L)`` or a schedule of cuts; DeepStack reads intermediate blocks, so
-every cut carries the taps):
-
-* **The unit is one merge unit** (2x2 patches = one LLM token, as on Qwen2-VL): the method compresses, per image /
-  clip, its units' four patch states after block ``L - 1`` concatenated (``[N, 4 * D]``, layout as before the LLM);
-  a kept unit keeps its patches, merged units are averaged patch by patch (size-weighted,
-  :class:`tokenzip.encoder.MergedTokens`). The vision attention takes no mask, so there is no proportional
-  attention: a merged unit is a plain average in the later blocks (as on Qwen2-VL).
-* **The model's own pass up to the cut**: ``visual(...)`` runs as ``get_image_features`` calls it and is stopped
-  after block ``L - 1`` (a forward hook); block 0's inputs give the per-patch rotary embedding. The blocks after the
-  cut are the model's block modules, called as the model calls them, on the kept units in the model's unit order
-  (a merged unit at its representative's place: its rotary embedding and frame), with one attention segment per
-  temporal grid recomputed from the units left, then the model's merger; the rows are put back in the method's
-  slot order.
-* **DeepStack taps**: a level tapped after block ``b <= L - 1`` is computed by the model on all units (its own
-  ``deepstack_merger_list`` module, at the stopped pass or on the cut's states) and cut with the tokens' groups as
-  before the LLM (:meth:`_deepstack_rows`); a level tapped after block ``b >= L`` is that merger on the kept units
-  after block ``b``. So every level has one row per kept token, what the text model adds at the kept placeholders.
-* **Schedules** (``layer=(l1, l2, ...)``): the model's pass stops after block ``l1 - 1``; at each earlier cut the
-  InEncoder's step compresses the units of the modalities it takes (``step.counts``: each item reaches its budget
-  at the last cut), every level tapped so far is cut like the units (size-weighted group means: a level tapped
-  before several merges is the mean over all the input units a token stands for), and the blocks to the next cut
-  run on the units left (taps in the span: the mergers on them). After the first cut a method sees a 1-D layout;
-  each token keeps the placeholder of the original unit it stands at (``_kept_slots``).
-* **Signals** from block ``L - 1`` (the one that made the units): ``keys`` and ``cls_attention`` as at the ViT's
-  output; ``text``/``text_mask``. Not ``projected`` (the merger needs the last block's output).
-* Positions, ``rope_deltas`` and the prompt as before the LLM (a token sits at its representative unit's slot).
+Stage "encoder" (``tz.InEncoder(method, layer=L)`` or a schedule of cuts): :mod:`tokenzip.adapters.merge_unit_vit`,
+shared with Qwen3.5 and GLM-4.1V (the unit is one merge unit, its four patch states after block ``L - 1``
+concatenated; the model's own pass stopped after block ``L - 1``; the model's later blocks on the kept units, one
+attention segment per temporal grid, then the merger; signals ``keys`` / ``cls_attention`` of block ``L - 1``,
+``text`` / ``text_mask``, no ``projected``). What is particular here: **DeepStack taps** (the ViT's intermediate
+taps, ``_vision_taps``): a level tapped after block ``b <= L - 1`` is computed by the model on all units (its own
+``deepstack_merger_list`` module, at the stopped pass or on the cut's states) and cut with the tokens' groups as
+before the LLM (:func:`~tokenzip.adapters.merge_unit_vit.cut_rows`); a level tapped after block ``b >= L`` is that
+merger on the kept units after block ``b``. So every level has one row per kept token, what the text model adds at
+the kept placeholders. In a schedule every level tapped so far is cut like the units at each cut (size-weighted
+group means: a level tapped before several merges is the mean over all the input units a token stands for).
+Positions, ``rope_deltas`` and the prompt as before the LLM (a token sits at its representative unit's slot).
 
 Stages: ``input``, ``pre_llm``, ``encoder`` and ``llm``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers.image_utils import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD
 from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
-from transformers.utils.generic import get_max_seqlen
 
 from .. import layout as L
 from ..callstate import per_call
 from ..compat import cache_from
-from ..encoder import MergedTokens, check_cuts
 from ..llm.adapter import LLMAccess, placeholder_items
 from ..output import CompressOutput
 from . import positions as P
@@ -116,6 +98,7 @@ from . import resample
 from . import temporal_grids as TG
 from .attention import ATTENTION_SIGNALS
 from .base import Adapter, Item, ModelParts
+from .merge_unit_vit import ENCODER_SIGNALS, MergeUnitEncoderStage, VitPass, cut_rows
 from .placeholders import (
     check_grid,
     items_per_sample,
@@ -152,37 +135,14 @@ class _DeepstackWrapper:
         self.text_model.__dict__.pop("_deepstack_process", None)
 
 
-class _AtCut(Exception):
-    """Stops the model's own ViT pass after the block before the cut (stage "encoder")."""
-
-
-@dataclass
-class _VitPass:
-    """One modality's ViT pass from the first cut to rebuild() (stage "encoder"): the blocks' rotary embedding
-    ``pe`` (per patch) and each global unit's ``frame`` (its attention segment); per item its units' ``states``, the
-    global unit each current unit stands at (``ids``: a merged unit at its representative) and its first global
-    unit (``offsets``); ``levels[j]``: the DeepStack level ``j`` rows tapped so far, per item over its current
-    units."""
-
-    pe: tuple[torch.Tensor, torch.Tensor]
-    frame: torch.Tensor
-    cu_dtype: torch.dtype
-    states: list[MergedTokens]
-    ids: list[torch.Tensor]
-    offsets: list[int]
-    levels: dict[int, list[torch.Tensor]] = field(default_factory=dict)
-
-
-class Qwen3VLAdapter(LLMAccess, Adapter):
+class Qwen3VLAdapter(MergeUnitEncoderStage, LLMAccess, Adapter):
     model_classes = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
     modalities = ("image", "video")
     # per-call state, per thread (tokenzip/callstate.py)
     _call_grids = per_call(factory=dict)
-    _tower = per_call(factory=dict)  # stage "encoder": each modality's ViT pass between the cut and rebuild()
     stages = ("pre_llm", "encoder", "llm")
     signals = frozenset({"cls_attention", "keys", "projected", "text", "text_mask"})
-    # inside the ViT the merger has not run yet: no ``projected``
-    encoder_signals = frozenset({"cls_attention", "keys", "text", "text_mask"})
+    encoder_signals = ENCODER_SIGNALS  # inside the ViT the merger has not run yet: no ``projected``
 
     def __init__(self, model: torch.nn.Module):
         super().__init__(model)
@@ -196,7 +156,7 @@ class Qwen3VLAdapter(LLMAccess, Adapter):
         self._call_grids: dict[str, torch.Tensor] = {}  # the outermost call's grids (begin_call)
         self.cuts: tuple[int, ...] | None = None  # stage "encoder": compress after these numbers of vision blocks
         self.step: Any = None  # a schedule's compression at the cuts before the last
-        self._tower: dict[str, _VitPass] = {}
+        self._tower: dict[str, VitPass] = {}
 
     # ---- queries ------------------------------------------------------------------------------------------------
     def parts(self) -> ModelParts:
@@ -333,22 +293,6 @@ class Qwen3VLAdapter(LLMAccess, Adapter):
             nth[item.modality] = i + 1
         return keep
 
-    @staticmethod
-    def _deepstack_rows(rows: torch.Tensor, out: CompressOutput, size: torch.Tensor | None = None) -> torch.Tensor:
-        """A level's rows ``[N, D]`` cut like the main tokens: per output token the mean of its source group's rows,
-        weighted by ``size`` (the input tokens each row already stands for; None: 1 each) — a kept token's own row
-        exactly; a slot with no member: its representative's row."""
-        k = out.tokens.shape[1]
-        src = out.source[0].to(rows.device)
-        valid = src >= 0
-        weight = torch.ones(int(valid.sum()), dtype=rows.dtype, device=rows.device) if size is None \
-            else size.to(device=rows.device, dtype=rows.dtype)[valid]
-        sums = torch.zeros(k, rows.shape[1], dtype=rows.dtype, device=rows.device).index_add_(
-            0, src[valid], rows[valid] * weight[:, None] if size is not None else rows[valid])
-        count = torch.zeros(k, dtype=rows.dtype, device=rows.device).index_add_(0, src[valid], weight)
-        own = rows[out.index[0].to(rows.device)]
-        return torch.where(count[:, None] > 0, sums / count.clamp(min=1e-12)[:, None], own)
-
     def rebuild(self, kwargs: dict[str, Any], items: list[Item], outputs: list[CompressOutput]) -> dict[str, Any]:
         input_ids = kwargs["input_ids"]
         positions = self._original_positions(kwargs)
@@ -375,182 +319,17 @@ class Qwen3VLAdapter(LLMAccess, Adapter):
             levels = len(pairs[0][0].extra["deepstack"])
             encoded[modality] = BaseModelOutputWithDeepstackFeatures(
                 pooler_output=tuple(out.tokens[0] for _, out in pairs),
-                deepstack_features=[tuple(self._deepstack_rows(it.extra["deepstack"][j], out) for it, out in pairs)
+                deepstack_features=[tuple(cut_rows(it.extra["deepstack"][j], out) for it, out in pairs)
                                     for j in range(levels)])
         for key in ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw"):
             new.pop(key, None)
         new["mm_encoder_outputs"] = encoded
         return new
 
-    # ---- stage "encoder": compress merge units between vision blocks, DeepStack taps carried (module doc) --------
-    def encoder_depth(self) -> int:
-        """The vision blocks (``tz.InEncoder`` layer forms resolve against it)."""
-        return len(self.visual.blocks)
-
-    def set_encoder_layer(self, layer: int | tuple[int, ...], step: Any = None) -> None:
-        cuts = check_cuts(layer, len(self.visual.blocks))  # ValueError naming the valid cuts
-        if len(cuts) > 1 and step is None:
-            raise ValueError("a schedule of encoder cuts needs a compression step for the intermediate cuts")
-        self.cuts, self.step = cuts, step
-
-    @torch.no_grad()
-    def _encode_in_vit(self, kwargs: dict[str, Any], needs: frozenset[str], modality: str, grid: torch.Tensor,
-                       sizes: list[int], owner: list[int]) -> list[Item]:
-        """The model's own ViT pass of the modality, stopped after block ``cuts[0] - 1`` (its rotary embedding and
-        segments, the DeepStack levels tapped so far), then, for a schedule, each earlier cut's compression and the
-        blocks to the next cut; one item per image / clip whose tokens are its merge units at the last cut (the
-        unit's four patch states concatenated)."""
-        visual, cut = self.visual, self.cuts[0]
-        pixels = kwargs["pixel_values" if modality == "image" else "pixel_values_videos"]
-        box: dict[str, Any] = {}
-        taps: dict[int, torch.Tensor] = {}
-        index = [int(i) for i in visual.deepstack_visual_indexes]
-
-        def first(module: torch.nn.Module, args: tuple, kw: dict) -> None:
-            box["pe"] = kw.get("position_embeddings", args[2] if len(args) > 2 else None)
-            box["cu"] = kw.get("cu_seqlens", args[1] if len(args) > 1 else None)
-
-        def stop(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
-            box["hidden"] = out
-            raise _AtCut
-
-        def tap(level: int) -> Any:
-            return lambda module, args, out: taps.__setitem__(level, out)
-
-        probe = VisionBlockProbe(visual.blocks[cut - 1].attn, needs & ATTENTION_SIGNALS)
-        handles = [visual.blocks[0].register_forward_pre_hook(first, with_kwargs=True),
-                   visual.blocks[cut - 1].register_forward_hook(stop)]
-        handles += [visual.deepstack_merger_list[j].register_forward_hook(tap(j))
-                    for j, b in enumerate(index) if b < cut - 1]
-        if probe.needs:
-            handles.append(probe.attn.register_forward_pre_hook(probe.hook, with_kwargs=True))
-        try:
-            visual(pixels.type(visual.dtype), grid_thw=grid.to(pixels.device))
-        except _AtCut:
-            pass
-        finally:
-            for h in handles:
-                h.remove()
-        hidden = box["hidden"]
-        for j, b in enumerate(index):
-            if b == cut - 1:  # the tap of the block that made the units: the model's own merger on them
-                taps[j] = visual.deepstack_merger_list[j](hidden)
-        unit = self.merge * self.merge
-        units = hidden.view(-1, unit * hidden.shape[-1]).split(sizes)
-        grouped = {name: t.reshape(t.shape[0] // unit, unit, *t.shape[1:]).mean(dim=1)
-                   for name, t in (("cls_attention", probe.received), ("keys", probe.keys)) if t is not None}
-        if "cls_attention" in grouped:  # sum over a segment's queries -> mean over them (one segment per grid)
-            per_frame = (grid[:, 1] * grid[:, 2]).repeat_interleave(torch.tensor(sizes, device=grid.device))
-            grouped["cls_attention"] = grouped["cls_attention"] / per_frame.to(grouped["cls_attention"])
-        per_frame_units = (grid[:, 1] * grid[:, 2] // unit).repeat_interleave(grid[:, 0]).to(hidden.device)
-        frame = torch.arange(per_frame_units.shape[0], device=hidden.device).repeat_interleave(per_frame_units)
-        offsets = torch.tensor([0, *sizes], device=hidden.device).cumsum(0)[:-1].tolist()
-        run = _VitPass(pe=box["pe"], frame=frame, cu_dtype=box["cu"].dtype,
-                       states=[MergedTokens.start(u.unsqueeze(0)) for u in units],
-                       ids=[torch.arange(o, o + n, device=hidden.device) for o, n in zip(offsets, sizes)],
-                       offsets=offsets, levels={j: list(rows.split(sizes)) for j, rows in taps.items()})
-        self._tower[modality] = run
-        text = [text_signals(self.core.get_input_embeddings(), kwargs["input_ids"], kwargs.get("attention_mask"),
-                             set(self.token_of.values()), owner[i]) if {"text", "text_mask"} & needs else {}
-                for i in range(len(sizes))]
-        signals = [{name: t[o: o + n] for name, t in grouped.items()} for o, n in zip(offsets, sizes)]
-        layouts = [self._layout(t, h, w, modality) for t, h, w in grid.tolist()]
-        takes = self.step is not None and modality in (getattr(self.step, "modalities", None) or (modality,))
-        counts = [self.step.counts(n, len(self.cuts)) for n in sizes] if len(self.cuts) > 1 and takes else None
-        for j in range(1, len(self.cuts)):  # a schedule's earlier cuts: each item a little, then the next span
-            if counts is not None:
-                for i in range(len(sizes)):
-                    sig = {name: v.unsqueeze(0) for name, v in {**signals[i], **text[i]}.items()}
-                    out = self.step(run.states[i].hidden, counts[i][j - 1], layouts[i], sig)
-                    self._carry(run, i, out)
-                    layouts[i] = L.grid(1, out.tokens.shape[1])  # the kept units no longer tile the grid
-            signals = self._vit_span(run, self.cuts[j - 1], self.cuts[j], needs)
-        items = []
-        for i in range(len(sizes)):
-            extra: dict[str, Any] = {"tokens_in": sizes[i]}
-            if counts is not None:  # a schedule: the last cut reaches each item's budget
-                extra["k"] = counts[i][-1]
-            items.append(Item(modality, owner[i], run.states[i].hidden[0], layouts[i], {**signals[i], **text[i]},
-                              extra=extra))
-        return items
-
-    def _carry(self, run: "_VitPass", i: int, out: CompressOutput) -> None:
-        """Item ``i`` of ``run`` after one compression of its units: its DeepStack rows cut like its units
-        (size-weighted), its units' states (:meth:`MergedTokens.after`) and their representatives' global ids."""
-        size = run.states[i].size[0]
-        for rows in run.levels.values():
-            rows[i] = self._deepstack_rows(rows[i], out, size)
-        run.states[i] = run.states[i].after([out])
-        run.ids[i] = run.ids[i][out.index[0].to(run.ids[i].device)]
-
-    def _vit_span(self, run: "_VitPass", start: int, stop: int, needs: frozenset[str] | None
-                  ) -> list[dict[str, torch.Tensor]]:
-        """Blocks ``start .. stop - 1`` on every item's current units (one pass, as the model runs a modality): the
-        units in the model's order (by global unit id), each at its representative's rotary embedding and frame, one
-        attention segment per temporal grid of the units left; the DeepStack levels tapped in the span (the model's
-        mergers on the units); states updated in place, in each item's slot order. With ``needs``: each item's
-        signals of block ``stop - 1``."""
-        visual = self.visual
-        unit = self.merge * self.merge
-        ids = torch.cat(run.ids)
-        patches = torch.cat([st.hidden[0] for st in run.states])
-        order = torch.argsort(ids, stable=True)
-        restore = torch.argsort(order)
-        kept = ids[order]
-        d = patches.shape[-1] // unit
-        x = patches[order].reshape(-1, d)
-        cos, sin = run.pe
-        pe = tuple(t.view(-1, unit, t.shape[-1])[kept].flatten(0, 1) for t in (cos, sin))
-        _, per_frame = torch.unique_consecutive(run.frame[kept], return_counts=True)
-        cu = torch.nn.functional.pad((per_frame * unit).cumsum(0), (1, 0)).to(run.cu_dtype)
-        index = [int(i) for i in visual.deepstack_visual_indexes]
-        split = [int(i.numel()) for i in run.ids]
-        probe = VisionBlockProbe(visual.blocks[stop - 1].attn, (needs or frozenset()) & ATTENTION_SIGNALS)
-        handle = probe.attn.register_forward_pre_hook(probe.hook, with_kwargs=True) if probe.needs else None
-        try:
-            for b in range(start, stop):
-                x = visual.blocks[b](x, cu_seqlens=cu, max_seqlen=get_max_seqlen(cu, visual.config),
-                                     position_embeddings=pe)
-                if b in index:
-                    run.levels[index.index(b)] = list(visual.deepstack_merger_list[index.index(b)](x)[restore]
-                                                      .split(split))
-        finally:
-            if handle is not None:
-                handle.remove()
-        for st, rows in zip(run.states, x.view(-1, unit * d)[restore].split(split)):
-            st.hidden = rows.unsqueeze(0).to(st.hidden.dtype)
-        if needs is None:
-            return []
-        grouped = {name: t.reshape(t.shape[0] // unit, unit, *t.shape[1:]).mean(dim=1)[restore]
-                   for name, t in (("cls_attention", probe.received), ("keys", probe.keys)) if t is not None}
-        if "cls_attention" in grouped:  # mean over the patch queries of the unit's segment (its frame's units left)
-            _, where, count = torch.unique(run.frame[ids], return_inverse=True, return_counts=True)
-            grouped["cls_attention"] = grouped["cls_attention"] / (unit * count[where]).to(grouped["cls_attention"])
-        parts = {name: t.split(split) for name, t in grouped.items()}
-        return [{name: parts[name][i] for name in parts} for i in range(len(split))]
-
-    def _kept_slots(self, item: Item, out: CompressOutput, i: int) -> torch.Tensor:
-        """The placeholders (within the item's run) of ``out``'s tokens: its representatives' (``index``); after a
-        schedule of cuts, the original units they stand at."""
-        run = self._tower.get(item.modality) if self.cuts is not None else None
-        if run is None:
-            return out.index[0]
-        return run.ids[i][out.index[0].to(run.ids[i].device)] - run.offsets[i]
-
-    @torch.no_grad()
-    def _finish_vit(self, modality: str, outputs: list[CompressOutput]
-                    ) -> tuple[tuple[torch.Tensor, ...], list[tuple[torch.Tensor, ...]]]:
-        """The blocks after the last cut on every item's kept/merged units (:meth:`_vit_span`), the merger, and every
-        DeepStack level (tapped before the cut: cut like the tokens; after it: on the kept units). Per item its
-        tokens and rows in the method's slot order."""
-        run = self._tower[modality]
-        for i, out in enumerate(outputs):
-            self._carry(run, i, out)
-        self._vit_span(run, self.cuts[-1], len(self.visual.blocks), None)
-        d = run.states[0].hidden.shape[-1] // (self.merge * self.merge)
-        feats = tuple(self.visual.merger(st.hidden[0].reshape(-1, d)) for st in run.states)
-        levels = [tuple(run.levels[j]) for j in range(len(self.visual.deepstack_visual_indexes))]
-        return feats, levels
+    # ---- stage "encoder": compress merge units between vision blocks (adapters/merge_unit_vit.py), DeepStack taps
+    # carried (module doc)
+    def _vision_taps(self) -> list[tuple[int, torch.nn.Module]]:
+        return [(int(b), m) for b, m in zip(self.visual.deepstack_visual_indexes, self.visual.deepstack_merger_list)]
 
     # ---- stage "input": images resized to a smaller grid ("resolution", adapters/resample.py, as on Qwen2-VL) and
     # fewer temporal grids of each clip ("frames", adapters/temporal_grids.py; the dropped grids' timestamped blocks
@@ -561,7 +340,7 @@ class Qwen3VLAdapter(LLMAccess, Adapter):
     video_pixel_std: tuple[float, float, float] = tuple(IMAGENET_STANDARD_STD)
 
     def input_plan(self, kwargs: dict[str, Any], reduction: str) -> list:
-        input_ids = require_input_ids(kwargs)
+        require_input_ids(kwargs)
         if reduction not in self.input_reductions:
             raise TypeError(self._no_input_stage(reduction))
         if kwargs.get("mm_encoder_outputs"):
@@ -569,12 +348,7 @@ class Qwen3VLAdapter(LLMAccess, Adapter):
                              "refuses both)")
         if reduction == "resolution":  # images only (clips pass through)
             return [] if kwargs.get("pixel_values") is None else resample.qwen_input_plan(self, kwargs, reduction)
-        grid = self._grid(kwargs, "video")
-        if grid is None:
-            return []
-        return TG.frames_plan(input_ids, TG.clip_rows(kwargs["pixel_values_videos"], grid), grid, self.video_token_id,
-                              resample.qwen_patch_spec(self), self.video_pixel_mean, self.video_pixel_std,
-                              lambda t, h, w: self._layout(t, h, w, "video"))
+        return TG.timestamped_frames_plan(self, kwargs)
 
     @torch.no_grad()
     def rescale_inputs(self, kwargs: dict[str, Any], reduction: str, items: list, targets: list[int]
@@ -583,28 +357,7 @@ class Qwen3VLAdapter(LLMAccess, Adapter):
             return resample.qwen_rescale_inputs(self, kwargs, items, targets)
         if reduction != "frames":
             raise TypeError(self._no_input_stage(reduction))
-        grid = self._grid(kwargs, "video")
-        kept = TG.keep_grids(items, targets, TG.clip_rows(kwargs["pixel_values_videos"], grid), self.merge)
-        input_ids = kwargs["input_ids"]
-        cfg = self.model.config
-        keep = torch.ones_like(input_ids, dtype=torch.bool)
-        for it, slots, grids in zip(items, TG.slots_of(input_ids, self.video_token_id, items), kept.kept):
-            it.text_removed = 0
-            if bool(grids.all()):
-                continue
-            spans = TG.timestamped_block_spans(input_ids[it.sample], slots, grids.numel(),
-                                               int(cfg.vision_start_token_id), int(cfg.vision_end_token_id))
-            per_grid = it.tokens // grids.numel()
-            for g in (~grids).nonzero().flatten().tolist():
-                keep[it.sample, spans[g][0]: spans[g][1]] = False
-                it.text_removed += spans[g][1] - spans[g][0] - per_grid
-        # a prompt of the kept grids, each after its own timestamp: the model computes its positions (the caller's
-        # are those of the old sequence)
-        call = {key: v for key, v in kwargs.items() if key != "position_ids"}
-        new = shrink_sequences(call, keep, pad_id_for(cfg, set(self.token_of.values())))
-        new["pixel_values_videos"] = kept.pixels
-        new["video_grid_thw"] = torch.tensor(kept.grid, dtype=grid.dtype, device=grid.device)
-        return new, kept.maps
+        return TG.timestamped_frames_call(self, kwargs, items, targets, "Qwen3-VL")
 
     # ---- stage "llm" (tokenzip.llm) -----------------------------------------------------------------------------
     def llm_items(self, kwargs: dict[str, Any]) -> list:

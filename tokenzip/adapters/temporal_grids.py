@@ -1,5 +1,6 @@
 """Frame selection on Qwen-VL clips (stage "input", reduction ``"frames"``): the building blocks Qwen2-VL /
-Qwen2.5-VL (``adapters/qwen_video.py``) and Qwen3-VL (``adapters/qwen3_vl.py``) share.
+Qwen2.5-VL (``adapters/qwen_video.py``), Qwen3-VL (``adapters/qwen3_vl.py``) and Qwen3.5 (``adapters/qwen3_5.py``)
+share.
 
 A clip of ``video_grid_thw = (t, h, w)`` is ``t`` temporal grids of ``temporal_patch_size`` frames (the patch embed
 is a Conv3d over those frames: no smaller unit exists, so a "frame" for a :class:`tokenzip.base.FrameSelector` is one
@@ -14,7 +15,9 @@ contiguous), and its ``t * h * w / merge**2`` LLM tokens too (``h * w / merge**2
   ``(source, index)`` token map and which of the clip's tokens are gone.
 * Where the prompt is edited is the model's: Qwen2-VL's clip is one run of placeholders (the dropped grids'
   placeholders go, positions are gathered); Qwen3-VL writes each grid as a block ``<t seconds> <vision_start>
-  <video>*n <vision_end>`` (:func:`timestamped_block_spans` finds the blocks of the dropped grids, which go whole).
+  <video>*n <vision_end>`` (:func:`timestamped_block_spans` finds the blocks of the dropped grids, which go whole),
+  and so does Qwen3.5 (its processor is ``Qwen3VLProcessor``): :func:`timestamped_frames_plan` /
+  :func:`timestamped_frames_call` are that whole stage for an adapter of either.
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ import torch
 
 from .. import layout as L
 from .base import InputItem
-from .placeholders import items_per_sample
-from .resample import PatchSpec, unpatchify
+from .placeholders import items_per_sample, pad_id_for, shrink_sequences
+from .resample import PatchSpec, qwen_patch_spec, unpatchify
 
 
 def clip_rows(pixels: torch.Tensor, grid: torch.Tensor) -> list[torch.Tensor]:
@@ -156,3 +159,44 @@ def slots_of(input_ids: torch.Tensor, token_id: int, items: list[Any]) -> list[t
         out.append(where[b][cursor[b]: cursor[b] + it.tokens])
         cursor[b] += it.tokens
     return out
+
+
+# ---- the stage on clips written as Qwen3VLProcessor writes them (Qwen3-VL, Qwen3.5) ---------------------------------
+def timestamped_frames_plan(adapter: Any, kwargs: dict[str, Any]) -> list[InputItem]:
+    """:func:`frames_plan` for the call's clips (none: no items). ``adapter``: an M-RoPE adapter with ``_grid``,
+    ``_layout``, ``video_token_id``, ``merge`` and the video processor's ``video_pixel_mean`` / ``video_pixel_std``."""
+    grid = adapter._grid(kwargs, "video")
+    if grid is None:
+        return []
+    return frames_plan(kwargs["input_ids"], clip_rows(kwargs["pixel_values_videos"], grid), grid,
+                       adapter.video_token_id, qwen_patch_spec(adapter), adapter.video_pixel_mean,
+                       adapter.video_pixel_std, lambda t, h, w: adapter._layout(t, h, w, "video"))
+
+
+def timestamped_frames_call(adapter: Any, kwargs: dict[str, Any], items: list[InputItem], targets: list[int],
+                            what: str) -> tuple[dict[str, Any], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The call with each clip's kept temporal grids (:func:`keep_grids`): each dropped grid's whole block
+    (:func:`timestamped_block_spans`: timestamp, vision start/end, placeholders) leaves the prompt, recorded per item
+    as ``InputItem.text_removed``, so the call is the processor's for the kept frames and the model computes its
+    positions (the caller's ``position_ids`` are those of the old sequence and are dropped; ``mm_token_type_ids``
+    shrinks with the prompt). Returns it and the token maps."""
+    grid = adapter._grid(kwargs, "video")
+    kept = keep_grids(items, targets, clip_rows(kwargs["pixel_values_videos"], grid), adapter.merge)
+    input_ids = kwargs["input_ids"]
+    cfg = adapter.model.config
+    keep = torch.ones_like(input_ids, dtype=torch.bool)
+    for it, slots, grids in zip(items, slots_of(input_ids, adapter.video_token_id, items), kept.kept):
+        it.text_removed = 0
+        if bool(grids.all()):
+            continue
+        spans = timestamped_block_spans(input_ids[it.sample], slots, grids.numel(), int(cfg.vision_start_token_id),
+                                        int(cfg.vision_end_token_id), what)
+        per_grid = it.tokens // grids.numel()
+        for g in (~grids).nonzero().flatten().tolist():
+            keep[it.sample, spans[g][0]: spans[g][1]] = False
+            it.text_removed += spans[g][1] - spans[g][0] - per_grid
+    call = {key: v for key, v in kwargs.items() if key != "position_ids"}
+    new = shrink_sequences(call, keep, pad_id_for(cfg, set(adapter.token_of.values())))
+    new["pixel_values_videos"] = kept.pixels
+    new["video_grid_thw"] = torch.tensor(kept.grid, dtype=grid.dtype, device=grid.device)
+    return new, kept.maps
