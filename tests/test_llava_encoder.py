@@ -70,7 +70,8 @@ def test_merges_inside_the_tower_get_proportional_attention_and_the_budget_holds
     assert len(layers) == 3  # the third layer is after the feature layer (-2): never run, never needed
 
 
-@pytest.mark.parametrize("layer,err", [((1, 2), r"\[1, 1\]"), (2, r"\[1, 1\]"), (0, "cut 0, before the first layer, is not supported"), ((1, 1), "increasing")])
+@pytest.mark.parametrize("layer,err", [((1, 2), r"\[1, 1\]"), (2, r"\[1, 1\]"),
+                                       (0, "cut 0, before the first layer, is not supported"), ((1, 1), "increasing")])
 def test_bad_cuts_are_clear_errors(layer, err):
     with pytest.raises(ValueError, match=err):
         tz.InEncoder(tz.get("tome", retain=0.5), layer=layer)(built(CASE))
