@@ -22,6 +22,15 @@ def test_overrides_is_json_with_architecture_and_method():
     ov = tzv.overrides("divprune", model="Qwen2VLForConditionalGeneration", tokens=16)
     assert ov["architectures"] == ["TokenzipQwen2VLForConditionalGeneration"]
     assert ov["tokenzip"] == {"method": "divprune", "tokens": 16}
+    assert tzv.overrides("tome", model="Qwen3VLForConditionalGeneration", retain=0.5)["architectures"] == [
+        "TokenzipQwen3VLForConditionalGeneration"]
+
+
+def test_every_architecture_names_its_module():
+    from tokenzip.vllm.config import MODULES
+
+    assert set(MODULES) == set(tzv.ARCHITECTURES.values())
+    assert MODULES["TokenzipQwen3VLForConditionalGeneration"] == "tokenzip.vllm.qwen3_vl"
 
 
 def test_overrides_reads_a_checkpoint_config(tmp_path):
@@ -77,10 +86,12 @@ def test_import_without_vllm_names_the_extra():
     code = ("import sys; sys.modules['vllm'] = None\n"
             "import tokenzip, tokenzip.vllm\n"
             "assert not [m for m in sys.modules if m.split('.')[0] == 'vllm' and sys.modules[m] is not None]\n"
-            "try:\n    import tokenzip.vllm.qwen_vl\nexcept ImportError as e:\n    print(type(e).__name__, e)\n")
+            "for mod in ('qwen_vl', 'qwen3_vl'):\n"
+            "    try:\n        __import__('tokenzip.vllm.' + mod)\n"
+            "    except ImportError as e:\n        print(type(e).__name__, e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "MissingDependency" in out.stdout and 'pip install "tokenzip[vllm]"' in out.stdout
+    assert out.stdout.count("MissingDependency") == 2 and 'pip install "tokenzip[vllm]"' in out.stdout
     assert issubclass(MissingDependency, ImportError)
 
 

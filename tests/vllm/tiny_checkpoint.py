@@ -1,5 +1,5 @@
-"""A tiny random-weight Qwen2.5-VL / Qwen2-VL checkpoint in a directory, with a tokenizer and processor made here
-(no hub): what vLLM loads in tests/vllm, and what the HF path loads for the same weights."""
+"""A tiny random-weight Qwen2.5-VL / Qwen2-VL / Qwen3-VL checkpoint in a directory, with a tokenizer and processor
+made here (no hub): what vLLM loads in tests/vllm, and what the HF path loads for the same weights."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tokenzip.vllm.checkpoint import PIXELS, save, token_ids, tokenizer
+from tokenzip.vllm.checkpoint import save, token_ids, tokenizer
 
 
 def build(path: Path, arch: str = "qwen2_5_vl", seed: int = 0) -> Path:
-    """Save model, tokenizer and processor of a tiny ``arch`` ("qwen2_5_vl" or "qwen2_vl") in ``path``."""
+    """Save model, tokenizer and processor of a tiny ``arch`` ("qwen2_5_vl", "qwen2_vl" or "qwen3_vl") in
+    ``path``."""
     import transformers as tf
 
     tok = tokenizer()
@@ -35,15 +36,25 @@ def build(path: Path, arch: str = "qwen2_5_vl", seed: int = 0) -> Path:
                       temporal_patch_size=2, spatial_merge_size=2, initializer_range=0.1)
         cfg = tf.Qwen2VLConfig(vision_config=vision, text_config=text, **ids)
         model_cls = tf.Qwen2VLForConditionalGeneration
+    elif arch == "qwen3_vl":
+        # 16-px patches; DeepStack levels after vision blocks 0 and 1, added after text layers 0 and 1; q/k norms
+        # and interleaved M-RoPE in the text model (Qwen3's)
+        text.update(head_dim=64, rope_parameters=dict(text["rope_parameters"], mrope_interleaved=True))
+        vision = dict(depth=3, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=16,
+                      temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=128, num_position_embeddings=64,
+                      deepstack_visual_indexes=[0, 1], initializer_range=0.1)
+        cfg = tf.Qwen3VLConfig(vision_config=vision, text_config=text, **ids)
+        model_cls = tf.Qwen3VLForConditionalGeneration
     else:
-        raise ValueError(f"arch must be 'qwen2_5_vl' or 'qwen2_vl', got {arch!r}")
+        raise ValueError(f"arch must be 'qwen2_5_vl', 'qwen2_vl' or 'qwen3_vl', got {arch!r}")
     torch.manual_seed(seed)
     model = model_cls._from_config(cfg, torch_dtype=torch.float32).eval()
     with torch.no_grad():  # random weights with visible structure: a wrong token or position changes the output
         for p in model.parameters():
             if p.dim() > 1:
                 p.normal_(0.0, 0.1)
-    save(path, model, tok, 4 * PIXELS, 64 * PIXELS)
+    unit = (vision["patch_size"] * vision["spatial_merge_size"]) ** 2  # one merged token's pixels
+    save(path, model, tok, 4 * unit, 64 * unit)
     return Path(path)
 
 

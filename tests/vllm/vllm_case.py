@@ -128,7 +128,8 @@ def hf_inputs(path: str, prompt: str, images: list | None = None, videos: list |
 def hf_model(path: str, arch: str = "qwen2_5_vl") -> torch.nn.Module:
     import transformers as tf
 
-    cls = tf.Qwen2_5_VLForConditionalGeneration if arch == "qwen2_5_vl" else tf.Qwen2VLForConditionalGeneration
+    cls = {"qwen2_5_vl": tf.Qwen2_5_VLForConditionalGeneration, "qwen2_vl": tf.Qwen2VLForConditionalGeneration,
+           "qwen3_vl": tf.Qwen3VLForConditionalGeneration}[arch]
     return cls.from_pretrained(path, torch_dtype=torch.float32, attn_implementation="sdpa").eval()
 
 

@@ -45,10 +45,19 @@ def save(path: str | Path, model: Any, tok: Any, min_pixels: int, max_pixels: in
 
     model.save_pretrained(path)
     bounds = dict(min_pixels=min_pixels, max_pixels=max_pixels)
-    proc_cls = tf.Qwen2_5_VLProcessor if model.config.model_type == "qwen2_5_vl" else tf.Qwen2VLProcessor
-    proc = proc_cls(image_processor=tf.Qwen2VLImageProcessor(**bounds),
-                    video_processor=tf.Qwen2VLVideoProcessor(**bounds, fps=2.0, do_sample_frames=False),
-                    tokenizer=tok)
+    model_type = model.config.model_type
+    if model_type == "qwen3_vl":  # 16-px patches; its video processor takes the bounds as ``size``
+        patch = dict(patch_size=int(model.config.vision_config.patch_size))
+        proc = tf.Qwen3VLProcessor(
+            image_processor=tf.Qwen2VLImageProcessor(**bounds, **patch),
+            video_processor=tf.Qwen3VLVideoProcessor(size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
+                                                     **patch, fps=2.0, do_sample_frames=False),
+            tokenizer=tok)
+    else:
+        proc_cls = tf.Qwen2_5_VLProcessor if model_type == "qwen2_5_vl" else tf.Qwen2VLProcessor
+        proc = proc_cls(image_processor=tf.Qwen2VLImageProcessor(**bounds),
+                        video_processor=tf.Qwen2VLVideoProcessor(**bounds, fps=2.0, do_sample_frames=False),
+                        tokenizer=tok)
     proc.save_pretrained(path)
     tok.save_pretrained(path)
     return Path(path)

@@ -18,10 +18,17 @@ from ..base import Compressor, JointCompressor
 from ..registry import method_class
 
 KEY = "tokenzip"  # the HF config attribute (a dict) that carries the method and its budget
-# HF architecture -> the tokenzip class registered with vLLM's ModelRegistry (tokenzip/vllm/qwen_vl.py)
+# HF architecture -> the tokenzip class registered with vLLM's ModelRegistry
 ARCHITECTURES = {
     "Qwen2_5_VLForConditionalGeneration": "TokenzipQwen2_5_VLForConditionalGeneration",
     "Qwen2VLForConditionalGeneration": "TokenzipQwen2VLForConditionalGeneration",
+    "Qwen3VLForConditionalGeneration": "TokenzipQwen3VLForConditionalGeneration",
+}
+# tokenzip class -> the module that defines it (imported by vLLM only when a config selects the class)
+MODULES = {
+    "TokenzipQwen2_5_VLForConditionalGeneration": "tokenzip.vllm.qwen_vl",
+    "TokenzipQwen2VLForConditionalGeneration": "tokenzip.vllm.qwen_vl",
+    "TokenzipQwen3VLForConditionalGeneration": "tokenzip.vllm.qwen3_vl",
 }
 MODALITIES = ("image", "video")
 # what the vLLM models compute for a method: attention received and keys in the last vision block (from vLLM's own
