@@ -9,7 +9,7 @@ hooks as on Qwen2.5-VL. What differs:
   model, added at the media positions after decoder layers ``0 ... levels - 1``. The method compresses the merger's
   rows only (``projected`` is them, as on the HF path, whose tokens are ``pooler_output``), and each output token's
   DeepStack rows are cut with the same groups: the mean of the rows of the input tokens its ``CompressOutput.source``
-  group holds, a kept token's own rows bit for bit (:meth:`tokenzip.adapters.qwen3_vl.Qwen3VLAdapter._deepstack_rows`,
+  group holds, a kept token's own rows bit for bit (:func:`tokenzip.adapters.merge_unit_vit.cut_rows`,
   the HF adapter's own function). So the text model adds to each kept token the rows tokenzip's HF path adds.
 * **Signals** from vLLM's last vision block as on Qwen2.5-VL (the tower uses the same attention module; no windows):
   ``cls_attention`` is the attention each patch receives from its image's queries, ``keys`` the keys before rotary,
@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from ..adapters.qwen3_vl import Qwen3VLAdapter
+from ..adapters.merge_unit_vit import cut_rows
 from ..deps import optional_imports
 from ..output import CompressOutput
 from . import config as C
@@ -91,7 +91,7 @@ class TokenzipQwen3VLForConditionalGeneration(TokenzipQwenVLMixin, Qwen3VLForCon
         tokens = res.tokens[0]
         if rows is None:
             return tokens
-        return torch.cat([tokens, Qwen3VLAdapter._deepstack_rows(rows, res).to(tokens.dtype)], dim=1)
+        return torch.cat([tokens, cut_rows(rows, res).to(tokens.dtype)], dim=1)
 
     def _tokenzip_grids(self, features: list[Any]) -> Iterator[tuple[int, int, int, int, float]]:
         merge = int(self.config.vision_config.spatial_merge_size)
