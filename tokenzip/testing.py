@@ -298,10 +298,12 @@ def tiny_qwen2_5_vl(attn_implementation: str = "sdpa", seed: int = 0, **vision_c
     return Qwen2_5_VLForConditionalGeneration._from_config(cfg, attn_implementation=attn_implementation).eval()
 
 
-def qwen_vl_inputs(model: torch.nn.Module, samples: list[Sample]) -> dict[str, Any]:
+def qwen_vl_inputs(model: torch.nn.Module, samples: list[Sample],
+                   markers: tuple[int, int] = (QWEN_VISION_START, QWEN_VISION_END)) -> dict[str, Any]:
     """A left-padded batch as the Qwen-VL processor builds it: flattened patches ``[sum(t*h*w), C*T*P*P]``,
-    ``image_grid_thw``, ``<vision_start> <image>*(t*h*w/4) <vision_end>`` per image and ``mm_token_type_ids`` (1 at
-    image placeholders). Image ``j`` of a sample with seed ``s`` has grid ``QWEN_GRIDS[(s + j) % 5]``."""
+    ``image_grid_thw``, ``<vision_start> <image>*(t*h*w/4) <vision_end>`` per image (``markers``: the start/end
+    tokens around each image's placeholders) and ``mm_token_type_ids`` (1 at image placeholders). Image ``j`` of a
+    sample with seed ``s`` has grid ``QWEN_GRIDS[(s + j) % 5]``."""
     v = model.config.vision_config
     unit = v.spatial_merge_size ** 2
     patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
@@ -313,7 +315,7 @@ def qwen_vl_inputs(model: torch.nn.Module, samples: list[Sample]) -> dict[str, A
             h, w = QWEN_GRIDS[(s.seed + j) % len(QWEN_GRIDS)]
             grids.append([1, h, w])
             pixels.append(torch.randn(h * w, patch_dim, generator=g))
-            row += [QWEN_VISION_START] + [IMAGE_TOKEN] * (h * w // unit) + [QWEN_VISION_END]
+            row += [markers[0]] + [IMAGE_TOKEN] * (h * w // unit) + [markers[1]]
         rows.append(row + s.after)
     ids, mask = left_pad(rows)
     return {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": (ids == IMAGE_TOKEN).int(),
@@ -1205,22 +1207,7 @@ def tiny_glm4v(attn_implementation: str = "sdpa", seed: int = 0, vision_depth: i
 def glm4v_image_inputs(model: torch.nn.Module, samples: list[Sample]) -> dict[str, Any]:
     """A left-padded batch as ``Glm4vProcessor`` lays out images: ``<|begin_of_image|> <|image|>*(h*w/4)
     <|end_of_image|>`` per image (grids as :func:`qwen_vl_inputs`), ``mm_token_type_ids`` 1 at the placeholders."""
-    v = model.config.vision_config
-    unit = v.spatial_merge_size ** 2
-    patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
-    rows, pixels, grids = [], [], []
-    for s in samples:
-        g = torch.Generator().manual_seed(s.seed)
-        row = list(s.before)
-        for j in range(s.n_items):
-            h, w = QWEN_GRIDS[(s.seed + j) % len(QWEN_GRIDS)]
-            grids.append([1, h, w])
-            pixels.append(torch.randn(h * w, patch_dim, generator=g))
-            row += [GLM_IMAGE_START] + [IMAGE_TOKEN] * (h * w // unit) + [GLM_IMAGE_END]
-        rows.append(row + s.after)
-    ids, mask = left_pad(rows)
-    return {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": (ids == IMAGE_TOKEN).int(),
-            "pixel_values": torch.cat(pixels), "image_grid_thw": torch.tensor(grids, dtype=torch.long)}
+    return qwen_vl_inputs(model, samples, markers=(GLM_IMAGE_START, GLM_IMAGE_END))
 
 
 def glm4v_video_inputs(model: torch.nn.Module, samples: list[Sample]) -> dict[str, Any]:
