@@ -377,6 +377,16 @@ def test_method_specs_parse_in_one_place():
     assert resolve("tome") is tz.ToMe
     with pytest.raises(TypeError, match="NAME@encoderL"):
         resolve(3)
+    # NAME@llmK: an LLM-stage method's decoder layer
+    assert parse_spec("fastv@llm4") == ("fastv", None)
+    assert make_method("fastv@llm4", 0.25).layer == 4
+    llm = resolve("fastv@llm4")
+    assert llm.info.name == "fastv@llm4" and llm.info.stage == "llm" and llm(retain=0.1).layer == 4
+    for bad in ("fastv@llm", "fastv@llm0", "fastv@llmx", "@llm3"):
+        with pytest.raises(ValueError, match="NAME@llmK"):
+            make_method(bad, 0.25)
+    with pytest.raises(ValueError, match="no|none"):
+        make_method("tome@llm2", 0.25)  # not an LLM-stage method
 
 
 @dataclass

@@ -3,6 +3,7 @@
     NAME                   a registered method:                         tz.get(NAME, retain=r)
     NAME@encoderL          the same inside the encoder, cut after L:    tz.InEncoder(tz.get(NAME, retain=r), layer=L)
     NAME@encoderL1+L2+...  a schedule of cuts (increasing layer counts): tz.InEncoder(..., layer=(L1, L2, ...))
+    NAME@llmK              an LLM-stage method acting before decoder layer K: tz.get(NAME, retain=r, layer=K)
     A:F>B, A:F>B:G>C       a pipeline (bench sweeps): tz.compose(tz.get(A, retain=F), tz.get(B, retain=r / F))
 
 Registered stage-``"encoder"`` methods are plain ``NAME``s (they carry their own layer). In a pipeline every part but
@@ -19,16 +20,21 @@ from typing import Any
 
 from ..base import Compressor, MethodInfo
 
-SPEC_HELP = "NAME, NAME@encoderL or NAME@encoderL1+L2+... (L: encoder layers run before the cut)"
+SPEC_HELP = ("NAME, NAME@encoderL or NAME@encoderL1+L2+... (L: encoder layers run before the cut) or NAME@llmK "
+             "(an LLM-stage method's layer K)")
 
 
 def parse_spec(spec: str) -> tuple[str, int | tuple[int, ...] | None]:
     """``"tome@encoder6"`` -> ``("tome", 6)``; ``"tome@encoder1+2+3"`` -> ``("tome", (1, 2, 3))``;
-    ``"tome"`` -> ``("tome", None)``. ValueError for any other ``@`` suffix."""
+    ``"tome"`` -> ``("tome", None)``; ``"fastv@llm4"`` -> ``("fastv", None)`` (no encoder cut; its layer is
+    :func:`llm_layer`'s). ValueError for any other ``@`` suffix."""
     if not isinstance(spec, str):
         raise TypeError(f"method spec must be a str, got {type(spec).__name__}")
     name, at, where = spec.strip().partition("@")
     if not at:
+        return name, None
+    if where.startswith("llm"):
+        llm_layer(spec)  # ValueError for a malformed layer
         return name, None
     body = where[len("encoder"):] if where.startswith("encoder") else ""
     parts = body.split("+")
@@ -36,6 +42,17 @@ def parse_spec(spec: str) -> tuple[str, int | tuple[int, ...] | None]:
         raise ValueError(f"method {spec!r}: write {SPEC_HELP}")
     cuts = tuple(int(p) for p in parts)
     return name, cuts[0] if len(cuts) == 1 else cuts
+
+
+def llm_layer(spec: str) -> int | None:
+    """``"fastv@llm4"`` -> ``4``; None for a spec without ``@llm``. ValueError for a layer that is not an int >= 1."""
+    name, _, where = spec.strip().partition("@")
+    if not where.startswith("llm"):
+        return None
+    body = where[len("llm"):]
+    if not name or not body.isdigit() or int(body) < 1:
+        raise ValueError(f"method {spec!r}: write {SPEC_HELP}")
+    return int(body)
 
 
 COMPOSE_HELP = "A:F>B (tz.compose: A keeps the fraction F of what it receives, B the rest of the budget)"
@@ -94,6 +111,16 @@ def make_method(spec: str, retain: float | None = None, tokens: int | None = Non
             raise ValueError(f"method {spec!r}: pipelines with an encoder-stage part are not supported by the bench")
         return tz.compose(*parts)
     name, cuts = parse_spec(spec)
+    layer = llm_layer(spec)
+    if layer is not None:
+        from ..registry import method_class
+
+        cls = method_class(name)
+        fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+        if cls.info.stage != "llm" or "layer" not in fields:
+            raise ValueError(f"method {spec!r}: @llmK sets the decoder layer of an LLM-stage method with a `layer` "
+                             f"parameter; {name!r} (stage {cls.info.stage!r}) has none")
+        params = {**params, "layer": layer}
     budget = {k: v for k, v in (("retain", retain), ("tokens", tokens)) if v is not None}
     method = tz.get(name, **budget, **params)
     if cuts is None:
@@ -110,7 +137,8 @@ class MethodSpec:
         chain = parse_pipeline(self.spec)
         probe = 0.5 * _fixed(chain) if chain is not None else 0.5  # a budget every part accepts
         self.info: MethodInfo = make_method(self.spec, probe).info  # ValueError/TypeError for a bad spec, up front
-        if chain is not None:  # rows are labelled with the spec (tz.compose's "a+b" name drops the fractions)
+        if chain is not None or llm_layer(self.spec) is not None:  # rows are labelled with the spec (tz.compose's
+            # "a+b" name drops the fractions; an @llmK method's own name drops its layer)
             self.info = dataclasses.replace(self.info, name=self.spec)
 
     def __call__(self, retain: float | None = None, tokens: int | None = None) -> Compressor:
