@@ -99,7 +99,7 @@ def test_video_case_takes_video_methods_only():
                                         and set(m(retain=1.0).requires) <= video.produces(stage))
     llm = {m.info.name for m in tz.METHODS if m.info.stage == "llm" and compatible(m, video)}
     assert llm == {"dart", "dycoke_kv", "fastv", "fastv_av", "fitprune", "framefusion", "mustdrop", "pyramiddrop",
-                   "sparsevlm", "st3", "tokencarve", "vscan", "vtw", "zipvl"}
+                   "sparsevlm", "st3", "tokencarve", "topv", "vscan", "vtw", "zipvl"}
 
 
 # ---- the invariant suite, on the test-only video methods ---------------------------------------------------------

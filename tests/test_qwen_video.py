@@ -571,7 +571,7 @@ def test_case_pairs_every_video_method_in_every_stage():
         "uniform_frames", "frame_dedup_pixel"}
     assert {m.info.name for m in tz.METHODS if m.info.stage == "llm" and compatible(m, case)} == {
         "dart", "dycoke_kv", "fastv", "fastv_av", "fitprune", "framefusion", "mustdrop", "pyramiddrop", "sparsevlm",
-        "st3", "tokencarve", "vscan", "vtw", "zipvl"}
+        "st3", "tokencarve", "topv", "vscan", "vtw", "zipvl"}
 
 
 # ---- stage "input", reduction "frames": the unit is one temporal grid ----------------------------------------------

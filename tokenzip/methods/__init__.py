@@ -52,6 +52,7 @@ from .st3 import ST3
 from .sttm import STTM
 from .tokencarve import TokenCarve
 from .tome import ToMe
+from .topv import TopV
 from .trim import Trim
 from .uniform_frames import UniformFrames
 from .vad_prune import VadPrune
@@ -123,6 +124,7 @@ METHODS: list[type[Compressor]] = [
     MustDrop,
     VScan,
     FitPrune,
+    TopV,
 ]
 
 __all__ = ["METHODS", "FitPruneRecipe"] + [cls.__name__ for cls in METHODS]
