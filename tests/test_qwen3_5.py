@@ -286,7 +286,16 @@ def test_frames_then_an_llm_stage_method_counts_both():
         assert removed > 0 and int(seen[0][b].sum()) == int(inputs["attention_mask"][b].sum()) - removed
 
 
-def test_frames_is_declared_for_qwen3_5_only():
-    assert Qwen3_5Adapter.input_reductions == ("resolution", "frames")
-    with pytest.raises(TypeError, match="frames"):
-        tz.get("uniform_frames", retain=0.5)(built("glm4v_video"))
+def test_frames_is_declared():
+    """Both adapters on adapters/mrope_vl.py declare "frames", each with its processor's span finder (Qwen3.5's
+    timestamp before each block, GLM's after it), and the invariant suite pairs the frame methods with both."""
+    from tokenzip.adapters import Glm4vAdapter
+    from tokenzip.adapters import temporal_grids as TG
+
+    from conftest import method_case_pairs
+
+    assert Qwen3_5Adapter.input_reductions == Glm4vAdapter.input_reductions == ("resolution", "frames")
+    assert Qwen3_5Adapter.frame_block_spans is TG.leading_timestamp_spans
+    assert Glm4vAdapter.frame_block_spans is TG.trailing_timestamp_spans
+    pairs = {p.id for p in method_case_pairs()}
+    assert {"uniform_frames-qwen3_5_video", "uniform_frames-glm4v_video"} <= pairs

@@ -1148,6 +1148,9 @@ GLM_IMAGE_START, GLM_IMAGE_END, GLM_VIDEO_START, GLM_VIDEO_END = 102, 103, 104, 
 # (t, h, w) patch grids of GLM's test clips (cycled by sample seed + clip index): 2, 3 and 2 temporal grids of 6, 4
 # and 6 tokens
 GLM_CLIPS = [(2, 4, 6), (3, 4, 4), (2, 6, 4)]
+# GLM's test clips are frames GLM_FIRST_FRAME, ... of a GLM_FPS video: temporal grid g's timestamp is the second of its
+# first frame, 8, 10, 12 (one- and two-digit timestamps: blocks of different lengths)
+GLM_FIRST_FRAME, GLM_FPS = 8, 1.0
 
 
 def tiny_qwen3_5(attn_implementation: str = "sdpa", seed: int = 0, layer_types: tuple[str, ...] = QWEN3_5_LAYERS,
@@ -1210,30 +1213,60 @@ def glm4v_image_inputs(model: torch.nn.Module, samples: list[Sample]) -> dict[st
     return qwen_vl_inputs(model, samples, markers=(GLM_IMAGE_START, GLM_IMAGE_END))
 
 
-def glm4v_video_inputs(model: torch.nn.Module, samples: list[Sample]) -> dict[str, Any]:
-    """A left-padded batch of GLM-4.1V video prompts: clip ``j`` of a sample with seed ``s`` has the patch grid
-    ``GLM_CLIPS[(s + j) % 3]``; it is ``<|begin_of_video|>``, then per temporal grid ``<|begin_of_image|>``, the
-    grid's placeholders (the IMAGE token, as GLM's processor writes them), ``<|end_of_image|>`` and its timestamp
-    text, then ``<|end_of_video|>``. ``mm_token_type_ids`` is 2 at the clips' placeholders."""
+def glm4v_timestamp_ids(seconds: float) -> list[int]:
+    """Text token ids of ``Glm4vProcessor``'s timestamp ``str(int(seconds))`` in the tiny vocabulary: one id per
+    digit (40-49)."""
+    return [40 + int(ch) for ch in str(int(seconds))]
+
+
+def glm4v_video_inputs(model: torch.nn.Module, samples: list[Sample], *,
+                       grids: list[list[int]] | None = None) -> dict[str, Any]:
+    """A left-padded batch of GLM-4.1V video prompts as ``Glm4vProcessor`` lays them out. Clip ``j`` of a sample with
+    seed ``s`` has the patch grid ``(t, h, w) = GLM_CLIPS[(s + j) % 3]``: a synthetic clip
+    (``tokenzip.video.synthetic_clip``) of ``t * temporal_patch_size`` frames at the grid's size, frames
+    ``GLM_FIRST_FRAME, ...`` of a ``GLM_FPS`` video. Pixels as ``Glm4vVideoProcessor`` computes them: its fused
+    rescale and normalise (reproduced here: the processor's own needs torchvision), then its own ``patchify``; the
+    frames are at the grid's size, so no resize. In the
+    prompt: ``<|begin_of_video|>``, then per temporal grid ``<|begin_of_image|>``, the grid's placeholders (the IMAGE
+    token), ``<|end_of_image|>`` and the whole second of the grid's first frame (:func:`glm4v_timestamp_ids`), then
+    ``<|end_of_video|>``. ``mm_token_type_ids`` is 2 at the clips' placeholders. ``grids``: per clip (in batch
+    order), the temporal grids to keep (their frames, timestamps and blocks only: what the processor gives for those
+    frames)."""
+    from transformers.models.glm4v.video_processing_glm4v import Glm4vVideoProcessor
+
+    from .video import synthetic_clip
+
     v = model.config.vision_config
-    unit = v.spatial_merge_size ** 2
-    patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
-    rows, pixels, grids = [], [], []
+    tp, patch, merge = int(v.temporal_patch_size), int(v.patch_size), int(v.spatial_merge_size)
+    proc = Glm4vVideoProcessor(patch_size=patch, temporal_patch_size=tp, merge_size=merge)
+    # the processor's fused rescale + normalise: mean and std scaled by 1 / rescale_factor, in float32
+    mean = torch.tensor([m * (1.0 / proc.rescale_factor) for m in proc.image_mean])[:, None, None]
+    std = torch.tensor([d * (1.0 / proc.rescale_factor) for d in proc.image_std])[:, None, None]
+    unit = merge ** 2
+    rows, pixels, grid_rows = [], [], []
+    clip_index = 0
     for s in samples:
-        g = torch.Generator().manual_seed(100 + s.seed)
         row = list(s.before)
         for j in range(s.n_items):
             t, h, w = GLM_CLIPS[(s.seed + j) % len(GLM_CLIPS)]
-            grids.append([t, h, w])
-            pixels.append(torch.randn(t * h * w, patch_dim, generator=g))
+            keep = list(range(t)) if grids is None else list(grids[clip_index])
+            clip_index += 1
+            clip = synthetic_clip(t * tp, h * patch, w * patch, seed=10 * s.seed + j)
+            frames = torch.from_numpy(clip.frames).permute(0, 3, 1, 2).to(torch.float32)
+            frames = frames.view(t, tp, *frames.shape[1:])[keep].flatten(0, 1)
+            px, gt, gh, gw = proc.patchify(((frames - mean) / std)[None], patch_size=patch, merge_size=merge,
+                                           temporal_patch_size=tp)
+            pixels.append(px[0])
+            grid_rows.append([gt, gh, gw])
             row.append(GLM_VIDEO_START)
-            for k in range(t):
-                row += [GLM_IMAGE_START] + [IMAGE_TOKEN] * (h * w // unit) + [GLM_IMAGE_END] + _timestamp_ids(k)
+            for g in keep:
+                row += [GLM_IMAGE_START] + [IMAGE_TOKEN] * (h * w // unit) + [GLM_IMAGE_END]
+                row += glm4v_timestamp_ids((GLM_FIRST_FRAME + g * tp) / GLM_FPS)
             row.append(GLM_VIDEO_END)
         rows.append(row + s.after)
     ids, mask = left_pad(rows)
     return {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": (ids == IMAGE_TOKEN).int() * 2,
-            "pixel_values_videos": torch.cat(pixels), "video_grid_thw": torch.tensor(grids, dtype=torch.long)}
+            "pixel_values_videos": torch.cat(pixels), "video_grid_thw": torch.tensor(grid_rows, dtype=torch.long)}
 
 
 CASES["qwen3_5"] = Case("qwen3_5", lambda attn: tiny_qwen3_5(attn), lambda m, s: qwen_vl_inputs(m, s), Qwen3_5Adapter,

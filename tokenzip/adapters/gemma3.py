@@ -53,6 +53,7 @@ from .placeholders import (
     placeholder_runs,
     require_input_ids,
     shrink_sequences,
+    square_image_items,
     text_signals,
 )
 from .probe import probe
@@ -133,17 +134,8 @@ class Gemma3Adapter(LLMAccess, Adapter):
         owners = check_runs(placeholder_runs(input_ids, self.image_token_id), [self.tokens_per_image] * feats.shape[0],
                             "image", HINT)
         pooled = pool_patch_signals(p.results, self.side, self.kernel)
-        grid = L.grid(self.side, self.side)
-        items = []
-        for i, b in enumerate(owners):
-            sig = {name: t[i] for name, t in pooled.items()}
-            if "projected" in needs:
-                sig["projected"] = feats[i]
-            if "text" in needs or "text_mask" in needs:
-                sig.update(text_signals(self.core.get_input_embeddings(), input_ids, kwargs.get("attention_mask"),
-                                        {self.image_token_id}, b))
-            items.append(Item("image", b, feats[i], grid, sig))
-        return items
+        return square_image_items(self.core.get_input_embeddings(), kwargs, self.image_token_id, feats, owners, pooled,
+                                  self.side, needs)
 
     def rebuild(self, kwargs: dict[str, Any], items: list[Item], outputs: list[CompressOutput]) -> dict[str, Any]:
         input_ids = kwargs["input_ids"]

@@ -26,7 +26,16 @@ model's own ``get_rope_index`` of the full sequence, ``mm_encoder_outputs``, sta
   learned position embedding is added before block 0, so it is in the stopped pass's states), and the tail after
   the blocks is GLM's own (:meth:`Glm4vAdapter._vision_tail`: post-norm, the stride-2 ``downsample`` convolution
   over each unit's four patches, merger), which maps each unit independently, so it runs on the kept units only.
-  A clip's pass is ``get_video_features``' (one ``(1, h, w)`` grid per temporal grid: the same segments).
+  A clip's pass is ``get_video_features``' (one ``(1, h, w)`` grid per temporal grid: the same segments);
+* stage "input": ``resize`` (images) and ``frames`` (clips: whole temporal grids, as on Qwen3-VL / Qwen3.5,
+  :func:`tokenzip.adapters.temporal_grids.timestamped_frames_call`). ``Glm4vProcessor`` writes each grid's
+  timestamp AFTER its block (``replace_frame_token_id``: ``<|begin_of_image|> <|image|>*n <|end_of_image|>`` then
+  ``int(seconds)`` of the grid's first frame) and the clip's ``video_grid_thw`` is one ``(t, h, w)`` row, which the
+  model splits into ``(1, h, w)`` grids itself; so a dropped grid's block is its markers, placeholders and the
+  timestamp that follows (:func:`~tokenzip.adapters.temporal_grids.trailing_timestamp_spans`: up to the next
+  grid's ``<|begin_of_image|>``, the last grid's up to ``<|end_of_video|>``), and the call is the processor's for
+  the kept frames (their timestamps are the same seconds); the frames the selector sees are un-normalised with
+  ``Glm4vVideoProcessor``'s OpenAI-CLIP mean/std.
 """
 
 from __future__ import annotations
@@ -34,7 +43,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
+from . import temporal_grids as TG
 from .mrope_vl import MRopeVLAdapter
 
 
@@ -43,6 +54,12 @@ class Glm4vAdapter(MRopeVLAdapter):
                      "Glm46VForConditionalGeneration")
     family = "GLM-4.1V"
     video_hint = "the model's processor (Glm4vProcessor) returns them"
+    # stage "input": images resized; clips' temporal grids, each grid's timestamp after its block (module doc)
+    input_reductions = ("resolution", "frames")
+    frame_block_spans = TG.trailing_timestamp_spans
+    # Glm4vVideoProcessor's normalisation (OpenAI-CLIP mean/std, rescale 1/255)
+    video_pixel_mean: tuple[float, float, float] = tuple(OPENAI_CLIP_MEAN)
+    video_pixel_std: tuple[float, float, float] = tuple(OPENAI_CLIP_STD)
 
     @staticmethod
     def video_placeholder(cfg: Any) -> int:

@@ -36,9 +36,11 @@ Design (the adapters only say what differs: classes, placeholder ids, the LLM's 
 * **Stage "input"** (``resize``, images): the call's own patches resampled to a smaller grid
   (:mod:`tokenzip.adapters.resample`, as on Qwen2-VL: both towers take any grid; Qwen3.5's learned position
   embeddings are interpolated to it by the model); the model computes the new sequence's positions. ``frames``
-  (clips), where the adapter declares it (Qwen3.5, whose prompts are ``Qwen3VLProcessor``'s): whole temporal
-  grids, each dropped grid's timestamped block leaving the prompt, as on Qwen3-VL
-  (:func:`tokenzip.adapters.temporal_grids.timestamped_frames_call`).
+  (clips): whole temporal grids, each dropped grid's timestamped block leaving the prompt, as on Qwen3-VL
+  (:func:`tokenzip.adapters.temporal_grids.timestamped_frames_call`); where the timestamp sits is the processor's,
+  so the adapter declares the span finder (``frame_block_spans``: Qwen3.5's prompts are ``Qwen3VLProcessor``'s,
+  timestamp before each block; GLM's timestamp follows each block). A call with images and clips on one
+  placeholder (GLM) is refused here too, before anything is edited.
 * **Stage "encoder"**: :mod:`tokenzip.adapters.merge_unit_vit` (merge units between the model's own vision blocks;
   the tail after the blocks is the adapter's ``_vision_tail``).
 * **Stage "llm"**: each image's placeholder run and each clip's placeholders (all its blocks) are one
@@ -273,8 +275,9 @@ class MRopeVLAdapter(MergeUnitEncoderStage, LLMAccess, Adapter):
         return new
 
     # ---- stage "input": each image resized to a smaller grid ("resolution", adapters/resample.py, as on Qwen2-VL);
-    # where the adapter declares "frames" (Qwen3.5), fewer temporal grids of each clip, written as Qwen3VLProcessor
-    # writes them (adapters/temporal_grids.py, as on Qwen3-VL)
+    # where the adapter declares "frames", fewer temporal grids of each clip, each dropped grid's timestamped block
+    # leaving the prompt (adapters/temporal_grids.py, as on Qwen3-VL), found by the span finder the adapter declares
+    # as ``frame_block_spans`` (a temporal_grids.SpanFinder) for its processor's layout
     input_reductions: tuple[str, ...] = ("resolution",)
 
     def input_plan(self, kwargs: dict[str, Any], reduction: str) -> list:
@@ -284,6 +287,7 @@ class MRopeVLAdapter(MergeUnitEncoderStage, LLMAccess, Adapter):
         if kwargs.get("mm_encoder_outputs"):
             raise ValueError("pass either pixel_values/pixel_values_videos or mm_encoder_outputs, not both (the model "
                              "refuses both)")
+        self._check_shared_placeholder([m for m in ("image", "video") if kwargs.get(MEDIA_KEYS[m][0]) is not None])
         if reduction == "frames":  # clips only (images pass through)
             return TG.timestamped_frames_plan(self, kwargs)
         if kwargs.get("pixel_values") is None:  # clips only: "resolution" resizes images (clips pass through)
@@ -296,7 +300,7 @@ class MRopeVLAdapter(MergeUnitEncoderStage, LLMAccess, Adapter):
         if reduction not in self.input_reductions:
             raise TypeError(self._no_input_stage(reduction))
         if reduction == "frames":
-            return TG.timestamped_frames_call(self, kwargs, items, targets, self.family)
+            return TG.timestamped_frames_call(self, kwargs, items, targets)
         return resample.qwen_rescale_inputs(self, kwargs, items, targets)
 
     # ---- stage "llm" (tokenzip.llm) -----------------------------------------------------------------------------

@@ -7,7 +7,9 @@ from typing import Any, Callable
 
 import torch
 
+from .. import layout as L
 from ..llm.adapter import placeholder_items
+from .base import Item
 
 
 def require_input_ids(kwargs: dict[str, Any]) -> torch.Tensor:
@@ -78,6 +80,25 @@ def text_signals(embed: torch.nn.Module, input_ids: torch.Tensor, attention_mask
         mask &= ids != t
     return {"text": embed(ids[mask]).detach(), "text_mask": torch.ones(int(mask.sum()), dtype=torch.bool,
                                                                       device=ids.device)}
+
+
+def square_image_items(embed: torch.nn.Module, kwargs: dict[str, Any], token_id: int, feats: torch.Tensor,
+                       owners: list[int], pooled: dict[str, torch.Tensor], side: int, needs: frozenset[str]
+                       ) -> list[Item]:
+    """One image item per row of ``feats`` ``[n, side * side, D]`` (an image, or a tile, of a fixed ``side x side``
+    token grid; Gemma 3's images, SmolVLM's tiles), owned by sample ``owners[i]``: row ``i`` of each per-token
+    signal in ``pooled``, and where ``needs`` asks, ``projected`` (the tokens) and the sample's ``text`` /
+    ``text_mask`` (placeholders ``token_id`` excluded)."""
+    grid = L.grid(side, side)
+    items = []
+    for i, b in enumerate(owners):
+        sig = {name: t[i] for name, t in pooled.items()}
+        if "projected" in needs:
+            sig["projected"] = feats[i]
+        if "text" in needs or "text_mask" in needs:
+            sig.update(text_signals(embed, kwargs["input_ids"], kwargs.get("attention_mask"), {token_id}, b))
+        items.append(Item("image", b, feats[i], grid, sig))
+    return items
 
 
 def padding_side(attention_mask: torch.Tensor | None) -> str:

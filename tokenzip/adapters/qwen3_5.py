@@ -35,6 +35,7 @@ from __future__ import annotations
 import torch
 from transformers.image_utils import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD
 
+from . import temporal_grids as TG
 from .mrope_vl import MRopeVLAdapter
 
 
@@ -47,6 +48,7 @@ class Qwen3_5Adapter(MRopeVLAdapter):
     # Qwen3VLVideoProcessor's normalisation (ImageNet-standard 0.5 mean/std, rescale 1/255)
     video_pixel_mean: tuple[float, float, float] = tuple(IMAGENET_STANDARD_MEAN)
     video_pixel_std: tuple[float, float, float] = tuple(IMAGENET_STANDARD_STD)
+    frame_block_spans = TG.leading_timestamp_spans  # each grid's timestamp before its block (Qwen3VLProcessor)
 
     def llm_mixer(self, index: int) -> torch.nn.Module:
         layer = self.llm_layers()[index]

@@ -56,8 +56,8 @@ Stage "input" (``input_reductions``):
   (:mod:`tokenzip.adapters.temporal_grids`, shared with Qwen2-VL: one RGB frame per grid, un-normalised with the
   video processor's ImageNet-standard mean/std; the kept grids' patch rows and ``video_grid_thw``). Qwen3-VL carries
   time in the TEXT (the temporal M-RoPE index is 0 in every grid block), so a dropped grid's whole block leaves the
-  prompt: its timestamp, ``<vision_start>``, placeholders and ``<vision_end>``
-  (:func:`~tokenzip.adapters.temporal_grids.timestamped_block_spans` delimits them, also where the 5.25 processor
+  prompt: its timestamp, ``<vision_start>``, placeholders and ``<vision_end>`` (the adapter's span finder,
+  :func:`~tokenzip.adapters.temporal_grids.leading_timestamp_spans`, delimits them, also where the 5.25 processor
   collapsed the template's outer pair). The call is then exactly what the processor gives a clip of the kept frames
   (each kept grid after its own timestamp), and the model computes its positions (the caller's ``position_ids`` are
   those of the old sequence and are dropped; ``get_rope_index`` needs ``mm_token_type_ids``, shortened with the
@@ -137,6 +137,7 @@ class _DeepstackWrapper:
 
 class Qwen3VLAdapter(MergeUnitEncoderStage, LLMAccess, Adapter):
     model_classes = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
+    family = "Qwen3-VL"  # for messages
     modalities = ("image", "video")
     # per-call state, per thread (tokenzip/callstate.py)
     _call_grids = per_call(factory=dict)
@@ -338,6 +339,7 @@ class Qwen3VLAdapter(MergeUnitEncoderStage, LLMAccess, Adapter):
     # Qwen3VLVideoProcessor's normalisation (ImageNet-standard 0.5 mean/std, rescale 1/255)
     video_pixel_mean: tuple[float, float, float] = tuple(IMAGENET_STANDARD_MEAN)
     video_pixel_std: tuple[float, float, float] = tuple(IMAGENET_STANDARD_STD)
+    frame_block_spans = TG.leading_timestamp_spans  # each grid's timestamp before its block (Qwen3VLProcessor)
 
     def input_plan(self, kwargs: dict[str, Any], reduction: str) -> list:
         require_input_ids(kwargs)
@@ -357,7 +359,7 @@ class Qwen3VLAdapter(MergeUnitEncoderStage, LLMAccess, Adapter):
             return resample.qwen_rescale_inputs(self, kwargs, items, targets)
         if reduction != "frames":
             raise TypeError(self._no_input_stage(reduction))
-        return TG.timestamped_frames_call(self, kwargs, items, targets, "Qwen3-VL")
+        return TG.timestamped_frames_call(self, kwargs, items, targets)
 
     # ---- stage "llm" (tokenzip.llm) -----------------------------------------------------------------------------
     def llm_items(self, kwargs: dict[str, Any]) -> list:

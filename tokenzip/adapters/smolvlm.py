@@ -46,6 +46,7 @@ from .placeholders import (
     placeholder_runs,
     require_input_ids,
     shrink_sequences,
+    square_image_items,
     text_signals,
 )
 from .probe import capture_input
@@ -117,17 +118,8 @@ class SmolVLMAdapter(LLMAccess, Adapter):
         owners = check_runs(placeholder_runs(input_ids, self.image_token_id),
                             [self.tokens_per_tile] * feats.shape[0], "tile", HINT)
         pooled = self._tile_signals(attn, box["x"], seen.get("patches"), needs)
-        grid = L.grid(self.side, self.side)
-        items = []
-        for i, b in enumerate(owners):
-            sig = {name: t[i] for name, t in pooled.items()}
-            if "projected" in needs:
-                sig["projected"] = feats[i]
-            if "text" in needs or "text_mask" in needs:
-                sig.update(text_signals(self.core.get_input_embeddings(), input_ids, kwargs.get("attention_mask"),
-                                        {self.image_token_id}, b))
-            items.append(Item("image", b, feats[i], grid, sig))
-        return items
+        return square_image_items(self.core.get_input_embeddings(), kwargs, self.image_token_id, feats, owners, pooled,
+                                  self.side, needs)
 
     def _tile_signals(self, attn: torch.nn.Module, x: torch.Tensor, patches: torch.Tensor | None,
                       needs: frozenset[str]) -> dict[str, torch.Tensor]:

@@ -1,6 +1,6 @@
-"""Frame selection on Qwen-VL clips (stage "input", reduction ``"frames"``): the building blocks Qwen2-VL /
-Qwen2.5-VL (``adapters/qwen_video.py``), Qwen3-VL (``adapters/qwen3_vl.py``) and Qwen3.5 (``adapters/qwen3_5.py``)
-share.
+"""Frame selection on Qwen-VL-style clips (stage "input", reduction ``"frames"``): the building blocks Qwen2-VL /
+Qwen2.5-VL (``adapters/qwen_video.py``), Qwen3-VL (``adapters/qwen3_vl.py``), Qwen3.5 (``adapters/qwen3_5.py``) and
+GLM-4.1V (``adapters/glm4v.py``) share.
 
 A clip of ``video_grid_thw = (t, h, w)`` is ``t`` temporal grids of ``temporal_patch_size`` frames (the patch embed
 is a Conv3d over those frames: no smaller unit exists, so a "frame" for a :class:`tokenzip.base.FrameSelector` is one
@@ -14,10 +14,15 @@ contiguous), and its ``t * h * w / merge**2`` LLM tokens too (``h * w / merge**2
 * :func:`keep_grids`: each clip's kept grids (``InputItem.keep``): their patch rows, the new ``video_grid_thw``, the
   ``(source, index)`` token map and which of the clip's tokens are gone.
 * Where the prompt is edited is the model's: Qwen2-VL's clip is one run of placeholders (the dropped grids'
-  placeholders go, positions are gathered); Qwen3-VL writes each grid as a block ``<t seconds> <vision_start>
-  <video>*n <vision_end>`` (:func:`timestamped_block_spans` finds the blocks of the dropped grids, which go whole),
-  and so does Qwen3.5 (its processor is ``Qwen3VLProcessor``): :func:`timestamped_frames_plan` /
-  :func:`timestamped_frames_call` are that whole stage for an adapter of either.
+  placeholders go, positions are gathered). The others write each temporal grid as its own block with its
+  timestamp text, and a dropped grid's block goes whole (:func:`timestamped_frames_plan` /
+  :func:`timestamped_frames_call` are that whole stage). Where the timestamp sits is the processor's, so the span
+  finder is the adapter's declaration (``frame_block_spans``, a :data:`SpanFinder`):
+
+  - :func:`leading_timestamp_spans` (Qwen3-VL, Qwen3.5: ``Qwen3VLProcessor``): per grid ``<x.x seconds>
+    <vision_start> <video>*n <vision_end>`` (:func:`timestamped_block_spans`);
+  - :func:`trailing_timestamp_spans` (GLM-4.1V / 4.5V / 4.6V: ``Glm4vProcessor``): ``<begin_of_video>``, per grid
+    ``<begin_of_image> <image>*n <end_of_image>`` and then its timestamp, ``<end_of_video>``.
 """
 
 from __future__ import annotations
@@ -149,6 +154,57 @@ def _first_timestamp_start(ids: torch.Tensor, open0: int, second: torch.Tensor |
     return None
 
 
+# ---- span finders: an adapter declares one as ``frame_block_spans`` (a function of the adapter, one prompt row, the
+# clip's placeholder positions and its number of temporal grids, returning each grid's [start, end) block)
+SpanFinder = Callable[[Any, torch.Tensor, torch.Tensor, int], list[tuple[int, int]]]
+
+
+def leading_timestamp_spans(adapter: Any, ids: torch.Tensor, slots: torch.Tensor, t: int) -> list[tuple[int, int]]:
+    """:func:`timestamped_block_spans` with the model's ``vision_start`` / ``vision_end`` ids (``Qwen3VLProcessor``'s
+    layout: each grid's timestamp BEFORE its block)."""
+    cfg = adapter.model.config
+    return timestamped_block_spans(ids, slots, t, int(cfg.vision_start_token_id), int(cfg.vision_end_token_id),
+                                   adapter.family)
+
+
+def trailing_timestamp_spans(adapter: Any, ids: torch.Tensor, slots: torch.Tensor, t: int) -> list[tuple[int, int]]:
+    """``[start, end)`` of each temporal grid's block in one row ``ids`` of a prompt laid out as ``Glm4vProcessor``
+    writes a clip: ``<|begin_of_video|>``, then per grid ``<|begin_of_image|> <|image|>*n <|end_of_image|>`` followed
+    by its timestamp text (the whole second of the grid's first frame), then ``<|end_of_video|>``; ``slots`` are the
+    clip's ``t * n`` placeholder positions. A block is its markers, placeholders and the timestamp AFTER them: grid
+    ``g``'s ends where grid ``g + 1``'s ``<|begin_of_image|>`` is, the last one's at the clip's ``<|end_of_video|>``,
+    so markers delimit every block (no timestamp needs guessing, unlike :func:`timestamped_block_spans`' grid 0).
+    A ValueError when the prompt does not have this layout (a grid's run not between its begin/end-of-image markers,
+    no ``<|begin_of_video|>`` right before grid 0 or no ``<|end_of_video|>`` after the last grid, or a marker
+    inside a timestamp)."""
+    cfg = adapter.model.config
+    video_start, video_end = int(cfg.video_start_token_id), int(cfg.video_end_token_id)
+    image_start, image_end = int(cfg.image_start_token_id), int(cfg.image_end_token_id)
+    per_grid = slots.numel() // t
+    runs = slots.view(t, per_grid)
+    layout = (f"{adapter.family}: a clip must be <|begin_of_video|>, per temporal grid <|begin_of_image|> "
+              f"{per_grid} placeholder(s) <|end_of_image|> and its timestamp, then <|end_of_video|>, as Glm4vProcessor "
+              f"writes it (for tokenzip's frame selection)")
+    for g in range(t):
+        first, last = int(runs[g, 0]), int(runs[g, -1])
+        if last - first + 1 != per_grid or first == 0 or last + 1 >= ids.numel() \
+                or int(ids[first - 1]) != image_start or int(ids[last + 1]) != image_end:
+            raise ValueError(f"{layout}; temporal grid {g} is not between its own markers")
+    opens = [int(runs[g, 0]) - 1 for g in range(t)]  # each grid's <|begin_of_image|>
+    closes = [int(runs[g, -1]) + 1 for g in range(t)]  # its <|end_of_image|>
+    if opens[0] == 0 or int(ids[opens[0] - 1]) != video_start:
+        raise ValueError(f"{layout}; no <|begin_of_video|> before the first temporal grid")
+    after = (ids[closes[-1] + 1:] == video_end).nonzero().flatten()
+    if after.numel() == 0:
+        raise ValueError(f"{layout}; no <|end_of_video|> after the last temporal grid")
+    ends = [*opens[1:], closes[-1] + 1 + int(after[0])]
+    markers = torch.tensor([video_start, video_end, image_start, image_end], device=ids.device)
+    for g in range(t):
+        if bool(torch.isin(ids[closes[g] + 1: ends[g]], markers).any()):
+            raise ValueError(f"{layout}; the text after temporal grid {g} holds a marker")
+    return [(opens[g], ends[g]) for g in range(t)]
+
+
 def slots_of(input_ids: torch.Tensor, token_id: int, items: list[Any]) -> list[torch.Tensor]:
     """The placeholder positions of each item (``.sample``, ``.tokens``), items of one token in sequence order."""
     where = [(input_ids[b] == token_id).nonzero().flatten() for b in range(input_ids.shape[0])]
@@ -161,7 +217,7 @@ def slots_of(input_ids: torch.Tensor, token_id: int, items: list[Any]) -> list[t
     return out
 
 
-# ---- the stage on clips written as Qwen3VLProcessor writes them (Qwen3-VL, Qwen3.5) ---------------------------------
+# ---- the stage on clips whose temporal grids are timestamped blocks (Qwen3-VL, Qwen3.5, GLM-4.1V) ------------------
 def timestamped_frames_plan(adapter: Any, kwargs: dict[str, Any]) -> list[InputItem]:
     """:func:`frames_plan` for the call's clips (none: no items). ``adapter``: an M-RoPE adapter with ``_grid``,
     ``_layout``, ``video_token_id``, ``merge`` and the video processor's ``video_pixel_mean`` / ``video_pixel_std``."""
@@ -173,30 +229,28 @@ def timestamped_frames_plan(adapter: Any, kwargs: dict[str, Any]) -> list[InputI
                        adapter.video_pixel_std, lambda t, h, w: adapter._layout(t, h, w, "video"))
 
 
-def timestamped_frames_call(adapter: Any, kwargs: dict[str, Any], items: list[InputItem], targets: list[int],
-                            what: str) -> tuple[dict[str, Any], list[tuple[torch.Tensor, torch.Tensor]]]:
-    """The call with each clip's kept temporal grids (:func:`keep_grids`): each dropped grid's whole block
-    (:func:`timestamped_block_spans`: timestamp, vision start/end, placeholders) leaves the prompt, recorded per item
-    as ``InputItem.text_removed``, so the call is the processor's for the kept frames and the model computes its
+def timestamped_frames_call(adapter: Any, kwargs: dict[str, Any], items: list[InputItem], targets: list[int]
+                            ) -> tuple[dict[str, Any], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The call with each clip's kept temporal grids (:func:`keep_grids`): each dropped grid's whole block (the
+    adapter's ``frame_block_spans``: its markers, placeholders and timestamp text) leaves the prompt, recorded per
+    item as ``InputItem.text_removed``, so the call is the processor's for the kept frames and the model computes its
     positions (the caller's ``position_ids`` are those of the old sequence and are dropped; ``mm_token_type_ids``
     shrinks with the prompt). Returns it and the token maps."""
     grid = adapter._grid(kwargs, "video")
     kept = keep_grids(items, targets, clip_rows(kwargs["pixel_values_videos"], grid), adapter.merge)
     input_ids = kwargs["input_ids"]
-    cfg = adapter.model.config
     keep = torch.ones_like(input_ids, dtype=torch.bool)
     for it, slots, grids in zip(items, slots_of(input_ids, adapter.video_token_id, items), kept.kept):
         it.text_removed = 0
         if bool(grids.all()):
             continue
-        spans = timestamped_block_spans(input_ids[it.sample], slots, grids.numel(), int(cfg.vision_start_token_id),
-                                        int(cfg.vision_end_token_id), what)
+        spans = adapter.frame_block_spans(input_ids[it.sample], slots, grids.numel())
         per_grid = it.tokens // grids.numel()
         for g in (~grids).nonzero().flatten().tolist():
             keep[it.sample, spans[g][0]: spans[g][1]] = False
             it.text_removed += spans[g][1] - spans[g][0] - per_grid
     call = {key: v for key, v in kwargs.items() if key != "position_ids"}
-    new = shrink_sequences(call, keep, pad_id_for(cfg, set(adapter.token_of.values())))
+    new = shrink_sequences(call, keep, pad_id_for(adapter.model.config, set(adapter.token_of.values())))
     new["pixel_values_videos"] = kept.pixels
     new["video_grid_thw"] = torch.tensor(kept.grid, dtype=grid.dtype, device=grid.device)
     return new, kept.maps
