@@ -360,3 +360,31 @@ def test_full_model_generates_text_through_its_thinker(case):
 
 def _sources(stats):
     return [[it.source.tolist() for ms in s.values() for it in ms.items] for s in stats]
+
+
+# ---- stage "llm" after a pre-LLM method ------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", ["qwen2_5_omni", "qwen3_omni"])
+def test_llm_stage_after_a_pre_llm_method_gets_every_item_of_this_call(case):
+    """tz.compose(pre-LLM, LLM stage): the LLM stage gets the items of THIS call's rebuilt prompt, every audio clip
+    and every video at the columns the pre-LLM method kept (Qwen3-Omni's rebuilt call carries its kept visual tokens
+    as mm_encoder_outputs: planning from those arguments found the videos and lost every audio item), in forward()
+    and generate(); the recorded prompt is dropped when the call returns."""
+    model = built(case)
+    batch = qwen2_5_omni_av_inputs(model, default_samples())
+    pre, llm = tz.get("random", retain=0.5), tz.get("fastv_av", retain=0.5)
+    c = tz.compose(pre, llm)
+    with c(model):
+        adapter = model._tokenzip_patch.adapter
+        for run in (lambda: model(**batch), lambda: model.generate(**batch, max_new_tokens=2, do_sample=False)):
+            with torch.no_grad():
+                run()
+            assert adapter._short is None
+            first, second = c.parts
+            assert len(second.last_stats) == len(first.last_stats) == 3
+            for before, inside in zip(first.last_stats, second.last_stats):
+                assert set(inside) == set(before) == {"audio", "video"}
+                for modality in ("audio", "video"):
+                    assert [it.tokens_in for it in inside[modality].items] == \
+                        [it.tokens_out for it in before[modality].items]
+                assert sum(it.tokens_out for ms in inside.values() for it in ms.items) < \
+                    sum(it.tokens_in for ms in inside.values() for it in ms.items)

@@ -472,16 +472,22 @@ class Qwen2_5OmniAdapter(LLMAccess, Adapter):
 
     # ---- stage "llm" --------------------------------------------------------------------------------------------
     def llm_items(self, kwargs: dict[str, Any]) -> list:
-        """Each item's placeholder columns (module doc), or [] for a call without media (a decoding step)."""
+        """Each item's placeholder columns (module doc), or [] for a call without media (a decoding step). A call this
+        adapter's ``rebuild`` made in this patched call (its shortened prompt and ``inputs_embeds``) takes the items
+        recorded there, before anything else: it no longer carries the audio features (they are in
+        ``inputs_embeds``), and on Qwen3-Omni it does carry the kept visual tokens as ``mm_encoder_outputs``, so
+        planning from its arguments would find the images/videos but lose every audio item."""
         ids = kwargs.get("input_ids")
         if ids is not None and ids.shape[1] == 1:
             return []
+        short = self._short
+        embeds = kwargs.get("inputs_embeds")
+        if short is not None and embeds is not None and tuple(embeds.shape[:2]) == tuple(short[0].shape) \
+                and (ids is None or torch.equal(ids, short[0])):
+            return list(short[1])
         if self._has_items(kwargs):
             return [LLMItem(p.modality, p.sample, p.slots, p.layout) for p in self._plan(kwargs)]
-        embeds = kwargs.get("inputs_embeds")
-        short = self._short
-        if embeds is None or short is None or tuple(embeds.shape[:2]) != tuple(short[0].shape):
-            return []
-        if ids is not None and not torch.equal(ids, short[0]):
-            return []
-        return list(short[1])
+        return []
+
+    def release(self) -> None:
+        self._short = None  # the shortened prompt belongs to the call that rebuilt it
