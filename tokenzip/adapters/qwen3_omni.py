@@ -35,6 +35,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from transformers.image_utils import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD
 from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import BaseModelOutputWithDeepstackFeatures
 
 from ..callstate import per_call
@@ -56,6 +57,11 @@ class Qwen3OmniAdapter(Qwen2_5OmniAdapter):
     # input_ids, and the model then finds the slots for mm_encoder_outputs by comparing embeddings with the
     # placeholder's
     visual_in_embeds = False
+    # stage "input" (frames): the normalisation of the Qwen3-VL video processor (ImageNet-standard 0.5 mean/std), the
+    # ViT Qwen3-Omni shares; the published Qwen3-Omni preprocessor config was not checked here (only the frames a
+    # frame selector sees depend on it, not the call it builds)
+    video_pixel_mean: tuple[float, float, float] = tuple(IMAGENET_STANDARD_MEAN)
+    video_pixel_std: tuple[float, float, float] = tuple(IMAGENET_STANDARD_STD)
 
     def _audio_token_counts(self, mel_frames: torch.Tensor) -> torch.Tensor:
         from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import _get_feat_extract_output_lengths
