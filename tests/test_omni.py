@@ -1,6 +1,8 @@
-"""Qwen2.5-Omni: what is particular to the thinker (tokenzip/adapters/qwen2_5_omni.py). The invariants (retain=1
-exact, budgets, batch == singles, SDPA == eager, cached == uncached, restored, deterministic) run from the
-``qwen2_5_omni`` / ``qwen2_5_omni_av`` cases in tests/test_invariants.py."""
+"""Qwen2.5-Omni / Qwen3-Omni: what is particular to the thinkers (tokenzip/adapters/qwen2_5_omni.py,
+qwen3_omni.py): kept positions, the LLM stage after a pre-LLM method, frame selection against the stock model on the
+kept frames. The invariants (retain=1 exact, budgets, batch == singles, SDPA == eager, cached == uncached, restored,
+deterministic) run from the ``qwen2_5_omni`` / ``qwen2_5_omni_av`` / ``qwen3_omni`` cases in tests/test_invariants.py,
+the LLM-stage masking oracle in tests/test_llm_stage.py."""
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ from tokenzip.testing import (
     left_pad,
     qwen2_5_omni_audio_inputs,
     qwen2_5_omni_av_inputs,
+    qwen2_5_omni_positions,
 )
 
 from conftest import built
@@ -360,3 +363,167 @@ def test_full_model_generates_text_through_its_thinker(case):
 
 def _sources(stats):
     return [[it.source.tolist() for ms in s.values() for it in ms.items] for s in stats]
+
+
+# ---- stage "llm" after a pre-LLM method ------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", ["qwen2_5_omni", "qwen3_omni"])
+def test_llm_stage_after_a_pre_llm_method_gets_every_item_of_this_call(case):
+    """tz.compose(pre-LLM, LLM stage): the LLM stage gets the items of THIS call's rebuilt prompt, every audio clip
+    and every video at the columns the pre-LLM method kept (Qwen3-Omni's rebuilt call carries its kept visual tokens
+    as mm_encoder_outputs: planning from those arguments found the videos and lost every audio item), in forward()
+    and generate(); the recorded prompt is dropped when the call returns."""
+    model = built(case)
+    batch = qwen2_5_omni_av_inputs(model, default_samples())
+    pre, llm = tz.get("random", retain=0.5), tz.get("fastv_av", retain=0.5)
+    c = tz.compose(pre, llm)
+    with c(model):
+        adapter = model._tokenzip_patch.adapter
+        for run in (lambda: model(**batch), lambda: model.generate(**batch, max_new_tokens=2, do_sample=False)):
+            with torch.no_grad():
+                run()
+            assert adapter._short is None
+            first, second = c.parts
+            assert len(second.last_stats) == len(first.last_stats) == 3
+            for before, inside in zip(first.last_stats, second.last_stats):
+                assert set(inside) == set(before) == {"audio", "video"}
+                for modality in ("audio", "video"):
+                    assert [it.tokens_in for it in inside[modality].items] == \
+                        [it.tokens_out for it in before[modality].items]
+                assert sum(it.tokens_out for ms in inside.values() for it in ms.items) < \
+                    sum(it.tokens_in for ms in inside.values() for it in ms.items)
+
+
+# ---- stage "input", reduction "frames": whole temporal grids before the vision tower -------------------------------
+def _kept_frames_call(model, batch, stats):
+    """The stock model's own call on the kept frames, built here from the prompt and the stats alone: each clip's
+    kept temporal grids (``index`` of whole grids) give its patch rows and ``video_grid_thw``; the dropped grids'
+    video placeholders leave the prompt and nothing else does (the soundtrack, markers and text stay); every kept
+    column keeps the position the FULL call's ``get_rope_index`` gives it (row 0: contiguous text positions)."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    full = qwen2_5_omni_positions(model, batch)
+    grids = batch["video_grid_thw"].tolist()
+    clips = batch["pixel_values_videos"].split([t * h * w for t, h, w in grids])
+    rows, new_grid, kept_cols, clip = [], [], [], 0
+    for b, per_sample in enumerate(stats):
+        where = (ids[b] == OMNI_VIDEO).nonzero().flatten()
+        cursor, drop = 0, set()
+        for it in per_sample["video"].items:
+            t, h, w = grids[clip]
+            per_grid = h * w // 4
+            kept = sorted(set((it.index // per_grid).tolist()))
+            assert it.index.tolist() == [g * per_grid + j for g in kept for j in range(per_grid)]  # whole grids
+            rows.append(clips[clip].view(t, h * w, -1)[kept].flatten(0, 1))
+            new_grid.append([len(kept), h, w])
+            cols = where[cursor: cursor + it.tokens_in]
+            drop |= set(cols.tolist()) - set(cols[it.index].tolist())
+            cursor += it.tokens_in
+            clip += 1
+        kept_cols.append([c for c in mask[b].nonzero().flatten().tolist() if c not in drop])
+    width = max(len(k) for k in kept_cols)
+    new_ids = torch.zeros(len(kept_cols), width, dtype=ids.dtype)
+    new_mask = torch.zeros(len(kept_cols), width, dtype=mask.dtype)
+    pos = torch.zeros(4, len(kept_cols), width, dtype=full.dtype)
+    for b, cols in enumerate(kept_cols):
+        n = len(cols)
+        new_ids[b, width - n:] = ids[b, cols]
+        new_mask[b, width - n:] = 1
+        pos[0, b, width - n:] = torch.arange(n, dtype=full.dtype)
+        pos[1:, b, width - n:] = full[1:, b, cols]
+    return dict(batch, input_ids=new_ids, attention_mask=new_mask, pixel_values_videos=torch.cat(rows),
+                video_grid_thw=torch.tensor(new_grid), position_ids=pos)
+
+
+def _frame_selector(method):
+    from test_qwen_video import KeepLastGrids  # the last k grids: a known, non-prefix choice
+
+    return KeepLastGrids(retain=0.5) if method == "test-last-grids" else tz.get(method, retain=0.5)
+
+
+@pytest.mark.parametrize("case", ["qwen2_5_omni", "qwen3_omni"])
+@pytest.mark.parametrize("inputs", ["av_interleaved", "av_separate"])
+@pytest.mark.parametrize("method", ["uniform_frames", "test-last-grids"])
+def test_frame_selection_equals_the_stock_model_on_the_kept_frames(case, inputs, method):
+    """Oracle: the patched model's logits and greedy tokens equal the stock model's on the kept frames (their pixels,
+    grids and placeholders only; the soundtrack whole, interleaved or not) with the positions gathered from the FULL
+    call's get_rope_index - which are not what the model would derive for the shortened prompt."""
+    model = built(case)
+    batch = INPUTS[inputs](model)
+    c = _frame_selector(method)
+    with c(model):
+        with torch.no_grad():
+            out = model(**batch).logits
+        gen = model.generate(**batch, max_new_tokens=3, do_sample=False)
+    assert all(set(s) == {"video"} for s in c.last_stats)  # images and audio pass whole
+    removed = sum(it.tokens_in - it.tokens_out for s in c.last_stats for it in s["video"].items)
+    assert removed > 0
+    call = _kept_frames_call(model, batch, c.last_stats)
+    with torch.no_grad():
+        ref = model(**call).logits
+    real = call["attention_mask"].bool()
+    assert out.shape == ref.shape and int(batch["attention_mask"].sum()) - removed == int(real.sum())
+    torch.testing.assert_close(out[real], ref[real], atol=1e-5, rtol=1e-5)
+    ref_gen = model.generate(**call, max_new_tokens=3, do_sample=False)
+    assert torch.equal(gen[:, batch["input_ids"].shape[1]:], ref_gen[:, call["input_ids"].shape[1]:])
+    assert torch.equal(gen[:, : batch["input_ids"].shape[1]], batch["input_ids"])
+    try:  # what the model would derive for the shortened prompt itself
+        derived = qwen2_5_omni_positions(model, {k: v for k, v in call.items() if k != "position_ids"})
+    except RuntimeError:  # Qwen2.5-Omni: a 2-s chunk left without video tokens breaks its own get_rope_index
+        derived = None
+    assert derived is None or not torch.equal(derived[1:], call["position_ids"][1:])
+
+
+@pytest.mark.parametrize("case", ["qwen2_5_omni", "qwen3_omni"])
+def test_frame_selection_then_a_pre_llm_method_keeps_full_call_positions(case):
+    """tz.compose(frame selection, a method for audio and video): the pre-LLM method runs on the kept grids and the
+    whole soundtrack; the LLM gets exactly the uncompressed call's columns of the text, the markers and the tokens
+    both parts kept, at their full-call TMRoPE positions; the chained stats report both streams; generate() runs and
+    returns the caller's prompt."""
+    from test_qwen_video import KeepLastGrids
+
+    model = built(case)
+    batch = INPUTS["av_interleaved"](model)
+    frames, pre = KeepLastGrids(retain=0.6), tz.get("random", retain=0.5)
+    c = tz.compose(frames, pre)
+    full = _lm_inputs(model, lambda: model(**batch))[0]
+    with c(model):
+        short = _lm_inputs(model, lambda: model(**batch))[0]
+        out = model.generate(**batch, max_new_tokens=2, do_sample=False)
+    assert torch.equal(out[:, : batch["input_ids"].shape[1]], batch["input_ids"])
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    for b, stats in enumerate(c.last_stats):
+        assert set(stats) == {"audio", "video"}
+        chained = [(it.tokens_in, it.tokens_out) for it in stats["video"].items]
+        assert chained == [(f.tokens_in, p.tokens_out) for f, p in zip(frames.last_stats[b]["video"].items,
+                                                                        pre.last_stats[b]["video"].items)]
+        assert [(it.tokens_in, it.tokens_out) for it in stats["audio"].items] == \
+            [(it.tokens_in, it.tokens_out) for it in pre.last_stats[b]["audio"].items]
+        cols = torch.tensor(_expected_columns(ids, mask, stats, b))
+        real = short["attention_mask"][b].bool()
+        assert int(real.sum()) == cols.numel()
+        torch.testing.assert_close(short["position_ids"][-3:, b][:, real], full["position_ids"][-3:, b][:, cols],
+                                   atol=0, rtol=0)
+        audio_cols = torch.isin(ids[b][cols], torch.tensor([OMNI_AUDIO]))  # audio tokens pass the ViT-free path
+        torch.testing.assert_close(short["inputs_embeds"][b][real][audio_cols],
+                                   full["inputs_embeds"][b][cols][audio_cols], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("case", ["qwen2_5_omni", "qwen3_omni"])
+def test_frame_selection_plan_and_refusals(case):
+    """The plan: one item per clip, achievable counts of 1..t whole grids, one RGB frame per grid in [0, 1] (the
+    model's own patches un-normalised); calls without clips have no items; mm_encoder_outputs is refused."""
+    model = built(case)
+    adapter = adapter_for(model)
+    batch = INPUTS["av_interleaved"](model)
+    plan = adapter.input_plan(batch, "frames")
+    grids = batch["video_grid_thw"].tolist()
+    assert [it.tokens for it in plan] == [t * h * w // 4 for t, h, w in grids]
+    for it, (t, h, w) in zip(plan, grids):
+        assert it.achievable == tuple(j * h * w // 4 for j in range(1, t + 1))
+        v = model.config.vision_config
+        assert it.extra["frames"].shape == (t, 3, h * v.patch_size, w * v.patch_size)
+        assert float(it.extra["frames"].min()) >= 0.0 and float(it.extra["frames"].max()) <= 1.0
+    assert adapter.input_plan(INPUTS["audio"](model), "frames") == []
+    with pytest.raises(ValueError, match="mm_encoder_outputs"):
+        adapter.input_plan(dict(batch, mm_encoder_outputs={"video": object()}), "frames")
+    with pytest.raises(TypeError, match="cannot reduce its inputs by 'resolution'"):
+        adapter.input_plan(batch, "resolution")

@@ -98,7 +98,8 @@ def chain_stats(first: list[dict[str, ModalityStats]], second: list[dict[str, Mo
                 ) -> list[dict[str, ModalityStats]]:
     """One pipeline part's stats followed by the next part's (which saw the first one's output), item by item:
     ``tokens_in`` and ``grid`` from the first, ``tokens_out`` and ``stages`` from the second, ``source``/``index``
-    composed (tz.compose and the multi-stage methods)."""
+    composed (tz.compose and the multi-stage methods); an item of a modality the first part left alone is the second
+    part's."""
     per_sample: list[list[ItemStats]] = []
     for pre, post in zip(first, second):
         items: list[ItemStats] = []
@@ -114,5 +115,9 @@ def chain_stats(first: list[dict[str, ModalityStats]], second: list[dict[str, Mo
                 items.append(ItemStats(modality=mod, tokens_in=a.tokens_in, tokens_out=b.tokens_out, source=source,
                                        index=a.index.cpu()[b.index.cpu()], grid=a.grid, stages=list(b.stages),
                                        text_removed=a.text_removed + b.text_removed))
+        # a modality only the later part compresses (a frame selection, then a method for audio and video)
+        for mod, ms in post.items():
+            if mod not in pre:
+                items.extend(ms.items)
         per_sample.append(items)
     return summarize(per_sample)

@@ -72,8 +72,19 @@ thinker's); a patched ``model.generate(..., generation_mode="text")`` hands the 
 ``thinker.generate`` (the model passes unprefixed arguments on to it). Speech output (the talker) is not compressed.
 
 Stage "llm" (LLMAccess): each item's placeholder columns in the sequence (not contiguous for interleaved streams);
-after a pre-LLM method (``tz.compose``), the kept columns this adapter's ``rebuild`` recorded for the shortened
-prompt.
+after a pre-LLM method (``tz.compose``), the kept columns this adapter's ``rebuild`` recorded for THIS call's
+shortened prompt, taken first (the rebuilt call carries no audio features, and Qwen3-Omni's carries its visual
+tokens as ``mm_encoder_outputs``: items planned from its arguments would lose the audio), dropped in ``release()``.
+
+Stage "input", reduction ``"frames"`` (``tokenzip.base.FrameSelector``, video clips; images and audio pass whole):
+the unit is one temporal grid. :mod:`tokenzip.adapters.temporal_grids` makes the plan (one item per clip, one RGB
+frame per grid, un-normalised with the video processor's mean/std) and the call
+(:func:`~tokenzip.adapters.temporal_grids.gathered_frames_call`, as for Qwen2-VL): the kept grids' patch rows and
+``video_grid_thw``, the prompt less the dropped grids' video placeholders (a soundtrack interleaved with the clip
+stays whole, as do the markers), and every kept column at the position the FULL call's ``get_rope_index`` gives it
+(explicit ``[4, B, L']`` ``position_ids``, ``rope_deltas`` set): TMRoPE carries time in the temporal index, so the
+positions of the shortened prompt are never re-derived. The call keeps its media, so a pre-LLM or LLM-stage method
+can follow in ``tz.compose``.
 """
 
 from __future__ import annotations
@@ -82,6 +93,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.vision_utils import get_vision_window_index
 
 from .. import layout as L
@@ -91,8 +103,9 @@ from ..llm.adapter import LLMAccess
 from ..llm.hooks import LLMItem
 from ..output import CompressOutput
 from . import positions as P
+from . import temporal_grids as TG
 from .attention import ATTENTION_SIGNALS, attention_signals
-from .base import Adapter, Item, ModelParts
+from .base import Adapter, InputItem, Item, ModelParts
 from .placeholders import (
     check_grid,
     items_per_sample,
@@ -103,6 +116,7 @@ from .placeholders import (
     text_signals,
 )
 from .qwen2_vl import _LastBlockProbe
+from .resample import qwen_patch_spec
 from .speech import RAW_AUDIO, clip_frames, energy_speech, raw_waveforms, silero_speech
 
 MEL_PER_TOKEN = 4  # conv2 stride 2 x average pooling stride 2
@@ -470,18 +484,58 @@ class Qwen2_5OmniAdapter(LLMAccess, Adapter):
             llm.append(LLMItem(item.modality, item.sample, new_col[item.sample, kept], None))
         self._short = (ids, llm)
 
+    # ---- stage "input", reduction "frames" (module doc) ---------------------------------------------------------
+    input_reductions = ("frames",)
+    input_stage_note = "frames: video clips; images and audio pass whole"
+    # the video processor's normalisation (Qwen2.5-Omni's is Qwen2VLVideoProcessor: CLIP mean/std, rescale 1/255)
+    video_pixel_mean: tuple[float, float, float] = tuple(OPENAI_CLIP_MEAN)
+    video_pixel_std: tuple[float, float, float] = tuple(OPENAI_CLIP_STD)
+
+    def input_plan(self, kwargs: dict[str, Any], reduction: str) -> list[InputItem]:
+        """Each video clip with the counts of ``1 .. t`` kept temporal grids and one RGB frame per grid."""
+        input_ids = require_input_ids(kwargs)
+        if reduction not in self.input_reductions:
+            raise TypeError(self._no_input_stage(reduction))
+        if kwargs.get("mm_encoder_outputs"):
+            raise ValueError("pass pixel_values_videos, not mm_encoder_outputs, to a Qwen-Omni model compressed by "
+                             "frame selection (tokenzip selects the frames before the vision tower)")
+        grid = self._grid(kwargs, "video_grid_thw", "pixel_values_videos")
+        if grid is None:
+            return []
+        self._video_seconds(kwargs, grid.shape[0])
+        m = self.merge
+        return TG.frames_plan(input_ids, TG.clip_rows(kwargs["pixel_values_videos"], grid), grid, self.video_token_id,
+                              qwen_patch_spec(self, self.thinker.config.vision_config), self.video_pixel_mean,
+                              self.video_pixel_std, lambda t, h, w: L.frames(t, h // m, w // m))
+
+    @torch.no_grad()
+    def rescale_inputs(self, kwargs: dict[str, Any], reduction: str, items: list[InputItem], targets: list[int]
+                       ) -> tuple[dict[str, Any], list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The call with each clip's kept temporal grids, their placeholders only, at their full-call positions."""
+        if reduction not in self.input_reductions:
+            raise TypeError(self._no_input_stage(reduction))
+        grid = self._grid(kwargs, "video_grid_thw", "pixel_values_videos")
+        return TG.gathered_frames_call(self, kwargs, items, targets, grid,
+                                       pad_id_for(self.thinker.config, set(self.token.values())))
+
     # ---- stage "llm" --------------------------------------------------------------------------------------------
     def llm_items(self, kwargs: dict[str, Any]) -> list:
-        """Each item's placeholder columns (module doc), or [] for a call without media (a decoding step)."""
+        """Each item's placeholder columns (module doc), or [] for a call without media (a decoding step). A call this
+        adapter's ``rebuild`` made in this patched call (its shortened prompt and ``inputs_embeds``) takes the items
+        recorded there, before anything else: it no longer carries the audio features (they are in
+        ``inputs_embeds``), and on Qwen3-Omni it does carry the kept visual tokens as ``mm_encoder_outputs``, so
+        planning from its arguments would find the images/videos but lose every audio item."""
         ids = kwargs.get("input_ids")
         if ids is not None and ids.shape[1] == 1:
             return []
+        short = self._short
+        embeds = kwargs.get("inputs_embeds")
+        if short is not None and embeds is not None and tuple(embeds.shape[:2]) == tuple(short[0].shape) \
+                and (ids is None or torch.equal(ids, short[0])):
+            return list(short[1])
         if self._has_items(kwargs):
             return [LLMItem(p.modality, p.sample, p.slots, p.layout) for p in self._plan(kwargs)]
-        embeds = kwargs.get("inputs_embeds")
-        short = self._short
-        if embeds is None or short is None or tuple(embeds.shape[:2]) != tuple(short[0].shape):
-            return []
-        if ids is not None and not torch.equal(ids, short[0]):
-            return []
-        return list(short[1])
+        return []
+
+    def release(self) -> None:
+        self._short = None  # the shortened prompt belongs to the call that rebuilt it

@@ -10,9 +10,9 @@ through its ``thinker``): what differs from Qwen2.5-Omni (:mod:`tokenzip.adapter
   ``get_video_features`` also return per-level features that the text model adds to the visual tokens after its
   first decoder layers. A compressed item's deepstack rows follow its tokens: a kept token keeps its own rows, a
   merged token gets the mean of its members' rows (``CompressOutput.source``; uniform, where the method may weight
-  the tokens themselves). ``cls_attention`` / ``keys`` from the last block as for Qwen2-VL
-  (:class:`tokenzip.adapters.qwen2_vl._LastBlockProbe`), averaged over each 2x2 merge group, divided by the patches
-  of the image / frame.
+  the tokens themselves: :func:`tokenzip.adapters.merge_unit_vit.cut_rows`, as on Qwen3-VL). ``cls_attention`` /
+  ``keys`` from the last block as for Qwen2-VL (:class:`tokenzip.adapters.qwen2_vl._LastBlockProbe`), averaged over
+  each 2x2 merge group, divided by the patches of the image / frame.
 * **Positions** are floats (``get_rope_index`` builds float TMRoPE ids; ``position_id_per_seconds`` may be
   fractional) and, with ``use_audio_in_video``, video and audio tokens are interleaved one by one by time (the
   processor puts each video grid at its start time among the audio tokens); the ids are still gathered from the
@@ -22,8 +22,12 @@ through its ``thinker``): what differs from Qwen2.5-Omni (:mod:`tokenzip.adapter
   rows, which the model scatters at those slots (found from ``input_ids``, or at generate()'s prefill, which gets
   no ``input_ids``, by comparing embeddings with the placeholders') and uses for ``visual_pos_masks``.
 
-Stage "llm" is not offered: a decoder-layer cut before the last deepstack layer would also have to cut the deepstack
-rows and masks, which the LLM stage does not do for this model yet.
+Stage "llm" (as Qwen2.5-Omni's: each item's placeholder columns, or after a pre-LLM method the kept columns this
+adapter's ``rebuild`` recorded): DeepStack follows the shortened sequence inside the LLM
+(:class:`tokenzip.adapters.deepstack.DeepstackFollower`, shared with Qwen3-VL): after a stage at decoder layer ``K``
+a level added after a later layer goes only to the visual tokens still present, each its own row. The decoder's
+sparse MoE blocks route each token on its own, so the removed tokens change nothing for the kept ones but the
+attention they no longer receive.
 """
 
 from __future__ import annotations
@@ -31,12 +35,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from transformers.image_utils import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD
 from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import BaseModelOutputWithDeepstackFeatures
 
 from ..callstate import per_call
 from ..output import CompressOutput
 from .attention import ATTENTION_SIGNALS, attention_signals
 from .base import Item
+from .deepstack import DeepstackFollower
+from .merge_unit_vit import cut_rows
 from .qwen2_5_omni import Qwen2_5OmniAdapter
 from .speech import energy_speech, raw_waveforms, silero_speech
 
@@ -45,11 +52,16 @@ class Qwen3OmniAdapter(Qwen2_5OmniAdapter):
     model_classes = ("Qwen3OmniMoeThinkerForConditionalGeneration", "Qwen3OmniMoeForConditionalGeneration")
     # per-call state, per thread (tokenzip/callstate.py)
     _deepstack = per_call(factory=dict)
-    stages = ("pre_llm",)
+    stages = ("pre_llm", "llm")
     # the kept visual slots keep their placeholder embeddings: generate() hands the prefill inputs_embeds without
     # input_ids, and the model then finds the slots for mm_encoder_outputs by comparing embeddings with the
     # placeholder's
     visual_in_embeds = False
+    # stage "input" (frames): the normalisation of the Qwen3-VL video processor (ImageNet-standard 0.5 mean/std), the
+    # ViT Qwen3-Omni shares; the published Qwen3-Omni preprocessor config was not checked here (only the frames a
+    # frame selector sees depend on it, not the call it builds)
+    video_pixel_mean: tuple[float, float, float] = tuple(IMAGENET_STANDARD_MEAN)
+    video_pixel_std: tuple[float, float, float] = tuple(IMAGENET_STANDARD_STD)
 
     def _audio_token_counts(self, mel_frames: torch.Tensor) -> torch.Tensor:
         from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import _get_feat_extract_output_lengths
@@ -114,8 +126,7 @@ class Qwen3OmniAdapter(Qwen2_5OmniAdapter):
                     continue
                 order = torch.argsort(out.index[0])
                 tokens.append(out.tokens[0][order.to(out.tokens.device)])
-                rows = [_follow(d, out.source[0], out.tokens.shape[1])[order.to(d.device)]
-                        for d in item.extra["deepstack"]]
+                rows = [cut_rows(d, out)[order.to(d.device)] for d in item.extra["deepstack"]]
                 levels = [[r] for r in rows] if levels is None else [lv + [r] for lv, r in zip(levels, rows)]
             if tokens:
                 encoded[modality] = BaseModelOutputWithDeepstackFeatures(
@@ -124,14 +135,8 @@ class Qwen3OmniAdapter(Qwen2_5OmniAdapter):
             new["mm_encoder_outputs"] = encoded
         return new
 
-
-def _follow(rows: torch.Tensor, source: torch.Tensor, k: int) -> torch.Tensor:
-    """``[k, D]``: output token ``j``'s row, the mean of the input rows whose ``source`` is ``j`` (a kept token: its
-    own row)."""
-    source = source.to(rows.device)
-    valid = source >= 0
-    sums = torch.zeros(k, rows.shape[1], dtype=torch.float32, device=rows.device)
-    sums.index_add_(0, source[valid], rows[valid].float())
-    counts = torch.zeros(k, device=rows.device).index_add_(0, source[valid], torch.ones(int(valid.sum()),
-                                                                                      device=rows.device))
-    return (sums / counts.clamp(min=1)[:, None]).to(rows.dtype)
+    # ---- stage "llm" --------------------------------------------------------------------------------------------
+    def llm_runner_hooks(self, runner: Any) -> list[Any]:
+        """Called by the LLM-stage runner when it installs: DeepStack follows the runner's shortened sequence
+        (module doc). Returns handles the runner removes with its own."""
+        return [DeepstackFollower(self.text_model, runner)]

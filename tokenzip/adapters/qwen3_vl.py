@@ -33,12 +33,12 @@ Design:
   ``CompressOutput`` records groups, not weights, so where a method's output token is not the plain mean of its
   group (PruMerge+'s attention-weighted merge, ``bilinear``'s interpolated cells) the DeepStack rows are the plain
   mean of the same group: the same members, uniform weights.
-* **DeepStack inside the LLM** (stage "llm"): after a stage has shortened the sequence, the adapter's wrapper of the
-  text model's ``_deepstack_process`` (installed while an LLM-stage method is, :meth:`llm_runner_hooks`) adds each
-  level only at the visual tokens still present, each the row of the position it sits at (a token merged inside the
-  LLM: its representative's). This is exactly the stock model with the removed tokens hidden as keys from the stage
-  layer on (the LLM stage's reference semantics, tests/test_llm_stage.py), where every surviving position receives
-  its own rows.
+* **DeepStack inside the LLM** (stage "llm"): after a stage has shortened the sequence,
+  :class:`tokenzip.adapters.deepstack.DeepstackFollower` (shared with Qwen3-Omni; installed while an LLM-stage method
+  is, :meth:`llm_runner_hooks`) adds each level only at the visual tokens still present, each the row of the position
+  it sits at (a token merged inside the LLM: its representative's). This is exactly the stock model with the removed
+  tokens hidden as keys from the stage layer on (the LLM stage's reference semantics, tests/test_llm_stage.py),
+  where every surviving position receives its own rows.
 * **Positions**: the model's own ``get_rope_index`` on the full sequence (or the caller's ``position_ids``); each
   kept token keeps the placeholder slot of its representative (``CompressOutput.index``) — so a kept video token
   stays after its own timestamp — and therefore its column: kept columns are gathered, never re-derived. Passed as
@@ -98,6 +98,7 @@ from . import resample
 from . import temporal_grids as TG
 from .attention import ATTENTION_SIGNALS
 from .base import Adapter, Item, ModelParts
+from .deepstack import DeepstackFollower
 from .merge_unit_vit import ENCODER_SIGNALS, MergeUnitEncoderStage, VitPass, cut_rows
 from .placeholders import (
     check_grid,
@@ -109,30 +110,6 @@ from .placeholders import (
     text_signals,
 )
 from .probe import VisionBlockProbe
-
-
-class _DeepstackWrapper:
-    """Stage "llm": while an LLM-stage runner is installed, the text model's ``_deepstack_process`` adds each level
-    only at the visual tokens still present in the shortened sequence (module doc). ``remove()`` restores it."""
-
-    def __init__(self, text_model: torch.nn.Module, runner: Any):
-        self.text_model, self.runner = text_model, runner
-        self.original = text_model._deepstack_process
-        text_model._deepstack_process = self  # an instance attribute: the class method is untouched
-
-    def __call__(self, hidden: torch.Tensor, visual_pos_masks: torch.Tensor, visual_embeds: torch.Tensor):
-        pos = self.runner.current_positions()
-        if pos is None:  # full length: the model's own step
-            return self.original(hidden, visual_pos_masks, visual_embeds)
-        mask = visual_pos_masks.to(pos.device)
-        row_of = (mask.flatten().long().cumsum(0) - 1).view(mask.shape)  # each visual position's row in the level
-        safe = pos.clamp(min=0)
-        present = (pos >= 0) & torch.gather(mask, 1, safe)
-        rows = torch.gather(row_of, 1, safe)[present]
-        return self.original(hidden, present, visual_embeds[rows.to(visual_embeds.device)])
-
-    def remove(self) -> None:
-        self.text_model.__dict__.pop("_deepstack_process", None)
 
 
 class Qwen3VLAdapter(MergeUnitEncoderStage, LLMAccess, Adapter):
@@ -399,5 +376,5 @@ class Qwen3VLAdapter(MergeUnitEncoderStage, LLMAccess, Adapter):
     def llm_runner_hooks(self, runner: Any) -> list[Any]:
         """Called by the LLM-stage runner when it installs: DeepStack follows the runner's shortened sequence
         (module doc). Returns handles the runner removes with its own."""
-        return [_DeepstackWrapper(self.core.language_model, runner)]
+        return [DeepstackFollower(self.core.language_model, runner)]
 

@@ -43,9 +43,10 @@ temporal grid (``temporal_patch_size`` frames share a patch, so no smaller unit 
 ``video_pixel_mean``/``video_pixel_std``: the CLIP values of ``Qwen2VLVideoProcessor``). ``video_rescale_inputs``
 keeps each clip's chosen grids (``InputItem.keep``): their patch rows of ``pixel_values_videos`` (a grid's patches
 are contiguous), ``video_grid_thw`` with the kept count, and exactly the kept grids' ``<|video_pad|>`` columns of
-the prompt. The ViT attends within a temporal grid (and its windows) and a patch's rotary position does not depend
-on its grid, so a kept grid's tokens are the tokens the full clip gives it; and every kept column keeps the M-RoPE
-position the full sequence gives it (explicit ``position_ids`` gathered from ``get_rope_index`` of the uncompressed
+the prompt (:func:`~tokenzip.adapters.temporal_grids.gathered_frames_call`, shared with the Omni adapters). The
+ViT attends within a temporal grid (and its windows) and a patch's rotary position does not depend on its grid, so
+a kept grid's tokens are the tokens the full clip gives it; and every kept column keeps the M-RoPE position the full
+sequence gives it (explicit ``position_ids`` gathered from ``get_rope_index`` of the uncompressed
 call, ``second_per_grid_ts`` included), so a kept grid keeps its place in time and the text after the clip its
 position. The call still carries pixels: an encoder-stage or pre-LLM method can follow in ``tz.compose``, and it
 keeps these positions (``position_ids`` are the caller's to it). Clips may keep different counts; images pass
@@ -62,7 +63,6 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from .. import layout as L
 from ..llm.adapter import placeholder_items
-from . import positions as P
 from . import temporal_grids as TG
 from .base import InputItem, Item
 from .placeholders import (
@@ -70,9 +70,7 @@ from .placeholders import (
     item_starts,
     items_per_sample,
     pad_id_for,
-    padding_side,
     require_input_ids,
-    shrink_sequences,
 )
 from .resample import qwen_patch_spec
 
@@ -219,23 +217,5 @@ class QwenVideo:
                              ) -> tuple[dict[str, Any], list[tuple[torch.Tensor, torch.Tensor]]]:
         """The call with only each clip's kept temporal grids, their placeholder columns and their full-sequence
         positions (module doc); per clip the ``(source, index)`` map of kept tokens to the original ones."""
-        grid = self.media_grid(kwargs, VIDEO)
-        kept = TG.keep_grids(items, targets, TG.clip_rows(kwargs["pixel_values_videos"], grid), self.merge)
-        input_ids = kwargs["input_ids"]
-        positions = self._original_positions(kwargs)  # type: ignore[attr-defined]  # the uncompressed call's
-        keep_mask = torch.ones_like(input_ids, dtype=torch.bool)
-        for it, cols, (source, _) in zip(items, TG.slots_of(input_ids, self.video_token_id, items), kept.maps):
-            keep_mask[it.sample, cols[(source < 0).to(cols.device)]] = False
-        call = {key: v for key, v in kwargs.items() if key != "position_ids"}
-        new = shrink_sequences(call, keep_mask, pad_id_for(self.model.config, {self.image_token_id,
-                                                                              self.video_token_id}))
-        mask = kwargs.get("attention_mask")
-        valid = keep_mask & (torch.ones_like(keep_mask) if mask is None else mask.bool())
-        new_pos = P.pack(positions, valid, padding_side(mask), new["input_ids"].shape[1])
-        if positions.shape[0] == 4:  # row 0 only builds the causal mask: contiguous over the new sequence
-            new_pos[0] = P.text_row(new["attention_mask"], new_pos.dtype)
-        self.core.rope_deltas = P.rope_deltas(new_pos[-3:], new["attention_mask"])
-        new["position_ids"] = new_pos[0] if positions.shape[0] == 1 else new_pos
-        new["pixel_values_videos"] = kept.pixels
-        new["video_grid_thw"] = torch.tensor(kept.grid, dtype=grid.dtype, device=grid.device)
-        return new, kept.maps
+        return TG.gathered_frames_call(self, kwargs, items, targets, self.media_grid(kwargs, VIDEO),
+                                       pad_id_for(self.model.config, {self.image_token_id, self.video_token_id}))

@@ -168,8 +168,10 @@ def _check_reduction(adapter: "Adapter", reduction: str) -> None:
         raise TypeError(adapter._no_input_stage(reduction))
 
 
-def qwen_patch_spec(adapter: Any) -> PatchSpec:
-    v = adapter.model.config.vision_config
+def qwen_patch_spec(adapter: Any, vision_config: Any = None) -> PatchSpec:
+    """The adapter's patch layout, from ``vision_config`` (default: ``adapter.model.config.vision_config``; an Omni
+    model's lives in its thinker's config)."""
+    v = adapter.model.config.vision_config if vision_config is None else vision_config
     return PatchSpec(channels=int(v.in_channels), temporal=int(v.temporal_patch_size), patch=int(v.patch_size),
                      merge=adapter.merge)
 

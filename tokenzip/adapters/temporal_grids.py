@@ -13,9 +13,11 @@ contiguous), and its ``t * h * w / merge**2`` LLM tokens too (``h * w / merge**2
   mean/std, which the adapter states).
 * :func:`keep_grids`: each clip's kept grids (``InputItem.keep``): their patch rows, the new ``video_grid_thw``, the
   ``(source, index)`` token map and which of the clip's tokens are gone.
-* Where the prompt is edited is the model's: Qwen2-VL's clip is one run of placeholders (the dropped grids'
-  placeholders go, positions are gathered). The others write each temporal grid as its own block with its
-  timestamp text, and a dropped grid's block goes whole (:func:`timestamped_frames_plan` /
+* Where the prompt is edited is the model's. Where time is a position index (Qwen2-VL / Qwen2.5-VL: the temporal
+  M-RoPE index; Qwen2.5-Omni / Qwen3-Omni: TMRoPE), the dropped grids' placeholders go and nothing else, and every
+  kept column keeps the position the FULL call gives it (:func:`gathered_frames_call`, shared by those adapters; an
+  Omni clip's soundtrack interleaved with it stays whole). The others write each temporal grid as its own block with
+  its timestamp text, and a dropped grid's block goes whole (:func:`timestamped_frames_plan` /
   :func:`timestamped_frames_call` are that whole stage). Where the timestamp sits is the processor's, so the span
   finder is the adapter's declaration (``frame_block_spans``, a :data:`SpanFinder`):
 
@@ -33,8 +35,9 @@ from typing import Any, Callable
 import torch
 
 from .. import layout as L
+from . import positions as P
 from .base import InputItem
-from .placeholders import items_per_sample, pad_id_for, shrink_sequences
+from .placeholders import items_per_sample, pad_id_for, padding_side, shrink_sequences
 from .resample import PatchSpec, qwen_patch_spec, unpatchify
 
 
@@ -215,6 +218,39 @@ def slots_of(input_ids: torch.Tensor, token_id: int, items: list[Any]) -> list[t
         out.append(where[b][cursor[b]: cursor[b] + it.tokens])
         cursor[b] += it.tokens
     return out
+
+
+# ---- the stage where time is a position index (Qwen2-VL, Qwen2.5-VL, Qwen2.5-Omni, Qwen3-Omni) --------------------
+def gathered_frames_call(adapter: Any, kwargs: dict[str, Any], items: list[InputItem], targets: list[int],
+                         grid: torch.Tensor, pad_token_id: int
+                         ) -> tuple[dict[str, Any], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The call with each clip's kept temporal grids (:func:`keep_grids`) on a model whose positions carry time: the
+    dropped grids' placeholder columns leave the prompt (nothing else does: markers, text and an interleaved
+    soundtrack stay), and every kept column keeps the position the FULL call gives it, gathered from
+    ``adapter._original_positions(kwargs)`` (the caller's ``position_ids``, else the installed model's own
+    ``get_rope_index`` on the uncompressed sequence) and passed explicitly (``[P, B, L']``; with 4 rows, row 0 is
+    contiguous over the new sequence: it only builds the causal mask), never re-derived from the shortened prompt.
+    ``adapter.core.rope_deltas`` is set to ``max position + 1 - kept length`` per sample, so decoding continues where
+    the uncompressed model would. ``adapter``: ``video_token_id``, ``merge``, ``core``, ``_original_positions``.
+    Returns the call and, per clip, its ``(source, index)`` token map."""
+    kept = keep_grids(items, targets, clip_rows(kwargs["pixel_values_videos"], grid), adapter.merge)
+    input_ids = kwargs["input_ids"]
+    positions = adapter._original_positions(kwargs)
+    keep = torch.ones_like(input_ids, dtype=torch.bool)
+    for it, cols, (source, _) in zip(items, slots_of(input_ids, adapter.video_token_id, items), kept.maps):
+        keep[it.sample, cols[(source < 0).to(cols.device)]] = False
+    call = {key: v for key, v in kwargs.items() if key != "position_ids"}
+    new = shrink_sequences(call, keep, pad_token_id)
+    mask = kwargs.get("attention_mask")
+    valid = keep & (torch.ones_like(keep) if mask is None else mask.bool())
+    new_pos = P.pack(positions, valid, padding_side(mask), new["input_ids"].shape[1])
+    if positions.shape[0] == 4:
+        new_pos[0] = P.text_row(new["attention_mask"], new_pos.dtype)
+    adapter.core.rope_deltas = P.rope_deltas(new_pos[-3:], new["attention_mask"])
+    new["position_ids"] = new_pos[0] if positions.shape[0] == 1 else new_pos
+    new["pixel_values_videos"] = kept.pixels
+    new["video_grid_thw"] = torch.tensor(kept.grid, dtype=grid.dtype, device=grid.device)
+    return new, kept.maps
 
 
 # ---- the stage on clips whose temporal grids are timestamped blocks (Qwen3-VL, Qwen3.5, GLM-4.1V) ------------------
