@@ -582,3 +582,38 @@ def test_token_level_fidelity_and_encoder_stage_rows(tmp_path):
     assert plot_token_fidelity(rows, str(tmp_path / "t.png")) and (tmp_path / "t.png").stat().st_size > 0
     table = quality_table(rows)
     assert "token cosine" in table and "| tome@encoder1 | 0.50 | 16→8 |" in table
+
+
+def test_kept_set_fidelity_through_the_model_every_stage():
+    """run_model_fidelity: every stage's kept set (pre-LLM, an encoder schedule, inside the LLM, several stages)
+    read in the tower's own feature space, on the tiny preset (its CLIP tower stands in for DINOv2 here)."""
+    import numpy as np
+
+    from tokenzip.bench.fidelity import kept_set_features, run_model_fidelity
+
+    # the kept set by hand: patches 0 and 1 merged into slot 1, patch 2 kept in slot 0, patch 3 dropped
+    full = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0], [-1.0, 0.0]])
+    torch.testing.assert_close(kept_set_features(full, torch.tensor([1, 1, 0, -1])),
+                               torch.tensor([[2.0, 2.0], [0.5, 0.5]]))
+    assert kept_set_features(full, torch.tensor([-1, -1, -1, -1])).shape == (0, 2)
+
+    built = build("tiny")
+    tower = built.model.model.vision_tower
+    rng = np.random.default_rng(0)
+    images = [(f"noise{i}", rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for i in range(3)]
+    names = ["random", "tome", "auroracap", "fastv", "mustdrop", "vtw"]
+    rows = run_model_fidelity(built.model, built.processor, names, [1.0, 0.5], dino=tower, images=images)
+    done = {(r["method"], r["retain"]): r for r in rows if "skipped" not in r}
+    for name in ("random", "tome", "auroracap", "fastv", "mustdrop", "vtw"):
+        r = done[(name, 1.0)]
+        assert r["cosine"] == pytest.approx(1.0, abs=1e-5) and r["token_cosine"] == pytest.approx(1.0, abs=1e-5)
+        assert r["tokens_in"] == 16 and r["tokens_out"] == 16 and r["n_images"] == 3
+    for name in ("random", "tome", "auroracap", "fastv", "mustdrop"):
+        assert done[(name, 0.5)]["tokens_out"] == 8
+    assert done[("random", 0.5)]["dropped_fraction"] == pytest.approx(0.5)
+    assert done[("fastv", 0.5)]["dropped_fraction"] == pytest.approx(0.5)  # inside the LLM: what is left after it
+    assert done[("fastv", 0.5)]["token_cosine_kept"] == pytest.approx(1.0, abs=1e-5)
+    # merges represent every patch, also through a schedule of encoder cuts (stats over the tower's patches)
+    assert done[("tome", 0.5)]["dropped_fraction"] == 0.0 and done[("auroracap", 0.5)]["dropped_fraction"] == 0.0
+    assert [(r["method"], r["retain"], r["skipped"]) for r in rows if "skipped" in r] == [
+        ("vtw", 0.5, "keeps no visual token at retain 0.5 (nothing to compare)")]

@@ -127,6 +127,9 @@ def test_in_encoder_schedule_meets_the_budget_at_every_cut(method):
     assert set(seen) == {10}
     stats = c.last_stats[0]["audio"]
     assert stats.tokens_in == 40 and stats.tokens_out == 10
+    for it in stats.items:  # the source/index of a schedule refer to the encoder's 40 frames
+        assert it.source.shape == (40,) and int(it.source.max()) == 9 and it.index.shape == (10,)
+        assert torch.equal(it.source[it.index], torch.arange(10))
     last = masks[-1]
     if last is not None:  # merging methods: every kept frame is counted once in the sizes
         assert last.shape == (inputs["input_features"].shape[0], 1, 1, 10)

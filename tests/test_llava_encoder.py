@@ -130,6 +130,10 @@ def test_schedule_shrinks_at_each_cut_with_sizes_carried(deep):
         assert torch.allclose(sizes.sum(-1), torch.full((sizes.shape[0],), 17.0))  # ToMe merges: sizes add up
         assert torch.equal(sizes[:, 0], torch.ones(sizes.shape[0]))  # [CLS] stands for itself
     assert all(it.tokens_in == 16 and it.tokens_out == 4 for s in c.last_stats for it in s["image"].items)
+    for it in (it for s in c.last_stats for it in s["image"].items):  # stats over the tower's 16 patches
+        assert it.source.shape == (16,) and sorted(set(it.source.tolist())) == [0, 1, 2, 3]  # merges: none dropped
+        assert list(it.grid) == [(4, 4)] and it.index.shape == (4,)
+        assert torch.equal(it.source[it.index], torch.arange(4))  # each output's representative is one of its own
 
 
 def test_schedule_selection_equals_the_stock_layers_on_the_kept_tokens(deep):

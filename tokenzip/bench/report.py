@@ -191,6 +191,29 @@ def quality_table(quality: list[dict[str, Any]]) -> str:
     return _table(headers, body)
 
 
+def side_by_side_table(rows: list[dict[str, Any]], kept: list[dict[str, Any]], quality: list[dict[str, Any]]) -> str:
+    """Every method's time and kept-set fidelity (:func:`tokenzip.bench.fidelity.run_model_fidelity`) side by side,
+    with the bare-encoder token cosine (:func:`tokenzip.bench.fidelity.run_fidelity`) where that exists, sorted by
+    the kept set's mean token cosine (dropped → nearest)."""
+    headers = ["method", "stage", "retain", "tokens", "TTFT s", "speed-up", "oracle speed-up",
+               "kept set: cosine (mean)", "NN agreement", "self-retrieval", "token cosine (dropped → nearest)",
+               "bare encoder: token cosine (dropped → nearest)"]
+    timed = {(r["method"], round(float(r["retain"]), 6)): r for r in rows}
+    bare = {(q["method"], round(float(q["retain"]), 6)): q for q in quality if "skipped" not in q}
+    body = []
+    for q in sorted((q for q in kept if "skipped" not in q),
+                    key=lambda q: (-q["token_cosine_nearest"], q["method"], -q["retain"])):
+        key = (q["method"], round(float(q["retain"]), 6))
+        t = timed.get(key, {})
+        b = bare.get(key, {})
+        body.append([q["method"], str(t.get("stage", "–")), _fmt(q["retain"], 2),
+                     _tokens_cell(t) if t else f"{q['tokens_in']}→{q['tokens_out']}", _fmt(t.get("ttft_s")),
+                     _fmt(t.get("speedup"), 2), _fmt(t.get("oracle_speedup"), 2), _fmt(q["cosine"]),
+                     _fmt(q["nn_agreement"], 2), _fmt(q["self_retrieval"], 2), _fmt(q["token_cosine_nearest"]),
+                     _fmt(b.get("token_cosine_nearest"))])
+    return _table(headers, body)
+
+
 def accuracy_table(acc: list[dict[str, Any]]) -> str:
     headers = ["method", "retain", "n", "exact match", "MC accuracy"]
     body = [[a["method"], _fmt(a["retain"], 2), str(a["n"]), _fmt(a.get("exact_match"), 3),
@@ -395,6 +418,10 @@ def write_outputs(result: dict[str, Any], out: str) -> None:
         with open(os.path.join(out, "quality.jsonl"), "w") as f:
             for q in result["quality"]:
                 f.write(json.dumps(q, default=str) + "\n")
+    if result.get("kept_quality"):
+        with open(os.path.join(out, "kept_quality.jsonl"), "w") as f:
+            for q in result["kept_quality"]:
+                f.write(json.dumps(q, default=str) + "\n")
     if result.get("accuracy"):
         with open(os.path.join(out, "accuracy.jsonl"), "w") as f:
             for a in result["accuracy"]:
@@ -490,7 +517,22 @@ def render(result: dict[str, Any], has_quality_plot: bool = False, has_pareto: b
         imgs = next((x.get("images") for x in q if x.get("images")), None)
         if imgs:
             lines += ["Images: " + ", ".join(imgs), ""]
-    elif result.get("quality_note"):
+    kq = result.get("kept_quality") or []
+    if any("skipped" not in x for x in kq):
+        lines += ["## Every method side by side: time and the kept set's DINOv2-S/14 fidelity", "",
+                  "The model's image tower is DINOv2-S/14 (real weights): every method above ran through the model "
+                  "on the same real images and prompt, and what it kept (for a method inside the LLM: the visual "
+                  "tokens left after its last pruning step; a merged group: its members' mean) is read in "
+                  "DINOv2-S/14's final feature space (`run_model_fidelity` in `tokenzip/bench/fidelity.py`). Metrics "
+                  "as in the quality table; a dropped patch counts its best cosine to a kept slot. Methods that rank "
+                  "with the LLM or the prompt choose through dinov2-llava's untrained projector: mechanics of this "
+                  "model, not of a trained MLLM. Last column: the same method on the bare tower (its own merged "
+                  "features; – where it needs LLM-side signals or acts inside the LLM). Time columns: the sweep "
+                  "above.", "", side_by_side_table(rows, kq, q), ""]
+        sk = [x for x in kq if "skipped" in x]
+        if sk:
+            lines += ["No kept set: " + "; ".join(f"`{x['method']}` ({x['skipped']})" for x in sk), ""]
+    if not q and result.get("quality_note"):
         lines += [f"Quality: not measured ({result['quality_note']}).", ""]
     ev = result.get("events") or []
     if ev:

@@ -121,6 +121,7 @@ def run_bench(cfg: BenchConfig, built: Built | None = None) -> dict[str, Any]:
     elapsed = time.perf_counter() - t0
 
     quality: list[dict[str, Any]] = []
+    kept_quality: list[dict[str, Any]] = []
     q_note = ""
     t1 = time.perf_counter()
     parts = quality_parts(cfg.quality)
@@ -137,6 +138,11 @@ def run_bench(cfg: BenchConfig, built: Built | None = None) -> dict[str, Any]:
             else:
                 quality = fidelity.run_fidelity(names, cfg.retain, n_images=cfg.quality_images, rank=ctx.rank,
                                                 world=ctx.world, progress=cfg.progress and ctx.rank == 0)
+                if built.preset in fidelity.DINOV2_TOWER_MODELS:  # every method, through the model (any stage)
+                    kept_quality = fidelity.run_model_fidelity(
+                        built.model, built.processor, [n for n, _ in methods], cfg.retain,
+                        n_images=cfg.quality_images, rank=ctx.rank, world=ctx.world,
+                        progress=cfg.progress and ctx.rank == 0)
         except fidelity.Unavailable as e:
             if "dinov2" in parts:
                 raise
@@ -160,7 +166,8 @@ def run_bench(cfg: BenchConfig, built: Built | None = None) -> dict[str, Any]:
         accuracy = run_task_sweep(built, cfg.task, methods, cfg.retain, limit=cfg.task_limit, rank=ctx.rank,
                                   world=ctx.world, new_tokens=16)
 
-    gathered = dist.gather(ctx, {"rows": rows, "quality": quality, "accuracy": accuracy, "events": events,
+    gathered = dist.gather(ctx, {"rows": rows, "quality": quality, "kept_quality": kept_quality,
+                                 "accuracy": accuracy, "events": events,
                                  "elapsed": elapsed,
                                  "quality_elapsed": time.perf_counter() - t1, "failed": failed})
     env = environment(built, cfg, ctx.world)
@@ -170,6 +177,7 @@ def run_bench(cfg: BenchConfig, built: Built | None = None) -> dict[str, Any]:
         return {"rows": rows, "env": env, "skipped": skipped, "quality": quality}
     all_rows = [r for g in gathered for r in g["rows"]]
     all_quality = [r for g in gathered for r in g["quality"]]
+    all_kept_quality = [r for g in gathered for r in g["kept_quality"]]
     all_acc = [r for g in gathered for r in g["accuracy"]]
     for g in gathered:
         skipped.update(g["failed"])
@@ -185,7 +193,8 @@ def run_bench(cfg: BenchConfig, built: Built | None = None) -> dict[str, Any]:
         from .events import merge_event_rows
 
         all_events = merge_event_rows([r for g in gathered for r in g["events"]], cfg.event_frames)
-    result = {"rows": all_rows, "env": env, "skipped": skipped, "quality": all_quality, "accuracy": all_acc,
+    result = {"rows": all_rows, "env": env, "skipped": skipped, "quality": all_quality,
+              "kept_quality": all_kept_quality, "accuracy": all_acc,
               "events": all_events, "media": built.media,
               "quality_note": q_note, "elapsed_s": max(g["elapsed"] for g in gathered),
               "quality_elapsed_s": max(g["quality_elapsed"] for g in gathered),

@@ -27,24 +27,28 @@ def instruction_relevance(projected: torch.Tensor, text: torch.Tensor, mask: tor
     return (r - r.min() + EPS) / (r.max() - r.min() + EPS)
 
 
-def greedy_dpp_map(kernel: torch.Tensor, k: int, fallback: torch.Tensor, floor: float = 1e-9) -> torch.Tensor:
-    """Greedy MAP inference of a DPP with kernel ``kernel`` ``[N, N]`` (positive semi-definite), ``k`` picks in
-    order, by the incremental Cholesky update of Chen et al. ("Fast Greedy MAP Inference for Determinantal Point
-    Process to Improve Recommendation Diversity", NeurIPS 2018): each pick is the item of largest marginal gain
-    ``d_j^2`` (the log-determinant gain), ties to the earliest. When every remaining gain is at most ``floor`` times
-    the largest diagonal entry (the kernel's rank is exhausted, e.g. duplicated tokens or fewer feature dimensions
-    than picks: what is left is rounding noise), the remaining picks go by ``fallback`` ``[N]`` (higher first, ties
-    to the earliest). Computed in float64."""
+def greedy_dpp_map(kernel: torch.Tensor, k: int, fallback: torch.Tensor, floor: float = 1e-9,
+                   tie: float = 1e-6) -> torch.Tensor:
+    """Greedy MAP inference of a DPP with kernel ``kernel`` ``[N, N]`` (positive semi-definite), ``k`` picks in order,
+    by the incremental Cholesky update of Chen et al. ("Fast Greedy MAP Inference for Determinantal Point Process to
+    Improve Recommendation Diversity", NeurIPS 2018): each pick is the item of largest marginal gain ``d_j^2`` (the
+    log-determinant gain), ties to the earliest: gains within ``tie`` times the largest diagonal entry of the best one
+    count as tied (duplicated tokens have equal gains only up to rounding, and features that differ by float32 rounding,
+    e.g. SDPA vs eager attention upstream, must not pick differently). When every remaining gain is at most ``floor``
+    times the largest diagonal entry (the kernel's rank is exhausted, e.g. duplicated tokens or fewer feature dimensions
+    than picks: what is left is rounding noise), the remaining picks go by ``fallback`` ``[N]`` (higher first, ties to
+    the earliest). Computed in float64."""
     n = kernel.shape[0]
     kernel = kernel.double()
     gains = torch.diagonal(kernel).clone()
-    floor = floor * float(gains.max().clamp(min=0))
+    scale = float(gains.max().clamp(min=0))
+    floor, tie = floor * scale, tie * scale
     chol = torch.zeros(k, n, dtype=kernel.dtype, device=kernel.device)
     picked = torch.zeros(n, dtype=torch.bool, device=kernel.device)
     order: list[int] = []
     for i in range(k):
         masked = gains.masked_fill(picked, float("-inf"))
-        j = int(torch.argmax(masked))  # the first maximum
+        j = int((masked >= masked.max() - tie).nonzero()[0])  # the first of the (near-)maxima
         if float(masked[j]) <= floor:
             rest = ops.stable_topk(fallback.float().masked_fill(picked, float("-inf")).unsqueeze(0), k - i)[0]
             order.extend(int(r) for r in rest)
