@@ -328,8 +328,9 @@ def test_video_pixels_of_two_equal_frames_are_the_image_processors():
     torch.testing.assert_close(pixels, ref["pixel_values"].float(), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("stage", ["pre_llm", "encoder"])
 @pytest.mark.parametrize("case", ["qwen2_5_omni", "qwen3_omni"])
-def test_full_model_generates_text_through_its_thinker(case):
+def test_full_model_generates_text_through_its_thinker(case, stage):
     """``Qwen2_5OmniForConditionalGeneration`` / ``Qwen3OmniMoeForConditionalGeneration`` (thinker + talker) in text
     mode: the adapter compresses for its thinker and the compressed generation equals the thinker's own.
     Qwen2.5-Omni in transformers 5.23-5.24 reads ``self.talker.codec_pad_token`` and the speaker map even in text
@@ -355,6 +356,7 @@ def test_full_model_generates_text_through_its_thinker(case):
     outs = []
     for model, kw in ((thinker, {"max_new_tokens": 4}), (full, text_mode)):
         c = tz.get("random", retain=0.4)
+        c = c if stage == "pre_llm" else tz.InEncoder(c, layer=1)  # stage "encoder": inside the audio tower
         with c(model):
             outs.append(model.generate(**batch, do_sample=False, **kw))
         outs.append(_sources(c.last_stats))

@@ -64,8 +64,8 @@ class InEncoder(Compressor):
     units only (PixelPrune, :class:`tokenzip.methods.pixelprune.PixelPrune`).
 
     Supported by adapters that list stage ``"encoder"`` (Whisper, LLaVA-1.5's CLIP or DINOv2 tower, LLaVA-OneVision's
-    SigLIP, the Qwen2-VL/2.5-VL ViT); every cut must leave at least one encoder layer after it (checked when the
-    patch is created, with a ValueError naming the valid range).
+    SigLIP, the Qwen2-VL/2.5-VL ViT, the audio towers of Qwen2.5-Omni and Qwen3-Omni, ...); every cut must leave at
+    least one encoder layer after it (checked when the patch is created, with a ValueError naming the valid range).
     """
 
     def __init__(self, method: Compressor, layer: int | str | tuple, schedule: str = "ratio"):

@@ -640,17 +640,18 @@ OMNI_AUDIO_LENGTHS = [80, 128, 100, 156, 68]
 OMNI_VIDEO_GRIDS = [(3, 4, 8), (2, 4, 4), (4, 4, 4), (3, 8, 4)]
 
 
-def tiny_qwen2_5_omni(attn_implementation: str = "sdpa", seed: int = 0) -> torch.nn.Module:
-    """Qwen2.5-Omni thinker: audio encoder (16 mel bins, 2 layers, 50-frame attention windows), 3-block ViT with
-    window attention (last block windowed, as in the Qwen2.5-VL case), 2-layer TMRoPE LLM of width 32; the real
-    checkpoints' 25 position ids per second and 2-s chunks; special ids remapped into a 128-token vocabulary."""
+def tiny_qwen2_5_omni(attn_implementation: str = "sdpa", seed: int = 0, audio_layers: int = 2) -> torch.nn.Module:
+    """Qwen2.5-Omni thinker: audio encoder (16 mel bins, ``audio_layers`` layers, 50-frame attention windows: 25
+    encoder frames, so some pooled pairs straddle two windows), 3-block ViT with window attention (last block
+    windowed, as in the Qwen2.5-VL case), 2-layer TMRoPE LLM of width 32; the real checkpoints' 25 position ids per
+    second and 2-s chunks; special ids remapped into a 128-token vocabulary."""
     from transformers import Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration
 
     text = dict(_qwen_vl_text_config())
     vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=4, temporal_patch_size=2,
                   spatial_merge_size=2, window_size=16, out_hidden_size=32, fullatt_block_indexes=[1])
-    audio = dict(num_mel_bins=OMNI_MEL, d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64,
-                 output_dim=32, n_window=25, max_source_positions=200)
+    audio = dict(num_mel_bins=OMNI_MEL, d_model=32, encoder_layers=audio_layers, encoder_attention_heads=4,
+                 encoder_ffn_dim=64, output_dim=32, n_window=25, max_source_positions=200)
     cfg = Qwen2_5OmniThinkerConfig(
         audio_config=audio, vision_config=vision, text_config=text, audio_token_index=OMNI_AUDIO,
         image_token_index=OMNI_IMAGE, video_token_index=OMNI_VIDEO, audio_start_token_id=OMNI_AUDIO_START,

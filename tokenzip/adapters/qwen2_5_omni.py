@@ -85,6 +85,27 @@ stays whole, as do the markers), and every kept column at the position the FULL 
 (explicit ``[4, B, L']`` ``position_ids``, ``rope_deltas`` set): TMRoPE carries time in the temporal index, so the
 positions of the shortened prompt are never re-derived. The call keeps its media, so a pre-LLM or LLM-stage method
 can follow in ``tz.compose``.
+
+Stage "encoder" (audio tower; ``tz.InEncoder(method, layer=L)`` or a schedule of cuts; the cuts count the audio
+tower's layers, ``encoder_depth()``): :mod:`tokenzip.adapters.omni_audio_tower`. The model's own audio pass
+(``get_audio_features``) is stopped after layer ``L - 1``; the unit the method compresses is one pooled pair of
+encoder frames (the model's ``get_pool_indices``: one LLM token), per clip ``[n, 2 * D]`` (the pair's two frame states
+concatenated) with layout ``audio(n)``, ``n`` the clip's LLM tokens, so the budget is counted in LLM tokens exactly as
+at stage ``pre_llm``; a kept unit keeps both frames, merged units are averaged frame by frame (size-weighted). A
+clip's last frame when its frame count is odd is in no pair: the model's pooling never reads it, but its window-mates
+attend to it, so it is carried along uncompressed (retain=1.0 is exact, down to the audio tokens). Layers ``L`` ...
+last are the model's own layer modules on the frames left, each frame in its ORIGINAL attention window (``cu_seqlens``
+recomputed per window from the frames left; a merged unit in its representative's, its first member's, windows); the
+audio attention takes no mask, so there is no proportional attention (a merged unit is a plain average there, as on
+the Qwen-VL ViTs). Then the model's pair mean, ``ln_post`` and ``proj`` on every kept unit of the call at once, and
+``rebuild`` writes each token at its representative unit's placeholder, as at stage ``pre_llm`` (after a schedule's
+earlier cuts an item's ``slots`` / ``positions`` / ``seconds`` / ``chunk`` are those of the units left, at their
+representatives). Signals at the cut come from layer ``L - 1``: ``cls_attention`` / ``keys`` as at the tower's output
+(that layer's q/k over each clip's frames left as one full sequence, per pair summed / averaged), ``speech`` (per
+original unit; after an earlier cut of a schedule the mean over the units a unit stands for), ``text`` /
+``text_mask``; not ``projected`` (``proj`` has not run). Images and videos of the same call are not cut inside the
+ViT: the method compresses them at the vision tower's output, as at stage ``pre_llm``, or passes them whole when it
+does not take their modality (and an audio clip passes whole through the tower when the method does not take audio).
 """
 
 from __future__ import annotations
@@ -104,8 +125,9 @@ from ..llm.hooks import LLMItem
 from ..output import CompressOutput
 from . import positions as P
 from . import temporal_grids as TG
-from .attention import ATTENTION_SIGNALS, attention_signals
+from .attention import ATTENTION_SIGNALS
 from .base import Adapter, InputItem, Item, ModelParts
+from .omni_audio_tower import AudioTowerStage, unit_signals
 from .placeholders import (
     check_grid,
     items_per_sample,
@@ -137,12 +159,12 @@ class _Plan:
     source: int  # index among the call's items of that modality (clip / image / video number)
 
 
-class Qwen2_5OmniAdapter(LLMAccess, Adapter):
+class Qwen2_5OmniAdapter(AudioTowerStage, LLMAccess, Adapter):
     model_classes = ("Qwen2_5OmniThinkerForConditionalGeneration", "Qwen2_5OmniForConditionalGeneration")
     modalities = ("image", "video", "audio")
     # per-call state, per thread (tokenzip/callstate.py)
     _short = per_call()
-    stages = ("pre_llm", "llm")
+    stages = ("pre_llm", "encoder", "llm")
     signals = frozenset({"cls_attention", "keys", "projected", "text", "text_mask", "speech"})
     # whether rebuild writes image/video tokens into inputs_embeds (Qwen3-Omni: they go through mm_encoder_outputs)
     visual_in_embeds = True
@@ -297,7 +319,11 @@ class Qwen2_5OmniAdapter(LLMAccess, Adapter):
         positions = self._original_positions(kwargs)[-3:]
         feats: dict[str, list[torch.Tensor]] = {}
         signals: dict[str, list[dict[str, torch.Tensor]]] = {}
-        if kwargs.get("input_features") is not None:
+        audio_extra: list[dict[str, Any]] = []
+        if kwargs.get("input_features") is not None and self.audio_cuts is not None:  # stage "encoder"
+            owners = [p.sample for p in sorted((p for p in plans if p.modality == "audio"), key=lambda p: p.source)]
+            feats["audio"], signals["audio"], audio_extra = self._encode_audio_in_tower(kwargs, needs, owners)
+        elif kwargs.get("input_features") is not None:
             feats["audio"], signals["audio"] = self._encode_audio(kwargs, needs)
         for modality, pixels, key in (("image", "pixel_values", "image_grid_thw"),
                                       ("video", "pixel_values_videos", "video_grid_thw")):
@@ -314,18 +340,23 @@ class Qwen2_5OmniAdapter(LLMAccess, Adapter):
             if "text" in needs or "text_mask" in needs:
                 sig.update(text_signals(self.core.get_input_embeddings(), input_ids, kwargs.get("attention_mask"),
                                         text_ids, p.sample))
-            pos = positions[:, p.sample, p.slots.to(positions.device)].cpu()
+            slots, layout, extra = p.slots, p.layout, {}
+            if p.modality == "audio" and audio_extra:
+                extra = dict(audio_extra[p.source])
+                units = extra.pop("units", None)
+                if units is not None:  # after a schedule's earlier cuts: the units left, at their representatives
+                    slots, layout = slots[units.to(slots.device)], L.audio(int(units.numel()))
+            pos = positions[:, p.sample, slots.to(positions.device)].cpu()
             t = pos[0]
-            extra: dict[str, Any] = {"slots": p.slots.cpu(), "positions": pos,
-                                     "seconds": (t - t[0]).float() / self.position_id_per_seconds,
-                                     "chunk": self._chunks(t)}
+            extra.update({"slots": slots.cpu(), "positions": pos,
+                          "seconds": (t - t[0]).float() / self.position_id_per_seconds, "chunk": self._chunks(t)})
             if p.modality == "video":
                 extra["frames"] = p.layout.segments[0].t
                 extra["second_per_grid"] = float(self._video_seconds(
                     kwargs, kwargs["video_grid_thw"].shape[0])[p.source])
             if p.modality == "audio":
                 extra["mel_frames"] = int(kwargs["feature_attention_mask"][p.source].sum())
-            items.append(Item(p.modality, p.sample, tokens, p.layout, sig, extra))
+            items.append(Item(p.modality, p.sample, tokens, layout, sig, extra))
         if kwargs.get("use_audio_in_video"):
             self._pair(input_ids, items)
         return items
@@ -372,25 +403,22 @@ class Qwen2_5OmniAdapter(LLMAccess, Adapter):
         attn_needs = needs & ATTENTION_SIGNALS
         out, last_in = self._run_audio_tower(feats, fmask, attn_needs)
         tokens = list(out.split([int(n) for n in sizes.tolist()]))
-        per_clip: list[dict[str, torch.Tensor]] = []
-        start = 0
-        for i, (f, n) in enumerate(zip(frames.tolist(), sizes.tolist())):
-            sig: dict[str, torch.Tensor] = {}
-            if attn_needs:
-                # the clip's frames as one full sequence (OmniZip: full, not the model's windows)
-                rows = attention_signals(tower.layers[-1].self_attn, last_in[None, start: start + f],
-                                         attn_needs, None)
-                for name, t in rows.items():
-                    t = t[0, : 2 * n].view(n, 2, *t.shape[2:])
-                    sig[name] = t.sum(dim=1) if name == "cls_attention" else t.mean(dim=1)
-            if "speech" in needs:
-                speech = silero_speech(waves[i], n, SAMPLES_PER_TOKEN) if waves is not None else None
-                if speech is None:
-                    speech = energy_speech(clip_frames(feats[i], int(fmask[i].sum()), MEL_PER_TOKEN * n), n)
-                sig["speech"] = speech.to(out.device)
-            per_clip.append(sig)
-            start += f
+        bounds = [(e - f, e) for f, e in zip(frames.tolist(), frames.cumsum(0).tolist())]
+        # the clip's frames as one full sequence (OmniZip: full, not the model's windows), per pooled pair
+        per_clip = unit_signals(tower.layers[-1].self_attn, last_in, bounds,
+                                [torch.arange(2 * n).view(n, 2) for n in sizes.tolist()], attn_needs) \
+            if attn_needs else [{} for _ in tokens]
+        if "speech" in needs:
+            for i, (sig, n) in enumerate(zip(per_clip, sizes.tolist())):
+                sig["speech"] = self._clip_speech(feats[i], int(fmask[i].sum()), None if waves is None else waves[i],
+                                                  n).to(out.device)
         return tokens, per_clip
+
+    def _clip_speech(self, feats: torch.Tensor, mel: int, wave: Any, n: int) -> torch.Tensor:
+        """``speech`` of one clip's ``n`` LLM tokens: Silero on its waveform (40 ms per token), else the log-mel energy
+        of its ``mel`` valid frames."""
+        speech = silero_speech(wave, n, SAMPLES_PER_TOKEN) if wave is not None else None
+        return energy_speech(clip_frames(feats, mel, MEL_PER_TOKEN * n), n) if speech is None else speech
 
     def _encode_vision(self, modality: str, pixels: torch.Tensor, grid: torch.Tensor, needs: frozenset[str]
                        ) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
@@ -434,6 +462,7 @@ class Qwen2_5OmniAdapter(LLMAccess, Adapter):
 
     # ---- rebuild ------------------------------------------------------------------------------------------------
     def rebuild(self, kwargs: dict[str, Any], items: list[Item], outputs: list[CompressOutput]) -> dict[str, Any]:
+        outputs = self._audio_outputs(items, outputs)
         input_ids = kwargs["input_ids"]
         b, length = input_ids.shape
         positions = self._original_positions(kwargs)
@@ -468,6 +497,19 @@ class Qwen2_5OmniAdapter(LLMAccess, Adapter):
         embeds = P.pack(full.permute(2, 0, 1), valid, side, width).permute(1, 2, 0)
         new["inputs_embeds"] = embeds
         self._record_short(new["input_ids"], items, valid, side, outputs)
+        return new
+
+    def _audio_outputs(self, items: list[Item], outputs: list[CompressOutput]) -> list[CompressOutput]:
+        """Stage "encoder": each audio item's output with the LLM tokens of its kept/merged units (the tower's layers
+        after the cut and its tail, :meth:`_finish_audio`); the units' slots stay the method's ``index`` over the item
+        (its tokens at the last cut, whose ``slots`` are their representatives' placeholders)."""
+        if self.audio_cuts is None or self._audio_pass is None:
+            return outputs
+        audio = [i for i, it in enumerate(items) if it.modality == "audio"]  # the model's clip order
+        tokens = self._finish_audio([outputs[i] for i in audio])
+        new = list(outputs)
+        for i, t in zip(audio, tokens):
+            new[i] = CompressOutput(t.unsqueeze(0), outputs[i].source, outputs[i].index)
         return new
 
     def _record_short(self, ids: torch.Tensor, items: list[Item], valid: torch.Tensor, side: str,
@@ -539,3 +581,4 @@ class Qwen2_5OmniAdapter(LLMAccess, Adapter):
 
     def release(self) -> None:
         self._short = None  # the shortened prompt belongs to the call that rebuilt it
+        self._audio_pass = None  # stage "encoder": the audio tower's pass of the call

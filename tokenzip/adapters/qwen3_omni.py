@@ -22,6 +22,12 @@ through its ``thinker``): what differs from Qwen2.5-Omni (:mod:`tokenzip.adapter
   rows, which the model scatters at those slots (found from ``input_ids``, or at generate()'s prefill, which gets
   no ``input_ids``, by comparing embeddings with the placeholders') and uses for ``visual_pos_masks``.
 
+Stage "encoder" (audio tower, :mod:`tokenzip.adapters.omni_audio_tower`, as Qwen2.5-Omni's): the layers take the
+same call (``layer(hidden [frames, D], cu_seqlens, max_seqlen=...)``, window attention over ``n_window_infer`` mel
+frames' worth of encoder frames, no mask), so the same stage drives them; what differs is declared here: the unit is
+one encoder frame (``audio_unit = 1``: no pooling, every frame is one LLM token, none is left over) and the tail is
+``ln_post``, ``proj1``, ``act``, ``proj2``. The conv2d stem runs per chunk before the first layer, untouched.
+
 Stage "llm" (as Qwen2.5-Omni's: each item's placeholder columns, or after a pre-LLM method the kept columns this
 adapter's ``rebuild`` recorded): DeepStack follows the shortened sequence inside the LLM
 (:class:`tokenzip.adapters.deepstack.DeepstackFollower`, shared with Qwen3-VL): after a stage at decoder layer ``K``
@@ -52,7 +58,8 @@ class Qwen3OmniAdapter(Qwen2_5OmniAdapter):
     model_classes = ("Qwen3OmniMoeThinkerForConditionalGeneration", "Qwen3OmniMoeForConditionalGeneration")
     # per-call state, per thread (tokenzip/callstate.py)
     _deepstack = per_call(factory=dict)
-    stages = ("pre_llm", "llm")
+    stages = ("pre_llm", "encoder", "llm")
+    audio_unit = 1  # stage "encoder": no pooling, one encoder frame per LLM token
     # the kept visual slots keep their placeholder embeddings: generate() hands the prefill inputs_embeds without
     # input_ids, and the model then finds the slots for mm_encoder_outputs by comparing embeddings with the
     # placeholder's
@@ -85,15 +92,28 @@ class Qwen3OmniAdapter(Qwen2_5OmniAdapter):
                 rows = attention_signals(tower.layers[-1].self_attn, last_in[None, start: start + n],
                                          attn_needs, None)
                 sig.update({name: t[0] for name, t in rows.items()})
-            if "speech" in needs:  # a token covers mel / n frames (about 8: 80 ms), 160 samples per frame
-                mel = int(fmask[i].sum())
-                speech = silero_speech(waves[i], n, max(1, round(mel * 160 / n))) if waves is not None else None
-                if speech is None:
-                    speech = energy_speech(feats[i, :, : max(1, mel // n) * n], n)
-                sig["speech"] = speech.to(out.device)
+            if "speech" in needs:
+                sig["speech"] = self._clip_speech(feats[i], int(fmask[i].sum()),
+                                                  None if waves is None else waves[i], n).to(out.device)
             per_clip.append(sig)
             start += n
         return tokens, per_clip
+
+    def _clip_speech(self, feats: torch.Tensor, mel: int, wave: Any, n: int) -> torch.Tensor:
+        # a token covers mel / n frames (about 8: 80 ms), 160 samples per frame
+        speech = silero_speech(wave, n, max(1, round(mel * 160 / n))) if wave is not None else None
+        return energy_speech(feats[:, : max(1, mel // n) * n], n) if speech is None else speech
+
+    # ---- stage "encoder" (audio tower; adapters/omni_audio_tower.py): one frame per token, its own tail ----------
+    def _audio_frames(self, mel: torch.Tensor) -> torch.Tensor:
+        return self._audio_token_counts(mel)
+
+    def _audio_unit_starts(self, mel: torch.Tensor, frames: int) -> torch.Tensor:
+        return torch.arange(frames)
+
+    def _audio_tail(self, frames: torch.Tensor) -> torch.Tensor:
+        tower = self.core.audio_tower
+        return tower.proj2(tower.act(tower.proj1(tower.ln_post(frames[:, 0]))))
 
     def _merged_order(self, grid: torch.Tensor) -> torch.Tensor | None:
         return None  # no window attention: the blocks run in raster order
