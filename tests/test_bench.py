@@ -617,3 +617,15 @@ def test_kept_set_fidelity_through_the_model_every_stage():
     assert done[("tome", 0.5)]["dropped_fraction"] == 0.0 and done[("auroracap", 0.5)]["dropped_fraction"] == 0.0
     assert [(r["method"], r["retain"], r["skipped"]) for r in rows if "skipped" in r] == [
         ("vtw", 0.5, "keeps no visual token at retain 0.5 (nothing to compare)")]
+
+
+def test_side_by_side_table_takes_the_method_rows_not_the_oracles():
+    from tokenzip.bench.report import side_by_side_table
+
+    common = {"method": "fastv", "retain": 0.1, "stage": "llm", "tokens_in": 256, "tokens_out": 26}
+    rows = [{**common, "kind": "method", "ttft_s": 0.27, "speedup": 2.02, "oracle_speedup": 2.33},
+            {**common, "kind": "oracle", "ttft_s": 0.23, "speedup": 2.33, "oracle_speedup": 2.33}]
+    kept = [{"method": "fastv", "retain": 0.1, "tokens_in": 256, "tokens_out": 26, "cosine": 0.9,
+             "nn_agreement": 0.5, "self_retrieval": 0.75, "token_cosine_nearest": 0.918}]
+    table = side_by_side_table(rows, kept, [])
+    assert "| fastv | llm | 0.10 | 256→26 | 0.270 | 2.02 | 2.33 | 0.900 | 0.50 | 0.75 | 0.918 | – |" in table

@@ -198,7 +198,7 @@ def side_by_side_table(rows: list[dict[str, Any]], kept: list[dict[str, Any]], q
     headers = ["method", "stage", "retain", "tokens", "TTFT s", "speed-up", "oracle speed-up",
                "kept set: cosine (mean)", "NN agreement", "self-retrieval", "token cosine (dropped → nearest)",
                "bare encoder: token cosine (dropped → nearest)"]
-    timed = {(r["method"], round(float(r["retain"]), 6)): r for r in rows}
+    timed = {(r["method"], round(float(r["retain"]), 6)): r for r in rows if r.get("kind", "method") == "method"}
     bare = {(q["method"], round(float(q["retain"]), 6)): q for q in quality if "skipped" not in q}
     body = []
     for q in sorted((q for q in kept if "skipped" not in q),
