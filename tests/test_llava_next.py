@@ -237,7 +237,7 @@ def test_encoder_stage_refuses_a_config_without_cls_dropping():
 
 
 # ---- stage "input": crops ------------------------------------------------------------------------------------------
-def test_crops_reduction_keeps_the_base_view_tokens_exactly():
+def test_crops_reduction_keeps_the_base_view_tokens():
     model = built("llava_next")
     inputs = llava_next_inputs(model, default_samples())
     stock = _stock_image_features(model, inputs)
@@ -248,7 +248,10 @@ def test_crops_reduction_keeps_the_base_view_tokens_exactly():
     new, maps = adapter.rescale_inputs(inputs, "crops", items, [base] * len(items))
     feats = new["mm_encoder_outputs"]["image"].pooler_output
     for f, ref in zip(feats, stock):
-        assert torch.equal(f[:16], ref[:16]) and torch.equal(f[16], model.model.image_newline)
+        # the base views alone go through CLIP as a smaller batch than with their crops: the same arithmetic up to
+        # the kernels' summation order (bitwise on 5.25 here, 2e-9 apart on 5.18), so equal to float32 rounding
+        torch.testing.assert_close(f[:16], ref[:16], rtol=1e-5, atol=1e-7)
+        assert torch.equal(f[16], model.model.image_newline)
     assert int((new["input_ids"] == IMAGE_TOKEN).sum()) == base * len(items)
     with torch.no_grad():
         model(**new)  # the stock model takes the reduced call
