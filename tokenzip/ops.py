@@ -212,6 +212,22 @@ def merge_source(unmerge: MergeFn, source: torch.Tensor, count: int) -> torch.Te
     return compose_source(source, unmerge(slots))
 
 
+def group_mean(rows: torch.Tensor, source: torch.Tensor, k: int, weight: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per output slot ``j < k`` the mean of the ``rows`` (``[N]`` or ``[N, D]``, one per input token) whose
+    ``source`` (``[N]``, output slot, -1 dropped) is ``j``, weighted by ``weight`` (``[N]``, None: 1 each), and the
+    slot's total weight ``[k]``; a slot no input reaches has weight 0 and mean 0. One group's rows ToMe-style: what a
+    merged token stands for, a per-input signal carried to the tokens, a kept set read in another feature space."""
+    valid = source >= 0
+    shape = (-1,) + (1,) * (rows.dim() - 1)
+    w = torch.ones(int(valid.sum()), dtype=rows.dtype, device=rows.device) if weight is None \
+        else weight.to(device=rows.device, dtype=rows.dtype)[valid]
+    sums = rows.new_zeros((k, *rows.shape[1:])).index_add_(
+        0, source[valid], rows[valid] if weight is None else rows[valid] * w.view(shape))
+    count = torch.zeros(k, dtype=rows.dtype, device=rows.device).index_add_(0, source[valid], w)
+    return sums / count.clamp(min=1e-12).view(shape), count
+
+
 def compose_source(source: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     """Chain two assignments: ``source`` ``[B, N0]`` (original token -> slot, -1 dropped) and ``step`` ``[B, N1]``
     (slot -> next slot, -1 dropped) -> original token -> next slot."""

@@ -44,6 +44,7 @@ import torch
 from transformers.utils.generic import get_max_seqlen
 
 from .. import layout as L
+from .. import ops
 from ..callstate import per_call
 from ..encoder import MergedTokens, check_cuts
 from ..output import CompressOutput
@@ -80,16 +81,9 @@ def cut_rows(rows: torch.Tensor, out: CompressOutput, size: torch.Tensor | None 
     """Rows ``[N, D]`` (one per input token) cut like the tokens: per output token the mean of its source group's
     rows, weighted by ``size`` (the input tokens each row already stands for; None: 1 each) — a kept token's own row
     exactly; a slot with no member: its representative's row."""
-    k = out.tokens.shape[1]
-    src = out.source[0].to(rows.device)
-    valid = src >= 0
-    weight = torch.ones(int(valid.sum()), dtype=rows.dtype, device=rows.device) if size is None \
-        else size.to(device=rows.device, dtype=rows.dtype)[valid]
-    sums = torch.zeros(k, rows.shape[1], dtype=rows.dtype, device=rows.device).index_add_(
-        0, src[valid], rows[valid] * weight[:, None] if size is not None else rows[valid])
-    count = torch.zeros(k, dtype=rows.dtype, device=rows.device).index_add_(0, src[valid], weight)
+    means, count = ops.group_mean(rows, out.source[0].to(rows.device), out.tokens.shape[1], size)
     own = rows[out.index[0].to(rows.device)]
-    return torch.where(count[:, None] > 0, sums / count.clamp(min=1e-12)[:, None], own)
+    return torch.where(count[:, None] > 0, means, own)
 
 
 def _grouped_signals(probe: VisionBlockProbe, unit: int) -> dict[str, torch.Tensor]:

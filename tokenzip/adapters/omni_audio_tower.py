@@ -51,6 +51,7 @@ import torch
 from transformers.utils.generic import get_max_seqlen
 
 from .. import layout as L
+from .. import ops
 from ..callstate import per_call
 from ..encoder import MergedTokens, check_cuts
 from ..output import CompressOutput
@@ -100,14 +101,6 @@ def unit_signals(attn: torch.nn.Module, x: torch.Tensor, bounds: list[tuple[int,
                 sig[name] = rows.sum(dim=1) if name == "cls_attention" else rows.mean(dim=1)
         out.append(sig)
     return out
-
-
-def mean_over_sources(values: torch.Tensor, state: MergedTokens) -> torch.Tensor:
-    """A per-original-unit signal ``[N]`` as the mean over the original units each current unit stands for."""
-    src = state.source[0].to(values.device)
-    total = torch.zeros(state.hidden.shape[1], device=values.device).index_add_(
-        0, src.clamp(min=0), torch.where(src >= 0, values.float(), 0.0))
-    return total / state.size[0].to(values.device).clamp(min=1)
 
 
 class AudioTowerStage:
@@ -263,7 +256,10 @@ class AudioTowerStage:
             signals = [{} for _ in split]
         if run.speech is not None:
             for c, sig in enumerate(signals):
-                sig["speech"] = mean_over_sources(run.speech[c], run.states[c])
+                # per original unit -> the mean over the original units each current unit stands for
+                st = run.states[c]
+                sig["speech"] = ops.group_mean(run.speech[c].float(), st.source[0].to(run.speech[c].device),
+                                               st.hidden.shape[1])[0]
         return signals
 
     def _carry_audio(self, run: AudioPass, c: int, out: CompressOutput) -> None:

