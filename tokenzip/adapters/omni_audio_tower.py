@@ -216,13 +216,14 @@ class AudioTowerStage:
         self._audio_pass = run
         signals = self._signals_at_cut(run, box.get("attn"), torch.arange(hidden.shape[0], device=dev), members,
                                        cuts[0], needs)
-        text = [text_signals(self.core.get_input_embeddings(), kwargs["input_ids"], kwargs.get("attention_mask"),
-                             set(self.token.values()), owners[c]) if {"text", "text_mask"} & needs else {}
-                for c in range(len(sizes))]
         layouts = [L.audio(n) for n in sizes]
         step = self.audio_step
         takes = step is not None and "audio" in (getattr(step, "modalities", None) or ("audio",))
         counts = [step.counts(n, len(cuts)) for n in sizes] if len(cuts) > 1 and takes else None
+        # the text signals of a schedule's earlier cuts (at the last cut the adapter's encode() adds them)
+        text = [text_signals(self.core.get_input_embeddings(), kwargs["input_ids"], kwargs.get("attention_mask"),
+                             set(self.token.values()), owners[c])
+                if counts is not None and {"text", "text_mask"} & needs else {} for c in range(len(sizes))]
         for j in range(1, len(cuts)):  # a schedule's earlier cuts: each clip a little, then the next span
             if counts is not None:
                 for c in range(len(sizes)):
